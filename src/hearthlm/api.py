@@ -1,0 +1,156 @@
+"""The public Python API: LLM, SamplingParams, Completion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine.generator import Sequence, forward_tokens, generate
+from .engine.kv_cache import ContiguousKVCache
+from .engine.sampler import SamplingParams
+from .tokenizer import Tokenizer
+from .weights.loader import load_model
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    usage: Usage
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on accelerators; on CPU the measured fastest decode dtype (see README)."""
+    return torch.bfloat16 if device.type != "cpu" else CPU_DEFAULT_DTYPE
+
+
+CPU_DEFAULT_DTYPE = torch.bfloat16
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """A loaded model: `LLM("path/to/checkpoint")`, then `.generate(...)` or `.logits(...)`."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        quant: str | None = None,
+        expert_budget: str | float | None = None,
+    ):
+        if quant is not None:
+            raise ValueError(f"quant={quant!r}: weight quantization is not available in this version")
+        if expert_budget is not None:
+            raise ValueError("expert_budget: budgeted expert residency is not available in this version")
+        path = Path(model).expanduser()
+        if path.suffix == ".gguf":
+            raise ValueError(f"{path}: GGUF files are not supported in this version; use a safetensors folder")
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model '{model}' is not a local checkpoint folder (a folder with config.json and "
+                "*.safetensors); downloading by Hugging Face id is not available in this version"
+            )
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.path = path
+        self.model = load_model(path, self.dtype, self.device)
+        self.config = self.model.config
+        self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+
+    # -- inputs -------------------------------------------------------------------------------
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) > self.config.max_position:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens is longer than the model's context ({self.config.max_position})"
+            )
+        return list(ids)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path} has no tokenizer.json: pass token ids instead of text")
+            prompt = self.tokenizer.encode(prompt)
+        return self._check_ids(prompt)
+
+    # -- scoring ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int] | list[list[int]]) -> torch.Tensor:
+        """Full forward without a cache: [T, vocab] float32 for one sequence, [B, T, vocab] for a batch
+        of equal-length sequences."""
+        single = bool(token_ids) and isinstance(token_ids[0], int)
+        rows = [self._check_ids(token_ids)] if single else [self._check_ids(r) for r in token_ids]
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise ValueError("logits() takes one sequence or a batch of sequences of equal length")
+        ids = torch.tensor(rows, device=self.device)
+        B, T = ids.shape
+        cache = ContiguousKVCache(self.config.layers, B, T, self.dtype, self.device)
+        h = forward_tokens(self.model, cache, ids, torch.zeros(B, dtype=torch.long, device=self.device))
+        out = self.model.logits(h)
+        return out[0] if single else out
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]] | list[int],
+        params: SamplingParams | None = None,
+        on_token=None,
+    ) -> list[Completion]:
+        """Generate a completion per prompt (text or token ids). `on_token(index, token_id)` is called
+        as each token is produced, for streaming."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        seqs = [Sequence(self._encode(p), params) for p in prompts]
+        if not seqs:
+            return []
+        longest = max(len(s.prompt) for s in seqs)
+        max_len = min(longest + params.max_tokens, self.config.max_position)
+        eos = set() if params.ignore_eos else set(self.config.eos_token_ids)
+        stopped = self._stop_check(params) if params.stop else None
+        generate(self.model, seqs, eos, max_len, on_token=on_token, is_stopped=stopped)
+        return [self._completion(s) for s in seqs]
+
+    def _stop_check(self, params: SamplingParams):
+        if self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer.json in the model folder")
+        return lambda s: any(x in self.tokenizer.decode(s.output) for x in params.stop)
+
+    def _completion(self, s: Sequence) -> Completion:
+        text = self.tokenizer.decode(s.output) if self.tokenizer is not None else ""
+        for x in s.params.stop:
+            if x in text:
+                text = text[: text.index(x)]
+        return Completion(text, s.output, s.finish_reason or "length", Usage(len(s.prompt), len(s.output)))

@@ -1,0 +1,129 @@
+"""ModelConfig: one normalized description of a decoder-only model.
+
+Every family file turns its own config.json dialect into this dataclass, so that layers, the KV cache
+and the engine never read a Hugging Face key. Per-layer facts (window, head size, KV heads, RoPE,
+KV sharing, MLP width) live in `LayerSpec`, because Gemma 4 varies all of them from layer to layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that hearthlm cannot turn into a model (names the file and the key)."""
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    kind: str = "default"  # "default" | "llama3" | "proportional"
+    theta: float = 10_000.0
+    partial: float = 1.0  # fraction of head dims rotated (proportional RoPE)
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    head_dim: int
+    num_kv_heads: int
+    rope: RopeSpec
+    sliding_window: int | None = None  # None: full attention
+    kv_source: int | None = None  # a KV-shared layer reads this earlier layer's K/V and stores none
+    k_eq_v: bool = False  # values are the (un-normed) key projection: no v_proj
+    intermediate_size: int = 0  # dense gated MLP width; 0 = none
+    moe: bool = False  # this layer has routed experts
+
+    @property
+    def kind(self) -> str:
+        return "sliding" if self.sliding_window else "full"
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    layers: list[LayerSpec]
+    norm_eps: float = 1e-6
+    activation: str = "silu"  # "silu" | "gelu_tanh"
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    final_softcap: float | None = None
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    ple_dim: int = 0  # Gemma 4 per-layer embeddings
+    ple_vocab_size: int = 0
+    max_position: int = 8192
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: a Hugging Face checkpoint folder needs a config.json") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+
+def require(cfg: dict[str, Any], key: str, where: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ConfigError(f"{where}: missing required key '{key}'")
+    return cfg[key]
+
+
+def as_id_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def rope_from_hf(cfg: dict[str, Any], where: str, layer_type: str | None = None) -> RopeSpec:
+    """Read RoPE settings from either transformers 5 `rope_parameters` or the older
+    `rope_theta` + `rope_scaling` pair."""
+    params = cfg.get("rope_parameters")
+    if params and layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    if not params:
+        params = dict(cfg.get("rope_scaling") or {})
+        params.setdefault("rope_theta", cfg.get("rope_theta", 10_000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10_000.0)))
+    partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    if kind == "default":
+        if partial != 1.0:
+            raise ConfigError(f"{where}: partial_rotary_factor={partial} with default RoPE is not supported")
+        return RopeSpec("default", theta)
+    if kind == "proportional":
+        return RopeSpec("proportional", theta, partial=partial, factor=float(params.get("factor", 1.0)))
+    if kind == "llama3":
+        return RopeSpec(
+            "llama3",
+            theta,
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position=int(params["original_max_position_embeddings"]),
+        )
+    raise ConfigError(
+        f"{where}: RoPE type '{kind}' is not supported (supported: default, llama3, proportional)"
+    )

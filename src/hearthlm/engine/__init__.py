@@ -1,0 +1,1 @@
+"""Generation machinery: KV cache, sampler, generation loop."""

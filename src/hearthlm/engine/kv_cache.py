@@ -1,0 +1,124 @@
+"""A contiguous KV cache: one [B, Hkv, S, D] buffer per layer that computes its own K/V.
+
+- Full-attention layers keep S = max_len slots, indexed by position.
+- Sliding-window layers keep a ring of S = window slots (slot = position % window): never more.
+- KV-shared layers keep nothing; they read the K/V their source layer attended with in this step.
+Masks are built once per forward from the absolute position held in every slot, per window size,
+so sequences of different lengths share one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LayerSpec
+
+
+class _Group:
+    """Slot bookkeeping shared by all layers with the same window (None = full attention)."""
+
+    def __init__(self, window: int | None, batch: int, slots: int, device: torch.device):
+        self.window = window
+        self.slot_pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)
+        self.slots: torch.Tensor | None = None  # [b, T'] slots written this step
+        self.written: slice = slice(None)  # which of the step's tokens are written
+        self.concat = False  # sliding layer, T > 1: attend over ring + new tokens, then write
+        self.length = 0  # full layers: slots [0, length) are read this step
+        self.mask: torch.Tensor | None = None
+        self.causal = False
+
+    def begin(self, positions: torch.Tensor, rows: slice) -> None:
+        T = positions.shape[1]
+        slot_pos = self.slot_pos[rows]
+        w = self.window
+        self.concat = w is not None and T > 1
+        if w is None:
+            self.slots, self.written = positions, slice(None)
+            slot_pos.scatter_(1, positions, positions)
+            self.length = int(positions.max()) + 1
+            kpos = slot_pos[:, : self.length]
+        elif not self.concat:
+            self.slots, self.written = positions % w, slice(None)
+            slot_pos.scatter_(1, self.slots, positions)
+            kpos = slot_pos
+        else:
+            kpos = torch.cat((slot_pos, positions), dim=1)
+            self.written = slice(max(0, T - w), T)
+            self.slots = positions[:, self.written] % w
+            slot_pos.scatter_(1, self.slots, positions[:, self.written])
+        q = positions[:, :, None]
+        k = kpos[:, None, :]
+        mask = (k <= q) & (k >= 0)
+        if w is not None:
+            mask &= k > q - w
+        self.causal = w is None and T > 1 and self.length == T and bool((positions[:, 0] == 0).all())
+        self.mask = None if self.causal or bool(mask.all()) else mask[:, None]
+
+
+class ContiguousKVCache:
+    def __init__(
+        self, layers: list[LayerSpec], batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ):
+        self.batch, self.max_len = batch, max_len
+        self.source = [spec.kv_source for spec in layers]
+        self.window = [spec.sliding_window for spec in layers]
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.groups: dict[int | None, _Group] = {}
+        self.shared_sources = {s for s in self.source if s is not None}
+        for i, spec in enumerate(layers):
+            w = spec.sliding_window
+            slots = min(w, max_len) if w else max_len
+            if w not in self.groups:
+                self.groups[w] = _Group(w, batch, slots, device)
+            if spec.kv_source is None:
+                shape = (batch, spec.num_kv_heads, slots, spec.head_dim)
+                self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows = slice(0, batch)
+        self._step_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
+
+    def begin(self, positions: torch.Tensor, rows: slice | None = None) -> None:
+        """Prepare a forward over `positions` [b, T] for cache rows `rows` (default: all)."""
+        self.rows = rows if rows is not None else slice(0, self.batch)
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_len}")
+        for group in self.groups.values():
+            group.begin(positions, self.rows)
+        self._step_kv.clear()
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        group = self.groups[self.window[layer]]
+        src = self.source[layer]
+        if src is not None:
+            keys, values = self._step_kv[src]
+        else:
+            keys, values = self._store(layer, group, k, v)
+            if layer in self.shared_sources:
+                self._step_kv[layer] = (keys, values)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=group.mask, is_causal=group.causal, scale=scale,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2)
+
+    def _store(self, layer: int, group: _Group, k: torch.Tensor, v: torch.Tensor):
+        K, V = self.k[layer][self.rows], self.v[layer][self.rows]  # views [b, Hkv, S, D]
+        b = K.shape[0]
+        rows = torch.arange(b, device=K.device)[:, None]
+        if group.concat:
+            keys = torch.cat((K, k.transpose(1, 2)), dim=2)
+            values = torch.cat((V, v.transpose(1, 2)), dim=2)
+        K[rows, :, group.slots] = k[:, group.written]
+        V[rows, :, group.slots] = v[:, group.written]
+        if group.concat:
+            return keys, values
+        if group.window is None:
+            return K[:, :, : group.length], V[:, :, : group.length]
+        return K, V

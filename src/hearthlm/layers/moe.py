@@ -1,0 +1,73 @@
+"""Routed experts: stacked weights [E, out, in] and a sort/gather dispatch.
+
+Each expert runs once per step on every token routed to it (a batch shares one pass over each
+expert's weights), which is what makes decode memory-bound on the active experts only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mlp import activation
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; index, weight [N, K] (expert ids and their mixing weights) -> [N, H]."""
+        top_k = index.shape[1]
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            picks = order[start : start + count]
+            start += count
+            tokens = picks // top_k
+            gate, up = F.linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
+            h = F.linear(self.act(gate) * up, self.down[expert])
+            h = h * weight.reshape(-1)[picks, None]
+            out.index_add_(0, tokens, h.to(out.dtype))
+        return out
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """Mixtral / Qwen3-MoE routing: softmax over all experts, keep the top k, optionally renormalize."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, normalize: bool):
+        super().__init__()
+        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.top_k = top_k
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(self.proj(x).float(), dim=-1)
+        weight, index = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        return index, weight.to(x.dtype)
+
+
+class SparseMoE(nn.Module):
+    """Router + experts, for families whose MoE block replaces the dense MLP."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate: int, act: str, normalize: bool):
+        super().__init__()
+        self.router = SoftmaxTopKRouter(hidden, num_experts, top_k, normalize)
+        self.experts = Experts(num_experts, hidden, intermediate, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        index, weight = self.router(flat)
+        return self.experts(flat, index, weight).reshape(shape)

@@ -1,0 +1,50 @@
+"""Registry: config.json `architectures` / `model_type` -> model class (imported lazily)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..config import ConfigError
+
+# architecture -> (module, class); Gemma 4's multimodal wrapper loads its text model only.
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", "LlamaModel"),
+    "MistralForCausalLM": ("llama", "LlamaModel"),
+    "Qwen2ForCausalLM": ("llama", "LlamaModel"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3Model"),
+    "Qwen3MoeForCausalLM": ("qwen3", "Qwen3Model"),
+    "MixtralForCausalLM": ("mixtral", "MixtralModel"),
+    "Gemma4ForCausalLM": ("gemma4", "Gemma4Model"),
+    "Gemma4ForConditionalGeneration": ("gemma4", "Gemma4Model"),
+}
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "gemma4_text": "Gemma4ForCausalLM",
+    "gemma4": "Gemma4ForConditionalGeneration",
+}
+
+
+def resolve(hf: dict[str, Any], where: str) -> tuple[type, str, dict[str, Any]]:
+    """-> (model class, architecture name, the text model's config dict)."""
+    archs = [a for a in hf.get("architectures") or [] if a in ARCHITECTURES]
+    arch = archs[0] if archs else MODEL_TYPES.get(hf.get("model_type", ""))
+    if arch is None:
+        named = hf.get("architectures") or hf.get("model_type") or "nothing"
+        raise ConfigError(
+            f"{where}: unsupported architecture {named}; hearthlm supports "
+            + ", ".join(sorted(ARCHITECTURES))
+        )
+    text = hf
+    if arch == "Gemma4ForConditionalGeneration":
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{where}: Gemma 4 multimodal config has no text_config")
+    module, name = ARCHITECTURES[arch]
+    cls = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return cls, arch, text

@@ -1,0 +1,47 @@
+"""What every family model shares: embeddings, RoPE tables, the LM head and the forward contract."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers.attention import Batch, rope_key
+from ..layers.norm import RMSNorm
+from ..layers.rotary import Rotary
+from ..weights.mapping import Source
+
+
+class CausalLM(nn.Module):
+    """forward(ids, batch) -> hidden states; logits(hidden) -> float32 logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotaries = {rope_key(s): Rotary(s.rope, s.head_dim) for s in cfg.layers}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def prepare(self, batch: Batch) -> None:
+        """Compute cos/sin once per distinct RoPE (per layer type) for this step's positions."""
+        batch.rope = {key: rot.cos_sin(batch.positions, self.dtype) for key, rot in self.rotaries.items()}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = torch.nn.functional.linear(self.norm(hidden), weight).float()
+        cap = self.config.final_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_map(self, prefix: str) -> dict[str, Source]:
+        """Our parameter name -> checkpoint tensor name(s); `prefix` is the text model's prefix."""
+        raise NotImplementedError

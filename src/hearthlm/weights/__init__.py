@@ -1,0 +1,1 @@
+"""Checkpoint readers and the loader that maps checkpoint tensors onto model parameters."""
