@@ -1,0 +1,130 @@
+"""Every family against transformers on tiny random checkpoints: logits, greedy tokens, cached decode
+against full recompute, batched against single, prompts longer than the sliding window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import FAMILIES, VOCAB, save_gemma4_multimodal
+from transformers import GenerationConfig
+
+from hearthlm import LLM, SamplingParams
+from hearthlm.engine.generator import forward_tokens
+from hearthlm.engine.kv_cache import ContiguousKVCache
+
+FAMILY_NAMES = list(FAMILIES)
+WINDOW = 8  # every tiny config with sliding layers uses this window; prompts below are longer
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            ref, folder = checkpoint(name)
+            cache[name] = (ref, LLM(folder, dtype="float32"))
+        return cache[name]
+
+    return get
+
+
+def _ids(n: int, seed: int = 0, batch: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch or 1, n), generator=g)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_logits_match_transformers(name, loaded):
+    ref, llm = loaded(name)
+    ids = _ids(5 * WINDOW, batch=2)
+    with torch.no_grad():
+        expected = ref(ids).logits
+    got = llm.logits(ids.tolist())
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert (got - expected).abs().max().item() <= 1e-4
+    single = llm.logits(ids[1].tolist())
+    assert (single - expected[1]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_greedy_tokens_match_transformers_generate(name, loaded):
+    ref, llm = loaded(name)
+    prompt = _ids(2 * WINDOW + 3, seed=1)
+    new = 24
+    # An EOS id outside the vocabulary: transformers never stops, like ignore_eos
+    # (min_new_tokens would mask the EOS logit instead, a different continuation).
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
+    with torch.no_grad():
+        out = ref.generate(prompt, generation_config=config)
+    expected = out[0, prompt.shape[1]:].tolist()
+    got = llm.generate([prompt[0].tolist()], SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))[0]
+    assert got.token_ids == expected
+    assert got.finish_reason == "length" and got.usage.completion_tokens == new
+
+
+def _cached_logits(llm: LLM, prompt: list[int], steps: int, chunk: int) -> tuple[list[int], torch.Tensor]:
+    """Prefill in chunks, then greedy-decode one token at a time; return tokens and each step's logits."""
+    model = llm.model
+    cache = ContiguousKVCache(model.config.layers, 1, len(prompt) + steps, llm.dtype, llm.device)
+    ids = torch.tensor([prompt])
+    rows = []
+    with torch.inference_mode():
+        for s in range(0, len(prompt), chunk):
+            h = forward_tokens(model, cache, ids[:, s : s + chunk], torch.tensor([s]))
+            rows.append(model.logits(h)[0])
+        tokens = list(prompt)
+        for _ in range(steps):
+            tokens.append(int(rows[-1][-1].argmax()))
+            h = forward_tokens(model, cache, torch.tensor([[tokens[-1]]]), torch.tensor([len(tokens) - 1]))
+            rows.append(model.logits(h)[0])
+    return tokens, torch.cat(rows)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("chunk", [3, WINDOW + 5, 64])
+def test_cached_decode_equals_full_recompute(name, chunk, loaded):
+    _, llm = loaded(name)
+    prompt = _ids(3 * WINDOW + 1, seed=2)[0].tolist()
+    tokens, cached = _cached_logits(llm, prompt, steps=20, chunk=chunk)
+    full = llm.logits(tokens)
+    assert cached.shape == full.shape
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["gemma4_all", "mistral", "qwen3_moe"])
+def test_batch_of_different_lengths_equals_one_by_one(name, loaded):
+    _, llm = loaded(name)
+    prompts = [_ids(n, seed=n)[0].tolist() for n in (3, 2 * WINDOW + 1, 4 * WINDOW)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    together = llm.generate(prompts, params)
+    alone = [llm.generate([p], params)[0] for p in prompts]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_gemma4_multimodal_checkpoint_loads_text_model_only(loaded, tmp_path):
+    ref, llm_text = loaded("gemma4_all")
+    folder = save_gemma4_multimodal(ref, tmp_path / "mm")
+    llm = LLM(folder, dtype="float32")
+    assert llm.config.architecture == "Gemma4ForConditionalGeneration"
+    assert not any("vision" in n for n, _ in llm.model.named_parameters())
+    ids = _ids(3 * WINDOW, seed=3)
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+    assert (llm.logits(ids[0].tolist()) - expected).abs().max().item() <= 1e-4
+    # The Hub-style text_config (global_head_dim) gives the same per-layer shapes as per_layer_config.
+    assert llm.config.layers == llm_text.config.layers
+
+
+def test_sliding_layers_keep_only_the_window_and_shared_layers_store_nothing(loaded):
+    _, llm = loaded("gemma4_all")
+    cfg = llm.config
+    cache = ContiguousKVCache(cfg.layers, 2, 100, torch.float32, torch.device("cpu"))
+    shared = [i for i, s in enumerate(cfg.layers) if s.kv_source is not None]
+    assert shared == [3, 4, 5]
+    assert set(cache.k) == {0, 1, 2}
+    for i, k in cache.k.items():
+        spec = cfg.layers[i]
+        assert k.shape == (2, spec.num_kv_heads, spec.sliding_window or 100, spec.head_dim)
+    # KV-shared layers read the last earlier layer of their own type.
+    assert [cfg.layers[i].kv_source for i in shared] == [1, 1, 2]
