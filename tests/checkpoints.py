@@ -17,9 +17,19 @@ VOCAB = 96
 
 def _gemma4_text(**over) -> dict:
     base = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=256,
-        rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     base.update(over)
     return base
@@ -28,54 +38,157 @@ def _gemma4_text(**over) -> dict:
 # name -> (config class, model class, config kwargs)
 FAMILIES: dict[str, tuple[str, str, dict]] = {
     # PLE + KV-shared layers (double-wide MLP) + k=v on full layers + MoE + softcapping.
-    "gemma4_all": ("Gemma4TextConfig", "Gemma4ForCausalLM", _gemma4_text(
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
-        num_kv_shared_layers=3, use_double_wide_mlp=True,
-        hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
-        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24,
-        final_logit_softcapping=30.0,
-    )),
+    "gemma4_all": (
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        _gemma4_text(
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            num_kv_shared_layers=3,
+            use_double_wide_mlp=True,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=VOCAB,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=24,
+            final_logit_softcapping=30.0,
+        ),
+    ),
     # None of those: dense, every layer its own K/V, separate v_proj, no PLE, no softcap.
-    "gemma4_plain": ("Gemma4TextConfig", "Gemma4ForCausalLM", _gemma4_text(
-        num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
-        global_head_dim=32, hidden_size_per_layer_input=0, final_logit_softcapping=None,
-        tie_word_embeddings=False,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e5},
-        },
-    )),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-        bos_token_id=1, eos_token_id=2,
-    )),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=8,
-        max_window_layers=1, tie_word_embeddings=False, eos_token_id=2,
-    )),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, sliding_window=8, eos_token_id=2,
-    )),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=2,
-    )),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
-        mlp_only_layers=[1], norm_topk_prob=False, max_position_embeddings=256, eos_token_id=2,
-    )),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
-        max_position_embeddings=256, eos_token_id=2,
-    )),
+    "gemma4_plain": (
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        _gemma4_text(
+            num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            global_head_dim=32,
+            hidden_size_per_layer_input=0,
+            final_logit_softcapping=None,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.5,
+                    "rope_theta": 1e5,
+                },
+            },
+        ),
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500_000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+            tie_word_embeddings=False,
+            eos_token_id=2,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=256,
+            sliding_window=8,
+            eos_token_id=2,
+        ),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            eos_token_id=2,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            max_position_embeddings=256,
+            eos_token_id=2,
+        ),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            max_position_embeddings=256,
+            eos_token_id=2,
+        ),
+    ),
 }
 
 
@@ -84,8 +197,9 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         tensors = list(model.named_parameters()) + [
-            (n, b) for n, b in model.named_buffers() if b.is_floating_point() and "inv_freq" not in n
-            and "embed_scale" not in n
+            (n, b)
+            for n, b in model.named_buffers()
+            if b.is_floating_point() and "inv_freq" not in n and "embed_scale" not in n
         ]
         for _, t in tensors:
             if t.dim() >= 2:
@@ -113,8 +227,14 @@ def save_gemma4_multimodal(text_model: torch.nn.Module, folder: Path) -> Path:
     """Wrap a Gemma4ForCausalLM's weights in a Gemma4ForConditionalGeneration (with a vision tower),
     written with a Hub-style text_config (global_head_dim instead of per_layer_config)."""
     text_cfg = text_model.config.to_dict()
-    vision = tf.Gemma4VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    vision = tf.Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     config = tf.Gemma4Config(text_config=text_cfg, vision_config=vision.to_dict())
     mm = tf.Gemma4ForConditionalGeneration(config).eval()
     perturb(mm, seed=7)

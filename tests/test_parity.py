@@ -57,7 +57,7 @@ def test_greedy_tokens_match_transformers_generate(name, loaded):
     config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
     with torch.no_grad():
         out = ref.generate(prompt, generation_config=config)
-    expected = out[0, prompt.shape[1]:].tolist()
+    expected = out[0, prompt.shape[1] :].tolist()
     got = llm.generate([prompt[0].tolist()], SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))[0]
     assert got.token_ids == expected
     assert got.finish_reason == "length" and got.usage.completion_tokens == new

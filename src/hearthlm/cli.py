@@ -16,8 +16,14 @@ def _run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: `hearth run` needs one to read the prompt")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+    )
     out: list[int] = []
     shown = ""
     first: list[float] = []
@@ -31,13 +37,13 @@ def _run(args: argparse.Namespace) -> int:
         text = llm.tokenizer.decode(out)
         # Hold back text that ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
         if not text.endswith("\ufffd") and text.startswith(shown):
-            sys.stdout.write(text[len(shown):])
+            sys.stdout.write(text[len(shown) :])
             sys.stdout.flush()
             shown = text
 
     completion = llm.generate(args.prompt, params, on_token=on_token)[0]
     if completion.text.startswith(shown):
-        sys.stdout.write(completion.text[len(shown):])
+        sys.stdout.write(completion.text[len(shown) :])
     sys.stdout.write("\n")
     elapsed = time.perf_counter() - start
     n = completion.usage.completion_tokens

@@ -124,6 +124,4 @@ def rope_from_hf(cfg: dict[str, Any], where: str, layer_type: str | None = None)
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position=int(params["original_max_position_embeddings"]),
         )
-    raise ConfigError(
-        f"{where}: RoPE type '{kind}' is not supported (supported: default, llama3, proportional)"
-    )
+    raise ConfigError(f"{where}: RoPE type '{kind}' is not supported (supported: default, llama3, proportional)")

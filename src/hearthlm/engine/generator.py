@@ -31,8 +31,13 @@ class Sequence:
 
 
 @torch.inference_mode()
-def forward_tokens(model: CausalLM, cache: ContiguousKVCache, ids: torch.Tensor, start: torch.Tensor,
-                   rows: slice | None = None) -> torch.Tensor:
+def forward_tokens(
+    model: CausalLM,
+    cache: ContiguousKVCache,
+    ids: torch.Tensor,
+    start: torch.Tensor,
+    rows: slice | None = None,
+) -> torch.Tensor:
     """Run ids [b, T] at positions start[b] + (0..T-1); returns the hidden states [b, T, H]."""
     positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]
     cache.begin(positions, rows)

@@ -57,9 +57,7 @@ class _Group:
 
 
 class ContiguousKVCache:
-    def __init__(
-        self, layers: list[LayerSpec], batch: int, max_len: int, dtype: torch.dtype, device: torch.device
-    ):
+    def __init__(self, layers: list[LayerSpec], batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.batch, self.max_len = batch, max_len
         self.source = [spec.kv_source for spec in layers]
         self.window = [spec.sliding_window for spec in layers]
@@ -103,7 +101,12 @@ class ContiguousKVCache:
             if layer in self.shared_sources:
                 self._step_kv[layer] = (keys, values)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=group.mask, is_causal=group.causal, scale=scale,
+            q.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=group.mask,
+            is_causal=group.causal,
+            scale=scale,
             enable_gqa=True,
         )
         return out.transpose(1, 2)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, ModelConfig
+from .linear import Linear
 from .norm import RMSNorm
 from .rotary import apply_rotary
 
@@ -53,8 +54,8 @@ class Attention(nn.Module):
         self.k_eq_v = spec.k_eq_v
         q_out = cfg.num_heads * spec.head_dim
         kv_out = 0 if self.shared else spec.num_kv_heads * spec.head_dim * (1 if spec.k_eq_v else 2)
-        self.qkv = nn.Linear(cfg.hidden_size, q_out + kv_out, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv = Linear(cfg.hidden_size, q_out + kv_out, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(spec.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, cfg.norm_eps) if cfg.qk_norm and not self.shared else None
         self.v_norm = RMSNorm(spec.head_dim, cfg.norm_eps, with_weight=False) if v_norm else None

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 def activation(name: str):
     if name == "silu":
@@ -18,8 +20,8 @@ def activation(name: str):
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False):
         super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=bias)  # rows: [gate; up]
-        self.down = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up = Linear(hidden, 2 * intermediate, bias=bias)  # rows: [gate; up]
+        self.down = Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

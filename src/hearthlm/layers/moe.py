@@ -7,9 +7,9 @@ expert's weights), which is what makes decode memory-bound on the active experts
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear, linear
 from .mlp import activation
 
 
@@ -34,8 +34,8 @@ class Experts(nn.Module):
             picks = order[start : start + count]
             start += count
             tokens = picks // top_k
-            gate, up = F.linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
-            h = F.linear(self.act(gate) * up, self.down[expert])
+            gate, up = linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
+            h = linear(self.act(gate) * up, self.down[expert])
             h = h * weight.reshape(-1)[picks, None]
             out.index_add_(0, tokens, h.to(out.dtype))
         return out
@@ -46,7 +46,7 @@ class SoftmaxTopKRouter(nn.Module):
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, normalize: bool):
         super().__init__()
-        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.proj = Linear(hidden, num_experts, bias=False)
         self.top_k = top_k
         self.normalize = normalize
 

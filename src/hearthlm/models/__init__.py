@@ -37,8 +37,7 @@ def resolve(hf: dict[str, Any], where: str) -> tuple[type, str, dict[str, Any]]:
     if arch is None:
         named = hf.get("architectures") or hf.get("model_type") or "nothing"
         raise ConfigError(
-            f"{where}: unsupported architecture {named}; hearthlm supports "
-            + ", ".join(sorted(ARCHITECTURES))
+            f"{where}: unsupported architecture {named}; hearthlm supports " + ", ".join(sorted(ARCHITECTURES))
         )
     text = hf
     if arch == "Gemma4ForConditionalGeneration":

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.attention import Batch, rope_key
+from ..layers.linear import Linear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import Rotary
 from ..weights.mapping import Source
@@ -20,7 +21,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotaries = {rope_key(s): Rotary(s.rope, s.head_dim) for s in cfg.layers}
 
     @property
@@ -33,7 +34,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = torch.nn.functional.linear(self.norm(hidden), weight).float()
+        logits = linear(self.norm(hidden), weight).float()
         cap = self.config.final_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

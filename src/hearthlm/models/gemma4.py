@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ConfigError, LayerSpec, ModelConfig, as_id_list, require, rope_from_hf
 from ..layers.attention import Attention, Batch
+from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP, activation
 from ..layers.moe import Experts
 from ..layers.norm import RMSNorm
@@ -75,7 +76,7 @@ class PerLayerEmbedding(nn.Module):
         super().__init__()
         L, P = cfg.num_layers, cfg.ple_dim
         self.table = nn.Parameter(torch.empty(cfg.ple_vocab_size, L * P), requires_grad=False)
-        self.proj = nn.Linear(cfg.hidden_size, L * P, bias=False)
+        self.proj = Linear(cfg.hidden_size, L * P, bias=False)
         self.norm = RMSNorm(P, cfg.norm_eps)
         self.shape = (L, P)
         self.proj_scale = cfg.hidden_size**-0.5
@@ -96,7 +97,7 @@ class Router(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, with_weight=False)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.proj = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts), requires_grad=False)
         self.top_k = cfg.experts_per_token
         self.root = cfg.hidden_size**-0.5
@@ -124,8 +125,8 @@ class Gemma4Layer(nn.Module):
             self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.activation)
             self.post_mlp_norm_1, self.pre_experts_norm, self.post_experts_norm = norm(), norm(), norm()
         if cfg.ple_dim:
-            self.ple_gate = nn.Linear(cfg.hidden_size, cfg.ple_dim, bias=False)
-            self.ple_out = nn.Linear(cfg.ple_dim, cfg.hidden_size, bias=False)
+            self.ple_gate = Linear(cfg.hidden_size, cfg.ple_dim, bias=False)
+            self.ple_out = Linear(cfg.ple_dim, cfg.hidden_size, bias=False)
             self.ple_norm = norm()
             self.act = activation(cfg.activation)
 
@@ -214,7 +215,10 @@ class Gemma4Model(CausalLM):
 
     def weight_map(self, prefix: str) -> dict[str, Source]:
         cfg = self.config
-        m: dict[str, Source] = {"embed.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
+        m: dict[str, Source] = {
+            "embed.weight": f"{prefix}embed_tokens.weight",
+            "norm.weight": f"{prefix}norm.weight",
+        }
         if self.lm_head is not None:
             m["lm_head.weight"] = "lm_head.weight"
         if cfg.ple_dim:

@@ -94,8 +94,12 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if spec.moe:
             self.mlp = SparseMoE(
-                cfg.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size,
-                cfg.activation, cfg.norm_topk_prob,
+                cfg.hidden_size,
+                cfg.num_experts,
+                cfg.experts_per_token,
+                cfg.moe_intermediate_size,
+                cfg.activation,
+                cfg.norm_topk_prob,
             )
         else:
             self.mlp = GatedMLP(cfg.hidden_size, spec.intermediate_size, cfg.activation)
@@ -128,7 +132,10 @@ class LlamaModel(CausalLM):
 
     def weight_map(self, prefix: str) -> dict[str, Source]:
         cfg = self.config
-        m: dict[str, Source] = {"embed.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
+        m: dict[str, Source] = {
+            "embed.weight": f"{prefix}embed_tokens.weight",
+            "norm.weight": f"{prefix}norm.weight",
+        }
         if self.lm_head is not None:
             m["lm_head.weight"] = "lm_head.weight"
         for i, spec in enumerate(cfg.layers):

@@ -19,7 +19,10 @@ class MixtralModel(LlamaModel):
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any], arch: str, where: str) -> ModelConfig:
         return decoder_config(
-            hf, arch, "mixtral", where,
+            hf,
+            arch,
+            "mixtral",
+            where,
             moe_layers=set(range(hf["num_hidden_layers"])),
             num_experts=hf["num_local_experts"],
             experts_per_token=hf["num_experts_per_tok"],

@@ -16,11 +16,14 @@ class Qwen3Model(LlamaModel):
         dense = set(hf.get("mlp_only_layers") or [])
         step = hf.get("decoder_sparse_step", 1)
         experts = hf.get("num_experts") or hf.get("num_local_experts") or 0  # transformers 5 saves the latter
-        moe = {
-            i for i in range(hf["num_hidden_layers"]) if i not in dense and experts > 0 and (i + 1) % step == 0
-        }
+        moe = {i for i in range(hf["num_hidden_layers"]) if i not in dense and experts > 0 and (i + 1) % step == 0}
         return decoder_config(
-            hf, arch, "qwen3_moe", where, qk_norm=True, moe_layers=moe,
+            hf,
+            arch,
+            "qwen3_moe",
+            where,
+            qk_norm=True,
+            moe_layers=moe,
             num_experts=experts,
             experts_per_token=hf["num_experts_per_tok"],
             moe_intermediate_size=hf["moe_intermediate_size"],

@@ -26,8 +26,15 @@ from .safetensors import Checkpoint, CheckpointError
 # Text-model prefixes, most specific first: multimodal wrapper, then CausalLM.
 PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
 # Towers of multimodal checkpoints: never read.
-IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
-           "vision_tower.", "audio_tower.", "multi_modal_projector.")
+IGNORED = (
+    "model.vision_tower.",
+    "model.audio_tower.",
+    "model.embed_vision.",
+    "model.embed_audio.",
+    "vision_tower.",
+    "audio_tower.",
+    "multi_modal_projector.",
+)
 
 
 def read_model_config(folder: Path) -> tuple[type[CausalLM], ModelConfig]:
@@ -75,8 +82,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> Causal
     unexpected = [n for n in unexpected if not _ignorable(n)]
     if unexpected:
         warnings.warn(
-            f"{folder}: {len(unexpected)} checkpoint tensor(s) not used by {cfg.architecture}, "
-            f"e.g. {unexpected[:3]}",
+            f"{folder}: {len(unexpected)} checkpoint tensor(s) not used by {cfg.architecture}, e.g. {unexpected[:3]}",
             stacklevel=2,
         )
     return model.eval()

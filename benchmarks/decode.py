@@ -1,0 +1,714 @@
+"""Decode and prefill speed of hearthlm against transformers, on random-weight checkpoints with the
+real shapes of Qwen2.5-0.5B and Gemma 4 E2B, next to the memory-bandwidth roofline of this machine.
+
+    python benchmarks/decode.py [--models qwen2.5-0.5b,gemma4-e2b-like] [--dtypes float32,bfloat16,float16]
+                                [--tf-dtypes float32,bfloat16] [--runs 3] [--new-tokens 64]
+                                [--prompt-len 512] [--layers N]
+
+Checkpoints are written once (bfloat16 safetensors shards plus config.json, made from transformers'
+own model classes) under --cache-dir and reused. Every engine/dtype is measured once per round and
+the rounds alternate the order, so all rows see the same machine conditions; figures are medians.
+
+- decode tok/s: batch 1, greedy, after a short prompt; the time between the first and the last
+  generated token, so prefill is not in it.
+- prefill tok/s: prompt length / time to the first token.
+- roofline: decode at batch 1 reads every weight once per token, so measured read bandwidth /
+  weight bytes per token bounds tokens/s from above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import transformers
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+try:
+    from membw import measure as measure_bandwidth
+except ImportError:  # run as `python -m benchmarks.decode`
+    from benchmarks.membw import measure as measure_bandwidth
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RECIPE_VERSION = 1  # part of the cache folder name: bump when a recipe changes so stale folders are rebuilt
+SHARD_BYTES = 2 * 2**30  # small shards keep the peak memory of building near one shard
+INDEX = "model.safetensors.index.json"
+DONE = "benchmark-checkpoint-complete"  # written last: a half-written folder is never reused
+DECODE_PROMPT_LEN = 16
+MEMORY_MARGIN = 3 * 2**30  # Python, torch, KV caches, activations and loader transients
+RESULTS = Path(__file__).resolve().parent / "results"
+ENGINES = ("hearthlm", "transformers")
+
+
+# -- model recipes --------------------------------------------------------------------------------
+
+
+def qwen25_05b(layers: int | None) -> transformers.PretrainedConfig:
+    """Qwen2.5-0.5B as published (24 layers, tied embeddings, qkv bias)."""
+    n = layers or 24
+    return transformers.Qwen2Config(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=n,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=32_768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        use_sliding_window=False,
+        sliding_window=32_768,
+        max_window_layers=min(21, n),
+        bos_token_id=151_643,
+        eos_token_id=151_643,
+    )
+
+
+def gemma4_e2b_like(layers: int | None) -> transformers.PretrainedConfig:
+    """Gemma 4 E2B's text model: 4 sliding : 1 full layers, the last 20 of 35 layers reuse earlier
+    K/V (with a double-wide MLP), per-layer embeddings. With fewer layers the shared fraction is
+    kept, but at least the first 5 layers (one full, four sliding) own their K/V, as sharing needs
+    an earlier producer of each layer type."""
+    n = layers or 35
+    types = ["full_attention" if (i + 1) % 5 == 0 or i == n - 1 else "sliding_attention" for i in range(n)]
+    shared = max(0, min(round(n * 20 / 35), n - 5))
+    return transformers.Gemma4TextConfig(
+        vocab_size=262_144,
+        hidden_size=1536,
+        intermediate_size=6144,
+        num_hidden_layers=n,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+        global_head_dim=512,
+        sliding_window=512,
+        layer_types=types,
+        num_kv_shared_layers=shared,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=256,
+        vocab_size_per_layer_input=262_144,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=131_072,
+    )
+
+
+# name -> (config recipe, transformers model class)
+MODELS: dict[str, tuple[Callable[[int | None], transformers.PretrainedConfig], str]] = {
+    "qwen2.5-0.5b": (qwen25_05b, "Qwen2ForCausalLM"),
+    "gemma4-e2b-like": (gemma4_e2b_like, "Gemma4ForCausalLM"),
+}
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def meta_shapes(config: transformers.PretrainedConfig, cls_name: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a checkpoint of this config holds, from the model built on the
+    meta device (no memory, no slow init). A tied LM head is not stored, as save_pretrained does."""
+    with torch.device("meta"):
+        model = getattr(transformers, cls_name)(config)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Matrices and biases ~ N(0, 0.02) as transformers initializes them; vectors (norm weights, layer
+    scalars) ~ 1 + N(0, 0.02), so activations keep a sane scale through every layer."""
+    if len(shape) >= 2 or name.endswith(".bias"):
+        # drawn in bfloat16 directly: a float32 draw of the 4.7 GB PLE table would need 14 GB at peak
+        return torch.randn(shape, generator=gen, dtype=torch.bfloat16).mul_(0.02)
+    return (1.0 + 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+
+
+def shard_groups(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def write_checkpoint(config: transformers.PretrainedConfig, cls_name: str, folder: Path) -> None:
+    shapes = meta_shapes(config, cls_name)
+    groups = shard_groups(shapes)
+    gen = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: random_tensor(name, shapes[name], gen) for name in names}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del tensors  # one shard in memory at a time
+    total = sum(2 * math.prod(s) for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=2))
+    config.dtype = torch.bfloat16
+    config.architectures = [cls_name]
+    config.save_pretrained(folder)
+
+
+def ensure_checkpoint(name: str, layers: int | None, cache: Path) -> tuple[Path, float]:
+    """-> (checkpoint folder, seconds spent building it; 0 when reused from the cache)."""
+    recipe, cls_name = MODELS[name]
+    config = recipe(layers)
+    folder = cache / f"{name}-L{config.num_hidden_layers}-v{RECIPE_VERSION}"
+    if (folder / DONE).exists():
+        return folder, 0.0
+    start = time.perf_counter()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_checkpoint(config, cls_name, folder)
+    (folder / DONE).write_text(datetime.now().isoformat())
+    return folder, time.perf_counter() - start
+
+
+def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(folder / file), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+# -- weight bytes: the roofline and the memory budget ---------------------------------------------
+
+
+@dataclass
+class WeightBytes:
+    per_token: int  # weight bytes read from memory for one decoded token
+    resident: int  # bytes the loaded engine holds
+
+
+def weight_bytes(shapes: dict[str, tuple[int, ...]], tied: bool, engine: str, dtype: torch.dtype) -> WeightBytes:
+    """Every linear weight is read once per token; the token embedding is a one-row gather, but when
+    tied it is also the LM head, read in full. Gemma 4's PLE table is a gather too (one row of
+    layers * 256 per token); hearthlm keeps it memory-mapped in the stored bfloat16, so it is not
+    resident. The KV cache is left out: the decode prompt is short."""
+    size = torch.finfo(dtype).bits // 8
+    per_token = resident = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        if name.endswith("embed_tokens_per_layer.weight"):
+            row_size = 2 if engine == "hearthlm" else size
+            per_token += shape[-1] * row_size
+            resident += 0 if engine == "hearthlm" else n * size
+        elif name.endswith("embed_tokens.weight"):
+            per_token += n * size if tied else shape[-1] * size
+            resident += n * size
+        else:
+            per_token += n * size
+            resident += n * size
+    return WeightBytes(per_token, resident)
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- engines --------------------------------------------------------------------------------------
+
+
+class Engine(Protocol):
+    def prefill(self, ids: list[int]) -> float:
+        """Seconds from the call to the first generated token."""
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        """Generate n greedy tokens -> (tokens/s over tokens 2..n, the tokens)."""
+
+
+class HearthEngine:
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        from hearthlm import LLM, SamplingParams
+
+        self.llm = LLM(folder, dtype=dtype)
+        self.sampling = SamplingParams
+
+    def params(self, n: int) -> Any:
+        return self.sampling(max_tokens=n, temperature=0, ignore_eos=True)
+
+    def prefill(self, ids: list[int]) -> float:
+        start = time.perf_counter()
+        self.llm.generate([ids], self.params(1))
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        # on_token runs as each token is produced: stamps[0] is after prefill, the rest one per step
+        stamps: list[float] = []
+        stamp = lambda i, t: stamps.append(time.perf_counter())  # noqa: E731
+        out = self.llm.generate([ids], self.params(n), on_token=stamp)
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out[0].token_ids
+
+
+class TransformersEngine:
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        auto = transformers.AutoModelForCausalLM
+        self.model = auto.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+
+    @torch.inference_mode()
+    def _step(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        # logits_to_keep=1 as generate() passes it: the LM head runs on the last position only (and
+        # Gemma 4 runs its KV-shared layers on the last prompt position only)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+    def prefill(self, ids: list[int]) -> float:
+        start = time.perf_counter()
+        self._step(torch.tensor([ids]), None)
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        # a manual cached loop rather than generate(): no logits processors or stopping checks in the time
+        token, cache = self._step(torch.tensor([ids]), None)
+        tokens, stamps = [int(token)], [time.perf_counter()]
+        for _ in range(n - 1):
+            token, cache = self._step(token, cache)
+            tokens.append(int(token))
+            stamps.append(time.perf_counter())
+        return (n - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+LOADERS: dict[str, Callable[[Path, torch.dtype], Engine]] = {
+    "hearthlm": HearthEngine,
+    "transformers": TransformersEngine,
+}
+
+
+class Pool:
+    """Loaded engines, least recently used first. Loading one evicts others until the estimated
+    resident bytes fit the budget: a big model's rows then reload each round instead of swapping."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.loaded: OrderedDict[tuple[str, str], tuple[Engine, int]] = OrderedDict()
+
+    def get(self, key: tuple[str, str], resident: int, load: Callable[[], Engine]) -> tuple[Engine, float]:
+        """-> (engine, seconds spent loading it; 0 when it was loaded already)."""
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key][0], 0.0
+        if resident > self.budget:
+            raise MemoryError(f"needs ~{resident / 1e9:.1f} GB, over the {self.budget / 1e9:.1f} GB budget")
+        while self.loaded and sum(r for _, r in self.loaded.values()) + resident > self.budget:
+            self.loaded.popitem(last=False)
+            gc.collect()
+        start = time.perf_counter()
+        engine = load()
+        self.loaded[key] = (engine, resident)
+        return engine, time.perf_counter() - start
+
+    def clear(self) -> None:
+        self.loaded.clear()
+        gc.collect()
+
+
+# -- measurement ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    model: str
+    engine: str
+    dtype: str
+    bytes_per_token: int
+    resident_bytes: int
+    decode: list[float] = field(default_factory=list)  # tokens/s, one per run
+    prefill: list[float] = field(default_factory=list)  # tokens/s, one per run
+    load_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # greedy tokens of the last decode run
+    error: str | None = None
+
+
+@dataclass
+class ModelRun:
+    name: str
+    folder: str
+    layers: int
+    build_s: float
+    bench_s: float = 0.0
+    rows: list[Row] = field(default_factory=list)
+    read_gb_s: list[float] = field(default_factory=list)  # bandwidth samples before and after the rows
+    copy_gb_s: list[float] = field(default_factory=list)
+
+    @property
+    def bandwidth(self) -> float:
+        """The roofline's bandwidth: the median read sample. This VM's bandwidth drifts with its
+        neighbours' load, and a lucky best sample would put the roofline out of reach."""
+        return median(self.read_gb_s)
+
+    def sample_bandwidth(self) -> None:
+        bw = measure_bandwidth(reps=5)
+        self.read_gb_s += bw["read"].samples
+        self.copy_gb_s += bw["copy"].samples
+
+
+def make_rows(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
+    """One row per engine and dtype, ordered by dtype with the engines alternating."""
+    shapes = stored_shapes(folder)
+    tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", False)
+    rows = []
+    for dtype in DTYPES:
+        for engine, wanted in (("hearthlm", args.dtypes), ("transformers", args.tf_dtypes)):
+            if dtype in wanted:
+                wb = weight_bytes(shapes, tied, engine, DTYPES[dtype])
+                rows.append(Row(name, engine, dtype, wb.per_token, wb.resident))
+    return rows
+
+
+def prompts(folder: Path, prompt_len: int) -> tuple[list[int], list[int]]:
+    """(decode prompt, prefill prompt): fixed random ids, the same for every engine."""
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (DECODE_PROMPT_LEN + prompt_len,), generator=gen).tolist()
+    return ids[:DECODE_PROMPT_LEN], ids[DECODE_PROMPT_LEN:]
+
+
+@contextmanager
+def paused(progress: Progress) -> Iterator[None]:
+    """hearthlm's loader draws its own rich progress bar; two live displays cannot share a terminal."""
+    progress.stop()
+    try:
+        yield
+    finally:
+        progress.start()
+
+
+def measure_row(
+    row: Row,
+    folder: Path,
+    pool: Pool,
+    args: argparse.Namespace,
+    progress: Progress,
+    decode_ids: list[int],
+    prefill_ids: list[int],
+) -> None:
+    dtype = DTYPES[row.dtype]
+
+    def load() -> Engine:
+        engine = LOADERS[row.engine](folder, dtype)
+        engine.decode(decode_ids[:8], 4)  # first calls pay one-time kernel and allocator setup
+        return engine
+
+    with paused(progress):
+        engine, load_s = pool.get((row.engine, row.dtype), row.resident_bytes, load)
+    if load_s:
+        row.load_s.append(load_s)
+        message = f"loaded {row.engine} {row.dtype} in {load_s:.1f} s"
+        progress.console.print(message, highlight=False, soft_wrap=True)
+    row.prefill.append(len(prefill_ids) / engine.prefill(prefill_ids))
+    rate, row.tokens = engine.decode(decode_ids, args.new_tokens)
+    row.decode.append(rate)
+
+
+def run_model(name: str, args: argparse.Namespace, progress: Progress) -> ModelRun:
+    task = progress.add_task(f"{name}: building checkpoint", total=None)
+    folder, build_s = ensure_checkpoint(name, args.layers, args.cache_dir)
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    result = ModelRun(name, str(folder), layers, build_s)
+    result.rows = rows = make_rows(name, folder, args)
+    decode_ids, prefill_ids = prompts(folder, args.prompt_len)
+    progress.update(task, description=f"{name}: memory bandwidth", refresh=True)
+    result.sample_bandwidth()
+    pool = Pool(available_memory() - MEMORY_MARGIN)
+    progress.update(task, total=args.runs * len(rows), completed=0, refresh=True)
+    start = time.perf_counter()
+    for r in range(args.runs):
+        # odd rounds run backwards: the last engine loaded stays loaded for the next round's first row
+        for row in rows if r % 2 == 0 else rows[::-1]:
+            progress.update(task, description=f"{name}: run {r + 1}/{args.runs} {row.engine} {row.dtype}", refresh=True)
+            if row.error is None:
+                try:
+                    measure_row(row, folder, pool, args, progress, decode_ids, prefill_ids)
+                    progress.console.print(
+                        f"{name} run {r + 1}: {row.engine} {row.dtype}: decode {row.decode[-1]:.2f} tok/s, "
+                        f"prefill {row.prefill[-1]:.1f} tok/s",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                except Exception as e:  # one failing engine/dtype must not end the benchmark
+                    row.error = f"{type(e).__name__}: {e}"
+                    progress.console.print(f"[red]{name} {row.engine} {row.dtype} failed[/red]")
+                    progress.console.print(traceback.format_exc(), markup=False, soft_wrap=True)
+            progress.advance(task)
+            progress.refresh()
+    pool.clear()
+    result.bench_s = time.perf_counter() - start
+    result.sample_bandwidth()
+    return result
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def best_row(rows: list[Row], engine: str, key: str) -> Row | None:
+    ok = [r for r in rows if r.engine == engine and getattr(r, key)]
+    return max(ok, key=lambda r: median(getattr(r, key)), default=None)
+
+
+def leading_match(tokens: list[int], reference: list[int]) -> int:
+    n = 0
+    while n < min(len(tokens), len(reference)) and tokens[n] == reference[n]:
+        n += 1
+    return n
+
+
+def reference_tokens(rows: list[Row]) -> list[int]:
+    """transformers' float32 greedy tokens (else its first measured dtype): a sanity check that the
+    engines compute the same model, not only at the same speed."""
+    tf = [r for r in rows if r.engine == "transformers" and r.tokens]
+    tf.sort(key=lambda r: r.dtype != "float32")
+    return tf[0].tokens if tf else []
+
+
+def row_figures(row: Row, bandwidth: float, reference: list[int]) -> dict[str, Any]:
+    roofline = bandwidth * 1e9 / row.bytes_per_token
+    decode = median(row.decode)
+    match = f"{leading_match(row.tokens, reference)}/{len(row.tokens)}" if reference and row.tokens else "-"
+    return {
+        "decode_tok_s": decode,
+        "decode_min_max": [min(row.decode), max(row.decode)] if row.decode else None,
+        "prefill_tok_s": median(row.prefill),
+        "gb_per_token": row.bytes_per_token / 1e9,
+        "roofline_tok_s": roofline,
+        "roofline_fraction": decode / roofline,
+        "greedy_match": match,
+    }
+
+
+def summary(rows: list[Row]) -> dict[str, Any]:
+    """hearthlm's best dtype against transformers' best dtype, for decode and for prefill."""
+    out: dict[str, Any] = {}
+    for key in ("decode", "prefill"):
+        hl, tf = best_row(rows, "hearthlm", key), best_row(rows, "transformers", key)
+        out[key] = {
+            "hearthlm_best": [hl.dtype, median(getattr(hl, key))] if hl else None,
+            "transformers_best": [tf.dtype, median(getattr(tf, key))] if tf else None,
+            "ratio": median(getattr(hl, key)) / median(getattr(tf, key)) if hl and tf else None,
+        }
+    return out
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def results_table(run: ModelRun, prompt_len: int) -> Table:
+    title = (
+        f"{run.name} ({run.layers} layers); memory read bandwidth before/after: best "
+        f"{max(run.read_gb_s):.1f} GB/s, median {run.bandwidth:.1f} GB/s (the roofline's)"
+    )
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for col in (
+        "engine",
+        "dtype",
+        "decode tok/s",
+        "(min-max)",
+        f"prefill tok/s @{prompt_len}",
+        "GB/token",
+        "roofline tok/s",
+        "% roofline",
+        "greedy = tf",
+        "load s",
+    ):
+        table.add_column(col, justify="left" if col in ("engine", "dtype") else "right")
+    reference = reference_tokens(run.rows)
+    for row in run.rows:
+        f = row_figures(row, run.bandwidth, reference)
+        low_high = f["decode_min_max"]
+        spread = f"{fmt(low_high[0])}-{fmt(low_high[1])}" if low_high else "-"
+        cells = [
+            fmt(f["decode_tok_s"], 2),
+            spread,
+            fmt(f["prefill_tok_s"]),
+            fmt(f["gb_per_token"], 3),
+            fmt(f["roofline_tok_s"]),
+            fmt(100 * f["roofline_fraction"], 0),
+            f["greedy_match"],
+            fmt(median(row.load_s)),
+        ]
+        if row.error:
+            cells = ["failed"] + ["-"] * (len(cells) - 1)
+        table.add_row(row.engine, row.dtype, *cells)
+    return table
+
+
+def summary_lines(run: ModelRun) -> list[str]:
+    lines = []
+    for key, s in summary(run.rows).items():
+        hl, tf = s["hearthlm_best"], s["transformers_best"]
+        if hl and tf:
+            lines.append(
+                f"  {key}: hearthlm best {hl[1]:.2f} tok/s ({hl[0]}) / transformers best "
+                f"{tf[1]:.2f} tok/s ({tf[0]}) = {s['ratio']:.2f}x"
+            )
+    lines += [f"  {r.engine} {r.dtype} failed: {r.error}" for r in run.rows if r.error]
+    lines.append(
+        f"  checkpoint build {run.build_s:.0f} s{' (cached)' if not run.build_s else ''}, benchmark {run.bench_s:.0f} s"
+    )
+    return lines
+
+
+def print_report(console: Console, runs: list[ModelRun], prompt_len: int) -> None:
+    for run in runs:
+        console.print(results_table(run, prompt_len))
+        for line in summary_lines(run):
+            console.print(line, markup=False, highlight=False)
+        console.print()
+
+
+# -- machine info, JSON, CLI ----------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    try:
+        git = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        git = None
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hearthlm_git": git,
+    }
+
+
+def write_json(runs: list[ModelRun], args: argparse.Namespace, started: datetime) -> Path:
+    models = {}
+    for run in runs:
+        reference = reference_tokens(run.rows)
+        rows = [asdict(r) | row_figures(r, run.bandwidth, reference) for r in run.rows]
+        models[run.name] = {k: v for k, v in asdict(run).items() if k != "rows"} | {
+            "rows": rows,
+            "summary": summary(run.rows),
+            "read_gb_s_best": max(run.read_gb_s),
+            "read_gb_s_median": run.bandwidth,
+        }
+    doc = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "started": started.isoformat(),
+        "machine": machine_info(),
+        "settings": {
+            "runs": args.runs,
+            "new_tokens": args.new_tokens,
+            "prompt_len": args.prompt_len,
+            "decode_prompt_len": DECODE_PROMPT_LEN,
+            "layers": args.layers,
+        },
+        "models": models,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"decode-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path
+
+
+def csv_list(choices: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=csv_list(list(MODELS)), default=list(MODELS))
+    ap.add_argument("--dtypes", type=csv_list(list(DTYPES)), default=list(DTYPES), help="hearthlm dtypes")
+    ap.add_argument(
+        "--tf-dtypes",
+        type=csv_list(list(DTYPES)),
+        default=["float32", "bfloat16"],
+        help="transformers dtypes (empty string: hearthlm only)",
+    )
+    ap.add_argument("--runs", type=int, default=3, help="rounds over all engines/dtypes; figures are medians")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (>= 2)")
+    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of the prefill run")
+    ap.add_argument("--layers", type=int, default=None, help="build every model with this many layers")
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/hearthlm-bench-checkpoints"))
+    args = ap.parse_args(argv)
+    if args.new_tokens < 2 or args.runs < 1 or args.prompt_len < 1:
+        ap.error("need --new-tokens >= 2, --runs >= 1, --prompt-len >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    started = datetime.now()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    stdout = Console(width=None if sys.stdout.isatty() else 150)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    stderr = Console(stderr=True)
+    # no auto refresh: a redraw thread would compete with the benchmark for the machine's cores;
+    # off a terminal the bar is off and the per-measurement log lines remain
+    with Progress(*columns, console=stderr, auto_refresh=False, disable=not stderr.is_terminal) as progress:
+        runs = [run_model(name, args, progress) for name in args.models]
+    print_report(stdout, runs, args.prompt_len)
+    stdout.print(f"wrote {write_json(runs, args, started)}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Linear layers: one entry point that picks the kernel for the device, the weight format and the
+number of input rows.
+
+On CPU: up to 8 rows (decode) go to the streaming GEMV kernel; more rows (prefill) with fp16/bf16
+weights compute in float32, because PyTorch's half-precision CPU GEMMs without AVX-512 run several
+times slower than fp32 (measured on this project's machines; see README). Elsewhere: F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import cpu
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if 0 < rows <= cpu.MAX_ROWS and weight.is_contiguous() and cpu.gemv_available():
+        y = cpu.gemv(x.reshape(rows, K), weight)
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    if weight.dtype in _HALF:
+        b = bias.float() if bias is not None else None
+        return F.linear(x.float(), weight.float(), b).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
