@@ -55,7 +55,7 @@ except ImportError:  # run as `python -m benchmarks.decode`
     from benchmarks.membw import measure as measure_bandwidth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RECIPE_VERSION = 1  # part of the cache folder name: bump when a recipe changes so stale folders are rebuilt
+RECIPE_VERSION = 2  # part of the cache folder name: bump when a recipe changes so stale folders are rebuilt
 SHARD_BYTES = 2 * 2**30  # small shards keep the peak memory of building near one shard
 INDEX = "model.safetensors.index.json"
 DONE = "benchmark-checkpoint-complete"  # written last: a half-written folder is never reused
@@ -178,6 +178,22 @@ def write_checkpoint(config: transformers.PretrainedConfig, cls_name: str, folde
     config.dtype = torch.bfloat16
     config.architectures = [cls_name]
     config.save_pretrained(folder)
+    hub_style_config(folder / "config.json")
+
+
+def hub_style_config(path: Path) -> None:
+    """Write Gemma 4's full-attention head shape as the published config.json files state it
+    (global_head_dim, num_global_key_value_heads) instead of the per_layer_config that transformers 5
+    serializes, so the benchmark reads the same config dialect as a real downloaded checkpoint."""
+    cfg = json.loads(path.read_text())
+    per_layer = cfg.pop("per_layer_config", None)
+    if not per_layer:
+        return
+    full = next(iter(per_layer.values()))
+    cfg["global_head_dim"] = full["head_dim"]
+    if "num_key_value_heads" in full:
+        cfg["num_global_key_value_heads"] = full["num_key_value_heads"]
+    path.write_text(json.dumps(cfg, indent=2))
 
 
 def ensure_checkpoint(name: str, layers: int | None, cache: Path) -> tuple[Path, float]:

@@ -12,7 +12,7 @@ from rich.console import Console
 def _run(args: argparse.Namespace) -> int:
     from .api import LLM, SamplingParams
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     llm = LLM(args.model, dtype=args.dtype)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: `hearth run` needs one to read the prompt")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,34 @@
+"""The CPU GEMV kernel against PyTorch's matmul, and the Linear dispatch around it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hearthlm.kernels import cpu
+from hearthlm.layers.linear import linear
+
+pytestmark = pytest.mark.skipif(not cpu.gemv_available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("shape", [(64, 32), (37, 203), (5, 8)])  # odd row counts and K % 8 != 0 tails
+def test_gemv_matches_matmul(dtype, rows, shape):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(shape, generator=g).to(dtype)
+    x = torch.randn(rows, shape[1], generator=g)
+    expected = x @ w.float().T
+    got = cpu.gemv(x, w)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 9, 40])  # both sides of the kernel's row limit
+def test_linear_dispatch_matches_f_linear(rows):
+    w, b = torch.randn(48, 40), torch.randn(48)
+    x = torch.randn(1, rows, 40)
+    assert torch.allclose(linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5)
+    half = linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), torch.nn.functional.linear(x, w, b), atol=0.1)
