@@ -45,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     if completion.text.startswith(shown):
         sys.stdout.write(completion.text[len(shown) :])
     sys.stdout.write("\n")
+    sys.stdout.flush()
     elapsed = time.perf_counter() - start
     n = completion.usage.completion_tokens
     if n and first:

@@ -7,12 +7,14 @@ use PyTorch's own kernels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 MAX_ROWS = 8  # the kernel serves up to this many input rows (decode batches)
 
@@ -32,20 +34,23 @@ def _load():
     try:
         from torch.utils.cpp_extension import load
 
-        # Link the OpenMP runtime torch itself uses: a second runtime's threads would fight torch's
-        # for the cores (seen: 8 ms stalls per call on 2 cores).
+        # Link the OpenMP runtime torch itself ships, so the process has one thread pool, not two
+        # competing for the same cores.
         torch_lib = Path(torch.__file__).parent / "lib"
         omp = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lgomp"] if (torch_lib / "libgomp.so.1").exists() else []
         build = Path(os.environ.get("HEARTHLM_CACHE", Path.home() / ".cache" / "hearthlm")) / "kernels"
         build.mkdir(parents=True, exist_ok=True)
-        return load(
-            name="hearthlm_gemv_cpu",
-            sources=[str(Path(__file__).with_name("gemv_cpu.cpp"))],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-            extra_ldflags=omp or ["-fopenmp"],
-            build_directory=str(build),
-            verbose=False,
-        )
+        first = not (build / "hearthlm_gemv_cpu.so").exists()
+        status = Console(stderr=True).status("building hearthlm's CPU kernels (once, about 30 s)")
+        with status if first else contextlib.nullcontext():
+            return load(
+                name="hearthlm_gemv_cpu",
+                sources=[str(Path(__file__).with_name("gemv_cpu.cpp"))],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                extra_ldflags=omp or ["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as e:  # no compiler / headers: fall back, loudly once
         warnings.warn(f"hearthlm: CPU GEMV kernel unavailable ({e}); using PyTorch matmuls", stacklevel=2)
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -10,11 +11,13 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, with_weight: bool = True):
         super().__init__()
         self.eps = eps
+        self.shape = (dim,)
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if with_weight else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+    def after_load(self) -> None:
+        # The weight is only ever used in float32: convert it once instead of on every call.
         if self.weight is not None:
-            h = h * self.weight.float()
-        return h.to(x.dtype)
+            self.weight = nn.Parameter(self.weight.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.shape, self.weight, self.eps).to(x.dtype)

@@ -85,6 +85,9 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> Causal
             f"{folder}: {len(unexpected)} checkpoint tensor(s) not used by {cfg.architecture}, e.g. {unexpected[:3]}",
             stacklevel=2,
         )
+    for module in model.modules():  # let layers prepare derived state (e.g. float32 norm weights)
+        if hasattr(module, "after_load"):
+            module.after_load()
     return model.eval()
 
 
