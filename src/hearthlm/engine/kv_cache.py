@@ -56,6 +56,12 @@ class _Group:
         self.mask = None if self.causal or bool(mask.all()) else mask[:, None]
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: _Group, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=group.mask, is_causal=group.causal, scale=scale, enable_gqa=True
+    )
+
+
 class ContiguousKVCache:
     def __init__(self, layers: list[LayerSpec], batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.batch, self.max_len = batch, max_len
@@ -87,6 +93,7 @@ class ContiguousKVCache:
             raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_len}")
         for group in self.groups.values():
             group.begin(positions, self.rows)
+        self._row_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self._step_kv.clear()
 
     def attend(
@@ -113,8 +120,7 @@ class ContiguousKVCache:
 
     def _store(self, layer: int, group: _Group, k: torch.Tensor, v: torch.Tensor):
         K, V = self.k[layer][self.rows], self.v[layer][self.rows]  # views [b, Hkv, S, D]
-        b = K.shape[0]
-        rows = torch.arange(b, device=K.device)[:, None]
+        rows = self._row_index
         if group.concat:
             keys = torch.cat((K, k.transpose(1, 2)), dim=2)
             values = torch.cat((V, v.transpose(1, 2)), dim=2)

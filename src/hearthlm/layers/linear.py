@@ -1,8 +1,8 @@
 """Linear layers: one entry point that picks the kernel for the device, the weight format and the
 number of input rows.
 
-On CPU: up to 8 rows (decode) go to the streaming GEMV kernel; more rows (prefill) with fp16/bf16
-weights compute in float32, because PyTorch's half-precision CPU GEMMs without AVX-512 run several
+On CPU: up to 8 rows (decode) go to the streaming GEMV kernel (up to 32 rows, in passes of 8, for
+fp16/bf16 weights); more rows (prefill) with fp16/bf16 weights compute in float32, because PyTorch's half-precision CPU GEMMs without AVX-512 run several
 times slower than fp32 (measured on this project's machines; see README). Elsewhere: F.linear.
 """
 
@@ -15,6 +15,8 @@ from torch import nn
 from ..kernels import cpu
 
 _HALF = (torch.float16, torch.bfloat16)
+# Up to this many rows, half-precision weights go through the GEMV kernel in passes of 8 rows.
+GEMV_ROWS_HALF = 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -22,12 +24,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    if 0 < rows <= cpu.MAX_ROWS and weight.is_contiguous() and cpu.gemv_available():
-        y = cpu.gemv(x.reshape(rows, K), weight)
+    half = weight.dtype in _HALF
+    if 0 < rows <= (GEMV_ROWS_HALF if half else cpu.MAX_ROWS) and weight.is_contiguous() and cpu.gemv_available():
+        flat = x.reshape(rows, K)
+        # Short prompts: re-reading half-precision weights once per 8 rows beats converting them to fp32.
+        y = torch.cat([cpu.gemv(flat[i : i + cpu.MAX_ROWS], weight) for i in range(0, rows, cpu.MAX_ROWS)])
         if bias is not None:
             y = y + bias
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-    if weight.dtype in _HALF:
+    if half:
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)
