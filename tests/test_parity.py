@@ -9,7 +9,7 @@ from checkpoints import FAMILIES, VOCAB, save_gemma4_multimodal
 from transformers import GenerationConfig
 
 from hearthlm import LLM, SamplingParams
-from hearthlm.engine.generator import forward_tokens
+from hearthlm.engine.generator import Sequence, forward_tokens, generate
 from hearthlm.engine.kv_cache import ContiguousKVCache
 
 FAMILY_NAMES = list(FAMILIES)
@@ -128,3 +128,16 @@ def test_sliding_layers_keep_only_the_window_and_shared_layers_store_nothing(loa
         assert k.shape == (2, spec.num_kv_heads, spec.sliding_window or 100, spec.head_dim)
     # KV-shared layers read the last earlier layer of their own type.
     assert [cfg.layers[i].kv_source for i in shared] == [1, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["gemma4_all", "qwen2"])
+@pytest.mark.parametrize("chunk", [4, WINDOW + 3])
+def test_chunked_prefill_generates_the_same_tokens(name, chunk, loaded):
+    """Prefill in chunks (Gemma 4 skips its KV-shared layers on all but the last chunk's last token)."""
+    _, llm = loaded(name)
+    prompt = _ids(4 * WINDOW + 3, seed=4)[0].tolist()
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    whole = llm.generate([prompt], params)[0].token_ids
+    seq = Sequence(prompt, params)
+    generate(llm.model, [seq], set(), len(prompt) + 12, prefill_chunk=chunk)
+    assert seq.output == whole

@@ -37,11 +37,13 @@ def forward_tokens(
     ids: torch.Tensor,
     start: torch.Tensor,
     rows: slice | None = None,
+    outputs: int | None = None,
 ) -> torch.Tensor:
-    """Run ids [b, T] at positions start[b] + (0..T-1); returns the hidden states [b, T, H]."""
+    """Run ids [b, T] at positions start[b] + (0..T-1); returns the hidden states [b, T, H], or at least
+    those of the last `outputs` positions (a model may skip the rest)."""
     positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]
     cache.begin(positions, rows)
-    return model(ids, Batch(positions=positions, cache=cache))
+    return model(ids, Batch(positions=positions, cache=cache, outputs=outputs))
 
 
 @torch.inference_mode()
@@ -63,7 +65,8 @@ def generate(
         ids = torch.tensor([s.prompt], device=device)
         for start in range(0, len(s.prompt), prefill_chunk):
             chunk = ids[:, start : start + prefill_chunk]
-            h = forward_tokens(model, cache, chunk, torch.tensor([start], device=device), slice(b, b + 1))
+            wanted = 1 if start + prefill_chunk >= len(s.prompt) else 0  # logits of the last token only
+            h = forward_tokens(model, cache, chunk, torch.tensor([start], device=device), slice(b, b + 1), wanted)
         last.append(model.logits(h[:, -1]))
     logits = torch.cat(last)
     while True:

@@ -59,7 +59,7 @@ void rows_kernel(const float* x, const T* W, float* y, int64_t K, int64_t N, int
 
 template <typename T, int M>
 void run_rows(const float* x, const T* W, float* y, int64_t K, int64_t N) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int R = M == 1 ? 8 : M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // R * M accumulators + R weights in 16 registers
   // Blocks of 16 rows; at least 2 blocks' worth of work per thread task keeps overhead low.
   const int64_t block = 16;
   at::parallel_for(0, (N + block - 1) / block, 8, [&](int64_t b0, int64_t b1) {

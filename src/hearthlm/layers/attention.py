@@ -33,6 +33,9 @@ class Batch:
 
     positions: torch.Tensor  # [B, T] absolute positions
     cache: KVStore
+    # Hidden states wanted for only the last `outputs` positions (None: all). Layers that write no
+    # cache (Gemma 4's KV-shared layers) then run on those positions only, or not at all for 0.
+    outputs: int | None = None
     rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # key -> cos, sin
 
 
@@ -64,6 +67,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         D = self.head_dim
         cos, sin = batch.rope[self.rope_key]
+        if T < cos.shape[1]:  # a layer that runs on the last T positions only (see Batch.outputs)
+            cos, sin = cos[:, -T:], sin[:, -T:]
         qkv = self.qkv(x)
         q = qkv[..., : self.num_heads * D].view(B, T, self.num_heads, D)
         if self.q_norm is not None:

@@ -27,8 +27,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     half = weight.dtype in _HALF
     if 0 < rows <= (GEMV_ROWS_HALF if half else cpu.MAX_ROWS) and weight.is_contiguous() and cpu.gemv_available():
         flat = x.reshape(rows, K)
-        # Short prompts: re-reading half-precision weights once per 8 rows beats converting them to fp32.
-        y = torch.cat([cpu.gemv(flat[i : i + cpu.MAX_ROWS], weight) for i in range(0, rows, cpu.MAX_ROWS)])
+        if rows <= cpu.MAX_ROWS:
+            y = cpu.gemv(flat, weight)
+        else:  # short prompts: re-reading half-precision weights per 8 rows beats converting them to fp32
+            y = torch.cat([cpu.gemv(flat[i : i + cpu.MAX_ROWS], weight) for i in range(0, rows, cpu.MAX_ROWS)])
         if bias is not None:
             y = y + bias
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

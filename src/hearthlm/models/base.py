@@ -26,11 +26,21 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype (also the KV cache's)."""
         return self.embed.weight.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activations' dtype. On CPU always float32: without AVX-512, half-precision elementwise ops and
+        conversions cost more than they save, and the weights are read in fp16/bf16 all the same."""
+        return torch.float32 if self.embed.weight.device.type == "cpu" else self.dtype
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids).to(self.compute_dtype)
 
     def prepare(self, batch: Batch) -> None:
         """Compute cos/sin once per distinct RoPE (per layer type) for this step's positions."""
-        batch.rope = {key: rot.cos_sin(batch.positions, self.dtype) for key, rot in self.rotaries.items()}
+        batch.rope = {key: rot.cos_sin(batch.positions, self.compute_dtype) for key, rot in self.rotaries.items()}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -68,6 +68,10 @@ def _attention_shapes(hf: dict[str, Any], types: list[str], where: str) -> list[
     return shapes
 
 
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return torch.tensor(value, dtype=dtype).item()
+
+
 class PerLayerEmbedding(nn.Module):
     """PLE: token rows gathered from a [vocab, L * P] table (kept in its stored dtype, memory-mapped:
     it is a gather, not a matmul) plus a normed projection of the main embeddings."""
@@ -83,8 +87,8 @@ class PerLayerEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """ids [B, T], embeds [B, T, H] -> [B, T, L, P]"""
-        dtype = embeds.dtype
-        token = F.embedding(ids, self.table).to(dtype) * torch.tensor(self.shape[1] ** 0.5, dtype=dtype)
+        scale = _rounded(self.shape[1] ** 0.5, self.proj.weight.dtype)
+        token = F.embedding(ids, self.table).to(embeds.dtype) * scale
         context = self.norm((self.proj(embeds) * self.proj_scale).view(*ids.shape, *self.shape))
         return (context + token.view(*ids.shape, *self.shape)) * 2**-0.5
 
@@ -203,13 +207,20 @@ class Gemma4Model(CausalLM):
         super().__init__(cfg)
         self.layers = nn.ModuleList(Gemma4Layer(cfg, i) for i in range(cfg.num_layers))
         self.ple = PerLayerEmbedding(cfg) if cfg.ple_dim else None
+        self.first_shared = next((i for i, s in enumerate(cfg.layers) if s.kv_source is not None), cfg.num_layers)
 
     def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.prepare(batch)
-        x = self.embed(ids)
-        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        # The scale is rounded to the weights' dtype, as the reference does (sqrt(1536) -> 39.25 in bf16).
+        x = self.embed_tokens(ids) * _rounded(self.config.hidden_size**0.5, self.dtype)
         ple = self.ple(ids, x) if self.ple is not None else None
         for i, layer in enumerate(self.layers):
+            if i == self.first_shared and batch.outputs is not None:
+                # KV-shared layers write no cache: run them only where hidden states are wanted.
+                x = x[:, x.shape[1] - batch.outputs :]
+                ple = ple[:, ple.shape[1] - batch.outputs :] if ple is not None else None
+                if batch.outputs == 0:
+                    return x
             x = layer(x, batch, ple[:, :, i] if ple is not None else None)
         return x
 

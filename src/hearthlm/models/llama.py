@@ -125,7 +125,7 @@ class LlamaModel(CausalLM):
 
     def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.prepare(batch)
-        x = self.embed(ids)
+        x = self.embed_tokens(ids)
         for layer in self.layers:
             x = layer(x, batch)
         return x
