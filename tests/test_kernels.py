@@ -34,3 +34,19 @@ def test_linear_dispatch_matches_f_linear(rows):
     # Exact result for the bf16-rounded inputs, then one bf16 rounding of the output (8-bit mantissa).
     exact = torch.nn.functional.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float())
     assert torch.allclose(half.float(), exact, rtol=2**-8, atol=1e-3)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_kernel_matches_torch(with_weight):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 37, generator=g) * 4, torch.randn(37, generator=g)
+    weight = w if with_weight else None
+    assert torch.allclose(cpu.rms_norm(x, weight, 1e-6), torch.nn.functional.rms_norm(x, (37,), weight, 1e-6), atol=1e-5)
+
+
+def test_rope_kernel_matches_rotate_half():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, 16, generator=g)[:, :, 1]  # a non-contiguous [B, T, H, D] view
+    cos, sin = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 3, 1, 16, generator=g)
+    expected = x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin
+    assert torch.allclose(cpu.rope(x, cos, sin), expected, atol=1e-6)

@@ -63,3 +63,13 @@ def gemv_available() -> bool:
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS), weight [N, K] contiguous -> [M, N] float32."""
     return _load().gemv(x, weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """float32 x [..., D] -> RMSNorm(x) * weight (float32 weight or None)."""
+    return _load().rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """float32 x [B, T, H, D], cos/sin [B, T, 1, D] -> rotate-half RoPE of x."""
+    return _load().rope(x, cos, sin)

@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu
+
+SMALL = 1 << 16  # elements up to which the CPU kernel's lower overhead wins
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, with_weight: bool = True):
@@ -20,4 +24,6 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(self.weight.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= SMALL and cpu.gemv_available():
+            return cpu.rms_norm(x, self.weight, self.eps)  # decode-sized: the op's overhead dominates
         return F.rms_norm(x.float(), self.shape, self.weight, self.eps).to(x.dtype)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..config import RopeSpec
+from ..kernels import cpu
 
 
 def inverse_frequencies(spec: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -62,6 +63,8 @@ class Rotary:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D]; rotate-half convention (pairs i and i + D/2)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] <= 32 and cpu.gemv_available():
+        return cpu.rope(x, cos, sin)  # decode-sized: one call instead of seven small ops
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
