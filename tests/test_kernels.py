@@ -41,7 +41,9 @@ def test_rms_norm_kernel_matches_torch(with_weight):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 5, 37, generator=g) * 4, torch.randn(37, generator=g)
     weight = w if with_weight else None
-    assert torch.allclose(cpu.rms_norm(x, weight, 1e-6), torch.nn.functional.rms_norm(x, (37,), weight, 1e-6), atol=1e-5)
+    assert torch.allclose(
+        cpu.rms_norm(x, weight, 1e-6), torch.nn.functional.rms_norm(x, (37,), weight, 1e-6), atol=1e-5
+    )
 
 
 def test_rope_kernel_matches_rotate_half():

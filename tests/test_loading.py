@@ -124,3 +124,28 @@ def test_bad_inputs_get_clear_errors(checkpoint):
         LLM(folder, dtype="float8")
     with pytest.raises(ValueError, match="equal length"):
         llm.logits([[5, 6], [7]])
+
+
+@pytest.mark.parametrize("layers", [6, 12])
+def test_gemma4_per_layer_config_as_transformers_saves_it(tmp_path, layers):
+    """transformers 5 writes per_layer_config keys zero-padded once there are 10+ layers ("04")."""
+    from transformers import Gemma4TextConfig
+
+    from hearthlm.weights.loader import read_model_config
+
+    types = ["sliding_attention"] * 3 + ["full_attention"]
+    config = Gemma4TextConfig(
+        num_hidden_layers=layers,
+        layer_types=(types * 3)[:layers],
+        head_dim=16,
+        global_head_dim=32,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+    )
+    config.architectures = ["Gemma4ForCausalLM"]
+    config.save_pretrained(tmp_path)
+    _, cfg = read_model_config(tmp_path)
+    for i, spec in enumerate(cfg.layers):
+        full = config.layer_types[i] == "full_attention"
+        assert (spec.head_dim, spec.num_kv_heads, spec.k_eq_v) == ((32, 1, True) if full else (16, 2, False))

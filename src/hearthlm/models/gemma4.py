@@ -51,10 +51,12 @@ def _attention_shapes(hf: dict[str, Any], types: list[str], where: str) -> list[
     `global_head_dim` / `num_global_key_value_heads` (as the Hub configs state it)."""
     head_dim, kv_heads = hf.get("head_dim", 256), hf.get("num_key_value_heads", 4)
     per_layer = hf.get("per_layer_config")
+    if per_layer is not None:  # keys are layer indices as strings, zero-padded from 10 layers on ("04")
+        per_layer = {int(k): v for k, v in per_layer.items()}
     shapes = []
     for i, t in enumerate(types):
         if per_layer is not None:
-            over = dict(per_layer.get(str(i)) or per_layer.get(i) or {})
+            over = dict(per_layer.get(i) or {})
             unknown = set(over) - {"head_dim", "num_key_value_heads"}
             if unknown:
                 raise ConfigError(f"{where}: per_layer_config[{i}] sets unsupported keys {sorted(unknown)}")
