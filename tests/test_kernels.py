@@ -52,3 +52,23 @@ def test_rope_kernel_matches_rotate_half():
     cos, sin = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 3, 1, 16, generator=g)
     expected = x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin
     assert torch.allclose(cpu.rope(x, cos, sin), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [True, False])
+def test_decode_attention_matches_sdpa(dtype, masked):
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, S, D = 2, 8, 2, 37, 72  # D % 8 != 0 exercises the scalar tail
+    q = torch.randn(B, Hq, D, generator=g)
+    cache_k, cache_v = (torch.randn(B, Hkv, 50, D, generator=g).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # strided views, as the cache hands them out
+    mask = torch.rand(B, S, generator=g) > 0.3 if masked else None
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None],
+        k.float(),
+        v.float(),
+        attn_mask=None if mask is None else mask[:, None, None],
+        scale=0.3,
+        enable_gqa=True,
+    )[:, :, 0]
+    assert torch.allclose(cpu.decode_attention(q, k, v, mask, 0.3), expected, atol=1e-5)

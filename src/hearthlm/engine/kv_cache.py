@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LayerSpec
+from ..kernels import cpu
 
 
 class _Group:
@@ -126,6 +127,10 @@ class ContiguousKVCache:
             keys, values = self._store(layer, group, k, v)
             if layer in self.shared_sources:
                 self._step_kv[layer] = (keys, values)
+        if q.shape[1] == 1 and q.device.type == "cpu" and cpu.gemv_available():
+            # Decode: one call that reads the cache in its own dtype (the generic path below costs ~20 ops).
+            mask = group.mask[:, 0, -1] if group.mask is not None else None
+            return cpu.decode_attention(q[:, 0].float(), keys, values, mask, scale).to(q.dtype)[:, None]
         q = q.transpose(1, 2)
         if q.device.type == "cpu":
             # Attend in fp32: PyTorch's CPU attention is several times slower in fp16/bf16 than in fp32

@@ -73,3 +73,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """float32 x [B, T, H, D], cos/sin [B, T, 1, D] -> rotate-half RoPE of x."""
     return _load().rope(x, cos, sin)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """q [B, Hq, D] float32; k, v [B, Hkv, S, D] in the cache dtype; mask [B, S] bool -> [B, Hq, D]."""
+    return _load().decode_attention(q, k, v, mask, scale)

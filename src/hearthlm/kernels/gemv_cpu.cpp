@@ -147,7 +147,87 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return y;
 }
 
+namespace {
+
+template <typename T>
+float dot(const float* q, const T* k, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
+  float s = hsum(acc);
+  for (; i < D; ++i) s += q[i] * static_cast<float>(k[i]);
+  return s;
+}
+
+template <typename T>
+void axpy(float a, const T* v, float* out, int64_t D) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < D; ++i) out[i] += a * static_cast<float>(v[i]);
+}
+
+// One query per (row, head): softmax(q . K^T * scale, masked) . V, reading K/V in their stored dtype.
+template <typename T>
+void decode_attention_impl(const float* q, const T* k, const T* v, const bool* mask, float* out, int64_t B,
+                           int64_t Hq, int64_t Hkv, int64_t S, int64_t D, const int64_t* ks, const int64_t* vs,
+                           float scale) {
+  const int64_t group = Hq / Hkv;
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hq, h = bh % Hq, kv = h / group;
+      const float* qr = q + bh * D;
+      const T* kb = k + b * ks[0] + kv * ks[1];
+      const T* vb = v + b * vs[0] + kv * vs[1];
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = (mask && !mask[b * S + s]) ? -INFINITY : dot(qr, kb + s * ks[2], D) * scale;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0;
+      for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
+      float* o = out + bh * D;
+      std::fill(o, o + D, 0.0f);
+      for (int64_t s = 0; s < S; ++s)
+        if (p[s] > 0) axpy(p[s] / sum, vb + s * vs[2], o, D);
+    }
+  });
+}
+
+}  // namespace
+
+// q [B, Hq, D] float32; k, v [B, Hkv, S, D] (fp32/fp16/bf16, last dim contiguous); mask [B, S] bool or
+// None -> [B, Hq, D] float32. Decode attention in one call, without converting the cache to fp32.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3, "decode_attention: q must be float32 [B, Hq, D]");
+  TORCH_CHECK(k.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type(),
+              "decode_attention: k, v must be [B, Hkv, S, D] with a contiguous last dim");
+  auto qc = q.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(Hq % Hkv == 0 && k.size(3) == D, "decode_attention: shape mismatch");
+  torch::Tensor m;
+  if (mask.has_value()) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == torch::kBool && m.numel() == B * S, "decode_attention: mask must be bool [B, S]");
+  }
+  auto out = torch::empty({B, Hq, D}, qc.options());
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  const bool* mp = mask.has_value() ? m.data_ptr<bool>() : nullptr;
+  const float* qp = qc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  switch (k.scalar_type()) {
+    case torch::kFloat32: decode_attention_impl(qp, k.data_ptr<float>(), v.data_ptr<float>(), mp, op, B, Hq, Hkv, S, D, ks, vs, scale); break;
+    case torch::kFloat16: decode_attention_impl(qp, k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), mp, op, B, Hq, Hkv, S, D, ks, vs, scale); break;
+    case torch::kBFloat16: decode_attention_impl(qp, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), mp, op, B, Hq, Hkv, S, D, ks, vs, scale); break;
+    default: TORCH_CHECK(false, "decode_attention: unsupported cache dtype ", k.scalar_type());
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache");
   m.def("rope", &rope, "rotate-half RoPE (float32)");
   m.def("gemv", &gemv, "x [M, K] @ W[N, K]^T -> [M, N] float32");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
