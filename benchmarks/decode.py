@@ -9,16 +9,21 @@ Checkpoints are written once (bfloat16 safetensors shards plus config.json, made
 own model classes) under --cache-dir and reused. Every engine/dtype is measured once per round and
 the rounds alternate the order, so all rows see the same machine conditions; figures are medians.
 
-- decode tok/s: batch 1, greedy, after a short prompt; the time between the first and the last
+- decode tok/s: batch 1, greedy, after a 16-token prompt; the time between the first and the last
   generated token, so prefill is not in it.
-- prefill tok/s: prompt length / time to the first token.
-- roofline: decode at batch 1 reads every weight once per token, so measured read bandwidth /
-  weight bytes per token bounds tokens/s from above.
+- prefill tok/s: prompt length / time to the first token. transformers gets logits_to_keep=1 as
+  generate() gives it, with which Gemma 4 runs its KV-shared layers on the last prompt position only.
+- roofline: decode at batch 1 reads every weight once per token, so read bandwidth / weight bytes
+  per token bounds tokens/s from above. The bandwidth is sampled just before and after each decode
+  run, because on a shared VM it drifts by a third within minutes.
+- other processes: their CPU share is tracked during each run; a run they disturbed (> 10%) is
+  measured again and left out of the medians when an undisturbed run of the same row exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -34,7 +39,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,10 +54,14 @@ from rich.table import Table
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hearthlm import LLM, SamplingParams
+
 try:
     from membw import measure as measure_bandwidth
+    from membw import read as read_bandwidth
 except ImportError:  # run as `python -m benchmarks.decode`
     from benchmarks.membw import measure as measure_bandwidth
+    from benchmarks.membw import read as read_bandwidth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RECIPE_VERSION = 2  # part of the cache folder name: bump when a recipe changes so stale folders are rebuilt
@@ -60,9 +69,9 @@ SHARD_BYTES = 2 * 2**30  # small shards keep the peak memory of building near on
 INDEX = "model.safetensors.index.json"
 DONE = "benchmark-checkpoint-complete"  # written last: a half-written folder is never reused
 DECODE_PROMPT_LEN = 16
-MEMORY_MARGIN = 3 * 2**30  # Python, torch, KV caches, activations and loader transients
+FOREIGN_CPU_WARN = 0.1  # other processes' CPU share above which a run is flagged as disturbed
+MEMORY_MARGIN = 5 * 2**29  # Python, torch, KV caches, activations and loader transients
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("hearthlm", "transformers")
 
 
 # -- model recipes --------------------------------------------------------------------------------
@@ -259,6 +268,39 @@ def available_memory() -> int:
     return 0
 
 
+# -- other processes' load ------------------------------------------------------------------------
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (user, nice, system, irq, softirq; not idle,
+    iowait or steal)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def foreign_load(out: list[float]) -> Iterator[None]:
+    """Append the share of the machine's CPU that other processes used while the block ran: on a
+    shared 2-core machine a test run beside the benchmark can cut its speed several times over."""
+    busy, own, start = _machine_busy_seconds(), sum(os.times()[:2]), time.perf_counter()
+    yield
+    wall = time.perf_counter() - start
+    others = (_machine_busy_seconds() - busy) - (sum(os.times()[:2]) - own)
+    out.append(max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+
+def wait_for_quiet(max_wait: float) -> float:
+    """Sleep in 2 s steps until other processes leave the CPU idle (or max_wait passes); -> seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait:
+        load: list[float] = []
+        with foreign_load(load):
+            time.sleep(2.0)
+        if load[0] <= FOREIGN_CPU_WARN:
+            break
+    return time.perf_counter() - start
+
+
 # -- engines --------------------------------------------------------------------------------------
 
 
@@ -272,13 +314,11 @@ class Engine(Protocol):
 
 class HearthEngine:
     def __init__(self, folder: Path, dtype: torch.dtype):
-        from hearthlm import LLM, SamplingParams
-
         self.llm = LLM(folder, dtype=dtype)
-        self.sampling = SamplingParams
 
-    def params(self, n: int) -> Any:
-        return self.sampling(max_tokens=n, temperature=0, ignore_eos=True)
+    @staticmethod
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
     def prefill(self, ids: list[int]) -> float:
         start = time.perf_counter()
@@ -344,7 +384,7 @@ class Pool:
             raise MemoryError(f"needs ~{resident / 1e9:.1f} GB, over the {self.budget / 1e9:.1f} GB budget")
         while self.loaded and sum(r for _, r in self.loaded.values()) + resident > self.budget:
             self.loaded.popitem(last=False)
-            gc.collect()
+            release_memory()
         start = time.perf_counter()
         engine = load()
         self.loaded[key] = (engine, resident)
@@ -352,10 +392,30 @@ class Pool:
 
     def clear(self) -> None:
         self.loaded.clear()
-        gc.collect()
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free dropped engines now and hand glibc's freed heap back to the system, so that the next
+    model's budget is not eaten by the last one's leftovers."""
+    gc.collect()
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # -- measurement ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSample:
+    decode: float  # tokens/s over generated tokens 2..N
+    prefill: float  # prompt tokens/s to the first token
+    bandwidth: float  # read GB/s sampled just before and just after the decode
+    foreign_cpu: float  # the largest share of the CPU other processes used during prefill or decode
+
+    @property
+    def disturbed(self) -> bool:
+        return self.foreign_cpu > FOREIGN_CPU_WARN
 
 
 @dataclass
@@ -365,11 +425,17 @@ class Row:
     dtype: str
     bytes_per_token: int
     resident_bytes: int
-    decode: list[float] = field(default_factory=list)  # tokens/s, one per run
-    prefill: list[float] = field(default_factory=list)  # tokens/s, one per run
+    runs: list[RunSample] = field(default_factory=list)
     load_s: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # greedy tokens of the last decode run
     error: str | None = None
+
+    def used(self) -> list[RunSample]:
+        """The runs the figures come from: the undisturbed ones, or all when every run was disturbed."""
+        return [r for r in self.runs if not r.disturbed] or self.runs
+
+    def median(self, key: str) -> float:
+        return median([getattr(r, key) for r in self.used()])
 
 
 @dataclass
@@ -380,19 +446,28 @@ class ModelRun:
     build_s: float
     bench_s: float = 0.0
     rows: list[Row] = field(default_factory=list)
-    read_gb_s: list[float] = field(default_factory=list)  # bandwidth samples before and after the rows
+    read_gb_s: list[float] = field(default_factory=list)  # 1 GiB samples before and after the rows
     copy_gb_s: list[float] = field(default_factory=list)
-
-    @property
-    def bandwidth(self) -> float:
-        """The roofline's bandwidth: the median read sample. This VM's bandwidth drifts with its
-        neighbours' load, and a lucky best sample would put the roofline out of reach."""
-        return median(self.read_gb_s)
 
     def sample_bandwidth(self) -> None:
         bw = measure_bandwidth(reps=5)
         self.read_gb_s += bw["read"].samples
         self.copy_gb_s += bw["copy"].samples
+
+
+@dataclass
+class Bench:
+    """What every measurement of one model shares."""
+
+    folder: Path
+    pool: Pool
+    args: argparse.Namespace
+    progress: Progress
+    decode_ids: list[int]
+    prefill_ids: list[int]
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def make_rows(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
@@ -426,65 +501,78 @@ def paused(progress: Progress) -> Iterator[None]:
         progress.start()
 
 
-def measure_row(
-    row: Row,
-    folder: Path,
-    pool: Pool,
-    args: argparse.Namespace,
-    progress: Progress,
-    decode_ids: list[int],
-    prefill_ids: list[int],
-) -> None:
-    dtype = DTYPES[row.dtype]
-
+def load_engine(row: Row, bench: Bench) -> Engine:
     def load() -> Engine:
-        engine = LOADERS[row.engine](folder, dtype)
-        engine.decode(decode_ids[:8], 4)  # first calls pay one-time kernel and allocator setup
+        engine = LOADERS[row.engine](bench.folder, DTYPES[row.dtype])
+        engine.decode(bench.decode_ids[:8], 4)  # first calls pay one-time kernel and allocator setup
         return engine
 
-    with paused(progress):
-        engine, load_s = pool.get((row.engine, row.dtype), row.resident_bytes, load)
+    with paused(bench.progress):
+        engine, load_s = bench.pool.get((row.engine, row.dtype), row.resident_bytes, load)
     if load_s:
         row.load_s.append(load_s)
-        message = f"loaded {row.engine} {row.dtype} in {load_s:.1f} s"
-        progress.console.print(message, highlight=False, soft_wrap=True)
-    row.prefill.append(len(prefill_ids) / engine.prefill(prefill_ids))
-    rate, row.tokens = engine.decode(decode_ids, args.new_tokens)
-    row.decode.append(rate)
+        bench.log(f"loaded {row.engine} {row.dtype} in {load_s:.1f} s")
+    return engine
 
 
-def run_model(name: str, args: argparse.Namespace, progress: Progress) -> ModelRun:
+def measure_once(row: Row, bench: Bench) -> RunSample:
+    engine = load_engine(row, bench)
+    waited = wait_for_quiet(bench.args.quiet_wait)
+    if waited > 2.5:
+        bench.log(f"waited {waited:.0f} s for other processes to leave the CPU")
+    load: list[float] = []
+    with foreign_load(load):
+        prefill = len(bench.prefill_ids) / engine.prefill(bench.prefill_ids)
+    # This VM's bandwidth drifts by a third within minutes (its neighbours' load), so each decode
+    # run gets its own roofline from quick samples taken just before and just after it.
+    before = read_bandwidth(gib=0.5, reps=3).median
+    with foreign_load(load):
+        decode, row.tokens = engine.decode(bench.decode_ids, bench.args.new_tokens)
+    bandwidth = (before + read_bandwidth(gib=0.5, reps=3).median) / 2
+    return RunSample(decode, prefill, bandwidth, max(load))
+
+
+def measure_run(row: Row, bench: Bench, label: str) -> None:
+    """One run of a row; measured again (up to --retries times) when other processes disturbed it."""
+    for attempt in range(1 + bench.args.retries):
+        try:
+            sample = measure_once(row, bench)
+        except Exception as e:  # one failing engine/dtype must not end the benchmark
+            row.error = f"{type(e).__name__}: {e}"
+            bench.log(f"{label}: FAILED\n{traceback.format_exc()}")
+            return
+        row.runs.append(sample)
+        note = " (disturbed" + (", measuring again)" if attempt < bench.args.retries else ")")
+        bench.log(
+            f"{label}: decode {sample.decode:.2f} tok/s, prefill {sample.prefill:.1f} tok/s, read bandwidth "
+            f"{sample.bandwidth:.1f} GB/s, other processes {100 * sample.foreign_cpu:.0f}% CPU"
+            + (note if sample.disturbed else "")
+        )
+        if not sample.disturbed:
+            return
+
+
+def run_model(name: str, args: argparse.Namespace, progress: Progress, budget: int) -> ModelRun:
     task = progress.add_task(f"{name}: building checkpoint", total=None)
     folder, build_s = ensure_checkpoint(name, args.layers, args.cache_dir)
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     result = ModelRun(name, str(folder), layers, build_s)
     result.rows = rows = make_rows(name, folder, args)
-    decode_ids, prefill_ids = prompts(folder, args.prompt_len)
     progress.update(task, description=f"{name}: memory bandwidth", refresh=True)
     result.sample_bandwidth()
-    pool = Pool(available_memory() - MEMORY_MARGIN)
+    bench = Bench(folder, Pool(budget), args, progress, *prompts(folder, args.prompt_len))
     progress.update(task, total=args.runs * len(rows), completed=0, refresh=True)
     start = time.perf_counter()
     for r in range(args.runs):
         # odd rounds run backwards: the last engine loaded stays loaded for the next round's first row
         for row in rows if r % 2 == 0 else rows[::-1]:
-            progress.update(task, description=f"{name}: run {r + 1}/{args.runs} {row.engine} {row.dtype}", refresh=True)
+            label = f"{name} run {r + 1}/{args.runs} {row.engine} {row.dtype}"
+            progress.update(task, description=label, refresh=True)
             if row.error is None:
-                try:
-                    measure_row(row, folder, pool, args, progress, decode_ids, prefill_ids)
-                    progress.console.print(
-                        f"{name} run {r + 1}: {row.engine} {row.dtype}: decode {row.decode[-1]:.2f} tok/s, "
-                        f"prefill {row.prefill[-1]:.1f} tok/s",
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-                except Exception as e:  # one failing engine/dtype must not end the benchmark
-                    row.error = f"{type(e).__name__}: {e}"
-                    progress.console.print(f"[red]{name} {row.engine} {row.dtype} failed[/red]")
-                    progress.console.print(traceback.format_exc(), markup=False, soft_wrap=True)
+                measure_run(row, bench, label)
             progress.advance(task)
             progress.refresh()
-    pool.clear()
+    bench.pool.clear()
     result.bench_s = time.perf_counter() - start
     result.sample_bandwidth()
     return result
@@ -498,8 +586,8 @@ def median(values: list[float]) -> float:
 
 
 def best_row(rows: list[Row], engine: str, key: str) -> Row | None:
-    ok = [r for r in rows if r.engine == engine and getattr(r, key)]
-    return max(ok, key=lambda r: median(getattr(r, key)), default=None)
+    ok = [r for r in rows if r.engine == engine and r.runs]
+    return max(ok, key=lambda r: r.median(key), default=None)
 
 
 def leading_match(tokens: list[int], reference: list[int]) -> int:
@@ -517,18 +605,21 @@ def reference_tokens(rows: list[Row]) -> list[int]:
     return tf[0].tokens if tf else []
 
 
-def row_figures(row: Row, bandwidth: float, reference: list[int]) -> dict[str, Any]:
-    roofline = bandwidth * 1e9 / row.bytes_per_token
-    decode = median(row.decode)
+def row_figures(row: Row, reference: list[int]) -> dict[str, Any]:
+    """Medians over the used runs; the roofline fraction pairs each run with its own bandwidth."""
+    used = row.used()
+    fractions = [r.decode * row.bytes_per_token / (r.bandwidth * 1e9) for r in used]
     match = f"{leading_match(row.tokens, reference)}/{len(row.tokens)}" if reference and row.tokens else "-"
     return {
-        "decode_tok_s": decode,
-        "decode_min_max": [min(row.decode), max(row.decode)] if row.decode else None,
-        "prefill_tok_s": median(row.prefill),
+        "decode_tok_s": row.median("decode"),
+        "decode_min_max": [min(r.decode for r in used), max(r.decode for r in used)] if used else None,
+        "prefill_tok_s": row.median("prefill"),
         "gb_per_token": row.bytes_per_token / 1e9,
-        "roofline_tok_s": roofline,
-        "roofline_fraction": decode / roofline,
+        "bandwidth_gb_s": row.median("bandwidth"),
+        "roofline_tok_s": row.median("bandwidth") * 1e9 / row.bytes_per_token,
+        "roofline_fraction": median(fractions),
         "greedy_match": match,
+        "clean_runs": f"{sum(not r.disturbed for r in row.runs)}/{len(row.runs)}" if row.runs else "-",
     }
 
 
@@ -538,9 +629,9 @@ def summary(rows: list[Row]) -> dict[str, Any]:
     for key in ("decode", "prefill"):
         hl, tf = best_row(rows, "hearthlm", key), best_row(rows, "transformers", key)
         out[key] = {
-            "hearthlm_best": [hl.dtype, median(getattr(hl, key))] if hl else None,
-            "transformers_best": [tf.dtype, median(getattr(tf, key))] if tf else None,
-            "ratio": median(getattr(hl, key)) / median(getattr(tf, key)) if hl and tf else None,
+            "hearthlm_best": [hl.dtype, hl.median(key)] if hl else None,
+            "transformers_best": [tf.dtype, tf.median(key)] if tf else None,
+            "ratio": hl.median(key) / tf.median(key) if hl and tf else None,
         }
     return out
 
@@ -552,7 +643,8 @@ def fmt(x: float | None, digits: int = 1) -> str:
 def results_table(run: ModelRun, prompt_len: int) -> Table:
     title = (
         f"{run.name} ({run.layers} layers); memory read bandwidth before/after: best "
-        f"{max(run.read_gb_s):.1f} GB/s, median {run.bandwidth:.1f} GB/s (the roofline's)"
+        f"{max(run.read_gb_s):.1f} GB/s, median {median(run.read_gb_s):.1f} GB/s; rooflines use samples "
+        "taken around each decode run"
     )
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for col in (
@@ -562,15 +654,17 @@ def results_table(run: ModelRun, prompt_len: int) -> Table:
         "(min-max)",
         f"prefill tok/s @{prompt_len}",
         "GB/token",
+        "read GB/s",
         "roofline tok/s",
         "% roofline",
         "greedy = tf",
+        "clean runs",
         "load s",
     ):
-        table.add_column(col, justify="left" if col in ("engine", "dtype") else "right")
+        table.add_column(col, justify="left" if col in ("engine", "dtype") else "right", no_wrap=col == "engine")
     reference = reference_tokens(run.rows)
     for row in run.rows:
-        f = row_figures(row, run.bandwidth, reference)
+        f = row_figures(row, reference)
         low_high = f["decode_min_max"]
         spread = f"{fmt(low_high[0])}-{fmt(low_high[1])}" if low_high else "-"
         cells = [
@@ -578,9 +672,11 @@ def results_table(run: ModelRun, prompt_len: int) -> Table:
             spread,
             fmt(f["prefill_tok_s"]),
             fmt(f["gb_per_token"], 3),
+            fmt(f["bandwidth_gb_s"]),
             fmt(f["roofline_tok_s"]),
             fmt(100 * f["roofline_fraction"], 0),
             f["greedy_match"],
+            f["clean_runs"],
             fmt(median(row.load_s)),
         ]
         if row.error:
@@ -599,6 +695,12 @@ def summary_lines(run: ModelRun) -> list[str]:
                 f"{tf[1]:.2f} tok/s ({tf[0]}) = {s['ratio']:.2f}x"
             )
     lines += [f"  {r.engine} {r.dtype} failed: {r.error}" for r in run.rows if r.error]
+    disturbed = sum(r.disturbed for row in run.rows for r in row.runs)
+    if disturbed:
+        lines.append(
+            f"  {disturbed} run(s) were disturbed by other processes (> {100 * FOREIGN_CPU_WARN:.0f}% of the CPU) "
+            "and left out of the figures where an undisturbed run of the same row exists (column clean runs)"
+        )
     lines.append(
         f"  checkpoint build {run.build_s:.0f} s{' (cached)' if not run.build_s else ''}, benchmark {run.bench_s:.0f} s"
     )
@@ -652,12 +754,12 @@ def write_json(runs: list[ModelRun], args: argparse.Namespace, started: datetime
     models = {}
     for run in runs:
         reference = reference_tokens(run.rows)
-        rows = [asdict(r) | row_figures(r, run.bandwidth, reference) for r in run.rows]
+        rows = [asdict(r) | row_figures(r, reference) for r in run.rows]
         models[run.name] = {k: v for k, v in asdict(run).items() if k != "rows"} | {
             "rows": rows,
             "summary": summary(run.rows),
             "read_gb_s_best": max(run.read_gb_s),
-            "read_gb_s_median": run.bandwidth,
+            "read_gb_s_median": median(run.read_gb_s),
         }
     doc = {
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -691,8 +793,10 @@ def csv_list(choices: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=csv_list(list(MODELS)), default=list(MODELS))
-    ap.add_argument("--dtypes", type=csv_list(list(DTYPES)), default=list(DTYPES), help="hearthlm dtypes")
+    ap.add_argument("--models", type=csv_list(list(MODELS)), default=list(MODELS), help=", ".join(MODELS))
+    ap.add_argument(
+        "--dtypes", type=csv_list(list(DTYPES)), default=list(DTYPES), help="hearthlm dtypes, of " + ", ".join(DTYPES)
+    )
     ap.add_argument(
         "--tf-dtypes",
         type=csv_list(list(DTYPES)),
@@ -703,6 +807,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (>= 2)")
     ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of the prefill run")
     ap.add_argument("--layers", type=int, default=None, help="build every model with this many layers")
+    ap.add_argument("--retries", type=int, default=1, help="extra tries of a run other processes disturbed")
+    ap.add_argument(
+        "--quiet-wait", type=float, default=120.0, help="seconds to wait for other processes before each run"
+    )
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/hearthlm-bench-checkpoints"))
     args = ap.parse_args(argv)
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_len < 1:
@@ -715,15 +823,22 @@ def main() -> None:
     started = datetime.now()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    stdout = Console(width=None if sys.stdout.isatty() else 150)
+    stdout = Console(width=None if sys.stdout.isatty() else 180)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     stderr = Console(stderr=True)
     # no auto refresh: a redraw thread would compete with the benchmark for the machine's cores;
     # off a terminal the bar is off and the per-measurement log lines remain
+    budget = available_memory() - MEMORY_MARGIN  # taken before any model: later figures see our own leftovers
+    runs: list[ModelRun] = []
     with Progress(*columns, console=stderr, auto_refresh=False, disable=not stderr.is_terminal) as progress:
-        runs = [run_model(name, args, progress) for name in args.models]
-    print_report(stdout, runs, args.prompt_len)
-    stdout.print(f"wrote {write_json(runs, args, started)}", highlight=False)
+        for name in args.models:
+            runs.append(run_model(name, args, progress, budget))
+            # each model's figures come out (and are saved) as soon as it is done: a run stopped
+            # during a later model keeps them
+            with paused(progress):
+                print_report(stdout, runs[-1:], args.prompt_len)
+                path = write_json(runs, args, started)
+    stdout.print(f"wrote {path}", highlight=False)
 
 
 if __name__ == "__main__":
