@@ -35,8 +35,17 @@ def _gemma4_text(**over) -> dict:
     return base
 
 
+def _decoder(**over) -> dict:
+    base = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
+    )  # fmt: skip
+    base.update(over)
+    return base
+
+
 # name -> (config class, model class, config kwargs)
-FAMILIES: dict[str, tuple[str, str, dict]] = {
+FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
     # PLE + KV-shared layers (double-wide MLP) + k=v on full layers + MoE + softcapping.
     "gemma4_all": (
         "Gemma4TextConfig",
@@ -81,15 +90,9 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "llama": (
         "LlamaConfig",
         "LlamaForCausalLM",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
+        _decoder(
             tie_word_embeddings=True,
+            bos_token_id=1,
             rope_parameters={
                 "rope_type": "llama3",
                 "rope_theta": 500_000.0,
@@ -98,95 +101,41 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32,
             },
-            bos_token_id=1,
-            eos_token_id=2,
         ),
     ),
     "qwen2": (
         "Qwen2Config",
         "Qwen2ForCausalLM",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
+        _decoder(
             use_sliding_window=True,
             sliding_window=8,
             max_window_layers=1,
             tie_word_embeddings=False,
-            eos_token_id=2,
         ),
     ),
-    "mistral": (
-        "MistralConfig",
-        "MistralForCausalLM",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=32,
-            max_position_embeddings=256,
-            sliding_window=8,
-            eos_token_id=2,
-        ),
-    ),
-    "qwen3": (
-        "Qwen3Config",
-        "Qwen3ForCausalLM",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=24,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            eos_token_id=2,
-        ),
-    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", _decoder(num_key_value_heads=1, head_dim=32, sliding_window=8)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _decoder(head_dim=24, tie_word_embeddings=True)),
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
+        _decoder(
             moe_intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             head_dim=16,
             num_experts=6,
             num_experts_per_tok=2,
             mlp_only_layers=[1],
             norm_topk_prob=False,
-            max_position_embeddings=256,
-            eos_token_id=2,
         ),
     ),
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
+        _decoder(
             intermediate_size=48,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             num_local_experts=4,
             num_experts_per_tok=2,
             sliding_window=8,
-            max_position_embeddings=256,
-            eos_token_id=2,
         ),
     ),
 }

@@ -10,6 +10,7 @@ import torch
 from .engine.generator import Sequence, forward_tokens, generate
 from .engine.kv_cache import ContiguousKVCache
 from .engine.sampler import SamplingParams
+from .kernels import cpu
 from .tokenizer import Tokenizer
 from .weights.loader import load_model
 
@@ -85,6 +86,8 @@ class LLM:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
+        if self.device.type == "cpu":
+            cpu.gemv_available()  # build the CPU kernels now (first run only), not inside the first token
         self.model = load_model(path, self.dtype, self.device)
         self.config = self.model.config
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None

@@ -56,3 +56,10 @@ class CausalLM(nn.Module):
     def weight_map(self, prefix: str) -> dict[str, Source]:
         """Our parameter name -> checkpoint tensor name(s); `prefix` is the text model's prefix."""
         raise NotImplementedError
+
+    def shared_weight_map(self, prefix: str) -> dict[str, Source]:
+        """The entries every family names alike: embeddings, final norm, untied LM head."""
+        m: dict[str, Source] = {"embed.weight": f"{prefix}embed_tokens.weight", "norm.weight": f"{prefix}norm.weight"}
+        if self.lm_head is not None:
+            m["lm_head.weight"] = "lm_head.weight"
+        return m

@@ -228,12 +228,7 @@ class Gemma4Model(CausalLM):
 
     def weight_map(self, prefix: str) -> dict[str, Source]:
         cfg = self.config
-        m: dict[str, Source] = {
-            "embed.weight": f"{prefix}embed_tokens.weight",
-            "norm.weight": f"{prefix}norm.weight",
-        }
-        if self.lm_head is not None:
-            m["lm_head.weight"] = "lm_head.weight"
+        m = self.shared_weight_map(prefix)
         if cfg.ple_dim:
             m["ple.table"] = f"{prefix}embed_tokens_per_layer.weight"
             m["ple.proj.weight"] = f"{prefix}per_layer_model_projection.weight"

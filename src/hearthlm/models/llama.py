@@ -132,12 +132,7 @@ class LlamaModel(CausalLM):
 
     def weight_map(self, prefix: str) -> dict[str, Source]:
         cfg = self.config
-        m: dict[str, Source] = {
-            "embed.weight": f"{prefix}embed_tokens.weight",
-            "norm.weight": f"{prefix}norm.weight",
-        }
-        if self.lm_head is not None:
-            m["lm_head.weight"] = "lm_head.weight"
+        m = self.shared_weight_map(prefix)
         for i, spec in enumerate(cfg.layers):
             p, hf = f"layers.{i}.", f"{prefix}layers.{i}."
             a = f"{hf}self_attn."
