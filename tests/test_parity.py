@@ -141,3 +141,15 @@ def test_chunked_prefill_generates_the_same_tokens(name, chunk, loaded):
     seq = Sequence(prompt, params)
     generate(llm.model, [seq], set(), len(prompt) + 12, prefill_chunk=chunk)
     assert seq.output == whole
+
+
+def test_generic_attention_path_matches_the_kernels(loaded, monkeypatch):
+    """The plain-PyTorch path (what other devices run, and CPUs without the kernels) gives the same
+    greedy tokens on Gemma 4, whose KV-shared layers attend with the last prompt position only."""
+    _, llm = loaded("gemma4_all")
+    prompt = _ids(3 * WINDOW, seed=5)[0].tolist()
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    with_kernels = llm.generate([prompt], params)[0].token_ids
+    monkeypatch.setattr("hearthlm.kernels.cpu.gemv_available", lambda: False)
+    monkeypatch.setattr("hearthlm.engine.kv_cache.SMALL_T", 0)  # every query count through F.sdpa
+    assert llm.generate([prompt], params)[0].token_ids == with_kernels

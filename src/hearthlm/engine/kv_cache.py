@@ -68,10 +68,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: _Group, scal
         causal = False
     if q.shape[2] > SMALL_T or q.device.type != "cpu":
         mask = None if causal else mask
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=group.causal, scale=scale, enable_gqa=True
-        )
-    # Decode on CPU: PyTorch's fused CPU attention costs ~1 ms per call with 2 threads whatever the
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    # Few queries on CPU: PyTorch's fused CPU attention costs ~1 ms per call with 2 threads whatever the
     # length (measured), more than the whole layer's matmuls; a few small matmuls cost microseconds.
     b, hq, T, D = q.shape
     hkv = k.shape[1]
