@@ -145,7 +145,7 @@ class LLM:
             return []
         longest = max(len(s.prompt) for s in seqs)
         max_len = min(longest + params.max_tokens, self.config.max_position)
-        eos = set() if params.ignore_eos else set(self.config.eos_token_ids)
+        eos = set(self.config.eos_token_ids)  # the generator honours params.ignore_eos
         stopped = self._stop_check(params) if params.stop else None
         generate(self.model, seqs, eos, max_len, on_token=on_token, is_stopped=stopped)
         return [self._completion(s) for s in seqs]
