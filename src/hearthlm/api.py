@@ -44,7 +44,7 @@ class Completion:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on every device. On CPU, measured (README, "Speed"): bf16 and fp16 decode equally fast through
-    the GEMV kernel and 1.5-1.7x faster than fp32; bf16 keeps the exponent range Gemma's activations need."""
+    the GEMV kernel and 1.6-2x faster than fp32; bf16 keeps the exponent range Gemma's activations need."""
     return torch.bfloat16
 
 
