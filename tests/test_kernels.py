@@ -8,7 +8,7 @@ import torch
 from hearthlm.kernels import cpu
 from hearthlm.layers.linear import linear
 
-pytestmark = pytest.mark.skipif(not cpu.gemv_available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

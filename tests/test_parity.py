@@ -150,6 +150,6 @@ def test_generic_attention_path_matches_the_kernels(loaded, monkeypatch):
     prompt = _ids(3 * WINDOW, seed=5)[0].tolist()
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     with_kernels = llm.generate([prompt], params)[0].token_ids
-    monkeypatch.setattr("hearthlm.kernels.cpu.gemv_available", lambda: False)
+    monkeypatch.setattr("hearthlm.kernels.cpu.available", lambda: False)
     monkeypatch.setattr("hearthlm.engine.kv_cache.SMALL_T", 0)  # every query count through F.sdpa
     assert llm.generate([prompt], params)[0].token_ids == with_kernels

@@ -87,7 +87,7 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
         if self.device.type == "cpu":
-            cpu.gemv_available()  # build the CPU kernels now (first run only), not inside the first token
+            cpu.available()  # build the CPU kernels now (first run only), not inside the first token
         self.model = load_model(path, self.dtype, self.device)
         self.config = self.model.config
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None

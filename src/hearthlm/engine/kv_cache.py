@@ -101,9 +101,6 @@ class ContiguousKVCache:
         self.rows = slice(0, batch)
         self._step_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
-
     def begin(self, positions: torch.Tensor, rows: slice | None = None) -> None:
         """Prepare a forward over `positions` [b, T] for cache rows `rows` (default: all)."""
         self.rows = rows if rows is not None else slice(0, self.batch)
@@ -125,7 +122,7 @@ class ContiguousKVCache:
             keys, values = self._store(layer, group, k, v)
             if layer in self.shared_sources:
                 self._step_kv[layer] = (keys, values)
-        if q.shape[1] == 1 and q.device.type == "cpu" and cpu.gemv_available():
+        if q.shape[1] == 1 and q.device.type == "cpu" and cpu.available():
             # Decode: one call that reads the cache in its own dtype (the generic path below costs ~20 ops).
             mask = group.mask[:, 0, -1] if group.mask is not None else None
             return cpu.decode_attention(q[:, 0].float(), keys, values, mask, scale).to(q.dtype)[:, None]

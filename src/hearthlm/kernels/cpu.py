@@ -1,8 +1,9 @@
-"""CPU kernels: a C++ batch-1..8 GEMV (AVX2/FMA/F16C) compiled on first use.
+"""CPU kernels in C++ (AVX2/FMA/F16C), compiled on first use: a batch-1..8 GEMV, decode attention over
+the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs.
 
 The extension is built with torch's cpp_extension into ~/.cache/hearthlm (about 30 s, once). If the
-CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `gemv` is None and callers
-use PyTorch's own kernels.
+CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` is False and
+callers use PyTorch's own ops.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def _load():
                 verbose=False,
             )
     except Exception as e:  # no compiler / headers: fall back, loudly once
-        warnings.warn(f"hearthlm: CPU GEMV kernel unavailable ({e}); using PyTorch matmuls", stacklevel=2)
+        warnings.warn(f"hearthlm: CPU kernels unavailable ({e}); using PyTorch ops", stacklevel=2)
         return None
 
 
-def gemv_available() -> bool:
+def available() -> bool:
     return _load() is not None
 
 

@@ -24,6 +24,6 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(self.weight.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= SMALL and cpu.gemv_available():
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= SMALL and cpu.available():
             return cpu.rms_norm(x, self.weight, self.eps)  # decode-sized: the op's overhead dominates
         return F.rms_norm(x.float(), self.shape, self.weight, self.eps).to(x.dtype)

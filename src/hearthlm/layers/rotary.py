@@ -63,7 +63,7 @@ class Rotary:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D]; rotate-half convention (pairs i and i + D/2)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] <= 32 and cpu.gemv_available():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] <= 32 and cpu.available():
         return cpu.rope(x, cos, sin)  # decode-sized: one call instead of seven small ops
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
