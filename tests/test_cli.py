@@ -45,3 +45,88 @@ def test_run_reports_bad_input_without_a_traceback(folder, tmp_path):
     assert "Traceback" not in result.stderr
     result = hearth("run", str(folder), "hi", "--top-p", "0")
     assert result.returncode == 2 and "top_p" in result.stderr
+
+
+# -- the demo model, the chat template, `hearth chat` ------------------------------------------------------
+GREEDY = ("--temperature", "0", "--max-tokens", "40")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return LLM()
+
+
+def test_run_with_no_model_answers_with_the_demo_through_its_chat_template(demo):
+    params = SamplingParams(max_tokens=40, temperature=0)
+    expected = demo.chat([{"role": "user", "content": "Tell me a fortune."}], params).text
+    result = hearth("run", "Tell me a fortune.", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert "time to first token" in result.stderr
+    raw = hearth("run", "demo", "And God said", "--raw", *GREEDY)
+    assert raw.stdout == demo.generate("And God said", params)[0].text + "\n"
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    piped = subprocess.run(
+        [sys.executable, "-m", "hearthlm.cli", "run", "hearth-demo", "--system", "Be brief.", *GREEDY],
+        input="Hi", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert piped.stdout == demo.chat(system, params).text + "\n", piped.stderr
+
+
+def test_run_tells_a_model_name_from_a_prompt(tmp_path):
+    missing = hearth("run", "someone/some-model")
+    assert missing.returncode == 2 and "hearth pull someone/some-model" in missing.stderr
+    no_prompt = subprocess.run(
+        [sys.executable, "-m", "hearthlm.cli", "run", "hearth-demo"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    assert no_prompt.returncode == 2 and "give a prompt" in no_prompt.stderr
+    raw_system = hearth("run", "Hi", "--raw", "--system", "x")
+    assert raw_system.returncode == 2 and "--system" in raw_system.stderr
+
+
+def test_chat_keeps_the_conversation_and_resets_it(demo):
+    params = SamplingParams(max_tokens=40, temperature=0)
+    first = [{"role": "user", "content": "Tell me a joke."}]
+    reply1 = demo.chat(first, params).text
+    second = first + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "What is a list?"}]
+    reply2 = demo.chat(second, params).text
+    script = "Tell me a joke.\nWhat is a list?\n/reset\nTell me a joke.\n/nonsense\n/exit\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "hearthlm.cli", "chat", *GREEDY],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    turns = result.stdout.split(">>> ")  # a prompt before each of the 6 lines; /reset and /nonsense print nothing
+    assert turns[1:] == [reply1 + "\n", reply2 + "\n", "", reply1 + "\n", "", ""]
+    assert "conversation cleared" in result.stderr and "unknown command /nonsense" in result.stderr
+    assert result.stderr.count("tokens/s") == 3
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat(demo, monkeypatch, capsys):
+    from hearthlm import cli
+
+    seen: list[list[dict]] = []
+
+    def chat(messages, params, on_token):
+        seen.append(list(messages))
+        ids = demo.tokenizer.encode(" partial answer", add_special_tokens=False)
+        for t in ids:
+            on_token(0, t)
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of generation
+        return None
+
+    lines = iter(["first", "second", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(cli, "_load", lambda args: demo)
+    monkeypatch.setattr(demo, "chat", chat)
+    assert cli.main(["chat"]) == 0
+    assert len(seen) == 2  # the second question was still answered
+    assert seen[1][1] == {"role": "assistant", "content": " partial answer"}  # the interrupted reply is kept
+    assert "(stopped)" in capsys.readouterr().err

@@ -165,7 +165,9 @@ def tokenizer(args) -> None:
     )  # fmt: skip
     tok.train_from_iterator((row["text"] for row in _rows(args.work, "train")), trainer)
     bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
     tok.save(str(args.work / "tokenizer.json"))
     print(f"tokenizer: {tok.get_vocab_size()} tokens -> {args.work / 'tokenizer.json'}")
 
@@ -306,11 +308,24 @@ def evaluate(args) -> None:
     model = transformers.Gemma4ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids, sources, _ = _encode(args.work, "val", args.seed, chat_share=0.0)
     rows = list(_rows(args.work, "val"))
+    router_cls = transformers.models.gemma4.modeling_gemma4.Gemma4TextRouter
+    routers = [m for m in model.modules() if isinstance(m, router_cls)]
+    usage = torch.zeros(len(routers), model.config.num_experts or 1)
+
+    def counter(i):
+        def hook(module, inputs, output):
+            usage[i] += torch.bincount(output[2].flatten(), minlength=usage.shape[1]).float()
+
+        return hook
+
+    for i, r in enumerate(routers):
+        r.register_forward_hook(counter(i))
     report = {}
     for name in SOURCES:
         stream = np.concatenate([np.asarray(x, dtype=np.int64) for x, s in zip(ids, sources) if s == name])
-        nbytes = sum(len((r["text"] + "<eos>").encode()) for r in rows if r["source"] == name)
+        nbytes = sum(len(r["text"].encode()) + 1 for r in rows if r["source"] == name)
         nll, count = 0.0, 0
+        usage.zero_()
         with torch.no_grad():
             for start in range(0, len(stream) - 1, args.seq_len):
                 chunk = torch.tensor(stream[start : start + args.seq_len + 1])[None]
@@ -319,7 +334,14 @@ def evaluate(args) -> None:
                 logits = model(input_ids=chunk[:, :-1]).logits.float()
                 nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
                 count += chunk.shape[1] - 1
-        report[name] = {"perplexity": round(math.exp(nll / count), 2), "bits_per_byte": round(nll / math.log(2) / nbytes, 3), "tokens": count}
+        report[name] = {
+            "perplexity": round(math.exp(nll / count), 2),
+            "bits_per_byte": round(nll / math.log(2) / nbytes, 3),
+            "tokens": count,
+        }
+        if routers:  # share of this source's routings that each expert receives, per layer
+            share = usage / usage.sum(-1, keepdim=True)
+            report[name]["expert_share_per_layer"] = [[round(x, 3) for x in row] for row in share.tolist()]
         print(name, report[name], flush=True)
     (Path(folder) / "eval.json").write_text(json.dumps(report, indent=1))
 
@@ -340,7 +362,7 @@ def export(args) -> None:
         "unk_token": "<unk>", "model_max_length": 2048, "chat_template": TEMPLATE.read_text(),
     }, indent=1))  # fmt: skip
     (dest / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": 2, "eos_token_id": [1, 6], "pad_token_id": 0, "do_sample": True, "temperature": 0.8, "top_p": 0.95,
+        "bos_token_id": 2, "eos_token_id": [1, 6, 14], "pad_token_id": 0, "do_sample": True, "temperature": 0.8, "top_p": 0.95,
     }, indent=1))  # fmt: skip
     for extra in ("eval.json", "train.json"):
         for where in (src, src.parent):

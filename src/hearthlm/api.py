@@ -11,6 +11,7 @@ from .engine.generator import Sequence, forward_tokens, generate
 from .engine.kv_cache import ContiguousKVCache
 from .engine.sampler import SamplingParams
 from .kernels import cpu
+from .store import resolve
 from .tokenizer import Tokenizer
 from .weights.loader import load_model
 
@@ -61,11 +62,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class LLM:
-    """A loaded model: `LLM("path/to/checkpoint")`, then `.generate(...)` or `.logits(...)`."""
+    """A loaded model: `LLM("path/to/checkpoint")`, then `.generate(...)`, `.chat(...)` or `.logits(...)`."""
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         quant: str | None = None,
@@ -75,14 +76,9 @@ class LLM:
             raise ValueError(f"quant={quant!r}: weight quantization is not available in this version")
         if expert_budget is not None:
             raise ValueError("expert_budget: budgeted expert residency is not available in this version")
-        path = Path(model).expanduser()
+        path = resolve(model)  # None: the built-in demo; HF id / short name: its folder in the store
         if path.suffix == ".gguf":
             raise ValueError(f"{path}: GGUF files are not supported in this version; use a safetensors folder")
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"model '{model}' is not a local checkpoint folder (a folder with config.json and "
-                "*.safetensors); downloading by Hugging Face id is not available in this version"
-            )
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
@@ -107,10 +103,19 @@ class LLM:
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.path} has no tokenizer.json: pass token ids instead of text")
-            prompt = self.tokenizer.encode(prompt)
+            prompt = self._need_tokenizer("text prompts").encode(prompt)
         return self._check_ids(prompt)
+
+    def _need_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json, which {what} need; pass token ids instead")
+        return self.tokenizer
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """Ids that end a completion: the model's eos ids and the tokenizer's end-of-turn tokens."""
+        eos = set(self.config.eos_token_ids)
+        return self.tokenizer.stop_token_ids(eos) if self.tokenizer is not None else eos
 
     # -- scoring ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -145,10 +150,25 @@ class LLM:
             return []
         longest = max(len(s.prompt) for s in seqs)
         max_len = min(longest + params.max_tokens, self.config.max_position)
-        eos = set(self.config.eos_token_ids)  # the generator honours params.ignore_eos
+        eos = self.stop_token_ids  # the generator honours params.ignore_eos
         stopped = self._stop_check(params) if params.stop else None
         generate(self.model, seqs, eos, max_len, on_token=on_token, is_stopped=stopped)
         return [self._completion(s) for s in seqs]
+
+    def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        tools: list[dict] | None = None,
+        on_token=None,
+        **template_kwargs,
+    ) -> Completion:
+        """Answer a conversation (`[{"role": "user", "content": "..."}, ...]`) rendered with the model's chat
+        template; `tools` (JSON schemas) and keywords such as `enable_thinking=True` reach the template.
+        Generation ends at the model's end-of-turn token. `on_token(0, token_id)` streams as in generate()."""
+        tok = self._need_tokenizer("chat messages")
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
+        return self.generate([tok.encode_chat(text)], params, on_token=on_token)[0]
 
     def _stop_check(self, params: SamplingParams):
         if self.tokenizer is None:

@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .api import LLM, SamplingParams
+def _err() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
 
-    err = Console(stderr=True, soft_wrap=True)
-    llm = LLM(args.model, dtype=args.dtype)
+
+def _load(args: argparse.Namespace):
+    from .api import LLM
+
+    with _err().status(f"loading {args.model or 'the demo model'}", spinner="dots"):
+        llm = LLM(args.model, dtype=args.dtype)
     if llm.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json: `hearth run` needs one to read the prompt")
-    params = SamplingParams(
+        raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
+    return llm
+
+
+def _params(args: argparse.Namespace):
+    from .api import SamplingParams
+
+    return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
@@ -24,50 +35,205 @@ def _run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         min_p=args.min_p,
     )
-    out: list[int] = []
-    shown = ""
-    first: list[float] = []
-    start = time.perf_counter()
+
+
+class _Stats:
+    """Time to first token and decode speed of one reply, for the dim line after it."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.count = 0
+
+    def token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.count += 1
+
+    def line(self) -> str:
+        if self.first is None:
+            return "0 tokens"
+        decode = time.perf_counter() - self.first
+        rate = f", {(self.count - 1) / decode:.1f} tokens/s" if self.count > 1 and decode > 0 else ""
+        return f"{self.count} tokens{rate}, time to first token {(self.first - self.start) * 1000:.0f} ms"
+
+
+def _stream(llm, call) -> str:
+    """Run `call(on_token)` (llm.generate or llm.chat), printing text as it is decoded, then the stats line.
+    Ctrl-C stops the reply and keeps what was printed. Returns the text printed."""
+    detok = llm.tokenizer.detokenizer()
+    stats = _Stats()
+    pieces: list[str] = []
+    stops = llm.stop_token_ids
 
     def on_token(_: int, token: int) -> None:
-        nonlocal shown
-        if not first:
-            first.append(time.perf_counter() - start)
-        out.append(token)
-        text = llm.tokenizer.decode(out)
-        # Hold back text that ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
-        if not text.endswith("\ufffd") and text.startswith(shown):
-            sys.stdout.write(text[len(shown) :])
+        stats.token()
+        if token in stops:
+            return
+        piece = detok.push(token)
+        if piece:
+            pieces.append(piece)
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            shown = text
 
-    completion = llm.generate(args.prompt, params, on_token=on_token)[0]
-    if completion.text.startswith(shown):
-        sys.stdout.write(completion.text[len(shown) :])
-    sys.stdout.write("\n")
+    stopped = False
+    try:
+        call(on_token)
+    except KeyboardInterrupt:
+        stopped = True
+    pieces.append(detok.flush())
+    sys.stdout.write(pieces[-1] + "\n")
     sys.stdout.flush()
-    elapsed = time.perf_counter() - start
-    n = completion.usage.completion_tokens
-    if n and first:
-        rate = (n - 1) / (elapsed - first[0]) if n > 1 and elapsed > first[0] else 0.0
-        err.print(f"[dim]{n} tokens, {rate:.1f} tokens/s, time to first token {first[0] * 1000:.0f} ms[/dim]")
+    _err().print(f"[dim]{stats.line()}{' (stopped)' if stopped else ''}[/dim]")
+    return "".join(pieces)
+
+
+def _messages(system: str | None) -> list[dict]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import store
+
+    if args.prompt is None and args.model is not None and not store.is_model_name(args.model):
+        args.model, args.prompt = None, args.model  # `hearth run "a prompt"`: the demo model answers it
+    store.resolve(args.model)  # an unknown model is reported before anything else
+    if args.prompt is None and not sys.stdin.isatty():
+        args.prompt = sys.stdin.read()
+    if not (args.prompt or "").strip():
+        chat = f"`hearth chat {args.model}`" if args.model else "`hearth chat`"
+        raise ValueError(f"give a prompt: `hearth run [MODEL] PROMPT` (or pipe it in), or talk with {chat}")
+    llm = _load(args)
+    params = _params(args)
+    if args.raw or not llm.tokenizer.has_chat_template:
+        if args.system:
+            raise ValueError("--system needs the chat template, which --raw (or this model) does not use")
+        _stream(llm, lambda on_token: llm.generate(args.prompt, params, on_token=on_token))
+    else:
+        messages = _messages(args.system) + [{"role": "user", "content": args.prompt}]
+        _stream(llm, lambda on_token: llm.chat(messages, params, on_token=on_token))
+    return 0
+
+
+_CHAT_HELP = "/reset clears the conversation, /exit leaves (or Ctrl-D); Ctrl-C stops a reply"
+
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    if not llm.tokenizer.has_chat_template:
+        raise ValueError(f"{llm.path} has no chat template: use `hearth run` for plain completions")
+    params = _params(args)
+    err = _err()
+    err.print(f"[dim]{llm.path.name}: {_CHAT_HELP}[/dim]")
+    history = _messages(args.system)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            sys.stdout.write("\n")
+            return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, stay in the chat
+            sys.stdout.write("\n")
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/bye", "/quit"):
+            return 0
+        if command == "/reset":
+            history = _messages(args.system)
+            err.print("[dim]conversation cleared[/dim]")
+            continue
+        if command.startswith("/"):
+            err.print(f"[dim]unknown command {command.split()[0]}: {_CHAT_HELP}[/dim]")
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _stream(llm, lambda on_token, messages=history: llm.chat(messages, params, on_token=on_token))
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the chat
+            history.pop()
+            err.print(f"[red]error:[/red] {e}")
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="a system message (through the model's chat template)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import store
+
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        folder = store.pull(args.id, args.revision, console=err)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: run `hearth pull {args.id}` again to resume", highlight=False)
+        raise
+    entry = store.ModelEntry(args.id, folder, "pulled")
+    short = args.id.rsplit("/", 1)[-1]
+    err.print(f"pulled {args.id} ({store.human_size(entry.size())}) into {folder}", highlight=False)
+    err.print(f"run it: hearth run {short} PROMPT", highlight=False)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from . import store
+
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "SIZE", "FAMILY", "FORMAT", "WHERE"):
+        table.add_column(col, no_wrap=col != "WHERE", overflow="fold")
+    for e in store.list_models():
+        name = f"{e.name} (built-in)" if e.kind == "built-in" else e.name
+        where = str(e.path).replace(str(Path.home()), "~", 1)
+        table.add_row(name, store.human_size(e.size()), e.family(), e.format(), where)
+    out = Console()
+    if table.row_count:
+        out.print(table, highlight=False)
+    else:
+        out.print(f"no models in {store.store_root()}: `hearth pull ID` downloads one", highlight=False)
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from . import store
+
+    path = store.remove(args.name)
+    Console(stderr=True, soft_wrap=True).print(f"removed {path}", highlight=False)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="Run LLMs locally.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="generate a completion for one prompt, streamed")
-    run.add_argument("model", help="a local checkpoint folder (config.json, *.safetensors, tokenizer.json)")
-    run.add_argument("prompt")
-    run.add_argument("--max-tokens", type=int, default=128)
-    run.add_argument("--temperature", type=float, default=0.8)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--min-p", type=float, default=0.0)
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    model_help = "a pulled model (HF id or short name), a checkpoint folder or a .gguf file; default: the demo model"
+    run = sub.add_parser("run", help="answer one prompt, streamed (through the chat template, unless --raw)")
+    run.add_argument("model", nargs="?", help=model_help)
+    run.add_argument("prompt", nargs="?", help="the prompt (read from stdin when piped)")
+    run.add_argument("--raw", action="store_true", help="complete the prompt as plain text, without the chat template")
+    _generation_options(run)
     run.set_defaults(func=_run)
+    chat = sub.add_parser("chat", help="talk to a model, turn by turn")
+    chat.add_argument("model", nargs="?", help=model_help)
+    _generation_options(chat)
+    chat.set_defaults(func=_chat)
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (text model files only)")
+    pull.add_argument("id", help="a Hugging Face repo id, e.g. google/gemma-4-E2B-it")
+    pull.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
+    pull.set_defaults(func=_pull)
+    sub.add_parser("list", help="list the models on this machine").set_defaults(func=_list)
+    rm = sub.add_parser("rm", help="remove a pulled model")
+    rm.add_argument("name", help="its HF id or short name (see `hearth list`)")
+    rm.set_defaults(func=_rm)
     return parser
 
 
