@@ -191,12 +191,12 @@ def _list(args: argparse.Namespace) -> int:
 
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "SIZE", "FAMILY", "FORMAT", "WHERE"):
-        table.add_column(col, no_wrap=col != "WHERE", overflow="fold")
+        table.add_column(col, no_wrap=True)
     for e in store.list_models():
         name = f"{e.name} (built-in)" if e.kind == "built-in" else e.name
         where = str(e.path).replace(str(Path.home()), "~", 1)
         table.add_row(name, store.human_size(e.size()), e.family(), e.format(), where)
-    out = Console()
+    out = Console() if sys.stdout.isatty() else Console(width=400)  # piped: whole paths, no wrapping
     if table.row_count:
         out.print(table, highlight=False)
     else:
