@@ -212,6 +212,18 @@ def _rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from . import fit
+
+    machine = fit.detect(args.ram, args.vram, args.bandwidth)
+    estimates = fit.fit(args.models or None, machine, args.context, args.concurrency)
+    if args.json:
+        sys.stdout.write(fit.to_json(estimates, machine) + "\n")
+    else:
+        (Console() if sys.stdout.isatty() else Console(width=200)).print(fit.table(estimates, machine))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="Run LLMs locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="remove a pulled model")
     rm.add_argument("name", help="its HF id or short name (see `hearth list`)")
     rm.set_defaults(func=_rm)
+    fit = sub.add_parser("fit", help="which models and formats fit this machine, and how fast they decode")
+    fit.add_argument("models", nargs="*", metavar="MODEL", help=model_help.split(";")[0] + "; default: known models")
+    fit.add_argument("--ram", type=float, default=None, help="host memory in GB (default: this machine's)")
+    fit.add_argument("--vram", type=float, default=None, help="GPU memory in GB (default: this machine's GPUs)")
+    fit.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
+    fit.add_argument("--concurrency", type=int, default=1, help="sequences decoded together (default 1)")
+    fit.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
+    fit.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    fit.set_defaults(func=_fit)
     return parser
 
 

@@ -19,7 +19,9 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # An explicit (uninitialized) weight skips nn.Embedding's init, whose normal_ imports torch._dynamo even
+        # on the meta device (~1.5 s and ~70 MB per load); the loader fills the weight anyway.
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotaries = {rope_key(s): Rotary(s.rope, s.head_dim) for s in cfg.layers}

@@ -1,0 +1,559 @@
+"""`hearth fit`: memory and decode-speed estimates from a model's config alone (no weights read).
+
+Parameters are counted from the family's own module, built on the meta device from the same
+ModelConfig the loader builds (one truth for shapes), and split into embedding / LM head / PLE table /
+routed experts / other matrices / vectors. Each weight format prices a tensor in bytes:
+
+- bf16 / fp16 / fp32: what hearthlm runs today. Matrices in that dtype; vectors (norms) in fp32
+  (`RMSNorm.after_load`); the PLE table stays in the checkpoint's dtype (gathered, never converted).
+- int8: symmetric per output channel, 1 byte per weight + one fp32 scale per row.
+- int4: group-wise over 32 input columns, 0.5 byte per weight + a bf16 scale and a bf16 zero point
+  per group (5.0 bits per weight).
+  For int8/int4 the embedding and PLE tables stay bf16 (they are gathers); a tied LM head is the
+  bf16 embedding, an untied one is quantized like every other matrix.
+- GGUF Q8_0 (34 bytes / 32 weights) and Q4_0 (18 / 32): every matrix in that block format, except the
+  output matrix, which llama.cpp writes as Q6_K (210 / 256) unless the file is Q8_0.
+- GGUF Q4_K_M: llama.cpp's per-tensor recipe: Q4_K (144 / 256) everywhere, Q6_K for the output
+  matrix and for attn_v and ffn_down of the layers where llama.cpp's `use_more_bits` holds
+  (the first and last eighth of the layers and every third layer between); ~4.8-5 bits per weight.
+
+KV cache bytes per token come from the LayerSpecs as `engine/kv_cache.py` allocates them: a K and a
+V buffer per layer that computes K/V (k=v layers included: V is v_norm(k), K is rope(k_norm(k))),
+sliding layers capped at their window, KV-shared layers nothing.
+
+Resident memory (what "fits" means) = weights + KV cache + activations + runtime. On a GPU the PLE
+table stays in host memory (memory-mapped, only gathered rows move). Separately, `load_peak` is the
+peak RSS that hearthlm's loader reaches today on CPU: the safetensors file is mapped privately, so
+every byte it reads stays in RSS (as reclaimable page cache) while any parameter is still a view of
+the mapping, on top of the fused (qkv, gate+up, stacked experts) or dtype-converted copies.
+
+Decode speed is the memory-bandwidth roofline: bandwidth / bytes read per token (every matrix once,
+the LM head, the active experts only, the KV cache at the given context; embedding and PLE gathers
+are negligible). Bandwidth is measured once per machine (about a second) and cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig, read_json
+from .models import resolve as resolve_family
+
+KNOWN_DIR = Path(__file__).parent / "known_models"
+# Known model name -> Hugging Face repo id (its config.json ships in known_models/<name>.json).
+KNOWN_MODELS = {
+    "gemma-4-E2B": "google/gemma-4-E2B-it",
+    "gemma-4-E4B": "google/gemma-4-E4B-it",
+    "gemma-4-26B-A4B": "google/gemma-4-26B-A4B-it",
+    "gemma-4-31B": "google/gemma-4-31B-it",
+    "Qwen2.5-7B-Instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "Llama-3.1-8B-Instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "Llama-3.2-3B-Instruct": "meta-llama/Llama-3.2-3B-Instruct",
+    "Mistral-7B-Instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
+}
+DEFAULT_FORMATS = ("bf16", "int8", "int4", "Q8_0", "Q4_K_M", "Q4_0")
+NATIVE = {"fp32": 4, "fp16": 2, "bf16": 2}  # formats hearthlm loads today: bytes per weight
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2}
+
+INT4_GROUP = 32
+Q8_0, Q4_0, Q4_K, Q6_K = 34 / 32, 18 / 32, 144 / 256, 210 / 256  # GGUF bytes per weight
+
+# Runtime memory, measured on the CPU build of torch 2.13 (x86-64, Python 3.11):
+RUNTIME_RSS = 220 * 10**6  # `import torch, hearthlm`
+# What loading adds besides the weights: the CPU kernels, the tokenizer, first-forward libraries.
+LOAD_OVERHEAD = 32 * 10**6
+CUDA_CONTEXT = 500 * 10**6  # VRAM taken by the CUDA context and cuBLAS workspaces (typical; not measured here)
+PREFILL_CHUNK = 512  # engine/generator.py prefills in chunks of this many tokens
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tensor:
+    """One parameter of hearthlm's model: its name, shape, role and layer."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str  # "embed" | "lm_head" | "ple_table" | "experts" | "matrix" | "vector"
+    layer: int | None
+    fused: bool  # built by concatenating/stacking checkpoint tensors (a copy at load, never a view)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Model:
+    """A model as `fit` sees it: its config, its parameter tensors, and the checkpoint's dtype."""
+
+    name: str
+    config: ModelConfig
+    tensors: list[Tensor]
+    file_dtype_bytes: int = 2
+    source: str = "config"  # "known" | a folder path
+
+    def count(self, *roles: str) -> int:
+        return sum(t.numel for t in self.tensors if not roles or t.role in roles)
+
+    @property
+    def params(self) -> int:
+        return self.count()
+
+    @property
+    def active_params(self) -> int:
+        """Parameters used per token: all but the unrouted experts (and counting the PLE table whole)."""
+        cfg = self.config
+        experts = self.count("experts")
+        return self.params - experts + (experts * cfg.experts_per_token // cfg.num_experts if experts else 0)
+
+
+def _role(name: str, shape: tuple[int, ...]) -> str:
+    if name == "embed.weight":
+        return "embed"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if name == "ple.table":
+        return "ple_table"
+    if ".experts." in name:
+        return "experts"
+    return "matrix" if len(shape) >= 2 else "vector"
+
+
+def model_from_hf(name: str, hf: dict[str, Any], where: str, file_dtype_bytes: int | None = None) -> Model:
+    """Build the family's module on the meta device from a config.json dict and list its tensors."""
+    from .weights.mapping import Cat, Stack
+
+    cls, arch, text = resolve_family(hf, where)
+    cfg = cls.config_from_hf(text, arch, where)
+    with torch.device("meta"):
+        module = cls(cfg)
+    sources = module.weight_map("")
+    tensors = []
+    for pname, p in module.named_parameters():
+        parts = sources.get(pname)
+        fused = isinstance(parts, (Cat, Stack)) and len(parts.parts) > 1
+        layer = int(pname.split(".")[1]) if pname.startswith("layers.") else None
+        tensors.append(Tensor(pname, tuple(p.shape), _role(pname, tuple(p.shape)), layer, fused))
+    if file_dtype_bytes is None:
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+        file_dtype_bytes = _DTYPE_BYTES.get(dtype, 2)
+    return Model(name, cfg, tensors, file_dtype_bytes)
+
+
+def _file_dtype_bytes(folder: Path) -> int | None:
+    """The dtype of the first tensor of a safetensors file in `folder` (the config's dtype may be absent)."""
+    import struct
+
+    for path in sorted(folder.glob("*.safetensors"))[:1]:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for entry in header.values():
+            return _DTYPE_BYTES.get(entry["dtype"])
+    return None
+
+
+def known_model(name: str) -> Model | None:
+    """A shipped config by known name or HF id (case-insensitive), else None."""
+    key = name.lower()
+    for known, repo in KNOWN_MODELS.items():
+        if key in (known.lower(), repo.lower(), repo.lower().rsplit("/", 1)[1]):
+            path = KNOWN_DIR / f"{known}.json"
+            m = model_from_hf(known, read_json(path), str(path))
+            m.source = "known"
+            return m
+    return None
+
+
+def load(name: str | Path) -> Model:
+    """A model by name: a folder, a pulled model or the demo (store.resolve), else a known model."""
+    from . import store
+
+    try:
+        path = store.resolve(name)
+    except store.ModelNotFoundError as e:
+        found = known_model(str(name))
+        if found is None:
+            raise store.ModelNotFoundError(f"{e}; `hearth fit` also knows: {', '.join(KNOWN_MODELS)}") from None
+        return found
+    if path.suffix == ".gguf":
+        raise ValueError(f"{path}: `hearth fit` reads safetensors checkpoint configs; GGUF files are not supported yet")
+    hf = read_json(path / "config.json")
+    m = model_from_hf(path.name, hf, str(path / "config.json"), _file_dtype_bytes(path))
+    m.source = str(path)
+    return m
+
+
+# -- formats ------------------------------------------------------------------------------------------
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _q4_k_m(m: Model, t: Tensor) -> float:
+    """Bytes of one tensor under llama.cpp's Q4_K_M recipe."""
+    cfg = m.config
+    if t.role == "lm_head" or (t.role == "embed" and cfg.tie_embeddings):
+        return t.numel * Q6_K
+    if t.layer is None or not _more_bits(t.layer, cfg.num_layers):
+        return t.numel * Q4_K
+    spec = cfg.layers[t.layer]
+    if t.name.endswith("attn.qkv.weight") and spec.kv_source is None and not spec.k_eq_v:
+        v = spec.num_kv_heads * spec.head_dim * t.shape[1]  # the V rows of the fused projection
+        return (t.numel - v) * Q4_K + v * Q6_K
+    if t.name.endswith(("mlp.down.weight", "experts.down")):
+        return t.numel * Q6_K
+    return t.numel * Q4_K
+
+
+def tensor_bytes(m: Model, t: Tensor, fmt: str) -> float:
+    """Bytes that tensor `t` takes in format `fmt` (see the module docstring for each format's rules)."""
+    if t.role == "vector":
+        return t.numel * 4
+    if fmt in NATIVE:
+        return t.numel * (m.file_dtype_bytes if t.role == "ple_table" else NATIVE[fmt])
+    if fmt in ("int8", "int4"):
+        if t.role in ("embed", "ple_table"):
+            return t.numel * 2
+        rows = t.numel // t.shape[-1]
+        if fmt == "int8":
+            return t.numel + rows * 4
+        return t.numel * 0.5 + (t.numel // INT4_GROUP) * 4
+    if fmt == "Q8_0":
+        return t.numel * Q8_0
+    if fmt == "Q4_0":
+        output = t.role == "lm_head" or (t.role == "embed" and m.config.tie_embeddings)
+        return t.numel * (Q6_K if output else Q4_0)
+    if fmt == "Q4_K_M":
+        return _q4_k_m(m, t)
+    raise ValueError(
+        f"unknown format '{fmt}' (known: {', '.join((*NATIVE, 'int8', 'int4', 'Q8_0', 'Q4_K_M', 'Q4_0'))})"
+    )
+
+
+# -- KV cache and activations -------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> dict[str, int]:
+    """K+V bytes one token adds, per layer kind ("full" / "sliding"), as ContiguousKVCache allocates them."""
+    out = {"full": 0, "sliding": 0}
+    for spec in cfg.layers:
+        if spec.kv_source is None:
+            out[spec.kind] += 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    return out
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, concurrency: int = 1, dtype_bytes: int = 2) -> int:
+    """The cache for `concurrency` sequences of `context` tokens: sliding layers hold min(window, context)."""
+    total = 0
+    for spec in cfg.layers:
+        if spec.kv_source is None:
+            slots = min(spec.sliding_window, context) if spec.sliding_window else context
+            total += 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes * slots
+    return total * concurrency
+
+
+def activation_bytes(cfg: ModelConfig, context: int, concurrency: int = 1, on_gpu: bool = False) -> int:
+    """Working memory of a forward at `context` (an estimate): one prefill chunk's hidden states, projections
+    and MLP in the compute dtype (fp32 on CPU), one layer's K/V converted to fp32 for attention (CPU), the
+    attention mask, the RoPE cos/sin tables (fp32, grown to a power of two), and the logits of each row."""
+    act = 2 if on_gpu else 4
+    T = min(PREFILL_CHUNK, context)
+    H = cfg.hidden_size
+    widest = max(
+        max(s.intermediate_size for s in cfg.layers), cfg.moe_intermediate_size * max(cfg.experts_per_token, 1)
+    )
+    qkv = max(cfg.num_heads * s.head_dim + 2 * s.num_kv_heads * s.head_dim for s in cfg.layers)
+    chunk = T * (6 * H + 2 * qkv + 3 * widest + 3 * cfg.num_layers * cfg.ple_dim) * act
+    kv_fp32 = 0 if on_gpu else max(2 * s.num_kv_heads * s.head_dim * 4 * context for s in cfg.layers)
+    mask = T * context
+    rope_len = 256
+    while rope_len < context:
+        rope_len *= 2
+    rope = sum(2 * rope_len * d * 4 for d in {(s.rope, s.head_dim): s.head_dim for s in cfg.layers}.values())
+    logits = concurrency * cfg.vocab_size * 4 * 2
+    return chunk + kv_fp32 + mask + rope + logits
+
+
+# -- the estimate -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """Memory (bytes) and roofline speed of one model in one format, at a context and a concurrency."""
+
+    model: str
+    format: str
+    params: int
+    active_params: int
+    weights: int  # every weight resident in this format
+    weights_active_experts: int | None  # MoE: only the routed experts one token uses resident
+    ple_table: int  # part of `weights`; on a GPU it stays in host memory
+    kv_cache: int
+    kv_per_token: dict[str, int]
+    activations: int
+    runtime: int  # torch + hearthlm + what loading adds (host memory)
+    ram: int  # resident host memory running on CPU
+    vram: int  # GPU memory running on a GPU (the PLE table stays on the host)
+    ram_with_gpu: int  # host memory beside the GPU
+    load_peak: int | None  # peak RSS of hearthlm's loader today (native formats from safetensors only)
+    bytes_per_token: int  # read per decode step at batch 1 (weights + the KV cache at this context)
+    supported: bool  # whether hearthlm loads this format today
+    context: int = 0
+    concurrency: int = 1
+    fits_ram: bool | None = None
+    fits_vram: bool | None = None
+    device: str | None = None  # where it would run: "gpu" | "cpu" | None (fits nowhere)
+    tokens_per_s: float | None = None  # roofline decode speed of each sequence
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate(
+    m: Model, fmt: str = "bf16", context: int = 4096, concurrency: int = 1, kv_dtype_bytes: int | None = None
+) -> Estimate:
+    """Memory and bytes per token of model `m` in format `fmt` (no machine involved: see `judge`)."""
+    cfg = m.config
+    context = min(context, cfg.max_position)
+    sizes = {t.name: tensor_bytes(m, t, fmt) for t in m.tensors}
+    weights = int(sum(sizes.values()))
+    by_role: dict[str, float] = {}
+    for t in m.tensors:
+        by_role[t.role] = by_role.get(t.role, 0) + sizes[t.name]
+    experts = by_role.get("experts", 0)
+    active_experts = experts * cfg.experts_per_token / cfg.num_experts if cfg.num_experts else 0
+    ple = int(by_role.get("ple_table", 0))
+    kv_b = kv_dtype_bytes or (NATIVE[fmt] if fmt in NATIVE else 2)
+    kv = kv_cache_bytes(cfg, context, concurrency, kv_b)
+    act_cpu = activation_bytes(cfg, context, concurrency)
+    act_gpu = activation_bytes(cfg, context, concurrency, on_gpu=True)
+    runtime = RUNTIME_RSS + LOAD_OVERHEAD
+    # Read per token: every matrix but the gathered tables, the LM head (the embedding when tied), the experts
+    # one token routes to, and each sequence's KV cache.
+    head = by_role.get("lm_head", 0) or (by_role.get("embed", 0) if cfg.tie_embeddings else 0)
+    dense = by_role.get("matrix", 0) + by_role.get("vector", 0)
+    per_token = int(dense + head + active_experts + kv / concurrency)
+    load_peak = None
+    if fmt in NATIVE:
+        file_bytes = sum(t.numel for t in m.tensors) * m.file_dtype_bytes
+        if NATIVE[fmt] == m.file_dtype_bytes:  # views of the mapping, plus copies of the fused tensors
+            copies = sum(sizes[t.name] for t in m.tensors if t.fused or t.role == "vector")
+        else:  # every tensor converted (but the PLE table) while the file's pages stay mapped
+            copies = weights - ple
+        load_peak = int(runtime + file_bytes + copies + kv + act_cpu)
+    return Estimate(
+        model=m.name,
+        format=fmt,
+        params=m.params,
+        active_params=m.active_params,
+        weights=weights,
+        weights_active_experts=int(weights - experts + active_experts) if experts else None,
+        ple_table=ple,
+        kv_cache=kv,
+        kv_per_token=kv_bytes_per_token(cfg, kv_b),
+        activations=act_cpu,
+        runtime=runtime,
+        ram=weights + kv + act_cpu + runtime,
+        vram=weights - ple + kv + act_gpu + CUDA_CONTEXT,
+        ram_with_gpu=ple + runtime,
+        load_peak=load_peak,
+        bytes_per_token=per_token,
+        supported=fmt in NATIVE,
+        context=context,
+        concurrency=concurrency,
+    )
+
+
+# -- the machine --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Machine:
+    ram: int  # bytes
+    ram_available: int | None = None
+    gpus: list[dict[str, Any]] = field(default_factory=list)  # name, memory (bytes)
+    cpu: str = "unknown CPU"
+    cpu_bandwidth: float | None = None  # GB/s (10^9 bytes per second), read
+    gpu_bandwidth: float | None = None
+
+    @property
+    def vram(self) -> int:
+        return max((g["memory"] for g in self.gpus), default=0)  # one GPU: hearthlm does not split a model
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0]) * 1024
+    return out
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("HEARTHLM_CACHE", Path.home() / ".cache" / "hearthlm")) / "machine.json"
+
+
+def measure_bandwidth(device: str = "cpu", seconds: float = 1.0) -> float:
+    """Read bandwidth in GB/s: the median of timed sums over a buffer far larger than any cache
+    (benchmarks/membw.py's method, shortened to about `seconds`)."""
+    size = (256 if device == "cpu" else 1024) * 2**20
+    src = torch.ones(size // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    src.sum()  # fault the pages in, warm the thread pool
+    sync()
+    rates: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(rates) < 3:
+        start = time.perf_counter()
+        src.sum()
+        sync()
+        rates.append(src.nbytes / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def _cached_bandwidth(key: str, device: str) -> float:
+    path = cache_path()
+    cached: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(path.read_text())
+    entry = cached.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("read_gbps"), (int, float)):
+        return float(entry["read_gbps"])
+    gbps = measure_bandwidth(device)
+    cached[key] = {"read_gbps": round(gbps, 2), "threads": torch.get_num_threads(), "measured": time.time()}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=2))
+    return gbps
+
+
+def detect(
+    ram_gb: float | None = None, vram_gb: float | None = None, bandwidth_gbps: float | None = None, measure: bool = True
+) -> Machine:
+    """This machine: RAM from /proc/meminfo, CUDA GPUs from torch; overrides in GB (10^9 bytes). The CPU's read
+    bandwidth is measured once and cached in ~/.cache/hearthlm/machine.json, keyed by CPU model and threads."""
+    info = _meminfo()
+    ram = int(ram_gb * 1e9) if ram_gb is not None else info.get("MemTotal", 0)
+    machine = Machine(ram=ram, ram_available=info.get("MemAvailable"), cpu=_cpu_name())
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            machine.gpus.append({"name": props.name, "memory": props.total_memory})
+    if vram_gb is not None:
+        machine.gpus = [{"name": "given", "memory": int(vram_gb * 1e9)}] if vram_gb > 0 else []
+    machine.cpu_bandwidth = bandwidth_gbps
+    if bandwidth_gbps is None and measure:
+        machine.cpu_bandwidth = _cached_bandwidth(f"cpu: {machine.cpu}, {torch.get_num_threads()} threads", "cpu")
+        if machine.gpus and torch.cuda.is_available():
+            machine.gpu_bandwidth = _cached_bandwidth(f"cuda: {torch.cuda.get_device_name(0)}", "cuda")
+    return machine
+
+
+def judge(e: Estimate, machine: Machine) -> Estimate:
+    """Fill in what fits on `machine` and the roofline decode speed where it would run (GPU first)."""
+    e.fits_ram = e.ram <= machine.ram
+    e.fits_vram = e.vram <= machine.vram and e.ram_with_gpu <= machine.ram if machine.gpus else None
+    if e.fits_vram:
+        e.device, bw = "gpu", machine.gpu_bandwidth
+    elif e.fits_ram:
+        e.device, bw = "cpu", machine.cpu_bandwidth
+    else:
+        e.device, bw = None, None
+    e.tokens_per_s = round(bw * 1e9 / e.bytes_per_token, 1) if bw else None
+    if not e.supported:
+        e.notes.append("hearthlm cannot load this format yet: an estimate for planning")
+    return e
+
+
+def fit(
+    names: list[str] | None = None,
+    machine: Machine | None = None,
+    context: int = 4096,
+    concurrency: int = 1,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
+) -> list[Estimate]:
+    """Estimates for each model (default: every known model) in each format, judged against `machine`."""
+    models = [load(n) for n in names] if names else [known_model(n) for n in KNOWN_MODELS]
+    out = []
+    for m in models:
+        for fmt in formats:
+            e = estimate(m, fmt, context, concurrency)
+            out.append(judge(e, machine) if machine is not None else e)
+    return out
+
+
+def to_json(estimates: list[Estimate], machine: Machine | None) -> str:
+    doc: dict[str, Any] = {"estimates": [asdict(e) for e in estimates]}
+    if machine is not None:
+        doc["machine"] = asdict(machine)
+    return json.dumps(doc, indent=2)
+
+
+def _gb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def _yes(flag: bool | None) -> str:
+    return "—" if flag is None else "[green]yes[/green]" if flag else "[red]no[/red]"
+
+
+def table(estimates: list[Estimate], machine: Machine | None):
+    """A rich Table for humans: one row per model and format."""
+    from rich.table import Table
+
+    first = estimates[0] if estimates else None
+    where = f"context {first.context} × {first.concurrency}" if first else ""
+    title = None
+    if machine is not None:
+        gpus = ", ".join(f"{g['name']} {_gb(g['memory'])}" for g in machine.gpus) or "no GPU"
+        bw = f", {machine.cpu_bandwidth:.0f} GB/s read" if machine.cpu_bandwidth else ""
+        title = f"RAM {_gb(machine.ram)}{bw}; {gpus}"
+    moe = any(e.weights_active_experts for e in estimates)
+    t = Table(title=title, box=None, header_style="bold")
+    columns = ["MODEL", "FORMAT", "WEIGHTS"] + (["ACTIVE EXPERTS ONLY"] if moe else [])
+    columns += [f"KV ({where})", "RAM (CPU)", "VRAM (GPU)", "FITS RAM", "FITS VRAM", "DECODE TOK/S"]
+    for c in columns:
+        t.add_column(c, no_wrap=True, justify="left" if c in ("MODEL", "FORMAT") else "right")
+    last = None
+    for e in estimates:
+        speed = f"{e.tokens_per_s:.1f} ({e.device})" if e.tokens_per_s else "—"
+        row = [e.model if e.model != last else "", e.format + ("" if e.supported else "*"), _gb(e.weights)]
+        if moe:
+            row.append(_gb(e.weights_active_experts) if e.weights_active_experts else "")
+        row += [_gb(e.kv_cache), _gb(e.ram), _gb(e.vram), _yes(e.fits_ram), _yes(e.fits_vram), speed]
+        t.add_row(*row)
+        last = e.model
+    t.caption = (
+        "* not loadable by hearthlm yet (planning estimate). RAM/VRAM include the KV cache, activations and the "
+        "runtime; on a GPU the PLE table stays in host memory. Decode speed: memory-bandwidth roofline, batch 1."
+    )
+    return t

@@ -1,0 +1,169 @@
+"""`hearth fit`: parameter counts and KV figures of the known models, GGUF sizes, and the memory estimate
+against the measured RSS of real loads (run in subprocesses, so that each starts from a clean process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from hearthlm import fit
+from hearthlm.cli import main
+from hearthlm.store import DEMO_DIR
+
+# GEMMA4.md: text parameters (total, active) and K+V bytes per token (full layers, sliding layers).
+GEMMA4 = {
+    "gemma-4-E2B": (4.63e9, 4.63e9, 6 * 1024, 12 * 1024, 208e6),
+    "gemma-4-E4B": (7.46e9, 7.46e9, 16 * 1024, 40 * 1024, 558e6),
+    "gemma-4-26B-A4B": (25.2e9, 3.8e9, 10 * 1024, 200 * 1024, 545e6),
+    "gemma-4-31B": (30.7e9, 30.7e9, 40 * 1024, 800 * 1024, 2181e6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA4))
+def test_gemma4_parameters_and_kv_cache_match_the_published_figures(name):
+    total, active, full, sliding, at_32k = GEMMA4[name]
+    m = fit.known_model(name)
+    assert m.params == pytest.approx(total, rel=0.003)
+    assert m.active_params == pytest.approx(active, rel=0.02)
+    e = fit.estimate(m, "bf16", context=32768)
+    # GEMMA4.md counts one tensor on k=v (full) layers; hearthlm's cache stores K (normed, rotated) and V (v_norm
+    # of the same projection) apart, so its full layers take twice that.
+    twice = 2 if m.config.layers[-1].k_eq_v else 1
+    assert e.kv_per_token == {"full": full * twice, "sliding": sliding}
+    if twice == 1:
+        assert e.kv_cache == pytest.approx(at_32k, rel=0.005)
+    else:
+        assert e.kv_cache == pytest.approx(at_32k + full * 32768, rel=0.005)
+
+
+def test_gemma4_ple_table_and_experts():
+    e2b = fit.known_model("google/gemma-4-E2B-it")  # HF ids resolve to the known configs too
+    assert e2b.count("ple_table") == pytest.approx(2.35e9, rel=0.005)
+    moe = fit.estimate(fit.known_model("gemma-4-26B-A4B"), "bf16")
+    assert moe.weights == pytest.approx(50.47e9, rel=0.002)
+    assert moe.weights_active_experts == pytest.approx(50.47e9 - 45.7e9 * (1 - 8 / 128), rel=0.01)
+    gpu = fit.estimate(e2b, "bf16")
+    assert gpu.ple_table == pytest.approx(2.35e9 * 2, rel=0.005)
+    assert gpu.vram < gpu.weights  # the PLE table stays in host memory
+
+
+@pytest.mark.parametrize(
+    "fmt, published",  # bartowski's and the official GGUF files of Llama-3.1-8B-Instruct (bytes)
+    [("Q8_0", 8.54e9), ("Q4_K_M", 4.92e9), ("Q4_0", 4.66e9)],
+)
+def test_gguf_sizes_match_published_files(fmt, published):
+    e = fit.estimate(fit.known_model("Llama-3.1-8B-Instruct"), fmt)
+    assert e.weights == pytest.approx(published, rel=0.02)
+
+
+def test_every_known_model_builds_and_dense_kv_is_plain_gqa():
+    for name in fit.KNOWN_MODELS:
+        assert fit.known_model(name).params > 1e9
+    llama = fit.known_model("Llama-3.1-8B-Instruct")
+    assert llama.params == pytest.approx(8.03e9, rel=0.002)
+    assert fit.kv_bytes_per_token(llama.config) == {"full": 32 * 2 * 8 * 128 * 2, "sliding": 0}
+
+
+def test_cli_json_and_errors(capsys):
+    argv = ["fit", "gemma-4-E2B", "Llama-3.2-3B-Instruct", "--json", "--ram", "8", "--vram", "0"]
+    assert main([*argv, "--bandwidth", "20", "--context", "8192", "--concurrency", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {(e["model"], e["format"]): e for e in doc["estimates"]}
+    assert set(fit.DEFAULT_FORMATS) == {f for _, f in rows}
+    e2b = rows["gemma-4-E2B", "bf16"]
+    assert (e2b["context"], e2b["concurrency"], e2b["fits_ram"], e2b["fits_vram"]) == (8192, 2, False, None)
+    q4 = rows["gemma-4-E2B", "Q4_K_M"]
+    assert (
+        q4["fits_ram"]
+        and q4["device"] == "cpu"
+        and q4["tokens_per_s"] == pytest.approx(20e9 / q4["bytes_per_token"], rel=0.01)
+    )
+    assert doc["machine"]["ram"] == 8e9
+    assert main(["fit", "no-such-model", "--bandwidth", "20"]) == 2
+    assert "gemma-4-E2B" in capsys.readouterr().err
+
+
+# -- the estimate against real loads ---------------------------------------------------------------------
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys
+
+    def status():
+        out = {}
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
+        return out
+
+    import torch, hearthlm
+    base = status()["VmRSS"]
+    from hearthlm import LLM
+    llm = LLM(sys.argv[1], dtype=sys.argv[2])
+    with torch.inference_mode():
+        for p in llm.model.parameters():  # read every page, as decoding does (and the estimate counts)
+            p.reshape(-1)[::256].sum()
+        llm.logits([3, 4, 5, 6])
+    print(json.dumps({"base": base, **status()}))
+    """
+)
+
+
+def _measure(folder: Path, dtype: str) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(folder), dtype], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def llama_fp32(tmp_path_factory) -> Path:
+    """A ~80M-parameter Llama checkpoint (fp32, 310 MB): big enough that the weights dominate."""
+    config = tf.LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+        num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama_fp32")
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(llama_fp32, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("llama_bf16")
+    tf.LlamaForCausalLM.from_pretrained(llama_fp32, dtype=torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def _load_cases():
+    return [
+        pytest.param(lambda request: DEMO_DIR / "hearth-demo", "bfloat16", "bf16", id="demo-bf16"),
+        pytest.param(lambda request: request.getfixturevalue("llama_bf16"), "bfloat16", "bf16", id="llama-bf16"),
+        pytest.param(
+            lambda request: request.getfixturevalue("llama_fp32"), "bfloat16", "bf16", id="llama-fp32-as-bf16"
+        ),
+        pytest.param(lambda request: request.getfixturevalue("llama_bf16"), "float32", "fp32", id="llama-bf16-as-fp32"),
+    ]
+
+
+@pytest.mark.parametrize("folder, dtype, fmt", _load_cases())
+def test_estimate_holds_against_measured_rss(request, folder, dtype, fmt):
+    folder = folder(request)
+    m = fit.load(folder)
+    e = fit.estimate(m, fmt, context=4)
+    got = _measure(folder, dtype)
+    peak = got["VmHWM"] - got["base"]
+    print(f"{folder.name} {dtype}: peak RSS {peak / 1e6:.0f} MB, estimated {(e.load_peak - fit.RUNTIME_RSS) / 1e6:.0f}")
+    assert e.load_peak - fit.RUNTIME_RSS == pytest.approx(peak, rel=0.10)
+    if m.file_dtype_bytes != fit.NATIVE[fmt] and not m.count("ple_table"):
+        # Every tensor converted: the file's mapping is gone after the load, so RSS is what must stay resident.
+        steady = got["VmRSS"] - got["base"]
+        print(f"  steady RSS {steady / 1e6:.0f} MB, estimated {(e.ram - fit.RUNTIME_RSS) / 1e6:.0f}")
+        assert e.ram - fit.RUNTIME_RSS == pytest.approx(steady, rel=0.10)
