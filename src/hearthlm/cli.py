@@ -17,8 +17,7 @@ def _err() -> Console:
 def _load(args: argparse.Namespace):
     from .api import LLM
 
-    with _err().status(f"loading {args.model or 'the demo model'}", spinner="dots"):
-        llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype)  # the loader shows its own progress bar
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
     return llm
@@ -224,6 +223,28 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> list[str | None]:
+    return [None if x.strip().lower() == "none" else x.strip() for x in text.split(",") if x.strip()]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.plot:
+        bench.plot_check()  # before minutes of measuring, not after
+    result = bench.bench(
+        args.models or None, args.dtype, args.quant, args.prompt_len, args.gen_len, args.runs, args.vs or [],
+        args.device, args.bandwidth, progress=True,
+    )  # fmt: skip
+    if args.json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        (Console() if sys.stdout.isatty() else Console(width=200)).print(bench.table(result))
+    if args.plot:
+        _err().print(f"wrote {bench.plot(result, args.plot)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="Run LLMs locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
     fit.add_argument("--json", action="store_true", help="print the estimates as JSON")
     fit.set_defaults(func=_fit)
+    b = sub.add_parser("bench", help="measure prefill and decode speed, time to first token and peak memory")
+    b.add_argument("models", nargs="*", metavar="MODEL", help=model_help + " (several: side by side)")
+    b.add_argument("--dtype", type=_csv, default=None, help="float32, bfloat16, float16; a comma list compares them")
+    b.add_argument("--quant", type=_csv, default=None, help="weight formats (comma list; 'none': unquantized)")
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    b.add_argument("--gen-len", type=int, default=32, help="tokens generated per run (default 32)")
+    b.add_argument("--runs", type=int, default=3, help="counted runs after a warm-up; figures are medians")
+    b.add_argument("--vs", action="append", choices=["transformers", "llama.cpp"], help="also run this engine")
+    b.add_argument("--device", default=None, help="cpu (default) or cuda")
+    b.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
+    b.add_argument("--json", action="store_true", help="print the result rows as JSON")
+    b.add_argument("--plot", metavar="FILE", default=None, help="write a PNG bar chart (needs matplotlib)")
+    b.set_defaults(func=_bench)
     return parser
 
 

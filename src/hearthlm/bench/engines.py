@@ -1,0 +1,256 @@
+"""The engines `hearth bench` measures, each in its own worker process (`python -m hearthlm.bench.engines
+--worker`), and the parent's handle on a worker."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .results import BenchError, Quality, compare, quality_ids
+
+# -- engines (in the worker process) ------------------------------------------------------------------
+
+
+def _memory_baseline(device: str) -> int:
+    """RSS after the imports; resets the peak (VmHWM, or CUDA's) so that the peak counts from here."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    return _status_kb("VmRSS")
+
+
+def _memory_peak(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return _status_kb("VmHWM")
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class HearthlmEngine:
+    name = "hearthlm"
+
+    @staticmethod
+    def check(path: Path) -> None:
+        """Raise BenchError when this engine cannot run `path` here (checked before any worker starts)."""
+
+    @staticmethod
+    def imports() -> None:
+        """Import what loading will need, before the memory baseline is taken."""
+        from .. import api  # noqa: F401
+
+    def __init__(self, spec: dict):
+        from ..api import LLM
+
+        self.spec = spec
+        self.llm = LLM(spec["path"], dtype=spec["dtype"], device=spec["device"], quant=spec["quant"])
+
+    def run(self, ids: list[int], n: int) -> tuple[float, list[float], int]:
+        """-> (start time, a timestamp per generated token, tokens generated)."""
+        from ..api import SamplingParams
+
+        stamps: list[float] = []
+        start = time.perf_counter()
+        out = self.llm.generate(
+            [ids],
+            SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+            on_token=lambda i, t: stamps.append(time.perf_counter()),
+        )
+        return start, stamps, len(out[0].token_ids)
+
+    def quality(self) -> Quality:
+        from ..api import LLM
+
+        reference = LLM(self.spec["path"], dtype=self.spec["dtype"], device=self.spec["device"])
+        return compare(reference, self.llm, quality_ids(reference))
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    @staticmethod
+    def check(path: Path) -> None:
+        if importlib.util.find_spec("transformers") is None:
+            raise BenchError(
+                "`--vs transformers` needs transformers (a test-only dependency): "
+                "pip install 'hearthlm[test]' (or pip install transformers)"
+            )
+
+    @staticmethod
+    def imports() -> None:
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+        from transformers.generation.streamers import BaseStreamer  # noqa: F401
+
+    def __init__(self, spec: dict):
+        import torch
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        dtype = getattr(torch, spec["dtype"])
+        auto = transformers.AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype)
+        self.model = auto.to(spec["device"]).eval()
+        self.device = spec["device"]
+
+    def run(self, ids: list[int], n: int) -> tuple[float, list[float], int]:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        class Stamps(BaseStreamer):  # generate() puts the prompt first, then each new token
+            def __init__(self):
+                self.stamps: list[float] = []
+                self.prompt_seen = False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    self.stamps.append(time.perf_counter())
+                self.prompt_seen = True
+
+            def end(self):
+                pass
+
+        streamer = Stamps()
+        x = torch.tensor([ids], device=self.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                use_cache=True,
+                streamer=streamer,
+                pad_token_id=0,
+            )
+        return start, streamer.stamps, out.shape[1] - len(ids)
+
+
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python, on a GGUF. A fair comparison needs hearthlm to run the same GGUF
+    (issue 4); until then this engine only explains what is missing. It will time llama_decode through the
+    C API, not the Python sampler (DESIGN.md)."""
+
+    name = "llama.cpp"
+
+    @staticmethod
+    def check(path: Path) -> None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise BenchError(
+                "`--vs llama.cpp` needs llama-cpp-python, which is not installed: pip install llama-cpp-python "
+                "(it builds llama.cpp from source, ~13 minutes on 2 cores)"
+            )
+        if path.suffix != ".gguf":
+            raise BenchError(
+                f"`--vs llama.cpp` runs a .gguf file and {path} is not one: give the model as a .gguf "
+                "(the same weights for both engines)"
+            )
+        raise BenchError(
+            f"`--vs llama.cpp` on {path.name}: hearthlm cannot load GGUF files yet, so there is no "
+            "comparison on the same weights (GGUF support is issue 4)"
+        )
+
+
+ENGINES = {e.name: e for e in (HearthlmEngine, TransformersEngine, LlamaCppEngine)}
+
+
+# -- the worker process -------------------------------------------------------------------------------
+
+
+def _worker() -> int:
+    """Serve one engine on one model over stdin/stdout, one JSON object per line:
+    spec -> {"load_s"} (after a warm-up run); "run" -> a sample; "memory" -> {"peak"}; "quality"; "quit"."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # libraries that print must not break the protocol
+    spec = json.loads(sys.stdin.readline())
+    engine_cls = ENGINES[spec["engine"]]
+    engine_cls.imports()  # the imports count in the baseline, not in the peak
+    baseline = _memory_baseline(spec["device"])
+
+    def reply(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    try:
+        start = time.perf_counter()
+        engine = engine_cls(spec)
+        load_s = time.perf_counter() - start
+        engine.run(spec["prompt"], spec["gen_len"])  # warm-up: not counted
+        reply({"load_s": load_s})
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "run":
+                begin, stamps, n = engine.run(spec["prompt"], spec["gen_len"])
+                reply({"ttft": stamps[0] - begin, "decode": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": n})
+            elif cmd == "memory":
+                reply({"peak": _memory_peak(spec["device"]) - baseline})
+            elif cmd == "quality":
+                reply({"quality": asdict(engine.quality())})
+            else:
+                return 0
+    except Exception as e:  # the parent reports it with the engine and model named
+        reply({"error": str(e) or type(e).__name__, "type": type(e).__name__})
+        return 1
+    return 0
+
+
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.log = tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, "-m", "hearthlm.bench.engines", "--worker"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        try:
+            self.load_s = self.ask(json.dumps(spec))["load_s"]
+        except BenchError:
+            self.close()
+            raise
+
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        what = f"{self.spec['engine']} on {Path(self.spec['path']).name}"
+        if not answer:
+            self.log.seek(0)
+            tail = self.log.read()[-2000:]
+            raise BenchError(f"{what}: the worker process died (exit {self.proc.wait()}):\n{tail}")
+        reply = json.loads(answer)
+        if "error" in reply:
+            raise BenchError(f"{what}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    sys.exit(_worker())

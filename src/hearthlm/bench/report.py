@@ -1,0 +1,83 @@
+"""`hearth bench` output for humans: a rich table and a PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .results import BenchError, Result
+
+# -- output -------------------------------------------------------------------------------------------
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def table(result: Result):
+    """A rich Table: one row per model/engine/format, then the ratios."""
+    from rich.table import Table
+
+    quality = any(r.quality for r in result.rows)
+    bw = result.machine.get("bandwidth_gbps")
+    s = result.settings
+    title = f"prompt {s['prompt_len']} tokens, {s['gen_len']} generated, median of {s['runs']} runs" + (
+        f"; roofline at {bw:.1f} GB/s" if bw else ""
+    )
+    t = Table(title=title, box=None, header_style="bold")
+    columns = ["MODEL", "ENGINE", "FORMAT", "TTFT", "PREFILL TOK/S", "DECODE TOK/S", "(MIN–MAX)", "ROOFLINE"]
+    columns += ["PEAK MEM", "FIT EST."] + (["KL", "TOP-1"] if quality else [])
+    for c in columns:
+        t.add_column(c, no_wrap=True, justify="left" if c in ("MODEL", "ENGINE", "FORMAT") else "right")
+    for r in result.rows:
+        d = r.decode_tok_s
+        cells = [r.model, r.engine, r.quant or r.dtype, f"{r.ttft_s.median * 1000:.0f} ms"]
+        cells += [f"{r.prefill_tok_s.median:.1f}", f"{d.median:.1f}", f"{d.min:.1f}–{d.max:.1f}"]
+        cells += [f"{100 * r.roofline_fraction:.0f}%" if r.roofline_fraction else "—"]
+        cells += [_mb(r.peak_memory), _mb(r.fit_memory)]
+        if quality:
+            q = r.quality
+            cells += [f"{q.kl_mean:.4f}", f"{100 * q.top1_agreement:.1f}%"] if q else ["", ""]
+        t.add_row(*cells)
+    for x in result.ratios:
+        mem = f"{x.peak_memory:.2f}×" if x.peak_memory else "—"
+        cells = [x.model, f"hearthlm / {x.versus}", x.dtype, f"{x.ttft:.2f}×", f"{x.prefill:.2f}×"]
+        cells += [f"{x.decode:.2f}×", "", "", mem, ""] + (["", ""] if quality else [])
+        t.add_row(*cells, style="bold")
+    t.caption = (
+        "TTFT: prefill + first token. Decode: tokens after the first / time after the first. ROOFLINE: decode as a "
+        "share of bandwidth / bytes per token. PEAK MEM: peak RSS over the imports (VRAM on CUDA); FIT EST.: "
+        "`hearth fit`'s estimate of it. Ratios > 1: hearthlm's figure is higher (better for tok/s, worse for TTFT "
+        "and memory)."
+    )
+    return t
+
+
+def plot_check() -> None:
+    """Raise BenchError unless matplotlib can be imported (checked before the benchmark runs)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install matplotlib (or pip install 'hearthlm[plot]')") from None
+
+
+def plot(result: Result, path: str | Path) -> Path:
+    """A PNG bar chart: decode and prefill tok/s (medians) per model/engine/format."""
+    plot_check()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.model}\n{r.engine} {r.quant or r.dtype}" for r in result.rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(labels)) * 2, 4.5))
+    for ax, key, title in zip(axes, ("decode_tok_s", "prefill_tok_s"), ("decode tok/s", "prefill tok/s")):
+        values = [getattr(r, key).median for r in result.rows]
+        ax.bar(range(len(values)), values, color=["C0" if r.engine == "hearthlm" else "C1" for r in result.rows])
+        ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel("tokens/s (median)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

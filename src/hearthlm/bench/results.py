@@ -1,0 +1,134 @@
+"""`hearth bench` results: the rows, their figures, and the quality comparison of two models."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+QUALITY_TEXT = (
+    "The hearth was the centre of the house. Bread was baked in its oven, water was warmed over its coals, "
+    "and in winter the whole family sat around it in the evening, telling stories, mending clothes and "
+    "planning the work of the coming days. A good fire needs dry wood, a steady draught and patience."
+)
+SEED = 0
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked; the message says why and what to do."""
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    """The median of a figure over the counted runs, its min and max, and every sample."""
+
+    median: float
+    min: float
+    max: float
+    samples: list[float]
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Stat:
+        return cls(statistics.median(samples), min(samples), max(samples), list(samples))
+
+
+@dataclass
+class Quality:
+    """A candidate model's next-token distributions against a reference's, over the same tokens."""
+
+    tokens: int
+    kl_mean: float  # mean over positions of KL(reference || candidate), nats
+    kl_max: float
+    top1_agreement: float  # fraction of positions where both pick the same argmax
+    ppl_reference: float  # perplexity on the text's own next tokens
+    ppl_candidate: float
+
+
+@dataclass
+class Row:
+    """One engine on one model, dtype and quantization."""
+
+    model: str
+    path: str
+    engine: str
+    dtype: str
+    quant: str | None
+    device: str
+    prompt_tokens: int
+    generated_tokens: int  # per run (every counted run produced this many)
+    ttft_s: Stat
+    prefill_tok_s: Stat
+    decode_tok_s: Stat
+    load_s: float
+    peak_memory: int  # bytes: peak RSS increase over the imports (CPU) or max_memory_allocated (CUDA)
+    fit_memory: int | None  # `hearth fit`'s estimate of the same peak
+    bytes_per_token: int | None  # fit's estimate of the bytes one decode step reads
+    bandwidth_gbps: float | None
+    roofline_tok_s: float | None
+    roofline_fraction: float | None  # decode median / roofline
+    quality: Quality | None = None
+
+
+@dataclass
+class Ratio:
+    """hearthlm / another engine, per figure, on the same model and dtype (> 1: hearthlm's figure is higher)."""
+
+    model: str
+    dtype: str
+    versus: str
+    ttft: float
+    prefill: float
+    decode: float
+    peak_memory: float | None
+
+
+@dataclass
+class Result:
+    rows: list[Row]
+    ratios: list[Ratio]
+    settings: dict[str, Any]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+# -- quality ------------------------------------------------------------------------------------------
+
+
+def compare(reference, candidate, token_ids: list[int]) -> Quality:
+    """KL divergence, top-1 agreement and perplexity of `candidate`'s next-token distributions against
+    `reference`'s (two LLMs, e.g. unquantized and quantized) on the same token ids (>= 2 tokens)."""
+    import torch
+
+    if len(token_ids) < 2:
+        raise ValueError("compare() needs at least 2 tokens")
+    ref = torch.log_softmax(reference.logits(token_ids).float(), dim=-1)  # [T, vocab]
+    cand = torch.log_softmax(candidate.logits(token_ids).float(), dim=-1)
+    kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0)  # [T]
+    top1 = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
+    nxt = torch.tensor(token_ids[1:]).unsqueeze(-1)
+
+    def ppl(logp: torch.Tensor) -> float:
+        return math.exp(-logp[:-1].gather(-1, nxt).mean().item())
+
+    return Quality(len(token_ids), kl.mean().item(), kl.max().item(), top1.item(), ppl(ref), ppl(cand))
+
+
+def quality_ids(llm, limit: int = 256) -> list[int]:
+    """The fixed text as token ids (seeded random ids when the model has no tokenizer)."""
+    n = min(limit, llm.config.max_position)
+    if llm.tokenizer is not None:
+        return llm.tokenizer.encode(QUALITY_TEXT)[:n]
+    return synthetic_prompt(llm.config.vocab_size, min(64, n), SEED + 1)
+
+
+def synthetic_prompt(vocab_size: int, n: int, seed: int = SEED) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(vocab_size) for _ in range(n)]
