@@ -23,6 +23,7 @@ llama.cpp (`--vs llama.cpp`) is declared but needs a GGUF that hearthlm can load
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ __all__ = [
     "synthetic_prompt",
     "table",
 ]
+
+SETTLE = 1.0  # seconds between two engines' runs (measured: without it, hearthlm decode reads ~20% low)
 
 
 # -- the harness --------------------------------------------------------------------------------------
@@ -134,6 +137,7 @@ def _bench_model(
             order = range(len(specs)) if r % 2 == 0 else reversed(range(len(specs)))
             for i in order:
                 step(f"{path.name}: {specs[i]['engine']} {specs[i]['quant'] or specs[i]['dtype']}, run {r + 1}", 1)
+                time.sleep(SETTLE)  # let the previous engine's idle OpenMP threads go to sleep first
                 samples[i].append(workers[i].ask("run"))
         rows = [_row(s, w, x, path.name, bandwidth) for s, w, x in zip(specs, workers, samples)]
         for row, w in zip(rows, workers):
