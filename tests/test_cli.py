@@ -130,3 +130,38 @@ def test_ctrl_c_stops_the_reply_not_the_chat(demo, monkeypatch, capsys):
     assert len(seen) == 2  # the second question was still answered
     assert seen[1][1] == {"role": "assistant", "content": " partial answer"}  # the interrupted reply is kept
     assert "(stopped)" in capsys.readouterr().err
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(demo, monkeypatch, capsys):
+    from hearthlm import ContextLengthError, cli
+
+    seen: list[list[str]] = []
+
+    def chat(messages, params, on_token):  # a context that holds the system message and 3 more
+        seen.append([m["content"] for m in messages])
+        if len(messages) > 4:
+            raise ContextLengthError("prompt of 9999 tokens is longer than the model's context (2048)")
+        for t in demo.tokenizer.encode(f" answer {len(seen)}", add_special_tokens=False):
+            on_token(0, t)
+
+    lines = iter(["q1", "q2", "q3", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(cli, "_load", lambda args: demo)
+    monkeypatch.setattr(demo, "chat", chat)
+    assert cli.main(["chat", "--system", "sys"]) == 0
+    assert seen == [["sys", "q1"], ["sys", "q1", " answer 1", "q2"], ["sys", "q1", " answer 1", "q2", " answer 2", "q3"],
+                    ["sys", "q2", " answer 2", "q3"]]  # fmt: skip
+    assert "older turns dropped" in capsys.readouterr().err
+
+
+def test_a_question_longer_than_the_context_is_an_error_not_a_crash(demo):
+    from hearthlm import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match="longer than the model's context"):
+        demo.chat([{"role": "user", "content": "word " * 5000}], SamplingParams(max_tokens=4))
+    result = subprocess.run(
+        [sys.executable, "-m", "hearthlm.cli", "chat", *GREEDY], input="word " * 5000 + "\nHi\n", capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and "longer than the model's context" in result.stderr
+    assert result.stderr.count("tokens/s") == 1  # the next question was still answered

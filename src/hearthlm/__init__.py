@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "api",
     "Completion": "api",
+    "ContextLengthError": "api",
     "SamplingParams": "api",
     "Usage": "api",
     "ChatTemplateError": "tokenizer",

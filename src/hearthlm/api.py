@@ -25,6 +25,10 @@ _DTYPES = {
 }
 
 
+class ContextLengthError(ValueError):
+    """A prompt longer than the model's context."""
+
+
 @dataclass
 class Usage:
     prompt_tokens: int
@@ -96,7 +100,7 @@ class LLM:
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
         if len(ids) > self.config.max_position:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt of {len(ids)} tokens is longer than the model's context ({self.config.max_position})"
             )
         return list(ids)

@@ -147,13 +147,32 @@ def _chat(args: argparse.Namespace) -> int:
             err.print(f"[dim]unknown command {command.split()[0]}: {_CHAT_HELP}[/dim]")
             continue
         history.append({"role": "user", "content": line})
-        try:
-            reply = _stream(llm, lambda on_token, messages=history: llm.chat(messages, params, on_token=on_token))
-        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the chat
+        reply = _reply(llm, history, params, err)
+        if reply is None:
             history.pop()
+        else:
+            history.append({"role": "assistant", "content": reply})
+
+
+def _reply(llm, history: list[dict], params, err: Console) -> str | None:
+    """Answer the conversation, dropping its oldest exchanges (never the system message or the new question)
+    while it is longer than the model's context. None when it cannot be answered; the error is printed."""
+    from .api import ContextLengthError
+
+    while True:
+        try:
+            return _stream(llm, lambda on_token: llm.chat(history, params, on_token=on_token))
+        except ContextLengthError as e:
+            first = next(i for i, m in enumerate(history) if m["role"] != "system")
+            later = [i for i, m in enumerate(history) if m["role"] == "user" and i > first]
+            if not later:
+                err.print(f"[red]error:[/red] {e}")
+                return None
+            del history[first : later[0]]
+            err.print("[dim]older turns dropped to fit the model's context[/dim]")
+        except ValueError as e:  # anything else wrong with this turn: say so, keep the chat
             err.print(f"[red]error:[/red] {e}")
-            continue
-        history.append({"role": "assistant", "content": reply})
+            return None
 
 
 def _generation_options(p: argparse.ArgumentParser) -> None:
