@@ -77,11 +77,21 @@ def llama2() -> HFTokenizer:
     return _with_byte_tokens(_train(tok, limit_alphabet=40))
 
 
+def _saved(make, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(make.__name__)
+    make().save(str(folder / "tokenizer.json"))
+    return load_tokenizer(folder)
+
+
 @pytest.fixture(scope="module", params=[byte_level, metaspace, llama2], ids=lambda f: f.__name__)
 def tok(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param.__name__)
-    request.param().save(str(folder / "tokenizer.json"))
-    return load_tokenizer(folder)
+    return _saved(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=[metaspace, llama2], ids=lambda f: f.__name__)
+def fallback_tok(request, tmp_path_factory):
+    """The tokenizers with byte-fallback tokens (<0xE4>)."""
+    return _saved(request.param, tmp_path_factory)
 
 
 def stream(tok, ids: list[int], skip: bool = True) -> list[str]:
@@ -161,9 +171,9 @@ def test_special_tokens_interleaved(tok):
         assert "<turn|>" not in "".join(stream(tok, ids))
 
 
-def test_invalid_byte_run_after_a_valid_character(tok):
-    if not tok.byte_ids:
-        pytest.skip("byte-level BPE has no byte-fallback tokens")
+def test_invalid_byte_run_after_a_valid_character(fallback_tok):
+    tok = fallback_tok
+    assert tok.byte_ids
     b = [tok.token_id(f"<0x{x:02X}>") for x in (0xE4, 0xB8, 0x80, 0xE4)]
     a = tok.encode("a", add_special_tokens=False)
     # 一 then a lone lead byte: the decoder turns the whole run into U+FFFDs once "a" ends it.
