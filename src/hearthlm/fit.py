@@ -23,9 +23,9 @@ sliding layers capped at their window, KV-shared layers nothing.
 
 Resident memory (what "fits" means) = weights + KV cache + activations + runtime. On a GPU the PLE
 table stays in host memory (memory-mapped, only gathered rows move). Separately, `load_peak` is the
-peak RSS that hearthlm's loader reaches today on CPU: the safetensors file is mapped privately, so
-every byte it reads stays in RSS (as reclaimable page cache) while any parameter is still a view of
-the mapping, on top of the fused (qkv, gate+up, stacked experts) or dtype-converted copies.
+peak RSS of hearthlm's loader on CPU: parameters that are views of the (private) file mapping keep its
+pages; fused (qkv, gate+up, stacked experts) and dtype-converted tensors are copies, after which the
+loader drops their source pages, so the peak is the weights plus one copy's sources in flight.
 
 Decode speed is the memory-bandwidth roofline: bandwidth / bytes read per token (every matrix once,
 the LM head, the active experts only, the KV cache at the given context; embedding and PLE gathers
@@ -351,12 +351,16 @@ def estimate(
     per_token = int(dense + head + active_experts + kv / concurrency)
     load_peak = None
     if fmt in NATIVE:
-        file_bytes = sum(t.numel for t in m.tensors) * m.file_dtype_bytes
-        if NATIVE[fmt] == m.file_dtype_bytes:  # views of the mapping, plus copies of the fused tensors
-            copies = sum(sizes[t.name] for t in m.tensors if t.fused or t.role == "vector")
-        else:  # every tensor converted (but the PLE table) while the file's pages stay mapped
-            copies = weights - ple
-        load_peak = int(runtime + file_bytes + copies + kv + act_cpu)
+        # The loader fills the parameters one at a time (in this order): a copy (fused tensors and, across
+        # dtypes, every tensor but the PLE table) briefly holds its source pages too, which are then dropped.
+        same = NATIVE[fmt] == m.file_dtype_bytes
+        resident = peak = 0
+        for t in m.tensors:
+            copied = (t.fused or t.role == "vector" or not same) and t.role != "ple_table"
+            source = t.numel * m.file_dtype_bytes if copied else 0
+            peak = max(peak, resident + source + sizes[t.name])
+            resident += sizes[t.name]
+        load_peak = int(runtime + peak + kv + act_cpu)
     return Estimate(
         model=m.name,
         format=fmt,

@@ -73,9 +73,13 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> Causal
                     f"{folder}: {_describe(ckpt, source)} has shape {tuple(tensor.shape)}, "
                     f"but the config implies {expected} for {name}: config.json and weights disagree"
                 )
+            built = tensor
             if name not in keep or tensor.device != device:
                 tensor = tensor.to(device=device, dtype=tensor.dtype if name in keep else dtype)
             _set_param(model, name, tensor)
+            if not isinstance(source, str) or tensor.data_ptr() != built.data_ptr():
+                for part in names_in(source):  # copied (fused, converted or moved): free the file's pages
+                    ckpt.release(part)
             progress.advance(task)
     used = {n for s in mapping.values() for n in names_in(s)}
     unexpected = [n for n in ckpt.names() if n not in used and not n.startswith(IGNORED)]

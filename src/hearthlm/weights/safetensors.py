@@ -83,6 +83,17 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._data_start + start)
         return flat.view(shape)
 
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from the process (after it was copied): they would otherwise stay in RSS
+        beside the copy. The mapping is private and never written, so a later read just faults them in again."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, end = (self._data_start + o for o in self.entries[name]["data_offsets"])
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
 
 class Checkpoint:
     """All safetensors files of a checkpoint folder, addressed by tensor name."""
@@ -128,6 +139,10 @@ class Checkpoint:
 
     def file_of(self, name: str) -> Path:
         return self._where[name]
+
+    def release(self, name: str) -> None:
+        """See SafetensorsFile.release."""
+        self._file(self._where[name]).release(name)
 
     def get(self, name: str) -> torch.Tensor:
         path = self._where.get(name)
