@@ -207,7 +207,6 @@ def _format(row: dict, rng: random.Random, chat_share: float) -> str:
 
 
 def _encode(work: Path, split: str, seed: int, chat_share: float):
-    import numpy as np
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(work / "tokenizer.json"))
@@ -215,8 +214,7 @@ def _encode(work: Path, split: str, seed: int, chat_share: float):
     rows = list(_rows(work, split))
     rng.shuffle(rows)
     ids = [e.ids for e in tok.encode_batch([_format(r, rng, chat_share) for r in rows])]
-    sources = [r["source"] for r in rows]
-    return ids, sources, np
+    return ids, [r["source"] for r in rows]
 
 
 def train(args) -> None:
@@ -228,7 +226,7 @@ def train(args) -> None:
     torch.set_num_threads(args.threads)
     out = args.work / args.variant
     out.mkdir(parents=True, exist_ok=True)
-    ids, _, _ = _encode(args.work, "train", args.seed, args.chat_share)
+    ids, _ = _encode(args.work, "train", args.seed, args.chat_share)
     stream = torch.tensor(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))
     print(f"{args.variant}: {stream.numel() / 1e6:.2f}M training tokens", flush=True)
 
@@ -306,7 +304,7 @@ def evaluate(args) -> None:
     torch.set_num_threads(args.threads)
     folder = args.folder or args.work / args.variant / "checkpoint"
     model = transformers.Gemma4ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids, sources, _ = _encode(args.work, "val", args.seed, chat_share=0.0)
+    ids, sources = _encode(args.work, "val", args.seed, chat_share=0.0)
     rows = list(_rows(args.work, "val"))
     router_cls = transformers.models.gemma4.modeling_gemma4.Gemma4TextRouter
     routers = [m for m in model.modules() if isinstance(m, router_cls)]
