@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -262,12 +263,10 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> dict[str, int]
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, concurrency: int = 1, dtype_bytes: int = 2) -> int:
     """The cache for `concurrency` sequences of `context` tokens: sliding layers hold min(window, context)."""
-    total = 0
-    for spec in cfg.layers:
-        if spec.kv_source is None:
-            slots = min(spec.sliding_window, context) if spec.sliding_window else context
-            total += 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes * slots
-    return total * concurrency
+    from .engine.kv_cache import buffer_shapes
+
+    shapes = buffer_shapes(cfg.layers, concurrency, context).values()
+    return sum(2 * math.prod(shape) * dtype_bytes for shape in shapes)
 
 
 def activation_bytes(cfg: ModelConfig, context: int, concurrency: int = 1, on_gpu: bool = False) -> int:

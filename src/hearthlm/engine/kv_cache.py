@@ -16,6 +16,21 @@ from ..config import LayerSpec
 from ..kernels import cpu
 
 
+def slots(window: int | None, max_len: int) -> int:
+    """Cache slots of a layer: its window (a ring), or max_len for full attention."""
+    return min(window, max_len) if window else max_len
+
+
+def buffer_shapes(layers: list[LayerSpec], batch: int, max_len: int) -> dict[int, tuple[int, int, int, int]]:
+    """The shape of the K buffer (and of the V buffer) of every layer that stores its own K/V; KV-shared
+    layers store nothing. `hearth fit` sizes the cache from this too."""
+    return {
+        i: (batch, spec.num_kv_heads, slots(spec.sliding_window, max_len), spec.head_dim)
+        for i, spec in enumerate(layers)
+        if spec.kv_source is None
+    }
+
+
 class _Group:
     """Slot bookkeeping shared by all layers with the same window (None = full attention)."""
 
@@ -89,15 +104,11 @@ class ContiguousKVCache:
         self.v: dict[int, torch.Tensor] = {}
         self.groups: dict[int | None, _Group] = {}
         self.shared_sources = {s for s in self.source if s is not None}
-        for i, spec in enumerate(layers):
-            w = spec.sliding_window
-            slots = min(w, max_len) if w else max_len
-            if w not in self.groups:
-                self.groups[w] = _Group(w, batch, slots, device)
-            if spec.kv_source is None:
-                shape = (batch, spec.num_kv_heads, slots, spec.head_dim)
-                self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
-                self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+        for w in dict.fromkeys(self.window):
+            self.groups[w] = _Group(w, batch, slots(w, max_len), device)
+        for i, shape in buffer_shapes(layers, batch, max_len).items():
+            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
         self.rows = slice(0, batch)
         self._step_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
