@@ -167,3 +167,20 @@ def test_estimate_holds_against_measured_rss(request, folder, dtype, fmt):
         steady = got["VmRSS"] - got["base"]
         print(f"  steady RSS {steady / 1e6:.0f} MB, estimated {(e.ram - fit.RUNTIME_RSS) / 1e6:.0f}")
         assert e.ram - fit.RUNTIME_RSS == pytest.approx(steady, rel=0.10)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--context", "0"], "--context and --concurrency must be at least 1"),
+        (["--concurrency", "-1"], "--context and --concurrency must be at least 1"),
+        (["--ram", "-3"], "--ram must be a positive number"),
+        (["--vram", "-1"], "--vram must be 0 (no GPU) or more"),
+        (["--bandwidth", "0"], "--bandwidth must be a positive number"),
+    ],
+)
+def test_bad_fit_flags_are_clear_errors(flags, message, capsys):
+    from hearthlm import cli
+
+    assert cli.main(["fit", "gemma-4-E2B", "--bandwidth", "30", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -464,6 +464,11 @@ def detect(
 ) -> Machine:
     """This machine: RAM from /proc/meminfo, CUDA GPUs from torch; overrides in GB (10^9 bytes). The CPU's read
     bandwidth is measured once and cached in ~/.cache/hearthlm/machine.json, keyed by CPU model and threads."""
+    for flag, value in (("--ram", ram_gb), ("--bandwidth", bandwidth_gbps)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be a positive number, not {value}")
+    if vram_gb is not None and not vram_gb >= 0:
+        raise ValueError(f"--vram must be 0 (no GPU) or more, not {vram_gb}")
     info = _meminfo()
     ram = int(ram_gb * 1e9) if ram_gb is not None else info.get("MemTotal", 0)
     machine = Machine(ram=ram, ram_available=info.get("MemAvailable"), cpu=_cpu_name())
@@ -505,6 +510,8 @@ def fit(
     formats: tuple[str, ...] = DEFAULT_FORMATS,
 ) -> list[Estimate]:
     """Estimates for each model (default: every known model) in each format, judged against `machine`."""
+    if context < 1 or concurrency < 1:
+        raise ValueError(f"--context and --concurrency must be at least 1 (got {context} and {concurrency})")
     models = [load(n) for n in names] if names else [known_model(n) for n in KNOWN_MODELS]
     out = []
     for m in models:
