@@ -11,9 +11,11 @@ from .engine.generator import Sequence, forward_tokens, generate
 from .engine.kv_cache import ContiguousKVCache
 from .engine.sampler import SamplingParams
 from .kernels import cpu
+from .quant.quantize import parse_quant
 from .store import resolve
 from .tokenizer import Tokenizer
-from .weights.loader import load_model
+from .weights.gguf import GGUFFile
+from .weights.loader import load_model, stored_quant
 
 _DTYPES = {
     "float32": torch.float32,
@@ -76,21 +78,26 @@ class LLM:
         quant: str | None = None,
         expert_budget: str | float | None = None,
     ):
-        if quant is not None:
-            raise ValueError(f"quant={quant!r}: weight quantization is not available in this version")
+        spec = parse_quant(quant) if quant is not None else None
         if expert_budget is not None:
             raise ValueError("expert_budget: budgeted expert residency is not available in this version")
         path = resolve(model)  # None: the built-in demo; HF id / short name: its folder in the store
-        if path.suffix == ".gguf":
-            raise ValueError(f"{path}: GGUF files are not supported in this version; use a safetensors folder")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
         if self.device.type == "cpu":
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
-        self.model = load_model(path, self.dtype, self.device)
+            getattr(cpu, "quant_available", bool)()  # TEMP
+        self.model = load_model(path, self.dtype, self.device, spec)
+        self.quant = spec.name if spec else stored_quant(path) or ("gguf" if path.suffix == ".gguf" else None)
         self.config = self.model.config
-        self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+        if path.suffix == ".gguf":
+            from .gguf_tokenizer import tokenizer_from_gguf
+
+            meta = GGUFFile(path).metadata
+            self.tokenizer = tokenizer_from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
+        else:
+            self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
 
     # -- inputs -------------------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> list[int]:

@@ -17,7 +17,7 @@ def _err() -> Console:
 def _load(args: argparse.Namespace):
     from .api import LLM
 
-    llm = LLM(args.model, dtype=args.dtype)  # the loader shows its own progress bar
+    llm = LLM(args.model, dtype=args.dtype, quant=args.quant)  # the loader shows its own progress bar
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
     return llm
@@ -184,6 +184,21 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="a system message (through the model's chat template)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--quant", default=None, help=QUANT_HELP)
+
+
+QUANT_HELP = "quantize the weights while loading: int8, int4 (int4-g32 / -g64 / -g128 set the group size)"
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .api import LLM
+    from .weights.export import write_quantized
+
+    llm = LLM(args.model, dtype=args.dtype, quant=args.to)
+    out = write_quantized(llm.model, llm.path, Path(args.output), llm.quant)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
+    _err().print(f"wrote {out} ({llm.quant}, {size:.2f} GB); run it with `hearth run {out}`")
+    return 0
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -282,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("id", help="a Hugging Face repo id, e.g. google/gemma-4-E2B-it")
     pull.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
     pull.set_defaults(func=_pull)
+    quant = sub.add_parser("quantize", help="write a quantized copy of a model that loads without quantizing again")
+    quant.add_argument("model", help=model_help.split(";")[0])
+    quant.add_argument("--to", required=True, help="int8, int4, int4-g32, int4-g64 or int4-g128")
+    quant.add_argument("-o", "--output", required=True, help="the folder to write")
+    quant.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="of the float tensors")
+    quant.set_defaults(func=_quantize)
     sub.add_parser("list", help="list the models on this machine").set_defaults(func=_list)
     rm = sub.add_parser("rm", help="remove a pulled model")
     rm.add_argument("name", help="its HF id or short name (see `hearth list`)")

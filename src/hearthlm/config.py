@@ -26,6 +26,7 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    freq_factors: tuple[float, ...] = ()  # per-frequency divisors (GGUF files store Llama 3.x scaling so)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def rope_from_hf(cfg: dict[str, Any], where: str, layer_type: str | None = None)
     if kind == "default":
         if partial != 1.0:
             raise ConfigError(f"{where}: partial_rotary_factor={partial} with default RoPE is not supported")
-        return RopeSpec("default", theta)
+        return RopeSpec("default", theta, freq_factors=tuple(cfg.get("rope_freq_factors") or ()))
     if kind == "proportional":
         return RopeSpec("proportional", theta, partial=partial, factor=float(params.get("factor", 1.0)))
     if kind == "llama3":

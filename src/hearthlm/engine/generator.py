@@ -57,7 +57,7 @@ def generate(
     is_stopped: Callable[[Sequence], bool] | None = None,
 ) -> None:
     """Fill every Sequence's output and finish_reason in place."""
-    device = model.embed.weight.device
+    device = model.device
     cache = ContiguousKVCache(model.config.layers, len(seqs), max_len, model.dtype, device)
     gens = [s.params.generator() for s in seqs]
     last = []

@@ -1,5 +1,5 @@
 """Linear layers: one entry point that picks the kernel for the device, the weight format and the
-number of input rows.
+number of input rows (quantized weights: quant/linear.py).
 
 On CPU: up to 8 rows (decode) go to the streaming GEMV kernel (up to 32 rows, in passes of 8, for
 fp16/bf16 weights). More rows (prefill) with fp16/bf16 weights compute in float32, because PyTorch's
@@ -13,13 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu
+from ..quant.linear import quant_linear
+from ..quant.tensor import QuantTensor, RowConcat
 
 _HALF = (torch.float16, torch.bfloat16)
 # Up to this many rows, half-precision weights go through the GEMV kernel in passes of 8 rows.
 GEMV_ROWS_HALF = 32
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantTensor | RowConcat, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    if isinstance(weight, QuantTensor):
+        return quant_linear(x, weight, bias)
+    if isinstance(weight, RowConcat):
+        y = torch.cat([linear(x, part) for part in weight.parts], dim=-1)
+        return y if bias is None else y + bias
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
     K = x.shape[-1]

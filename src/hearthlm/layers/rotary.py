@@ -19,7 +19,8 @@ def inverse_frequencies(spec: RopeSpec, head_dim: int) -> torch.Tensor:
     # Explicit CPU: models are built under the meta device, but these tables are real data.
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     if spec.kind == "default":
-        return 1.0 / (spec.theta**exponents)
+        inv = 1.0 / (spec.theta**exponents)
+        return inv / torch.tensor(spec.freq_factors, device="cpu") if spec.freq_factors else inv
     if spec.kind == "proportional":
         rotated = int(spec.partial * head_dim // 2)
         inv = torch.zeros(head_dim // 2, device="cpu")

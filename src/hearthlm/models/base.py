@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.attention import Batch, rope_key
+from ..layers.embedding import Embedding
 from ..layers.linear import Linear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import Rotary
@@ -19,23 +20,23 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        # An explicit (uninitialized) weight skips nn.Embedding's init, whose normal_ imports torch._dynamo even
-        # on the meta device (~1.5 s and ~70 MB per load); the loader fills the weight anyway.
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotaries = {rope_key(s): Rotary(s.rope, s.head_dim) for s in cfg.layers}
+        # The dtype the model was loaded in: of its float weights and of the KV cache (quantized weights too
+        # stand in for it). The loader sets it.
+        self.dtype = torch.float32
 
     @property
-    def dtype(self) -> torch.dtype:
-        """The weights' dtype (also the KV cache's)."""
-        return self.embed.weight.dtype
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """Activations' dtype. On CPU always float32: without AVX-512, half-precision elementwise ops and
         conversions cost more than they save, and the weights are read in fp16/bf16 all the same."""
-        return torch.float32 if self.embed.weight.device.type == "cpu" else self.dtype
+        return torch.float32 if self.device.type == "cpu" else self.dtype
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids).to(self.compute_dtype)

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, LayerSpec, ModelConfig, as_id_list, require, rope_from_hf
 from ..layers.attention import Attention, Batch
+from ..layers.embedding import lookup
 from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP, activation
 from ..layers.moe import Experts
@@ -89,8 +89,8 @@ class PerLayerEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """ids [B, T], embeds [B, T, H] -> [B, T, L, P]"""
-        scale = _rounded(self.shape[1] ** 0.5, self.proj.weight.dtype)
-        token = F.embedding(ids, self.table).to(embeds.dtype) * scale
+        table_dtype = self.table.dtype if isinstance(self.table, torch.Tensor) else torch.float32
+        token = lookup(self.table, ids).to(embeds.dtype) * _rounded(self.shape[1] ** 0.5, table_dtype)
         context = self.norm((self.proj(embeds) * self.proj_scale).view(*ids.shape, *self.shape))
         return (context + token.view(*ids.shape, *self.shape)) * 2**-0.5
 

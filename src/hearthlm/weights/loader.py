@@ -1,8 +1,15 @@
-"""Build a model from a Hugging Face checkpoint folder.
+"""Build a model from a Hugging Face checkpoint folder, a folder `hearth quantize` wrote, or a GGUF file.
 
 The model is constructed on the meta device (no memory), then every parameter is filled from its
 weight-map source: tensors come memory-mapped, are combined (fused qkv, stacked experts) and
-converted one at a time, so peak memory stays near one copy of the weights.
+converted or quantized one at a time, and the file pages of what was copied are dropped, so peak memory
+stays near one copy of the weights in their final format.
+
+Quantizing (`quant`): the matrices of linear layers and experts take the requested format. Embeddings and
+the LM head take int8 with one scale per row whatever the format: the head's errors land directly on the
+logits (int4 there costs far more quality than anywhere else), and a tied table serves as both. Routers
+stay in float (a flipped expert choice is a large error), and so do Gemma 4's per-layer embedding tables:
+they stay memory-mapped, a few rows read per token, costing page cache rather than memory.
 """
 
 from __future__ import annotations
@@ -18,10 +25,19 @@ from rich.progress import Progress
 from torch import nn
 
 from ..config import ModelConfig, as_id_list, read_json
+from ..layers.embedding import Embedding
+from ..layers.linear import Linear
+from ..layers.moe import Experts
 from ..models import resolve
 from ..models.base import CausalLM
+from ..quant.quantize import QuantSpec, quantizable, quantize
+from ..quant.tensor import QuantTensor, RowConcat, combine
 from ..weights.mapping import Cat, Source, Stack, names_in
+from .gguf import GGUFFile
+from .gguf_model import GGUFCheckpoint, hf_config
 from .safetensors import Checkpoint, CheckpointError
+
+HEARTHLM_QUANT = "hearthlm"  # quantization_config.quant_method of the folders `hearth quantize` writes
 
 # Text-model prefixes, most specific first: multimodal wrapper, then CausalLM.
 PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
@@ -49,44 +65,83 @@ def read_model_config(folder: Path) -> tuple[type[CausalLM], ModelConfig]:
     return cls, cfg
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    cls, cfg = read_model_config(folder)
+def stored_quant(folder: Path) -> str | None:
+    """The format of a folder `hearth quantize` wrote ('int4-g32', ...), None for a float checkpoint; other
+    quantized checkpoints (GPTQ, AWQ, bitsandbytes, fp8, ...) are refused with the way out."""
+    if folder.suffix == ".gguf":
+        return None
+    q = read_json(folder / "config.json").get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method", "unknown")
+    if method != HEARTHLM_QUANT:
+        raise CheckpointError(
+            f"{folder}: the checkpoint is quantized with '{method}', which hearthlm does not load; use the "
+            "unquantized checkpoint with --quant int8/int4, or a GGUF file"
+        )
+    return q.get("format", "quantized")
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, quant: QuantSpec | None = None) -> CausalLM:
+    """`path`: a checkpoint folder or a .gguf file; `quant`: quantize float matrices while loading."""
+    stored = stored_quant(path)
+    if path.suffix == ".gguf":
+        gguf = GGUFFile(path)
+        hf = hf_config(gguf)
+        cls, arch, text = resolve(hf, str(path))
+        cfg = cls.config_from_hf(text, arch, str(path))
+        ckpt = GGUFCheckpoint(gguf, hf)
+    else:
+        if stored is not None and quant is not None:
+            raise CheckpointError(f"{path} is already quantized ({stored}); load it without --quant")
+        cls, cfg = read_model_config(path)
+        ckpt = Checkpoint(path) if stored is None else _OwnNames(Checkpoint(path))
     with torch.device("meta"):
         model = cls(cfg)
-    ckpt = Checkpoint(folder)
-    prefix = next((p for p in PREFIXES if f"{p}embed_tokens.weight" in ckpt), None)
-    if prefix is None:
-        raise CheckpointError(f"{folder}: no embed_tokens.weight under any known prefix {PREFIXES}")
-    mapping = model.weight_map(prefix)
+    if stored is not None:
+        mapping: dict[str, Source] = {name: name for name, _ in model.named_parameters()}
+    else:
+        prefix = next((p for p in PREFIXES if f"{p}embed_tokens.weight" in ckpt), None)
+        if prefix is None:
+            raise CheckpointError(f"{path}: no embed_tokens.weight under any known prefix {PREFIXES}")
+        mapping = model.weight_map(prefix)
     keep = getattr(model, "keep_storage_dtype", set())
     params = dict(model.named_parameters())
     unmapped = set(params) - set(mapping)
     assert not unmapped, f"weight map of {cls.__name__} misses {sorted(unmapped)}"
+    plan = _quant_plan(model, quant) if quant is not None else {}
     console = Console(stderr=True)
+    verb = f"loading {path.name}" + (f" as {quant.name}" if quant else "")
     with Progress(console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"loading {folder.name}", total=len(mapping))
+        task = progress.add_task(verb, total=len(mapping))
         for name, source in mapping.items():
             tensor = _build(ckpt, source)
             expected = tuple(params[name].shape)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(
-                    f"{folder}: {_describe(ckpt, source)} has shape {tuple(tensor.shape)}, "
-                    f"but the config implies {expected} for {name}: config.json and weights disagree"
+                    f"{path}: {_describe(ckpt, source)} has shape {tuple(tensor.shape)}, "
+                    f"but the config implies {expected} for {name}: the config and the weights disagree"
                 )
             built = tensor
-            if name not in keep or tensor.device != device:
-                tensor = tensor.to(device=device, dtype=tensor.dtype if name in keep else dtype)
+            if isinstance(tensor, torch.Tensor):
+                if name in plan and quantizable(tensor, plan[name]):
+                    tensor = quantize(tensor, plan[name])
+                elif name not in keep or tensor.device != device:
+                    tensor = tensor.to(device=device, dtype=tensor.dtype if name in keep else dtype)
+            if tensor.device != device:
+                tensor = tensor.to(device)
             _set_param(model, name, tensor)
-            if not isinstance(source, str) or tensor.data_ptr() != built.data_ptr():
+            if not isinstance(source, str) or not _same_storage(tensor, built):
                 for part in names_in(source):  # copied (fused, converted or moved): free the file's pages
                     ckpt.release(part)
             progress.advance(task)
+    model.dtype = dtype
     used = {n for s in mapping.values() for n in names_in(s)}
     unexpected = [n for n in ckpt.names() if n not in used and not n.startswith(IGNORED)]
     unexpected = [n for n in unexpected if not _ignorable(n)]
     if unexpected:
         warnings.warn(
-            f"{folder}: {len(unexpected)} checkpoint tensor(s) not used by {cfg.architecture}, e.g. {unexpected[:3]}",
+            f"{path}: {len(unexpected)} checkpoint tensor(s) not used by {cfg.architecture}, e.g. {unexpected[:3]}",
             stacklevel=2,
         )
     for module in model.modules():  # let layers prepare derived state (e.g. float32 norm weights)
@@ -104,10 +159,69 @@ def _ignorable(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq") or bool(_SHARED_KV.search(name))
 
 
-def _build(ckpt: Checkpoint, source: Source) -> torch.Tensor:
+def _quant_plan(model: CausalLM, spec: QuantSpec) -> dict[str, QuantSpec]:
+    """Parameter name -> the format it is quantized to (see the module docstring for the choices)."""
+    per_row = QuantSpec(8, None)
+    plan = {}
+    for owner, module in model.named_modules():
+        if "router" in owner.split("."):
+            continue
+        if isinstance(module, Embedding) or owner == "lm_head":
+            plan[f"{owner}.weight"] = per_row
+        elif isinstance(module, Linear):
+            plan[f"{owner}.weight"] = spec
+        elif isinstance(module, Experts):
+            plan[f"{owner}.gate_up"] = plan[f"{owner}.down"] = spec
+    return plan
+
+
+def _same_storage(a: torch.Tensor | QuantTensor, b: torch.Tensor | QuantTensor) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+
+
+class _OwnNames:
+    """A checkpoint that `hearth quantize` wrote: tensors under our own parameter names, a quantized one as
+    NAME.qdata / NAME.scales (/ NAME.mins)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self.folder = ckpt, ckpt.folder
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ckpt or f"{name}.qdata" in self.ckpt
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(re.sub(r"\.(qdata|scales|mins)$", "", n) for n in self.ckpt.names()))
+
+    def file_of(self, name: str) -> Path:
+        return self.ckpt.file_of(name if name in self.ckpt else f"{name}.qdata")
+
+    def get(self, name: str) -> torch.Tensor | QuantTensor:
+        if name in self.ckpt or f"{name}.qdata" not in self.ckpt:
+            return self.ckpt.get(name)
+        qdata, scales = self.ckpt.get(f"{name}.qdata"), self.ckpt.get(f"{name}.scales")
+        mins = self.ckpt.get(f"{name}.mins") if f"{name}.mins" in self.ckpt else None
+        bits = 4 if qdata.dtype == torch.uint8 else 8
+        K = qdata.shape[-1] * (2 if bits == 4 else 1)
+        try:
+            return QuantTensor(qdata, scales, mins, bits, K // scales.shape[-1])
+        except ValueError as e:
+            raise CheckpointError(f"{self.ckpt.file_of(f'{name}.qdata')}: quantized tensor '{name}': {e}") from None
+
+    def release(self, name: str) -> None:
+        for part in (name, f"{name}.qdata", f"{name}.scales", f"{name}.mins"):
+            if part in self.ckpt:
+                self.ckpt.release(part)
+
+
+def _build(ckpt: Checkpoint, source: Source) -> torch.Tensor | QuantTensor | RowConcat:
     if isinstance(source, str):
         return ckpt.get(source)
     parts = [_build(ckpt, p) for p in source.parts]
+    if any(not isinstance(p, torch.Tensor) for p in parts):
+        try:
+            return combine(parts, stack=isinstance(source, Stack))
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.folder}: {_describe(ckpt, source)}: {e}") from None
     if len({p.shape[1:] if isinstance(source, Cat) else p.shape for p in parts}) > 1:
         shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip((names_in(q)[0] for q in source.parts), parts))
         raise CheckpointError(f"{ckpt.folder}: tensors to combine have mismatched shapes: {shapes}")
@@ -124,7 +238,11 @@ def _describe(ckpt: Checkpoint, source: Source) -> str:
     return f"tensor {where}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor | QuantTensor | RowConcat) -> None:
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner) if owner else model
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    if isinstance(tensor, nn.Module):  # quantized: a submodule in the parameter's place
+        module._parameters.pop(attr, None)
+        setattr(module, attr, tensor)
+    else:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))

@@ -1,0 +1,55 @@
+"""Products with quantized weights: the CPU kernels where they apply, dequantized tiles elsewhere.
+
+Up to cpu.MAX_ROWS input rows (decode) run the integer GEMV kernel, which reads the packed weights once.
+More rows (prefill) dequantize the weight a tile of output rows at a time and multiply in float: the tile
+stays in cache, and the float GEMM is faster than the GEMV kernel once the weights are reused this often.
+Off the CPU (or without the kernels) the same tiles come from the pure-torch reference `dequantize`, so
+every device gets the same answer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import cpu
+from .tensor import QuantTensor, dequantize
+
+TILE = 1 << 20  # weights dequantized at a time for prefill (4 MB of float32)
+
+
+def _kernels(w: QuantTensor) -> bool:
+    return w.device.type == "cpu" and getattr(cpu, "quant_available", bool)()  # TEMP
+
+
+def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    N, K = w.shape
+    rows = x.numel() // K
+    flat = x.reshape(rows, K)
+    if _kernels(w) and 0 < rows <= cpu.MAX_ROWS:
+        y = cpu.quant_gemv(flat.float().contiguous(), w.qdata, w.scales, w.mins, w.bits, w.group)
+    else:
+        dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+        flat = flat.to(dtype)
+        y = torch.empty(rows, N, dtype=dtype, device=x.device)
+        step = max(1, TILE // K)
+        for n in range(0, N, step):
+            y[:, n : n + step] = F.linear(flat, _tile(w, n, min(N, n + step), dtype))
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+def _tile(w: QuantTensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    if _kernels(w):
+        rows = torch.arange(start, end)
+        return cpu.dequant_rows(w.qdata, w.scales, w.mins, w.bits, w.group, rows)
+    t = w.rows(start, end)
+    return dequantize(t.qdata, t.scales, t.mins, t.bits, t.group).to(dtype)
+
+
+def quant_rows(w: QuantTensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a quantized table, float32 [len(ids), K] (embedding lookups)."""
+    if _kernels(w):
+        return cpu.dequant_rows(w.qdata, w.scales, w.mins, w.bits, w.group, ids.to(torch.int64))
+    mins = None if w.mins is None else w.mins[ids]
+    return dequantize(w.qdata[ids], w.scales[ids], mins, w.bits, w.group)

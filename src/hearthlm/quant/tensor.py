@@ -1,0 +1,145 @@
+"""QuantTensor: a weight matrix (or a stack of expert matrices) stored as 4- or 8-bit integers with
+one float16 scale (and optionally one float16 min) per group of `group` consecutive input elements.
+
+The one layout every quantized weight runs in, whatever it came from (our int8 / int4, or a GGUF
+Q4_0, Q4_K, Q6_K, ...), so that one set of kernels serves them all:
+
+- logical shape [..., N, K] (out, in); K is a multiple of 32; `group` divides K and is 16, a
+  multiple of 32, or K itself (one scale per output row);
+- bits == 8: qdata int8 [..., N, K], the signed integer of every weight;
+- bits == 4: qdata uint8 [..., N, K // 2]; each block of 32 elements of a row takes 16 bytes, byte j
+  holding element j of the block in its low nibble and element j + 16 in its high nibble (the
+  order of GGML's Q4_0), values 0..15;
+- scales float16 [..., N, K // group];
+- mins float16 [..., N, K // group] or None.
+
+The value of a weight with integer q in group g:
+    mins given:            scales[g] * q + mins[g]
+    no mins, bits == 8:    scales[g] * q
+    no mins, bits == 4:    scales[g] * (q - 8)          (symmetric 4-bit, as GGML's Q4_0)
+`dequantize` below is the reference for that rule; the CPU kernels must agree with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantTensor(nn.Module):
+    def __init__(
+        self,
+        qdata: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor | None,
+        bits: int,
+        group: int,
+    ):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        K = qdata.shape[-1] * (2 if bits == 4 else 1)
+        if K % 32 or K % group or not (group == 16 or group % 32 == 0):
+            raise ValueError(f"unsupported layout: K={K}, group={group}")
+        if scales.shape != (*qdata.shape[:-1], K // group) or (mins is not None and mins.shape != scales.shape):
+            raise ValueError(f"scales {tuple(scales.shape)} do not fit qdata {tuple(qdata.shape)} with group {group}")
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self.bits = bits
+        self.group = group
+        self.shape = torch.Size((*qdata.shape[:-1], K))
+        self._views: dict[int, QuantTensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.qdata.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scales, self.mins) if t is not None)
+
+    @property
+    def layout(self) -> tuple[int, int, bool]:
+        return self.bits, self.group, self.mins is not None
+
+    def __getitem__(self, i: int) -> QuantTensor:
+        """One matrix of a stack (an expert's weights): a view, made once and kept (experts are picked per step)."""
+        if len(self.shape) < 3:
+            raise IndexError("indexing selects one matrix of a stacked QuantTensor")
+        view = self._views.get(i)
+        if view is None:
+            mins = None if self.mins is None else self.mins[i]
+            view = self._views[i] = QuantTensor(self.qdata[i], self.scales[i], mins, self.bits, self.group)
+        return view
+
+    def rows(self, start: int, end: int) -> QuantTensor:
+        """Output rows [start, end) of a matrix (a view)."""
+        mins = None if self.mins is None else self.mins[start:end]
+        return QuantTensor(self.qdata[start:end], self.scales[start:end], mins, self.bits, self.group)
+
+    def extra_repr(self) -> str:
+        kind = "asymmetric" if self.mins is not None else "symmetric"
+        return f"shape={tuple(self.shape)}, bits={self.bits}, group={self.group}, {kind}"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qdata, self.scales, self.mins, self.bits, self.group).to(dtype)
+
+
+def unpack_int4(qdata: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K // 2] in the block layout above -> uint8 [..., K] with one value per element."""
+    b = qdata.reshape(*qdata.shape[:-1], -1, 16)
+    return torch.cat([b & 15, b >> 4], dim=-1).reshape(*qdata.shape[:-1], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K] of values 0..15 -> the packed layout (inverse of unpack_int4)."""
+    b = q.to(torch.uint8).reshape(*q.shape[:-1], -1, 32)
+    return (b[..., :16] | (b[..., 16:] << 4)).reshape(*q.shape[:-1], -1)
+
+
+def dequantize(
+    qdata: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int
+) -> torch.Tensor:
+    """The reference: float32 weights [..., N, K] from the packed parts."""
+    q = (unpack_int4(qdata) if bits == 4 else qdata).float()
+    s = scales.float().repeat_interleave(group, dim=-1)
+    if mins is not None:
+        return q * s + mins.float().repeat_interleave(group, dim=-1)
+    return s * (q - 8) if bits == 4 else s * q
+
+
+class RowConcat(nn.Module):
+    """Matrices of different formats stacked along the output rows: what a fused projection (q|k|v, gate|up)
+    becomes when its parts were quantized differently (a GGUF Q4_K_M file stores v as Q6_K, q and k as
+    Q4_K). `linear` runs each part and concatenates the outputs."""
+
+    def __init__(self, parts: list[QuantTensor | torch.Tensor]):
+        super().__init__()
+        self.parts = list(parts)
+        for i, p in enumerate(self.parts):
+            if isinstance(p, nn.Module):
+                self.add_module(str(i), p)
+            else:
+                self.register_buffer(str(i), p)
+        self.shape = torch.Size((sum(p.shape[0] for p in parts), parts[0].shape[1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+
+def combine(parts: list[QuantTensor | torch.Tensor], stack: bool) -> QuantTensor | RowConcat | torch.Tensor:
+    """Concatenate (fused projections) or stack (experts) weights of which at least one is quantized."""
+    quant = [p for p in parts if isinstance(p, QuantTensor)]
+    if len(quant) == len(parts) and len({p.layout for p in quant}) == 1:
+        join = torch.stack if stack else torch.cat
+        first = quant[0]
+        mins = None if first.mins is None else join([p.mins for p in quant])
+        return QuantTensor(
+            join([p.qdata for p in quant]), join([p.scales for p in quant]), mins, first.bits, first.group
+        )
+    if stack:
+        kinds = sorted({p.extra_repr() if isinstance(p, QuantTensor) else str(p.dtype) for p in parts})
+        raise ValueError(f"cannot stack expert weights stored in different formats: {kinds}")
+    return RowConcat(parts)

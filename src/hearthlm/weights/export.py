@@ -1,0 +1,45 @@
+"""Writing a quantized checkpoint folder (`hearth quantize`): the loaded model's tensors under our own
+parameter names, so that loading it again is a memory map, not a second quantization.
+
+The folder holds config.json (the source's, plus a quantization_config naming the format), the
+tokenizer, chat template and generation config as they were, and model.safetensors. A quantized
+weight NAME is stored as NAME.qdata (int8, or uint8 holding two 4-bit values), NAME.scales and, for
+asymmetric formats, NAME.mins (float16); bits and group size follow from the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..models.base import CausalLM
+from .loader import HEARTHLM_QUANT
+from .safetensors import CheckpointError
+
+_COPIED = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
+
+
+def write_quantized(model: CausalLM, source: Path, out: Path, fmt: str) -> Path:
+    if source.suffix == ".gguf":
+        raise CheckpointError(f"{source} is a GGUF file, already quantized: load it directly instead")
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == source.resolve():
+        raise CheckpointError(f"{out}: write the quantized checkpoint to a new folder, not over its source")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": HEARTHLM_QUANT, "format": fmt}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in _COPIED:
+        if (source / name).exists():
+            shutil.copyfile(source / name, out / name)
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "hearthlm_quant": fmt})
+    return out

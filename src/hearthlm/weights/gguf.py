@@ -1,0 +1,191 @@
+"""Reading GGUF files (llama.cpp's format): the header, the metadata and a memory-mapped view of each tensor's
+bytes. What the bytes mean (GGML block types) is quant/ggml.py's business; what the names and metadata mean
+for a model is gguf_model.py's.
+
+Layout (little-endian): magic "GGUF", version (2 or 3), tensor count, metadata count; the metadata as
+(key, type, value); the tensor infos as (name, dims innermost-first, GGML type, offset); then, aligned to
+`general.alignment` (32 by default), the tensor data. Every count and length is checked against the file
+size before it is trusted, so a truncated or corrupt file gets a GGUFError naming what is wrong, never a
+crash or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..quant import ggml
+from .safetensors import CheckpointError
+
+MAGIC = b"GGUF"
+
+# Metadata value types: id -> (struct format, size) for scalars.
+_SCALARS = {
+    0: ("<B", 1),  # uint8
+    1: ("<b", 1),  # int8
+    2: ("<H", 2),  # uint16
+    3: ("<h", 2),  # int16
+    4: ("<I", 4),  # uint32
+    5: ("<i", 4),  # int32
+    6: ("<f", 4),  # float32
+    7: ("<?", 1),  # bool
+    10: ("<Q", 8),  # uint64
+    11: ("<q", 8),  # int64
+    12: ("<d", 8),  # float64
+}
+_STRING, _ARRAY = 8, 9
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
+
+
+class GGUFError(CheckpointError):
+    """A .gguf file that cannot be read: names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: outermost first (GGUF lists dims innermost first)
+    ggml_type: int
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise GGUFError(
+                f"{self.path}: truncated or corrupt: {what} needs {n} bytes at offset {self.pos}, "
+                f"but the file has {len(self.buf)} — download it again"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, vtype: int, what: str) -> Any:
+        fmt, size = _SCALARS[vtype]
+        return struct.unpack(fmt, self.take(size, what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar(10, what)
+        raw = self.take(n, what)
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            return str(raw, "utf-8", errors="replace")
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(vtype, what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            etype = self.scalar(4, what)
+            count = self.scalar(10, what)
+            if etype in _NUMPY:
+                size = _SCALARS[etype][1]
+                raw = self.take(count * size, what)
+                return np.frombuffer(raw, dtype=_NUMPY[etype]).tolist()
+            if count > len(self.buf) - self.pos:  # every element takes at least one byte
+                raise GGUFError(f"{self.path}: corrupt: {what} claims {count} elements, more than the file holds")
+            return [self.value(etype, what) for _ in range(count)]
+        raise GGUFError(f"{self.path}: corrupt: {what} has unknown value type {vtype}")
+
+
+class GGUFFile:
+    """One .gguf file: `metadata` (key -> Python value), `tensors` (name -> TensorInfo), and `raw(name)`, a
+    zero-copy uint8 view of a tensor's bytes in a private memory map."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise GGUFError(f"{self.path} not found") from None
+        with f:
+            size = self.path.stat().st_size
+            if size < 24:
+                raise GGUFError(f"{self.path}: {size} bytes is too short to be a GGUF file (truncated?)")
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        cur = _Cursor(memoryview(self._mmap), self.path)
+        if bytes(cur.take(4, "magic")) != MAGIC:
+            raise GGUFError(f"{self.path}: not a GGUF file (the first bytes are not 'GGUF')")
+        self.version = cur.scalar(4, "version")
+        if self.version not in (2, 3):
+            raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported (versions 2 and 3 are)")
+        n_tensors = cur.scalar(10, "tensor count")
+        n_kv = cur.scalar(10, "metadata count")
+        if n_tensors > size // 24 or n_kv > size // 12:  # each entry takes at least that many bytes
+            raise GGUFError(f"{self.path}: corrupt header ({n_tensors} tensors, {n_kv} metadata entries)")
+        self.metadata: dict[str, Any] = {}
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}")
+            self.metadata[key] = cur.value(cur.scalar(4, f"type of '{key}'"), f"metadata '{key}'")
+        infos = []
+        for i in range(n_tensors):
+            name = cur.string(f"tensor name #{i}")
+            n_dims = cur.scalar(4, f"dims of '{name}'")
+            if n_dims > 4:
+                raise GGUFError(f"{self.path}: corrupt: tensor '{name}' claims {n_dims} dimensions")
+            dims = [cur.scalar(10, f"dims of '{name}'") for _ in range(n_dims)]
+            infos.append((name, tuple(reversed(dims)), cur.scalar(4, f"type of '{name}'"), cur.scalar(10, name)))
+        alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"{self.path}: corrupt: general.alignment = {alignment!r} is not a power of two")
+        data_start = -(-cur.pos // alignment) * alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, ggml_type, offset in infos:
+            try:
+                nbytes = ggml.tensor_nbytes(ggml_type, shape)
+            except ggml.GGMLTypeError as e:
+                raise GGUFError(f"{self.path}: tensor '{name}': {e}") from None
+            start = data_start + offset
+            if offset % alignment or start + nbytes > size:
+                raise GGUFError(
+                    f"{self.path}: tensor '{name}' ({nbytes} bytes at offset {start}) lies beyond the end of the "
+                    f"file ({size} bytes): the file is truncated or corrupt — download it again"
+                )
+            self.tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise GGUFError(f"{self.path}: no general.architecture in the metadata")
+        return arch
+
+    def raw(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self._mmap, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor that was copied out (see SafetensorsFile.release)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensors[name]
+        first = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)

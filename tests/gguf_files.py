@@ -1,0 +1,225 @@
+"""GGUF files for tests, written with the `gguf` package's writer from transformers models, the way
+llama.cpp's convert_hf_to_gguf.py lays them out: llama.cpp tensor names, q/k rows of the `llama`
+architecture permuted into llama.cpp's RoPE order, Llama 3 RoPE scaling as a `rope_freqs` tensor, experts
+stacked, 1-D tensors in F32 and matrices in the requested type (F32 where the row length does not fit the
+type's blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+        "Qwen3MoeForCausalLM": "qwen3moe", "MixtralForCausalLM": "llama"}  # fmt: skip
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp's interleaved order (what convert_hf_to_gguf.py does for llama)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_factors(cfg) -> np.ndarray:
+    rope = cfg.rope_parameters
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    base = rope["rope_theta"]
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    old = rope["original_max_position_embeddings"]
+    low, high = old / rope["low_freq_factor"], old / rope["high_freq_factor"]
+    factors = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high:
+            factors.append(1.0)
+        elif wavelen > low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (old / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A float32 array -> (bytes or float array, type) as the writer takes it; F32 where blocks don't fit."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.ndim < 2 or data.shape[-1] % block:
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return data.astype(np.float32), qtype
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16), qtype
+    if qtype in K_QUANTIZERS:
+        return K_QUANTIZERS[qtype](data), qtype
+    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+
+
+def write(model: torch.nn.Module, path: Path, qtype=gguf.GGMLQuantizationType.F32, vocab_tokens=None) -> Path:
+    """Write a transformers causal LM as llama.cpp's converter would; `vocab_tokens` optional token strings."""
+    cfg = model.config
+    hf_arch = type(model).__name__
+    arch = ARCH[hf_arch]
+    w = gguf.GGUFWriter(str(path), arch)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w.add_rope_freq_base(rope.get("rope_theta", 10_000.0))
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+        w.add_bool(f"{arch}.expert_weights_norm", bool(getattr(cfg, "norm_topk_prob", True)))
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if vocab_tokens is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(vocab_tokens)
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_factors(cfg))
+    for name, t in model.state_dict().items():
+        data = t.detach().float().numpy()
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        for gname, part in _gguf_tensors(name, data, arch, heads, kv_heads):
+            encoded, ttype = encode(part, qtype)
+            w.add_tensor(gname, encoded, raw_dtype=ttype if ttype not in (0, 1) else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _gguf_tensors(name: str, data: np.ndarray, arch: str, heads: int, kv_heads: int):
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}  # fmt: skip
+    if name in top:
+        return [(top[name], data)]
+    parts = name.split(".")
+    i, suffix = parts[2], ".".join(parts[3:])
+    if suffix == "mlp.experts.gate_up_proj":  # [E, 2I, H]: gate rows then up rows
+        half = data.shape[1] // 2
+        return [(f"blk.{i}.ffn_gate_exps.weight", data[:, :half]), (f"blk.{i}.ffn_up_exps.weight", data[:, half:])]
+    if suffix == "mlp.experts.down_proj":
+        return [(f"blk.{i}.ffn_down_exps.weight", data)]
+    if arch == "llama" and suffix == "self_attn.q_proj.weight":
+        data = _permute(data, heads)
+    if arch == "llama" and suffix == "self_attn.k_proj.weight":
+        data = _permute(data, kv_heads)
+    return [(f"blk.{i}.{_LAYER[suffix]}", np.ascontiguousarray(data))]
+
+
+# -- K-quant blocks (gguf's numpy code can only dequantize these): simple, valid encoders --------------
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).view(np.uint8).reshape(*x.shape[:-1], -1) if x.ndim > 1 else x.astype(np.float16)
+
+
+def _scale_min_k4(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins per block -> the 12 packed bytes of Q4_K / Q5_K."""
+    out = np.zeros((*sc.shape[:-1], 12), dtype=np.uint8)
+    out[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    out[..., 4:8] = (mn[..., 0:4] & 63) | ((mn[..., 4:8] >> 4) << 6)
+    out[..., 8:12] = (sc[..., 4:8] & 15) | ((mn[..., 4:8] & 15) << 4)
+    return out
+
+
+def _k_scales(x: np.ndarray, levels: int):
+    """x [n, 8, 32] -> (d, dmin, 6-bit scales, 6-bit mins, integers q [n, 8, 32] in 0..levels)."""
+    lo = np.minimum(x.min(-1), 0)
+    hi = x.max(-1)
+    scale = np.maximum(hi - lo, 1e-8) / levels
+    d = (scale.max(-1) / 63).astype(np.float16).astype(np.float32)
+    dmin = ((-lo).max(-1) / 63).astype(np.float16).astype(np.float32)
+    d = np.where(d > 0, d, 1e-8)
+    dmin = np.where(dmin > 0, dmin, 1e-8)
+    sc = np.clip(np.round(scale / d[:, None]), 1, 63).astype(np.uint8)
+    mn = np.clip(np.round(-lo / dmin[:, None]), 0, 63).astype(np.uint8)
+    s = d[:, None] * sc
+    m = dmin[:, None] * mn
+    q = np.clip(np.round((x + m[..., None]) / s[..., None]), 0, levels).astype(np.uint8)
+    return d, dmin, sc, mn, q
+
+
+def _q4_k(data: np.ndarray) -> np.ndarray:
+    rows = data.reshape(-1, 8, 32).astype(np.float32)
+    d, dmin, sc, mn, q = _k_scales(rows, 15)
+    q = q.reshape(-1, 4, 2, 32)  # per 64 elements: low nibbles = first 32, high = next 32
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    blocks = np.concatenate([_f16(d[:, None]), _f16(dmin[:, None]), _scale_min_k4(sc, mn), qs], axis=1)
+    return blocks.reshape(*data.shape[:-1], -1)
+
+
+def _q5_k(data: np.ndarray) -> np.ndarray:
+    rows = data.reshape(-1, 8, 32).astype(np.float32)
+    d, dmin, sc, mn, q = _k_scales(rows, 31)
+    low, high = q & 15, q >> 4  # [n, 8, 32]
+    low = low.reshape(-1, 4, 2, 32)
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    qh = np.zeros((len(rows), 32), dtype=np.uint8)
+    for j in range(8):
+        qh |= (high[:, j] << j).astype(np.uint8)
+    blocks = np.concatenate([_f16(d[:, None]), _f16(dmin[:, None]), _scale_min_k4(sc, mn), qh, qs], axis=1)
+    return blocks.reshape(*data.shape[:-1], -1)
+
+
+def _q6_k(data: np.ndarray) -> np.ndarray:
+    x = data.reshape(-1, 16, 16).astype(np.float32)
+    amax = np.abs(x).max(-1)
+    scale = np.maximum(amax, 1e-8) / 31
+    d = (np.abs(scale).max(-1) / 127).astype(np.float16).astype(np.float32)
+    d = np.where(d > 0, d, 1e-8)
+    sc = np.clip(np.round(scale / d[:, None]), 1, 127).astype(np.int8)
+    s = d[:, None] * sc
+    q = (np.clip(np.round(x / s[..., None]), -32, 31) + 32).astype(np.uint8).reshape(-1, 256)
+    # 256 values in two halves of 128; in each half, element l + 32k (k = 0..3) shares ql/qh bytes.
+    ql = np.zeros((len(q), 128), dtype=np.uint8)
+    qh = np.zeros((len(q), 64), dtype=np.uint8)
+    for half in range(2):
+        v = q[:, 128 * half : 128 * (half + 1)].reshape(-1, 4, 32)
+        ql[:, 64 * half : 64 * half + 32] = (v[:, 0] & 15) | ((v[:, 2] & 15) << 4)
+        ql[:, 64 * half + 32 : 64 * half + 64] = (v[:, 1] & 15) | ((v[:, 3] & 15) << 4)
+        qh[:, 32 * half : 32 * half + 32] = (
+            (v[:, 0] >> 4) | ((v[:, 1] >> 4) << 2) | ((v[:, 2] >> 4) << 4) | ((v[:, 3] >> 4) << 6)
+        )
+    blocks = np.concatenate([ql, qh, sc.view(np.uint8), _f16(d[:, None])], axis=1)
+    return blocks.reshape(*data.shape[:-1], -1)
+
+
+K_QUANTIZERS = {
+    gguf.GGMLQuantizationType.Q4_K: _q4_k,
+    gguf.GGMLQuantizationType.Q5_K: _q5_k,
+    gguf.GGMLQuantizationType.Q6_K: _q6_k,
+}
