@@ -2,8 +2,14 @@
 real shapes of Qwen2.5-0.5B and Gemma 4 E2B, next to the memory-bandwidth roofline of this machine.
 
     python benchmarks/decode.py [--models qwen2.5-0.5b,gemma4-e2b-like] [--dtypes float32,bfloat16,float16]
-                                [--tf-dtypes float32,bfloat16] [--runs 3] [--new-tokens 64]
+                                [--tf-dtypes float32,bfloat16] [--formats int8,int4,int4-g128]
+                                [--gguf Q4_0,Q8_0] [--runs 3] [--new-tokens 64]
                                 [--prompt-len 512] [--layers N]
+
+--formats adds hearthlm rows quantized at load from the bfloat16 checkpoint. --gguf writes the checkpoint
+as GGUF files of those types (llama.cpp's layout, with the `gguf` package's quantizers; the embedding /
+tied LM head takes the same type) and runs hearthlm on each file and, when llama-cpp-python is installed,
+llama.cpp on the same file (2 threads, the machine's cores), so both engines read the same bytes.
 
 Checkpoints are written once (bfloat16 safetensors shards plus config.json, made from transformers'
 own model classes) under --cache-dir and reused. Every engine/dtype is measured once per round and
@@ -64,6 +70,21 @@ except ImportError:  # run as `python -m benchmarks.decode`
     from benchmarks.membw import read as read_bandwidth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# Bits per weight as the engine holds it: ours after repacking (quant/ggml.py), llama.cpp's as stored.
+GGUF_BITS = {"F16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5, "Q5_0": 8.5, "Q5_1": 9, "Q4_K": 5, "Q5_K": 9, "Q6_K": 9}
+GGUF_BITS_LLAMA_CPP = {
+    "F16": 16,
+    "Q8_0": 8.5,
+    "Q4_0": 4.5,
+    "Q4_1": 5,
+    "Q5_0": 5.5,
+    "Q5_1": 6,
+    "Q4_K": 4.5,
+    "Q5_K": 5.5,
+    "Q6_K": 6.5625,
+}
 RECIPE_VERSION = 2  # part of the cache folder name: bump when a recipe changes so stale folders are rebuilt
 SHARD_BYTES = 2 * 2**30  # small shards keep the peak memory of building near one shard
 INDEX = "model.safetensors.index.json"
@@ -239,26 +260,41 @@ class WeightBytes:
     resident: int  # bytes the loaded engine holds
 
 
-def weight_bytes(shapes: dict[str, tuple[int, ...]], tied: bool, engine: str, dtype: torch.dtype) -> WeightBytes:
+def format_bits(engine: str, fmt: str, name: str, shape: tuple[int, ...]) -> float:
+    """Bits per weight of one tensor in a row's format (hearthlm quantizes embeddings and the LM head to int8
+    per row under --formats; a GGUF file stores every matrix in its type)."""
+    if fmt in DTYPES:
+        return torch.finfo(DTYPES[fmt]).bits
+    if len(shape) < 2:
+        return 32
+    if fmt.startswith("gguf-"):
+        return (GGUF_BITS_LLAMA_CPP if engine == "llama.cpp" else GGUF_BITS)[fmt[5:]]
+    if "embed_tokens" in name or "lm_head" in name or fmt == "int8":
+        return 8 + 16 / shape[-1]
+    group = int(fmt.split("-g")[1]) if "-g" in fmt else 32
+    return 4 + 32 / group
+
+
+def weight_bytes(shapes: dict[str, tuple[int, ...]], tied: bool, engine: str, fmt: str) -> WeightBytes:
     """Every linear weight is read once per token; the token embedding is a one-row gather, but when
     tied it is also the LM head, read in full. Gemma 4's PLE table is a gather too (one row of
     layers * 256 per token); hearthlm keeps it memory-mapped in the stored bfloat16, so it is not
     resident. The KV cache is left out: the decode prompt is short."""
-    size = torch.finfo(dtype).bits // 8
     per_token = resident = 0
     for name, shape in shapes.items():
         n = math.prod(shape)
+        size = format_bits(engine, fmt, name, shape) / 8
         if name.endswith("embed_tokens_per_layer.weight"):
-            row_size = 2 if engine == "hearthlm" else size
+            row_size = 2 if engine == "hearthlm" and not fmt.startswith("gguf-") else size
             per_token += shape[-1] * row_size
-            resident += 0 if engine == "hearthlm" else n * size
+            resident += 0 if engine == "hearthlm" and not fmt.startswith("gguf-") else n * size
         elif name.endswith("embed_tokens.weight"):
             per_token += n * size if tied else shape[-1] * size
             resident += n * size
         else:
             per_token += n * size
             resident += n * size
-    return WeightBytes(per_token, resident)
+    return WeightBytes(int(per_token), int(resident))
 
 
 def available_memory() -> int:
@@ -313,8 +349,13 @@ class Engine(Protocol):
 
 
 class HearthEngine:
-    def __init__(self, folder: Path, dtype: torch.dtype):
-        self.llm = LLM(folder, dtype=dtype)
+    def __init__(self, folder: Path, fmt: str):
+        if fmt in DTYPES:
+            self.llm = LLM(folder, dtype=DTYPES[fmt])
+        elif fmt.startswith("gguf-"):
+            self.llm = LLM(gguf_file(folder, fmt[5:]))
+        else:
+            self.llm = LLM(folder, quant=fmt)
 
     @staticmethod
     def params(n: int) -> SamplingParams:
@@ -334,9 +375,9 @@ class HearthEngine:
 
 
 class TransformersEngine:
-    def __init__(self, folder: Path, dtype: torch.dtype):
+    def __init__(self, folder: Path, fmt: str):
         auto = transformers.AutoModelForCausalLM
-        self.model = auto.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+        self.model = auto.from_pretrained(folder, dtype=DTYPES[fmt], attn_implementation="sdpa").eval()
 
     @torch.inference_mode()
     def _step(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
@@ -361,10 +402,105 @@ class TransformersEngine:
         return (n - 1) / (stamps[-1] - stamps[0]), tokens
 
 
-LOADERS: dict[str, Callable[[Path, torch.dtype], Engine]] = {
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python on the GGUF file hearthlm reads too; greedy by argmax of the logits."""
+
+    def __init__(self, folder: Path, fmt: str):
+        import llama_cpp
+
+        self.np = __import__("numpy")
+        self.llm = llama_cpp.Llama(
+            str(gguf_file(folder, fmt[5:])), n_ctx=2048, n_batch=512, n_threads=os.cpu_count(),
+            n_threads_batch=os.cpu_count(), verbose=False,
+        )  # fmt: skip
+
+    def _next(self) -> int:
+        return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        self._next()
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        self.llm.reset()
+        self.llm.eval(ids)
+        tokens, stamps = [self._next()], [time.perf_counter()]
+        for _ in range(n - 1):
+            self.llm.eval([tokens[-1]])
+            tokens.append(self._next())
+            stamps.append(time.perf_counter())
+        return (n - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+LOADERS: dict[str, Callable[[Path, str], Engine]] = {
     "hearthlm": HearthEngine,
     "transformers": TransformersEngine,
+    "llama.cpp": LlamaCppEngine,
 }
+
+
+def llama_cpp_installed() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gguf_file(folder: Path, qtype: str) -> Path:
+    """The checkpoint as a GGUF file of `qtype`, written once beside it (tests/gguf_files.py's layout)."""
+    path = folder / f"model-{qtype}.gguf"
+    if path.exists():
+        return path
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gguf_files import _gguf_tensors, encode
+
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") != "qwen2":
+        raise ValueError("GGUF rows are written for the qwen2 recipe only")
+    w = gguf.GGUFWriter(str(path) + ".part", "qwen2")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e6)))
+    # The demo model's byte-level BPE, padded with unused tokens to the vocabulary size: both engines need a
+    # real vocabulary to load; the benchmark feeds token ids.
+    spec = json.loads((Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json").read_text())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items()} | {a["content"]: a["id"] for a in spec["added_tokens"]}
+    special = {a["id"] for a in spec["added_tokens"] if a.get("special")}
+    tokens = [f"<unused{i}>" for i in range(cfg["vocab_size"])]
+    for text, i in vocab.items():
+        tokens[i] = text
+    types = [3 if i in special else 1 if i < len(vocab) else 5 for i in range(len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_eos_token_id(cfg["vocab_size"] - 1)
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    for file in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values())):
+        with safe_open(str(folder / file), framework="pt") as f:
+            for name in f.keys():
+                data = f.get_tensor(name).float().numpy()
+                for gname, part in _gguf_tensors(name, data, "qwen2", 0, 0):
+                    encoded, ttype = encode(part, kind)
+                    w.add_tensor(gname, encoded, raw_dtype=ttype if ttype not in (0, 1) else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    Path(str(path) + ".part").rename(path)
+    return path
 
 
 class Pool:
@@ -474,12 +610,17 @@ def make_rows(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
     """One row per engine and dtype, ordered by dtype with the engines alternating."""
     shapes = stored_shapes(folder)
     tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", False)
+    wanted = [(engine, dtype) for dtype in DTYPES for engine, dtypes in
+              (("hearthlm", args.dtypes), ("transformers", args.tf_dtypes)) if dtype in dtypes]  # fmt: skip
+    wanted += [("hearthlm", f) for f in args.formats]
+    for qtype in args.gguf:
+        wanted.append(("hearthlm", f"gguf-{qtype}"))
+        if llama_cpp_installed():
+            wanted.append(("llama.cpp", f"gguf-{qtype}"))
     rows = []
-    for dtype in DTYPES:
-        for engine, wanted in (("hearthlm", args.dtypes), ("transformers", args.tf_dtypes)):
-            if dtype in wanted:
-                wb = weight_bytes(shapes, tied, engine, DTYPES[dtype])
-                rows.append(Row(name, engine, dtype, wb.per_token, wb.resident))
+    for engine, fmt_ in wanted:
+        wb = weight_bytes(shapes, tied, engine, fmt_)
+        rows.append(Row(name, engine, fmt_, wb.per_token, wb.resident))
     return rows
 
 
@@ -503,7 +644,7 @@ def paused(progress: Progress) -> Iterator[None]:
 
 def load_engine(row: Row, bench: Bench) -> Engine:
     def load() -> Engine:
-        engine = LOADERS[row.engine](bench.folder, DTYPES[row.dtype])
+        engine = LOADERS[row.engine](bench.folder, row.dtype)
         engine.decode(bench.decode_ids[:8], 4)  # first calls pay one-time kernel and allocator setup
         return engine
 
@@ -586,7 +727,8 @@ def median(values: list[float]) -> float:
 
 
 def best_row(rows: list[Row], engine: str, key: str) -> Row | None:
-    ok = [r for r in rows if r.engine == engine and r.runs]
+    """The engine's fastest float row (quantized rows are compared with llama.cpp's, format by format)."""
+    ok = [r for r in rows if r.engine == engine and r.runs and r.dtype in DTYPES]
     return max(ok, key=lambda r: r.median(key), default=None)
 
 
@@ -633,6 +775,17 @@ def summary(rows: list[Row]) -> dict[str, Any]:
             "transformers_best": [tf.dtype, tf.median(key)] if tf else None,
             "ratio": hl.median(key) / tf.median(key) if hl and tf else None,
         }
+    # hearthlm against llama.cpp: on the same GGUF file, and our own formats against the GGUF type of the same
+    # bits (int4 vs Q4_0, int8 vs Q8_0)
+    runs = {(r.engine, r.dtype): r for r in rows if r.runs}
+    pairs = [(f"gguf-{t}", f"gguf-{t}") for t in GGUF_TYPES] + [("int4", "gguf-Q4_0"), ("int4-g32", "gguf-Q4_0"),
+             ("int4-g128", "gguf-Q4_0"), ("int8", "gguf-Q8_0")]  # fmt: skip
+    for ours, theirs in pairs:
+        a, b = runs.get(("hearthlm", ours)), runs.get(("llama.cpp", theirs))
+        if a and b:
+            out[f"{ours} vs llama.cpp {theirs[5:]}"] = {
+                key: a.median(key) / b.median(key) for key in ("decode", "prefill")
+            }
     return out
 
 
@@ -688,6 +841,9 @@ def results_table(run: ModelRun, prompt_len: int) -> Table:
 def summary_lines(run: ModelRun) -> list[str]:
     lines = []
     for key, s in summary(run.rows).items():
+        if "vs llama.cpp" in key:
+            lines.append(f"  hearthlm {key}: decode {s['decode']:.2f}x, prefill {s['prefill']:.2f}x")
+            continue
         hl, tf = s["hearthlm_best"], s["transformers_best"]
         if hl and tf:
             lines.append(
@@ -802,6 +958,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=csv_list(list(DTYPES)),
         default=["float32", "bfloat16"],
         help="transformers dtypes (empty string: hearthlm only)",
+    )
+    ap.add_argument(
+        "--formats", type=csv_list(FORMATS), default=[], help="hearthlm quantized rows: " + ", ".join(FORMATS)
+    )
+    ap.add_argument(
+        "--gguf", type=csv_list(GGUF_TYPES), default=[], help="GGUF rows (hearthlm and llama.cpp on one file)"
     )
     ap.add_argument("--runs", type=int, default=3, help="rounds over all engines/dtypes; figures are medians")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (>= 2)")

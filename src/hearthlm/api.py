@@ -87,7 +87,7 @@ class LLM:
         self.path = path
         if self.device.type == "cpu":
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
-            getattr(cpu, "quant_available", bool)()  # TEMP
+            cpu.quant_available()
         self.model = load_model(path, self.dtype, self.device, spec)
         self.quant = spec.name if spec else stored_quant(path) or ("gguf" if path.suffix == ".gguf" else None)
         self.config = self.model.config

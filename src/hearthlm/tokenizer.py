@@ -61,8 +61,29 @@ class Tokenizer:
         folder = file.parent
         config_file = folder / "tokenizer_config.json"
         config = _read_json(config_file) if config_file.exists() else {}
-        self.special_tokens: dict[str, str] = _special_tokens(config)
-        self._templates = _find_templates(folder, config, config_file)
+        self._setup(_special_tokens(config), _find_templates(folder, config, config_file), folder)
+
+    @classmethod
+    def from_parts(
+        cls,
+        tok: _HFTokenizer,
+        special_tokens: Mapping[str, str],
+        templates: Mapping[str, tuple[str, str]],
+        source: str | Path,
+        end_ids: Iterable[int] = (),
+    ) -> Tokenizer:
+        """A tokenizer built in memory rather than read from a folder (e.g. from a GGUF file's metadata):
+        `special_tokens` as in tokenizer_config.json ({"bos_token": "<s>", ...}), `templates` name ->
+        (template text, where it came from), `source` names the origin in error messages, `end_ids` are
+        extra ids that end generation."""
+        self = cls.__new__(cls)
+        self._tok = tok
+        self._setup(dict(special_tokens), dict(templates), source, end_ids)
+        return self
+
+    def _setup(self, special_tokens: dict[str, str], templates, folder, end_ids: Iterable[int] = ()) -> None:
+        self.special_tokens: dict[str, str] = special_tokens
+        self._templates = templates
         self._compiled: dict[str, jinja2.Template] = {}
         self._folder = folder
         added = self._tok.get_added_tokens_decoder()
@@ -73,7 +94,7 @@ class Tokenizer:
         self.byte_ids: frozenset[int] = frozenset(i for i in byte_ids if i is not None)
         turn_ends = [t for t in END_OF_TURN_TOKENS if self._tok.token_to_id(t) in self.special_ids]
         eos = self.special_tokens.get("eos_token")
-        self._end_ids = {self._tok.token_to_id(t) for t in [*turn_ends, eos] if t} - {None}
+        self._end_ids = {self._tok.token_to_id(t) for t in [*turn_ends, eos] if t} - {None} | set(end_ids)
 
     @property
     def vocab_size(self) -> int:

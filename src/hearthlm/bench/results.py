@@ -102,15 +102,17 @@ class Result:
 # -- quality ------------------------------------------------------------------------------------------
 
 
-def compare(reference, candidate, token_ids: list[int]) -> Quality:
+def compare(reference, candidate, token_ids: list[int], step: int | None = None) -> Quality:
     """KL divergence, top-1 agreement and perplexity of `candidate`'s next-token distributions against
-    `reference`'s (two LLMs, e.g. unquantized and quantized) on the same token ids (>= 2 tokens)."""
+    `reference`'s (two LLMs, e.g. unquantized and quantized) on the same token ids (>= 2 tokens).
+    `step`: feed the tokens that many at a time through the KV cache, as generation does (quantized
+    weights then take the decode kernels), instead of in one prefill pass."""
     import torch
 
     if len(token_ids) < 2:
         raise ValueError("compare() needs at least 2 tokens")
-    ref = torch.log_softmax(reference.logits(token_ids).float(), dim=-1)  # [T, vocab]
-    cand = torch.log_softmax(candidate.logits(token_ids).float(), dim=-1)
+    ref = torch.log_softmax(_logits(reference, token_ids, step), dim=-1)  # [T, vocab]
+    cand = torch.log_softmax(_logits(candidate, token_ids, step), dim=-1)
     kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0)  # [T]
     top1 = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
     nxt = torch.tensor(token_ids[1:]).unsqueeze(-1)
@@ -119,6 +121,24 @@ def compare(reference, candidate, token_ids: list[int]) -> Quality:
         return math.exp(-logp[:-1].gather(-1, nxt).mean().item())
 
     return Quality(len(token_ids), kl.mean().item(), kl.max().item(), top1.item(), ppl(ref), ppl(cand))
+
+
+def _logits(llm, token_ids: list[int], step: int | None):
+    import torch
+
+    from ..engine.generator import forward_tokens
+    from ..engine.kv_cache import ContiguousKVCache
+
+    if step is None:
+        return llm.logits(token_ids).float()
+    with torch.inference_mode():
+        cache = ContiguousKVCache(llm.config.layers, 1, len(token_ids), llm.model.dtype, llm.device)
+        out = []
+        for start in range(0, len(token_ids), step):
+            ids = torch.tensor([token_ids[start : start + step]], device=llm.device)
+            h = forward_tokens(llm.model, cache, ids, torch.tensor([start], device=llm.device))
+            out.append(llm.model.logits(h)[0].float())
+        return torch.cat(out)
 
 
 def quality_ids(llm, limit: int = 256) -> list[int]:

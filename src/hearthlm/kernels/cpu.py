@@ -1,9 +1,10 @@
 """CPU kernels in C++ (AVX2/FMA/F16C), compiled on first use: a batch-1..8 GEMV, decode attention over
-the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs.
+the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a GEMV and a
+row dequantizer for quantized weights (quant_cpu.cpp).
 
-The extension is built with torch's cpp_extension into ~/.cache/hearthlm (about 30 s, once). If the
-CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` is False and
-callers use PyTorch's own ops.
+Each extension is built with torch's cpp_extension into ~/.cache/hearthlm (about 30 s, once). If the
+CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` (and
+`quant_available()`) is False and callers use PyTorch's own ops.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def _cpu_supports() -> bool:
     return {"avx2", "fma", "f16c"} <= set(flags)
 
 
-@functools.cache
-def _load():
+def _build(name: str, source: str, extra_cflags: tuple[str, ...] = ()):
+    """Compile (first time) and import one extension from a .cpp beside this file; None if unavailable."""
     if os.environ.get("HEARTHLM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     try:
@@ -41,20 +42,31 @@ def _load():
         omp = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lgomp"] if (torch_lib / "libgomp.so.1").exists() else []
         build = Path(os.environ.get("HEARTHLM_CACHE", Path.home() / ".cache" / "hearthlm")) / "kernels"
         build.mkdir(parents=True, exist_ok=True)
-        first = not (build / "hearthlm_gemv_cpu.so").exists()
+        first = not (build / f"{name}.so").exists()
         status = Console(stderr=True).status("building hearthlm's CPU kernels (once, about 30 s)")
         with status if first else contextlib.nullcontext():
             return load(
-                name="hearthlm_gemv_cpu",
-                sources=[str(Path(__file__).with_name("gemv_cpu.cpp"))],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                name=name,
+                sources=[str(Path(__file__).with_name(source))],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *extra_cflags],
                 extra_ldflags=omp or ["-fopenmp"],
                 build_directory=str(build),
                 verbose=False,
             )
     except Exception as e:  # no compiler / headers: fall back, loudly once
-        warnings.warn(f"hearthlm: CPU kernels unavailable ({e}); using PyTorch ops", stacklevel=2)
+        warnings.warn(f"hearthlm: CPU kernels unavailable ({e}); using PyTorch ops", stacklevel=3)
         return None
+
+
+@functools.cache
+def _load():
+    return _build("hearthlm_gemv_cpu", "gemv_cpu.cpp")
+
+
+@functools.cache
+def _load_quant():
+    # No FP contraction: dequant_rows must round q * s and + m separately, as the PyTorch reference does.
+    return _build("hearthlm_quant_cpu", "quant_cpu.cpp", ("-ffp-contract=off",))
 
 
 def available() -> bool:
@@ -81,3 +93,39 @@ def decode_attention(
 ) -> torch.Tensor:
     """q [B, Hq, D] float32; k, v [B, Hkv, S, D] in the cache dtype; mask [B, S] bool -> [B, Hq, D]."""
     return _load().decode_attention(q, k, v, mask, scale)
+
+
+def quant_available() -> bool:
+    """Whether the quantized-weight kernels (quant_gemv, dequant_rows) are built and loaded."""
+    return _load_quant() is not None
+
+
+def quant_gemv(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bits: int,
+    group: int,
+) -> torch.Tensor:
+    """x float32 [M, K] contiguous (M <= MAX_ROWS), the QuantTensor parts of a 2-D weight W [N, K] (contiguous)
+    -> x @ W.T, float32 [M, N].
+
+    x is rounded to int8 per block of 32 elements inside (one scale per block, as llama.cpp's Q8_0), so the
+    result is W . x^ where each element of x^ is off by at most 1/254 of its block's largest |x|.
+    """
+    return _load_quant().quant_gemv(x, qdata, scales, mins, bits, group)
+
+
+def dequant_rows(
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bits: int,
+    group: int,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Rows `rows` (int64, any shape, values in [0, N)) of the 2-D quantized weight W [N, K] -> float32
+    [*rows.shape, K], bit for bit `quant.tensor.dequantize(...)[rows]` (embedding lookups, prefill tiles)."""
+    out = _load_quant().dequant_rows(qdata, scales, mins, bits, group, rows.reshape(-1))
+    return out.view(*rows.shape, out.shape[-1])

@@ -18,7 +18,7 @@ TILE = 1 << 20  # weights dequantized at a time for prefill (4 MB of float32)
 
 
 def _kernels(w: QuantTensor) -> bool:
-    return w.device.type == "cpu" and getattr(cpu, "quant_available", bool)()  # TEMP
+    return w.device.type == "cpu" and cpu.quant_available()
 
 
 def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

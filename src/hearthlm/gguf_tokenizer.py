@@ -1,0 +1,491 @@
+"""Tokenizer from a GGUF file's tokenizer metadata (the `tokenizer.ggml.*` keys), tokenizing as llama.cpp does.
+
+A GGUF file carries no tokenizer.json: it stores the vocabulary, its scores or merges and the special token
+ids, under llama.cpp's key names. `tokenizer_from_gguf` rebuilds from them a `tokenizers.Tokenizer` that
+splits text into the ids llama.cpp's `llama_tokenize` gives for the same vocabulary (src/llama-vocab.cpp),
+and wraps it in our `Tokenizer` with the chat template, the special tokens and the ids that end generation.
+
+Two vocabulary kinds (`tokenizer.ggml.model`):
+
+- "llama", SentencePiece-style BPE (Llama 2, Mistral, Gemma 1-3, Phi-3). llama.cpp starts from the text's
+  characters, spaces written "▁" and, with `add_space_prefix`, a "▁" put in front of every piece of text
+  that starts the input or follows a special token; it then merges the adjacent pair whose concatenation
+  is the vocabulary token of highest score, again and again, and spells characters the vocabulary lacks
+  as <0xXX> byte tokens. That is BPE whose merges are every split of a token into two tokens, ranked by
+  the score of the token they make, which is what we build. Ties between different tokens of equal score
+  are where the two can part: llama.cpp takes the leftmost pair, BPE the lower-ranked merge. We rank
+  equal-score merges longer left piece first, which reproduces llama.cpp on the only ties real
+  vocabularies have (the "▁▁", "▁▁▁", ... run tokens that share the score -1e9 in Llama 2's).
+- "gpt2", byte-level BPE with the file's merges (Llama 3, Qwen 2/2.5/3, SmolLM, Mistral Nemo, ...): the
+  text is split by the regular expressions llama.cpp picks by `tokenizer.ggml.pre` (PRE_TOKENIZERS; an
+  unknown name is an error, as it is in llama.cpp: a wrong split silently degrades every prompt), its
+  bytes written in GPT-2's byte alphabet, and each piece merged by merge rank. No Unicode normalization,
+  as in llama.cpp (Qwen's tokenizer.json applies NFC, so transformers can differ on text not in NFC).
+
+Special tokens follow llama.cpp's token types (`tokenizer.ggml.token_type`): control and unknown tokens
+are special (recognised in text by `encode`, as llama.cpp's parse_special=true does, and dropped by
+`decode(skip_special_tokens=True)`); user-defined tokens are always recognised in text and decoded as
+text; the rest are plain vocabulary. llama.cpp's adjustments by token text are applied too: end-of-turn
+tokens such as <|im_end|> become control tokens, and generation stops on llama.cpp's end-of-generation
+set (eos, eot, eom, the FIM pad/repo/separator tokens and the tokens it recognises by name).
+
+What can differ from llama.cpp (corner cases that neither llama.cpp's test vectors nor ours reach):
+- Equal-score merges between different tokens other than "▁" runs (see above); a merge in the file
+  whose pieces or result are not in the vocabulary (llama.cpp applies it and then spells the unknown
+  result in bytes; we drop it); a SentencePiece token containing a character that is not a token.
+- Overlapping special tokens: llama.cpp matches them longest token first over the whole text, we
+  leftmost-longest (different only when a shorter special token overlaps the start of a longer one).
+- Characters whose Unicode category llama.cpp's tables and the Oniguruma regex engine disagree on
+  (code points unassigned in one Unicode version, for instance).
+- Decoding follows tokenizer.json's decoders (as transformers decodes), not llama.cpp's detokenizer:
+  one leading space of the decoded text is dropped for SentencePiece vocabularies even after a skipped
+  <s>, and llama.cpp's `clean_up_tokenization_spaces` pass (" ," -> ",") is not applied; unused tokens
+  (type 5) decode to their text, where llama.cpp writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .tokenizer import Tokenizer
+
+__all__ = ["GGUFTokenizerError", "PRE_TOKENIZERS", "build_hf_tokenizer", "tokenizer_from_gguf"]
+
+
+class GGUFTokenizerError(ValueError):
+    """GGUF tokenizer metadata we cannot build a tokenizer from: an unsupported `tokenizer.ggml.model` or
+    `tokenizer.ggml.pre`, or missing or inconsistent keys."""
+
+
+# llama.cpp's llama_token_type, the values of tokenizer.ggml.token_type.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+MODELS = ("gpt2", "llama")
+
+# -- pre-tokenizers (byte-level BPE) --------------------------------------------------------------
+# The regular expressions of llama-vocab.cpp's llm_tokenizer_bpe, applied one after the other: each
+# splits every piece the previous ones made, keeping both its matches and the text between them. Where
+# llama.cpp rewrote a tokenizer.json pattern for its regex engine (case-insensitive groups spelled out,
+# \p{Lu}-style classes as lookaheads over ASCII case) we use its rewrite, since that is what it runs.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN35 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_UPPER_THEN_LOWER = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+_UPPER_RUN = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+_TEKKEN = _UPPER_THEN_LOWER + "|" + _UPPER_RUN + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT4O = (
+    _UPPER_THEN_LOWER
+    + _CONTRACTIONS
+    + "?|"
+    + _UPPER_RUN
+    + _CONTRACTIONS
+    + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class _Pre:
+    regexes: tuple[str, ...]
+    ignore_merges: bool = False  # a piece that is itself a token is taken whole, unmerged
+    add_bos: bool = False  # llama.cpp's default when the file has no tokenizer.ggml.add_bos_token
+
+
+_DEFAULT = _Pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"))
+_GROUPS: list[tuple[tuple[str, ...], _Pre]] = [
+    (("default",), _DEFAULT),
+    (
+        (
+            *("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0"),
+            *("mellum", "exaone4", "mpt", "olmo", "jais", "trillion", "granite-docling"),
+        ),
+        _Pre((_GPT2,)),
+    ),
+    (
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+        _Pre((_LLAMA3,), ignore_merges=True, add_bos=True),
+    ),
+    (("dbrx", "smaug-bpe"), _Pre((_LLAMA3,))),
+    (
+        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
+        _Pre((_QWEN2,)),
+    ),
+    (("qwen35",), _Pre((_QWEN35,))),
+    (
+        ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"),
+        _Pre((r"\p{N}", _GPT2)),
+    ),
+    (("falcon",), _Pre((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"))),
+    (("tekken",), _Pre((_TEKKEN,), ignore_merges=True, add_bos=True)),
+    (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _Pre((_GPT4O,))),
+]
+# tokenizer.ggml.pre -> how llama.cpp splits text for that byte-level vocabulary.
+PRE_TOKENIZERS: dict[str, _Pre] = {name: pre for names, pre in _GROUPS for name in names}
+
+# -- llama.cpp's adjustments by token text (llama_vocab::impl::load) --------------------------------
+_EOT_NAMES = {
+    *("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>"),
+    *("_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>"),
+}
+_FIM_NAMES = {
+    "fim_pre": {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>"},
+    "fim_suf": {"<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>"},
+    "fim_mid": {"<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>"},
+    "fim_pad": {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"},
+    "fim_rep": {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"},
+    "fim_sep": {"<|file_sep|>"},
+}
+_FIM_NAMES["fim_pre"] |= {"<|code_prefix|>", "<|prefix|>"}
+_FIM_NAMES["fim_suf"] |= {"<|code_suffix|>", "<|suffix|>"}
+_FIM_NAMES["fim_mid"] |= {"<|code_middle|>", "<|middle|>"}
+_EOG_NAMES = {
+    *("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>"),
+    *("<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]"),
+    *("<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>"),
+    *("<｜end▁of▁sentence｜>", "[e~["),
+}
+_ALWAYS_RENDERED = {"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"}  # gpt-oss: user-defined
+
+_SPECIAL_IDS = {"bos": "bos_token_id", "eos": "eos_token_id", "eot": "eot_token_id", "eom": "eom_token_id"}
+_SPECIAL_IDS |= {"unk": "unknown_token_id", "pad": "padding_token_id"}
+_SPECIAL_IDS |= {f"fim_{k}": f"fim_{k}_token_id" for k in ("pre", "suf", "mid", "pad", "rep", "sep")}
+_DEPRECATED_FIM = {"fim_pre": "prefix_token_id", "fim_suf": "suffix_token_id", "fim_mid": "middle_token_id"}
+
+
+def tokenizer_from_gguf(metadata: Mapping[str, Any], where: str) -> Tokenizer:
+    """Our Tokenizer for the vocabulary in a GGUF file's metadata (GGUF key -> plain Python value: str,
+    int, float, bool or lists of them). `where` names the file in error messages. Raises
+    GGUFTokenizerError for a vocabulary it cannot rebuild exactly (see the module docstring)."""
+    vocab = _Vocab.read(metadata, where)
+    special = {
+        name: vocab.tokens[token_id]
+        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unk"), ("pad_token", "pad"))
+        if (token_id := vocab.ids.get(key)) is not None
+    }
+    templates = {}
+    for key, value in metadata.items():
+        if isinstance(value, str) and (key == "tokenizer.chat_template" or key.startswith("tokenizer.chat_template.")):
+            name = "default" if key == "tokenizer.chat_template" else key.removeprefix("tokenizer.chat_template.")
+            templates[name] = (value, f"{where} ({key})")
+    return Tokenizer.from_parts(_build(vocab), special, templates, where, end_ids=vocab.end_of_generation)
+
+
+def build_hf_tokenizer(metadata: Mapping[str, Any], where: str) -> _HFTokenizer:
+    """The `tokenizers.Tokenizer` alone. Its `encode(text, add_special_tokens)` is llama.cpp's
+    `llama_tokenize(text, add_special, parse_special=True)`; set `encode_special_tokens = True` on it for
+    parse_special=False (control tokens in the text are then tokenized as text)."""
+    return _build(_Vocab.read(metadata, where))
+
+
+# -- reading the metadata ------------------------------------------------------------------------
+@dataclass
+class _Vocab:
+    where: str
+    model: str
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]  # llama.cpp's token attribute after its adjustments, as a token type
+    merges: list[tuple[str, str]]
+    pre: _Pre | None
+    ids: dict[str, int | None]
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool
+    rstrip: set[int] = field(default_factory=set)
+    end_of_generation: set[int] = field(default_factory=set)
+
+    @classmethod
+    def read(cls, metadata: Mapping[str, Any], where: str) -> _Vocab:
+        def get(key: str, default: Any = None) -> Any:
+            return metadata.get(f"tokenizer.ggml.{key}", default)
+
+        model = get("model")
+        if model is None:
+            raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.model: the file has no tokenizer")
+        if model not in MODELS:
+            what = "has no vocabulary" if model in ("no_vocab", "none") else "is not supported"
+            raise GGUFTokenizerError(
+                f"{where}: tokenizer.ggml.model {model!r} {what}; supported: "
+                f"{', '.join(repr(m) for m in MODELS)} (SentencePiece-style and byte-level BPE vocabularies)"
+            )
+        pre = None
+        if model == "gpt2":
+            name = get("pre")
+            if name is None:
+                warnings.warn(
+                    f"{where}: no tokenizer.ggml.pre; splitting text with llama.cpp's fallback 'default' "
+                    "pre-tokenizer, which llama.cpp warns degrades generation (reconvert the model)",
+                    stacklevel=3,
+                )
+                name = "default"
+            if name not in PRE_TOKENIZERS:
+                raise GGUFTokenizerError(
+                    f"{where}: tokenizer.ggml.pre {name!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}"
+                )
+            pre = PRE_TOKENIZERS[name]
+
+        tokens = get("tokens")
+        if not isinstance(tokens, Sequence) or isinstance(tokens, str) or not tokens:
+            raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.tokens: the file lists no vocabulary")
+        n = len(tokens)
+        tokens = [str(t) if t != "" else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names them
+        seen: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            if (j := seen.setdefault(t, i)) != i:
+                raise GGUFTokenizerError(f"{where}: duplicate token in the vocabulary: {t!r} has ids {j} and {i}")
+        scores = [float(s) for s in _array(get("scores"), n, "scores", where, [0.0] * n)]
+        types = [int(t) for t in _array(get("token_type"), n, "token_type", where, [NORMAL] * n)]
+
+        merges: list[tuple[str, str]] = []
+        if model == "gpt2":
+            raw = get("merges")
+            if raw is None:
+                raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.merges: a 'gpt2' vocabulary needs its merges")
+            for m in raw:
+                cut = str(m).find(" ", 1)  # as llama.cpp splits them: a first piece may start with a space
+                if cut > 0:
+                    merges.append((m[:cut], m[cut + 1 :]))
+
+        # Special token ids: llama.cpp's defaults per model, replaced by the file's when in range.
+        spm = model == "llama"
+        ids: dict[str, int | None] = dict.fromkeys(_SPECIAL_IDS)
+        if spm:
+            ids.update(bos=1, eos=2, unk=0)
+        else:
+            ids.update(bos=11, eos=11)
+        for name, key in _SPECIAL_IDS.items():
+            if ids[name] is not None and ids[name] >= n:
+                ids[name] = None
+            value = get(key)
+            if value is None and name in _DEPRECATED_FIM:
+                value = get(_DEPRECATED_FIM[name])
+            if value is not None and 0 <= int(value) < n:
+                ids[name] = int(value)
+        add_bos = bool(get("add_bos_token", True if spm else pre.add_bos))
+        add_eos = bool(get("add_eos_token", False))
+        for flag, name in ((add_bos, "bos"), (add_eos, "eos")):
+            if flag and ids[name] is None:
+                raise GGUFTokenizerError(
+                    f"{where}: tokenizer.ggml.add_{name}_token is true, but {name}_token_id is not set"
+                )
+
+        vocab = cls(
+            where=where,
+            model=model,
+            tokens=tokens,
+            scores=scores,
+            types=types,
+            merges=merges,
+            pre=pre,
+            ids=ids,
+            add_bos=add_bos,
+            add_eos=add_eos,
+            add_space_prefix=bool(get("add_space_prefix", spm)),
+        )
+        vocab._adjust(str(metadata.get("general.name", "")))
+        return vocab
+
+    def _adjust(self, model_name: str) -> None:
+        """llama.cpp's corrections by token text: end-of-turn and FIM tokens become control tokens, the
+        end-of-generation set, and the per-model exceptions it hard-codes."""
+        types, tokens, ids = self.types, self.tokens, self.ids
+        control = {i for i, t in enumerate(types) if t == CONTROL}
+        for i, text in enumerate(tokens):
+            if text in _EOT_NAMES and ids["eot"] is None:
+                ids["eot"] = i
+                control.add(i)
+            if text == "<|eom_id|>" and ids["eom"] is None:
+                ids["eom"] = i
+                control.add(i)
+            for name, names in _FIM_NAMES.items():
+                if text in names and ids[name] is None:
+                    ids[name] = i
+                    control.add(i)
+        eog = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep")} - {None}
+        for i, text in enumerate(tokens):
+            if text in _EOG_NAMES:
+                eog.add(i)
+                control.add(i)
+        user_defined = {i for i, t in enumerate(types) if t == USER_DEFINED}
+        for i, text in enumerate(tokens):
+            if text in _ALWAYS_RENDERED:
+                control.discard(i)
+                user_defined.add(i)
+        eog |= {ids[k] for k in ("eos", "eot", "eom")} - {None}
+        texts = {tokens[i]: i for i in eog}
+        if "<|end|>" in texts and (
+            ("<|return|>" in texts and "<|call|>" in texts)
+            or ({"<|call|>", "<|calls|>"} & texts.keys() and "<|flush|>" in texts)
+        ):
+            end = texts["<|end|>"]  # o200k_harmony / solar-open: <|end|> ends a message, not generation
+            eog.discard(end)
+            control.discard(end)
+            user_defined.add(end)
+        if "<|tool_response>" in texts and "</s>" in texts:  # Gemma 4: </s> is ordinary text there
+            s = texts["</s>"]
+            eog.discard(s)
+            control.discard(s)
+            user_defined.discard(s)
+            types[s] = NORMAL
+        for i in control:
+            types[i] = CONTROL if types[i] != UNKNOWN else UNKNOWN
+        for i in user_defined:
+            if i not in control:
+                types[i] = USER_DEFINED
+        self.end_of_generation = eog
+        name = model_name.lower()
+        if "phi-3" in name or "phi3" in name:  # llama.cpp strips the spaces after Phi-3's special tokens
+            self.rstrip = {i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
+            self.rstrip |= {i for i, t in enumerate(tokens) if t == "</s>"}
+            self.rstrip -= {i for i, t in enumerate(tokens) if t in ("<unk>", "<s>", "<|endoftext|>")}
+
+
+def _array(value: Any, n: int, key: str, where: str, default: list) -> list:
+    if value is None:
+        return default
+    if len(value) < n:
+        raise GGUFTokenizerError(f"{where}: tokenizer.ggml.{key} has {len(value)} entries for {n} tokens")
+    return list(value[:n])
+
+
+# -- building the tokenizers.Tokenizer --------------------------------------------------------------
+def _build(vocab: _Vocab) -> _HFTokenizer:
+    tokens = vocab.tokens
+    index = {t: i for i, t in enumerate(tokens)}
+    special = [i for i, t in enumerate(vocab.types) if t in (CONTROL, UNKNOWN, USER_DEFINED)]
+    added = [
+        {
+            "id": i,
+            "content": tokens[i],
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": i in vocab.rstrip,
+            "normalized": False,
+            "special": vocab.types[i] != USER_DEFINED,
+        }
+        for i in special
+    ]
+    unk = vocab.ids["unk"]
+    model: dict[str, Any] = {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "ignore_merges": False,
+        "vocab": index,
+    }
+    if vocab.model == "llama":
+        space = "▁"
+        model.update(
+            unk_token=tokens[unk] if unk is not None else None,
+            fuse_unk=True,
+            byte_fallback=True,
+            merges=_score_merges(tokens, vocab.scores),
+        )
+        steps = [{"type": "Replace", "pattern": {"String": " "}, "content": space}]
+        if vocab.add_space_prefix:  # before every piece of text that starts the input or follows a token
+            steps.insert(0, {"type": "Prepend", "prepend": space})
+        normalizer: dict[str, Any] | None = {"type": "Sequence", "normalizers": steps}
+        pre_tokenizer = None
+        decoders = [
+            {"type": "Replace", "pattern": {"String": space}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]
+        if vocab.add_space_prefix:
+            decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+        decoder: dict[str, Any] = {"type": "Sequence", "decoders": decoders}
+    else:
+        assert vocab.pre is not None
+        model.update(ignore_merges=vocab.pre.ignore_merges, merges=_valid_merges(vocab.merges, index))
+        normalizer = None
+        splits = [
+            {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
+            for r in vocab.pre.regexes
+        ]
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [*splits, byte_level]}
+        decoder = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": _post_processor(vocab),
+        "decoder": decoder,
+        "model": model,
+    }
+    try:
+        return _HFTokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise GGUFTokenizerError(f"{vocab.where}: cannot build the tokenizer ({e})") from None
+
+
+def _score_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every way to cut a token into two tokens, best score of the token they make first (ties: longer
+    left piece, then longer right piece, then token order)."""
+    index = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for i, t in enumerate(tokens):
+        for cut in range(1, len(t)):
+            left, right = t[:cut], t[cut:]
+            if left in index and right in index:
+                found.append((-scores[i], -cut, cut - len(t), i, left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def _valid_merges(merges: list[tuple[str, str]], index: Mapping[str, int]) -> list[tuple[str, str]]:
+    seen: set[tuple[str, str]] = set()
+    valid = []
+    for pair in merges:
+        left, right = pair
+        if left in index and right in index and left + right in index and pair not in seen:
+            seen.add(pair)  # llama.cpp keeps the first rank of a repeated merge
+            valid.append(pair)
+    return valid
+
+
+def _post_processor(vocab: _Vocab) -> dict[str, Any] | None:
+    pieces: list[tuple[str, int]] = []
+    if vocab.add_bos:
+        pieces.append(("bos", vocab.ids["bos"]))
+    pieces.append(("A", -1))
+    if vocab.add_eos:
+        pieces.append(("eos", vocab.ids["eos"]))
+    if len(pieces) == 1:
+        return None
+
+    def sequence(seq: str, type_id: int) -> list[dict[str, Any]]:
+        return [
+            {"Sequence": {"id": seq, "type_id": type_id}}
+            if name == "A"
+            else {"SpecialToken": {"id": vocab.tokens[token_id], "type_id": type_id}}
+            for name, token_id in pieces
+        ]
+
+    special = {
+        vocab.tokens[token_id]: {"id": vocab.tokens[token_id], "ids": [token_id], "tokens": [vocab.tokens[token_id]]}
+        for name, token_id in pieces
+        if name != "A"
+    }
+    return {
+        "type": "TemplateProcessing",
+        "single": sequence("A", 0),
+        "pair": sequence("A", 0) + sequence("B", 1),
+        "special_tokens": special,
+    }

@@ -1,0 +1,525 @@
+// Kernels for quantized weights (the QuantTensor layout of quant/tensor.py) on x86 CPUs with AVX2 + FMA +
+// F16C: a batch-1..8 GEMV straight from the packed integers, and a row dequantizer for embedding lookups
+// and prefill tiles.
+//
+// Decode reads every weight once per token, so it runs at the speed weights stream from memory. int4 weights
+// are a quarter of bf16's bytes, but that only pays if the arithmetic keeps up, and converting every weight
+// to float (unpack, int -> float, scale, FMA) costs more instructions than the memory leaves time for at
+// 2 cores. So the GEMV multiplies in integers, as llama.cpp's Q4_0 x Q8_0 dot product does: each row of x is
+// rounded once per call to int8 in blocks of 32 with one float scale each, and a weight block's dot product
+// is a couple of byte multiply-adds (vpmaddubsw, 32 products each) whose int32 sums are scaled by
+// (weight scale * x scale) and accumulated in float. The result is exactly W . x^ up to float32 rounding, x^
+// being x rounded per block (each element off by at most 1/254 of its block's largest |x|). The offsets (a
+// group's min, or the -8 of symmetric 4-bit) multiply sums of x^ per group, outside the integer loop.
+//
+// Built without FP contraction (-ffp-contract=off, see kernels/cpu.py) so that dequant_rows' q * s + m
+// rounds the product and the sum separately, bit for bit as the PyTorch reference does.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float half_to_float(const at::Half* p) { return _cvtsh_ss(p->x); }
+
+// [v[i] x4, v[j] x4]: one scale per 16-element half of a 32-element dot product (the lanes of vpmaddwd).
+inline __m256 spread(__m256 v, int i, int j) {
+  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(i, i, i, i, j, j, j, j));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Activations, quantized once per call. A "unit" is what one weight scale covers at the finest: a block of
+// 32 elements, or a half-block of 16 when group == 16. Per unit we keep the x scale of its block and the sum
+// of x^ over it (for the offset terms), padded with zeros to whole chunks of 8 units.
+struct QuantizedX {
+  int64_t M = 0, K = 0, nb = 0, nu = 0, nu_pad = 0;
+  std::vector<int8_t> q;    // [M][K]; for 4-bit weights each pair of blocks is stored by halves (below)
+  std::vector<float> d;     // [M][nu_pad] scale of the block holding the unit
+  std::vector<float> sum;   // [M][nu_pad] sum of x^ over the unit
+};
+
+// For 4-bit weights a 32-byte load holds two blocks: its low nibbles are elements 0..15 of both, its high
+// nibbles elements 16..31. Storing x's blocks 2p, 2p+1 as [2p: 0..15][2p+1: 0..15][2p: 16..31][2p+1: 16..31]
+// lines them up with those two vectors, so one load feeds two blocks. A last odd block stays as it is.
+void quantize_x(const float* x, int64_t M, int64_t K, bool paired, bool half_units, QuantizedX& qx) {
+  qx.M = M;
+  qx.K = K;
+  qx.nb = K / 32;
+  qx.nu = half_units ? 2 * qx.nb : qx.nb;
+  qx.nu_pad = (qx.nu + 7) / 8 * 8;
+  qx.q.resize(M * K);
+  qx.d.assign(M * qx.nu_pad, 0.0f);
+  qx.sum.assign(M * qx.nu_pad, 0.0f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* qrow = qx.q.data() + m * K;
+    float* drow = qx.d.data() + m * qx.nu_pad;
+    float* srow = qx.sum.data() + m * qx.nu_pad;
+    for (int64_t b = 0; b < qx.nb; ++b) {
+      const float* xb = x + m * K + b * 32;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
+      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+      const float d = _mm_cvtss_f32(m4) / 127.0f;
+      const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i)
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const int32_t lo = hsum_epi32(_mm256_add_epi32(q[0], q[1])), hi = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+      // int32 -> int8 keeping element order (the packs interleave 128-bit lanes; the permute undoes it).
+      const __m256i p = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+      if (paired && !(b == qx.nb - 1 && (b & 1) == 0)) {
+        int8_t* dst = qrow + (b & ~int64_t(1)) * 32 + (b & 1) * 16;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(p, 1));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qrow + b * 32), p);
+      }
+      if (half_units) {
+        drow[2 * b] = drow[2 * b + 1] = d;
+        srow[2 * b] = d * static_cast<float>(lo);
+        srow[2 * b + 1] = d * static_cast<float>(hi);
+      } else {
+        drow[b] = d;
+        srow[b] = d * static_cast<float>(lo + hi);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A weight row's scales (or mins) per unit, 8 units at a time. Every row maps units to groups the same way,
+// so the mapping is worked out once per call: chunk c's units take the 8 fp16 values from group base[c] on
+// in the order perm[c] (8 units span at most 8 groups). base is clamped so that the load stays inside the
+// row.
+struct ChunkGroups {
+  std::vector<int64_t> base;
+  std::vector<__m256i> perm;
+  std::vector<uint8_t> in_order;  // perm is the identity (group == 16 or 32, away from the row's end)
+  int64_t ng = 0;
+};
+
+void plan_groups(int64_t nu, int64_t upg, ChunkGroups& cg) {
+  const int64_t nchunks = (nu + 7) / 8, ng = nu / upg;
+  cg.ng = ng;
+  cg.base.resize(nchunks);
+  cg.perm.resize(nchunks);
+  cg.in_order.resize(nchunks);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t u0 = 8 * c, base = ng >= 8 ? std::min(u0 / upg, ng - 8) : 0;
+    alignas(32) int32_t idx[8];
+    for (int64_t i = 0; i < 8; ++i) idx[i] = static_cast<int32_t>(std::min(u0 + i, nu - 1) / upg - base);
+    cg.base[c] = base;
+    cg.perm[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+    cg.in_order[c] = ng >= 8 && upg == 1 && base == u0;
+  }
+}
+
+// A row's values for chunk c: loaded from the row (8 groups or more), or picked from all of its groups,
+// converted once per row by few_values (rows of fewer than 8 groups).
+inline __m256 unit_values8(const at::Half* s, __m256 few, int64_t c, const ChunkGroups& cg) {
+  if (cg.ng < 8) return _mm256_permutevar8x32_ps(few, cg.perm[c]);
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + cg.base[c])));
+  return cg.in_order[c] ? v : _mm256_permutevar8x32_ps(v, cg.perm[c]);
+}
+
+inline __m256 few_values(const at::Half* s, const ChunkGroups& cg) {
+  if (!s || cg.ng >= 8) return _mm256_setzero_ps();
+  alignas(16) uint16_t t[8] = {};
+  for (int64_t i = 0; i < cg.ng; ++i) t[i] = s[i].x;
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+struct GemvArgs {
+  const QuantizedX* x;
+  const uint8_t* q;        // [N][row_bytes]
+  int64_t row_bytes;
+  const at::Half* scales;  // [N][ng]
+  const at::Half* mins;    // [N][ng] or null
+  int64_t ng;
+  const ChunkGroups* groups;
+  bool sym4;               // symmetric 4-bit: w = s * (q - 8)
+  int64_t prefetch_bytes;  // how far ahead (in the rows that follow) to prefetch weights
+  float* y;                // [M][N]
+  int64_t N;
+};
+
+// Floats of multipliers per (weight row, x row): 32 per chunk of 8 units (8 for 8-bit weights, group >= 32).
+template <int BITS, bool HALF>
+constexpr int64_t dd_per_chunk() { return BITS == 8 && !HALF ? 8 : 32; }
+
+// For weight rows n..n+R-1: dd (row r, x row m at (r * M + m) * dd_stride) = the multipliers of the integer
+// dot products (weight scale times x scale, laid out as the inner loop consumes them), and corr[r][m] = the
+// offset terms: the sum over groups of min (or -8 scale) times the sum of x^ over the group.
+template <int BITS, bool HALF, int M, int R>
+inline void tile_multipliers(const GemvArgs& a, int64_t n, float* dd, int64_t dd_stride, float (&corr)[R][M]) {
+  const QuantizedX& x = *a.x;
+  const ChunkGroups& cg = *a.groups;
+  const int64_t nchunks = x.nu_pad / 8, nb = x.nb, ng = a.ng, nu_pad = x.nu_pad;
+  const at::Half* srow = a.scales + n * ng;
+  const at::Half* mrow = a.mins ? a.mins + n * ng : nullptr;
+  const bool offsets = a.sym4 || mrow;
+  __m256 few_s[R], few_m[R], cacc[R][M];
+  for (int r = 0; r < R; ++r) {
+    few_s[r] = few_values(srow + r * ng, cg);
+    few_m[r] = few_values(mrow ? mrow + r * ng : nullptr, cg);
+    for (int m = 0; m < M; ++m) cacc[r][m] = _mm256_setzero_ps();
+  }
+  for (int64_t c = 0; c < nchunks; ++c) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = unit_values8(srow + r * ng, few_s[r], c, cg);
+      if (offsets) {
+        const __m256 off = mrow ? unit_values8(mrow + r * ng, few_m[r], c, cg) : _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
+        for (int m = 0; m < M; ++m)
+          cacc[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(x.sum.data() + m * nu_pad + 8 * c), cacc[r][m]);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(x.d.data() + m * nu_pad + 8 * c));
+        float* o = dd + (r * M + m) * dd_stride + c * dd_per_chunk<BITS, HALF>();
+        if constexpr (BITS == 4 && HALF) {  // pair j of the chunk: low halves (units 4j, 4j+2), high (4j+1, 4j+3)
+          _mm256_store_ps(o, spread(d, 0, 2));
+          _mm256_store_ps(o + 8, spread(d, 1, 3));
+          _mm256_store_ps(o + 16, spread(d, 4, 6));
+          _mm256_store_ps(o + 24, spread(d, 5, 7));
+        } else if constexpr (BITS == 4 || HALF) {  // 4-bit: pair j = blocks 2j, 2j+1; 8-bit, group 16: block j
+          for (int j = 0; j < 4; ++j) _mm256_store_ps(o + 8 * j, spread(d, 2 * j, 2 * j + 1));
+        } else {
+          _mm256_store_ps(o, d);
+        }
+        if (BITS == 4 && (nb & 1) && c == nchunks - 1) {  // the unpaired last block: low nibbles in lanes 0..3
+          const int i = static_cast<int>((nb - 1) % (HALF ? 4 : 8));  // its place in the chunk, even
+          _mm256_store_ps(o + (HALF ? 8 : 4) * i, HALF ? spread(d, 2 * i, 2 * i + 1) : spread(d, i, i));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) corr[r][m] = offsets ? hsum(cacc[r][m]) : 0.0f;
+}
+
+// y[:, n0:n1] for BITS-bit weights, M rows of x, R weight rows at a time (M * R accumulators in registers);
+// HALF: group == 16. First the multipliers of the R rows, then one pass of integer dot products over them.
+template <int BITS, bool HALF, int M, int R>
+void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
+  const QuantizedX& x = *a.x;
+  const int64_t K = x.K, nb = x.nb;
+  const int64_t dd_stride = x.nu_pad / 8 * dd_per_chunk<BITS, HALF>();
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xq = x.q.data();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    float corr[R][M];
+    tile_multipliers<BITS, HALF, M, R>(a, n, dd, dd_stride, corr);
+    // The next tile's scales and mins: a short stream of their own that the prefetchers do not see coming,
+    // and tile_multipliers would wait for each of their cache lines in turn.
+    for (const at::Half* p : {a.scales, a.mins}) {
+      if (!p) continue;
+      const char* next = reinterpret_cast<const char*>(p + (n + R) * a.ng);
+      for (int64_t off = 0; off < R * a.ng * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    }
+    const uint8_t* qrow[R];
+    const float* drow[R][M];
+    for (int r = 0; r < R; ++r) {
+      qrow[r] = a.q + (n + r) * a.row_bytes;
+      for (int m = 0; m < M; ++m) drow[r][m] = dd + (r * M + m) * dd_stride;
+    }
+    // Two sets of accumulators, for even and odd steps, where registers allow: one FMA chain per accumulator
+    // would otherwise wait on the FMA latency.
+    constexpr int A = M * R <= 4 ? 2 : 1;
+    __m256 acc[A][M][R];
+    for (int i = 0; i < A; ++i)
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[i][m][r] = _mm256_setzero_ps();
+    if constexpr (BITS == 4) {
+      // One step: blocks 2j, 2j+1 of each row (32 bytes of nibbles).
+      auto step = [&](int64_t j, __m256 (&ac)[M][R]) {
+        __m256i lo[R], hi[R];
+        for (int r = 0; r < R; ++r) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + 32 * j));
+          lo[r] = _mm256_and_si256(v, low4);
+          hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 64 * j));
+          const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 64 * j + 32));
+          for (int r = 0; r < R; ++r) {
+            const __m256i pl = _mm256_maddubs_epi16(lo[r], xl), ph = _mm256_maddubs_epi16(hi[r], xh);
+            if constexpr (HALF) {
+              const float* d = drow[r][m] + 16 * j;
+              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pl, ones)), _mm256_load_ps(d), ac[m][r]);
+              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(ph, ones)), _mm256_load_ps(d + 8), ac[m][r]);
+            } else {  // both products belong to the same two blocks: add them as int16 (|sum| <= 4 * 15 * 127)
+              const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
+              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + 8 * j), ac[m][r]);
+            }
+          }
+        }
+      };
+      // A cache line (2 steps) per iteration, with a prefetch a little way on in each row, into the rows that
+      // follow where rows are short: a few hundred bytes give the hardware prefetcher too little run-up.
+      const int64_t pairs = nb / 2;
+      int64_t j = 0;
+      for (; j + 2 <= pairs; j += 2) {
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qrow[r] + a.prefetch_bytes + 32 * j), _MM_HINT_T0);
+        step(j, acc[0]);
+        step(j + 1, acc[A - 1]);
+      }
+      if (j < pairs) step(j, acc[0]);
+      if (nb & 1) {  // the last block, unpaired: low nibbles to lanes 0..3, high to 4..7
+        const int64_t b = nb - 1;
+        __m256i w[R];
+        for (int r = 0; r < R; ++r) {
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow[r] + b * 16));
+          w[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4);
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * 32));
+          for (int r = 0; r < R; ++r) {
+            const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
+            acc[A - 1][m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + (HALF ? 16 : 8) * pairs),
+                                               acc[A - 1][m][r]);
+          }
+        }
+      }
+    } else {
+      // One step: block b. vpmaddubsw multiplies unsigned by signed bytes, so it gets |w| and x with w's sign.
+      auto step = [&](int64_t b, __m256 (&ac)[M][R]) {
+        __m256i w[R], aw[R];
+        for (int r = 0; r < R; ++r) {
+          w[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + 32 * b));
+          aw[r] = _mm256_sign_epi8(w[r], w[r]);
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * b));
+          for (int r = 0; r < R; ++r) {
+            const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, w[r])), ones);
+            const __m256 d = HALF ? _mm256_load_ps(drow[r][m] + 8 * b) : _mm256_broadcast_ss(drow[r][m] + b);
+            ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, ac[m][r]);
+          }
+        }
+      };
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qrow[r] + a.prefetch_bytes + 32 * b), _MM_HINT_T0);
+        step(b, acc[0]);
+        step(b + 1, acc[A - 1]);
+      }
+      if (b < nb) step(b, acc[0]);
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r)
+        a.y[m * a.N + n + r] = hsum(A == 2 ? _mm256_add_ps(acc[0][m][r], acc[A - 1][m][r]) : acc[0][m][r]) + corr[r][m];
+  }
+  if constexpr (R > 1) {
+    if (n < n1) gemv_tile<BITS, HALF, M, 1>(a, n, n1, dd);
+  }
+}
+
+template <int BITS, bool HALF, int M>
+void gemv_rows(const GemvArgs& a) {
+  constexpr int R = M == 1 ? 1 : (M <= 4 ? 2 : 1);
+  const int64_t tile = 16;  // rows per unit of work handed to threads
+  const int64_t tiles = (a.N + tile - 1) / tile;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (tile * a.row_bytes));  // >= 64 KB of weights per task
+  const int64_t dd_floats = R * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>();
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<__m256> dd(dd_floats / 8);
+    gemv_tile<BITS, HALF, M, R>(a, t0 * tile, std::min(a.N, t1 * tile), reinterpret_cast<float*>(dd.data()));
+  });
+}
+
+template <int BITS, bool HALF>
+void gemv_dispatch(const GemvArgs& a, int64_t M) {
+  switch (M) {
+    case 1: return gemv_rows<BITS, HALF, 1>(a);
+    case 2: return gemv_rows<BITS, HALF, 2>(a);
+    case 3: return gemv_rows<BITS, HALF, 3>(a);
+    case 4: return gemv_rows<BITS, HALF, 4>(a);
+    case 5: return gemv_rows<BITS, HALF, 5>(a);
+    case 6: return gemv_rows<BITS, HALF, 6>(a);
+    case 7: return gemv_rows<BITS, HALF, 7>(a);
+    case 8: return gemv_rows<BITS, HALF, 8>(a);
+  }
+}
+
+// Checks the QuantTensor parts of one 2-D weight; returns K.
+int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
+                     const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 4 || bits == 8, fn, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(q.device().is_cpu() && scales.device().is_cpu(), fn, ": tensors must be on the CPU");
+  TORCH_CHECK(q.dim() == 2, fn, ": qdata must be 2-D [N, K", bits == 4 ? " / 2" : "", "], got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), fn, ": ", bits, "-bit qdata must be ",
+              bits == 4 ? "uint8" : "int8", ", got ", q.scalar_type());
+  TORCH_CHECK(q.is_contiguous(), fn, ": qdata must be contiguous");
+  const int64_t K = q.size(1) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(K > 0 && K % 32 == 0, fn, ": K must be a positive multiple of 32, got ", K);
+  TORCH_CHECK(group > 0 && K % group == 0 && (group == 16 || group % 32 == 0), fn,
+              ": group must divide K and be 16 or a multiple of 32, got group ", group, " for K ", K);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), fn,
+              ": scales must be contiguous float16, got ", scales.scalar_type());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q.size(0) && scales.size(1) == K / group, fn, ": scales ",
+              scales.sizes(), " do not fit qdata ", q.sizes(), " with group ", group);
+  if (mins.has_value()) {
+    TORCH_CHECK(mins->device().is_cpu() && mins->scalar_type() == torch::kFloat16 && mins->is_contiguous(), fn,
+                ": mins must be contiguous float16 on the CPU, got ", mins->scalar_type());
+    TORCH_CHECK(mins->sizes() == scales.sizes(), fn, ": mins ", mins->sizes(), " must match scales ", scales.sizes());
+  }
+  return K;
+}
+
+}  // namespace
+
+// x float32 [M, K] contiguous (M <= 8), W the QuantTensor parts of a 2-D weight [N, K] -> x @ W^T, float32
+// [M, N], with x rounded to int8 per block of 32 (see the header).
+torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                         int64_t bits, int64_t group) {
+  const int64_t K = check_weight("quant_gemv", qdata, scales, mins, bits, group);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "quant_gemv: x must be float32 on the CPU, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "quant_gemv: x must be [M, K] with K = ", K, ", got ", x.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "quant_gemv: x must have 1..", kMaxRows, " rows, got ", x.size(0));
+  TORCH_CHECK(x.is_contiguous(), "quant_gemv: x must be contiguous");
+  const int64_t M = x.size(0), N = qdata.size(0);
+  const bool half = group == 16;
+  auto y = torch::empty({M, N}, x.options());
+  if (N == 0) return y;
+  QuantizedX qx;
+  quantize_x(x.data_ptr<float>(), M, K, bits == 4, half, qx);
+  GemvArgs a;
+  a.x = &qx;
+  a.q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
+  a.row_bytes = qdata.size(1);
+  a.scales = scales.data_ptr<at::Half>();
+  a.mins = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  a.ng = K / group;
+  ChunkGroups cg;
+  plan_groups(qx.nu, half ? 1 : group / 32, cg);
+  a.groups = &cg;
+  a.sym4 = bits == 4 && !mins.has_value();
+  a.prefetch_bytes = 2048;
+  a.y = y.data_ptr<float>();
+  a.N = N;
+  if (bits == 4)
+    half ? gemv_dispatch<4, true>(a, M) : gemv_dispatch<4, false>(a, M);
+  else
+    half ? gemv_dispatch<8, true>(a, M) : gemv_dispatch<8, false>(a, M);
+  return y;
+}
+
+namespace {
+
+// One weight row to float32, with the reference's arithmetic: q * s + m (rounded twice), s * (q - 8), s * q.
+template <int BITS>
+void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins, int64_t K, int64_t group, float* out) {
+  const int64_t nb = K / 32, bpg = group / 32;  // bpg: blocks per group (0 when group == 16)
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  __m256 s_lo = _mm256_setzero_ps(), s_hi = s_lo, m_lo = s_lo, m_hi = s_lo;
+  for (int64_t b = 0, left = 0, g = 0; b < nb; ++b) {
+    if (group == 16) {  // two groups per block
+      s_lo = _mm256_set1_ps(half_to_float(scales + 2 * b));
+      s_hi = _mm256_set1_ps(half_to_float(scales + 2 * b + 1));
+      if (mins) {
+        m_lo = _mm256_set1_ps(half_to_float(mins + 2 * b));
+        m_hi = _mm256_set1_ps(half_to_float(mins + 2 * b + 1));
+      }
+    } else if (left-- == 0) {  // a new group
+      s_lo = s_hi = _mm256_set1_ps(half_to_float(scales + g));
+      if (mins) m_lo = m_hi = _mm256_set1_ps(half_to_float(mins + g));
+      ++g;
+      left = bpg - 1;
+    }
+    __m256 v[4];  // elements 0..7, 8..15, 16..23, 24..31 as floats
+    if constexpr (BITS == 4) {
+      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
+      const __m128i lo = _mm_and_si128(p, low4), hi = _mm_and_si128(_mm_srli_epi16(p, 4), low4);
+      v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
+      v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    } else {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
+      const __m128i lo = _mm256_castsi256_si128(p), hi = _mm256_extracti128_si256(p, 1);
+      v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+      v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+      v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+      v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m256 s = i < 2 ? s_lo : s_hi;
+      __m256 w;
+      if (mins)
+        w = _mm256_add_ps(_mm256_mul_ps(v[i], s), i < 2 ? m_lo : m_hi);
+      else if (BITS == 4)
+        w = _mm256_mul_ps(s, _mm256_sub_ps(v[i], eight));
+      else
+        w = _mm256_mul_ps(s, v[i]);
+      _mm256_storeu_ps(out + b * 32 + 8 * i, w);
+    }
+  }
+}
+
+}  // namespace
+
+// The rows `rows` (int64 [R]) of the weight whose QuantTensor parts are given, as float32 [R, K], equal bit
+// for bit to quant.tensor.dequantize(...)[rows].
+torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t bits,
+                           int64_t group, torch::Tensor rows) {
+  const int64_t K = check_weight("dequant_rows", qdata, scales, mins, bits, group);
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kInt64 && rows.dim() == 1,
+              "dequant_rows: rows must be a 1-D int64 tensor, got ", rows.scalar_type(), " ", rows.sizes());
+  auto idx = rows.contiguous();
+  const int64_t R = idx.size(0), N = qdata.size(0), row_bytes = qdata.size(1), ng = K / group;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "dequant_rows: row index ", ip[i], " out of range for ", N, " rows");
+  auto out = torch::empty({R, K}, scales.options().dtype(torch::kFloat32));
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  float* o = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);  // >= 16K elements per task
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = ip[r];
+      const at::Half* mrow = mn ? mn + n * ng : nullptr;
+      if (bits == 4)
+        dequant_row<4>(q + n * row_bytes, s + n * ng, mrow, K, group, o + r * K);
+      else
+        dequant_row<8>(q + n * row_bytes, s + n * ng, mrow, K, group, o + r * K);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_gemv", &quant_gemv, "x [M, K] float32 @ W^T for a quantized W [N, K] -> [M, N] float32");
+  m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]");
+}

@@ -1,0 +1,354 @@
+"""Tokenizers built from GGUF tokenizer metadata: llama.cpp's own test vectors (SentencePiece-style vocabularies),
+byte-level BPE against the tokenizers.Tokenizer a GGUF vocabulary was converted from (also through a real GGUF
+file), special tokens as llama.cpp treats them, and the errors for vocabularies we cannot rebuild."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+import pytest
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+from hearthlm.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizerError, build_hf_tokenizer, tokenizer_from_gguf
+
+VOCABS = Path(__file__).parents[2] / "shared" / "testdata" / "gguf_vocab"
+DEMO = Path(__file__).parents[1] / "src" / "hearthlm" / "demo" / "hearth-demo"
+SPM_VOCABS = ["llama-spm", "phi-3"]
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """A GGUF file's metadata as plain Python values (the header's GGUF.* fields left out)."""
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+@functools.cache
+def _vocab(name: str) -> tuple[dict[str, Any], Any]:
+    path = VOCABS / f"ggml-vocab-{name}.gguf"
+    metadata = gguf_metadata(path)
+    return metadata, tokenizer_from_gguf(metadata, str(path))
+
+
+def vocab_metadata(name: str) -> dict[str, Any]:
+    return dict(_vocab(name)[0])
+
+
+def vocab_tokenizer(name: str):
+    return _vocab(name)[1]
+
+
+def llama_cpp_vectors(name: str) -> list[tuple[str, list[int]]]:
+    """NAME.gguf.inp / .out as llama.cpp's test-tokenizer-0 reads them: inputs separated by
+    "\\n__ggml_vocab_test__\\n", one line of expected ids per input."""
+    base = VOCABS / f"ggml-vocab-{name}.gguf"
+    raw = Path(f"{base}.inp").read_text(encoding="utf-8")
+    sep = "\n__ggml_vocab_test__\n"
+    inputs = raw.split(sep)
+    if raw.endswith(sep):
+        inputs.pop()
+    lines = Path(f"{base}.out").read_text(encoding="utf-8").split("\n")
+    assert len(lines) >= len(inputs)
+    return [(text, [int(i) for i in line.split()]) for text, line in zip(inputs, lines)]
+
+
+def test_testdata_is_found():
+    for name in SPM_VOCABS:
+        for suffix in ("", ".inp", ".out"):
+            assert (VOCABS / f"ggml-vocab-{name}.gguf{suffix}").is_file(), f"missing {name}{suffix} in {VOCABS}"
+
+
+# -- SentencePiece-style vocabularies: llama.cpp's vectors ---------------------------------------------
+@pytest.mark.parametrize("name", SPM_VOCABS)
+def test_llama_cpp_vectors(name):
+    """test-tokenizer-0 tokenizes with add_special=false (no BOS in the .out files) and parse_special=false;
+    no input holds a control token's text, so our parse_special=true encode must give the same ids."""
+    tok = vocab_tokenizer(name)
+    vectors = llama_cpp_vectors(name)
+    assert len(vectors) == 46
+    specials = [tok.token(i) for i in tok.special_ids]
+    assert not any(s in text for text, _ in vectors for s in specials)
+    failed = [(text, ids, got) for text, ids in vectors if (got := tok.encode(text, add_special_tokens=False)) != ids]
+    assert not failed, f"{len(failed)} of {len(vectors)} vectors differ: {failed[:3]}"
+    # and back: the decoder drops the prefix space it added, fuses byte tokens into characters
+    assert [tok.decode(ids) for _, ids in vectors] == [text for text, _ in vectors]
+
+
+def test_spm_special_tokens_bos_and_decode():
+    tok = vocab_tokenizer("llama-spm")
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    # control tokens in the text are single ids, and the text after each gets the prefix space again
+    assert tok.encode("<s>Hello</s> world", add_special_tokens=False) == [1, 15043, 2, 29871, 3186]
+    assert tok.encode("Hello world") == [1, 15043, 3186]  # add_bos_token: true
+    assert tok.encode("") == [1]
+    assert tok.decode([1, 15043, 2, 3186]) == "Hello world"
+    assert tok.decode([1, 15043, 2], skip_special_tokens=False) == "<s> Hello</s>"
+    assert tok.stop_token_ids() == {2}
+    assert len(tok.byte_ids) == 256  # <0x00>..<0xFF>: the streaming detokenizer holds byte runs
+    detok = tok.detokenizer()
+    ids = tok.encode(" this is 🦙.cpp", add_special_tokens=False)
+    assert "".join([detok.push(i) for i in ids] + [detok.flush()]) == tok.decode(ids) == " this is 🦙.cpp"
+
+
+def test_spm_parse_special_false_tokenizes_control_tokens_as_text():
+    path = VOCABS / "ggml-vocab-llama-spm.gguf"
+    hf = build_hf_tokenizer(vocab_metadata("llama-spm"), str(path))
+    hf.encode_special_tokens = True  # llama.cpp's parse_special=false
+    ids = hf.encode("<s>Hello", add_special_tokens=False).ids
+    assert 1 not in ids and hf.decode(ids) == "<s>Hello"
+
+
+def test_spm_add_bos_and_add_space_prefix_follow_the_metadata():
+    metadata = vocab_metadata("llama-spm") | {
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_eos_token": True,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+    tok = tokenizer_from_gguf(metadata, "no-bos.gguf")
+    assert tok.encode("Hello") == [10994, 2]  # "Hello" without "▁", then eos
+    assert tok.decode(tok.encode(" Hello world")) == " Hello world"  # no prefix space to strip
+
+
+def test_phi3_special_tokens_chat_template_and_stops():
+    """llama.cpp strips the whitespace after Phi-3's special tokens (general.name says phi3) and stops on
+    <|end|> and <|endoftext|> (eos)."""
+    tok = vocab_tokenizer("phi-3")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    assert rendered == "<s><|user|>\nHi there<|end|>\n<|assistant|>\n"
+    assert tok.encode_chat(rendered) == [1, 32010, 6324, 727, 32007, 32001]  # one <s>: the template wrote it
+    assert {32000, 32007} <= tok.stop_token_ids()
+    assert tok.decode([1, 32010, 6324, 727, 32007, 32001]) == "Hi there"
+
+
+# -- byte-level BPE: converted as llama.cpp's convert_hf_to_gguf.py does, checked against the original ------
+def _looks_special(text: str) -> bool:  # convert_hf_to_gguf.py's does_token_look_special
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
+def gguf_metadata_from_hf(hf: HFTokenizer, pre: str, config: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer.ggml.* metadata for a byte-level BPE tokenizers.Tokenizer, as convert_hf_to_gguf.py writes it
+    (get_vocab_base, gguf-py's SpecialVocab): every id in order, holes as UNUSED [PADn], added tokens as
+    CONTROL (special, or looking special) or USER_DEFINED, spelled as text; merges as "left right"."""
+    spec = json.loads(hf.to_str())
+    vocab = hf.get_vocab(with_added_tokens=True)
+    reverse = {i: t for t, i in vocab.items()}
+    added = hf.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(max(reverse) + 1):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            text = added[i].content
+            if not added[i].normalized:
+                text = hf.decode(hf.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+            tokens.append(text)
+            types.append(CONTROL if added[i].special or _looks_special(text) else USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(NORMAL)
+    single = (spec.get("post_processor") or {}).get("single", [])
+    metadata = {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]],
+        "tokenizer.ggml.add_bos_token": bool(single) and "SpecialToken" in single[0],
+        "tokenizer.chat_template": config["chat_template"],
+    }
+    for name, key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        metadata[f"tokenizer.ggml.{name}_token_id"] = vocab[config[key]]
+    return metadata
+
+
+def demo_tokenizer(pre: str = "gpt-2") -> HFTokenizer:
+    """The demo model's byte-level BPE tokenizer, plus one user-defined (non-special) added token; for
+    `pre` other than "gpt-2", split as that family's tokenizer.json does (regex as transformers has it)."""
+    spec = json.loads((DEMO / "tokenizer.json").read_text(encoding="utf-8"))
+    if pre != "gpt-2":
+        spec["pre_tokenizer"] = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": GGUF_PRE_TOKENIZER_SPLITS[pre]},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        }
+        spec["model"]["ignore_merges"] = pre == "llama-bpe"  # as in Llama 3's tokenizer.json
+    hf = HFTokenizer.from_str(json.dumps(spec))
+    hf.add_tokens([AddedToken("<note>", special=False, normalized=False)])
+    return hf
+
+
+def demo_config() -> dict[str, Any]:
+    return json.loads((DEMO / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+
+CORPUS = [
+    "Hello world",
+    " Hello world",
+    "Hello, y'all! How are you 😁 ?我想在apple工作1314151天～",
+    "3 33 333 3333 33333 333333 3.14159 1,000,000 0x1F 42nd",
+    "  two leading spaces, three trailing   ",
+    "\t\ttabs\tand\nnew\n\nlines\r\n\r\n  \n",
+    "a  b   c    d     e",
+    "def square(x):\n    return x ** 2  # comment\n\n\nclass A:\n\tpass\n",
+    'for (int i = 0; i < n; ++i) { s += a[i]; } // "quoted" & <tags>',
+    "Ünïcödé naïve café, Äpfel, нещо на Български, Ελληνικά, 日本語のテキスト, 한국어, कन्नड़",
+    "emoji 🦙🚀👍🏽 family 👨\u200d👩\u200d👧 check ✅ flag 🇩🇪",
+    "I'm, you're, he's, we'll, they'd, I've; 'S 'T 'RE 'VE 'M 'LL 'D; rock'n'roll",
+    "<|turn>user\nHi there<turn|>\n<|turn>model\n",
+    'x<bos>y<eos>z <|"|> <|think|>a<note>b <note> <|unknown|>',
+    "",
+    " ",
+    "\n",
+    "!!!!!!??????......-----=======",
+    "ﬁ ligature, ＦＵＬＬＷＩＤＴＨ, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math",
+    "nbsp\u00a0em\u2003ideographic\u3000space, zero\u200bwidth",
+]
+
+
+@functools.cache
+def _demo_pair(pre: str):
+    hf = demo_tokenizer(pre)
+    return hf, tokenizer_from_gguf(gguf_metadata_from_hf(hf, pre, demo_config()), f"demo-{pre}.gguf")
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "qwen35"])
+def test_byte_level_bpe_encodes_like_the_original(pre):
+    hf, tok = _demo_pair(pre)
+    for text in CORPUS:
+        for add in (False, True):
+            assert tok.encode(text, add_special_tokens=add) == hf.encode(text, add_special_tokens=add).ids, (text, add)
+    ids = [i for text in CORPUS for i in hf.encode(text).ids]
+    assert tok.decode(ids) == hf.decode(ids)
+    assert tok.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
+
+
+def test_byte_level_bpe_round_trip_through_a_gguf_file(tmp_path):
+    hf = demo_tokenizer()
+    metadata = gguf_metadata_from_hf(hf, "gpt-2", demo_config())
+    path = tmp_path / "demo.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model(metadata["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(metadata["tokenizer.ggml.pre"])
+    writer.add_token_list(metadata["tokenizer.ggml.tokens"])
+    writer.add_token_types(metadata["tokenizer.ggml.token_type"])
+    writer.add_token_merges(metadata["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(metadata["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(metadata["tokenizer.ggml.eos_token_id"])
+    writer.add_unk_token_id(metadata["tokenizer.ggml.unknown_token_id"])
+    writer.add_pad_token_id(metadata["tokenizer.ggml.padding_token_id"])
+    writer.add_add_bos_token(metadata["tokenizer.ggml.add_bos_token"])
+    writer.add_chat_template(metadata["tokenizer.chat_template"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+    read = gguf_metadata(path)
+    assert {k: read[k] for k in metadata} == metadata
+    tok = tokenizer_from_gguf(read, str(path))
+    for text in CORPUS:
+        assert tok.encode(text) == hf.encode(text).ids, text
+    assert tok.bos_token == "<bos>" and tok.encode("hi")[0] == 2
+    # generation_config.json lists [1, 6, 14]: eos, and the end-of-turn tokens llama.cpp and we recognise
+    assert tok.stop_token_ids() == {1, 6, 14}
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert rendered == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert tok.encode_chat(rendered) == hf.encode(rendered, add_special_tokens=False).ids
+    assert tok.encode_chat(rendered).count(2) == 1
+
+
+def test_byte_level_special_and_user_defined_tokens():
+    hf, tok = _demo_pair("gpt-2")
+    note = tok.token_id("<note>")
+    ids = tok.encode("<|turn>user\nsee<note>here<turn|>", add_special_tokens=False)
+    assert ids[0] == 5 and ids[-1] == 6 and note in ids
+    assert tok.decode(ids) == "user\nsee<note>here"  # control tokens dropped, user-defined ones kept
+    assert tok.decode(ids, skip_special_tokens=False) == "<|turn>user\nsee<note>here<turn|>"
+    # parse_special=false: control tokens are text, user-defined ones still whole
+    raw = build_hf_tokenizer(gguf_metadata_from_hf(hf, "gpt-2", demo_config()), "demo.gguf")
+    raw.encode_special_tokens = True
+    ids = raw.encode("<|turn>user\nsee<note>here", add_special_tokens=False).ids
+    assert 5 not in ids and note in ids
+    assert raw.decode(ids) == "<|turn>user\nsee<note>here"
+
+
+def test_byte_level_add_bos_token_false():
+    hf = demo_tokenizer()
+    metadata = gguf_metadata_from_hf(hf, "gpt-2", demo_config()) | {"tokenizer.ggml.add_bos_token": False}
+    tok = tokenizer_from_gguf(metadata, "demo.gguf")
+    assert tok.encode("hi") == hf.encode("hi", add_special_tokens=False).ids
+
+
+def test_missing_pre_uses_llama_cpps_default_with_a_warning():
+    hf = demo_tokenizer()
+    metadata = gguf_metadata_from_hf(hf, "gpt-2", demo_config())
+    del metadata["tokenizer.ggml.pre"]
+    with pytest.warns(UserWarning, match="tokenizer.ggml.pre"):
+        tok = tokenizer_from_gguf(metadata, "old.gguf")
+    text = "x = 12345; y += 7!"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    # llama.cpp's 'default' splits punctuation runs, then the GPT-2 pattern, digit runs, three digits
+    raw = build_hf_tokenizer(metadata | {"tokenizer.ggml.pre": "default"}, "old.gguf")
+    pieces = [piece for piece, _ in raw.pre_tokenizer.pre_tokenize_str(text)]
+    assert pieces == ["x", "Ġ", "=", "Ġ", "123", "45", ";", "Ġy", "Ġ", "+=", "Ġ", "7", "!"]
+
+
+def test_supported_pre_tokenizers_compile():
+    hf = demo_tokenizer()
+    base = gguf_metadata_from_hf(hf, "gpt-2", demo_config())
+    for pre in PRE_TOKENIZERS:
+        tok = tokenizer_from_gguf(base | {"tokenizer.ggml.pre": pre}, f"{pre}.gguf")
+        assert tok.decode(tok.encode(CORPUS[2], add_special_tokens=False)) == CORPUS[2], pre
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["bert", "t5", "rwkv", "no_vocab"])
+def test_unknown_tokenizer_model_is_a_clear_error(model):
+    metadata = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": ["a", "b"]}
+    with pytest.raises(GGUFTokenizerError, match=rf"model\.gguf: tokenizer\.ggml\.model '{model}'") as e:
+        tokenizer_from_gguf(metadata, "model.gguf")
+    assert isinstance(e.value, ValueError) and "'gpt2', 'llama'" in str(e.value)
+
+
+def test_missing_keys_are_clear_errors():
+    with pytest.raises(GGUFTokenizerError, match=r"x\.gguf: no tokenizer\.ggml\.model"):
+        tokenizer_from_gguf({"general.architecture": "llama"}, "x.gguf")
+    with pytest.raises(GGUFTokenizerError, match=r"x\.gguf: no tokenizer\.ggml\.tokens"):
+        tokenizer_from_gguf({"tokenizer.ggml.model": "llama"}, "x.gguf")
+    with pytest.raises(GGUFTokenizerError, match=r"x\.gguf: no tokenizer\.ggml\.merges"):
+        tokenizer_from_gguf(
+            {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": ["a"]}, "x.gguf"
+        )
+    with pytest.raises(GGUFTokenizerError, match=r"x\.gguf: tokenizer\.ggml\.scores has 1 entries for 2 tokens"):
+        tokenizer_from_gguf(
+            {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.scores": [0.0]},
+            "x.gguf",
+        )
+    with pytest.raises(GGUFTokenizerError, match=r"duplicate token .*'a' has ids 0 and 1"):
+        tokenizer_from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "a"]}, "x.gguf")
+
+
+def test_unknown_pre_tokenizer_names_it_and_the_supported_ones():
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery", "tokenizer.ggml.tokens": ["a"]}
+    with pytest.raises(GGUFTokenizerError, match=r"x\.gguf: tokenizer\.ggml\.pre 'mystery' is not supported") as e:
+        tokenizer_from_gguf(metadata | {"tokenizer.ggml.merges": []}, "x.gguf")
+    assert all(name in str(e.value) for name in ("qwen2", "llama-bpe", "gpt-2", "default"))

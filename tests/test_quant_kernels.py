@@ -1,0 +1,165 @@
+"""The quantized-weight CPU kernels (kernels/quant_cpu.cpp) against the reference quant.tensor.dequantize.
+
+quant_gemv rounds x to int8 per block of 32 (one scale each, as llama.cpp's Q8_0) and is otherwise exact, so
+it is checked twice: to float32 rounding against the float64 product of that rounded x (which pins every
+weight, scale and min to its place), and against the exact x @ W.T within the worst case the rounding of x
+allows. dequant_rows must equal the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hearthlm.kernels import cpu
+from hearthlm.quant.tensor import dequantize, pack_int4
+
+pytestmark = pytest.mark.skipif(not cpu.quant_available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
+
+# (K, group): groups of 16, 32, 64, 128, 96 (a multiple of 32 that is not a power of two) and K (one per row);
+# K = 96 has an odd number of blocks (the unpaired last block of the 4-bit kernel) and a partial chunk.
+LAYOUTS = [(96, 16), (96, 32), (96, 96), (384, 96), (640, 16), (640, 32), (640, 64), (640, 128), (640, 640)]
+
+
+def _weights(N: int, K: int, bits: int, group: int, mins: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if bits == 4:  # random nibbles: any mix-up of low and high halves, or of blocks, changes the result
+        q = pack_int4(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8))
+    else:
+        q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int16).to(torch.int8)
+    s = (torch.randn(N, K // group, generator=g) * 0.02).half()  # both signs, as GGML's Q4_0 scales
+    m = (torch.randn(N, K // group, generator=g) * 0.1).half() if mins else None
+    return q, s, m
+
+
+def _rounded_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x^ (x rounded per block of 32 to int8 times the block's scale max|x| / 127) and each element's scale."""
+    b = x.view(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(b * inv) * d).view_as(x), d.expand_as(b).reshape_as(x)
+
+
+def _check(x, q, s, m, bits, group):
+    W = dequantize(q, s, m, bits, group).double()
+    y = cpu.quant_gemv(x, q, s, m, bits, group)
+    assert y.dtype == torch.float32 and y.shape == (x.shape[0], q.shape[0])
+    xr, dx = _rounded_x(x)
+    # Float32 rounding only: every partial sum is bounded by |x^| . (16 |s| + |m|) per element.
+    S = s.double().abs().repeat_interleave(group, -1) * 16
+    if m is not None:
+        S = S + m.double().abs().repeat_interleave(group, -1)
+    fp = 1e-5 * (xr.double().abs() @ S.T) + 1e-30
+    assert ((y.double() - xr.double() @ W.T).abs() <= fp).all()
+    # The worst case of rounding x: each element off by at most half its block's step.
+    bound = (dx.double() / 2) @ W.abs().T * 1.001 + fp
+    assert ((y.double() - x.double() @ W.T).abs() <= bound).all()
+    return y
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"K{t[0]}-g{t[1]}")
+def test_quant_gemv_matches_reference(bits, mins, layout):
+    K, group = layout
+    q, s, m = _weights(37, K, bits, group, mins, seed=K + group)  # 37 rows: tails of every row tiling
+    g = torch.Generator().manual_seed(1)
+    for M in range(1, cpu.MAX_ROWS + 1):
+        x = torch.randn(M, K, generator=g)
+        x[0, 32:64] = 0  # an all-zero block: scale 0
+        _check(x, q, s, m, bits, group)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_gemv_outlier_stays_in_its_block(bits):
+    K, group = 640, 32
+    q, s, m = _weights(29, K, bits, group, bits == 4, seed=3)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(2))
+    x[:, 96:128] = 0
+    x[:, 100] = 1000.0  # an activation outlier, as some channels of LLM activations are
+    y = _check(x, q, s, m, bits, group)
+    # Per-block scales: the outlier costs its own block's resolution only, so the result stays far closer to
+    # exact than rounding each row of x to one scale does.
+    W = dequantize(q, s, m, bits, group).double()
+    exact = x.double() @ W.T
+    step = x.abs().amax(-1, keepdim=True) / 127
+    per_row = (torch.round(x / step) * step).double() @ W.T
+    assert (y.double() - exact).abs().max() < (per_row - exact).abs().max() / 20
+
+
+@pytest.mark.parametrize(
+    "bits, group, mins", [(4, 32, False), (4, 32, True), (4, 128, True), (8, 4864, False), (8, 16, False)]
+)
+def test_quant_gemv_realistic_shape(bits, group, mins):
+    N, K = 896, 4864  # Qwen2.5-0.5B's down projection; several tasks for the thread pool
+    q, s, m = _weights(N, K, bits, group, mins, seed=5)
+    g = torch.Generator().manual_seed(6)
+    for M in (1, 3):
+        _check(torch.randn(M, K, generator=g), q, s, m, bits, group)
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_quant_gemv_int4_layout(group):
+    """Built by hand, not with pack_int4: byte j of a block holds element j (low nibble) and element j + 16
+    (high nibble); one-hot rows of x read single elements back."""
+    N, K = 5, 64
+    g = torch.Generator().manual_seed(7)
+    vals = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    blocks = vals.view(N, 2, 32)
+    q = (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(N, K // 2).contiguous()
+    s = torch.full((N, K // group), 0.5, dtype=torch.float16)
+    probes = [0, 1, 15, 16, 17, 31, 32, 63]
+    x = torch.zeros(len(probes), K)
+    x[range(len(probes)), probes] = 1.0
+    y = cpu.quant_gemv(x, q, s, None, 4, group)
+    expected = 0.5 * (vals[:, probes].T.float() - 8)
+    assert torch.allclose(y, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"K{t[0]}-g{t[1]}")
+def test_dequant_rows_bit_identical(bits, mins, layout):
+    K, group = layout
+    q, s, m = _weights(41, K, bits, group, mins, seed=K * group)
+    ref = dequantize(q, s, m, bits, group)
+    rows = torch.tensor([40, 0, 7, 7, 13])
+    assert torch.equal(cpu.dequant_rows(q, s, m, bits, group, rows), ref[rows])
+    many = torch.randint(0, 41, (300,), generator=torch.Generator().manual_seed(0))  # several threads' worth
+    assert torch.equal(cpu.dequant_rows(q, s, m, bits, group, many), ref[many])
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])  # token ids [B, T] -> [B, T, K]
+    assert torch.equal(cpu.dequant_rows(q, s, m, bits, group, ids), ref[ids])
+    assert cpu.dequant_rows(q, s, m, bits, group, torch.zeros(0, dtype=torch.long)).shape == (0, K)
+
+
+def test_bad_inputs_are_clear_errors():
+    K = 64
+    q, s, m = _weights(8, K, 4, 32, True, seed=0)
+    x = torch.randn(1, K)
+
+    def gemv_error(match, x=x, q=q, s=s, m=m, bits=4, group=32):
+        with pytest.raises(RuntimeError, match=match):
+            cpu.quant_gemv(x, q, s, m, bits, group)
+
+    gemv_error("1..8 rows", x=torch.randn(9, K))
+    gemv_error("1..8 rows", x=torch.randn(0, K))
+    gemv_error("contiguous", x=torch.randn(K, 2).T)
+    gemv_error("float32", x=x.double())
+    gemv_error("K = 64", x=torch.randn(1, 32))
+    gemv_error("uint8", q=q.view(torch.int8))
+    gemv_error("int8", q=q, bits=8)  # 4-bit data passed as 8-bit
+    gemv_error("bits must be 4 or 8", bits=2)
+    gemv_error("qdata must be contiguous", q=torch.cat([q, q], 1)[:, ::2])
+    gemv_error("scales must be contiguous float16", s=s.float())
+    gemv_error("do not fit", s=s[:, :1].contiguous())
+    gemv_error("mins .* must match", m=m[:4].contiguous())
+    gemv_error("group must divide K", group=48)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.dequant_rows(q, s, m, 4, 32, torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="int64"):
+        cpu.dequant_rows(q, s, m, 4, 32, torch.tensor([1], dtype=torch.int32))
+
+
+def test_kernels_off_means_unavailable(monkeypatch):
+    monkeypatch.setenv("HEARTHLM_KERNELS", "0")
+    assert cpu._build("hearthlm_quant_cpu", "quant_cpu.cpp") is None
