@@ -59,8 +59,11 @@ def test_gemma4_ple_table_and_experts():
     [("Q8_0", 8.54e9), ("Q4_K_M", 4.92e9), ("Q4_0", 4.66e9)],
 )
 def test_gguf_sizes_match_published_files(fmt, published):
-    e = fit.estimate(fit.known_model("Llama-3.1-8B-Instruct"), fmt)
-    assert e.weights == pytest.approx(published, rel=0.02)
+    m = fit.known_model("Llama-3.1-8B-Instruct")
+    assert fit.gguf_file_bytes(m, fmt) == pytest.approx(published, rel=0.02)
+    # in memory, repacked for our kernels: the same for Q8_0, wider where Q6_K / Q4_K tensors are
+    resident = fit.estimate(m, fmt).weights
+    assert resident >= fit.gguf_file_bytes(m, fmt) * 0.999 and (fmt != "Q8_0" or resident <= published * 1.02)
 
 
 def test_every_known_model_builds_and_dense_kv_is_plain_gqa():
@@ -107,9 +110,9 @@ PROBE = textwrap.dedent(
     import torch, hearthlm
     base = status()["VmRSS"]
     from hearthlm import LLM
-    llm = LLM(sys.argv[1], dtype=sys.argv[2])
+    llm = LLM(sys.argv[1], dtype=sys.argv[2], quant=None if sys.argv[3] == "none" else sys.argv[3])
     with torch.inference_mode():
-        for p in llm.model.parameters():  # read every page, as decoding does (and the estimate counts)
+        for p in [*llm.model.parameters(), *llm.model.buffers()]:  # read every page, as decoding does
             p.reshape(-1)[::256].sum()
         llm.logits([3, 4, 5, 6])
     print(json.dumps({"base": base, **status()}))
@@ -117,8 +120,9 @@ PROBE = textwrap.dedent(
 )
 
 
-def _measure(folder: Path, dtype: str) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(folder), dtype], capture_output=True, text=True, check=True)
+def _measure(folder: Path, dtype: str, quant: str = "none") -> dict[str, int]:
+    cmd = [sys.executable, "-c", PROBE, str(folder), dtype, quant]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -150,6 +154,8 @@ def _load_cases():
             lambda request: request.getfixturevalue("llama_fp32"), "bfloat16", "bf16", id="llama-fp32-as-bf16"
         ),
         pytest.param(lambda request: request.getfixturevalue("llama_bf16"), "float32", "fp32", id="llama-bf16-as-fp32"),
+        pytest.param(lambda request: request.getfixturevalue("llama_bf16"), "bfloat16", "int8", id="llama-bf16-int8"),
+        pytest.param(lambda request: request.getfixturevalue("llama_bf16"), "bfloat16", "int4", id="llama-bf16-int4"),
     ]
 
 
@@ -158,11 +164,12 @@ def test_estimate_holds_against_measured_rss(request, folder, dtype, fmt):
     folder = folder(request)
     m = fit.load(folder)
     e = fit.estimate(m, fmt, context=4)
-    got = _measure(folder, dtype)
+    got = _measure(folder, dtype, fmt if fmt in ("int8", "int4") else "none")
     peak = got["VmHWM"] - got["base"]
     print(f"{folder.name} {dtype}: peak RSS {peak / 1e6:.0f} MB, estimated {(e.load_peak - fit.RUNTIME_RSS) / 1e6:.0f}")
-    assert e.load_peak - fit.RUNTIME_RSS == pytest.approx(peak, rel=0.10)
-    if m.file_dtype_bytes != fit.NATIVE[fmt] and not m.count("ple_table"):
+    if fmt in fit.NATIVE:  # quantizing: the peak swings between runs (160-260 MB here), the steady RSS does not
+        assert e.load_peak - fit.RUNTIME_RSS == pytest.approx(peak, rel=0.10)
+    if m.file_dtype_bytes != fit.NATIVE.get(fmt) and not m.count("ple_table"):
         # Every tensor converted: the file's mapping is gone after the load, so RSS is what must stay resident.
         steady = got["VmRSS"] - got["base"]
         print(f"  steady RSS {steady / 1e6:.0f} MB, estimated {(e.ram - fit.RUNTIME_RSS) / 1e6:.0f}")

@@ -6,16 +6,16 @@ routed experts / other matrices / vectors. Each weight format prices a tensor in
 
 - bf16 / fp16 / fp32: what hearthlm runs today. Matrices in that dtype; vectors (norms) in fp32
   (`RMSNorm.after_load`); the PLE table stays in the checkpoint's dtype (gathered, never converted).
-- int8: symmetric per output channel, 1 byte per weight + one fp32 scale per row.
-- int4: group-wise over 32 input columns, 0.5 byte per weight + a bf16 scale and a bf16 zero point
-  per group (5.0 bits per weight).
-  For int8/int4 the embedding and PLE tables stay bf16 (they are gathers); a tied LM head is the
-  bf16 embedding, an untied one is quantized like every other matrix.
+- int8 / int4 (weights/loader.py): matrices in int8 with one fp16 scale per row, or in int4 with an
+  fp16 scale and an fp16 min per 32 input columns (5.0 bits per weight); the embedding and the LM head
+  (tied or not) in int8 per row in both; the PLE table stays in the checkpoint's dtype.
 - GGUF Q8_0 (34 bytes / 32 weights) and Q4_0 (18 / 32): every matrix in that block format, except the
-  output matrix, which llama.cpp writes as Q6_K (210 / 256) unless the file is Q8_0.
-- GGUF Q4_K_M: llama.cpp's per-tensor recipe: Q4_K (144 / 256) everywhere, Q6_K for the output
-  matrix and for attn_v and ffn_down of the layers where llama.cpp's `use_more_bits` holds
-  (the first and last eighth of the layers and every third layer between); ~4.8-5 bits per weight.
+  output matrix, which llama.cpp writes as Q6_K unless the file is Q8_0.
+- GGUF Q4_K_M: llama.cpp's per-tensor recipe: Q4_K everywhere, Q6_K for the output matrix and for
+  attn_v and ffn_down of the layers where llama.cpp's `use_more_bits` holds (the first and last eighth
+  of the layers and every third layer between).
+  GGUF types are priced as hearthlm holds them after repacking (quant/ggml.py), which for the K-types is
+  wider than the file: Q4_K 5 bits per weight (file 4.5), Q6_K 9 (file 6.56); Q8_0 and Q4_0 as in the file.
 
 KV cache bytes per token come from the LayerSpecs as `engine/kv_cache.py` allocates them: a K and a
 V buffer per layer that computes K/V (k=v layers included: V is v_norm(k), K is rope(k_norm(k))),
@@ -66,7 +66,10 @@ NATIVE = {"fp32": 4, "fp16": 2, "bf16": 2}  # formats hearthlm loads today: byte
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2}
 
 INT4_GROUP = 32
-Q8_0, Q4_0, Q4_K, Q6_K = 34 / 32, 18 / 32, 144 / 256, 210 / 256  # GGUF bytes per weight
+QUANT_CHUNK = 1 << 20  # quant/quantize.py's _CHUNK
+QUANT_TEMPORARIES = 6  # float32 chunk-sized temporaries alive at once while quantizing (measured)
+Q8_0, Q4_0 = 34 / 32, 18 / 32  # GGUF bytes per weight, in the file and as hearthlm holds them
+GGUF_K = {"file": (144 / 256, 210 / 256), "resident": (5 / 8, 9 / 8)}  # Q4_K, Q6_K (repacked: quant/ggml.py)
 
 # Runtime memory, measured on the CPU build of torch 2.13 (x86-64, Python 3.11):
 RUNTIME_RSS = 220 * 10**6  # `import torch, hearthlm`
@@ -208,8 +211,9 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _q4_k_m(m: Model, t: Tensor) -> float:
+def _q4_k_m(m: Model, t: Tensor, file: bool) -> float:
     """Bytes of one tensor under llama.cpp's Q4_K_M recipe."""
+    Q4_K, Q6_K = GGUF_K["file" if file else "resident"]
     cfg = m.config
     if t.role == "lm_head" or (t.role == "embed" and cfg.tie_embeddings):
         return t.numel * Q6_K
@@ -224,18 +228,20 @@ def _q4_k_m(m: Model, t: Tensor) -> float:
     return t.numel * Q4_K
 
 
-def tensor_bytes(m: Model, t: Tensor, fmt: str) -> float:
-    """Bytes that tensor `t` takes in format `fmt` (see the module docstring for each format's rules)."""
+def tensor_bytes(m: Model, t: Tensor, fmt: str, file: bool = False) -> float:
+    """Bytes that tensor `t` takes in format `fmt` (see the module docstring for each format's rules);
+    `file`: in a GGUF file rather than in memory."""
+    Q6_K = GGUF_K["file" if file else "resident"][1]
     if t.role == "vector":
         return t.numel * 4
     if fmt in NATIVE:
         return t.numel * (m.file_dtype_bytes if t.role == "ple_table" else NATIVE[fmt])
     if fmt in ("int8", "int4"):
-        if t.role in ("embed", "ple_table"):
-            return t.numel * 2
+        if t.role == "ple_table":
+            return t.numel * m.file_dtype_bytes
         rows = t.numel // t.shape[-1]
-        if fmt == "int8":
-            return t.numel + rows * 4
+        if fmt == "int8" or t.role in ("embed", "lm_head"):
+            return t.numel + rows * 2
         return t.numel * 0.5 + (t.numel // INT4_GROUP) * 4
     if fmt == "Q8_0":
         return t.numel * Q8_0
@@ -243,10 +249,15 @@ def tensor_bytes(m: Model, t: Tensor, fmt: str) -> float:
         output = t.role == "lm_head" or (t.role == "embed" and m.config.tie_embeddings)
         return t.numel * (Q6_K if output else Q4_0)
     if fmt == "Q4_K_M":
-        return _q4_k_m(m, t)
+        return _q4_k_m(m, t, file)
     raise ValueError(
         f"unknown format '{fmt}' (known: {', '.join((*NATIVE, 'int8', 'int4', 'Q8_0', 'Q4_K_M', 'Q4_0'))})"
     )
+
+
+def gguf_file_bytes(m: Model, fmt: str) -> float:
+    """The size of a GGUF file of `fmt` (its tensors), for checking the recipe against published files."""
+    return sum(tensor_bytes(m, t, fmt, file=True) for t in m.tensors)
 
 
 # -- KV cache and activations -------------------------------------------------------------------------
@@ -349,15 +360,20 @@ def estimate(
     dense = by_role.get("matrix", 0) + by_role.get("vector", 0)
     per_token = int(dense + head + active_experts + kv / concurrency)
     load_peak = None
-    if fmt in NATIVE:
+    if fmt in NATIVE or fmt in ("int8", "int4"):
         # The loader fills the parameters one at a time (in this order): a copy (fused tensors and, across
         # dtypes, every tensor but the PLE table) briefly holds its source pages too, which are then dropped.
-        same = NATIVE[fmt] == m.file_dtype_bytes
+        # Quantizing copies every matrix; a fused one is first concatenated in the file's dtype, and the
+        # quantizer's float32 temporaries work on chunks of at most quantize._CHUNK elements.
+        quant = fmt not in NATIVE
+        same = not quant and NATIVE[fmt] == m.file_dtype_bytes
         resident = peak = 0
         for t in m.tensors:
-            copied = (t.fused or t.role == "vector" or not same) and t.role != "ple_table"
-            source = t.numel * m.file_dtype_bytes if copied else 0
-            peak = max(peak, resident + source + sizes[t.name])
+            copied = (quant or t.fused or t.role == "vector" or not same) and t.role != "ple_table"
+            source = t.numel * m.file_dtype_bytes * (2 if quant and t.fused else 1) if copied else 0
+            matrix = quant and t.role not in ("vector", "ple_table")
+            temp = QUANT_TEMPORARIES * 4 * min(t.numel, QUANT_CHUNK) if matrix else 0
+            peak = max(peak, resident + source + temp + sizes[t.name])
             resident += sizes[t.name]
         load_peak = int(runtime + peak + kv + act_cpu)
     return Estimate(

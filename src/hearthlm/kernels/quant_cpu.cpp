@@ -33,6 +33,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The sums of 8 vectors, in one vector.
+inline __m256 hsum8(const __m256 (&v)[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
@@ -165,7 +172,7 @@ struct GemvArgs {
   int64_t ng;
   const ChunkGroups* groups;
   bool sym4;               // symmetric 4-bit: w = s * (q - 8)
-  int64_t prefetch_bytes;  // how far ahead (in the rows that follow) to prefetch weights
+  int64_t prefetch_bytes;  // the least distance to prefetch weights ahead
   float* y;                // [M][N]
   int64_t N;
 };
@@ -176,20 +183,20 @@ constexpr int64_t dd_per_chunk() { return BITS == 8 && !HALF ? 8 : 32; }
 
 // For weight rows n..n+R-1: dd (row r, x row m at (r * M + m) * dd_stride) = the multipliers of the integer
 // dot products (weight scale times x scale, laid out as the inner loop consumes them), and corr[r][m] = the
-// offset terms: the sum over groups of min (or -8 scale) times the sum of x^ over the group.
+// offset terms (8 partial sums): the sum over groups of min (or -8 scale) times the sum of x^ over the group.
 template <int BITS, bool HALF, int M, int R>
-inline void tile_multipliers(const GemvArgs& a, int64_t n, float* dd, int64_t dd_stride, float (&corr)[R][M]) {
+inline void tile_multipliers(const GemvArgs& a, int64_t n, float* dd, int64_t dd_stride, __m256 (&corr)[R][M]) {
   const QuantizedX& x = *a.x;
   const ChunkGroups& cg = *a.groups;
   const int64_t nchunks = x.nu_pad / 8, nb = x.nb, ng = a.ng, nu_pad = x.nu_pad;
   const at::Half* srow = a.scales + n * ng;
   const at::Half* mrow = a.mins ? a.mins + n * ng : nullptr;
   const bool offsets = a.sym4 || mrow;
-  __m256 few_s[R], few_m[R], cacc[R][M];
+  __m256 few_s[R], few_m[R];
   for (int r = 0; r < R; ++r) {
     few_s[r] = few_values(srow + r * ng, cg);
     few_m[r] = few_values(mrow ? mrow + r * ng : nullptr, cg);
-    for (int m = 0; m < M; ++m) cacc[r][m] = _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) corr[r][m] = _mm256_setzero_ps();
   }
   for (int64_t c = 0; c < nchunks; ++c) {
     for (int r = 0; r < R; ++r) {
@@ -197,7 +204,7 @@ inline void tile_multipliers(const GemvArgs& a, int64_t n, float* dd, int64_t dd
       if (offsets) {
         const __m256 off = mrow ? unit_values8(mrow + r * ng, few_m[r], c, cg) : _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
         for (int m = 0; m < M; ++m)
-          cacc[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(x.sum.data() + m * nu_pad + 8 * c), cacc[r][m]);
+          corr[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(x.sum.data() + m * nu_pad + 8 * c), corr[r][m]);
       }
       for (int m = 0; m < M; ++m) {
         const __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(x.d.data() + m * nu_pad + 8 * c));
@@ -219,8 +226,6 @@ inline void tile_multipliers(const GemvArgs& a, int64_t n, float* dd, int64_t dd
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) corr[r][m] = offsets ? hsum(cacc[r][m]) : 0.0f;
 }
 
 // y[:, n0:n1] for BITS-bit weights, M rows of x, R weight rows at a time (M * R accumulators in registers);
@@ -233,9 +238,13 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xq = x.q.data();
+  // Each row's 8 partial sums wait in `pending` until 8 rows are done, to be added up together.
+  static_assert(8 % R == 0, "R must divide 8");
+  __m256 pending[M][8];
+  int k = 0;  // rows pending
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
-    float corr[R][M];
+    __m256 corr[R][M];
     tile_multipliers<BITS, HALF, M, R>(a, n, dd, dd_stride, corr);
     // The next tile's scales and mins: a short stream of their own that the prefetchers do not see coming,
     // and tile_multipliers would wait for each of their cache lines in turn.
@@ -250,6 +259,9 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
       qrow[r] = a.q + (n + r) * a.row_bytes;
       for (int m = 0; m < M; ++m) drow[r][m] = dd + (r * M + m) * dd_stride;
     }
+    // The tile reads R rows side by side, so it prefetches ahead of it as one stream: a line per row and
+    // step, at least a tile (and prefetch_bytes) ahead, so that the following tiles' rows all start warm.
+    const char* pf = reinterpret_cast<const char*>(qrow[0]) + std::max(R * a.row_bytes, a.prefetch_bytes);
     // Two sets of accumulators, for even and odd steps, where registers allow: one FMA chain per accumulator
     // would otherwise wait on the FMA latency.
     constexpr int A = M * R <= 4 ? 2 : 1;
@@ -282,12 +294,11 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
           }
         }
       };
-      // A cache line (2 steps) per iteration, with a prefetch a little way on in each row, into the rows that
-      // follow where rows are short: a few hundred bytes give the hardware prefetcher too little run-up.
+      // A cache line of each row (2 steps) per iteration.
       const int64_t pairs = nb / 2;
       int64_t j = 0;
       for (; j + 2 <= pairs; j += 2) {
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qrow[r] + a.prefetch_bytes + 32 * j), _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) _mm_prefetch(pf + (j / 2 * R + r) * 64, _MM_HINT_T0);
         step(j, acc[0]);
         step(j + 1, acc[A - 1]);
       }
@@ -327,7 +338,7 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
       };
       int64_t b = 0;
       for (; b + 2 <= nb; b += 2) {
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qrow[r] + a.prefetch_bytes + 32 * b), _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) _mm_prefetch(pf + (b / 2 * R + r) * 64, _MM_HINT_T0);
         step(b, acc[0]);
         step(b + 1, acc[A - 1]);
       }
@@ -335,8 +346,15 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
     }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r)
-        a.y[m * a.N + n + r] = hsum(A == 2 ? _mm256_add_ps(acc[0][m][r], acc[A - 1][m][r]) : acc[0][m][r]) + corr[r][m];
+        pending[m][k + r] = _mm256_add_ps(A == 2 ? _mm256_add_ps(acc[0][m][r], acc[A - 1][m][r]) : acc[0][m][r], corr[r][m]);
+    k += R;
+    if (k == 8) {
+      for (int m = 0; m < M; ++m) _mm256_storeu_ps(a.y + m * a.N + n + R - 8, hsum8(pending[m]));
+      k = 0;
+    }
   }
+  for (int m = 0; m < M; ++m)
+    for (int i = 0; i < k; ++i) a.y[m * a.N + n - k + i] = hsum(pending[m][i]);
   if constexpr (R > 1) {
     if (n < n1) gemv_tile<BITS, HALF, M, 1>(a, n, n1, dd);
   }

@@ -20,7 +20,7 @@ from .tensor import QuantTensor, pack_int4
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 32  # chosen by benchmarks/quality.py and benchmarks/decode.py (README, "Quantization")
 _CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-_CHUNK = 1 << 22  # elements quantized at a time: bounds the temporaries
+_CHUNK = 1 << 20  # elements quantized at a time: bounds the temporaries (and the load peak, see fit.py)
 
 
 class QuantSpecError(ValueError):

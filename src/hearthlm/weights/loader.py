@@ -14,6 +14,7 @@ they stay memory-mapped, a few rows read per token, costing page cache rather th
 
 from __future__ import annotations
 
+import ctypes
 import re
 import sys
 import warnings
@@ -136,6 +137,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, quant: Quan
                     ckpt.release(part)
             progress.advance(task)
     model.dtype = dtype
+    if quant is not None:
+        _trim_heap()
     used = {n for s in mapping.values() for n in names_in(s)}
     unexpected = [n for n in ckpt.names() if n not in used and not n.startswith(IGNORED)]
     unexpected = [n for n in unexpected if not _ignorable(n)]
@@ -157,6 +160,15 @@ def _ignorable(name: str) -> bool:
     # RoPE caches some exporters save; K/V weights of KV-shared layers (unused by design: those
     # layers read an earlier layer's K/V; every other layer's K/V weights are mapped).
     return name.endswith("rotary_emb.inv_freq") or bool(_SHARED_KV.search(name))
+
+
+def _trim_heap() -> None:
+    """Give the quantizer's freed temporaries back to the OS: glibc keeps freed heap memory (its mmap threshold
+    grows after large frees), which would otherwise stay in RSS for the process's life."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _quant_plan(model: CausalLM, spec: QuantSpec) -> dict[str, QuantSpec]:
