@@ -474,7 +474,9 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     w.add_rope_freq_base((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e6)))
     # The demo model's byte-level BPE, padded with unused tokens to the vocabulary size: both engines need a
     # real vocabulary to load; the benchmark feeds token ids.
-    spec = json.loads((Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json").read_text())
+    spec = json.loads(
+        (Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json").read_text()
+    )
     vocab = {t: i for t, i in spec["model"]["vocab"].items()} | {a["content"]: a["id"] for a in spec["added_tokens"]}
     special = {a["id"] for a in spec["added_tokens"] if a.get("special")}
     tokens = [f"<unused{i}>" for i in range(cfg["vocab_size"])]

@@ -86,16 +86,20 @@ def main() -> None:
             group = group or K
             first = _quant_parts(N, K, bits, group, mins, g)
             nbytes = sum(t.numel() * t.element_size() for t in first if t is not None)
-            parts = [first] + [tuple(t.clone() if t is not None else None for t in first) for _ in range(_copies(nbytes) - 1)]
-            fns = [lambda p=p, b=bits, gr=group: cpu.quant_gemv(x, *p, b, gr) for p in parts]
+            parts = [first] + [
+                tuple(t.clone() if t is not None else None for t in first) for _ in range(_copies(nbytes) - 1)
+            ]
+            fns = [lambda p=p, b=bits, gr=group, x=x: cpu.quant_gemv(x, *p, b, gr) for p in parts]
             cases.append((label, nbytes, fns))
         if cpu.available():
             w = torch.randn(N, K, generator=g).bfloat16()
             ws = [w] + [w.clone() for _ in range(_copies(w.nbytes) - 1)]
-            cases.append(("bf16 gemv", w.nbytes, [lambda w=w: cpu.gemv(x, w) for w in ws]))
+            cases.append(("bf16 gemv", w.nbytes, [lambda w=w, x=x: cpu.gemv(x, w) for w in ws]))
         for label, nbytes, fns in cases:
             sec = _time_calls(fns, args.calls)
-            print(f"{name:9s} {f'{N}x{K}':>13s}  {label:14s} {nbytes / 1e6:7.2f} {sec * 1e6:9.1f} {nbytes / sec / 1e9:6.1f}")
+            print(
+                f"{name:9s} {f'{N}x{K}':>13s}  {label:14s} {nbytes / 1e6:7.2f} {sec * 1e6:9.1f} {nbytes / sec / 1e9:6.1f}"
+            )
             del fns
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 

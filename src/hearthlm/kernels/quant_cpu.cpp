@@ -124,43 +124,27 @@ void quantize_x(const float* x, int64_t M, int64_t K, bool paired, bool half_uni
 // A weight row's scales (or mins) per unit, 8 units at a time. Every row maps units to groups the same way,
 // so the mapping is worked out once per call: chunk c's units take the 8 fp16 values from group base[c] on
 // in the order perm[c] (8 units span at most 8 groups). base is clamped so that the load stays inside the
-// row.
+// row, or for rows of fewer than 8 groups inside the tensor (the last rows are copied out, padded, first).
 struct ChunkGroups {
   std::vector<int64_t> base;
   std::vector<__m256i> perm;
-  std::vector<uint8_t> in_order;  // perm is the identity (group == 16 or 32, away from the row's end)
-  int64_t ng = 0;
 };
 
 void plan_groups(int64_t nu, int64_t upg, ChunkGroups& cg) {
   const int64_t nchunks = (nu + 7) / 8, ng = nu / upg;
-  cg.ng = ng;
   cg.base.resize(nchunks);
   cg.perm.resize(nchunks);
-  cg.in_order.resize(nchunks);
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t u0 = 8 * c, base = ng >= 8 ? std::min(u0 / upg, ng - 8) : 0;
     alignas(32) int32_t idx[8];
     for (int64_t i = 0; i < 8; ++i) idx[i] = static_cast<int32_t>(std::min(u0 + i, nu - 1) / upg - base);
     cg.base[c] = base;
     cg.perm[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
-    cg.in_order[c] = ng >= 8 && upg == 1 && base == u0;
   }
 }
 
-// A row's values for chunk c: loaded from the row (8 groups or more), or picked from all of its groups,
-// converted once per row by few_values (rows of fewer than 8 groups).
-inline __m256 unit_values8(const at::Half* s, __m256 few, int64_t c, const ChunkGroups& cg) {
-  if (cg.ng < 8) return _mm256_permutevar8x32_ps(few, cg.perm[c]);
-  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + cg.base[c])));
-  return cg.in_order[c] ? v : _mm256_permutevar8x32_ps(v, cg.perm[c]);
-}
-
-inline __m256 few_values(const at::Half* s, const ChunkGroups& cg) {
-  if (!s || cg.ng >= 8) return _mm256_setzero_ps();
-  alignas(16) uint16_t t[8] = {};
-  for (int64_t i = 0; i < cg.ng; ++i) t[i] = s[i].x;
-  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+inline __m256 unit_values8(const at::Half* row, int64_t base, __m256i perm) {
+  return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + base))), perm);
 }
 
 struct GemvArgs {
@@ -181,60 +165,96 @@ struct GemvArgs {
 template <int BITS, bool HALF>
 constexpr int64_t dd_per_chunk() { return BITS == 8 && !HALF ? 8 : 32; }
 
+enum Offsets { kNoOffsets, kSym4, kMins };
+
 // For weight rows n..n+R-1: dd (row r, x row m at (r * M + m) * dd_stride) = the multipliers of the integer
 // dot products (weight scale times x scale, laid out as the inner loop consumes them), and corr[r][m] = the
 // offset terms (8 partial sums): the sum over groups of min (or -8 scale) times the sum of x^ over the group.
-template <int BITS, bool HALF, int M, int R>
-inline void tile_multipliers(const GemvArgs& a, int64_t n, float* dd, int64_t dd_stride, __m256 (&corr)[R][M]) {
-  const QuantizedX& x = *a.x;
-  const ChunkGroups& cg = *a.groups;
-  const int64_t nchunks = x.nu_pad / 8, nb = x.nb, ng = a.ng, nu_pad = x.nu_pad;
-  const at::Half* srow = a.scales + n * ng;
-  const at::Half* mrow = a.mins ? a.mins + n * ng : nullptr;
-  const bool offsets = a.sym4 || mrow;
-  __m256 few_s[R], few_m[R];
+template <int BITS, bool HALF, int M, int R, int OFF>
+void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_t dd_stride, __m256 (*corr)[M]) {
+  const int64_t nchunks = a.x->nu_pad / 8, nb = a.x->nb, ng = a.ng, nu_pad = a.x->nu_pad;
+  const int64_t* __restrict base = a.groups->base.data();
+  const __m256i* __restrict perm = a.groups->perm.data();
+  const float* __restrict xd = a.x->d.data();
+  const float* __restrict xs = a.x->sum.data();
+  const at::Half* srow[R];
+  const at::Half* mrow[R];
+  alignas(16) at::Half few[R][2][8];  // the last rows of fewer than 8 groups, padded to 8
   for (int r = 0; r < R; ++r) {
-    few_s[r] = few_values(srow + r * ng, cg);
-    few_m[r] = few_values(mrow ? mrow + r * ng : nullptr, cg);
+    srow[r] = a.scales + (n + r) * ng;
+    mrow[r] = OFF == kMins ? a.mins + (n + r) * ng : nullptr;
+    if (ng < 8 && (n + r) * ng + 8 > a.N * ng) {  // (elsewhere the load runs on into the next rows, unused)
+      std::memset(few[r], 0, sizeof(few[r]));
+      std::memcpy(few[r][0], srow[r], ng * sizeof(at::Half));
+      srow[r] = few[r][0];
+      if (OFF == kMins) {
+        std::memcpy(few[r][1], mrow[r], ng * sizeof(at::Half));
+        mrow[r] = few[r][1];
+      }
+    }
     for (int m = 0; m < M; ++m) corr[r][m] = _mm256_setzero_ps();
   }
-  for (int64_t c = 0; c < nchunks; ++c) {
-    for (int r = 0; r < R; ++r) {
-      const __m256 s = unit_values8(srow + r * ng, few_s[r], c, cg);
-      if (offsets) {
-        const __m256 off = mrow ? unit_values8(mrow + r * ng, few_m[r], c, cg) : _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
-        for (int m = 0; m < M; ++m)
-          corr[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(x.sum.data() + m * nu_pad + 8 * c), corr[r][m]);
+  auto multipliers = [&](int64_t c, int r, __m256 s) {
+    for (int m = 0; m < M; ++m) {
+      const __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(xd + m * nu_pad + 8 * c));
+      float* o = dd + (r * M + m) * dd_stride + c * dd_per_chunk<BITS, HALF>();
+      if constexpr (BITS == 4 && HALF) {  // pair j of the chunk: low halves (units 4j, 4j+2), high (4j+1, 4j+3)
+        _mm256_store_ps(o, spread(d, 0, 2));
+        _mm256_store_ps(o + 8, spread(d, 1, 3));
+        _mm256_store_ps(o + 16, spread(d, 4, 6));
+        _mm256_store_ps(o + 24, spread(d, 5, 7));
+      } else if constexpr (BITS == 4 || HALF) {  // 4-bit: pair j = blocks 2j, 2j+1; 8-bit, group 16: block j
+        for (int j = 0; j < 4; ++j) _mm256_store_ps(o + 8 * j, spread(d, 2 * j, 2 * j + 1));
+      } else {
+        _mm256_store_ps(o, d);
       }
+    }
+  };
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const __m256i p = perm[c];
+    const int64_t b = base[c];
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = unit_values8(srow[r], b, p);
+      if constexpr (OFF != kNoOffsets) {
+        const __m256 off = OFF == kMins ? unit_values8(mrow[r], b, p) : s;  // kSym4: times -8 below
+        for (int m = 0; m < M; ++m) corr[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + m * nu_pad + 8 * c), corr[r][m]);
+      }
+      multipliers(c, r, s);
+    }
+  }
+  if constexpr (OFF == kSym4)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) corr[r][m] = _mm256_mul_ps(corr[r][m], _mm256_set1_ps(-8.0f));
+  if (BITS == 4 && (nb & 1)) {  // the unpaired last block takes low nibbles in lanes 0..3, high in 4..7
+    const int64_t c = nchunks - 1;
+    const int i = static_cast<int>((nb - 1) % (HALF ? 4 : 8));  // its place in the chunk, even
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = unit_values8(srow[r], base[c], perm[c]);
       for (int m = 0; m < M; ++m) {
-        const __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(x.d.data() + m * nu_pad + 8 * c));
+        const __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(xd + m * nu_pad + 8 * c));
         float* o = dd + (r * M + m) * dd_stride + c * dd_per_chunk<BITS, HALF>();
-        if constexpr (BITS == 4 && HALF) {  // pair j of the chunk: low halves (units 4j, 4j+2), high (4j+1, 4j+3)
-          _mm256_store_ps(o, spread(d, 0, 2));
-          _mm256_store_ps(o + 8, spread(d, 1, 3));
-          _mm256_store_ps(o + 16, spread(d, 4, 6));
-          _mm256_store_ps(o + 24, spread(d, 5, 7));
-        } else if constexpr (BITS == 4 || HALF) {  // 4-bit: pair j = blocks 2j, 2j+1; 8-bit, group 16: block j
-          for (int j = 0; j < 4; ++j) _mm256_store_ps(o + 8 * j, spread(d, 2 * j, 2 * j + 1));
-        } else {
-          _mm256_store_ps(o, d);
-        }
-        if (BITS == 4 && (nb & 1) && c == nchunks - 1) {  // the unpaired last block: low nibbles in lanes 0..3
-          const int i = static_cast<int>((nb - 1) % (HALF ? 4 : 8));  // its place in the chunk, even
-          _mm256_store_ps(o + (HALF ? 8 : 4) * i, HALF ? spread(d, 2 * i, 2 * i + 1) : spread(d, i, i));
-        }
+        _mm256_store_ps(o + (HALF ? 8 : 4) * i, HALF ? spread(d, 2 * i, 2 * i + 1) : spread(d, i, i));
       }
     }
   }
 }
 
+// Rows per tile: the multipliers of a tile's rows are laid out first (about 8 rows' worth, so that they stay
+// in L1), then its rows are streamed, R at a time.
+template <int M, int R>
+constexpr int tile_rows() { return 8 / M / R * R > R ? 8 / M / R * R : R; }
+
 // y[:, n0:n1] for BITS-bit weights, M rows of x, R weight rows at a time (M * R accumulators in registers);
-// HALF: group == 16. First the multipliers of the R rows, then one pass of integer dot products over them.
+// HALF: group == 16.
 template <int BITS, bool HALF, int M, int R>
 void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
+  constexpr int TR = tile_rows<M, R>();
   const QuantizedX& x = *a.x;
-  const int64_t K = x.K, nb = x.nb;
+  const int64_t K = x.K, nb = x.nb, row_bytes = a.row_bytes, ng = a.ng, N = a.N;
   const int64_t dd_stride = x.nu_pad / 8 * dd_per_chunk<BITS, HALF>();
+  const int64_t prefetch = std::max(R * row_bytes, a.prefetch_bytes);
+  const uint8_t* const q = a.q;
+  float* const y = a.y;
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xq = x.q.data();
@@ -243,118 +263,129 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
   __m256 pending[M][8];
   int k = 0;  // rows pending
   int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    __m256 corr[R][M];
-    tile_multipliers<BITS, HALF, M, R>(a, n, dd, dd_stride, corr);
+  while (n + R <= n1) {
+    const int64_t T = std::min<int64_t>(TR, (n1 - n) / R * R);  // rows in this tile, a multiple of R
+    __m256 corr[TR][M];
+    for (int64_t t = 0; t < T; t += R) {
+      if (a.mins)
+        tile_multipliers<BITS, HALF, M, R, kMins>(a, n + t, dd + t * M * dd_stride, dd_stride, corr + t);
+      else if (a.sym4)
+        tile_multipliers<BITS, HALF, M, R, kSym4>(a, n + t, dd + t * M * dd_stride, dd_stride, corr + t);
+      else
+        tile_multipliers<BITS, HALF, M, R, kNoOffsets>(a, n + t, dd + t * M * dd_stride, dd_stride, corr + t);
+    }
     // The next tile's scales and mins: a short stream of their own that the prefetchers do not see coming,
     // and tile_multipliers would wait for each of their cache lines in turn.
     for (const at::Half* p : {a.scales, a.mins}) {
       if (!p) continue;
-      const char* next = reinterpret_cast<const char*>(p + (n + R) * a.ng);
-      for (int64_t off = 0; off < R * a.ng * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      const char* next = reinterpret_cast<const char*>(p + (n + T) * ng);
+      for (int64_t off = 0; off < TR * ng * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
     }
-    const uint8_t* qrow[R];
-    const float* drow[R][M];
-    for (int r = 0; r < R; ++r) {
-      qrow[r] = a.q + (n + r) * a.row_bytes;
-      for (int m = 0; m < M; ++m) drow[r][m] = dd + (r * M + m) * dd_stride;
-    }
-    // The tile reads R rows side by side, so it prefetches ahead of it as one stream: a line per row and
-    // step, at least a tile (and prefetch_bytes) ahead, so that the following tiles' rows all start warm.
-    const char* pf = reinterpret_cast<const char*>(qrow[0]) + std::max(R * a.row_bytes, a.prefetch_bytes);
-    // Two sets of accumulators, for even and odd steps, where registers allow: one FMA chain per accumulator
-    // would otherwise wait on the FMA latency.
-    constexpr int A = M * R <= 4 ? 2 : 1;
-    __m256 acc[A][M][R];
-    for (int i = 0; i < A; ++i)
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) acc[i][m][r] = _mm256_setzero_ps();
-    if constexpr (BITS == 4) {
-      // One step: blocks 2j, 2j+1 of each row (32 bytes of nibbles).
-      auto step = [&](int64_t j, __m256 (&ac)[M][R]) {
-        __m256i lo[R], hi[R];
-        for (int r = 0; r < R; ++r) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + 32 * j));
-          lo[r] = _mm256_and_si256(v, low4);
-          hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 64 * j));
-          const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 64 * j + 32));
+    for (int64_t t = 0; t < T; t += R) {
+      const uint8_t* qrow[R];
+      const float* drow[R][M];
+      for (int r = 0; r < R; ++r) {
+        qrow[r] = q + (n + t + r) * row_bytes;
+        for (int m = 0; m < M; ++m) drow[r][m] = dd + ((t + r) * M + m) * dd_stride;
+      }
+      // R rows side by side are prefetched as one stream ahead of them, a line per row and step, at least R
+      // rows (and prefetch_bytes) ahead, so that the rows that follow all start warm.
+      const char* pf = reinterpret_cast<const char*>(qrow[0]) + prefetch;
+      // Two sets of accumulators, for even and odd steps, where registers allow: one FMA chain per
+      // accumulator would otherwise wait on the FMA latency.
+      constexpr int A = M * R <= 4 ? 2 : 1;
+      __m256 acc[A][M][R];
+      for (int i = 0; i < A; ++i)
+        for (int m = 0; m < M; ++m)
+          for (int r = 0; r < R; ++r) acc[i][m][r] = _mm256_setzero_ps();
+      if constexpr (BITS == 4) {
+        // One step: blocks 2j, 2j+1 of each row (32 bytes of nibbles).
+        auto step = [&](int64_t j, __m256 (&ac)[M][R]) {
+          __m256i lo[R], hi[R];
           for (int r = 0; r < R; ++r) {
-            const __m256i pl = _mm256_maddubs_epi16(lo[r], xl), ph = _mm256_maddubs_epi16(hi[r], xh);
-            if constexpr (HALF) {
-              const float* d = drow[r][m] + 16 * j;
-              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pl, ones)), _mm256_load_ps(d), ac[m][r]);
-              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(ph, ones)), _mm256_load_ps(d + 8), ac[m][r]);
-            } else {  // both products belong to the same two blocks: add them as int16 (|sum| <= 4 * 15 * 127)
-              const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
-              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + 8 * j), ac[m][r]);
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + 32 * j));
+            lo[r] = _mm256_and_si256(v, low4);
+            hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          }
+          for (int m = 0; m < M; ++m) {
+            const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 64 * j));
+            const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 64 * j + 32));
+            for (int r = 0; r < R; ++r) {
+              const __m256i pl = _mm256_maddubs_epi16(lo[r], xl), ph = _mm256_maddubs_epi16(hi[r], xh);
+              if constexpr (HALF) {
+                const float* d = drow[r][m] + 16 * j;
+                ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pl, ones)), _mm256_load_ps(d), ac[m][r]);
+                ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(ph, ones)), _mm256_load_ps(d + 8), ac[m][r]);
+              } else {  // both products belong to the same two blocks: add them as int16 (|sum| <= 4 * 15 * 127)
+                const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
+                ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + 8 * j), ac[m][r]);
+              }
+            }
+          }
+        };
+        // A cache line of each row (2 steps) per iteration.
+        const int64_t pairs = nb / 2;
+        int64_t j = 0;
+        for (; j + 2 <= pairs; j += 2, pf += R * 64) {
+          for (int r = 0; r < R; ++r) _mm_prefetch(pf + r * 64, _MM_HINT_T0);
+          step(j, acc[0]);
+          step(j + 1, acc[A - 1]);
+        }
+        if (j < pairs) step(j, acc[0]);
+        if (nb & 1) {  // the last block, unpaired: low nibbles to lanes 0..3, high to 4..7
+          const int64_t b = nb - 1;
+          __m256i w[R];
+          for (int r = 0; r < R; ++r) {
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow[r] + b * 16));
+            w[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4);
+          }
+          for (int m = 0; m < M; ++m) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * 32));
+            for (int r = 0; r < R; ++r) {
+              const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
+              acc[A - 1][m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + (HALF ? 16 : 8) * pairs),
+                                                 acc[A - 1][m][r]);
             }
           }
         }
-      };
-      // A cache line of each row (2 steps) per iteration.
-      const int64_t pairs = nb / 2;
-      int64_t j = 0;
-      for (; j + 2 <= pairs; j += 2) {
-        for (int r = 0; r < R; ++r) _mm_prefetch(pf + (j / 2 * R + r) * 64, _MM_HINT_T0);
-        step(j, acc[0]);
-        step(j + 1, acc[A - 1]);
-      }
-      if (j < pairs) step(j, acc[0]);
-      if (nb & 1) {  // the last block, unpaired: low nibbles to lanes 0..3, high to 4..7
-        const int64_t b = nb - 1;
-        __m256i w[R];
-        for (int r = 0; r < R; ++r) {
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow[r] + b * 16));
-          w[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4);
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * 32));
+      } else {
+        // One step: block b. vpmaddubsw multiplies unsigned by signed bytes, so it gets |w| and x with w's sign.
+        auto step = [&](int64_t b, __m256 (&ac)[M][R]) {
+          __m256i w[R], aw[R];
           for (int r = 0; r < R; ++r) {
-            const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
-            acc[A - 1][m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + (HALF ? 16 : 8) * pairs),
-                                               acc[A - 1][m][r]);
+            w[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + 32 * b));
+            aw[r] = _mm256_sign_epi8(w[r], w[r]);
           }
-        }
-      }
-    } else {
-      // One step: block b. vpmaddubsw multiplies unsigned by signed bytes, so it gets |w| and x with w's sign.
-      auto step = [&](int64_t b, __m256 (&ac)[M][R]) {
-        __m256i w[R], aw[R];
-        for (int r = 0; r < R; ++r) {
-          w[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + 32 * b));
-          aw[r] = _mm256_sign_epi8(w[r], w[r]);
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * b));
-          for (int r = 0; r < R; ++r) {
-            const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, w[r])), ones);
-            const __m256 d = HALF ? _mm256_load_ps(drow[r][m] + 8 * b) : _mm256_broadcast_ss(drow[r][m] + b);
-            ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, ac[m][r]);
+          for (int m = 0; m < M; ++m) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * b));
+            for (int r = 0; r < R; ++r) {
+              const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, w[r])), ones);
+              const __m256 d = HALF ? _mm256_load_ps(drow[r][m] + 8 * b) : _mm256_broadcast_ss(drow[r][m] + b);
+              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, ac[m][r]);
+            }
           }
+        };
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2, pf += R * 64) {
+          for (int r = 0; r < R; ++r) _mm_prefetch(pf + r * 64, _MM_HINT_T0);
+          step(b, acc[0]);
+          step(b + 1, acc[A - 1]);
         }
-      };
-      int64_t b = 0;
-      for (; b + 2 <= nb; b += 2) {
-        for (int r = 0; r < R; ++r) _mm_prefetch(pf + (b / 2 * R + r) * 64, _MM_HINT_T0);
-        step(b, acc[0]);
-        step(b + 1, acc[A - 1]);
+        if (b < nb) step(b, acc[0]);
       }
-      if (b < nb) step(b, acc[0]);
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r)
+          pending[m][k + r] = _mm256_add_ps(A == 2 ? _mm256_add_ps(acc[0][m][r], acc[A - 1][m][r]) : acc[0][m][r], corr[t + r][m]);
+      k += R;
+      if (k == 8) {
+        for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * N + n + t + R - 8, hsum8(pending[m]));
+        k = 0;
+      }
     }
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r)
-        pending[m][k + r] = _mm256_add_ps(A == 2 ? _mm256_add_ps(acc[0][m][r], acc[A - 1][m][r]) : acc[0][m][r], corr[r][m]);
-    k += R;
-    if (k == 8) {
-      for (int m = 0; m < M; ++m) _mm256_storeu_ps(a.y + m * a.N + n + R - 8, hsum8(pending[m]));
-      k = 0;
-    }
+    n += T;
   }
   for (int m = 0; m < M; ++m)
-    for (int i = 0; i < k; ++i) a.y[m * a.N + n - k + i] = hsum(pending[m][i]);
+    for (int i = 0; i < k; ++i) y[m * N + n - k + i] = hsum(pending[m][i]);
   if constexpr (R > 1) {
     if (n < n1) gemv_tile<BITS, HALF, M, 1>(a, n, n1, dd);
   }
@@ -366,7 +397,7 @@ void gemv_rows(const GemvArgs& a) {
   const int64_t tile = 16;  // rows per unit of work handed to threads
   const int64_t tiles = (a.N + tile - 1) / tile;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (tile * a.row_bytes));  // >= 64 KB of weights per task
-  const int64_t dd_floats = R * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>();
+  const int64_t dd_floats = tile_rows<M, R>() * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>();
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     std::vector<__m256> dd(dd_floats / 8);
     gemv_tile<BITS, HALF, M, R>(a, t0 * tile, std::min(a.N, t1 * tile), reinterpret_cast<float*>(dd.data()));
