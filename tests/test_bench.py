@@ -44,9 +44,9 @@ def test_json_rows_and_the_transformers_ratio(capsys):
 
 
 def test_quant_surfaces_the_loader_error_cleanly(capsys):
-    rc, out, err = run_cli(capsys, "--quant", "int8", "--prompt-len", "4", "--gen-len", "2", "--runs", "1")
+    rc, out, err = run_cli(capsys, "--quant", "int3", "--prompt-len", "4", "--gen-len", "2", "--runs", "1")
     assert rc == 2 and "error:" in err
-    assert "hearthlm on hearth-demo" in err and "quantization is not available" in err
+    assert "hearthlm on hearth-demo" in err and "unknown quantization 'int3'" in err
     assert "Traceback" not in err
 
 

@@ -127,5 +127,7 @@ def dequant_rows(
 ) -> torch.Tensor:
     """Rows `rows` (int64, any shape, values in [0, N)) of the 2-D quantized weight W [N, K] -> float32
     [*rows.shape, K], bit for bit `quant.tensor.dequantize(...)[rows]` (embedding lookups, prefill tiles)."""
+    if rows.dim() == 1:
+        return _load_quant().dequant_rows(qdata, scales, mins, bits, group, rows)
     out = _load_quant().dequant_rows(qdata, scales, mins, bits, group, rows.reshape(-1))
     return out.view(*rows.shape, out.shape[-1])
