@@ -458,50 +458,38 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     import gguf
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from gguf_files import _gguf_tensors, encode
+    from gguf_files import write_gguf
 
     cfg = json.loads((folder / "config.json").read_text())
     if cfg.get("model_type") != "qwen2":
         raise ValueError("GGUF rows are written for the qwen2 recipe only")
-    w = gguf.GGUFWriter(str(path) + ".part", "qwen2")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e6)))
-    # The demo model's byte-level BPE, padded with unused tokens to the vocabulary size: both engines need a
-    # real vocabulary to load; the benchmark feeds token ids.
-    spec = json.loads(
-        (Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json").read_text()
-    )
-    vocab = {t: i for t, i in spec["model"]["vocab"].items()} | {a["content"]: a["id"] for a in spec["added_tokens"]}
-    special = {a["id"] for a in spec["added_tokens"] if a.get("special")}
-    tokens = [f"<unused{i}>" for i in range(cfg["vocab_size"])]
-    for text, i in vocab.items():
-        tokens[i] = text
-    types = [3 if i in special else 1 if i < len(vocab) else 5 for i in range(len(tokens))]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    w.add_eos_token_id(cfg["vocab_size"] - 1)
-    kind = getattr(gguf.GGMLQuantizationType, qtype)
-    for file in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values())):
-        with safe_open(str(folder / file), framework="pt") as f:
-            for name in f.keys():
-                data = f.get_tensor(name).float().numpy()
-                for gname, part in _gguf_tensors(name, data, "qwen2", 0, 0):
-                    encoded, ttype = encode(part, kind)
-                    w.add_tensor(gname, encoded, raw_dtype=ttype if ttype not in (0, 1) else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    Path(str(path) + ".part").rename(path)
+
+    def vocab(w: gguf.GGUFWriter) -> None:
+        # The demo model's byte-level BPE, padded with unused tokens to the vocabulary size: both engines need
+        # a real vocabulary to load; the benchmark feeds token ids.
+        spec = json.loads(
+            (Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json").read_text()
+        )
+        ids = spec["model"]["vocab"] | {a["content"]: a["id"] for a in spec["added_tokens"]}
+        special = {a["id"] for a in spec["added_tokens"] if a.get("special")}
+        tokens = [f"<unused{i}>" for i in range(cfg["vocab_size"])]
+        for text, i in ids.items():
+            tokens[i] = text
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if i in special else 1 if i < len(ids) else 5 for i in range(len(tokens))])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+
+    def tensors():
+        for file in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values())):
+            with safe_open(str(folder / file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).float().numpy()
+
+    part = Path(str(path) + ".part")
+    write_gguf(part, "Qwen2ForCausalLM", cfg, tensors(), getattr(gguf.GGMLQuantizationType, qtype), vocab)
+    part.rename(path)
     return path
 
 

@@ -40,9 +40,9 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _llama3_factors(cfg) -> np.ndarray:
-    rope = cfg.rope_parameters
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+def _llama3_factors(cfg: dict) -> np.ndarray:
+    rope = cfg["rope_parameters"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     base = rope["rope_theta"]
     freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     old = rope["original_max_position_embeddings"]
@@ -76,42 +76,53 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarr
 
 def write(model: torch.nn.Module, path: Path, qtype=gguf.GGMLQuantizationType.F32, vocab_tokens=None) -> Path:
     """Write a transformers causal LM as llama.cpp's converter would; `vocab_tokens` optional token strings."""
-    cfg = model.config
-    hf_arch = type(model).__name__
-    arch = ARCH[hf_arch]
-    w = gguf.GGUFWriter(str(path), arch)
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    w.add_rope_freq_base(rope.get("rope_theta", 10_000.0))
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != cfg.hidden_size // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
-    if experts:
-        w.add_expert_count(experts)
-        w.add_expert_used_count(cfg.num_experts_per_tok)
-        w.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
-        w.add_bool(f"{arch}.expert_weights_norm", bool(getattr(cfg, "norm_topk_prob", True)))
-    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    if eos is not None:
-        w.add_eos_token_id(eos)
-    if vocab_tokens is not None:
+    cfg = model.config.to_dict()
+
+    def vocab(w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model("gpt2")
         w.add_token_list(vocab_tokens)
+
+    state = ((name, t.detach().float().numpy()) for name, t in model.state_dict().items())
+    return write_gguf(path, type(model).__name__, cfg, state, qtype, vocab if vocab_tokens is not None else None)
+
+
+def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None) -> Path:
+    """A GGUF file from a config.json dict and (Hugging Face name, float array) pairs; `vocab(writer)` adds
+    the tokenizer metadata. Shared by the tests and benchmarks/decode.py."""
+    arch = ARCH[hf_arch]
+    w = gguf.GGUFWriter(str(path), arch)
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = cfg.get("rope_parameters") or {}
+    w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10_000.0)))
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg["hidden_size"] // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+        w.add_bool(f"{arch}.expert_weights_norm", bool(cfg.get("norm_topk_prob", True)))
+    eos = cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if vocab is not None:
+        vocab(w)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_factors(cfg))
-    for name, t in model.state_dict().items():
-        data = t.detach().float().numpy()
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+    for name, data in tensors:
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
         for gname, part in _gguf_tensors(name, data, arch, heads, kv_heads):
             encoded, ttype = encode(part, qtype)
