@@ -88,13 +88,14 @@ class LLM:
         if self.device.type == "cpu":
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
             cpu.quant_available()
-        self.model = load_model(path, self.dtype, self.device, spec)
+        gguf = GGUFFile(path) if path.suffix == ".gguf" else None  # read once: weights and tokenizer
+        self.model = load_model(gguf or path, self.dtype, self.device, spec)
         self.quant = spec.name if spec else stored_quant(path) or ("gguf" if path.suffix == ".gguf" else None)
         self.config = self.model.config
-        if path.suffix == ".gguf":
+        if gguf is not None:
             from .gguf_tokenizer import tokenizer_from_gguf
 
-            meta = GGUFFile(path).metadata
+            meta = gguf.metadata
             self.tokenizer = tokenizer_from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
         else:
             self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None

@@ -83,11 +83,15 @@ def stored_quant(folder: Path) -> str | None:
     return q.get("format", "quantized")
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device, quant: QuantSpec | None = None) -> CausalLM:
-    """`path`: a checkpoint folder or a .gguf file; `quant`: quantize float matrices while loading."""
+def load_model(
+    source: Path | GGUFFile, dtype: torch.dtype, device: torch.device, quant: QuantSpec | None = None
+) -> CausalLM:
+    """`source`: a checkpoint folder, a .gguf file, or a GGUF file already opened (its metadata also holds the
+    tokenizer); `quant`: quantize float matrices while loading."""
+    path = source.path if isinstance(source, GGUFFile) else source
     stored = stored_quant(path)
     if path.suffix == ".gguf":
-        gguf = GGUFFile(path)
+        gguf = source if isinstance(source, GGUFFile) else GGUFFile(path)
         hf = hf_config(gguf)
         cls, arch, text = resolve(hf, str(path))
         cfg = cls.config_from_hf(text, arch, str(path))
