@@ -45,8 +45,9 @@ def _check(x, q, s, m, bits, group):
     y = cpu.quant_gemv(x, q, s, m, bits, group)
     assert y.dtype == torch.float32 and y.shape == (x.shape[0], q.shape[0])
     xr, dx = _rounded_x(x)
-    # Float32 rounding only: every partial sum is bounded by |x^| . (16 |s| + |m|) per element.
-    S = s.double().abs().repeat_interleave(group, -1) * 16
+    # Float32 rounding only: the kernel's terms are bounded by |x^| (|s| |q| + |offset|) per element: |q| <= 15
+    # and an offset of 8 |s| (symmetric 4-bit) or |m|, |q| <= 128 for 8-bit.
+    S = s.double().abs().repeat_interleave(group, -1) * (23 if bits == 4 else 128)
     if m is not None:
         S = S + m.double().abs().repeat_interleave(group, -1)
     fp = 1e-5 * (xr.double().abs() @ S.T) + 1e-30
@@ -85,6 +86,15 @@ def test_quant_gemv_outlier_stays_in_its_block(bits):
     step = x.abs().amax(-1, keepdim=True) / 127
     per_row = (torch.round(x / step) * step).double() @ W.T
     assert (y.double() - exact).abs().max() < (per_row - exact).abs().max() / 20
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_gemv_non_finite_x_shows(bits):
+    q, s, m = _weights(11, 96, bits, 32, False, seed=4)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4))
+    x[0, 40], x[1, 70] = float("nan"), float("inf")
+    y = cpu.quant_gemv(x, q, s, m, bits, 32)
+    assert y[:2].isnan().all() and y[2].isfinite().all()
 
 
 @pytest.mark.parametrize(

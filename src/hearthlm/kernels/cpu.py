@@ -29,7 +29,7 @@ def _cpu_supports() -> bool:
     return {"avx2", "fma", "f16c"} <= set(flags)
 
 
-def _build(name: str, source: str, extra_cflags: tuple[str, ...] = ()):
+def _build(name: str, source: str):
     """Compile (first time) and import one extension from a .cpp beside this file; None if unavailable."""
     if os.environ.get("HEARTHLM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
@@ -48,7 +48,7 @@ def _build(name: str, source: str, extra_cflags: tuple[str, ...] = ()):
             return load(
                 name=name,
                 sources=[str(Path(__file__).with_name(source))],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *extra_cflags],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                 extra_ldflags=omp or ["-fopenmp"],
                 build_directory=str(build),
                 verbose=False,
@@ -65,8 +65,7 @@ def _load():
 
 @functools.cache
 def _load_quant():
-    # No FP contraction: dequant_rows must round q * s and + m separately, as the PyTorch reference does.
-    return _build("hearthlm_quant_cpu", "quant_cpu.cpp", ("-ffp-contract=off",))
+    return _build("hearthlm_quant_cpu", "quant_cpu.cpp")
 
 
 def available() -> bool:

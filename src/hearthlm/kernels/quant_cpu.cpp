@@ -12,14 +12,16 @@
 // being x rounded per block (each element off by at most 1/254 of its block's largest |x|). The offsets (a
 // group's min, or the -8 of symmetric 4-bit) multiply sums of x^ per group, outside the integer loop.
 //
-// Built without FP contraction (-ffp-contract=off, see kernels/cpu.py) so that dequant_rows' q * s + m
-// rounds the product and the sum separately, bit for bit as the PyTorch reference does.
+// dequant_rows matches the PyTorch reference bit for bit: q * s is exact in float32 (at most 8 + 11
+// significant bits), so q * s + m rounds once whether or not the compiler fuses it into an FMA.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -92,11 +94,18 @@ void quantize_x(const float* x, int64_t M, int64_t K, bool paired, bool half_uni
       __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-      const float d = _mm_cvtss_f32(m4) / 127.0f;
-      const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+      const float amax = _mm_cvtss_f32(m4);
+      __m256 nan = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+      // A NaN or infinity in x makes the block's scale NaN, so that it shows in the output (vmaxps would
+      // drop a NaN from amax, and an infinite amax would round the rest of the block to zero).
+      const bool finite = std::isfinite(amax) && !_mm256_movemask_ps(nan);
+      const float d = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      const __m256 id = _mm256_set1_ps(finite && d != 0.0f ? 1.0f / d : 0.0f);
       __m256i q[4];
       for (int i = 0; i < 4; ++i)
-        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        q[i] = _mm256_cvtps_epi32(
+            _mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       const int32_t lo = hsum_epi32(_mm256_add_epi32(q[0], q[1])), hi = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
       // int32 -> int8 keeping element order (the packs interleave 128-bit lanes; the permute undoes it).
       const __m256i p = _mm256_permutevar8x32_epi32(
@@ -125,9 +134,17 @@ void quantize_x(const float* x, int64_t M, int64_t K, bool paired, bool half_uni
 // so the mapping is worked out once per call: chunk c's units take the 8 fp16 values from group base[c] on
 // in the order perm[c] (8 units span at most 8 groups). base is clamped so that the load stays inside the
 // row, or for rows of fewer than 8 groups inside the tensor (the last rows are copied out, padded, first).
+struct alignas(32) Lanes8 {
+  int32_t v[8];
+};
+
+struct alignas(32) Floats8 {
+  float v[8];
+};
+
 struct ChunkGroups {
   std::vector<int64_t> base;
-  std::vector<__m256i> perm;
+  std::vector<Lanes8> perm;
 };
 
 void plan_groups(int64_t nu, int64_t upg, ChunkGroups& cg) {
@@ -136,10 +153,8 @@ void plan_groups(int64_t nu, int64_t upg, ChunkGroups& cg) {
   cg.perm.resize(nchunks);
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t u0 = 8 * c, base = ng >= 8 ? std::min(u0 / upg, ng - 8) : 0;
-    alignas(32) int32_t idx[8];
-    for (int64_t i = 0; i < 8; ++i) idx[i] = static_cast<int32_t>(std::min(u0 + i, nu - 1) / upg - base);
+    for (int64_t i = 0; i < 8; ++i) cg.perm[c].v[i] = static_cast<int32_t>(std::min(u0 + i, nu - 1) / upg - base);
     cg.base[c] = base;
-    cg.perm[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
   }
 }
 
@@ -174,7 +189,7 @@ template <int BITS, bool HALF, int M, int R, int OFF>
 void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_t dd_stride, __m256 (*corr)[M]) {
   const int64_t nchunks = a.x->nu_pad / 8, nb = a.x->nb, ng = a.ng, nu_pad = a.x->nu_pad;
   const int64_t* __restrict base = a.groups->base.data();
-  const __m256i* __restrict perm = a.groups->perm.data();
+  const Lanes8* __restrict perm = a.groups->perm.data();
   const float* __restrict xd = a.x->d.data();
   const float* __restrict xs = a.x->sum.data();
   const at::Half* srow[R];
@@ -211,13 +226,14 @@ void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_
     }
   };
   for (int64_t c = 0; c < nchunks; ++c) {
-    const __m256i p = perm[c];
+    const __m256i p = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm[c].v));
     const int64_t b = base[c];
     for (int r = 0; r < R; ++r) {
       const __m256 s = unit_values8(srow[r], b, p);
       if constexpr (OFF != kNoOffsets) {
         const __m256 off = OFF == kMins ? unit_values8(mrow[r], b, p) : s;  // kSym4: times -8 below
-        for (int m = 0; m < M; ++m) corr[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + m * nu_pad + 8 * c), corr[r][m]);
+        for (int m = 0; m < M; ++m)
+          corr[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + m * nu_pad + 8 * c), corr[r][m]);
       }
       multipliers(c, r, s);
     }
@@ -229,7 +245,7 @@ void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_
     const int64_t c = nchunks - 1;
     const int i = static_cast<int>((nb - 1) % (HALF ? 4 : 8));  // its place in the chunk, even
     for (int r = 0; r < R; ++r) {
-      const __m256 s = unit_values8(srow[r], base[c], perm[c]);
+      const __m256 s = unit_values8(srow[r], base[c], _mm256_load_si256(reinterpret_cast<const __m256i*>(perm[c].v)));
       for (int m = 0; m < M; ++m) {
         const __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(xd + m * nu_pad + 8 * c));
         float* o = dd + (r * M + m) * dd_stride + c * dd_per_chunk<BITS, HALF>();
@@ -239,8 +255,9 @@ void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_
   }
 }
 
-// Rows per tile: the multipliers of a tile's rows are laid out first (about 8 rows' worth, so that they stay
-// in L1), then its rows are streamed, R at a time.
+// The most rows per tile: the multipliers of a tile's rows are laid out first, then its rows are streamed, R
+// at a time. Several short rows a tile save per-row overhead; long rows go one (R) at a time, as weights do
+// not stream while the multipliers are worked out (8 rows of K = 4864 at once lost a quarter of the speed).
 template <int M, int R>
 constexpr int tile_rows() { return 8 / M / R * R > R ? 8 / M / R * R : R; }
 
@@ -253,6 +270,7 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
   const int64_t K = x.K, nb = x.nb, row_bytes = a.row_bytes, ng = a.ng, N = a.N;
   const int64_t dd_stride = x.nu_pad / 8 * dd_per_chunk<BITS, HALF>();
   const int64_t prefetch = std::max(R * row_bytes, a.prefetch_bytes);
+  const int64_t tile = std::max<int64_t>(R, std::min<int64_t>(TR, 4096 / row_bytes) / R * R);  // ~4 KB of weights
   const uint8_t* const q = a.q;
   float* const y = a.y;
   const __m256i low4 = _mm256_set1_epi8(0x0f);
@@ -264,7 +282,7 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
   int k = 0;  // rows pending
   int64_t n = n0;
   while (n + R <= n1) {
-    const int64_t T = std::min<int64_t>(TR, (n1 - n) / R * R);  // rows in this tile, a multiple of R
+    const int64_t T = std::min<int64_t>(tile, (n1 - n) / R * R);  // rows in this tile, a multiple of R
     __m256 corr[TR][M];
     for (int64_t t = 0; t < T; t += R) {
       if (a.mins)
@@ -279,7 +297,7 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
     for (const at::Half* p : {a.scales, a.mins}) {
       if (!p) continue;
       const char* next = reinterpret_cast<const char*>(p + (n + T) * ng);
-      for (int64_t off = 0; off < TR * ng * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      for (int64_t off = 0; off < tile * ng * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
     }
     for (int64_t t = 0; t < T; t += R) {
       const uint8_t* qrow[R];
@@ -314,8 +332,10 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
               const __m256i pl = _mm256_maddubs_epi16(lo[r], xl), ph = _mm256_maddubs_epi16(hi[r], xh);
               if constexpr (HALF) {
                 const float* d = drow[r][m] + 16 * j;
-                ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pl, ones)), _mm256_load_ps(d), ac[m][r]);
-                ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(ph, ones)), _mm256_load_ps(d + 8), ac[m][r]);
+                const __m256 sl = _mm256_cvtepi32_ps(_mm256_madd_epi16(pl, ones));
+                const __m256 sh = _mm256_cvtepi32_ps(_mm256_madd_epi16(ph, ones));
+                ac[m][r] = _mm256_fmadd_ps(sl, _mm256_load_ps(d), ac[m][r]);
+                ac[m][r] = _mm256_fmadd_ps(sh, _mm256_load_ps(d + 8), ac[m][r]);
               } else {  // both products belong to the same two blocks: add them as int16 (|sum| <= 4 * 15 * 127)
                 const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
                 ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + 8 * j), ac[m][r]);
@@ -343,8 +363,8 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * 32));
             for (int r = 0; r < R; ++r) {
               const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
-              acc[A - 1][m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + (HALF ? 16 : 8) * pairs),
-                                                 acc[A - 1][m][r]);
+              const __m256 d = _mm256_load_ps(drow[r][m] + (HALF ? 16 : 8) * pairs);
+              acc[A - 1][m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[A - 1][m][r]);
             }
           }
         }
@@ -375,7 +395,8 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
       }
       for (int m = 0; m < M; ++m)
         for (int r = 0; r < R; ++r)
-          pending[m][k + r] = _mm256_add_ps(A == 2 ? _mm256_add_ps(acc[0][m][r], acc[A - 1][m][r]) : acc[0][m][r], corr[t + r][m]);
+          pending[m][k + r] = _mm256_add_ps(A == 2 ? _mm256_add_ps(acc[0][m][r], acc[A - 1][m][r]) : acc[0][m][r],
+                                            corr[t + r][m]);
       k += R;
       if (k == 8) {
         for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * N + n + t + R - 8, hsum8(pending[m]));
@@ -393,14 +414,18 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
 
 template <int BITS, bool HALF, int M>
 void gemv_rows(const GemvArgs& a) {
+  // M = 1 streams one row at a time: a single sequential stream per thread is what the prefetchers follow
+  // best (2 or 4 rows side by side streamed 20% / 30% slower at K = 4864, one thread). More rows of x have the
+  // integer work to hide the memory behind, and share each weight load between them.
   constexpr int R = M == 1 ? 1 : (M <= 4 ? 2 : 1);
-  const int64_t tile = 16;  // rows per unit of work handed to threads
-  const int64_t tiles = (a.N + tile - 1) / tile;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (tile * a.row_bytes));  // >= 64 KB of weights per task
-  const int64_t dd_floats = tile_rows<M, R>() * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>();
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<__m256> dd(dd_floats / 8);
-    gemv_tile<BITS, HALF, M, R>(a, t0 * tile, std::min(a.N, t1 * tile), reinterpret_cast<float*>(dd.data()));
+  const int64_t unit = 16;  // threads get whole units of 16 rows, at least 64 KB of weights per task
+  const int64_t units = (a.N + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * a.row_bytes));
+  constexpr int64_t most_rows = std::max(tile_rows<M, R>(), tile_rows<M, 1>());  // (R = 1 takes the last rows)
+  const int64_t dd_floats = most_rows * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>();
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    std::vector<Floats8> dd(dd_floats / 8);
+    gemv_tile<BITS, HALF, M, R>(a, u0 * unit, std::min(a.N, u1 * unit), reinterpret_cast<float*>(dd.data()));
   });
 }
 
@@ -416,6 +441,7 @@ void gemv_dispatch(const GemvArgs& a, int64_t M) {
     case 7: return gemv_rows<BITS, HALF, 7>(a);
     case 8: return gemv_rows<BITS, HALF, 8>(a);
   }
+  TORCH_CHECK(false, "quant_gemv: M must be in 1..8, got ", M);
 }
 
 // Checks the QuantTensor parts of one 2-D weight; returns K.
@@ -450,10 +476,11 @@ int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                          int64_t bits, int64_t group) {
   const int64_t K = check_weight("quant_gemv", qdata, scales, mins, bits, group);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "quant_gemv: x must be float32 on the CPU, got ",
-              x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32,
+              "quant_gemv: x must be float32 on the CPU, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "quant_gemv: x must be [M, K] with K = ", K, ", got ", x.sizes());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "quant_gemv: x must have 1..", kMaxRows, " rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "quant_gemv: x must have 1..", kMaxRows, " rows, got ",
+              x.size(0));
   TORCH_CHECK(x.is_contiguous(), "quant_gemv: x must be contiguous");
   const int64_t M = x.size(0), N = qdata.size(0);
   const bool half = group == 16;
@@ -484,7 +511,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
 
 namespace {
 
-// One weight row to float32, with the reference's arithmetic: q * s + m (rounded twice), s * (q - 8), s * q.
+// One weight row to float32, with the reference's arithmetic: q * s + m, s * (q - 8), s * q.
 template <int BITS>
 void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins, int64_t K, int64_t group, float* out) {
   const int64_t nb = K / 32, bpg = group / 32;  // bpg: blocks per group (0 when group == 16)
