@@ -458,28 +458,11 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     import gguf
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from gguf_files import write_gguf
+    from gguf_files import demo_vocab, write_gguf
 
     cfg = json.loads((folder / "config.json").read_text())
     if cfg.get("model_type") != "qwen2":
         raise ValueError("GGUF rows are written for the qwen2 recipe only")
-
-    def vocab(w: gguf.GGUFWriter) -> None:
-        # The demo model's byte-level BPE, padded with unused tokens to the vocabulary size: both engines need
-        # a real vocabulary to load; the benchmark feeds token ids.
-        spec = json.loads(
-            (Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json").read_text()
-        )
-        ids = spec["model"]["vocab"] | {a["content"]: a["id"] for a in spec["added_tokens"]}
-        special = {a["id"] for a in spec["added_tokens"] if a.get("special")}
-        tokens = [f"<unused{i}>" for i in range(cfg["vocab_size"])]
-        for text, i in ids.items():
-            tokens[i] = text
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if i in special else 1 if i < len(ids) else 5 for i in range(len(tokens))])
-        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
 
     def tensors():
         for file in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values())):
@@ -488,7 +471,14 @@ def gguf_file(folder: Path, qtype: str) -> Path:
                     yield name, f.get_tensor(name).float().numpy()
 
     part = Path(str(path) + ".part")
-    write_gguf(part, "Qwen2ForCausalLM", cfg, tensors(), getattr(gguf.GGMLQuantizationType, qtype), vocab)
+    write_gguf(
+        part,
+        "Qwen2ForCausalLM",
+        cfg,
+        tensors(),
+        getattr(gguf.GGMLQuantizationType, qtype),
+        demo_vocab(cfg["vocab_size"]),
+    )
     part.rename(path)
     return path
 

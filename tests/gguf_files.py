@@ -7,6 +7,7 @@ type's blocks).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -84,6 +85,33 @@ def write(model: torch.nn.Module, path: Path, qtype=gguf.GGMLQuantizationType.F3
 
     state = ((name, t.detach().float().numpy()) for name, t in model.state_dict().items())
     return write_gguf(path, type(model).__name__, cfg, state, qtype, vocab if vocab_tokens is not None else None)
+
+
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json"
+
+
+def demo_vocab(vocab_size: int):
+    """-> vocab(writer): the demo model's byte-level BPE (`pre` qwen2), padded with unused tokens to
+    `vocab_size`, for files that llama.cpp must load (it needs a real vocabulary) and that are fed token ids."""
+    spec = json.loads(DEMO_TOKENIZER.read_text())
+    ids = spec["model"]["vocab"] | {a["content"]: a["id"] for a in spec["added_tokens"]}
+    if vocab_size < len(ids):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the demo tokenizer's {len(ids)} tokens")
+    special = {a["id"] for a in spec["added_tokens"] if a.get("special")}
+    tokens = [f"<unused{i}>" for i in range(vocab_size)]
+    for text, i in ids.items():
+        tokens[i] = text
+    types = [3 if i in special else 1 if i < len(ids) else 5 for i in range(vocab_size)]  # control, normal, unused
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+
+    def vocab(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+
+    return vocab
 
 
 def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None) -> Path:

@@ -120,3 +120,66 @@ def test_quality_same_model_and_dtypes():
     diff = bench.compare(fp32, bf16, ids)
     assert 1e-9 < diff.kl_mean < 0.05 and diff.kl_max >= diff.kl_mean
     assert diff.top1_agreement > 0.8
+
+
+# -- GGUF files: hearthlm and llama.cpp on the same file ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q8_gguf(tmp_path_factory):
+    """A 2-layer Qwen2 as a Q8_0 GGUF with a real (the demo's, padded) vocabulary, which llama.cpp needs."""
+    import gguf
+    import torch
+    from gguf_files import demo_vocab, write_gguf
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(cfg)
+    tensors = ((n, t.detach().float().numpy()) for n, t in model.state_dict().items())
+    path = tmp_path_factory.mktemp("gguf") / "tiny-Q8_0.gguf"
+    return write_gguf(
+        path, "Qwen2ForCausalLM", cfg.to_dict(), tensors, gguf.GGMLQuantizationType.Q8_0, demo_vocab(4096)
+    )
+
+
+def _file_bytes(path) -> int:
+    from hearthlm.weights.gguf import GGUFFile
+
+    return sum(t.nbytes for t in GGUFFile(path).tensors.values())
+
+
+def test_bench_runs_a_gguf_file_with_its_weight_bytes(capsys, q8_gguf):
+    rc, out, err = run_cli(capsys, str(q8_gguf), *FAST, "--json")
+    assert rc == 0, err
+    (row,) = json.loads(out)["rows"]
+    assert row["engine"] == "hearthlm" and row["model"] == "tiny-Q8_0.gguf" and row["generated_tokens"] == 4
+    assert row["fit_memory"] is None  # fit prices formats, not a file's mix of types
+    # Q8_0 is held as read (int8 + an fp16 scale per 32 values); only the F32 norm vectors shrink to bf16.
+    assert 0.97 * _file_bytes(q8_gguf) < row["bytes_per_token"] < 1.01 * _file_bytes(q8_gguf)
+    assert row["roofline_fraction"] > 0
+
+
+def test_gguf_rejects_quant_and_transformers(capsys, q8_gguf):
+    rc, _, err = run_cli(capsys, str(q8_gguf), *FAST, "--quant", "int4")
+    assert rc == 2 and "already quantized" in err
+    rc, _, err = run_cli(capsys, str(q8_gguf), *FAST, "--vs", "transformers")
+    assert rc == 2 and "--vs llama.cpp" in err and "Traceback" not in err
+
+
+def test_vs_llama_cpp_on_the_same_file(capsys, q8_gguf):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional peer (pip install llama-cpp-python)")
+    rc, out, err = run_cli(capsys, str(q8_gguf), *FAST, "--vs", "llama.cpp", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    rows = {r["engine"]: r for r in doc["rows"]}
+    assert set(rows) == {"hearthlm", "llama.cpp"}
+    assert rows["llama.cpp"]["generated_tokens"] == 4 and rows["llama.cpp"]["decode_tok_s"]["median"] > 0
+    assert rows["llama.cpp"]["bytes_per_token"] == _file_bytes(q8_gguf)
+    (ratio,) = doc["ratios"]
+    assert ratio["versus"] == "llama.cpp"
+    expected = rows["hearthlm"]["decode_tok_s"]["median"] / rows["llama.cpp"]["decode_tok_s"]["median"]
+    assert ratio["decode"] == pytest.approx(expected)

@@ -195,10 +195,14 @@ def load(name: str | Path) -> Model:
         if found is None:
             raise store.ModelNotFoundError(f"{e}; `hearth fit` also knows: {', '.join(KNOWN_MODELS)}") from None
         return found
-    if path.suffix == ".gguf":
-        raise ValueError(f"{path}: `hearth fit` reads safetensors checkpoint configs; GGUF files are not supported yet")
-    hf = read_json(path / "config.json")
-    m = model_from_hf(path.name, hf, str(path / "config.json"), _file_dtype_bytes(path))
+    if path.suffix == ".gguf":  # its metadata read as a config.json; formats are priced as for any checkpoint
+        from .weights.gguf import GGUFFile
+        from .weights.gguf_model import hf_config
+
+        m = model_from_hf(path.name, hf_config(GGUFFile(path)), str(path), file_dtype_bytes=2)
+    else:
+        hf = read_json(path / "config.json")
+        m = model_from_hf(path.name, hf, str(path / "config.json"), _file_dtype_bytes(path))
     m.source = str(path)
     return m
 

@@ -17,7 +17,10 @@ How it measures (the ideas of benchmarks/decode.py, in the product):
   unquantized one on a fixed text (`compare`), computed in the worker after its peak memory is read.
 
 Engines: hearthlm; transformers (`--vs transformers`, AutoModelForCausalLM on the same folder and dtype);
-llama.cpp (`--vs llama.cpp`) is declared but needs a GGUF that hearthlm can load too (issue 4).
+llama.cpp (`--vs llama.cpp`, llama-cpp-python on the same .gguf file that hearthlm runs, each step one
+llama_decode call, greedy by argmax of its logits). On a GGUF file the bytes per token of each engine are the
+weights it holds (hearthlm repacks K-quants wider than the file) rather than fit's estimate, and there is no
+fit estimate of the peak: fit prices formats, not a given file's mix of types.
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ def _row(spec: dict, worker: Worker, samples: list[dict], name: str, bandwidth: 
     assert len(tokens) == 1, f"runs produced different token counts: {tokens}"
     fmt = spec["quant"] or FIT_FORMATS[spec["dtype"]]
     context = len(spec["prompt"]) + spec["gen_len"]
-    fit_memory, per_token = _fit_figures(Path(spec["path"]), fmt, context, spec["device"])
+    if spec["path"].endswith(".gguf"):  # fit prices formats, not a given file's mix of types: ask the engine
+        fit_memory, per_token = None, worker.ask("bytes")["bytes"]
+    else:
+        fit_memory, per_token = _fit_figures(Path(spec["path"]), fmt, context, spec["device"])
     roofline = bandwidth * 1e9 / per_token if bandwidth and per_token else None
     return Row(
         model=name,
@@ -119,8 +125,8 @@ def _bench_model(
     """All variants of one model: workers loaded together, rounds alternating their order."""
     from .. import fit
 
-    if path.suffix == ".gguf":
-        raise BenchError(f"{path.name}: hearthlm cannot load GGUF files yet (issue 4); give a safetensors folder")
+    if path.suffix == ".gguf" and any(v.quant for v in variants):
+        raise BenchError(f"{path.name} is a GGUF file, already quantized: leave out --quant")
     cfg = fit.load(path).config
     if prompt_len + gen_len > cfg.max_position:
         raise BenchError(f"{path.name}: --prompt-len + --gen-len = {prompt_len + gen_len} is over its context")

@@ -83,12 +83,33 @@ class HearthlmEngine:
         reference = LLM(self.spec["path"], dtype=self.spec["dtype"], device=self.spec["device"])
         return compare(reference, self.llm, quality_ids(reference))
 
+    def bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads, as loaded: every tensor but the gathered tables (the embedding when
+        an LM head exists, Gemma 4's PLE table), and of the experts only those a token routes to."""
+        model, cfg = self.llm.model, self.llm.config
+        seen: set[int] = set()
+        total = 0.0
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.data_ptr() in seen or name.startswith("ple.table"):
+                continue
+            seen.add(t.data_ptr())
+            if name.startswith("embed.") and model.lm_head is not None:
+                continue
+            share = cfg.experts_per_token / cfg.num_experts if ".experts." in name else 1
+            total += t.numel() * t.element_size() * share
+        return int(total)
+
 
 class TransformersEngine:
     name = "transformers"
 
     @staticmethod
     def check(path: Path) -> None:
+        if path.suffix == ".gguf":
+            raise BenchError(
+                f"`--vs transformers` runs safetensors checkpoints and {path.name} is a GGUF file: compare a GGUF "
+                "with --vs llama.cpp, or give the original checkpoint folder"
+            )
         if importlib.util.find_spec("transformers") is None:
             raise BenchError(
                 "`--vs transformers` needs transformers (a test-only dependency): "
@@ -146,9 +167,9 @@ class TransformersEngine:
 
 
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python, on a GGUF. A fair comparison needs hearthlm to run the same GGUF
-    (issue 4); until then this engine only explains what is missing. It will time llama_decode through the
-    C API, not the Python sampler (DESIGN.md)."""
+    """llama.cpp through llama-cpp-python, on the GGUF file hearthlm runs too. Each step is one llama_decode call
+    (`Llama.eval`) and the next token is the argmax of the logits it returns: llama.cpp's Python sampler, which
+    hides its real speed, is never timed (DESIGN.md)."""
 
     name = "llama.cpp"
 
@@ -162,12 +183,61 @@ class LlamaCppEngine:
         if path.suffix != ".gguf":
             raise BenchError(
                 f"`--vs llama.cpp` runs a .gguf file and {path} is not one: give the model as a .gguf "
-                "(the same weights for both engines)"
+                "(hearthlm runs the same file, so both engines read the same weights)"
             )
-        raise BenchError(
-            f"`--vs llama.cpp` on {path.name}: hearthlm cannot load GGUF files yet, so there is no "
-            "comparison on the same weights (GGUF support is issue 4)"
+
+    @staticmethod
+    def imports() -> None:
+        import llama_cpp  # noqa: F401
+        import numpy  # noqa: F401
+
+    def __init__(self, spec: dict):
+        import llama_cpp
+
+        threads = os.cpu_count() or 1
+        self.path = Path(spec["path"])
+        self.llm = llama_cpp.Llama(
+            str(self.path),
+            n_ctx=len(spec["prompt"]) + spec["gen_len"] + 1,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=-1 if spec["device"].startswith("cuda") else 0,
+            verbose=False,
         )
+
+    def _next(self) -> int:
+        import numpy as np
+
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def run(self, ids: list[int], n: int) -> tuple[float, list[float], int]:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        tokens, stamps = [self._next()], [time.perf_counter()]
+        while len(tokens) < n:
+            self.llm.eval([tokens[-1]])
+            tokens.append(self._next())
+            stamps.append(time.perf_counter())
+        return start, stamps, len(tokens)
+
+    def bytes_per_token(self) -> int:
+        """The file's tensor bytes one decode step reads: all but token_embd when an output matrix exists, and of
+        the stacked experts (`*_exps`) only those a token routes to."""
+        from ..weights.gguf import GGUFFile
+        from ..weights.gguf_model import hf_config
+
+        gguf = GGUFFile(self.path)
+        hf = hf_config(gguf)
+        share = hf.get("num_experts_per_tok", 0) / hf["num_local_experts"] if hf.get("num_local_experts") else 1
+        tied = "output.weight" not in gguf.tensors
+        total = 0.0
+        for name, info in gguf.tensors.items():
+            if name == "token_embd.weight" and not tied:
+                continue
+            total += info.nbytes * (share if "_exps." in name else 1)
+        return int(total)
 
 
 ENGINES = {e.name: e for e in (HearthlmEngine, TransformersEngine, LlamaCppEngine)}
@@ -178,7 +248,8 @@ ENGINES = {e.name: e for e in (HearthlmEngine, TransformersEngine, LlamaCppEngin
 
 def _worker() -> int:
     """Serve one engine on one model over stdin/stdout, one JSON object per line:
-    spec -> {"load_s"} (after a warm-up run); "run" -> a sample; "memory" -> {"peak"}; "quality"; "quit"."""
+    spec -> {"load_s"} (after a warm-up run); "run" -> a sample; "memory" -> {"peak"}; "quality"; "bytes" (weight
+    bytes per decode step; hearthlm and llama.cpp); "quit"."""
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # libraries that print must not break the protocol
     spec = json.loads(sys.stdin.readline())
@@ -205,6 +276,8 @@ def _worker() -> int:
                 reply({"peak": _memory_peak(spec["device"]) - baseline})
             elif cmd == "quality":
                 reply({"quality": asdict(engine.quality())})
+            elif cmd == "bytes":
+                reply({"bytes": engine.bytes_per_token()})
             else:
                 return 0
     except Exception as e:  # the parent reports it with the engine and model named

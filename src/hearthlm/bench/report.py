@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .results import BenchError, Result
+from .results import BenchError, Result, Row
 
 # -- output -------------------------------------------------------------------------------------------
 
 
 def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _format(r: Row) -> str:
+    if r.path.endswith(".gguf"):  # the file's types; hearthlm holds its float tensors in the dtype
+        return "gguf" if r.engine != "hearthlm" else f"gguf ({r.dtype})"
+    return r.quant or r.dtype
 
 
 def table(result: Result):
@@ -30,7 +36,7 @@ def table(result: Result):
         t.add_column(c, no_wrap=True, justify="left" if c in ("MODEL", "ENGINE", "FORMAT") else "right")
     for r in result.rows:
         d = r.decode_tok_s
-        cells = [r.model, r.engine, r.quant or r.dtype, f"{r.ttft_s.median * 1000:.0f} ms"]
+        cells = [r.model, r.engine, _format(r), f"{r.ttft_s.median * 1000:.0f} ms"]
         cells += [f"{r.prefill_tok_s.median:.1f}", f"{d.median:.1f}", f"{d.min:.1f}–{d.max:.1f}"]
         cells += [f"{100 * r.roofline_fraction:.0f}%" if r.roofline_fraction else "—"]
         cells += [_mb(r.peak_memory), _mb(r.fit_memory)]
@@ -68,7 +74,7 @@ def plot(result: Result, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.model}\n{r.engine} {r.quant or r.dtype}" for r in result.rows]
+    labels = [f"{r.model}\n{r.engine} {_format(r)}" for r in result.rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(labels)) * 2, 4.5))
     for ax, key, title in zip(axes, ("decode_tok_s", "prefill_tok_s"), ("decode tok/s", "prefill tok/s")):
         values = [getattr(r, key).median for r in result.rows]
