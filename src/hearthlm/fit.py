@@ -397,7 +397,8 @@ def estimate(
         ram_with_gpu=ple + runtime,
         load_peak=load_peak,
         bytes_per_token=per_token,
-        supported=fmt in NATIVE,
+        # GGUF files load for every family but Gemma 4 (weights/gguf_model.py); our own formats for all
+        supported=fmt in NATIVE or fmt in ("int8", "int4") or cfg.family != "gemma4",
         context=context,
         concurrency=concurrency,
     )
@@ -518,7 +519,7 @@ def judge(e: Estimate, machine: Machine) -> Estimate:
         e.device, bw = None, None
     e.tokens_per_s = round(bw * 1e9 / e.bytes_per_token, 1) if bw else None
     if not e.supported:
-        e.notes.append("hearthlm cannot load this format yet: an estimate for planning")
+        e.notes.append("hearthlm cannot load this format for this model yet: an estimate for planning")
     return e
 
 
@@ -583,7 +584,7 @@ def table(estimates: list[Estimate], machine: Machine | None):
         t.add_row(*row)
         last = e.model
     t.caption = (
-        "* not loadable by hearthlm yet (planning estimate). RAM/VRAM include the KV cache, activations and the "
+        "* hearthlm cannot load this format for this model yet (Gemma 4 GGUF files; a planning estimate). RAM/VRAM include the KV cache, activations and the "
         "runtime; on a GPU the PLE table stays in host memory. Decode speed: memory-bandwidth roofline, batch 1."
     )
     return t
