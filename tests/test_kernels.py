@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +74,21 @@ def test_decode_attention_matches_sdpa(dtype, masked):
         enable_gqa=True,
     )[:, :, 0]
     assert torch.allclose(cpu.decode_attention(q, k, v, mask, 0.3), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="this CPU has no AVX2/FMA/F16C: the kernels are never built")
+def test_built_kernels_load_despite_a_stale_build_lock(tmp_path):
+    """A build killed midway leaves torch's `lock` file behind; the next run must not wait on it forever."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    source = Path(os.environ.get("HEARTHLM_CACHE", Path.home() / ".cache" / "hearthlm")) / "kernels"
+    shutil.copytree(source, tmp_path / "kernels")
+    for build in [tmp_path / "kernels", *(tmp_path / "kernels").iterdir()]:
+        if build.is_dir():
+            (build / "lock").touch()
+    code = "from hearthlm.kernels import cpu; assert cpu.available() and cpu.quant_available()"
+    env = os.environ | {"HEARTHLM_CACHE": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
