@@ -198,3 +198,23 @@ def test_formats_marked_as_hearthlm_loads_them():
     assert all(fit.estimate(gemma, f).supported for f in ("bf16", "int8", "int4"))
     assert not any(fit.estimate(gemma, f).supported for f in ("Q8_0", "Q4_K_M", "Q4_0"))  # no Gemma 4 GGUF yet
     assert all(fit.estimate(qwen, f).supported for f in ("int4", "Q8_0", "Q4_K_M", "Q4_0"))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_gguf_load_peak_stays_near_the_bytes_held(llama_bf16, tmp_path, qtype):
+    """A GGUF load repacks one tensor at a time and gives each tensor's file pages back: the peak RSS stays
+    within 10% of the bytes the model holds (for these types, the file's), plus what any load adds (the kernels,
+    first-forward libraries: fit.LOAD_OVERHEAD). A load that kept the file's pages would read about twice that."""
+    import gguf
+    from gguf_files import write
+
+    model = tf.LlamaForCausalLM.from_pretrained(llama_bf16, dtype=torch.float32)
+    path = write(model, tmp_path / f"m-{qtype}.gguf", getattr(gguf.GGMLQuantizationType, qtype))
+    del model
+    got = _measure(path, "bfloat16")
+    from hearthlm.weights.gguf import GGUFFile
+
+    held = sum(t.nbytes for t in GGUFFile(path).tensors.values())  # Q8_0/Q4_0 repack without changing size
+    peak, steady = got["VmHWM"] - got["base"], got["VmRSS"] - got["base"]
+    print(f"{qtype}: file tensors {held / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, steady {steady / 1e6:.0f} MB")
+    assert peak < 1.10 * held + fit.LOAD_OVERHEAD and steady < 1.10 * held + fit.LOAD_OVERHEAD
