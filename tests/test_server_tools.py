@@ -136,8 +136,8 @@ def test_tool_results_reach_the_template(gemma):
     ]
     r = oa(gemma).chat.completions.create(model="hearth-demo", messages=messages, tools=TOOLS)
     prompt = gemma.engine.prompts[-1]
-    assert "<|tool_call>call:get_weather{city:<|\"|>Paris, FR<|\"|>,days:2}<tool_call|>" in prompt
-    assert "<|tool_response>response:get_weather{value:<|\"|>sunny<|\"|>}<tool_response|>" in prompt
+    assert '<|tool_call>call:get_weather{city:<|"|>Paris, FR<|"|>,days:2}<tool_call|>' in prompt
+    assert '<|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>' in prompt
     assert r.choices[0].message.content == "Hello there!"
 
 
@@ -231,7 +231,9 @@ def test_openai_errors(gemma):
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
-    r = httpx.post(gemma.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        gemma.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(gemma.url + "/v1/nothing").json()["error"]["message"].startswith("no route")
 
