@@ -153,7 +153,7 @@ def test_too_long_prompt(client, oll, served):
         client.completions.create(model=MODEL, prompt=[1, 2, 999999])  # token outside the vocabulary
 
 
-def test_ollama_chat_and_generate(oll):
+def test_ollama_chat_and_generate(oll, served):
     opts = {"temperature": 0, "num_predict": 30}
     whole = oll.chat(model=MODEL, messages=ASK, options=opts, stream=False)
     parts = list(oll.chat(model=MODEL, messages=ASK, options=opts, stream=True))
@@ -164,6 +164,8 @@ def test_ollama_chat_and_generate(oll):
         assert r.prompt_eval_count > 0 and r.total_duration >= r.eval_duration > 0 and r.prompt_eval_duration > 0
     g = oll.generate(model=MODEL, prompt="And it came to pass", raw=True, options={"temperature": 0, "num_predict": 5})
     assert g.eval_count == 5 and g.done_reason == "length" and len(g.context) > 5
+    more = oll.generate(model=MODEL, prompt=" And", raw=True, context=g.context, options={"num_predict": 2})
+    assert more.prompt_eval_count == len(g.context) + len(served.tokenizer.encode(" And", add_special_tokens=False))
     seeded = {"temperature": 1.0, "seed": 3, "num_predict": 8}
     a, b = (oll.generate(model=MODEL, prompt="And it came to pass", raw=True, options=seeded) for _ in range(2))
     assert a.response == b.response and a.eval_count == 8

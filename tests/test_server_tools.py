@@ -279,3 +279,57 @@ def test_ollama_model_routes(gemma):
     assert httpx.get(gemma.url + "/").text.startswith("Ollama is running")
     assert httpx.head(gemma.url + "/").status_code == 200
     assert [m.id for m in oa(gemma).models.list().data] == ["hearth-demo"]
+
+
+def test_json_mode_instructs_and_checks(gemma):
+    r = oa(gemma).chat.completions.with_raw_response.create(
+        model="hearth-demo", messages=USER, response_format={"type": "json_object"}
+    )
+    assert "Respond with a single valid JSON object" in gemma.engine.prompts[-1]
+    assert r.headers["x-hearth-json-valid"] == "false"  # the scripted reply is prose: flagged, not fixed
+    ollama.Client(host=gemma.url).chat(model="hearth-demo", messages=USER, format={"type": "object"})
+    assert '{"type": "object"}' in gemma.engine.prompts[-1]
+
+
+class _Broken(ScriptedEngine):
+    async def generate(self, prompt_ids, params, request_id=None):
+        if params.max_tokens == 7:
+            raise RuntimeError("boom before the first token")
+        async for out in super().generate(prompt_ids, params, request_id):
+            yield out
+            raise RuntimeError("boom mid-stream")
+
+
+def test_engine_failures_never_leak_a_traceback(demo):
+    engine = _Broken(demo.tokenizer, script("gemma4"))
+    server = LiveServer(create_app(ServedModel(demo, engine, "hearth-demo", Metrics())))
+    try:
+        r = httpx.post(
+            server.url + "/v1/chat/completions", json={"model": "hearth-demo", "messages": USER, "max_tokens": 7}
+        )
+        assert r.status_code == 500 and "Traceback" not in r.text and r.json()["error"]["type"] == "server_error"
+        r = httpx.post(
+            server.url + "/api/chat", json={"model": "hearth-demo", "messages": USER, "options": {"num_predict": 7}}
+        )
+        assert r.status_code == 500 and set(r.json()) == {"error"}
+        body = {"model": "hearth-demo", "messages": USER, "stream": True}
+        lines = httpx.post(server.url + "/v1/chat/completions", json=body).text.splitlines()
+        assert any("boom mid-stream" in line and '"error"' in line for line in lines) and lines[-2] == "data: [DONE]"
+        last = httpx.post(server.url + "/api/chat", json=body).text.splitlines()[-1]
+        assert json.loads(last)["error"].endswith("boom mid-stream")
+        assert httpx.get(server.url + "/health").status_code == 200  # still serving
+    finally:
+        server.stop()
+
+
+def test_cli_serve(monkeypatch):
+    from hearthlm import cli, server
+
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda *a: got.setdefault("args", a))
+    monkeypatch.setenv("HEARTH_API_KEY", "from-env")
+    assert cli.main(["serve", "--port", "8123", "--quant", "int8"]) == 0
+    assert got["args"] == (None, "127.0.0.1", 8123, "from-env", None, "int8", 16, None)
+    got.clear()
+    assert cli.main(["serve", "some/model", "--api-key", "k", "--host", "0.0.0.0"]) == 0
+    assert got["args"][:4] == ("some/model", "0.0.0.0", 11434, "k")
