@@ -166,6 +166,10 @@ def test_ollama_chat_and_generate(oll, served):
     assert g.eval_count == 5 and g.done_reason == "length" and len(g.context) > 5
     more = oll.generate(model=MODEL, prompt=" And", raw=True, context=g.context, options={"num_predict": 2})
     assert more.prompt_eval_count == len(g.context) + len(served.tokenizer.encode(" And", add_special_tokens=False))
+    lp = oll.chat(
+        model=MODEL, messages=ASK, options={"temperature": 0, "num_predict": 4}, logprobs=True, top_logprobs=2
+    )
+    assert len(lp.logprobs) == lp.eval_count and all(len(t.top_logprobs) == 2 for t in lp.logprobs)
     seeded = {"temperature": 1.0, "seed": 3, "num_predict": 8}
     a, b = (oll.generate(model=MODEL, prompt="And it came to pass", raw=True, options=seeded) for _ in range(2))
     assert a.response == b.response and a.eval_count == 8

@@ -28,8 +28,8 @@ class Delta:
         self.tool_calls += other.tool_calls
 
 
-def _partial(text: str, markers: list[str]) -> int:
-    """Length of the longest end of `text` that starts one of `markers` (held back: the marker may follow)."""
+def held_back(text: str, markers: list[str]) -> int:
+    """Length of the longest end of `text` that starts one of `markers`: held back, as the marker may follow."""
     best = 0
     for m in markers:
         for n in range(min(len(m) - 1, len(text)), best, -1):
@@ -92,7 +92,7 @@ class ReplyParser:
             self.state = "reasoning" if self.fmt.think and marker == self.fmt.think[0] else "call"
             self._lstrip = True
             return True
-        keep = 0 if final else _partial(self.buf, openers)
+        keep = 0 if final else held_back(self.buf, openers)
         self._emit_content(out, self.buf[: len(self.buf) - keep])
         self.buf = self.buf[len(self.buf) - keep :]
         return False
@@ -118,7 +118,7 @@ class ReplyParser:
             self.buf = ""
             return False
         # Hold back a partial end marker and trailing whitespace (dropped if the block ends there).
-        n = len(self.buf) - _partial(self.buf, [end])
+        n = len(self.buf) - held_back(self.buf, [end])
         n = len(self.buf[:n].rstrip())
         self._emit_reasoning(out, self.buf[:n])
         self.buf = self.buf[n:]

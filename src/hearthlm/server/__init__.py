@@ -3,7 +3,6 @@ AsyncEngine. `create_app` builds the app for a ServedModel; `serve` loads a mode
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 # 11434 is Ollama's port: Ollama clients and tools find the server with no setting, while OpenAI clients name a
@@ -28,12 +27,11 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     from .generation import ServedModel
     from .metrics import Metrics
 
-    t0 = time.perf_counter()
     llm = LLM(model, dtype=dtype, quant=quant)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
     engine = AsyncEngine(Engine(llm, max_batch=max_batch, kv_blocks=kv_blocks))
-    return ServedModel(llm, engine, model_name(model, llm.path), Metrics(), time.perf_counter() - t0)
+    return ServedModel(llm, engine, model_name(model, llm.path), Metrics())
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: str | None = None,

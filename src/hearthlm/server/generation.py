@@ -16,7 +16,7 @@ from typing import Any
 from .. import __version__
 from ..api import ContextLengthError
 from ..chat_formats import Delta, ReplyParser, detect
-from ..chat_formats.parser import _partial
+from ..chat_formats.parser import held_back
 from .errors import APIError
 
 
@@ -68,7 +68,7 @@ class _StopCut:
         if hits:
             out, self.buf, self.hit = self.buf[: min(hits)], "", True
             return out
-        n = len(self.buf) - _partial(self.buf, self.stops)
+        n = len(self.buf) - held_back(self.buf, self.stops)
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
@@ -142,11 +142,10 @@ class Stream:
 class ServedModel:
     """The one model a server serves: its names, tokenizer, reply format and engine."""
 
-    def __init__(self, llm, engine, name: str, metrics, load_seconds: float = 0.0):
+    def __init__(self, llm, engine, name: str, metrics):
         self.llm, self.engine, self.name, self.metrics = llm, engine, name, metrics
         self.tokenizer = llm.tokenizer
         self.created = int(time.time())
-        self.load_seconds = load_seconds
         self.template = self.tokenizer.chat_template() if self.tokenizer is not None else None
         self.format = detect(self.tokenizer.chat_template(with_tools=True) if self.tokenizer else None)
         tok = self.tokenizer
@@ -159,7 +158,7 @@ class ServedModel:
         self.fingerprint = f"hearthlm-{__version__}"
         self.digest = hashlib.sha256(f"{llm.path.resolve()}:{llm.path.stat().st_mtime_ns}".encode()).hexdigest()
 
-    def check_name(self, name: str | None, shape: str) -> None:
+    def check_name(self, name: str | None) -> None:
         """404 unless `name` names this model (an Ollama-style ':latest' tag is accepted)."""
         key = (name or "").lower().removesuffix(":latest")
         if key not in self.aliases:

@@ -138,7 +138,7 @@ def _with_format(messages: list[dict[str, Any]], fmt) -> list[dict[str, Any]]:
 @router.post("/api/chat")
 async def chat(req: ChatRequest, request: Request):
     model = _model(request)
-    model.check_name(req.model, "ollama")
+    model.check_name(req.model)
     if not req.messages:  # Ollama loads the model and answers at once
         return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done_reason": "load", "done": True}  # fmt: skip
@@ -187,7 +187,7 @@ async def _chat_events(model: ServedModel, stream: Stream, head: dict[str, Any])
 @router.post("/api/generate")
 async def generate(req: GenerateRequest, request: Request):
     model = _model(request)
-    model.check_name(req.model, "ollama")
+    model.check_name(req.model)
     if req.images:
         raise APIError(400, "images are not supported")
     if req.suffix:
@@ -291,7 +291,7 @@ class ShowRequest(BaseModel):
 @router.post("/api/show")
 async def show(req: ShowRequest, request: Request):
     model = _model(request)
-    model.check_name(req.model or req.name, "ollama")
+    model.check_name(req.model or req.name)
     cfg = model.llm.config
     capabilities = ["completion"] + (["tools"] if model.format.parse_calls else [])
     capabilities += ["thinking"] if model.format.think else []

@@ -175,7 +175,7 @@ def _chat_tools(req: ChatRequest) -> list[dict[str, Any]] | None:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
     model = _model(request)
-    model.check_name(req.model, "openai")
+    model.check_name(req.model)
     messages = chat_messages(req.messages, "openai")
     if req.response_format is not None and req.response_format.type != "text":
         messages = json_instruction(messages, req.response_format.json_schema)
@@ -281,7 +281,7 @@ def _completion_logprobs(model: ServedModel, logprobs: list | None, offset: int)
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     model = _model(request)
-    model.check_name(req.model, "openai")
+    model.check_name(req.model)
     if req.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -346,5 +346,5 @@ async def list_models(request: Request):
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, request: Request):
     model = _model(request)
-    model.check_name(name, "openai")
+    model.check_name(name)
     return _card(model)
