@@ -39,7 +39,7 @@ def _arguments(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def chat_messages(messages: list[dict[str, Any]], api: str) -> list[dict[str, Any]]:
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages of either API as the chat template reads them (transformers' conventions): text content,
     tool-call arguments as objects, a tool result's function name under "name"."""
     out, names = [], {}

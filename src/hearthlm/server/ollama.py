@@ -142,7 +142,7 @@ async def chat(req: ChatRequest, request: Request):
     if not req.messages:  # Ollama loads the model and answers at once
         return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done_reason": "load", "done": True}  # fmt: skip
-    messages = _with_format(chat_messages(req.messages, "ollama"), req.format)
+    messages = _with_format(chat_messages(req.messages), req.format)
     prompt = model.chat_prompt(messages, req.tools, **req.template_kwargs())
     [stream] = await model.start_all([(prompt, req.params(model, prompt))])
     head = {"model": req.model}

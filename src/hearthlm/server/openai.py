@@ -97,9 +97,9 @@ def _model(request: Request) -> ServedModel:
 
 
 def _usage(streams: list[Stream], prompts: int = 1) -> dict[str, Any]:
-    prompt = sum(s.prompt_tokens for s in streams[:: max(1, len(streams) // prompts)])
+    firsts = streams[:: len(streams) // prompts]  # the choices of one prompt count its tokens once
+    prompt, cached = sum(s.prompt_tokens for s in firsts), sum(s.cached_tokens for s in firsts)
     done = sum(s.completion_tokens for s in streams)
-    cached = sum(s.cached_tokens for s in streams[:: max(1, len(streams) // prompts)])
     return {
         "prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
         "prompt_tokens_details": {"cached_tokens": cached},
@@ -176,7 +176,7 @@ def _chat_tools(req: ChatRequest) -> list[dict[str, Any]] | None:
 async def chat_completions(req: ChatRequest, request: Request):
     model = _model(request)
     model.check_name(req.model)
-    messages = chat_messages(req.messages, "openai")
+    messages = chat_messages(req.messages)
     if req.response_format is not None and req.response_format.type != "text":
         messages = json_instruction(messages, req.response_format.json_schema)
     tools = _chat_tools(req)
