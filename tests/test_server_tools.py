@@ -226,6 +226,11 @@ def test_openai_errors(gemma):
         client.chat.completions.create(model="hearth-demo", messages=[])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="hearth-demo", messages=[{"role": "wizard", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="hearth-demo", messages=USER, extra_body={"chat_template_kwargs": {"tools": 1}}
+        )
+    assert e.value.body["param"] == "chat_template_kwargs"
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="no-such-model", messages=USER)
     assert e.value.body["code"] == "model_not_found"

@@ -79,7 +79,7 @@ class ChatRequest(_Sampling):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: str | None = None  # "none": thinking off; any other level: on (levels are not graded)
     chat_template_kwargs: dict[str, Any] | None = None  # extension: reaches the chat template
 
 
@@ -154,6 +154,9 @@ def _tool_calls(calls: list, start: int = 0) -> list[dict[str, Any]]:
 
 def _thinking_kwargs(req: ChatRequest) -> dict[str, Any]:
     kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt"})
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", "chat_template_kwargs")
     if req.reasoning_effort is not None and "enable_thinking" not in kwargs:
         kwargs["enable_thinking"] = req.reasoning_effort != "none"
     return kwargs
