@@ -251,6 +251,9 @@ def test_ollama_errors(gemma):
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="hearth-demo", messages=USER, options={"temperature": -1})
     assert e.value.status_code == 400
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends, as in Ollama's docs
+    body = json.dumps({"model": "hearth-demo", "messages": USER, "stream": False})
+    assert httpx.post(gemma.url + "/api/chat", content=body, headers=form).json()["done"]
     r = httpx.post(gemma.url + "/api/chat", json={"model": "hearth-demo", "messages": "nope"})
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
 

@@ -30,6 +30,13 @@ def error_json(path: str, e: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status)
 
 
+def _as_json(scope):
+    """Bodies are JSON whatever the content-type says: Ollama's documented curl examples send none (curl -d
+    makes it form-encoded)."""
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+
 class Gate:
     """Pure ASGI middleware (it leaves streaming and disconnects alone): the API key, then counts each
     request by route and status."""
@@ -52,6 +59,8 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, status = scope["path"], [500]
+        if scope["method"] == "POST":
+            scope = _as_json(scope)
 
         async def send_status(message):
             if message["type"] == "http.response.start":

@@ -25,10 +25,14 @@ def ollama_body(e: APIError) -> dict[str, Any]:
     return {"error": e.message}
 
 
+def _where(loc) -> str:
+    return ".".join(str(x) for x in loc if x != "body") or "body"
+
+
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """pydantic's list of errors as one 400, naming the first bad field."""
     first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
     field = ".".join(loc) or None
-    msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body')}: {e.get('msg')}" for e in errors[:3])
+    msg = "; ".join(f"{_where(e.get('loc', ()))}: {e.get('msg')}" for e in errors[:3])
     return APIError(400, f"invalid request: {msg}", field, "invalid_value")
