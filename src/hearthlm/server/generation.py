@@ -234,6 +234,13 @@ class ServedModel:
             raise
 
 
+async def close_all(streams: list[Stream]) -> None:
+    """Close every stream (idempotent): the background task of a streamed response, which runs even when the
+    client left before the body started, so no engine request outlives its client."""
+    for s in streams:
+        await s.aclose()
+
+
 async def merged(streams: list[Stream]) -> AsyncIterator[Piece]:
     """The pieces of several streams as they come; closing this closes them all."""
     if len(streams) == 1:
@@ -264,9 +271,8 @@ async def merged(streams: list[Stream]) -> AsyncIterator[Piece]:
     finally:
         for t in tasks:
             t.cancel()
-        for s in streams:
-            with contextlib.suppress(BaseException):
-                await s.aclose()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each pump's stream closes as it ends
+        await close_all(streams)
 
 
 async def collect(streams: list[Stream]) -> list[Result]:

@@ -11,10 +11,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from .. import __version__
 from .errors import APIError, ollama_body
-from .generation import Prompt, ServedModel, Stream, collect, merged, unless_disconnected
+from .generation import Prompt, ServedModel, Stream, close_all, collect, merged, unless_disconnected
 from .inputs import chat_messages, json_instruction, make_params, stop_list, token_text
 
 router = APIRouter()
@@ -116,7 +117,7 @@ def _calls(calls: list) -> list[dict[str, Any]]:
     ]
 
 
-def _ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _ndjson(events: AsyncIterator[dict[str, Any]], stream: Stream) -> StreamingResponse:
     async def lines():
         try:
             async for e in events:
@@ -126,7 +127,8 @@ def _ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
         except Exception as e:  # after the headers went out, an error can only be a line
             yield json.dumps({"error": f"generation failed: {type(e).__name__}: {e}"}) + "\n"
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    done = BackgroundTask(close_all, [stream])  # runs even when the client left before the body started
+    return StreamingResponse(lines(), media_type="application/x-ndjson", background=done)
 
 
 def _with_format(messages: list[dict[str, Any]], fmt) -> list[dict[str, Any]]:
@@ -147,7 +149,7 @@ async def chat(req: ChatRequest, request: Request):
     [stream] = await model.start_all([(prompt, req.params(model, prompt))])
     head = {"model": req.model}
     if req.stream:
-        return _ndjson(_chat_events(model, stream, head))
+        return _ndjson(_chat_events(model, stream, head), stream)
     [r] = await unless_disconnected(request, collect([stream]))
     message = {"role": "assistant", "content": r.content}
     if r.reasoning:
@@ -198,7 +200,7 @@ async def generate(req: GenerateRequest, request: Request):
     [stream] = await model.start_all([(prompt, req.params(model, prompt))])
     head = {"model": req.model}
     if req.stream:
-        return _ndjson(_generate_events(model, stream, head, prompt))
+        return _ndjson(_generate_events(model, stream, head, prompt), stream)
     [r] = await unless_disconnected(request, collect([stream]))
     body = {**head, "created_at": _now(), "response": r.content, "done": True, "done_reason": r.finish_reason}
     if r.reasoning:

@@ -11,9 +11,10 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from .errors import APIError, openai_body
-from .generation import Piece, Prompt, Result, ServedModel, Stream, collect, merged, unless_disconnected
+from .generation import Piece, Prompt, Result, ServedModel, Stream, close_all, collect, merged, unless_disconnected
 from .inputs import chat_messages, json_instruction, make_params, stop_list, token_text
 
 router = APIRouter()
@@ -121,9 +122,10 @@ async def _sse_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[st
     yield "data: [DONE]\n\n"
 
 
-def _streaming(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _streaming(events: AsyncIterator[dict[str, Any]], streams: list[Stream]) -> StreamingResponse:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(_sse_stream(events), media_type="text/event-stream", headers=headers)
+    done = BackgroundTask(close_all, streams)
+    return StreamingResponse(_sse_stream(events), media_type="text/event-stream", headers=headers, background=done)
 
 
 # -- chat --------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     head = {"id": rid, "created": created, "model": model.name, "system_fingerprint": model.fingerprint}
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return _streaming(_chat_events(model, streams, head, usage))
+        return _streaming(_chat_events(model, streams, head, usage), streams)
     results = await unless_disconnected(request, collect(streams))
     choices = [_chat_choice(model, r, req.logprobs) for r in results]
     body = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(streams)}
@@ -302,7 +304,7 @@ async def completions(req: CompletionRequest, request: Request):
     echo = [echoes[i // req.n] for i in range(len(streams))]
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return _streaming(_completion_events(model, streams, head, echo, usage, len(prompts)))
+        return _streaming(_completion_events(model, streams, head, echo, usage, len(prompts)), streams)
     results = await unless_disconnected(request, collect(streams))
     choices = [
         {
