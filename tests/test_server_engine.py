@@ -195,15 +195,16 @@ def test_concurrent_greedy_requests_match_alone(oll, served):
 
 def test_disconnect_frees_blocks(server, served):
     body = {"model": MODEL, "messages": ASK, "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server.url, timeout=30) as h:
-        with h.stream("POST", "/v1/chat/completions", json=body) as r:
-            lines = 0
-            for line in r.iter_lines():
-                lines += line.startswith("data:")
-                if lines >= 5:
-                    break
-            assert served.engine.stats().kv_blocks_used > 0
-    idle(served)
+    for n in (1, 3):
+        with httpx.Client(base_url=server.url, timeout=30) as h:
+            with h.stream("POST", "/v1/chat/completions", json={**body, "n": n}) as r:
+                lines = 0
+                for line in r.iter_lines():
+                    lines += line.startswith("data:")
+                    if lines >= 5:
+                        break
+                assert served.engine.stats().running == n and served.engine.stats().kv_blocks_used > 0
+        idle(served)
     generated = served.engine.stats().generated_tokens
     time.sleep(0.3)
     assert served.engine.stats().generated_tokens == generated  # nothing is decoding for it any more
