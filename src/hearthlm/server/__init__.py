@@ -39,8 +39,14 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
           log_level: str = "info") -> None:  # fmt: skip
     """Serve `model` (None: the built-in demo) until interrupted."""
     import uvicorn
+    from rich.console import Console
 
     from .app import create_app
 
     served = load(model, dtype, quant, max_batch, kv_blocks)
+    url = f"http://{host}:{port}"
+    key = "; send 'Authorization: Bearer KEY'" if api_key else ""
+    Console(stderr=True, highlight=False).print(
+        f"serving {served.name}: OpenAI base_url {url}/v1, Ollama host {url}, metrics {url}/metrics{key}"
+    )
     uvicorn.run(create_app(served, api_key), host=host, port=port, log_level=log_level)

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
@@ -317,7 +317,3 @@ async def root():
 @router.head("/")
 async def root_head():
     return Response(status_code=200)
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(ollama_body(e), status_code=e.status)
