@@ -1,6 +1,6 @@
 """Serving throughput and latency of `hearth serve` under 1, 4 and 16 concurrent streaming clients.
 
-    python benchmarks/serve.py [--model MODEL] [--levels 1,4,16] [--requests 2] [--max-tokens 64]
+    python benchmarks/serve.py [--model MODEL] [--levels 1,4,16] [--requests 4] [--max-tokens 64]
                                [--prompt-words 24] [--port PORT] [--json]
 
 Starts `hearth serve MODEL` (the demo model by default) as a subprocess on a free loopback port, so that the
@@ -142,7 +142,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="what `hearth serve` takes (default: the demo model)")
     p.add_argument("--levels", default="1,4,16", help="concurrent clients per level (default 1,4,16)")
-    p.add_argument("--requests", type=int, default=2, help="requests per client per level (default 2)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
     p.add_argument("--prompt-words", type=int, default=24, help="words per prompt (default 24)")
     p.add_argument("--port", type=int, default=None, help="default: a free one")
