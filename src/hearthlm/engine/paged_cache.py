@@ -1,7 +1,8 @@
 """The paged KV cache: the K/V of every layer that stores its own, in fixed-size blocks that the block
 manager hands to sequences; a step reads each row's blocks through its block table.
 
-Storage per layer is [blocks * block_size, Hkv, D] (a "slot" per position). A forward first writes the
+Storage per layer is [Hkv, blocks * block_size, D] (a "slot" per position; each head's slots in one run, as
+the decode kernel reads them). A forward first writes the
 step's K/V into their slots, then gathers each row's readable slots (its whole past for full attention,
 the last window for sliding layers) into a [b, Hkv, S, D] view and attends with a mask built from the
 absolute positions. KV-shared layers store nothing and attend with their source layer's gathered K/V.
@@ -23,7 +24,8 @@ class _Step:
     """One window group's slots and mask for the current forward."""
 
     write: torch.Tensor  # [b * T] slots the step's K/V go to
-    read: torch.Tensor  # [b * S] slots each row reads (padded rows repeat a valid slot, masked out)
+    read: torch.Tensor | slice  # [b * S] slots each row reads (padding repeats a valid slot, masked out),
+    # or a slice when a single row's blocks are consecutive: then the step reads a view, no copy
     S: int
     mask: torch.Tensor | None  # [b, 1, T, S] or None: attend everywhere
     causal: bool  # the mask is exactly the causal one (S == T, one row from position 0)
@@ -46,7 +48,7 @@ class PagedKVCache:
         self.v: dict[int, torch.Tensor] = {}
         for i, spec in enumerate(layers):
             if spec.kv_source is None:
-                shape = (pool_sizes[spec.sliding_window] * block_size, spec.num_kv_heads, spec.head_dim)
+                shape = (spec.num_kv_heads, pool_sizes[spec.sliding_window] * block_size, spec.head_dim)
                 # Untouched memory costs nothing until used; blocks are zeroed when first handed out.
                 self.k[i] = torch.empty(shape, dtype=dtype, device=device)
                 self.v[i] = torch.empty(shape, dtype=dtype, device=device)
@@ -58,11 +60,6 @@ class PagedKVCache:
         """The windows that need a block pool: those of layers storing their own K/V."""
         return list(dict.fromkeys(s.sliding_window for s in layers if s.kv_source is None))
 
-    def bytes_per_block(self, window: int | None) -> int:
-        return sum(
-            2 * k[0].numel() * k.element_size() * self.block_size for i, k in self.k.items() if self.window[i] == window
-        )
-
     def zero(self, window: int | None, blocks: list[int]) -> None:
         """Clear blocks handed out for the first time: never-written memory may hold NaNs, which a masked
         attention would still multiply by zero."""
@@ -72,7 +69,7 @@ class PagedKVCache:
         for i in self.k:
             if self.window[i] == window:
                 for t in (self.k[i], self.v[i]):
-                    t.view(-1, self.block_size, *t.shape[1:])[idx] = 0
+                    t.view(t.shape[0], -1, self.block_size, t.shape[2])[:, idx] = 0
 
     def begin(self, positions: torch.Tensor, starts: list[int], tables: list[dict[int | None, list[int | None]]]):
         """Prepare a forward over positions [b, T] (row r from starts[r]) with each row's block tables."""
@@ -92,7 +89,11 @@ class PagedKVCache:
         kpos = lo + torch.arange(S, device=dev)[None, :]  # [b, S]
         clamped = torch.minimum(kpos, hi)
         base = lo // bs
-        read = tab.gather(1, clamped // bs - base) * bs + clamped % bs
+        if len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0]))):
+            first = rows[0][0] * bs + los[0] % bs  # the common single-request case: slots in one run
+            read = slice(first, first + S)
+        else:
+            read = (tab.gather(1, clamped // bs - base) * bs + clamped % bs).reshape(-1)
         write = tab.gather(1, positions // bs - base) * bs + positions % bs
         q, k = positions[:, :, None], kpos[:, None, :]
         mask = k <= q
@@ -100,7 +101,7 @@ class PagedKVCache:
             mask &= k > q - w
         causal = w is None and len(starts) == 1 and starts[0] == 0 and S == T
         mask = None if bool(mask.all()) else mask[:, None]
-        return _Step(write.reshape(-1), read.reshape(-1), S, mask, causal)
+        return _Step(write.reshape(-1), read, S, mask, causal)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float
@@ -125,10 +126,11 @@ class PagedKVCache:
 
     def _store(self, layer: int, step: _Step, k: torch.Tensor, v: torch.Tensor):
         """Write the step's k, v [b, T, Hkv, D]; return every row's readable K, V [b, Hkv, S, D]."""
-        K, V = self.k[layer], self.v[layer]
+        K, V = self.k[layer], self.v[layer]  # [Hkv, slots, D]
         b, _, H, D = k.shape
-        K.index_copy_(0, step.write, k.reshape(-1, H, D).to(K.dtype))
-        V.index_copy_(0, step.write, v.reshape(-1, H, D).to(V.dtype))
-        keys = K.index_select(0, step.read).view(b, step.S, H, D).transpose(1, 2)
-        values = V.index_select(0, step.read).view(b, step.S, H, D).transpose(1, 2)
-        return keys, values
+        K.index_copy_(1, step.write, k.reshape(-1, H, D).transpose(0, 1).to(K.dtype))
+        V.index_copy_(1, step.write, v.reshape(-1, H, D).transpose(0, 1).to(V.dtype))
+        if isinstance(step.read, slice):
+            return K[None, :, step.read], V[None, :, step.read]
+        keys, values = K.index_select(1, step.read), V.index_select(1, step.read)  # [Hkv, b * S, D]
+        return keys.view(H, b, step.S, D).transpose(0, 1), values.view(H, b, step.S, D).transpose(0, 1)
