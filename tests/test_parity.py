@@ -9,8 +9,9 @@ from checkpoints import FAMILIES, VOCAB, save_gemma4_multimodal
 from transformers import GenerationConfig
 
 from hearthlm import LLM, SamplingParams
-from hearthlm.engine.generator import Sequence, forward_tokens, generate
+from hearthlm.engine.engine import Engine
 from hearthlm.engine.kv_cache import ContiguousKVCache
+from hearthlm.engine.runner import forward_tokens
 
 FAMILY_NAMES = list(FAMILIES)
 WINDOW = 8  # every tiny config with sliding layers uses this window; prompts below are longer
@@ -138,9 +139,12 @@ def test_chunked_prefill_generates_the_same_tokens(name, chunk, loaded):
     prompt = _ids(4 * WINDOW + 3, seed=4)[0].tolist()
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     whole = llm.generate([prompt], params)[0].token_ids
-    seq = Sequence(prompt, params)
-    generate(llm.model, [seq], set(), len(prompt) + 12, prefill_chunk=chunk)
-    assert seq.output == whole
+    engine = Engine(llm, prefill_chunk=chunk)
+    engine.add_request("r", prompt, params)
+    got = []
+    while engine.has_unfinished():
+        got += [t for out in engine.step() for t in out.token_ids]
+    assert got == whole
 
 
 def test_generic_attention_path_matches_the_kernels(loaded, monkeypatch):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .engine.generator import Sequence, forward_tokens, generate
+from .engine.engine import Engine
+from .engine.errors import ContextLengthError
 from .engine.kv_cache import ContiguousKVCache
+from .engine.runner import forward_tokens
 from .engine.sampler import SamplingParams
 from .kernels import cpu
 from .quant.quantize import parse_quant
@@ -25,10 +28,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-class ContextLengthError(ValueError):
-    """A prompt longer than the model's context."""
 
 
 @dataclass
@@ -85,6 +84,8 @@ class LLM:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
+        self._engine: Engine | None = None
+        self._calls = itertools.count()
         if self.device.type == "cpu":
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
             cpu.quant_available()
@@ -152,20 +153,49 @@ class LLM:
         params: SamplingParams | None = None,
         on_token=None,
     ) -> list[Completion]:
-        """Generate a completion per prompt (text or token ids). `on_token(index, token_id)` is called
-        as each token is produced, for streaming."""
+        """Generate a completion per prompt (text or token ids), all of them batched on the engine.
+        `on_token(index, token_id)` is called as each token is produced, for streaming."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        seqs = [Sequence(self._encode(p), params) for p in prompts]
-        if not seqs:
+        ids = [self._encode(p) for p in prompts]
+        if not ids:
             return []
-        longest = max(len(s.prompt) for s in seqs)
-        max_len = min(longest + params.max_tokens, self.config.max_position)
-        eos = self.stop_token_ids  # the generator honours params.ignore_eos
-        stopped = self._stop_check(params) if params.stop else None
-        generate(self.model, seqs, eos, max_len, on_token=on_token, is_stopped=stopped)
-        return [self._completion(s) for s in seqs]
+        engine = self.engine()
+        tag = f"generate-{next(self._calls)}"
+        index = {f"{tag}-{i}": i for i in range(len(ids))}
+        tokens: list[list[int]] = [[] for _ in ids]
+        texts: list[list[str]] = [[] for _ in ids]
+        reasons: list[str | None] = [None] * len(ids)
+        try:
+            for rid, i in index.items():
+                engine.add_request(rid, ids[i], params)
+            while any(r is None for r in reasons):
+                for out in engine.step():
+                    i = index.get(out.request_id)
+                    if i is None:
+                        continue
+                    tokens[i] += out.token_ids
+                    texts[i].append(out.text)
+                    if on_token:
+                        for t in out.token_ids:
+                            on_token(i, t)
+                    if out.finished:
+                        reasons[i] = out.finish_reason
+        finally:  # an exception (Ctrl-C in `hearth run`) must not leave requests holding the cache
+            for rid, i in index.items():
+                if reasons[i] is None:
+                    engine.abort(rid)
+        return [
+            Completion("".join(texts[i]), tokens[i], reasons[i], Usage(len(ids[i]), len(tokens[i])))
+            for i in range(len(ids))
+        ]
+
+    def engine(self) -> Engine:
+        """The engine generate() and chat() run on (created on first use, with default sizes)."""
+        if self._engine is None:
+            self._engine = Engine(self)
+        return self._engine
 
     def chat(
         self,
@@ -181,15 +211,3 @@ class LLM:
         tok = self._need_tokenizer("chat messages")
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
         return self.generate([tok.encode_chat(text)], params, on_token=on_token)[0]
-
-    def _stop_check(self, params: SamplingParams):
-        if self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer.json in the model folder")
-        return lambda s: any(x in self.tokenizer.decode(s.output) for x in params.stop)
-
-    def _completion(self, s: Sequence) -> Completion:
-        text = self.tokenizer.decode(s.output) if self.tokenizer is not None else ""
-        for x in s.params.stop:
-            if x in text:
-                text = text[: text.index(x)]
-        return Completion(text, s.output, s.finish_reason or "length", Usage(len(s.prompt), len(s.output)))

@@ -183,6 +183,10 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="a system message (through the model's chat template)")
+    _model_options(p)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--quant", default=None, help=QUANT_HELP)
 
@@ -245,6 +249,16 @@ def _rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from . import server
+
+    key = args.api_key or os.environ.get("HEARTH_API_KEY") or None
+    server.serve(args.model, args.host, args.port, key, args.dtype, args.quant, args.max_batch, args.kv_blocks)
+    return 0
+
+
 def _fit(args: argparse.Namespace) -> int:
     from . import fit
 
@@ -293,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", nargs="?", help=model_help)
     _generation_options(chat)
     chat.set_defaults(func=_chat)
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI and Ollama HTTP APIs")
+    serve.add_argument("model", nargs="?", help=model_help)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=11434, help="default 11434, Ollama's, so Ollama clients need no setting"
+    )
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $HEARTH_API_KEY)")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    serve.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: the engine's choice)")
+    _model_options(serve)
+    serve.set_defaults(func=_serve)
     pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (text model files only)")
     pull.add_argument("id", help="a Hugging Face repo id, e.g. google/gemma-4-E2B-it")
     pull.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")

@@ -76,7 +76,7 @@ RUNTIME_RSS = 220 * 10**6  # `import torch, hearthlm`
 # What loading adds besides the weights: the CPU kernels, the tokenizer, first-forward libraries.
 LOAD_OVERHEAD = 32 * 10**6
 CUDA_CONTEXT = 500 * 10**6  # VRAM taken by the CUDA context and cuBLAS workspaces (typical; not measured here)
-PREFILL_CHUNK = 512  # engine/generator.py prefills in chunks of this many tokens
+PREFILL_CHUNK = 512  # the engine prefills in chunks of this many tokens (Engine.prefill_chunk)
 
 
 # -- parameters ---------------------------------------------------------------------------------------

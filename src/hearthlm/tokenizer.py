@@ -135,6 +135,14 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._templates)
 
+    def chat_template(self, with_tools: bool = False) -> str | None:
+        """The text of the template apply_chat_template uses (None when there is none), e.g. to learn the
+        model's reply format (hearthlm.chat_formats.detect)."""
+        try:
+            return self._templates[self._template_name(with_tools)][0]
+        except ChatTemplateError:
+            return None
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],

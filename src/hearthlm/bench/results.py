@@ -126,8 +126,8 @@ def compare(reference, candidate, token_ids: list[int], step: int | None = None)
 def _logits(llm, token_ids: list[int], step: int | None):
     import torch
 
-    from ..engine.generator import forward_tokens
     from ..engine.kv_cache import ContiguousKVCache
+    from ..engine.runner import forward_tokens
 
     if step is None:
         return llm.logits(token_ids).float()

@@ -75,9 +75,11 @@ class _Group:
 SMALL_T = 32  # up to this many queries per row, attend with plain matmuls
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: _Group, scale: float) -> torch.Tensor:
-    """q [b, Hq, T, D], k/v [b, Hkv, S, D] -> [b, Hq, T, D]"""
-    mask, causal = group.mask, group.causal
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float
+) -> torch.Tensor:
+    """q [b, Hq, T, D], k/v [b, Hkv, S, D], mask [b, 1, T', S] (T' >= T: the queries are the last T) or None,
+    causal: the mask is the plain causal one over S == T' -> [b, Hq, T, D]"""
     if mask is not None and q.shape[2] < mask.shape[2]:  # queries for the last positions only
         mask = mask[:, :, -q.shape[2] :]
         causal = False
@@ -141,9 +143,9 @@ class ContiguousKVCache:
         if q.device.type == "cpu":
             # Attend in fp32: PyTorch's CPU attention is several times slower in fp16/bf16 than in fp32
             # without AVX-512 (measured: 0.9 ms vs 0.12 ms at 512 keys). The cache keeps the model dtype.
-            out = _sdpa(q.float(), keys.float(), values.float(), group, scale).to(q.dtype)
+            out = sdpa(q.float(), keys.float(), values.float(), group.mask, group.causal, scale).to(q.dtype)
         else:
-            out = _sdpa(q, keys, values, group, scale)
+            out = sdpa(q, keys, values, group.mask, group.causal, scale)
         return out.transpose(1, 2)
 
     def _store(self, layer: int, group: _Group, k: torch.Tensor, v: torch.Tensor):

@@ -1,4 +1,5 @@
-"""Sampling parameters and the per-row sampler (greedy, temperature, top-k, top-p, min-p, seeds)."""
+"""Sampling parameters and the per-row sampler: penalties, greedy, temperature, top-k, top-p, min-p, seeds,
+log-probabilities."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # the most alternatives `logprobs` may ask for (OpenAI's limit)
+
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; `seed` makes sampling reproducible."""
+    """How to pick tokens. temperature 0 is greedy; `seed` makes sampling reproducible.
+
+    repetition_penalty (Hugging Face semantics): the logit of every token seen in the prompt or the output is
+    divided by it when positive, multiplied by it when negative. presence_penalty / frequency_penalty (OpenAI
+    semantics): subtracted from the logit of every generated token, once / once per occurrence.
+    logprobs: None = off; 0 = the chosen token's log-probability; N = also the N most likely tokens.
+    stop_token_ids: extra ids that end a completion (the token itself is not part of the output)."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -19,20 +28,43 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
             (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 = off)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2] (0 = off)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2] (0 = off)"),
+            (
+                self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                f"logprobs must be None (off) or an integer in [0, {MAX_LOGPROBS}]",
+            ),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids must be a list of token ids (integers >= 0)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"SamplingParams: {message}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def generator(self) -> torch.Generator | None:
         if self.temperature == 0:
@@ -43,6 +75,30 @@ class SamplingParams:
         else:
             g.seed()
         return g
+
+
+@dataclass
+class TokenLogprob:
+    """One position's log-probabilities (only when params.logprobs is not None)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the params.logprobs most likely (token_id, logprob), best first
+
+
+def penalize(logits: torch.Tensor, p: SamplingParams, seen: list[int], generated: list[int]) -> torch.Tensor:
+    """logits [V] float32 -> logits after the repetition penalty over `seen` (prompt + output) and the
+    presence / frequency penalties over `generated`."""
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0 and seen:
+        ids = torch.tensor(seen, device=logits.device).unique()
+        score = logits[ids]
+        logits[ids] = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and generated:
+        counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -62,12 +118,22 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
+def pick(logits: torch.Tensor, p: SamplingParams, g: torch.Generator | None) -> int:
+    """One token from logits [V] float32 (already penalized)."""
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(filter_logits(logits, p).cpu(), 1, generator=g))
+
+
+def logprob_of(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The log-softmax of logits [V] (the raw model logits after penalties, before temperature and the
+    top-k / top-p / min-p filters) at `token`, and the `top` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logp[token]), pairs)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] float32 -> one token id per row."""
-    out = []
-    for row, p, g in zip(logits, params, generators):
-        if p.temperature == 0:
-            out.append(int(torch.argmax(row)))
-        else:
-            out.append(int(torch.multinomial(filter_logits(row, p).cpu(), 1, generator=g)))
-    return out
+    """logits [B, V] float32 -> one token id per row (no penalties)."""
+    return [pick(row, p, g) for row, p, g in zip(logits, params, generators)]

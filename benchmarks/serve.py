@@ -1,0 +1,200 @@
+"""Serving throughput and latency of `hearth serve` under 1, 4 and 16 concurrent streaming clients.
+
+    python benchmarks/serve.py [--model MODEL] [--levels 1,4,16] [--requests 4] [--max-tokens 64]
+                               [--prompt-words 24] [--port PORT] [--json]
+
+Starts `hearth serve MODEL` (the demo model by default) as a subprocess on a free loopback port, so that the
+clients in this process do not share its interpreter lock, then runs each level: C clients each send
+--requests streamed /v1/completions requests back to back (greedy, ignore_eos, seeded prompts of
+--prompt-words words, logprobs=0 so each event says how many tokens it carries). Figures per level:
+
+- output tok/s: all tokens generated at that level / the level's wall time;
+- time to first token p50 / p99: request sent -> first token event;
+- inter-token latency p50 / p99: the gap between token events divided by the tokens the later one carries;
+- and the 16-vs-1 throughput ratio (target >= 4x).
+
+The machine's other load is not controlled: run it on a quiet machine and read figures from one run side by
+side. A JSON record (machine, command, figures) goes to benchmarks/results/serve-HOST-DATE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORDS = "and the lord said unto moses for it came to pass python module function class return value in of".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, port: int, console: Console) -> subprocess.Popen:
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "hearthlm.cli", "serve", *([model] if model else []), "--port", str(port)]
+    proc = subprocess.Popen(cmd + ["--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    with console.status(f"starting {' '.join(cmd[2:])}"):
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.25)
+    proc.kill()
+    raise SystemExit("the server did not start within 10 minutes")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True, "logprobs": 0,
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    first, last, tokens, gaps = None, None, 0, []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            n = sum(len((c.get("logprobs") or {}).get("tokens", [])) for c in event["choices"])
+            if not n:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                gaps += [(now - last) / n] * n
+            last, tokens = now, tokens + n
+    return {"ttft": first - t0, "gaps": gaps, "tokens": tokens}
+
+
+async def run_level(url: str, model: str, clients: int, per_client: int, args, rng: random.Random, advance) -> dict:
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(args.prompt_words)) for _ in range(clients * per_client)]
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker(k: int) -> list[dict]:
+            out = []
+            for j in range(per_client):
+                out.append(await one_request(client, model, prompts[k * per_client + j], args.max_tokens))
+                advance()
+            return out
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(k) for k in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
+    return {
+        "clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "itl_p50_ms": percentile(gaps, 50) * 1e3, "itl_p99_ms": percentile(gaps, 99) * 1e3,
+    }  # fmt: skip
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="what `hearth serve` takes (default: the demo model)")
+    p.add_argument("--levels", default="1,4,16", help="concurrent clients per level (default 1,4,16)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--prompt-words", type=int, default=24, help="words per prompt (default 24)")
+    p.add_argument("--port", type=int, default=None, help="default: a free one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    console = Console(stderr=True)
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = datetime.now()
+    proc = start_server(args.model, port, console)
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        asyncio.run(run_level(url, model, 1, 1, args, random.Random(-1), lambda: None))  # warm-up
+        rng, rows = random.Random(args.seed), []
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("requests", total=sum(levels) * args.requests)
+            for c in levels:
+                progress.update(task, description=f"{c} client{'s' * (c > 1)}")
+                rows.append(
+                    asyncio.run(run_level(url, model, c, args.requests, args, rng, lambda: progress.advance(task)))
+                )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    by = {r["clients"]: r for r in rows}
+    ratio = by[max(levels)]["tok_s"] / by[min(levels)]["tok_s"] if len(by) > 1 else None
+    record = {
+        "command": shlex.join([sys.executable, *sys.argv]), "started": started.isoformat(timespec="seconds"),
+        "machine": machine(), "model": model, "max_tokens": args.max_tokens, "levels": rows,
+        f"ratio_{max(levels)}_vs_{min(levels)}": ratio,
+    }  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"serve-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return
+    table = Table(title=f"hearth serve {model}: {args.max_tokens} tokens per request, streamed")
+    for col in ("clients", "requests", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["clients"]), str(r["requests"]), f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}",
+            f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
+        )  # fmt: skip
+    Console().print(table)
+    if ratio is not None:
+        Console().print(f"throughput {max(levels)} vs {min(levels)} clients: {ratio:.2f}x (target >= 4x); wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Splits a streamed reply into answer text, reasoning and tool calls, holding back partial markers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .calls import CallSyntaxError, ToolCall
+
+if TYPE_CHECKING:
+    from . import ChatFormat
+
+
+@dataclass
+class Delta:
+    """What one piece of reply text adds: answer text, reasoning text, complete tool calls."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+    def add(self, other: Delta) -> None:
+        self.content += other.content
+        self.reasoning += other.reasoning
+        self.tool_calls += other.tool_calls
+
+
+def held_back(text: str, markers: list[str]) -> int:
+    """Length of the longest end of `text` that starts one of `markers`: held back, as the marker may follow."""
+    best = 0
+    for m in markers:
+        for n in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:n]):
+                best = n
+                break
+    return best
+
+
+class ReplyParser:
+    """Feed text pieces with `feed()`, then `finish()`; each returns the Delta they complete.
+
+    States: "content" (answer text), "reasoning" (inside the thinking block), "call" (inside a tool-call
+    marker pair), "json" (a Llama 3 reply that is a bare JSON call: held to the end). A call whose body does
+    not parse is returned as answer text, markers included, so nothing the model wrote is lost."""
+
+    def __init__(self, fmt: ChatFormat, tools: bool = False, in_reasoning: bool = False):
+        self.fmt = fmt
+        self.tools = tools and fmt.parse_calls is not None
+        self.state = "reasoning" if in_reasoning else "content"
+        self.buf = ""
+        self._lstrip = in_reasoning  # strip whitespace at the start of the next block
+        self._started = False  # any answer text out yet (a bare JSON call must open the reply)
+
+    def feed(self, text: str) -> Delta:
+        self.buf += text
+        out = Delta()
+        while self._step(out, final=False):
+            pass
+        return out
+
+    def finish(self) -> Delta:
+        out = Delta()
+        while self._step(out, final=True):
+            pass
+        return out
+
+    # -- states ----------------------------------------------------------------------------------
+    def _step(self, out: Delta, final: bool) -> bool:
+        return getattr(self, "_" + self.state)(out, final)
+
+    def _openers(self) -> list[str]:
+        found = [self.fmt.think[0]] if self.fmt.think else []
+        return found + ([self.fmt.call[0]] if self.tools and self.fmt.call else [])
+
+    def _content(self, out: Delta, final: bool) -> bool:
+        if self.tools and self.fmt.bare_json and not self._started:
+            head = self.buf.lstrip()
+            if head.startswith(("{", "[", "<|python_tag|>")):
+                self.state = "json"
+                return True
+            if "<|python_tag|>".startswith(head) and not final:  # nothing yet, or maybe the tag
+                return False
+        openers = self._openers()
+        hits = [(i, m) for m in openers if (i := self.buf.find(m)) >= 0]
+        if hits:
+            i, marker = min(hits)
+            self._emit_content(out, self.buf[:i])
+            self.buf = self.buf[i + len(marker) :]
+            self.state = "reasoning" if self.fmt.think and marker == self.fmt.think[0] else "call"
+            self._lstrip = True
+            return True
+        keep = 0 if final else held_back(self.buf, openers)
+        self._emit_content(out, self.buf[: len(self.buf) - keep])
+        self.buf = self.buf[len(self.buf) - keep :]
+        return False
+
+    def _emit_content(self, out: Delta, text: str) -> None:
+        if self._lstrip:
+            text = text.lstrip()
+            self._lstrip = not text
+        if text:
+            self._started = True
+            out.content += text
+
+    def _reasoning(self, out: Delta, final: bool) -> bool:
+        end = self.fmt.think[1]
+        i = self.buf.find(end)
+        if i >= 0:
+            self._emit_reasoning(out, self.buf[:i].rstrip())
+            self.buf = self.buf[i + len(end) :]
+            self.state, self._lstrip = "content", True
+            return True
+        if final:
+            self._emit_reasoning(out, self.buf.rstrip())
+            self.buf = ""
+            return False
+        # Hold back a partial end marker and trailing whitespace (dropped if the block ends there).
+        n = len(self.buf) - held_back(self.buf, [end])
+        n = len(self.buf[:n].rstrip())
+        self._emit_reasoning(out, self.buf[:n])
+        self.buf = self.buf[n:]
+        return False
+
+    def _emit_reasoning(self, out: Delta, text: str) -> None:
+        if self._lstrip:
+            text = text.lstrip()
+            self._lstrip = not text
+        out.reasoning += text
+
+    def _call(self, out: Delta, final: bool) -> bool:
+        start, end = self.fmt.call
+        i = self.buf.find(end) if end else -1
+        if i < 0 and not final:
+            return False
+        body = self.buf[:i] if i >= 0 else self.buf
+        self.buf = self.buf[i + len(end) :] if i >= 0 else ""
+        self._take_calls(out, body, start + body + (end if i >= 0 else ""))
+        self.state, self._lstrip = "content", True
+        return True
+
+    def _json(self, out: Delta, final: bool) -> bool:
+        if not final:
+            return False
+        body, self.buf = self.buf, ""
+        self._take_calls(out, body, body)
+        self.state = "content"
+        return False
+
+    def _take_calls(self, out: Delta, body: str, raw: str) -> None:
+        try:
+            calls = self.fmt.parse_calls(body)
+        except CallSyntaxError:
+            self._lstrip = False
+            self._emit_content(out, raw)
+            return
+        for c in calls:
+            c.id = self.fmt.new_call_id() if self.fmt.new_call_id else c.id
+        out.tool_calls += calls
+
+
+def parse_reply(fmt: ChatFormat, text: str, tools: bool = False, in_reasoning: bool = False) -> Delta:
+    """A whole reply at once."""
+    p = ReplyParser(fmt, tools, in_reasoning)
+    out = p.feed(text)
+    out.add(p.finish())
+    return out

@@ -1,0 +1,275 @@
+"""The serving engine: requests in, a step at a time (schedule -> run -> sample -> emit), outputs out.
+
+Used synchronously (`add_request`, then `step()` until `has_unfinished()` is False) by LLM.generate, and
+from a background thread by AsyncEngine for the server. `add_request` and `abort` may be called from
+other threads than the one calling `step`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .block_manager import BlockManager
+from .detokenize import TextStream
+from .errors import ContextLengthError
+from .paged_cache import PagedKVCache
+from .runner import run_paged
+from .sampler import SamplingParams, TokenLogprob, logprob_of, penalize, pick
+from .scheduler import Scheduler, Work
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..api import LLM
+
+__all__ = ["Engine", "EngineStats", "RequestOutput", "TokenLogprob"]
+
+# With kv_blocks=None the full-attention pool holds max_batch full contexts, but at most this many bytes
+# (and at least one full context). Memory is only touched when blocks are first used.
+DEFAULT_KV_BYTES = 2 * 2**30
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens this step (never the EOS / stop token itself)
+    text: str  # new text this step (held back while it may begin a stop string; never the stop string)
+    logprobs: list[TokenLogprob] | None  # one per token in token_ids when params.logprobs is not None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" when finished
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache (skipped prefill)
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    kv_blocks_total: int  # blocks in all pools (one pool per attention window)
+    kv_blocks_used: int  # blocks referenced by requests; blocks kept only by the prefix cache count as free
+    block_size: int
+    prefix_hit_tokens: int
+    prompt_tokens: int
+    generated_tokens: int
+    preemptions: int
+
+
+class Engine:
+    """Continuous batching over a paged KV cache with prefix caching, for one loaded LLM."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        *,
+        max_batch: int = 16,
+        block_size: int = 16,
+        kv_blocks: int | None = None,
+        prefill_chunk: int = 512,
+    ):
+        for name, value in [("max_batch", max_batch), ("block_size", block_size), ("prefill_chunk", prefill_chunk)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
+        if kv_blocks is not None and (not isinstance(kv_blocks, int) or kv_blocks < 1):
+            raise ValueError(f"Engine: kv_blocks must be None (automatic) or an integer >= 1, got {kv_blocks!r}")
+        self.llm = llm
+        self.config = llm.config
+        self.block_size, self.prefill_chunk = block_size, prefill_chunk
+        self.context = self.config.max_position
+        sizes = self._pool_sizes(max_batch, kv_blocks)
+        self.cache = PagedKVCache(self.config.layers, sizes, block_size, llm.dtype, llm.device)
+        self.blocks = BlockManager(sizes, block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch, prefill_chunk)
+        self._lock = threading.RLock()  # held by step() and abort()
+        self._inbox_lock = threading.Lock()
+        self._inbox: list[Sequence] = []
+        self._requests: dict[str, Sequence] = {}  # unfinished, by id
+        self._outbox: list[RequestOutput] = []  # abort outputs, returned by the next step()
+        self._prompt_tokens = self._generated_tokens = 0
+
+    def _pool_sizes(self, max_batch: int, kv_blocks: int | None) -> dict[int | None, int]:
+        bs, layers = self.block_size, self.config.layers
+        per_context = math.ceil(self.context / bs)
+        sizes: dict[int | None, int] = {}
+        for w in PagedKVCache.pool_windows(layers):
+            if w is None:
+                token_bytes = sum(
+                    2 * s.num_kv_heads * s.head_dim * self.llm.dtype.itemsize
+                    for s in layers
+                    if s.kv_source is None and s.sliding_window is None
+                )
+                cap = max(per_context, DEFAULT_KV_BYTES // (token_bytes * bs))
+                sizes[w] = kv_blocks or min(max_batch * per_context, cap)
+            else:
+                # A decoding row reads one window; one prefill chunk at a time reads a window more. Twice that
+                # leaves room for the prefix cache to keep recent windows.
+                need = max_batch * (math.ceil(w / bs) + 1) + math.ceil((w + self.prefill_chunk) / bs) + 1
+                sizes[w] = min(kv_blocks or 2 * need, 2 * need, per_context * max_batch)
+        return sizes
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Queue a request; invalid input raises ValueError (ContextLengthError for a too-long prompt) now."""
+        prompt = self._validate(request_id, prompt, params)
+        tok = self.llm.tokenizer
+        max_len = min(self.context, len(prompt) + params.max_tokens)
+        if None in self.blocks.pools:
+            max_len = min(max_len, self.blocks.pools[None].num_blocks * self.block_size)
+        seq = Sequence(request_id, prompt, params, TextStream(tok, params.stop), params.generator(), max_len)
+        with self._inbox_lock:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+            self._requests[request_id] = seq
+            self._inbox.append(seq)
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> list[int]:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token")
+        vocab = self.config.vocab_size
+        prompt = list(prompt)
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab}): pass ids from this model")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if len(prompt) + 1 > self.context:
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens leaves no room to generate in the model's context of "
+                f"{self.context} tokens: shorten it to at most {self.context - 1} tokens"
+            )
+        if params.stop and self.llm.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer.json in the model folder; use stop_token_ids instead")
+        for w, pool in self.blocks.pools.items():
+            need = math.ceil((len(prompt) + 1) / self.block_size)
+            if w is not None:
+                need = min(need, math.ceil((w + self.prefill_chunk) / self.block_size) + 1)
+            if need > pool.num_blocks:
+                raise ValueError(
+                    f"prompt of {len(prompt)} tokens needs {need} KV blocks of {self.block_size} tokens but the "
+                    f"cache has {pool.num_blocks}: create the Engine with a larger kv_blocks or shorten the prompt"
+                )
+        return prompt
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; the next step() returns its final output (reason "abort").
+        Unknown or finished ids are ignored."""
+        with self._lock:
+            with self._inbox_lock:
+                seq = self._requests.pop(request_id, None)
+                if seq is None:
+                    return
+                if seq in self._inbox:
+                    self._inbox.remove(seq)
+            self.scheduler.finish(seq)
+            seq.finish_reason = "abort"
+            self._outbox.append(self._output(seq, [], "", [] if seq.params.logprobs is not None else None))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._outbox)
+
+    def stats(self) -> EngineStats:
+        total, used = self.blocks.stats()
+        s = self.scheduler
+        return EngineStats(
+            waiting=len(s.waiting) + len(self._inbox),
+            running=len(s.running),
+            kv_blocks_total=total,
+            kv_blocks_used=used,
+            block_size=self.block_size,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+            prompt_tokens=self._prompt_tokens,
+            generated_tokens=self._generated_tokens,
+            preemptions=s.preemptions,
+        )
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration: admit, compute one chunk or token per scheduled request, sample, emit."""
+        with self._lock:
+            self._take_inbox()
+            outputs, self._outbox = self._outbox, []
+            work = self.scheduler.schedule()
+            for w, pool in self.blocks.pools.items():
+                self.cache.zero(w, pool.take_fresh())
+            for seq, logits in self._run(work):
+                outputs.append(self._advance(seq, logits))
+            self.scheduler.after_step(work)
+            return outputs
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        for seq in inbox:
+            self._prompt_tokens += len(seq.prompt)
+            self.scheduler.add(seq)
+
+    def _run(self, work: list[Work]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Forward every scheduled chunk; (sequence, logits [V]) for those whose next token is due."""
+        model, due = self.llm.model, []
+        decode = [w.seq for w in work if w.n == 1]
+        if decode:
+            wants = [s.pending == 1 for s in decode]
+            logits = run_paged(model, self.cache, decode, 1, True)
+            for seq, want, row in zip(decode, wants, logits):
+                seq.num_computed += 1
+                if want:
+                    due.append((seq, row))
+        for w in work:
+            if w.n > 1:
+                want = w.n == w.seq.pending
+                logits = run_paged(model, self.cache, [w.seq], w.n, want)
+                w.seq.num_computed += w.n
+                if want:
+                    due.append((w.seq, logits[0]))
+        return due
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        p = seq.params
+        if p.penalized:
+            logits = penalize(logits, p, seq.tokens, seq.output)
+        token = pick(logits, p, seq.generator)
+        logprobs = [] if p.logprobs is not None else None
+        eos = () if p.ignore_eos else self.llm.stop_token_ids
+        if token in eos or token in p.stop_token_ids:
+            seq.finish_reason, new, text = "stop", [], seq.stream.finish()
+        else:
+            seq.output.append(token)
+            seq.tokens.append(token)
+            self._generated_tokens += 1
+            new, text = [token], seq.stream.push(token)
+            if logprobs is not None:
+                logprobs.append(logprob_of(logits, token, p.logprobs))
+            if not seq.stream.stopped and (len(seq.output) >= p.max_tokens or len(seq.tokens) >= seq.max_len):
+                text += seq.stream.finish()
+                seq.finish_reason = "length"
+            if seq.stream.stopped:
+                seq.finish_reason = "stop"
+        if seq.finish_reason is not None:
+            with self._inbox_lock:
+                self._requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+        return self._output(seq, new, text, logprobs)
+
+    def _output(self, seq: Sequence, new: list[int], text: str, logprobs: list[TokenLogprob] | None):
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=new,
+            text=text,
+            logprobs=logprobs,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.output),
+            cached_tokens=seq.cached_tokens,
+        )

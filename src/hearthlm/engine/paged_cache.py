@@ -1,0 +1,136 @@
+"""The paged KV cache: the K/V of every layer that stores its own, in fixed-size blocks that the block
+manager hands to sequences; a step reads each row's blocks through its block table.
+
+Storage per layer is [Hkv, blocks * block_size, D] (a "slot" per position; each head's slots in one run, as
+the decode kernel reads them). A forward first writes the
+step's K/V into their slots, then gathers each row's readable slots (its whole past for full attention,
+the last window for sliding layers) into a [b, Hkv, S, D] view and attends with a mask built from the
+absolute positions. KV-shared layers store nothing and attend with their source layer's gathered K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import LayerSpec
+from ..kernels import cpu
+from .kv_cache import sdpa
+
+
+@dataclass
+class _Step:
+    """One window group's slots and mask for the current forward."""
+
+    write: torch.Tensor  # [b * T] slots the step's K/V go to
+    read: torch.Tensor | slice  # [b * S] slots each row reads (padding repeats a valid slot, masked out),
+    # or a slice when a single row's blocks are consecutive: then the step reads a view, no copy
+    S: int
+    mask: torch.Tensor | None  # [b, 1, T, S] or None: attend everywhere
+    causal: bool  # the mask is exactly the causal one (S == T, one row from position 0)
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        layers: list[LayerSpec],
+        pool_sizes: dict[int | None, int],
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.block_size = block_size
+        self.window = [spec.sliding_window for spec in layers]
+        self.source = [spec.kv_source for spec in layers]
+        self.shared_sources = {s for s in self.source if s is not None}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for i, spec in enumerate(layers):
+            if spec.kv_source is None:
+                shape = (spec.num_kv_heads, pool_sizes[spec.sliding_window] * block_size, spec.head_dim)
+                # Untouched memory costs nothing until used; blocks are zeroed when first handed out.
+                self.k[i] = torch.empty(shape, dtype=dtype, device=device)
+                self.v[i] = torch.empty(shape, dtype=dtype, device=device)
+        self.steps: dict[int | None, _Step] = {}
+        self._step_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def pool_windows(layers: list[LayerSpec]) -> list[int | None]:
+        """The windows that need a block pool: those of layers storing their own K/V."""
+        return list(dict.fromkeys(s.sliding_window for s in layers if s.kv_source is None))
+
+    def zero(self, window: int | None, blocks: list[int]) -> None:
+        """Clear blocks handed out for the first time: never-written memory may hold NaNs, which a masked
+        attention would still multiply by zero."""
+        if not blocks:
+            return
+        idx = torch.tensor(blocks, device=next(iter(self.k.values())).device)
+        for i in self.k:
+            if self.window[i] == window:
+                for t in (self.k[i], self.v[i]):
+                    t.view(t.shape[0], -1, self.block_size, t.shape[2])[:, idx] = 0
+
+    def begin(self, positions: torch.Tensor, starts: list[int], tables: list[dict[int | None, list[int | None]]]):
+        """Prepare a forward over positions [b, T] (row r from starts[r]) with each row's block tables."""
+        self._step_kv.clear()
+        for w in dict.fromkeys(self.window[i] for i in self.k):
+            self.steps[w] = self._plan(w, positions, starts, [t[w] for t in tables])
+
+    def _plan(self, w: int | None, positions: torch.Tensor, starts: list[int], tables: list[list[int | None]]) -> _Step:
+        bs, T, dev = self.block_size, positions.shape[1], positions.device
+        his = [s + T - 1 for s in starts]
+        los = [max(0, s - w + 1) if w else 0 for s in starts]
+        rows = [table[lo // bs : hi // bs + 1] for table, lo, hi in zip(tables, los, his)]
+        width = max(len(r) for r in rows)
+        tab = torch.tensor([r + r[-1:] * (width - len(r)) for r in rows], dtype=torch.long, device=dev)  # [b, nb]
+        lo, hi = torch.tensor(los, device=dev)[:, None], torch.tensor(his, device=dev)[:, None]
+        S = max(h - l + 1 for l, h in zip(los, his))
+        kpos = lo + torch.arange(S, device=dev)[None, :]  # [b, S]
+        clamped = torch.minimum(kpos, hi)
+        base = lo // bs
+        if len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0]))):
+            first = rows[0][0] * bs + los[0] % bs  # the common single-request case: slots in one run
+            read = slice(first, first + S)
+        else:
+            read = (tab.gather(1, clamped // bs - base) * bs + clamped % bs).reshape(-1)
+        write = tab.gather(1, positions // bs - base) * bs + positions % bs
+        q, k = positions[:, :, None], kpos[:, None, :]
+        mask = k <= q
+        if w:
+            mask &= k > q - w
+        causal = w is None and len(starts) == 1 and starts[0] == 0 and S == T
+        mask = None if bool(mask.all()) else mask[:, None]
+        return _Step(write.reshape(-1), read, S, mask, causal)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        step = self.steps[self.window[layer]]
+        src = self.source[layer]
+        if src is not None:
+            keys, values = self._step_kv[src]
+        else:
+            keys, values = self._store(layer, step, k, v)
+            if layer in self.shared_sources:
+                self._step_kv[layer] = (keys, values)
+        if q.shape[1] == 1 and q.device.type == "cpu" and cpu.available():
+            mask = step.mask[:, 0, -1] if step.mask is not None else None
+            return cpu.decode_attention(q[:, 0].float(), keys, values, mask, scale).to(q.dtype)[:, None]
+        q = q.transpose(1, 2)
+        if q.device.type == "cpu":  # fp32 attention on CPU: see ContiguousKVCache.attend
+            out = sdpa(q.float(), keys.float(), values.float(), step.mask, step.causal, scale).to(q.dtype)
+        else:
+            out = sdpa(q, keys, values, step.mask, step.causal, scale)
+        return out.transpose(1, 2)
+
+    def _store(self, layer: int, step: _Step, k: torch.Tensor, v: torch.Tensor):
+        """Write the step's k, v [b, T, Hkv, D]; return every row's readable K, V [b, Hkv, S, D]."""
+        K, V = self.k[layer], self.v[layer]  # [Hkv, slots, D]
+        b, _, H, D = k.shape
+        K.index_copy_(1, step.write, k.reshape(-1, H, D).transpose(0, 1).to(K.dtype))
+        V.index_copy_(1, step.write, v.reshape(-1, H, D).transpose(0, 1).to(V.dtype))
+        if isinstance(step.read, slice):
+            return K[None, :, step.read], V[None, :, step.read]
+        keys, values = K.index_select(1, step.read), V.index_select(1, step.read)  # [Hkv, b * S, D]
+        return keys.view(H, b, step.S, D).transpose(0, 1), values.view(H, b, step.S, D).transpose(0, 1)

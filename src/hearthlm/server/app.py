@@ -1,0 +1,128 @@
+"""The FastAPI app: both APIs' routers over one ServedModel, the API key, error shapes and metrics."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
+
+from ..api import ContextLengthError
+from . import ollama, openai
+from .errors import APIError, ollama_body, openai_body, validation_error
+from .generation import ServedModel
+
+log = logging.getLogger("hearthlm.server")
+
+OPEN_PATHS = {"/", "/health"}  # answered without the API key: liveness probes
+
+
+def _is_ollama(path: str) -> bool:
+    return path == "/" or path.startswith("/api/")
+
+
+def error_json(path: str, e: APIError) -> JSONResponse:
+    body = ollama_body(e) if _is_ollama(path) else openai_body(e)
+    return JSONResponse(body, status_code=e.status)
+
+
+def _as_json(scope):
+    """Bodies are JSON whatever the content-type says: Ollama's documented curl examples send none (curl -d
+    makes it form-encoded)."""
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+
+class Gate:
+    """Pure ASGI middleware (it leaves streaming and disconnects alone): the API key, then counts each
+    request by route and status."""
+
+    def __init__(self, app, api_key: str | None, metrics, routes: set[str]):
+        self.app, self.api_key, self.metrics, self.routes = app, api_key, metrics, routes
+
+    def _route(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = given.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], [500]
+        if scope["method"] == "POST":
+            scope = _as_json(scope)
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
+                e = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+                return await error_json(path, e)(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request(self._route(path), status[0])
+
+
+def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
+    """The server's app for `model`; `api_key`: required on every route but / and /health."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        model.engine.shutdown()
+
+    app = FastAPI(title="hearthlm", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.model = model
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model.name}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        text = model.metrics.render(model.engine.stats())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_json(request.url.path, e)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError):
+        return error_json(request.url.path, validation_error(list(e.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = {404: f"no route {request.method} {request.url.path}", 405: "method not allowed"}.get(e.status_code)
+        return error_json(request.url.path, APIError(e.status_code, message or str(e.detail)))
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, e: ValueError):  # template refusals, engine checks
+        code = "context_length_exceeded" if isinstance(e, ContextLengthError) else "invalid_value"
+        return error_json(request.url.path, APIError(400, str(e), None, code))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):
+        log.exception("request %s failed", request.url.path)
+        return error_json(request.url.path, APIError(500, f"internal error ({type(e).__name__}); see the server log"))
+
+    routes = {
+        r.path for router in (app.router, openai.router, ollama.router) for r in router.routes if hasattr(r, "path")
+    }
+    app.add_middleware(Gate, api_key=api_key, metrics=model.metrics, routes=routes)
+    return app

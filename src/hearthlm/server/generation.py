@@ -1,0 +1,307 @@
+"""What both APIs share: the served model, prompts, and one engine request turned into parsed pieces of text.
+
+Routes build a Prompt and SamplingParams, `start()` one Stream per choice (errors raise here, before any byte
+is sent), then iterate Stream.pieces(); closing a Stream early aborts its engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..api import ContextLengthError
+from ..chat_formats import Delta, ReplyParser, detect
+from ..chat_formats.parser import held_back
+from .errors import APIError
+
+
+@dataclass
+class Prompt:
+    """Token ids for the engine; `chat`: the reply is parsed for reasoning (and tool calls when `tools`)."""
+
+    ids: list[int]
+    chat: bool = False
+    tools: bool = False
+    in_reasoning: bool = False
+
+
+@dataclass
+class Piece:
+    """What one engine step adds to choice `index`."""
+
+    index: int
+    delta: Delta
+    token_ids: list[int]
+    logprobs: list | None = None
+    finish_reason: str | None = None  # set on the last piece
+
+
+@dataclass
+class Result:
+    """A whole choice, for non-streamed replies."""
+
+    index: int
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+class _StopCut:
+    """Cuts text at the first stop string, holding back an end that may start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.buf, self.hit = [s for s in stops if s], "", False
+
+    def feed(self, text: str) -> str:
+        if self.hit or not self.stops:
+            return "" if self.hit else text
+        self.buf += text
+        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
+        if hits:
+            out, self.buf, self.hit = self.buf[: min(hits)], "", True
+            return out
+        n = len(self.buf) - held_back(self.buf, self.stops)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def finish(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class Stream:
+    """One engine request: decodes its tokens (keeping the reply format's marker tokens), cuts stop strings,
+    parses reasoning and tool calls, and records the timings and counts of the request."""
+
+    def __init__(self, model: ServedModel, gen, first, prompt: Prompt, stops: list[str], index: int, t0: float):
+        self.model, self._gen, self._first, self.index = model, gen, first, index
+        tok = model.tokenizer
+        self._detok = tok.detokenizer(skip_special_tokens=False)
+        self._keep = model.marker_ids if prompt.chat else frozenset()
+        self._skip = model.stop_ids
+        self._stop = _StopCut(stops)
+        self._parser = ReplyParser(model.format if prompt.chat else detect(None), prompt.tools, prompt.in_reasoning)
+        self.t_start, self.t_first, self.t_last, self.t_end = t0, None, None, None
+        self.prompt_tokens = len(prompt.ids)
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self._closed = False
+
+    def _text(self, ids: list[int]) -> str:
+        tok, out = self.model.tokenizer, []
+        for t in ids:
+            if t in self._skip or (t in tok.special_ids and t not in self._keep):
+                continue
+            out.append(self._detok.push(t))
+        return "".join(out)
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        out = self._first
+        try:
+            while out is not None:
+                piece = self._piece(out)
+                yield piece
+                if piece.finish_reason:
+                    break
+                out = await anext(self._gen, None)
+        finally:
+            await self.aclose()
+
+    def _piece(self, out) -> Piece:
+        now = time.perf_counter()
+        ids = list(out.token_ids)
+        if ids:
+            self.model.metrics.observe_tokens(self, now, len(ids))
+        self.completion_tokens = out.completion_tokens or self.completion_tokens + len(ids)
+        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = out.cached_tokens or 0
+        delta = self._parser.feed(self._stop.feed(self._text(ids)))
+        reason = None
+        if out.finished or self._stop.hit:
+            self.t_end = now
+            delta.add(self._parser.feed(self._stop.feed(self._detok.flush()) + self._stop.finish()))
+            delta.add(self._parser.finish())
+            reason = "stop" if self._stop.hit else out.finish_reason or "stop"
+        return Piece(self.index, delta, ids, out.logprobs, reason)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.model.metrics.finished(self)
+            await self._gen.aclose()
+
+
+class ServedModel:
+    """The one model a server serves: its names, tokenizer, reply format and engine."""
+
+    def __init__(self, llm, engine, name: str, metrics):
+        self.llm, self.engine, self.name, self.metrics = llm, engine, name, metrics
+        self.tokenizer = llm.tokenizer
+        self.created = int(time.time())
+        self.template = self.tokenizer.chat_template() if self.tokenizer is not None else None
+        self.format = detect(self.tokenizer.chat_template(with_tools=True) if self.tokenizer else None)
+        tok = self.tokenizer
+        # Marker tokens stay in the decoded text for the parser, though special (e.g. <|channel>, <|"|>).
+        ids = {i for m in self.format.markers for i in tok.encode(m, add_special_tokens=False)} if tok else set()
+        self.marker_ids = frozenset(ids & tok.special_ids) if tok else frozenset()
+        self.stop_ids = frozenset(llm.stop_token_ids)
+        self.context = llm.config.max_position
+        self.aliases = {name.lower(), llm.path.name.lower(), llm.path.stem.lower()}
+        self.fingerprint = f"hearthlm-{__version__}"
+        self.digest = hashlib.sha256(f"{llm.path.resolve()}:{llm.path.stat().st_mtime_ns}".encode()).hexdigest()
+
+    def check_name(self, name: str | None) -> None:
+        """404 unless `name` names this model (an Ollama-style ':latest' tag is accepted)."""
+        key = (name or "").lower().removesuffix(":latest")
+        if key not in self.aliases:
+            raise APIError(
+                404, f"model '{name}' not found: this server serves '{self.name}'", "model", "model_not_found"
+            )
+
+    # -- prompts -------------------------------------------------------------------------------
+    def _tok(self):
+        if self.tokenizer is None:
+            raise APIError(400, f"the model {self.name} has no tokenizer: text requests are not possible")
+        return self.tokenizer
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None, **template_kwargs: Any) -> Prompt:
+        tok = self._tok()
+        if not tok.has_chat_template:
+            raise APIError(400, f"the model {self.name} has no chat template: use the completions route", "messages")
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None, **template_kwargs)
+        ids = tok.encode_chat(text)
+        self.check_length(ids)
+        return Prompt(ids, chat=True, tools=bool(tools), in_reasoning=self.format.opens_reasoning(text))
+
+    def text_prompt(self, prompt: str | list[int], special: bool = True) -> Prompt:
+        ids = self._tok().encode(prompt, add_special_tokens=special) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        self.check_length(ids)
+        return Prompt(ids)
+
+    def check_length(self, ids: list[int]) -> None:
+        if len(ids) >= self.context:
+            raise APIError(
+                400, f"the prompt has {len(ids)} tokens, more than this model's context of {self.context} tokens "
+                "allows (it needs room for at least one generated token)", "messages", "context_length_exceeded",
+            )  # fmt: skip
+
+    def max_tokens(self, prompt: Prompt, requested: int | None) -> int:
+        """Tokens left in the context when none (or too many) are requested."""
+        room = self.context - len(prompt.ids)
+        return room if requested is None or requested <= 0 else min(requested, room)
+
+    # -- generation ----------------------------------------------------------------------------
+    async def start(self, prompt: Prompt, params, index: int = 0, t0: float | None = None) -> Stream:
+        """Submit one request and wait for its first output, so that a refused request raises here."""
+        t0 = time.perf_counter() if t0 is None else t0
+        gen = self.engine.generate(prompt.ids, params)
+        try:
+            first = await anext(gen, None)
+        except ContextLengthError as e:
+            await gen.aclose()
+            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+        except ValueError as e:
+            await gen.aclose()
+            raise APIError(400, str(e)) from None
+        except BaseException:
+            await gen.aclose()
+            raise
+        self.metrics.started()
+        return Stream(self, gen, first, prompt, params.stop, index, t0)
+
+    async def start_all(self, jobs: list[tuple[Prompt, Any]]) -> list[Stream]:
+        """start() each (prompt, params), concurrently; all are closed if any fails."""
+        t0 = time.perf_counter()
+        tasks = [asyncio.ensure_future(self.start(p, sp, i, t0)) for i, (p, sp) in enumerate(jobs)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await (await t).aclose()
+            raise
+
+
+async def close_all(streams: list[Stream]) -> None:
+    """Close every stream (idempotent): the background task of a streamed response, which runs even when the
+    client left before the body started, so no engine request outlives its client."""
+    for s in streams:
+        await s.aclose()
+
+
+async def merged(streams: list[Stream]) -> AsyncIterator[Piece]:
+    """The pieces of several streams as they come; closing this closes them all."""
+    if len(streams) == 1:
+        async for p in streams[0].pieces():
+            yield p
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(s: Stream) -> None:
+        try:
+            async for p in s.pieces():
+                await queue.put(p)
+        except Exception as e:
+            await queue.put(e)
+        await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each pump's stream closes as it ends
+        await close_all(streams)
+
+
+async def collect(streams: list[Stream]) -> list[Result]:
+    """Run the streams to the end; one Result per stream, in order."""
+    results = [Result(s.index) for s in streams]
+    async for p in merged(streams):
+        r = results[p.index]
+        r.content += p.delta.content
+        r.reasoning += p.delta.reasoning
+        r.tool_calls += p.delta.tool_calls
+        r.token_ids += p.token_ids
+        r.logprobs += p.logprobs or []
+        if p.finish_reason:
+            r.finish_reason = p.finish_reason
+    return results
+
+
+async def unless_disconnected(request, work: Awaitable):
+    """Await `work`, cancelling it (and so its engine requests) if the client goes away meanwhile."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

@@ -1,0 +1,143 @@
+"""Prometheus metrics of the server, written in the text exposition format by hand.
+
+Why not prometheus_client: a dozen series need ~80 lines, and its process-global registry would leak between
+the servers that tests start in one process; tests check the output with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from typing import Any
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.buckets):
+            self.counts[i] += times
+        self.sum += value * times
+        self.count += times
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for le, n in zip(self.buckets, self.counts):
+            total += n
+            out.append(f'{name}_bucket{{le="{le}"}} {total}')
+        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+        return out
+
+
+class Metrics:
+    """Counters updated by the server as requests run; render() adds the engine's gauges at scrape time."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.cached_tokens = 0
+        self.engine_requests = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+
+    def request(self, route: str, status: int) -> None:
+        with self._lock:
+            self.requests[(route, status)] += 1
+
+    def started(self) -> None:
+        with self._lock:
+            self.engine_requests += 1
+
+    def observe_tokens(self, stream, now: float, n: int) -> None:
+        """`n` tokens of `stream` arrived at `now` (perf_counter seconds)."""
+        with self._lock:
+            if stream.t_first is None:
+                stream.t_first = now
+                self.ttft.observe(now - stream.t_start)
+                n -= 1
+            elif n:
+                self.tpot.observe((now - stream.t_last) / n, n)
+            stream.t_last = now
+
+    def finished(self, stream) -> None:
+        with self._lock:
+            self.prompt_tokens += stream.prompt_tokens
+            self.generated_tokens += stream.completion_tokens
+            self.cached_tokens += stream.cached_tokens
+
+    def render(self, stats: Any | None) -> str:
+        out: list[str] = []
+
+        def series(name: str, kind: str, help_: str, lines: list[str]) -> None:
+            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *lines])
+
+        with self._lock:
+            reqs = [
+                f'hearth_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())
+            ]
+            series("hearth_requests_total", "counter", "HTTP requests by route and status.", reqs)
+            series(
+                "hearth_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of finished requests.",
+                [f"hearth_prompt_tokens_total {self.prompt_tokens}"],
+            )
+            series(
+                "hearth_generation_tokens_total",
+                "counter",
+                "Generated tokens.",
+                [f"hearth_generation_tokens_total {self.generated_tokens}"],
+            )
+            series(
+                "hearth_cached_prompt_tokens_total",
+                "counter",
+                "Prompt tokens served from the prefix cache.",
+                [f"hearth_cached_prompt_tokens_total {self.cached_tokens}"],
+            )
+            series(
+                "hearth_engine_requests_total",
+                "counter",
+                "Engine requests started (one per choice).",
+                [f"hearth_engine_requests_total {self.engine_requests}"],
+            )
+            series(
+                "hearth_time_to_first_token_seconds",
+                "histogram",
+                "Time from request to first token.",
+                self.ttft.lines("hearth_time_to_first_token_seconds"),
+            )
+            series(
+                "hearth_time_per_output_token_seconds",
+                "histogram",
+                "Time between output tokens.",
+                self.tpot.lines("hearth_time_per_output_token_seconds"),
+            )
+        if stats is not None:
+            gauges = {
+                "hearth_requests_waiting": ("Requests queued in the engine.", stats.waiting),
+                "hearth_requests_running": ("Requests being decoded.", stats.running),
+                "hearth_kv_blocks_used": ("KV cache blocks in use.", stats.kv_blocks_used),
+                "hearth_kv_blocks_total": ("KV cache blocks in all.", stats.kv_blocks_total),
+            }
+            for name, (help_, value) in gauges.items():
+                series(name, "gauge", help_, [f"{name} {value}"])
+            series(
+                "hearth_prefix_cache_hit_tokens_total",
+                "counter",
+                "Prompt tokens the engine found cached.",
+                [f"hearth_prefix_cache_hit_tokens_total {stats.prefix_hit_tokens}"],
+            )
+            series(
+                "hearth_preemptions_total",
+                "counter",
+                "Requests preempted for KV space.",
+                [f"hearth_preemptions_total {stats.preemptions}"],
+            )
+        return "\n".join(out) + "\n"

@@ -1,0 +1,435 @@
+"""The serving engine on tiny random checkpoints: paged cache == transformers == contiguous cache, continuous
+batching == one by one, prefix cache on == off, preemption and chunked prefill change nothing, sampling
+options against hand computations, the async front, and input errors."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from checkpoints import VOCAB
+from transformers import GenerationConfig
+
+from hearthlm import LLM, ContextLengthError, SamplingParams
+from hearthlm.engine.async_engine import AsyncEngine
+from hearthlm.engine.block_manager import BlockManager
+from hearthlm.engine.detokenize import TextStream
+from hearthlm.engine.engine import Engine, RequestOutput
+from hearthlm.engine.kv_cache import ContiguousKVCache
+from hearthlm.engine.runner import forward_tokens
+from hearthlm.engine.sequence import Sequence
+
+WINDOW = 8  # the tiny sliding configs' window
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, loaded machine two OpenMP threads made
+    these tests ~20x slower (measured: 8 s against 0.3 s for the same 48 steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    made: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in made:
+            ref, folder = checkpoint(name)
+            made[name] = (ref, LLM(folder, dtype="float32"))
+        return made[name]
+
+    return get
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(engine: Engine, requests: dict, add_at: dict | None = None) -> dict[str, list[RequestOutput]]:
+    """Add requests (id -> (prompt, params)) at their step in add_at (default 0); step until all finish."""
+    add_at = add_at or {}
+    outs: dict[str, list[RequestOutput]] = {rid: [] for rid in requests}
+    step = 0
+    while True:
+        for rid, (prompt, params) in requests.items():
+            if add_at.get(rid, 0) == step:
+                engine.add_request(rid, prompt, params)
+        if not engine.has_unfinished() and step >= max(add_at.values(), default=0):
+            return outs
+        for out in engine.step():
+            outs[out.request_id].append(out)
+        step += 1
+
+
+def tokens(outs: list[RequestOutput]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def alone(llm: LLM, prompt: list[int], params: SamplingParams = GREEDY, **kw) -> list[int]:
+    return tokens(run(Engine(llm, **kw), {"r": (prompt, params)})["r"])
+
+
+def contiguous_greedy(llm: LLM, prompt: list[int], steps: int) -> list[int]:
+    cache = ContiguousKVCache(llm.config.layers, 1, len(prompt) + steps, llm.dtype, llm.device)
+    h = forward_tokens(llm.model, cache, torch.tensor([prompt]), torch.tensor([0]))
+    out = []
+    for _ in range(steps):
+        out.append(int(llm.model.logits(h[:, -1]).argmax()))
+        h = forward_tokens(llm.model, cache, torch.tensor([[out[-1]]]), torch.tensor([len(prompt) + len(out) - 1]))
+    return out
+
+
+# -- the paged cache against the references -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, block_size",
+    [
+        ("gemma4_all", 3),
+        ("gemma4_all", 16),
+        ("gemma4_plain", 5),
+        ("llama", 5),
+        ("qwen2", 3),
+        ("mistral", 5),
+        ("qwen3_moe", 7),
+    ],
+)
+def test_paged_generation_equals_transformers_and_contiguous(name, block_size, loaded):
+    ref, llm = loaded(name)
+    prompt = ids(3 * WINDOW + 2, seed=1)  # longer than the window; 26 is no multiple of 3 or 16
+    new = 16
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    assert alone(llm, prompt, params, block_size=block_size, prefill_chunk=7) == expected
+    assert contiguous_greedy(llm, prompt, new) == expected
+
+
+def test_sliding_pools_recycle_blocks_and_shared_layers_store_nothing(loaded):
+    _, llm = loaded("gemma4_all")
+    engine = Engine(llm, block_size=4)
+    assert set(engine.cache.k) == {0, 1, 2}  # layers 3-5 are KV-shared
+    assert set(engine.blocks.pools) == {WINDOW, None}
+    engine.add_request("r", ids(40, seed=2), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+        seq = next(iter(engine.scheduler.running), None)
+        if seq is not None:  # a window of 8 spans at most 3 blocks of 4 (4 while a chunk is computed)
+            assert sum(b is not None for b in seq.tables[WINDOW]) <= 3
+            assert all(b is not None for b in seq.tables[None])
+    assert engine.stats().kv_blocks_used == 0
+
+
+# -- continuous batching ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["qwen2", "gemma4_all"])
+def test_sixteen_requests_joining_at_different_steps_equal_each_alone(name, loaded):
+    _, llm = loaded(name)
+    lengths = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 21, 25, 30, 33, 40]
+    requests = {f"r{i}": (ids(n, seed=100 + i), GREEDY) for i, n in enumerate(lengths)}
+    add_at = {f"r{i}": (i * 3) % 11 for i in range(len(lengths))}
+    engine = Engine(llm, max_batch=16, block_size=5, prefill_chunk=16)
+    together = run(engine, requests, add_at)
+    for rid, (prompt, params) in requests.items():
+        assert tokens(together[rid]) == alone(llm, prompt, params), rid
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
+
+
+def test_same_seed_same_sample_alone_and_in_a_batch(loaded):
+    _, llm = loaded("qwen3")
+    prompt = ids(10, seed=3)
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=1234, ignore_eos=True)
+    solo = alone(llm, prompt, params)
+    others = {f"o{i}": (ids(5 + i, seed=50 + i), SamplingParams(max_tokens=20, temperature=1.0)) for i in range(5)}
+    batch = run(Engine(llm), {"x": (prompt, params), **others}, {"o0": 0, "x": 2, "o1": 1, "o2": 3})
+    assert tokens(batch["x"]) == solo
+    other_seed = alone(llm, prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True))
+    assert other_seed != solo
+
+
+# -- prefix cache ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma4_all"])
+def test_prefix_cache_hit_gives_the_cold_output(name, loaded):
+    _, llm = loaded(name)
+    shared = ids(37, seed=4)
+    a, b = shared + ids(5, seed=5), shared + ids(9, seed=6)
+    engine = Engine(llm, block_size=4)
+    first = run(engine, {"a": (a, GREEDY)})["a"]
+    assert first[-1].cached_tokens == 0
+    second = run(engine, {"b": (b, GREEDY)})["b"]
+    assert second[-1].cached_tokens == 36  # the 9 full blocks of the shared prefix
+    assert engine.stats().prefix_hit_tokens == 36
+    assert tokens(second) == alone(llm, b) and tokens(first) == alone(llm, a)
+    again = run(engine, {"a2": (a, GREEDY)})["a2"]  # the whole prompt cached: one token is still computed
+    assert again[-1].cached_tokens == 40 and tokens(again) == tokens(first)
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_sliding_prefix_hit_needs_the_last_window_cached():
+    bm = BlockManager({None: 32, 4: 32}, block_size=2)
+    params = SamplingParams()
+
+    def seq(toks):
+        return Sequence("s", toks, params, TextStream(None, []), None, 100)
+
+    first = seq(list(range(3, 15)))  # 12 tokens: 6 blocks
+    assert bm.allocate(first, 12)
+    first.num_computed = 12
+    bm.register(first)
+    bm.free(first)
+    second = seq(list(range(3, 15)) + [20, 21])
+    assert bm.match_prefix(second) == 12
+    # Evict the sliding pool's block 4 (positions 8-9): a query at 12 reads 9..12, so 12 is no longer a hit;
+    # at 10 it reads 7..10 (blocks 3, 4): no hit either; 8 reads 5..8 (blocks 2, 3): a hit.
+    pool = bm.pools[4]
+    block = pool.by_key[second.hashes[4]]
+    pool.evictable.pop(block)
+    del pool.by_key[pool.key.pop(block)]
+    pool.free.append(block)
+    assert bm.match_prefix(second) == 8
+
+
+# -- preemption, abort ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "gemma4_all"])
+def test_preempted_requests_are_recomputed_to_the_same_output(name, loaded):
+    _, llm = loaded(name)
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    requests = {f"r{i}": (ids(10 + 3 * i, seed=10 + i), params) for i in range(4)}
+    engine = Engine(llm, block_size=4, kv_blocks=10, prefill_chunk=8)  # 40 positions; each needs 24-33
+    out = run(engine, requests)
+    assert engine.stats().preemptions > 0
+    for rid, (prompt, p) in requests.items():
+        assert tokens(out[rid]) == alone(llm, prompt, p), rid
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_request_that_can_never_fit_is_refused_at_add_time(loaded):
+    _, llm = loaded("llama")
+    engine = Engine(llm, block_size=4, kv_blocks=4)
+    with pytest.raises(ValueError, match="kv_blocks"):
+        engine.add_request("r", ids(16, seed=1), GREEDY)  # 17 positions need 5 blocks
+    engine.add_request("ok", ids(15, seed=1), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    # The cache holds 16 positions: the request ends there, with reason "length".
+    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 1
+
+
+def test_abort_frees_blocks_and_emits_a_final_output(loaded):
+    _, llm = loaded("qwen3")
+    engine = Engine(llm, block_size=4)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", ids(20, seed=i), params)
+    for _ in range(3):
+        engine.step()
+    used = engine.stats().kv_blocks_used
+    engine.abort("r1")
+    assert engine.stats().kv_blocks_used == used - 6  # 21..23 positions in blocks of 4
+    engine.abort("r1")  # twice, or an unknown id: nothing happens
+    engine.abort("nope")
+    outs = engine.step()
+    final = [o for o in outs if o.request_id == "r1"]
+    assert len(final) == 1 and final[0].finished and final[0].finish_reason == "abort"
+    while engine.has_unfinished():
+        assert all(o.request_id != "r1" for o in engine.step())
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
+
+
+# -- chunked prefill --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["qwen2", "gemma4_all"])
+def test_chunked_prefill_interleaves_with_decodes_and_matches_unchunked(name, loaded):
+    _, llm = loaded(name)
+    short, long = ids(4, seed=7), ids(70, seed=8)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine = Engine(llm, block_size=4, prefill_chunk=16)
+    out = run(engine, {"short": (short, params), "long": (long, params)}, {"short": 0, "long": 2})
+    assert tokens(out["long"]) == alone(llm, long, params, prefill_chunk=512)
+    assert tokens(out["short"]) == alone(llm, short, params)
+    # While the 70-token prompt was prefilled 16 tokens a step (5 steps), the short request kept streaming.
+    streamed = [o for o in out["short"] if o.token_ids]
+    assert len(streamed) == 20 and len(out["long"]) == 20
+
+
+# -- sampling options -------------------------------------------------------------------------------------
+def _hand_penalized(logits: torch.Tensor, p: SamplingParams, seen: list[int], generated: list[int]) -> torch.Tensor:
+    out = logits.clone()
+    for t in set(seen):
+        x = float(logits[t])
+        out[t] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+    for t in set(generated):
+        out[t] -= generated.count(t) * p.frequency_penalty + p.presence_penalty
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(repetition_penalty=1.8), dict(presence_penalty=1.5), dict(frequency_penalty=0.7, presence_penalty=-0.3)],
+)
+def test_penalties_follow_the_hand_computation(kwargs, loaded):
+    _, llm = loaded("qwen3")
+    prompt = ids(6, seed=9) * 2
+    p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3, **kwargs)
+    outs = run(Engine(llm), {"r": (prompt, p)})["r"]
+    got = tokens(outs)
+    assert got != alone(llm, prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    logprobs = [lp for o in outs for lp in o.logprobs]
+    full = llm.logits(prompt + got)
+    for i, t in enumerate(got):
+        penalized = _hand_penalized(full[len(prompt) + i - 1], p, prompt + got[:i], got[:i])
+        assert int(penalized.argmax()) == t
+        expected = torch.log_softmax(penalized, -1)
+        assert logprobs[i].token_id == t and math.isclose(logprobs[i].logprob, float(expected[t]), abs_tol=1e-4)
+
+
+def test_logprobs_are_log_softmax_of_the_model_logits(loaded):
+    _, llm = loaded("gemma4_all")
+    prompt = ids(12, seed=11)
+    p = SamplingParams(max_tokens=8, temperature=0.7, seed=3, ignore_eos=True, logprobs=5)
+    outs = run(Engine(llm), {"r": (prompt, p)})["r"]
+    got = tokens(outs)
+    lps = [lp for o in outs for lp in o.logprobs]
+    assert [lp.token_id for lp in lps] == got
+    expected = torch.log_softmax(llm.logits(prompt + got), -1)
+    for i, lp in enumerate(lps):
+        row = expected[len(prompt) + i - 1]
+        assert math.isclose(lp.logprob, float(row[got[i]]), abs_tol=1e-4)
+        best = torch.topk(row, 5)
+        assert [t for t, _ in lp.top] == best.indices.tolist()
+        assert all(math.isclose(x, y, abs_tol=1e-4) for (_, x), y in zip(lp.top, best.values.tolist()))
+    zero = run(Engine(llm), {"r": (prompt, SamplingParams(max_tokens=2, logprobs=0))})["r"]
+    assert all(lp.top == [] for o in zero for lp in o.logprobs)
+    off = run(Engine(llm), {"r": (prompt, SamplingParams(max_tokens=2))})["r"]
+    assert all(o.logprobs is None for o in off)
+
+
+def test_stop_token_ids_end_the_request_without_the_token(loaded):
+    _, llm = loaded("qwen3")
+    prompt = ids(8, seed=12)
+    free = alone(llm, prompt, GREEDY)
+    stop = free[5]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop])
+    outs = run(Engine(llm), {"r": (prompt, params)})["r"]
+    assert tokens(outs) == free[: free.index(stop)]
+    assert outs[-1].finish_reason == "stop" and outs[-1].completion_tokens == free.index(stop)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return LLM()  # the shipped demo model: the only checkpoint here with a real tokenizer
+
+
+def test_stop_strings_across_token_boundaries_are_never_emitted(demo):
+    prompt = demo.tokenizer.encode("And God said unto Moses,")
+    params = SamplingParams(max_tokens=24, temperature=0)
+    free = run(Engine(demo), {"r": (prompt, params)})["r"]
+    pieces = [demo.tokenizer.decode([t]) for t in tokens(free)]
+    text = "".join(o.text for o in free)
+    # A stop string made of the end of one token and the start of the next.
+    k = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    cut = text.index(stop)
+    outs = run(Engine(demo), {"r": (prompt, SamplingParams(max_tokens=24, temperature=0, stop=[stop, "zzzz"]))})["r"]
+    streamed = [o.text for o in outs]
+    assert "".join(streamed) == text[:cut]
+    assert all(stop not in s for s in streamed)
+    assert outs[-1].finish_reason == "stop"
+    assert demo.generate([prompt], SamplingParams(max_tokens=24, temperature=0, stop=stop))[0].text == text[:cut]
+
+
+def test_text_stream_holds_back_possible_stop_prefixes(demo):
+    stream = TextStream(demo.tokenizer, ["END"])
+    emitted = ""
+    for t in demo.tokenizer.encode("one E two EN three", add_special_tokens=False):
+        emitted += stream.push(t)
+        assert not emitted.endswith(("E", "EN"))  # a possible start of "END" is held back
+    emitted += stream.finish()
+    assert emitted == "one E two EN three" and not stream.stopped
+    stream = TextStream(demo.tokenizer, ["END"])
+    out = [stream.push(t) for t in demo.tokenizer.encode("abc ENDING", add_special_tokens=False)]
+    assert "".join(out) + stream.finish() == "abc " and stream.stopped
+
+
+# -- the async front --------------------------------------------------------------------------------------
+def test_async_engine_streams_concurrent_requests_and_aborts_cancelled_ones(loaded):
+    _, llm = loaded("qwen2")
+    engine = Engine(llm, block_size=4)
+    front = AsyncEngine(engine)
+    prompts = [ids(5 + 3 * i, seed=20 + i) for i in range(4)]
+
+    async def consume(prompt, n):
+        got = []
+        async for out in front.generate(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)):
+            got += out.token_ids
+        return got
+
+    async def main():
+        together = await asyncio.gather(*(consume(p, 10) for p in prompts))
+        slow = asyncio.create_task(consume(prompts[0], 200))
+        while engine.stats().running == 0:
+            await asyncio.sleep(0.01)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        for _ in range(200):
+            if engine.stats().kv_blocks_used == 0 and not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        stream = front.generate([], SamplingParams())
+        with pytest.raises(ValueError, match="empty prompt"):
+            await stream.__anext__()
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await front.generate([VOCAB + 5], SamplingParams()).__anext__()
+        return together
+
+    try:
+        together = asyncio.run(main())
+        assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        assert together == [alone(llm, p, params) for p in prompts]
+    finally:
+        front.shutdown()
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+def test_bad_requests_are_refused_with_clear_errors(loaded):
+    _, llm = loaded("llama")
+    engine = Engine(llm)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request("a", [], GREEDY)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 96\)"):
+        engine.add_request("a", [1, VOCAB], GREEDY)
+    with pytest.raises(ContextLengthError, match="at most 255 tokens"):
+        engine.add_request("a", [5] * 256, GREEDY)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request("a", [5], SamplingParams(stop_token_ids=[VOCAB]))
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("a", [5], SamplingParams(stop=["x"]))
+    engine.add_request("a", [5], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", [6], GREEDY)
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(llm, max_batch=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(repetition_penalty=0),
+        dict(presence_penalty=3),
+        dict(frequency_penalty=-2.5),
+        dict(logprobs=21),
+        dict(logprobs=-1),
+        dict(stop_token_ids=[-1]),
+        dict(stop=[""]),
+    ],
+)
+def test_bad_sampling_params_are_refused(kwargs):
+    with pytest.raises(ValueError, match="SamplingParams"):
+        SamplingParams(**kwargs)
