@@ -369,6 +369,12 @@ def test_async_engine_streams_concurrent_requests_and_aborts_cancelled_ones(load
             got += out.token_ids
         return got
 
+    async def settle():
+        for _ in range(500):
+            if engine.stats().kv_blocks_used == 0 and not engine.has_unfinished():
+                return
+            await asyncio.sleep(0.01)
+
     async def main():
         together = await asyncio.gather(*(consume(p, 10) for p in prompts))
         slow = asyncio.create_task(consume(prompts[0], 200))
@@ -377,10 +383,12 @@ def test_async_engine_streams_concurrent_requests_and_aborts_cancelled_ones(load
         slow.cancel()
         with pytest.raises(asyncio.CancelledError):
             await slow
-        for _ in range(200):
-            if engine.stats().kv_blocks_used == 0 and not engine.has_unfinished():
-                break
-            await asyncio.sleep(0.01)
+        await settle()
+        assert engine.stats().kv_blocks_used == 0
+        closed = front.generate(prompts[1], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        await closed.__anext__()
+        await closed.aclose()  # what a server does when the client disconnects
+        await settle()
         stream = front.generate([], SamplingParams())
         with pytest.raises(ValueError, match="empty prompt"):
             await stream.__anext__()
