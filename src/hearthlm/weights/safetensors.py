@@ -54,6 +54,7 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self._data_start = 8 + n
         self._size = size
+        self._base: int | None = None
         self.entries: dict[str, dict] = header
 
     def keys(self) -> list[str]:
@@ -90,6 +91,21 @@ class SafetensorsFile:
             return
         start, end = (self._data_start + o for o in self.entries[name]["data_offsets"])
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def release_view(self, view: torch.Tensor) -> None:
+        """Drop the pages under a view of this file's mapping (one expert of a stacked tensor), as release."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if self._base is None:
+            self._base = torch.frombuffer(self._mmap, dtype=torch.uint8, count=1).data_ptr()
+        start = view.data_ptr() - self._base
+        end = start + view.numel() * view.element_size()
+        if start < 0 or end > self._size:
+            return  # not a view of this file
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
@@ -143,6 +159,11 @@ class Checkpoint:
     def release(self, name: str) -> None:
         """See SafetensorsFile.release."""
         self._file(self._where[name]).release(name)
+
+    def release_view(self, view: torch.Tensor) -> None:
+        """See SafetensorsFile.release_view."""
+        for f in self._files.values():
+            f.release_view(view)
 
     def get(self, name: str) -> torch.Tensor:
         path = self._where.get(name)
