@@ -1,8 +1,9 @@
 """The slow tier: where an MoE layer's experts live when they are not in a slot.
 
-On CPU it is the memory-mapped checkpoint itself: nothing is read at load; a fetch copies one expert's bytes
-from the mapping into a slot (converting the dtype or quantizing exactly as the full load would) and then
-drops those file pages from the process, so that memory holds the slots and the page cache holds the rest.
+On CPU it is the memory-mapped checkpoint itself: nothing is read at load. A fetch reads one expert's bytes
+from the file into a slot with pread where they are stored as they run (no page of the mapping is touched);
+otherwise it copies them from the mapping, converting the dtype or quantizing exactly as the full load would,
+and drops those pages from the process. Either way memory holds the slots, the page cache the rest.
 A checkpoint that `hearth quantize` wrote is read as stored: the quantized copy on disk, written once.
 Beside a GPU the slow tier is host memory (HostTier): the experts built once in their final format."""
 
@@ -17,16 +18,26 @@ from ..weights.mapping import Cat, Source, Stack
 Weight = torch.Tensor | QuantTensor
 
 
-def copy_weight(dst: Weight, src: Weight, row: int = 0, non_blocking: bool = False) -> int:
-    """Copy src into rows [row, row + len(src)) of dst (same format); returns the rows copied."""
+def copy_weight(dst: Weight, src: Weight, row: int = 0, non_blocking: bool = False, ckpt=None) -> int:
+    """Copy src into rows [row, row + len(src)) of dst (same format); returns the rows copied. With `ckpt`, src
+    is a view of its mapping: read straight from the file where the bytes are the same, else copied
+    (converting the dtype) and the mapping's pages dropped after."""
     n = src.shape[0]
     if isinstance(dst, QuantTensor):
         assert isinstance(src, QuantTensor) and dst.layout == src.layout, "slot and expert formats differ"
-        for d, s in ((dst.qdata, src.qdata), (dst.scales, src.scales), (dst.mins, src.mins)):
-            if d is not None:
-                d[row : row + n].copy_(s, non_blocking=non_blocking)
+        pairs = [
+            (d[row : row + n], s)
+            for d, s in ((dst.qdata, src.qdata), (dst.scales, src.scales), (dst.mins, src.mins))
+            if d is not None
+        ]
     else:
-        dst[row : row + n].copy_(src, non_blocking=non_blocking)
+        pairs = [(dst[row : row + n], src)]
+    for d, s in pairs:
+        if ckpt is None:
+            d.copy_(s, non_blocking=non_blocking)
+        elif not ckpt.read_into(s, d):
+            d.copy_(s)
+            ckpt.release_view(s)
     return n
 
 
@@ -77,11 +88,10 @@ class CheckpointTier:
             pieces = self._pieces(source, e)
             if spec is not None:
                 copy_weight(dst, quantize(_cat(pieces), spec))
+                for p in pieces:
+                    self.ckpt.release_view(p)
             else:
-                _fill(dst, pieces)
-            for p in pieces:
-                for t in _parts(p):
-                    self.ckpt.release_view(t)
+                _fill(dst, pieces, self.ckpt)
 
 
 def empty_like(w: Weight, n: int, device: torch.device | None = None) -> Weight:
@@ -100,10 +110,10 @@ def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _fill(dst: Weight, pieces: list[Weight]) -> Weight:
+def _fill(dst: Weight, pieces: list[Weight], ckpt=None) -> Weight:
     row = 0
     for p in pieces:
-        row += copy_weight(dst, p, row)
+        row += copy_weight(dst, p, row, ckpt=ckpt)
     return dst
 
 

@@ -260,6 +260,9 @@ class _OwnNames:
         except ValueError as e:
             raise CheckpointError(f"{self.ckpt.file_of(f'{name}.qdata')}: quantized tensor '{name}': {e}") from None
 
+    def read_into(self, view: torch.Tensor, dst: torch.Tensor) -> bool:
+        return self.ckpt.read_into(view, dst)
+
     def release_view(self, view: torch.Tensor) -> None:
         self.ckpt.release_view(view)
 
