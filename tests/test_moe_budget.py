@@ -211,3 +211,17 @@ def test_moe_profile_is_written_and_seeds_the_pool(tmp_path):
     assert sum(cold.moe_stats().resident.values()) == 0
     ids = torch.tensor([[5, 99, 300, 17]])
     _assert_same(_trace(seeded, ids), _trace(cold, ids))
+
+
+def test_bench_reports_the_expert_pool():
+    from hearthlm import bench
+
+    result = bench.bench(["hearth-demo-moe"], prompt_len=8, gen_len=4, runs=1, expert_budget="25%")
+    (row,) = result.rows
+    assert row.expert_budget == "25%" and set(row.moe) == {"hit_rate", "mb_per_token", "fetch_share"}
+    assert row.moe["mb_per_token"] > 0
+    from rich.console import Console
+
+    console = Console(width=300, record=True)
+    console.print(bench.table(result))
+    assert "EXPERT HITS" in console.export_text() and "experts 25%" in console.export_text()

@@ -323,7 +323,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench.plot_check()  # before minutes of measuring, not after
     result = bench.bench(
         args.models or None, args.dtype, args.quant, args.prompt_len, args.gen_len, args.runs, args.vs or [],
-        args.device, args.bandwidth, progress=True,
+        args.device, args.bandwidth, progress=True, expert_budget=args.expert_budget,
     )  # fmt: skip
     if args.json:
         sys.stdout.write(result.to_json() + "\n")
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
     b.add_argument("--json", action="store_true", help="print the result rows as JSON")
     b.add_argument("--plot", metavar="FILE", default=None, help="write a PNG bar chart (needs matplotlib)")
+    b.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
     b.set_defaults(func=_bench)
     return parser
 

@@ -26,28 +26,42 @@ def table(result: Result):
     t = Table(title=title, box=None, header_style="bold")
     columns = ["MODEL", "ENGINE", "FORMAT", "TTFT", "PREFILL TOK/S", "DECODE TOK/S", "(MIN–MAX)", "ROOFLINE"]
     columns += ["PEAK MEM", "FIT EST."] + (["KL", "TOP-1"] if quality else [])
+    moe = any(r.moe for r in result.rows)
+    columns += ["EXPERT HITS", "FETCHED/TOK", "FETCH TIME"] if moe else []
     for c in columns:
         t.add_column(c, no_wrap=True, justify="left" if c in ("MODEL", "ENGINE", "FORMAT") else "right")
     for r in result.rows:
         d = r.decode_tok_s
-        cells = [r.model, r.engine, r.quant or r.dtype, f"{r.ttft_s.median * 1000:.0f} ms"]
+        fmt = (r.quant or r.dtype) + (f", experts {r.expert_budget}" if r.expert_budget else "")
+        cells = [r.model, r.engine, fmt, f"{r.ttft_s.median * 1000:.0f} ms"]
         cells += [f"{r.prefill_tok_s.median:.1f}", f"{d.median:.1f}", f"{d.min:.1f}–{d.max:.1f}"]
         cells += [f"{100 * r.roofline_fraction:.0f}%" if r.roofline_fraction else "—"]
         cells += [_mb(r.peak_memory), _mb(r.fit_memory)]
         if quality:
             q = r.quality
             cells += [f"{q.kl_mean:.4f}", f"{100 * q.top1_agreement:.1f}%"] if q else ["", ""]
+        if moe:
+            m = r.moe
+            cells += (
+                [f"{m['hit_rate']:.1%}", f"{m['mb_per_token']:.2f} MB", f"{m['fetch_share']:.0%}"] if m else [""] * 3
+            )
         t.add_row(*cells)
     for x in result.ratios:
         mem = f"{x.peak_memory:.2f}×" if x.peak_memory else "—"
         cells = [x.model, f"hearthlm / {x.versus}", x.dtype, f"{x.ttft:.2f}×", f"{x.prefill:.2f}×"]
-        cells += [f"{x.decode:.2f}×", "", "", mem, ""] + (["", ""] if quality else [])
+        cells += [f"{x.decode:.2f}×", "", "", mem, ""] + (["", ""] if quality else []) + ([""] * 3 if moe else [])
         t.add_row(*cells, style="bold")
     t.caption = (
         "TTFT: prefill + first token. Decode: tokens after the first / time after the first. ROOFLINE: decode as a "
         "share of bandwidth / bytes per token. PEAK MEM: peak RSS over the imports (VRAM on CUDA); FIT EST.: "
         "`hearth fit`'s estimate of it. Ratios > 1: hearthlm's figure is higher (better for tok/s, worse for TTFT "
         "and memory)."
+        + (
+            " EXPERT HITS: share of expert uses served from the pool; FETCHED/TOK: expert bytes read from the slow tier "
+            "per token (prompt included); FETCH TIME: share of the run spent waiting on them."
+            if moe
+            else ""
+        )
     )
     return t
 
