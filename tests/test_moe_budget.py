@@ -224,4 +224,5 @@ def test_bench_reports_the_expert_pool():
 
     console = Console(width=300, record=True)
     console.print(bench.table(result))
-    assert "EXPERT HITS" in console.export_text() and "experts 25%" in console.export_text()
+    text = console.export_text()
+    assert "EXPERT HITS" in text and "experts 25%" in text
