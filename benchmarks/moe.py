@@ -11,9 +11,10 @@ Models:
     routed tokens that the hottest quarter of experts takes is printed for every routing, the demo's real
     one included, so the skew can be judged.
 
-Variants, each decoding the same tokens greedily at batch 1 after a prefill and a warm-up (counters cover the
+Variants, each decoding the same tokens at batch 1 (greedy on the demo; a seeded random token stream on (b)) after a prefill and a warm-up (counters cover the
 timed steps only): full residency (experts copied into memory); mmap (experts referenced straight from the
-mapped file, no policy: the OS pages them); then, at each budget, the pool with our policy ("frequency"),
+mapped file, no policy: the OS pages them; for a bf16 checkpoint loaded in bf16 this is what the loader does
+anyway); then, at each budget, the pool with our policy ("frequency"),
 with plain LRU ("lru", same pool), and with the fetch thread ("frequency+thread").
 
 The page cache holds the whole checkpoint here, so a fetch is a memcpy: bytes fetched per token is the figure
@@ -164,9 +165,14 @@ def make_resident(llm: LLM) -> None:
 
 
 @torch.inference_mode()
-def decode(llm: LLM, prompts: list[list[int]], warm: int, steps: int, counts: dict | None = None) -> dict:
+def decode(
+    llm: LLM, prompts: list[list[int]], warm: int, steps: int, counts: dict | None = None, forced: bool = False
+) -> dict:
     """Per prompt: prefill, `warm` greedy steps, then `steps` timed ones; the pool persists across prompts
-    (as in a server) and its counters are summed over the timed steps only."""
+    (as in a server) and its counters are summed over the timed steps only. `forced`: feed seeded random
+    tokens instead of the greedy ones (a random model's greedy text repeats one token, which would make its
+    routing repeat too)."""
+    g = torch.Generator().manual_seed(1)
     from hearthlm.moe.profile import Recorder
 
     model = llm.model
@@ -184,6 +190,8 @@ def decode(llm: LLM, prompts: list[list[int]], warm: int, steps: int, counts: di
                 start = time.perf_counter()
             h = forward_tokens(model, cache, torch.tensor([[tok]]), torch.tensor([pos]))
             tok, pos = int(model.logits(h[:, -1]).argmax()), pos + 1
+            if forced:
+                tok = int(torch.randint(3, llm.config.vocab_size, (1,), generator=g))
         seconds += time.perf_counter() - start
         tokens += steps
         if pool is not None:
@@ -212,7 +220,7 @@ def variants(budgets: list[float]) -> list[tuple[str, float | None]]:
     return out
 
 
-def run_model(label, folder, prompts, budgets, warm, steps, zipf, progress) -> list[dict]:
+def run_model(label, folder, prompts, budgets, warm, steps, zipf, progress, forced=False) -> list[dict]:
     rows = []
     todo = variants(budgets)
     task = progress.add_task(f"{label}", total=len(todo))
@@ -228,9 +236,12 @@ def run_model(label, folder, prompts, budgets, warm, steps, zipf, progress) -> l
             pool.policy = LRU()
         if name.endswith("+thread"):
             pool.executor = ThreadPoolExecutor(1)
-        result = decode(llm, prompts, warm, steps, counts if name == "full" else None)
+        result = decode(llm, prompts, warm, steps, counts if name == "full" else None, forced=forced)
         rows.append({"model": label, "variant": name, "budget": budget} | result)
         progress.advance(task)
+        progress.console.print(
+            f"{label} {name} {budget}: {result['tok_s']:.1f} tok/s, {result.get('mb_per_token', 0):.1f} MB/tok"
+        )
         del llm, pool
     share = top_quarter_share(counts)
     for r in rows:
@@ -304,11 +315,14 @@ def main() -> int:
     p.add_argument("--budgets", default="0.1,0.25,0.5,1.0")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "hearthlm" / "bench-moe")
     p.add_argument("--skip-a4b", action="store_true", help="only the demo model")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 resists other processes' load best)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     budgets = [float(b) for b in args.budgets.split(",")]
     console = Console(width=200)
     rows = []
-    with Progress(console=console) as progress:
+    with Progress(console=Console(stderr=True)) as progress:
         demo = LLM("hearth-demo-moe")
         prompts = [demo.tokenizer.encode(t) for t in PROMPTS]
         rows += run_model(
@@ -321,7 +335,7 @@ def main() -> int:
                 ("26B-A4B shapes, random router", False),
                 ("26B-A4B shapes, SYNTHETIC zipf router", True),
             ):
-                rows += run_model(label, folder, ids, budgets, args.warm, args.steps, zipf, progress)
+                rows += run_model(label, folder, ids, budgets, args.warm, args.steps, zipf, progress, forced=True)
     console.print(table(rows))
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,17 @@
 the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a GEMV and a
 row dequantizer for quantized weights (quant_cpu.cpp).
 
-Each extension is built with torch's cpp_extension into ~/.cache/hearthlm (about 30 s, once). If the
+Each extension is built with torch's cpp_extension into ~/.cache/hearthlm/kernels (about 30 s, once). If the
 CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` (and
 `quant_available()`) is False and callers use PyTorch's own ops.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import functools
+import hashlib
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -30,7 +32,12 @@ def _cpu_supports() -> bool:
 
 
 def _build(name: str, source: str):
-    """Compile (first time) and import one extension from a .cpp beside this file; None if unavailable."""
+    """Compile (first time) and import one extension from a .cpp beside this file; None if unavailable.
+
+    The build directory is named by a hash of the source, the flags and the torch version, so two installs
+    (venvs, checkouts) never rebuild over each other's library. An flock serializes builders: the kernel drops
+    it when a process dies, so an interrupted build never leaves the next run waiting forever (torch's own
+    lock file, which a killed build leaves behind, is removed while the flock is held)."""
     if os.environ.get("HEARTHLM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     try:
@@ -40,22 +47,38 @@ def _build(name: str, source: str):
         # competing for the same cores.
         torch_lib = Path(torch.__file__).parent / "lib"
         omp = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lgomp"] if (torch_lib / "libgomp.so.1").exists() else []
-        build = Path(os.environ.get("HEARTHLM_CACHE", Path.home() / ".cache" / "hearthlm")) / "kernels"
+        cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+        ldflags = omp or ["-fopenmp"]
+        src = Path(__file__).with_name(source)
+        key = hashlib.sha256(src.read_bytes() + repr((cflags, ldflags, torch.__version__)).encode()).hexdigest()[:16]
+        root = Path(os.environ.get("HEARTHLM_CACHE", Path.home() / ".cache" / "hearthlm")) / "kernels"
+        build = root / f"{name}-{key}"
         build.mkdir(parents=True, exist_ok=True)
-        first = not (build / f"{name}.so").exists()
-        status = Console(stderr=True).status("building hearthlm's CPU kernels (once, about 30 s)")
-        with status if first else contextlib.nullcontext():
-            return load(
-                name=name,
-                sources=[str(Path(__file__).with_name(source))],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                extra_ldflags=omp or ["-fopenmp"],
-                build_directory=str(build),
-                verbose=False,
-            )
+        with open(root / f"{name}-{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            library = build / f"{name}.so"
+            if library.exists():
+                return _import(name, library)
+            (build / "lock").unlink(missing_ok=True)  # torch's, left by a build that was killed
+            with Console(stderr=True).status("building hearthlm's CPU kernels (once, about 30 s)"):
+                return load(
+                    name=name,
+                    sources=[str(src)],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    build_directory=str(build),
+                    verbose=False,
+                )
     except Exception as e:  # no compiler / headers: fall back, loudly once
         warnings.warn(f"hearthlm: CPU kernels unavailable ({e}); using PyTorch ops", stacklevel=3)
         return None
+
+
+def _import(name: str, library: Path):
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.cache

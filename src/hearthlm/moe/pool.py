@@ -32,6 +32,7 @@ class ExpertPool:
         fetch_thread: bool = False,
     ):
         self.tiers, self.policy = tiers, policy
+        policy.bind(tiers)
         template = next(iter(tiers.values())).read(0)
         self.expert_bytes = sum(nbytes(w) for w in template)
         total = self.expert_bytes * num_experts * len(tiers)
