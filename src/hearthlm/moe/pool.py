@@ -3,7 +3,8 @@
 Each layer step asks for the experts its batch routes to (one fetch serves every token routed there) and gets
 them in ascending expert order, the order of the resident path, so the sums, and the logits, are identical.
 Misses take the slots of the lowest-ranked experts (policy.py) outside the current step. With a fetch
-thread, all misses of a step are copied in the background while the step computes its earlier experts."""
+thread (`executor`), all misses of a step are copied in the background while the step computes its earlier
+experts."""
 
 from __future__ import annotations
 
@@ -29,34 +30,32 @@ class ExpertPool:
         budget: Budget,
         policy: LRU | Frequency,
         device,
-        fetch_thread: bool = False,
     ):
         self.tiers, self.policy = tiers, policy
         policy.bind(tiers)
         template = next(iter(tiers.values())).read(0)
         self.expert_bytes = sum(nbytes(w) for w in template)
         total = self.expert_bytes * num_experts * len(tiers)
-        count = min(budget.resolve(total) // self.expert_bytes, num_experts * len(tiers))
+        given = budget.resolve(total)
+        count = min(given // self.expert_bytes, num_experts * len(tiers))
         if count < top_k:
             need = top_k * self.expert_bytes
             raise BudgetError(
-                f"expert budget {budget} ({human_bytes(budget.resolve(total))}) holds {count} expert(s); one layer's top-{top_k} experts "
-                f"need at least {need} bytes ({human_bytes(need)}, {need / total:.2%} of the {human_bytes(total)} "
-                "of experts)"
+                f"expert budget {budget} ({human_bytes(given)}) holds {count} expert(s); one layer's top-{top_k} "
+                f"experts need at least {need} bytes ({human_bytes(need)}, {need / total:.2%} of the "
+                f"{human_bytes(total)} of experts)"
             )
         self.storage = tuple(empty_like(w, count, device) for w in template)
         self.slots: list[tuple[Weight, Weight]] = [(self.storage[0][i], self.storage[1][i]) for i in range(count)]
         self.owner: list[Key | None] = [None] * count
         self.where: dict[Key, int] = {}
         self.pending: dict[int, Future] = {}
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="expert-fetch") if fetch_thread else None
+        # A ThreadPoolExecutor here fetches a step's misses in the background while the step computes its
+        # earlier experts. Off: on 2 CPU cores it measured slower (benchmarks/moe.py, "frequency+thread").
+        self.executor: ThreadPoolExecutor | None = None
         self.first_layer = min(tiers)
         self.clock = 0
         self.stats = MoEStats(slots=count, expert_bytes=self.expert_bytes)
-
-    @property
-    def storage_bytes(self) -> int:
-        return sum(nbytes(w) for w in self.storage)
 
     def snapshot(self) -> MoEStats:
         s = self.stats

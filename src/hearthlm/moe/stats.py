@@ -12,7 +12,6 @@ class MoEStats:
 
     hits: int = 0
     misses: int = 0
-    prefetched: int = 0  # experts fetched ahead of their use (counted in bytes_fetched)
     bytes_fetched: int = 0
     fetch_seconds: float = 0.0  # time the forward pass waited on fetches
     tokens: int = 0  # token positions that went through the MoE layers
