@@ -1,6 +1,8 @@
 """Budgeted expert residency: decode tokens/s, hit rate and bytes fetched per token against the budget.
 
-    python benchmarks/moe.py [--layers 4] [--steps 48] [--budgets 0.1,0.25,0.5,1.0] [--cache DIR]
+    python benchmarks/moe.py [--layers 4] [--steps 32] [--warm 32] [--budgets 0.1,0.25,0.5,1.0] [--threads 1]
+
+The figures in benchmarks/results/moe-20261121-163251.* came from `--threads 1 --steps 32 --warm 32`.
 
 Models:
 (a) the trained demo MoE model (Gemma 4 MoE, 8 experts, top-2, 6 layers): real routing, on a few prompts;

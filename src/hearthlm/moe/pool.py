@@ -41,7 +41,8 @@ class ExpertPool:
         if count < top_k:
             need = top_k * self.expert_bytes
             raise BudgetError(
-                f"expert budget {budget} ({human_bytes(given)}) holds {count} expert(s); one layer's top-{top_k} "
+                f"expert budget {budget}{f' ({human_bytes(given)})' if budget.fraction else ''} holds {count} "
+                f"expert(s); one layer's top-{top_k} "
                 f"experts need at least {need} bytes ({human_bytes(need)}, {need / total:.2%} of the "
                 f"{human_bytes(total)} of experts)"
             )
