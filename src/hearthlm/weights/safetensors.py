@@ -59,6 +59,10 @@ class SafetensorsFile:
         self._fd: int | None = None
         self.entries: dict[str, dict] = header
 
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def keys(self) -> list[str]:
         return list(self.entries)
 
