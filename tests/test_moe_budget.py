@@ -58,7 +58,7 @@ def test_families_equal_full_residency_at_every_budget(checkpoint, name):
     ids = _ids(12, batch=2)
     full = _trace(LLM(folder), ids)
     minimum = _min_bytes(LLM(folder, expert_budget=1.0))
-    for budget in (minimum, minimum + 1, 0.5, "100%"):
+    for budget in (minimum, 0.5, "100%"):  # the minimum: 2 slots, fewer than a batch of 2 routes to
         llm = LLM(folder, expert_budget=budget)
         _assert_same(_trace(llm, ids), full)
         assert llm.moe_stats().misses > 0
