@@ -14,6 +14,7 @@ from .engine.kv_cache import ContiguousKVCache
 from .engine.runner import forward_tokens
 from .engine.sampler import SamplingParams
 from .kernels import cpu
+from .moe import MoEStats, parse_budget, profile
 from .quant.quantize import parse_quant
 from .store import resolve
 from .tokenizer import Tokenizer
@@ -76,10 +77,13 @@ class LLM:
         device: str | torch.device | None = None,
         quant: str | None = None,
         expert_budget: str | float | None = None,
+        moe_profile: bool = True,
     ):
+        """`expert_budget`: keep MoE experts in the checkpoint and at most this many in memory: bytes ('6GB',
+        '512MB') or a fraction of all expert bytes (0.25, '25%'); `moe_profile`: seed the expert policy from
+        the model's moe_profile.json (`hearth moe-profile`) when there is one."""
         spec = parse_quant(quant) if quant is not None else None
-        if expert_budget is not None:
-            raise ValueError("expert_budget: budgeted expert residency is not available in this version")
+        budget = parse_budget(expert_budget) if expert_budget is not None else None
         path = resolve(model)  # None: the built-in demo; HF id / short name: its folder in the store
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
@@ -90,7 +94,8 @@ class LLM:
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
             cpu.quant_available()
         gguf = GGUFFile(path) if path.suffix == ".gguf" else None  # read once: weights and tokenizer
-        self.model = load_model(gguf or path, self.dtype, self.device, spec)
+        prior = profile.load_prior(path) if budget is not None and moe_profile else None
+        self.model = load_model(gguf or path, self.dtype, self.device, spec, budget, prior)
         self.quant = spec.name if spec else stored_quant(path) or ("gguf" if path.suffix == ".gguf" else None)
         self.config = self.model.config
         if gguf is not None:
@@ -100,6 +105,11 @@ class LLM:
             self.tokenizer = tokenizer_from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
         else:
             self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+
+    def moe_stats(self) -> MoEStats | None:
+        """Expert-residency totals since load (aggregate counters only), None without an expert budget."""
+        pool = getattr(self.model, "expert_pool", None)
+        return pool.snapshot() if pool is not None else None
 
     # -- inputs -------------------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> list[int]:

@@ -17,7 +17,13 @@ def _err() -> Console:
 def _load(args: argparse.Namespace):
     from .api import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, quant=args.quant)  # the loader shows its own progress bar
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        quant=args.quant,
+        expert_budget=args.expert_budget,
+        moe_profile=not args.no_moe_profile,
+    )  # fmt: skip  (the loader shows its own progress bar)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
     return llm
@@ -104,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"give a prompt: `hearth run [MODEL] PROMPT` (or pipe it in), or talk with {chat}")
     llm = _load(args)
     params = _params(args)
+    start = time.perf_counter()
     if args.raw or not llm.tokenizer.has_chat_template:
         if args.system:
             raise ValueError("--system needs the chat template, which --raw (or this model) does not use")
@@ -111,7 +118,16 @@ def _run(args: argparse.Namespace) -> int:
     else:
         messages = _messages(args.system) + [{"role": "user", "content": args.prompt}]
         _stream(llm, lambda on_token: llm.chat(messages, params, on_token=on_token))
+    if args.moe_stats:
+        _err().print(f"[dim]{_moe_line(llm, time.perf_counter() - start)}[/dim]")
     return 0
+
+
+def _moe_line(llm, seconds: float) -> str:
+    stats = llm.moe_stats()
+    if stats is None:
+        return "experts: all resident (no --expert-budget)" if llm.config.num_experts else "no experts in this model"
+    return stats.summary(seconds)
 
 
 _CHAT_HELP = "/reset clears the conversation, /exit leaves (or Ctrl-D); Ctrl-C stops a reply"
@@ -189,8 +205,18 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--quant", default=None, help=QUANT_HELP)
+    _expert_options(p)
 
 
+def _expert_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
+    p.add_argument("--no-moe-profile", action="store_true", help="ignore the model's moe_profile.json")
+
+
+BUDGET_HELP = (
+    "MoE models: keep experts in the checkpoint and at most this much of them in memory: bytes (6GB, 512MB) or a "
+    "share of all expert bytes (0.25, 25%%)"
+)
 QUANT_HELP = "quantize the weights while loading: int8, int4 (int4-g32 / -g64 / -g128 set the group size)"
 
 
@@ -271,6 +297,35 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moe_profile(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from .api import LLM, SamplingParams
+    from .moe import profile
+
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts (one per line)")
+    llm = LLM(args.model, dtype=args.dtype, quant=args.quant, expert_budget=args.expert_budget, moe_profile=False)
+    if not llm.config.num_experts:
+        raise ValueError(f"{llm.path}: not a mixture-of-experts model")
+    recorder = profile.Recorder(llm.model)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    chat = llm.tokenizer is not None and llm.tokenizer.has_chat_template
+    with Progress(console=_err(), transient=True) as progress:
+        task = progress.add_task("profiling expert usage", total=len(prompts))
+        for prompt in prompts:
+            if chat:
+                llm.chat([{"role": "user", "content": prompt}], params)
+            else:
+                llm.generate(prompt, params)
+            progress.advance(task)
+    recorder.close()
+    out = profile.write(llm.path, recorder.to_json(llm.path.name))
+    _err().print(f"wrote {out} ({recorder.tokens} tokens); budgeted runs of this model now start from it")
+    return 0
+
+
 def _csv(text: str) -> list[str | None]:
     return [None if x.strip().lower() == "none" else x.strip() for x in text.split(",") if x.strip()]
 
@@ -282,7 +337,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench.plot_check()  # before minutes of measuring, not after
     result = bench.bench(
         args.models or None, args.dtype, args.quant, args.prompt_len, args.gen_len, args.runs, args.vs or [],
-        args.device, args.bandwidth, progress=True,
+        args.device, args.bandwidth, progress=True, expert_budget=args.expert_budget,
     )  # fmt: skip
     if args.json:
         sys.stdout.write(result.to_json() + "\n")
@@ -301,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", nargs="?", help=model_help)
     run.add_argument("prompt", nargs="?", help="the prompt (read from stdin when piped)")
     run.add_argument("--raw", action="store_true", help="complete the prompt as plain text, without the chat template")
+    run.add_argument(
+        "--moe-stats", action="store_true", help="print expert hit rate and bytes fetched after the answer"
+    )
     _generation_options(run)
     run.set_defaults(func=_run)
     chat = sub.add_parser("chat", help="talk to a model, turn by turn")
@@ -330,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("-o", "--output", required=True, help="the folder to write")
     quant.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="of the float tensors")
     quant.set_defaults(func=_quantize)
+    prof = sub.add_parser("moe-profile", help="record which experts an MoE model uses, to seed --expert-budget")
+    prof.add_argument("model", nargs="?", help=model_help)
+    prof.add_argument("--prompts", required=True, help="a text file, one prompt per line")
+    prof.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    prof.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    prof.add_argument("--quant", default=None, help=QUANT_HELP)
+    prof.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
+    prof.set_defaults(func=_moe_profile)
     sub.add_parser("list", help="list the models on this machine").set_defaults(func=_list)
     rm = sub.add_parser("rm", help="remove a pulled model")
     rm.add_argument("name", help="its HF id or short name (see `hearth list`)")
@@ -355,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
     b.add_argument("--json", action="store_true", help="print the result rows as JSON")
     b.add_argument("--plot", metavar="FILE", default=None, help="write a PNG bar chart (needs matplotlib)")
+    b.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
     b.set_defaults(func=_bench)
     return parser
 

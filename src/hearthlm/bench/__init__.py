@@ -116,11 +116,26 @@ def _row(spec: dict, worker: Worker, samples: list[dict], name: str, bandwidth: 
         bandwidth_gbps=bandwidth,
         roofline_tok_s=roofline,
         roofline_fraction=decode.median / roofline if roofline else None,
+        expert_budget=spec.get("expert_budget"),
+        moe=_moe_medians(samples),
     )
 
 
+def _moe_medians(samples: list[dict]) -> dict | None:
+    runs = [s["moe"] for s in samples if "moe" in s]
+    return {k: Stat.of([r[k] for r in runs]).median for k in runs[0]} if runs else None
+
+
 def _bench_model(
-    path: Path, variants: list[_Variant], prompt_len: int, gen_len: int, runs: int, device: str, bandwidth, step
+    path: Path,
+    variants: list[_Variant],
+    prompt_len: int,
+    gen_len: int,
+    runs: int,
+    device: str,
+    bandwidth,
+    step,
+    expert_budget: str | None = None,
 ) -> list[Row]:
     """All variants of one model: workers loaded together, rounds alternating their order."""
     from .. import fit
@@ -133,6 +148,9 @@ def _bench_model(
     prompt = synthetic_prompt(cfg.vocab_size, prompt_len)
     base = {"path": str(path), "prompt": prompt, "gen_len": gen_len, "device": device}
     specs = [base | {"engine": v.engine, "dtype": v.dtype, "quant": v.quant} for v in variants]
+    for spec in specs:
+        if spec["engine"] == "hearthlm" and expert_budget is not None and cfg.num_experts:
+            spec["expert_budget"] = expert_budget
     workers: list[Worker] = []
     try:
         for spec in specs:
@@ -209,9 +227,11 @@ def bench(
     device: str | None = None,
     bandwidth: float | None = None,
     progress: bool = False,
+    expert_budget: str | None = None,
 ) -> Result:
     """Benchmark each model (names as `LLM` takes them; none: the demo model) in each dtype and quantization
-    with hearthlm, and with each engine in `vs` on the same weights. See the module docstring for the method."""
+    with hearthlm, and with each engine in `vs` on the same weights. See the module docstring for the method.
+    `expert_budget`: hearthlm runs MoE models under it, and reports hit rate and bytes fetched per token."""
     import torch
 
     from .. import store
@@ -234,8 +254,10 @@ def bench(
     rows: list[Row] = []
     with _progress(progress, len(paths) * len(variants) * runs) as step:
         for path in paths:
-            rows += _bench_model(path, variants, prompt_len, gen_len, runs, device, bw, step)
+            rows += _bench_model(path, variants, prompt_len, gen_len, runs, device, bw, step, expert_budget)
     settings = {"prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "vs": vs, "device": device, "seed": SEED}
+    if expert_budget is not None:
+        settings["expert_budget"] = expert_budget
     return Result(rows, _ratios(rows), settings, machine)
 
 

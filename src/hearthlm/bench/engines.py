@@ -62,12 +62,18 @@ class HearthlmEngine:
         from ..api import LLM
 
         self.spec = spec
-        self.llm = LLM(spec["path"], dtype=spec["dtype"], device=spec["device"], quant=spec["quant"])
+        self.llm = LLM(
+            spec["path"], dtype=spec["dtype"], device=spec["device"], quant=spec["quant"],
+            expert_budget=spec.get("expert_budget"),
+        )  # fmt: skip
 
     def run(self, ids: list[int], n: int) -> tuple[float, list[float], int]:
         """-> (start time, a timestamp per generated token, tokens generated)."""
         from ..api import SamplingParams
 
+        pool = getattr(self.llm.model, "expert_pool", None)
+        if pool is not None:
+            pool.reset_stats()  # counters of this run only
         stamps: list[float] = []
         start = time.perf_counter()
         out = self.llm.generate(
@@ -76,6 +82,17 @@ class HearthlmEngine:
             on_token=lambda i, t: stamps.append(time.perf_counter()),
         )
         return start, stamps, len(out[0].token_ids)
+
+    def moe(self, seconds: float) -> dict | None:
+        """Expert-pool figures of the last run (under an expert budget)."""
+        s = self.llm.moe_stats()
+        if s is None:
+            return None
+        return {
+            "hit_rate": s.hit_rate,
+            "mb_per_token": s.bytes_per_token / 1e6,
+            "fetch_share": s.fetch_seconds / seconds,
+        }
 
     def quality(self) -> Quality:
         from ..api import LLM
@@ -271,7 +288,13 @@ def _worker() -> int:
             cmd = line.strip()
             if cmd == "run":
                 begin, stamps, n = engine.run(spec["prompt"], spec["gen_len"])
-                reply({"ttft": stamps[0] - begin, "decode": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": n})
+                sample = {
+                    "ttft": stamps[0] - begin,
+                    "decode": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                    "tokens": n,
+                }
+                moe = engine.moe(stamps[-1] - begin) if hasattr(engine, "moe") else None
+                reply(sample | ({"moe": moe} if moe else {}))
             elif cmd == "memory":
                 reply({"peak": _memory_peak(spec["device"]) - baseline})
             elif cmd == "quality":

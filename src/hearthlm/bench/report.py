@@ -15,8 +15,10 @@ def _mb(n: int | None) -> str:
 
 def _format(r: Row) -> str:
     if r.path.endswith(".gguf"):  # the file's types; hearthlm holds its float tensors in the dtype
-        return "gguf" if r.engine != "hearthlm" else f"gguf ({r.dtype})"
-    return r.quant or r.dtype
+        fmt = "gguf" if r.engine != "hearthlm" else f"gguf ({r.dtype})"
+    else:
+        fmt = r.quant or r.dtype
+    return fmt + (f", experts {r.expert_budget}" if r.expert_budget else "")
 
 
 def table(result: Result):
@@ -32,6 +34,8 @@ def table(result: Result):
     t = Table(title=title, box=None, header_style="bold")
     columns = ["MODEL", "ENGINE", "FORMAT", "TTFT", "PREFILL TOK/S", "DECODE TOK/S", "(MIN–MAX)", "ROOFLINE"]
     columns += ["PEAK MEM", "FIT EST."] + (["KL", "TOP-1"] if quality else [])
+    moe = any(r.moe for r in result.rows)
+    columns += ["EXPERT HITS", "FETCHED/TOK", "FETCH TIME"] if moe else []
     for c in columns:
         t.add_column(c, no_wrap=True, justify="left" if c in ("MODEL", "ENGINE", "FORMAT") else "right")
     for r in result.rows:
@@ -43,17 +47,28 @@ def table(result: Result):
         if quality:
             q = r.quality
             cells += [f"{q.kl_mean:.4f}", f"{100 * q.top1_agreement:.1f}%"] if q else ["", ""]
+        if moe:
+            m = r.moe
+            cells += (
+                [f"{m['hit_rate']:.1%}", f"{m['mb_per_token']:.2f} MB", f"{m['fetch_share']:.0%}"] if m else [""] * 3
+            )
         t.add_row(*cells)
     for x in result.ratios:
         mem = f"{x.peak_memory:.2f}×" if x.peak_memory else "—"
         cells = [x.model, f"hearthlm / {x.versus}", x.dtype, f"{x.ttft:.2f}×", f"{x.prefill:.2f}×"]
-        cells += [f"{x.decode:.2f}×", "", "", mem, ""] + (["", ""] if quality else [])
+        cells += [f"{x.decode:.2f}×", "", "", mem, ""] + (["", ""] if quality else []) + ([""] * 3 if moe else [])
         t.add_row(*cells, style="bold")
     t.caption = (
         "TTFT: prefill + first token. Decode: tokens after the first / time after the first. ROOFLINE: decode as a "
         "share of bandwidth / bytes per token. PEAK MEM: peak RSS over the imports (VRAM on CUDA); FIT EST.: "
         "`hearth fit`'s estimate of it. Ratios > 1: hearthlm's figure is higher (better for tok/s, worse for TTFT "
         "and memory)."
+        + (
+            " EXPERT HITS: share of expert uses served from the pool; FETCHED/TOK: expert bytes read from the slow tier "
+            "per token (prompt included); FETCH TIME: share of the run spent waiting on them."
+            if moe
+            else ""
+        )
     )
     return t
 

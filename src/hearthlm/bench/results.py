@@ -73,6 +73,8 @@ class Row:
     roofline_tok_s: float | None
     roofline_fraction: float | None  # decode median / roofline
     quality: Quality | None = None
+    expert_budget: str | None = None
+    moe: dict | None = None  # under an expert budget: medians of hit_rate, mb_per_token, fetch_share per run
 
 
 @dataclass

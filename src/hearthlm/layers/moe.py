@@ -1,7 +1,8 @@
 """Routed experts: stacked weights [E, out, in] and a sort/gather dispatch.
 
 Each expert runs once per step on every token routed to it (a batch shares one pass over each
-expert's weights), which is what makes decode memory-bound on the active experts only.
+expert's weights), which is what makes decode memory-bound on the active experts only. Under an expert
+budget the weights come from `source` (moe/pool.py) instead of the stacked parameters, in the same order.
 """
 
 from __future__ import annotations
@@ -19,23 +20,31 @@ class Experts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
         self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
         self.act = activation(act)
+        self.num_experts = num_experts
+        self.source = None  # moe.pool.LayerExperts when the experts live in a slow tier (an expert budget)
+
+    def weights(self, active: list[int], rows: int):
+        """(gate_up, down) of each expert in `active`, in order."""
+        if self.source is not None:
+            return self.source.weights(active, rows)
+        return ((self.gate_up[e], self.down[e]) for e in active)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N, H]; index, weight [N, K] (expert ids and their mixing weights) -> [N, H]."""
         top_k = index.shape[1]
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        active = [e for e, c in enumerate(counts) if c]
         out = torch.zeros_like(x)
         start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
+        for expert, (gate_up, down) in zip(active, self.weights(active, x.shape[0])):
+            count = counts[expert]
             picks = order[start : start + count]
             start += count
             tokens = picks // top_k
-            gate, up = linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
-            h = linear(self.act(gate) * up, self.down[expert])
+            gate, up = linear(x[tokens], gate_up).chunk(2, dim=-1)
+            h = linear(self.act(gate) * up, down)
             h = h * weight.reshape(-1)[picks, None]
             out.index_add_(0, tokens, h.to(out.dtype))
         return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -54,7 +55,13 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self._data_start = 8 + n
         self._size = size
+        self._base: int | None = None
+        self._fd: int | None = None
         self.entries: dict[str, dict] = header
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -90,6 +97,40 @@ class SafetensorsFile:
             return
         start, end = (self._data_start + o for o in self.entries[name]["data_offsets"])
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _offset(self, view: torch.Tensor) -> int | None:
+        """Where a contiguous view of this file's mapping starts in the file; None if it is not one."""
+        if self._mmap is None or not view.is_contiguous():
+            return None
+        if self._base is None:
+            self._base = torch.frombuffer(self._mmap, dtype=torch.uint8, count=1).data_ptr()
+        start = view.data_ptr() - self._base
+        return start if 0 <= start and start + view.numel() * view.element_size() <= self._size else None
+
+    def read_into(self, view: torch.Tensor, dst: torch.Tensor) -> bool:
+        """Read the bytes under `view` (a view of the mapping) from the file into `dst` (same dtype and size, a
+        contiguous CPU tensor) with one pread: no page of the mapping is touched. False if not applicable."""
+        start = self._offset(view)
+        if start is None or dst.dtype != view.dtype or dst.shape != view.shape or not dst.is_contiguous():
+            return False
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        buf = memoryview(dst.view(-1).view(torch.uint8).numpy())
+        n = os.preadv(self._fd, [buf], start)
+        if n != len(buf):
+            raise CheckpointError(f"{self.path}: short read at byte {start}: the file changed or is truncated")
+        return True
+
+    def release_view(self, view: torch.Tensor) -> None:
+        """Drop the pages under a view of this file's mapping (one expert of a stacked tensor), as release."""
+        start = self._offset(view)
+        if start is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        end = start + view.numel() * view.element_size()
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
@@ -143,6 +184,15 @@ class Checkpoint:
     def release(self, name: str) -> None:
         """See SafetensorsFile.release."""
         self._file(self._where[name]).release(name)
+
+    def read_into(self, view: torch.Tensor, dst: torch.Tensor) -> bool:
+        """See SafetensorsFile.read_into."""
+        return any(f.read_into(view, dst) for f in self._files.values())
+
+    def release_view(self, view: torch.Tensor) -> None:
+        """See SafetensorsFile.release_view."""
+        for f in self._files.values():
+            f.release_view(view)
 
     def get(self, name: str) -> torch.Tensor:
         path = self._where.get(name)

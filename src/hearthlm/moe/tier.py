@@ -1,0 +1,141 @@
+"""The slow tier: where an MoE layer's experts live when they are not in a slot.
+
+On CPU it is the memory-mapped checkpoint itself: nothing is read at load. A fetch reads one expert's bytes
+from the file into a slot with pread where they are stored as they run (no page of the mapping is touched);
+otherwise it copies them from the mapping, converting the dtype or quantizing exactly as the full load would,
+and drops those pages from the process. Either way memory holds the slots, the page cache the rest.
+A checkpoint that `hearth quantize` wrote is read as stored: the quantized copy on disk, written once.
+Beside a GPU the slow tier is host memory (HostTier): the experts built once in their final format."""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.quantize import QuantSpec, quantizable, quantize
+from ..quant.tensor import QuantTensor
+from ..weights.mapping import Cat, Source, Stack
+
+Weight = torch.Tensor | QuantTensor
+
+
+def copy_weight(dst: Weight, src: Weight, row: int = 0, non_blocking: bool = False, ckpt=None) -> int:
+    """Copy src into rows [row, row + len(src)) of dst (same format); returns the rows copied. With `ckpt`, src
+    is a view of its mapping: read straight from the file where the bytes are the same, else copied
+    (converting the dtype) and the mapping's pages dropped after."""
+    n = src.shape[0]
+    if isinstance(dst, QuantTensor):
+        assert isinstance(src, QuantTensor) and dst.layout == src.layout, "slot and expert formats differ"
+        pairs = [
+            (d[row : row + n], s)
+            for d, s in ((dst.qdata, src.qdata), (dst.scales, src.scales), (dst.mins, src.mins))
+            if d is not None
+        ]
+    else:
+        pairs = [(dst[row : row + n], src)]
+    for d, s in pairs:
+        if ckpt is None:
+            d.copy_(s, non_blocking=non_blocking)
+        elif not ckpt.read_into(s, d):
+            d.copy_(s)
+            ckpt.release_view(s)
+    return n
+
+
+def _parts(w: Weight) -> list[torch.Tensor]:
+    return [t for t in ((w.qdata, w.scales, w.mins) if isinstance(w, QuantTensor) else (w,)) if t is not None]
+
+
+class CheckpointTier:
+    """One MoE layer's experts in the mapped checkpoint: gate_up and down each a Stack of per-expert sources
+    (per-expert tensors, gate and up concatenated) or the name of a stacked [E, out, in] tensor."""
+
+    def __init__(self, ckpt, sources: tuple[Source, Source], dtype: torch.dtype, spec: QuantSpec | None):
+        self.ckpt, self.sources, self.dtype = ckpt, sources, dtype
+        self._stacked = {s: ckpt.get(s) for s in sources if isinstance(s, str)}  # views of the mapping
+        first = [self._pieces(s, 0) for s in sources]
+        # Quantize on fetch where the full load would quantize (a float file loaded with --quant).
+        self.spec = [
+            spec if spec is not None and all(isinstance(p, torch.Tensor) for p in ps) and quantizable(_cat(ps), spec)
+            else None
+            for ps in first
+        ]  # fmt: skip
+
+    def _pieces(self, source: Source, e: int) -> list[Weight]:
+        if isinstance(source, str):
+            return [self._stacked[source][e]]
+        assert isinstance(source, Stack)
+        part = source.parts[e]
+        names = [part] if isinstance(part, str) else list(part.parts) if isinstance(part, Cat) else None
+        assert names is not None and all(isinstance(n, str) for n in names), f"unsupported expert source {part}"
+        return [self.ckpt.get(n) for n in names]
+
+    def read(self, e: int) -> tuple[Weight, Weight]:
+        """Expert e's (gate_up, down) as new tensors in the running format (sizes the slots)."""
+        out = []
+        for source, spec in zip(self.sources, self.spec):
+            pieces = self._pieces(source, e)
+            if spec is not None:
+                out.append(quantize(_cat(pieces), spec))
+            elif isinstance(pieces[0], QuantTensor):
+                out.append(_fill(empty_like(pieces[0], 1)[0], pieces))
+            else:
+                out.append(_cat(pieces).to(self.dtype))
+        return out[0], out[1]
+
+    def load(self, e: int, slot: tuple[Weight, Weight]) -> None:
+        """Copy expert e into a slot, then drop the file pages it was read from."""
+        for source, spec, dst in zip(self.sources, self.spec, slot):
+            pieces = self._pieces(source, e)
+            if spec is not None:
+                copy_weight(dst, quantize(_cat(pieces), spec))
+                for p in pieces:
+                    self.ckpt.release_view(p)
+            else:
+                _fill(dst, pieces, self.ckpt)
+
+
+def empty_like(w: Weight, n: int, device: torch.device | None = None) -> Weight:
+    """A stack of n uninitialised weights of w's format: [n, *w.shape]."""
+    new = lambda t: torch.empty((n, *t.shape), dtype=t.dtype, device=device or t.device)  # noqa: E731
+    if isinstance(w, QuantTensor):
+        return QuantTensor(new(w.qdata), new(w.scales), None if w.mins is None else new(w.mins), w.bits, w.group)
+    return new(w)
+
+
+def nbytes(w: Weight) -> int:
+    return sum(t.numel() * t.element_size() for t in _parts(w))
+
+
+def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _fill(dst: Weight, pieces: list[Weight], ckpt=None) -> Weight:
+    row = 0
+    for p in pieces:
+        row += copy_weight(dst, p, row, ckpt=ckpt)
+    return dst
+
+
+class HostTier:
+    """Experts held in (pinned) host memory in their final format, for a model on a GPU. Untested here."""
+
+    def __init__(self, gate_up: Weight, down: Weight):
+        self.stacks = tuple(_pin(w) for w in (gate_up, down))
+
+    def read(self, e: int) -> tuple[Weight, Weight]:
+        return self.stacks[0][e], self.stacks[1][e]
+
+    def load(self, e: int, slot: tuple[Weight, Weight]) -> None:
+        for dst, src in zip(slot, self.stacks):
+            copy_weight(dst, src[e], non_blocking=True)
+
+
+def _pin(w: Weight) -> Weight:
+    if not torch.cuda.is_available():
+        return w
+    if isinstance(w, QuantTensor):
+        return QuantTensor(
+            *(t.pin_memory() if t is not None else None for t in (w.qdata, w.scales, w.mins)), w.bits, w.group
+        )
+    return w.pin_memory()

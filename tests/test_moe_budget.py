@@ -1,0 +1,228 @@
+"""Budgeted expert residency (moe/): logits equal full residency at every budget, for every MoE family, the
+demo MoE model and quantized experts; budget parsing and the too-small error; the policy against LRU; the
+counters; the experts staying in the checkpoint; the CLI and the profile."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from checkpoints import VOCAB
+from hearthlm.engine.generator import forward_tokens
+
+from hearthlm import LLM
+from hearthlm.engine.kv_cache import ContiguousKVCache
+from hearthlm.layers.moe import Experts
+from hearthlm.moe import Budget, BudgetError, parse_budget
+from hearthlm.moe.policy import LRU, Frequency
+from hearthlm.moe.pool import ExpertPool
+from hearthlm.weights.export import write_quantized
+
+MOE_FAMILIES = ["gemma4_all", "qwen3_moe", "mixtral"]
+DEMO_MOE = "hearth-demo-moe"
+
+
+def _ids(n: int, batch: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, n), generator=g)
+
+
+def _trace(llm: LLM, ids: torch.Tensor, steps: int = 4) -> list[torch.Tensor]:
+    """Logits of a prefill of ids [B, T], then of `steps` cached decode steps (fixed tokens)."""
+    model, (B, T) = llm.model, ids.shape
+    cache = ContiguousKVCache(llm.config.layers, B, T + steps, llm.dtype, llm.device)
+    out = [model.logits(forward_tokens(model, cache, ids, torch.zeros(B, dtype=torch.long)))]
+    for i in range(steps):
+        tok = ids[:, i : i + 1].flip(0)
+        h = forward_tokens(model, cache, tok, torch.full((B,), T + i, dtype=torch.long))
+        out.append(model.logits(h))
+    return out
+
+
+def _min_bytes(llm: LLM) -> int:
+    pool = llm.model.expert_pool
+    return llm.config.experts_per_token * pool.expert_bytes
+
+
+def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y), f"max |diff| {(x - y).abs().max().item()}"
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_families_equal_full_residency_at_every_budget(checkpoint, name):
+    _, folder = checkpoint(name)
+    ids = _ids(12, batch=2)
+    full = _trace(LLM(folder), ids)
+    minimum = _min_bytes(LLM(folder, expert_budget=1.0))
+    for budget in (minimum, 0.5, "100%"):  # the minimum: 2 slots, fewer than a batch of 2 routes to
+        llm = LLM(folder, expert_budget=budget)
+        _assert_same(_trace(llm, ids), full)
+        assert llm.moe_stats().misses > 0
+
+
+def test_demo_moe_at_a_quarter_equals_full_residency():
+    full, budgeted = LLM(DEMO_MOE), LLM(DEMO_MOE, expert_budget="25%")
+    ids = torch.tensor([full.tokenizer.encode("The little fox ran into the forest and found a cave where")])
+    _assert_same(_trace(budgeted, ids, steps=8), _trace(full, ids, steps=8))
+    stats = budgeted.moe_stats()
+    assert stats.slots == 12 and stats.hits > 0  # 25% of 6 layers x 8 experts
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_experts_under_a_budget_equal_the_same_quant_resident(fmt):
+    ids = torch.tensor([[5, 99, 300, 17, 2048, 7, 64, 1000]])
+    full = _trace(LLM(DEMO_MOE, quant=fmt), ids)
+    budgeted = LLM(DEMO_MOE, quant=fmt, expert_budget=0.25)  # quantized on fetch
+    assert budgeted.model.expert_pool.storage[0].__class__.__name__ == "QuantTensor"
+    _assert_same(_trace(budgeted, ids), full)
+
+
+def test_quantized_checkpoint_under_a_budget_reads_the_stored_experts(tmp_path):
+    """A folder `hearth quantize` wrote is the quantized slow tier on disk: fetches copy its bytes."""
+    folder = write_quantized(LLM(DEMO_MOE, quant="int4").model, LLM(DEMO_MOE).path, tmp_path / "q", "int4-g32")
+    ids = torch.tensor([[5, 99, 300, 17, 2048, 7]])
+    budgeted = LLM(folder, expert_budget="30%")
+    assert budgeted.model.expert_pool.tiers[0].spec == [None, None]  # nothing quantized on fetch
+    _assert_same(_trace(budgeted, ids), _trace(LLM(folder), ids))
+
+
+def test_too_small_a_budget_states_the_minimum():
+    minimum = _min_bytes(LLM(DEMO_MOE, expert_budget=1.0))
+    with pytest.raises(BudgetError) as e:
+        LLM(DEMO_MOE, expert_budget=minimum - 1)
+    message = str(e.value)
+    assert f"at least {minimum} bytes" in message and "% of the" in message and "top-2" in message
+    LLM(DEMO_MOE, expert_budget=minimum)  # the minimum itself runs
+
+
+def test_budget_parsing():
+    assert parse_budget("6GB") == Budget(bytes=6 * 10**9)
+    assert parse_budget("512MB") == Budget(bytes=512 * 10**6)
+    assert parse_budget("2GiB") == Budget(bytes=2 * 2**30)
+    assert parse_budget("1.5g") == Budget(bytes=1_500_000_000)
+    assert parse_budget("123456") == parse_budget(123456) == Budget(bytes=123456)
+    assert parse_budget("25%") == parse_budget("0.25") == parse_budget(0.25) == Budget(fraction=0.25)
+    assert parse_budget(1.0).resolve(1000) == 1000 and parse_budget("10%").resolve(1000) == 100
+    for bad in ("lots", "6XB", "-1GB", "0", "0%", "150%", "1.5", 0.0, 2.0, True, ""):
+        with pytest.raises(BudgetError, match="expert budget"):
+            parse_budget(bad)
+    with pytest.raises(ValueError, match="no experts"):
+        LLM(None, expert_budget="25%")  # the dense demo model
+
+
+class _FakeTier:
+    def read(self, e):
+        return torch.zeros(2, 8), torch.zeros(8, 1)
+
+    def load(self, e, slot):
+        pass
+
+
+def _replay(policy, seed: int = 0) -> ExpertPool:
+    """A skewed routing trace (Zipf-like expert popularity per layer, 4 of 32 experts per token, 4 layers)
+    through a pool holding a quarter of the experts."""
+    layers, experts, k, steps = 4, 32, 4, 600
+    g = torch.Generator().manual_seed(seed)
+    popularity = 1.0 / torch.arange(1, experts + 1).float() ** 1.1
+    perms = [torch.randperm(experts, generator=g) for _ in range(layers)]
+    pool = ExpertPool({i: _FakeTier() for i in range(layers)}, experts, k, Budget(fraction=0.25), policy, "cpu")
+    for _ in range(steps):
+        for layer in range(layers):
+            picks = torch.multinomial(popularity, k, generator=g)
+            active = sorted(perms[layer][picks].tolist())
+            list(pool.experts(layer, active, rows=1))
+    return pool
+
+
+def test_policy_fetches_fewer_bytes_than_lru_on_skewed_routing():
+    freq, lru = _replay(Frequency()), _replay(LRU())
+    assert freq.stats.bytes_fetched < 0.8 * lru.stats.bytes_fetched, (freq.stats, lru.stats)
+    again = _replay(Frequency()).stats
+    assert (again.hits, again.bytes_fetched) == (freq.stats.hits, freq.stats.bytes_fetched)  # deterministic
+
+
+def test_stats_add_up():
+    llm = LLM(DEMO_MOE, expert_budget="25%")
+    uses = []
+    for m in llm.model.modules():
+        if isinstance(m, Experts):
+            m.register_forward_pre_hook(lambda mod, args: uses.append(len(torch.unique(args[1]))))
+    ids = torch.tensor([[5, 99, 300, 17, 2048, 7, 64, 1000]])
+    _trace(llm, ids, steps=5)
+    s = llm.moe_stats()
+    assert s.hits + s.misses == sum(uses)
+    assert s.bytes_fetched == s.misses * s.expert_bytes
+    assert s.tokens == 8 + 5
+    assert sum(s.resident.values()) == s.slots == 12 and set(s.resident) == set(range(6))
+    assert "hit rate" in s.summary(1.0)
+
+
+def _tensor_bytes(llm: LLM) -> int:
+    model = llm.model
+    held = [t for t in model.state_dict().values()]
+    pool = getattr(model, "expert_pool", None)
+    if pool is not None:
+        held += [t for w in pool.storage for t in ((w.qdata, w.scales, w.mins) if hasattr(w, "qdata") else (w,))]
+    return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
+def test_experts_are_not_resident_at_load():
+    full, budgeted = LLM(DEMO_MOE, dtype="float32"), LLM(DEMO_MOE, dtype="float32", expert_budget="25%")
+    experts = [m for m in budgeted.model.modules() if isinstance(m, Experts)]
+    assert experts and all(not hasattr(m, "gate_up") and not hasattr(m, "down") for m in experts)
+    expert_bytes = sum(
+        m.gate_up.numel() * 4 + m.down.numel() * 4 for m in full.model.modules() if isinstance(m, Experts)
+    )
+    # Everything the budgeted model holds: the full model less three quarters of the experts.
+    assert _tensor_bytes(budgeted) == _tensor_bytes(full) - expert_bytes + expert_bytes // 4
+
+
+def hearth(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hearthlm.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_with_a_budget_prints_the_same_answer_and_the_stats():
+    args = ("run", DEMO_MOE, "Tell me about the sea.", "--temperature", "0", "--max-tokens", "12")
+    plain = hearth(*args)
+    budgeted = hearth(*args, "--expert-budget", "25%", "--moe-stats")
+    assert plain.returncode == 0 and budgeted.returncode == 0, budgeted.stderr
+    assert budgeted.stdout == plain.stdout
+    assert "hit rate" in budgeted.stderr and "MB fetched per token" in budgeted.stderr
+    bad = hearth(*args, "--expert-budget", "lots")
+    assert bad.returncode == 2 and "not understood" in bad.stderr
+
+
+def test_moe_profile_is_written_and_seeds_the_pool(tmp_path):
+    folder = tmp_path / "moe"
+    shutil.copytree(LLM(DEMO_MOE).path, folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about the sea.\nWhat do foxes eat?\n")
+    result = hearth("moe-profile", str(folder), "--prompts", str(prompts), "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert (folder / "moe_profile.json").exists()
+    seeded = LLM(folder, expert_budget="25%")
+    assert sum(seeded.moe_stats().resident.values()) == 12  # filled from the profile at load
+    assert isinstance(seeded.model.expert_pool.policy, Frequency) and seeded.model.expert_pool.policy.count
+    cold = LLM(folder, expert_budget="25%", moe_profile=False)
+    assert sum(cold.moe_stats().resident.values()) == 0
+    ids = torch.tensor([[5, 99, 300, 17]])
+    _assert_same(_trace(seeded, ids), _trace(cold, ids))
+
+
+def test_bench_reports_the_expert_pool():
+    from hearthlm import bench
+
+    result = bench.bench(["hearth-demo-moe"], prompt_len=8, gen_len=4, runs=1, expert_budget="25%")
+    (row,) = result.rows
+    assert row.expert_budget == "25%" and set(row.moe) == {"hit_rate", "mb_per_token", "fetch_share"}
+    assert row.moe["mb_per_token"] > 0
+    from rich.console import Console
+
+    console = Console(width=300, record=True)
+    console.print(bench.table(result))
+    text = console.export_text()
+    assert "EXPERT HITS" in text and "experts 25%" in text
