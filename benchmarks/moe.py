@@ -36,13 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from hearthlm.engine.generator import forward_tokens
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from hearthlm import LLM
 from hearthlm.engine.kv_cache import ContiguousKVCache
+from hearthlm.engine.runner import forward_tokens
 from hearthlm.layers.moe import Experts
 from hearthlm.moe.policy import LRU
 

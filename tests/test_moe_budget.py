@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 from checkpoints import VOCAB
-from hearthlm.engine.generator import forward_tokens
 
 from hearthlm import LLM
 from hearthlm.engine.kv_cache import ContiguousKVCache
+from hearthlm.engine.runner import forward_tokens
 from hearthlm.layers.moe import Experts
 from hearthlm.moe import Budget, BudgetError, parse_budget
 from hearthlm.moe.policy import LRU, Frequency
