@@ -356,6 +356,7 @@ class HearthEngine:
             self.llm = LLM(gguf_file(folder, fmt[5:]))
         else:
             self.llm = LLM(folder, quant=fmt)
+        self.llm.engine(prefix_caching=False)  # the runs repeat one prompt: every prefill must be cold
 
     @staticmethod
     def params(n: int) -> SamplingParams:

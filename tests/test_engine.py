@@ -441,3 +441,19 @@ def test_bad_requests_are_refused_with_clear_errors(loaded):
 def test_bad_sampling_params_are_refused(kwargs):
     with pytest.raises(ValueError, match="SamplingParams"):
         SamplingParams(**kwargs)
+
+
+def test_prefix_caching_off_prefills_every_repeat(checkpoint):
+    """Benchmarks repeat one prompt and must time a cold prefill each time."""
+    _, folder = checkpoint("llama")
+    llm = LLM(folder, dtype="float32")
+    prompt = list(range(3, 40))
+    for caching, expected in [(True, 32), (False, 0)]:
+        engine = llm.engine(prefix_caching=caching)
+        assert llm.engine() is engine  # no options: the same engine
+        cached = []
+        for i in range(2):
+            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=2, temperature=0))
+            while engine.has_unfinished():
+                cached += [o.cached_tokens for o in engine.step() if o.finished]
+        assert cached == [0, expected]

@@ -201,10 +201,11 @@ class LLM:
             for i in range(len(ids))
         ]
 
-    def engine(self) -> Engine:
-        """The engine generate() and chat() run on (created on first use, with default sizes)."""
-        if self._engine is None:
-            self._engine = Engine(self)
+    def engine(self, **options) -> Engine:
+        """The engine generate() and chat() run on: created on first use with default sizes, or anew from
+        `options`, Engine's keywords (max_batch, block_size, kv_blocks, prefill_chunk, prefix_caching)."""
+        if self._engine is None or options:
+            self._engine = Engine(self, **options)
         return self._engine
 
     def chat(

@@ -66,6 +66,9 @@ class HearthlmEngine:
             spec["path"], dtype=spec["dtype"], device=spec["device"], quant=spec["quant"],
             expert_budget=spec.get("expert_budget"),
         )  # fmt: skip
+        # Every run repeats one prompt: without this the prefix cache would serve it, and no run but the first
+        # would prefill.
+        self.llm.engine(prefix_caching=False)
 
     def run(self, ids: list[int], n: int) -> tuple[float, list[float], int]:
         """-> (start time, a timestamp per generated token, tokens generated)."""

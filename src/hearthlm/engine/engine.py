@@ -72,6 +72,7 @@ class Engine:
         block_size: int = 16,
         kv_blocks: int | None = None,
         prefill_chunk: int = 512,
+        prefix_caching: bool = True,
     ):
         for name, value in [("max_batch", max_batch), ("block_size", block_size), ("prefill_chunk", prefill_chunk)]:
             if not isinstance(value, int) or value < 1:
@@ -84,7 +85,7 @@ class Engine:
         self.context = self.config.max_position
         sizes = self._pool_sizes(max_batch, kv_blocks)
         self.cache = PagedKVCache(self.config.layers, sizes, block_size, llm.dtype, llm.device)
-        self.blocks = BlockManager(sizes, block_size)
+        self.blocks = BlockManager(sizes, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch, prefill_chunk)
         self._lock = threading.RLock()  # held by step() and abort()
         self._inbox_lock = threading.Lock()
