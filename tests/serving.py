@@ -13,6 +13,22 @@ from types import SimpleNamespace
 
 import uvicorn
 
+# The one tool definition the server tests offer (rendered by real templates, called in scripted replies).
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
 
 class LiveServer:
     """uvicorn serving `app` on a free loopback port, in a daemon thread."""

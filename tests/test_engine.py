@@ -35,19 +35,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    made: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in made:
-            ref, folder = checkpoint(name)
-            made[name] = (ref, LLM(folder, dtype="float32"))
-        return made[name]
-
-    return get
-
-
 def ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 

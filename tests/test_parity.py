@@ -17,19 +17,6 @@ FAMILY_NAMES = list(FAMILIES)
 WINDOW = 8  # every tiny config with sliding layers uses this window; prompts below are longer
 
 
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    cache: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in cache:
-            ref, folder = checkpoint(name)
-            cache[name] = (ref, LLM(folder, dtype="float32"))
-        return cache[name]
-
-    return get
-
-
 def _ids(n: int, seed: int = 0, batch: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch or 1, n), generator=g)

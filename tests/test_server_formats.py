@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from serving import TOOLS
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
@@ -32,20 +33,6 @@ EXPECTED = {
     "mistralai-Mistral-Nemo-Instruct-2407": "mistral",
 }
 END = ("<turn|>", "<|tool_response>", "<|im_end|>", "<|eot_id|>", "</s>")
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
 ARGS = {"city": "Zürich, {CH}", "days": 3, "hourly": True, "tags": ["a", "b"], "where": {"lat": 47.4, "x": None}}
 
 

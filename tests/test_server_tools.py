@@ -13,7 +13,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from serving import LiveServer, ScriptedEngine, with_template
+from serving import TOOLS, LiveServer, ScriptedEngine, with_template
 
 from hearthlm import LLM
 from hearthlm.server.app import create_app
@@ -21,20 +21,6 @@ from hearthlm.server.generation import ServedModel
 from hearthlm.server.metrics import Metrics
 
 TEMPLATES = Path(__file__).parents[2] / "shared" / "testdata" / "chat_templates"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
 ARGS = {"city": "Paris, FR", "days": 2}
 CALLS = {  # what each family writes to call get_weather(ARGS)
     "gemma4": '<|tool_call>call:get_weather{city:<|"|>Paris, FR<|"|>,days:2}<tool_call|>',

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LayerSpec
-from ..kernels import cpu
-from .kv_cache import sdpa
+from .kv_cache import attend_cached
 
 
 @dataclass
@@ -114,15 +113,7 @@ class PagedKVCache:
             keys, values = self._store(layer, step, k, v)
             if layer in self.shared_sources:
                 self._step_kv[layer] = (keys, values)
-        if q.shape[1] == 1 and q.device.type == "cpu" and cpu.available():
-            mask = step.mask[:, 0, -1] if step.mask is not None else None
-            return cpu.decode_attention(q[:, 0].float(), keys, values, mask, scale).to(q.dtype)[:, None]
-        q = q.transpose(1, 2)
-        if q.device.type == "cpu":  # fp32 attention on CPU: see ContiguousKVCache.attend
-            out = sdpa(q.float(), keys.float(), values.float(), step.mask, step.causal, scale).to(q.dtype)
-        else:
-            out = sdpa(q, keys, values, step.mask, step.causal, scale)
-        return out.transpose(1, 2)
+        return attend_cached(q, keys, values, step.mask, step.causal, scale)
 
     def _store(self, layer: int, step: _Step, k: torch.Tensor, v: torch.Tensor):
         """Write the step's k, v [b, T, Hkv, D]; return every row's readable K, V [b, Hkv, S, D]."""
