@@ -76,6 +76,48 @@ def test_decode_attention_matches_sdpa(dtype, masked):
     assert torch.allclose(cpu.decode_attention(q, k, v, mask, 0.3), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [True, False])
+def test_paged_decode_attention_reads_slots_in_place(dtype, masked):
+    g = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, NS, S, D = 3, 6, 2, 40, 11, 20
+    q = torch.randn(B, Hq, D, generator=g)
+    K, V = (torch.randn(Hkv, NS, D, generator=g).to(dtype) for _ in range(2))
+    slots = torch.randint(0, NS, (B, S), generator=g)
+    mask = torch.rand(B, S, generator=g) > 0.3 if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    gathered = lambda t: t[:, slots].transpose(0, 1)  # noqa: E731  [B, Hkv, S, D]
+    expected = cpu.decode_attention(q, gathered(K), gathered(V), mask, 0.4)
+    assert torch.allclose(cpu.paged_decode_attention(q, K, V, slots, mask, 0.4), expected, atol=1e-6)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.paged_decode_attention(q, K, V, slots + NS, mask, 0.4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kv_store_writes_rows_into_slots(dtype):
+    g = torch.Generator().manual_seed(3)
+    K, V = torch.zeros(2, 30, 12, dtype=dtype), torch.zeros(2, 30, 12, dtype=dtype)
+    k, v = torch.randn(4, 2, 12, generator=g), torch.randn(4, 2, 12, generator=g)
+    slots = torch.tensor([7, 0, 29, 13])
+    cpu.kv_store(K, V, slots, k, v[:, :, :])
+    eK, eV = torch.zeros_like(K), torch.zeros_like(V)
+    eK.index_copy_(1, slots, k.transpose(0, 1).to(dtype))
+    eV.index_copy_(1, slots, v.transpose(0, 1).to(dtype))
+    assert torch.equal(K, eK) and torch.equal(V, eV)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.kv_store(K, V, torch.tensor([0, 1, 2, 30]), k, v)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_act_mul_matches_torch(act):
+    from hearthlm.layers.mlp import activation
+
+    x = torch.randn(2, 3, 2 * 77, generator=torch.Generator().manual_seed(4)) * 5
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.allclose(cpu.act_mul(x, act), activation(act)(gate) * up, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not cpu.available(), reason="this CPU has no AVX2/FMA/F16C: the kernels are never built")
 def test_built_kernels_load_despite_a_stale_build_lock(tmp_path):
     """A build killed midway leaves torch's `lock` file behind; the next run must not wait on it forever."""

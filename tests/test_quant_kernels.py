@@ -153,8 +153,17 @@ def test_bad_inputs_are_clear_errors():
 
     gemv_error("1..8 rows", x=torch.randn(9, K))
     gemv_error("1..8 rows", x=torch.randn(0, K))
-    gemv_error("contiguous", x=torch.randn(K, 2).T)
-    gemv_error("float32", x=x.double())
+    gemv_error("float tensor", x=torch.ones(1, K, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        cpu.quant_gemv(x, q, s, m, 4, 32, torch.zeros(7))
+    # Any float dtype, layout and leading shape is taken, as the model's activations come.
+    y = cpu.quant_gemv(x, q, s, m, 4, 32)
+    t = torch.randn(K, 2).T
+    assert torch.equal(cpu.quant_gemv(t, q, s, m, 4, 32), cpu.quant_gemv(t.contiguous(), q, s, m, 4, 32))
+    assert torch.equal(cpu.quant_gemv(x.double(), q, s, m, 4, 32), y)
+    assert torch.equal(cpu.quant_gemv(x.view(1, 1, K), q, s, m, 4, 32), y.view(1, 1, -1))
+    bias = torch.randn(8)
+    assert torch.equal(cpu.quant_gemv(x, q, s, m, 4, 32, bias), y + bias)
     gemv_error("K = 64", x=torch.randn(1, 32))
     gemv_error("uint8", q=q.view(torch.int8))
     gemv_error("int8", q=q, bits=8)  # 4-bit data passed as 8-bit

@@ -2,10 +2,11 @@
 manager hands to sequences; a step reads each row's blocks through its block table.
 
 Storage per layer is [Hkv, blocks * block_size, D] (a "slot" per position; each head's slots in one run, as
-the decode kernel reads them). A forward first writes the
-step's K/V into their slots, then gathers each row's readable slots (its whole past for full attention,
-the last window for sliding layers) into a [b, Hkv, S, D] view and attends with a mask built from the
-absolute positions. KV-shared layers store nothing and attend with their source layer's gathered K/V.
+the decode kernels read them). A forward first writes the step's K/V into their slots, then attends over
+each row's readable slots (its whole past for full attention, the last window for sliding layers) with a
+mask built from the absolute positions. Decode on CPU reads those slots in place; otherwise they are
+gathered into a [b, Hkv, S, D] tensor (a view when one row's slots are one run). KV-shared layers store
+nothing and attend over their source layer's slots.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LayerSpec
+from ..kernels import cpu
 from .kv_cache import attend_cached
 
 
@@ -107,21 +109,41 @@ class PagedKVCache:
     ) -> torch.Tensor:
         step = self.steps[self.window[layer]]
         src = self.source[layer]
-        if src is not None:
-            keys, values = self._step_kv[src]
-        else:
-            keys, values = self._store(layer, step, k, v)
-            if layer in self.shared_sources:
-                self._step_kv[layer] = (keys, values)
-        return attend_cached(q, keys, values, step.mask, step.causal, scale)
+        if src is None:
+            self._write(layer, step, k, v)
+            src = layer
+        K, V = self.k[src], self.v[src]  # [Hkv, slots, D]; KV-shared layers read their source's
+        if q.shape[1] == 1 and not isinstance(step.read, slice) and q.device.type == "cpu" and cpu.available():
+            # Decode over scattered blocks (a batch, or a prefix-cache hit): read the slots in place.
+            b, S = q.shape[0], step.S
+            mask = step.mask[:, 0, -1] if step.mask is not None else None
+            out = cpu.paged_decode_attention(q[:, 0].float(), K, V, step.read.view(b, S), mask, scale)
+            return out.to(q.dtype)[:, None]
+        return attend_cached(q, *self._read(src, step), step.mask, step.causal, scale)
 
-    def _store(self, layer: int, step: _Step, k: torch.Tensor, v: torch.Tensor):
-        """Write the step's k, v [b, T, Hkv, D]; return every row's readable K, V [b, Hkv, S, D]."""
-        K, V = self.k[layer], self.v[layer]  # [Hkv, slots, D]
-        b, _, H, D = k.shape
-        K.index_copy_(1, step.write, k.reshape(-1, H, D).transpose(0, 1).to(K.dtype))
-        V.index_copy_(1, step.write, v.reshape(-1, H, D).transpose(0, 1).to(V.dtype))
+    def _write(self, layer: int, step: _Step, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's k, v [b, T, Hkv, D] into their slots."""
+        K, V = self.k[layer], self.v[layer]
+        _, _, H, D = k.shape
+        k, v = k.reshape(-1, H, D), v.reshape(-1, H, D)
+        if k.device.type == "cpu" and k.dtype == torch.float32 and v.dtype == torch.float32 and cpu.available():
+            cpu.kv_store(K, V, step.write, k, v)  # one call instead of two index_copy_ and their conversions
+            return
+        K.index_copy_(1, step.write, k.transpose(0, 1).to(K.dtype))
+        V.index_copy_(1, step.write, v.transpose(0, 1).to(V.dtype))
+
+    def _read(self, layer: int, step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's readable K, V [b, Hkv, S, D]: a view when the slots are one run, else a gather (cached
+        for the KV-shared layers that read the same layer in this step)."""
+        K, V = self.k[layer], self.v[layer]
         if isinstance(step.read, slice):
             return K[None, :, step.read], V[None, :, step.read]
+        if layer in self._step_kv:
+            return self._step_kv[layer]
+        H, D = K.shape[0], K.shape[2]
         keys, values = K.index_select(1, step.read), V.index_select(1, step.read)  # [Hkv, b * S, D]
-        return keys.view(H, b, step.S, D).transpose(0, 1), values.view(H, b, step.S, D).transpose(0, 1)
+        b = keys.shape[1] // step.S
+        kv = keys.view(H, b, step.S, D).transpose(0, 1), values.view(H, b, step.S, D).transpose(0, 1)
+        if layer in self.shared_sources:
+            self._step_kv[layer] = kv
+        return kv

@@ -95,9 +95,10 @@ def available() -> bool:
     return _load() is not None
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS), weight [N, K] contiguous -> [M, N] float32."""
-    return _load().gemv(x, weight)
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] of at most MAX_ROWS rows (any float dtype), weight [N, K] contiguous, bias float32 [N] or
+    None -> x @ weight.T + bias, float32 [..., N]."""
+    return _load().gemv(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -117,6 +118,24 @@ def decode_attention(
     return _load().decode_attention(q, k, v, mask, scale)
 
 
+def paged_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """q [B, Hq, D] float32; k, v [Hkv, slots, D] contiguous; row b's keys at slots [B, S] int64; mask [B, S]
+    bool -> [B, Hq, D]: decode attention over a paged cache, read in place."""
+    return _load().paged_decode_attention(q, k, v, slots, mask, scale)
+
+
+def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k_cache[h, slots[i]] = k[i, h] (and v): caches [Hkv, slots, D] contiguous, k/v float32 [n, Hkv, D]."""
+    _load().kv_store(k_cache, v_cache, slots, k, v)
+
+
+def act_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """float32 [..., 2I] = [gate | up] -> act(gate) * up [..., I]; act 'silu' or 'gelu_tanh'."""
+    return _load().act_mul(x, act)
+
+
 def quant_available() -> bool:
     """Whether the quantized-weight kernels (quant_gemv, dequant_rows) are built and loaded."""
     return _load_quant() is not None
@@ -129,14 +148,15 @@ def quant_gemv(
     mins: torch.Tensor | None,
     bits: int,
     group: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x float32 [M, K] contiguous (M <= MAX_ROWS), the QuantTensor parts of a 2-D weight W [N, K] (contiguous)
-    -> x @ W.T, float32 [M, N].
+    """x [..., K] of at most MAX_ROWS rows (any float dtype), the QuantTensor parts of a 2-D weight W [N, K]
+    (contiguous), bias float32 [N] or None -> x @ W.T + bias, float32 [..., N].
 
     x is rounded to int8 per block of 32 elements inside (one scale per block, as llama.cpp's Q8_0), so the
     result is W . x^ where each element of x^ is off by at most 1/254 of its block's largest |x|.
     """
-    return _load_quant().quant_gemv(x, qdata, scales, mins, bits, group)
+    return _load_quant().quant_gemv(x, qdata, scales, mins, bits, group, bias)
 
 
 def dequant_rows(

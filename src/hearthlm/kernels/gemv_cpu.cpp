@@ -8,6 +8,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
 namespace {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -112,12 +118,18 @@ void dispatch(const float* x, const T* W, float* y, int64_t M, int64_t K, int64_
 
 }  // namespace
 
-// x [M, K] (any float dtype), W [N, K] contiguous (fp32 / fp16 / bf16) -> [M, N] float32.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor W) {
+// x [..., K] (any float dtype, at most 8 rows), W [N, K] contiguous (fp32 / fp16 / bf16), bias float32 [N] or
+// None -> x @ W^T + bias, float32 [..., N]; the reshape and conversions here, not as separate Python calls.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(W.dim() == 2 && W.is_contiguous(), "gemv: W must be a contiguous 2-D tensor");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == W.size(1), "gemv: x must be [M, K] with K = W.size(1)");
-  auto xf = x.to(torch::kFloat32).contiguous();
-  const int64_t M = x.size(0), K = W.size(1), N = W.size(0);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == W.size(1), "gemv: x must be [..., K] with K = W.size(1)");
+  const int64_t K = W.size(1), N = W.size(0);
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous()),
+              "gemv: bias must be float32 [", N, "]");
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  auto xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  const int64_t M = xf.size(0);
   auto y = torch::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -127,7 +139,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor W) {
     case torch::kBFloat16: dispatch(xp, W.data_ptr<at::BFloat16>(), yp, M, K, N); break;
     default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", W.scalar_type());
   }
-  return y;
+  if (bias.has_value()) y.add_(*bias);
+  return y.view(out_shape);
 }
 
 // RMSNorm over the last dim of a float32 tensor, optionally times a float32 weight. Decode runs ~50 of
@@ -196,21 +209,19 @@ void axpy(float a, const T* v, float* out, int64_t D) {
 }
 
 // One query per (row, head): softmax(q . K^T * scale, masked) . V, reading K/V in their stored dtype.
-template <typename T>
+// `at(b, kv, s)` gives the offset of row b's key s of KV head kv in k (and in v, which has the same layout).
+template <typename T, typename At>
 void decode_attention_impl(const float* q, const T* k, const T* v, const bool* mask, float* out, int64_t B,
-                           int64_t Hq, int64_t Hkv, int64_t S, int64_t D, const int64_t* ks, const int64_t* vs,
-                           float scale) {
+                           int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, At at) {
   const int64_t group = Hq / Hkv;
   at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq, kv = h / group;
       const float* qr = q + bh * D;
-      const T* kb = k + b * ks[0] + kv * ks[1];
-      const T* vb = v + b * vs[0] + kv * vs[1];
       float mx = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
-        p[s] = (mask && !mask[b * S + s]) ? -INFINITY : dot(qr, kb + s * ks[2], D) * scale;
+        p[s] = (mask && !mask[b * S + s]) ? -INFINITY : dot(qr, k + at(b, kv, s), D) * scale;
         mx = std::max(mx, p[s]);
       }
       float sum = 0;
@@ -218,9 +229,27 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* m
       float* o = out + bh * D;
       std::fill(o, o + D, 0.0f);
       for (int64_t s = 0; s < S; ++s)
-        if (p[s] > 0) axpy(p[s] / sum, vb + s * vs[2], o, D);
+        if (p[s] > 0) axpy(p[s] / sum, v + at(b, kv, s), o, D);
     }
   });
+}
+
+template <typename F>
+void by_cache_dtype(const torch::Tensor& k, const char* what, F f) {
+  switch (k.scalar_type()) {
+    case torch::kFloat32: return f(static_cast<float*>(nullptr));
+    case torch::kFloat16: return f(static_cast<at::Half*>(nullptr));
+    case torch::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
+    default: TORCH_CHECK(false, what, ": unsupported cache dtype ", k.scalar_type());
+  }
+}
+
+const bool* mask_ptr(const c10::optional<torch::Tensor>& mask, torch::Tensor& keep, int64_t B, int64_t S,
+                     const char* what) {
+  if (!mask.has_value()) return nullptr;
+  keep = mask->contiguous();
+  TORCH_CHECK(keep.scalar_type() == torch::kBool && keep.numel() == B * S, what, ": mask must be bool [B, S]");
+  return keep.data_ptr<bool>();
 }
 
 }  // namespace
@@ -230,33 +259,123 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* m
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3, "decode_attention: q must be float32 [B, Hq, D]");
-  TORCH_CHECK(k.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type(),
-              "decode_attention: k, v must be [B, Hkv, S, D] with a contiguous last dim");
+  TORCH_CHECK(k.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type() &&
+                  k.strides() == v.strides() && k.sizes() == v.sizes(),
+              "decode_attention: k, v must be [B, Hkv, S, D] alike, with a contiguous last dim");
   auto qc = q.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(Hq % Hkv == 0 && k.size(3) == D, "decode_attention: shape mismatch");
-  torch::Tensor m;
-  if (mask.has_value()) {
-    m = mask->contiguous();
-    TORCH_CHECK(m.scalar_type() == torch::kBool && m.numel() == B * S, "decode_attention: mask must be bool [B, S]");
-  }
+  TORCH_CHECK(Hq % Hkv == 0 && k.size(3) == D && k.size(0) == B, "decode_attention: shape mismatch");
+  torch::Tensor keep;
+  const bool* mp = mask_ptr(mask, keep, B, S, "decode_attention");
   auto out = torch::empty({B, Hq, D}, qc.options());
-  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
-  const bool* mp = mask.has_value() ? m.data_ptr<bool>() : nullptr;
-  const float* qp = qc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  switch (k.scalar_type()) {
-    case torch::kFloat32: decode_attention_impl(qp, k.data_ptr<float>(), v.data_ptr<float>(), mp, op, B, Hq, Hkv, S, D, ks, vs, scale); break;
-    case torch::kFloat16: decode_attention_impl(qp, k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), mp, op, B, Hq, Hkv, S, D, ks, vs, scale); break;
-    case torch::kBFloat16: decode_attention_impl(qp, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), mp, op, B, Hq, Hkv, S, D, ks, vs, scale); break;
-    default: TORCH_CHECK(false, "decode_attention: unsupported cache dtype ", k.scalar_type());
-  }
+  const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
+  by_cache_dtype(k, "decode_attention", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    decode_attention_impl(qc.data_ptr<float>(), k.data_ptr<T>(), v.data_ptr<T>(), mp, out.data_ptr<float>(), B, Hq,
+                          Hkv, S, D, static_cast<float>(scale),
+                          [=](int64_t b, int64_t kv, int64_t s) { return b * s0 + kv * s1 + s * s2; });
+  });
   return out;
+}
+
+// The same over a paged cache: K, V [Hkv, slots, D] contiguous, row b's keys at slots[b, :] (int64 [B, S]),
+// read in place: no gather of the rows' blocks into a [B, Hkv, S, D] copy first.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor K, torch::Tensor V, torch::Tensor slots,
+                                     c10::optional<torch::Tensor> mask, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3, "paged_decode_attention: q must be float32 [B, Hq, D]");
+  TORCH_CHECK(K.dim() == 3 && K.is_contiguous() && V.is_contiguous() && K.sizes() == V.sizes() &&
+                  K.scalar_type() == V.scalar_type(),
+              "paged_decode_attention: K, V must be contiguous [Hkv, slots, D] alike");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 2 && slots.size(0) == q.size(0),
+              "paged_decode_attention: slots must be int64 [B, S]");
+  auto qc = q.contiguous();
+  auto sl = slots.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = K.size(0), NS = K.size(1), S = sl.size(1);
+  TORCH_CHECK(Hq % Hkv == 0 && K.size(2) == D, "paged_decode_attention: shape mismatch");
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * S; ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < NS, "paged_decode_attention: slot ", sp[i], " out of range");
+  torch::Tensor keep;
+  const bool* mp = mask_ptr(mask, keep, B, S, "paged_decode_attention");
+  auto out = torch::empty({B, Hq, D}, qc.options());
+  by_cache_dtype(K, "paged_decode_attention", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    decode_attention_impl(qc.data_ptr<float>(), K.data_ptr<T>(), V.data_ptr<T>(), mp, out.data_ptr<float>(), B, Hq,
+                          Hkv, S, D, static_cast<float>(scale),
+                          [=](int64_t b, int64_t kv, int64_t s) { return (kv * NS + sp[b * S + s]) * D; });
+  });
+  return out;
+}
+
+// K[h, slots[i], :] = k[i, h, :] (and V from v): K, V [Hkv, slots, D] contiguous in the cache dtype; k, v
+// [n, Hkv, D] float32 with a contiguous last dim. One call per layer instead of two index_copy_ and their
+// conversions.
+void kv_store(torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tensor k, torch::Tensor v) {
+  TORCH_CHECK(K.dim() == 3 && K.is_contiguous() && V.is_contiguous() && K.sizes() == V.sizes() &&
+                  K.scalar_type() == V.scalar_type(),
+              "kv_store: K, V must be contiguous [Hkv, slots, D] alike");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.dim() == 3 &&
+                  k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
+              "kv_store: k, v must be float32 [n, Hkv, D] with a contiguous last dim");
+  const int64_t H = K.size(0), NS = K.size(1), D = K.size(2), n = k.size(0);
+  TORCH_CHECK(k.size(1) == H && k.size(2) == D, "kv_store: k, v must be [n, ", H, ", ", D, "]");
+  auto sl = slots.contiguous();
+  TORCH_CHECK(sl.scalar_type() == torch::kLong && sl.numel() == n, "kv_store: slots must be int64 [n]");
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < NS, "kv_store: slot ", sp[i], " out of range");
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0), v1 = v.stride(1);
+  by_cache_dtype(K, "kv_store", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    T *Kp = K.data_ptr<T>(), *Vp = V.data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < H; ++h) {
+        T* kd = Kp + (h * NS + sp[i]) * D;
+        T* vd = Vp + (h * NS + sp[i]) * D;
+        const float *ks = kp + i * k0 + h * k1, *vs = vp + i * v0 + h * v1;
+        for (int64_t d = 0; d < D; ++d) {
+          kd[d] = static_cast<T>(ks[d]);
+          vd[d] = static_cast<T>(vs[d]);
+        }
+      }
+  });
+}
+
+// act(gate) * up for x = [gate | up] [..., 2I] float32 -> [..., I]: silu, or gelu with the tanh
+// approximation, in one pass instead of chunk, act and mul (three ops and two temporaries per layer).
+torch::Tensor act_mul(torch::Tensor x, const std::string& act) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "act_mul: x must be float32");
+  TORCH_CHECK(act == "silu" || act == "gelu_tanh", "act_mul: unknown activation ", act);
+  auto xc = x.contiguous();
+  const int64_t I = xc.size(-1) / 2, rows = xc.numel() / (2 * I);
+  auto sizes = xc.sizes().vec();
+  sizes.back() = I;
+  auto y = torch::empty(sizes, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool silu = act == "silu";
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = xp + r * 2 * I, *u = g + I;
+    float* o = yp + r * I;
+    if (silu) {
+      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    } else {
+      constexpr float c = 0.7978845608028654f;  // sqrt(2 / pi)
+      for (int64_t i = 0; i < I; ++i) {
+        const float a = g[i];
+        o[i] = 0.5f * a * (1.0f + std::tanh(c * (a + 0.044715f * a * a * a))) * u[i];
+      }
+    }
+  }
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-query attention over a KV cache");
   m.def("rope", &rope, "rotate-half RoPE (float32)");
-  m.def("gemv", &gemv, "x [M, K] @ W[N, K]^T -> [M, N] float32");
+  m.def("gemv", &gemv, "x [..., K] @ W[N, K]^T (+ bias) -> [..., N] float32");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
+  m.def("paged_decode_attention", &paged_decode_attention, "one-query attention over a paged KV cache");
+  m.def("kv_store", &kv_store, "write K/V rows into cache slots");
+  m.def("act_mul", &act_mul, "act(gate) * up");
 }

@@ -471,18 +471,23 @@ int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor
 
 }  // namespace
 
-// x float32 [M, K] contiguous (M <= 8), W the QuantTensor parts of a 2-D weight [N, K] -> x @ W^T, float32
-// [M, N], with x rounded to int8 per block of 32 (see the header).
+// x [..., K] (any float dtype, at most 8 rows), W the QuantTensor parts of a 2-D weight [N, K], bias float32 [N]
+// or None -> x @ W^T + bias, float32 [..., N], with x rounded to int8 per block of 32 (see the header). The
+// reshape and conversions happen here, not as separate calls from Python: decode makes ~100 of these a token.
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                         int64_t bits, int64_t group) {
+                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias) {
   const int64_t K = check_weight("quant_gemv", qdata, scales, mins, bits, group);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32,
-              "quant_gemv: x must be float32 on the CPU, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "quant_gemv: x must be [M, K] with K = ", K, ", got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu() && x.is_floating_point(), "quant_gemv: x must be a float tensor on the CPU");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "quant_gemv: x must be [..., K] with K = ", K, ", got ", x.sizes());
+  const int64_t N = qdata.size(0);
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous()),
+              "quant_gemv: bias must be float32 [", N, "]");
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  x = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "quant_gemv: x must have 1..", kMaxRows, " rows, got ",
               x.size(0));
-  TORCH_CHECK(x.is_contiguous(), "quant_gemv: x must be contiguous");
-  const int64_t M = x.size(0), N = qdata.size(0);
+  const int64_t M = x.size(0);
   const bool half = group == 16;
   auto y = torch::empty({M, N}, x.options());
   if (N == 0) return y;
@@ -506,7 +511,8 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
     half ? gemv_dispatch<4, true>(a, M) : gemv_dispatch<4, false>(a, M);
   else
     half ? gemv_dispatch<8, true>(a, M) : gemv_dispatch<8, false>(a, M);
-  return y;
+  if (bias.has_value()) y.add_(*bias);
+  return y.view(out_shape);
 }
 
 namespace {
@@ -596,6 +602,6 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_gemv", &quant_gemv, "x [M, K] float32 @ W^T for a quantized W [N, K] -> [M, N] float32");
+  m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32");
   m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]");
 }

@@ -35,14 +35,17 @@ def linear(
     rows = x.numel() // K if K else 0
     half = weight.dtype in _HALF
     if 0 < rows <= (GEMV_ROWS_HALF if half else cpu.MAX_ROWS) and weight.is_contiguous() and cpu.available():
-        flat = x.reshape(rows, K)
+        fused = bias is not None and bias.dtype == torch.float32
         if rows <= cpu.MAX_ROWS:
-            y = cpu.gemv(flat, weight)
+            y = cpu.gemv(x, weight, bias if fused else None)
         else:  # short prompts: re-reading half-precision weights per 8 rows beats converting them to fp32
+            flat = x.reshape(rows, K)
             y = torch.cat([cpu.gemv(flat[i : i + cpu.MAX_ROWS], weight) for i in range(0, rows, cpu.MAX_ROWS)])
-        if bias is not None:
-            y = y + bias
-        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+            y = y.view(*x.shape[:-1], -1)
+            fused = False
+        if bias is not None and not fused:
+            y += bias
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     if half:
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
@@ -56,4 +59,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        # The weight is a parameter, or a QuantTensor submodule once quantized. Read from their dicts:
+        # nn.Module's attribute lookup costs more than a microsecond, and decode runs ~100 of these per token.
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self._modules["weight"]
+        return linear(x, weight, params.get("bias"))

@@ -24,18 +24,24 @@ def _kernels(w: QuantTensor) -> bool:
 def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     N, K = w.shape
     rows = x.numel() // K
-    flat = x.reshape(rows, K)
-    if _kernels(w) and 0 < rows <= cpu.MAX_ROWS:
-        y = cpu.quant_gemv(flat.float().contiguous(), w.qdata, w.scales, w.mins, w.bits, w.group)
-    else:
-        dtype = torch.float32 if x.device.type == "cpu" else x.dtype
-        flat = flat.to(dtype)
-        y = torch.empty(rows, N, dtype=dtype, device=x.device)
-        step = max(1, TILE // K)
-        for n in range(0, N, step):
-            y[:, n : n + step] = F.linear(flat, _tile(w, n, min(N, n + step), dtype))
+    # The buffers straight from their dict: decode makes ~100 of these calls per token, and nn.Module's
+    # attribute lookup costs more than a microsecond each.
+    buffers = w._buffers
+    qdata = buffers["qdata"]
+    if 0 < rows <= cpu.MAX_ROWS and qdata.device.type == "cpu" and cpu.quant_available():
+        fused = bias is not None and bias.dtype == torch.float32
+        y = cpu.quant_gemv(x, qdata, buffers["scales"], buffers["mins"], w.bits, w.group, bias if fused else None)
+        if bias is not None and not fused:
+            y += bias
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+    flat = x.reshape(rows, K).to(dtype)
+    y = torch.empty(rows, N, dtype=dtype, device=x.device)
+    step = max(1, TILE // K)
+    for n in range(0, N, step):
+        y[:, n : n + step] = F.linear(flat, _tile(w, n, min(N, n + step), dtype))
     if bias is not None:
-        y = y + bias
+        y += bias
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
