@@ -371,11 +371,14 @@ torch::Tensor act_mul(torch::Tensor x, const std::string& act) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache");
+  // The long kernels let other Python threads run meanwhile (the server's event loop streams tokens while the
+  // engine thread computes); the short ones keep the GIL, whose hand-back would cost more than they do.
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache", release);
   m.def("rope", &rope, "rotate-half RoPE (float32)");
-  m.def("gemv", &gemv, "x [..., K] @ W[N, K]^T (+ bias) -> [..., N] float32");
+  m.def("gemv", &gemv, "x [..., K] @ W[N, K]^T (+ bias) -> [..., N] float32", release);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
-  m.def("paged_decode_attention", &paged_decode_attention, "one-query attention over a paged KV cache");
+  m.def("paged_decode_attention", &paged_decode_attention, "one-query attention over a paged KV cache", release);
   m.def("kv_store", &kv_store, "write K/V rows into cache slots");
   m.def("act_mul", &act_mul, "act(gate) * up");
 }

@@ -602,6 +602,9 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32");
-  m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]");
+  // The long kernels let other Python threads run meanwhile (the server's event loop streams tokens while the
+  // engine thread computes); the short ones keep the GIL, whose hand-back would cost more than they do.
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
+  m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]", release);
 }
