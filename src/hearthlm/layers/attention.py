@@ -39,8 +39,9 @@ class Batch:
     rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # key -> cos, sin
 
 
-def rope_key(spec: LayerSpec) -> tuple:
-    return (spec.rope, spec.head_dim)
+def rope_key(spec: LayerSpec) -> str:
+    # A string: its hash is cached, where a frozen dataclass's is recomputed in Python on every lookup.
+    return f"{spec.rope!r}:{spec.head_dim}"
 
 
 class Attention(nn.Module):
