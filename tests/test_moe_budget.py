@@ -17,7 +17,7 @@ from hearthlm.engine.kv_cache import ContiguousKVCache
 from hearthlm.engine.runner import forward_tokens
 from hearthlm.layers.moe import Experts
 from hearthlm.moe import Budget, BudgetError, parse_budget
-from hearthlm.moe.policy import LRU, Frequency
+from hearthlm.moe.policy import LRU, NextUse
 from hearthlm.moe.pool import ExpertPool
 from hearthlm.weights.export import write_quantized
 
@@ -121,6 +121,9 @@ class _FakeTier:
     def load(self, e, slot):
         pass
 
+    def release(self, e):
+        pass
+
 
 def _replay(policy, seed: int = 0) -> ExpertPool:
     """A skewed routing trace (Zipf-like expert popularity per layer, 4 of 32 experts per token, 4 layers)
@@ -134,14 +137,14 @@ def _replay(policy, seed: int = 0) -> ExpertPool:
         for layer in range(layers):
             picks = torch.multinomial(popularity, k, generator=g)
             active = sorted(perms[layer][picks].tolist())
-            list(pool.experts(layer, active, rows=1))
+            list(pool.experts(layer, active, [1] * k))
     return pool
 
 
 def test_policy_fetches_fewer_bytes_than_lru_on_skewed_routing():
-    freq, lru = _replay(Frequency()), _replay(LRU())
+    freq, lru = _replay(NextUse()), _replay(LRU())
     assert freq.stats.bytes_fetched < 0.8 * lru.stats.bytes_fetched, (freq.stats, lru.stats)
-    again = _replay(Frequency()).stats
+    again = _replay(NextUse()).stats
     assert (again.hits, again.bytes_fetched) == (freq.stats.hits, freq.stats.bytes_fetched)  # deterministic
 
 
@@ -206,7 +209,8 @@ def test_moe_profile_is_written_and_seeds_the_pool(tmp_path):
     assert (folder / "moe_profile.json").exists()
     seeded = LLM(folder, expert_budget="25%")
     assert sum(seeded.moe_stats().resident.values()) == 12  # filled from the profile at load
-    assert isinstance(seeded.model.expert_pool.policy, Frequency) and seeded.model.expert_pool.policy.count
+    policy = seeded.model.expert_pool.policy
+    assert isinstance(policy, NextUse) and policy.uses.sum() > 0
     cold = LLM(folder, expert_budget="25%", moe_profile=False)
     assert sum(cold.moe_stats().resident.values()) == 0
     ids = torch.tensor([[5, 99, 300, 17]])

@@ -23,10 +23,10 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.source = None  # moe.pool.LayerExperts when the experts live in a slow tier (an expert budget)
 
-    def weights(self, active: list[int], rows: int):
-        """(gate_up, down) of each expert in `active`, in order."""
+    def weights(self, active: list[int], counts: list[int]):
+        """(gate_up, down) of each expert in `active`, in order; `counts`: the tokens routed to each."""
         if self.source is not None:
-            return self.source.weights(active, rows)
+            return self.source.weights(active, counts)
         return ((self.gate_up[e], self.down[e]) for e in active)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ class Experts(nn.Module):
         active = [e for e, c in enumerate(counts) if c]
         out = torch.zeros_like(x)
         start = 0
-        for expert, (gate_up, down) in zip(active, self.weights(active, x.shape[0])):
+        for expert, (gate_up, down) in zip(active, self.weights(active, [counts[e] for e in active])):
             count = counts[expert]
             picks = order[start : start + count]
             start += count

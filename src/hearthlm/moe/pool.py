@@ -2,9 +2,13 @@
 
 Each layer step asks for the experts its batch routes to (one fetch serves every token routed there) and gets
 them in ascending expert order, the order of the resident path, so the sums, and the logits, are identical.
-Misses take the slots of the lowest-ranked experts (policy.py) outside the current step. With a fetch
-thread (`executor`), all misses of a step are copied in the background while the step computes its earlier
-experts."""
+A miss takes the slot of the resident expert that the policy (policy.py) scores farthest from its next use,
+outside the current step, if the miss itself is expected back sooner; otherwise it is computed from the slow
+tier once without a slot (from the mapped file itself where its bytes run as stored: zero copy).
+
+Prefetch (prefetch.py, off by default) installs the next layer's predicted experts from a fetch thread while
+the current layer runs, in slots reserved until that layer's step; a wrong guess costs only bytes.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+
 from .budget import Budget, BudgetError, human_bytes
-from .policy import LRU, Frequency, Key, make_policy
+from .policy import LRU, Key, NextUse, make_policy
 from .stats import MoEStats
-from .tier import CheckpointTier, HostTier, Weight, empty_like, nbytes
+from .tier import CheckpointTier, HostTier, Weight, empty_like, layout, nbytes
 
 Tier = CheckpointTier | HostTier
 
@@ -28,12 +34,15 @@ class ExpertPool:
         num_experts: int,
         top_k: int,
         budget: Budget,
-        policy: LRU | Frequency,
+        policy: LRU | NextUse,
         device,
     ):
-        self.tiers, self.policy = tiers, policy
-        policy.bind(tiers)
-        template = next(iter(tiers.values())).read(0)
+        self.tiers, self.layers = tiers, sorted(tiers)
+        self.row = {layer: i for i, layer in enumerate(self.layers)}  # position in the forward pass
+        self.num_experts, self.top_k = num_experts, top_k
+        template = tiers[self.layers[0]].read(0)
+        for layer in self.layers[1:]:
+            _same_format(template, tiers[layer].read(0), layer)
         self.expert_bytes = sum(nbytes(w) for w in template)
         total = self.expert_bytes * num_experts * len(tiers)
         given = budget.resolve(total)
@@ -48,77 +57,120 @@ class ExpertPool:
             )
         self.storage = tuple(empty_like(w, count, device) for w in template)
         self.slots: list[tuple[Weight, Weight]] = [(self.storage[0][i], self.storage[1][i]) for i in range(count)]
-        self.owner: list[Key | None] = [None] * count
+        self.slot_row = np.full(count, -1)  # row of the expert in each slot, -1: free
+        self.slot_expert = np.zeros(count, dtype=np.int64)
         self.where: dict[Key, int] = {}
-        self.pending: dict[int, Future] = {}
-        # A ThreadPoolExecutor here fetches a step's misses in the background while the step computes its
-        # earlier experts. Off: on 2 CPU cores it measured slower (benchmarks/moe.py, "frequency+thread").
-        self.executor: ThreadPoolExecutor | None = None
-        self.first_layer = min(tiers)
-        self.clock = 0
+        self.pending: dict[int, Future] = {}  # slot -> its fetch on the fetch thread
+        self.reserved: dict[Key, int] = {}  # prefetched, until its layer's step says whether it was used
+        self.executor: ThreadPoolExecutor | None = None  # the fetch thread, for prefetch
         self.stats = MoEStats(slots=count, expert_bytes=self.expert_bytes)
+        self.set_policy(policy)
+
+    def set_policy(self, policy: LRU | NextUse) -> None:
+        policy.bind(self.row, self.num_experts, self.top_k)
+        self.policy = policy
 
     def snapshot(self) -> MoEStats:
-        s = self.stats
         resident: dict[int, int] = dict.fromkeys(self.tiers, 0)
         for layer, _ in self.where:
             resident[layer] += 1
-        return MoEStats(**{**s.__dict__, "resident": resident})
+        return MoEStats(**{**self.stats.__dict__, "resident": resident})
 
     def reset_stats(self) -> None:
-        self.stats = MoEStats(slots=len(self.owner), expert_bytes=self.expert_bytes)
+        self.stats = MoEStats(slots=len(self.slots), expert_bytes=self.expert_bytes)
 
-    def experts(self, layer: int, active: list[int], rows: int) -> Iterator[tuple[Weight, Weight]]:
-        """(gate_up, down) of each expert in `active` (ascending), resident while the caller uses it."""
-        if layer == self.first_layer:
-            self.clock += 1
-            self.stats.tokens += rows
-        keys = [(layer, e) for e in active]
-        for k in keys:
-            self.policy.use(k, self.clock)
-        hits = sum(k in self.where for k in keys)
-        self.stats.hits += hits
-        self.stats.misses += len(keys) - hits
-        if len(keys) <= len(self.owner):
-            yield from self._step(keys)
-        else:  # more experts than slots (a large batch): each is fetched just before its use
-            for i, k in enumerate(keys):
-                if k not in self.where:
-                    later = {self.where[j] for j in keys[i + 1 :] if j in self.where}
-                    self._fetch(k, self._victim(later), wait=True)
-                yield self._ready(k)
+    def experts(self, layer: int, active: list[int], counts: list[int]) -> Iterator[tuple[Weight, Weight]]:
+        """(gate_up, down) of each expert in `active` (ascending; `counts`: the tokens routed to each), valid
+        while the caller uses it."""
+        s = self.stats
+        if layer == self.layers[0]:
+            s.tokens += sum(counts) // self.top_k
+        row = self.row[layer]
+        self.policy.visit(row, active, counts)
+        self._settle_prefetch(layer, active)
+        misses = [e for e in active if (layer, e) not in self.where]
+        s.hits += len(active) - len(misses)
+        s.misses += len(misses)
+        s.bytes_fetched += len(misses) * self.expert_bytes
+        keep = {self.where[(layer, e)] for e in active if (layer, e) in self.where}
+        for e, slot in self._place(row, misses, keep):
+            self._fetch((layer, e), slot, background=False)
+        for e in active:
+            slot = self.where.get((layer, e))
+            if slot is not None:
+                yield self._ready(slot)
+            else:  # not worth a slot: straight from the slow tier
+                s.transient += 1
+                start = time.perf_counter()
+                weights = self.tiers[layer].read(e)
+                s.fetch_seconds += time.perf_counter() - start
+                yield weights
+                self.tiers[layer].release(e)
 
-    def _step(self, keys: list[Key]) -> Iterator[tuple[Weight, Weight]]:
-        taken = {self.where[k] for k in keys if k in self.where}
-        misses = [k for k in keys if k not in self.where]
-        for k in misses:
-            slot = self._victim(taken)
-            taken.add(slot)
-            self._fetch(k, slot, wait=self.executor is None)
-        for k in keys:
-            yield self._ready(k)
+    def forecast(self, layer: int, predicted: list[int], busy: list[Key]) -> None:
+        """The experts that `layer`'s next step is predicted to use (prefetch.py): the policy keeps them, and
+        with a fetch thread (`executor`) those missing are fetched in the background, into slots that neither
+        the running step's experts (`busy`) nor earlier prefetches hold."""
+        if self.executor is None:
+            return
+        row, s = self.row[layer], self.stats
+        misses = [e for e in predicted if (layer, e) not in self.where]
+        keep = {self.where[k] for k in busy + [(layer, e) for e in predicted] if k in self.where}
+        for e, slot in self._place(row, misses, keep, s.prefetch_accuracy):
+            self._fetch((layer, e), slot, background=True)
+            self.reserved[(layer, e)] = slot
+            s.prefetches += 1
+            s.prefetch_bytes += self.expert_bytes
+            s.bytes_fetched += self.expert_bytes
 
-    def _victim(self, taken: set[int]) -> int:
-        free = next((i for i, o in enumerate(self.owner) if o is None and i not in taken), None)
-        if free is not None:
-            return free
-        rank, clock = self.policy.rank, self.clock
-        return min((i for i in range(len(self.owner)) if i not in taken), key=lambda i: rank(self.owner[i], clock))
+    def _settle_prefetch(self, layer: int, active: list[int]) -> None:
+        for key in [k for k in self.reserved if k[0] == layer]:
+            del self.reserved[key]
+            if key[1] in active:
+                self.stats.prefetch_used += 1
 
-    def _fetch(self, key: Key, slot: int, wait: bool) -> None:
+    def _place(self, row: int, misses: list[int], keep: set[int], hit: float | None = None) -> list[tuple[int, int]]:
+        """(expert, slot) for the misses worth a slot: each best remaining miss against the worst resident
+        outside `keep` and the reserved slots, while the miss is expected back sooner (a free slot always)."""
+        if not misses:
+            return []
+        keep = keep | set(self.reserved.values())
+        free = np.ones(len(self.slots), dtype=bool)
+        free[list(keep)] = False
+        candidates = np.flatnonzero(free)
+        scores = np.full(len(candidates), np.inf)
+        held = self.slot_row[candidates] >= 0
+        scores[held] = self.policy.scores(self.slot_row[candidates[held]], self.slot_expert[candidates[held]])
+        victims = np.argsort(-scores, kind="stable")
+        wanted = self.policy.scores(np.full(len(misses), row), np.array(misses), hit)
+        placed = []
+        for i, j in enumerate(np.argsort(wanted, kind="stable")):
+            if i == len(victims) or not wanted[j] < scores[victims[i]]:
+                break
+            placed.append((misses[j], int(candidates[victims[i]])))
+        return placed
+
+    def _assign(self, key: Key, slot: int) -> None:
         self._wait(slot)  # a fetch still writing this slot
-        old = self.owner[slot]
+        old = self.owner(slot)
         if old is not None:
             del self.where[old]
-        self.owner[slot], self.where[key] = key, slot
-        self.stats.bytes_fetched += self.expert_bytes
+        self.where[key] = slot
+        self.slot_row[slot], self.slot_expert[slot] = self.row[key[0]], key[1]
+
+    def _fetch(self, key: Key, slot: int, background: bool) -> None:
+        self._assign(key, slot)
         layer, e = key
-        if wait:
+        if background:
+            self.pending[slot] = self.executor.submit(self.tiers[layer].load, e, self.slots[slot])
+        else:
             start = time.perf_counter()
             self.tiers[layer].load(e, self.slots[slot])
             self.stats.fetch_seconds += time.perf_counter() - start
-        else:
-            self.pending[slot] = self.executor.submit(self.tiers[layer].load, e, self.slots[slot])
+
+    def owner(self, slot: int) -> Key | None:
+        row = self.slot_row[slot]
+        return None if row < 0 else (self.layers[row], int(self.slot_expert[slot]))
 
     def _wait(self, slot: int) -> None:
         future = self.pending.pop(slot, None)
@@ -127,20 +179,28 @@ class ExpertPool:
             future.result()
             self.stats.fetch_seconds += time.perf_counter() - start
 
-    def _ready(self, key: Key) -> tuple[Weight, Weight]:
-        slot = self.where[key]
+    def _ready(self, slot: int) -> tuple[Weight, Weight]:
         self._wait(slot)
         return self.slots[slot]
 
     def warm(self, keys: list[Key]) -> None:
         """Fill empty slots with these experts, in order (at load, from a profile); not counted as fetches."""
         for key in keys:
-            free = next((i for i, o in enumerate(self.owner) if o is None), None)
-            if free is None:
+            free = np.flatnonzero(self.slot_row < 0)
+            if not len(free):
                 return
             if key not in self.where and key[0] in self.tiers:
-                self.owner[free], self.where[key] = key, free
-                self.tiers[key[0]].load(key[1], self.slots[free])
+                self._assign(key, int(free[0]))
+                self.tiers[key[0]].load(key[1], self.slots[int(free[0])])
+
+
+def _same_format(a: tuple[Weight, Weight], b: tuple[Weight, Weight], layer: int) -> None:
+    if [layout(w) for w in a] != [layout(w) for w in b]:
+        raise BudgetError(
+            f"the experts of MoE layer {layer} are stored in another format than the first layer's "
+            f"({[layout(w) for w in b]} vs {[layout(w) for w in a]}): one pool of slots cannot hold both; "
+            "load the model without an expert budget"
+        )
 
 
 class LayerExperts:
@@ -149,13 +209,13 @@ class LayerExperts:
     def __init__(self, pool: ExpertPool, layer: int):
         self.pool, self.layer = pool, layer
 
-    def weights(self, active: list[int], rows: int) -> Iterator[tuple[Weight, Weight]]:
-        return self.pool.experts(self.layer, active, rows)
+    def weights(self, active: list[int], counts: list[int]) -> Iterator[tuple[Weight, Weight]]:
+        return self.pool.experts(self.layer, active, counts)
 
 
 def install(
     model,
-    read: Callable[[str], tuple[object, tuple]],
+    read: Callable[[str], Tier],
     budget: Budget,
     device,
     prior: dict[Key, float] | None = None,
@@ -171,7 +231,7 @@ def install(
             tiers[layer], modules[layer] = read(name), module
     cfg = model.config
     prior = {k: v for k, v in (prior or {}).items() if k[0] in tiers and k[1] < cfg.num_experts}
-    pool = ExpertPool(tiers, cfg.num_experts, cfg.experts_per_token, budget, make_policy("frequency", prior), device)
+    pool = ExpertPool(tiers, cfg.num_experts, cfg.experts_per_token, budget, make_policy("next-use", prior), device)
     for layer, module in modules.items():
         del module.gate_up, module.down  # the slow tier holds them
         module.source = LayerExperts(pool, layer)

@@ -5,6 +5,8 @@ from the file into a slot with pread where they are stored as they run (no page 
 otherwise it copies them from the mapping, converting the dtype or quantizing exactly as the full load would,
 and drops those pages from the process. Either way memory holds the slots, the page cache the rest.
 A checkpoint that `hearth quantize` wrote is read as stored: the quantized copy on disk, written once.
+A miss that is not worth a slot runs from `read(e)`: views of the mapping where the expert is stored as it
+runs (zero copy: the bytes are read once either way), else new tensors built as for a slot.
 Beside a GPU the slow tier is host memory (HostTier): the experts built once in their final format."""
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.quantize import QuantSpec, quantizable, quantize
-from ..quant.tensor import QuantTensor
+from ..quant.tensor import QuantTensor, combine
 from ..weights.mapping import Cat, Source, Stack
 
 Weight = torch.Tensor | QuantTensor
@@ -59,6 +61,11 @@ class CheckpointTier:
             else None
             for ps in first
         ]  # fmt: skip
+        # Where one piece is stored as it runs, an expert can run from the mapping itself (zero copy).
+        self.in_place = all(
+            len(ps) == 1 and q is None and (isinstance(ps[0], QuantTensor) or ps[0].dtype == dtype)
+            for ps, q in zip(first, self.spec)
+        )
 
     def _pieces(self, source: Source, e: int) -> list[Weight]:
         if isinstance(source, str):
@@ -70,17 +77,36 @@ class CheckpointTier:
         return [self.ckpt.get(n) for n in names]
 
     def read(self, e: int) -> tuple[Weight, Weight]:
-        """Expert e's (gate_up, down) as new tensors in the running format (sizes the slots)."""
+        """Expert e's (gate_up, down) in the running format: views of the mapping where it is stored that way
+        (then `release(e)` after use), else new tensors."""
+        if self.in_place:
+            return self._pieces(self.sources[0], e)[0], self._pieces(self.sources[1], e)[0]
         out = []
         for source, spec in zip(self.sources, self.spec):
             pieces = self._pieces(source, e)
             if spec is not None:
                 out.append(quantize(_cat(pieces), spec))
             elif isinstance(pieces[0], QuantTensor):
-                out.append(_fill(empty_like(pieces[0], 1)[0], pieces))
+                try:
+                    out.append(combine(pieces, stack=False) if len(pieces) > 1 else pieces[0])
+                except ValueError as err:
+                    raise ValueError(f"{self.ckpt.folder}: expert {e}: {err}") from None
+                if not isinstance(out[-1], QuantTensor):  # a RowConcat: no slot can hold it
+                    kinds = sorted({p.extra_repr() for p in pieces})
+                    raise ValueError(
+                        f"{self.ckpt.folder}: expert {e} stores gate and up in different formats ({kinds}); "
+                        "an expert budget needs one format per expert matrix: load the model without one"
+                    )
             else:
                 out.append(_cat(pieces).to(self.dtype))
         return out[0], out[1]
+
+    def release(self, e: int) -> None:
+        """Drop the file pages that expert e was read from (after running it from the mapping)."""
+        for source in self.sources:
+            for p in self._pieces(source, e):
+                for t in _parts(p):
+                    self.ckpt.release_view(t)
 
     def load(self, e: int, slot: tuple[Weight, Weight]) -> None:
         """Copy expert e into a slot, then drop the file pages it was read from."""
@@ -102,6 +128,13 @@ def empty_like(w: Weight, n: int, device: torch.device | None = None) -> Weight:
     return new(w)
 
 
+def layout(w: Weight) -> tuple:
+    """What a slot must match to hold w: its shape and storage format."""
+    if isinstance(w, QuantTensor):
+        return (tuple(w.shape), *w.layout, w.qdata.dtype, w.scales.dtype)
+    return (tuple(w.shape), w.dtype)
+
+
 def nbytes(w: Weight) -> int:
     return sum(t.numel() * t.element_size() for t in _parts(w))
 
@@ -120,15 +153,28 @@ def _fill(dst: Weight, pieces: list[Weight], ckpt=None) -> Weight:
 class HostTier:
     """Experts held in (pinned) host memory in their final format, for a model on a GPU. Untested here."""
 
-    def __init__(self, gate_up: Weight, down: Weight):
+    def __init__(self, gate_up: Weight, down: Weight, device: torch.device):
         self.stacks = tuple(_pin(w) for w in (gate_up, down))
+        self.device = device
 
     def read(self, e: int) -> tuple[Weight, Weight]:
-        return self.stacks[0][e], self.stacks[1][e]
+        """Expert e copied to the device, outside the slots (a miss not worth a slot)."""
+        return tuple(_to(w[e], self.device) for w in self.stacks)
+
+    def release(self, e: int) -> None:
+        pass
 
     def load(self, e: int, slot: tuple[Weight, Weight]) -> None:
         for dst, src in zip(slot, self.stacks):
             copy_weight(dst, src[e], non_blocking=True)
+
+
+def _to(w: Weight, device: torch.device) -> Weight:
+    if isinstance(w, QuantTensor):
+        return QuantTensor(
+            *(t.to(device) if t is not None else None for t in (w.qdata, w.scales, w.mins)), w.bits, w.group
+        )
+    return w.to(device)
 
 
 def _pin(w: Weight) -> Weight:

@@ -198,7 +198,7 @@ def _tier(ckpt, mapping: dict[str, Source], plan: dict[str, QuantSpec], name: st
         if isinstance(t, torch.Tensor):
             t = quantize(t, spec) if spec is not None and quantizable(t, spec) else t.to(dtype)
         built.append(t)
-    return HostTier(*built)
+    return HostTier(*built, device)
 
 
 _SHARED_KV = re.compile(r"self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight$")
