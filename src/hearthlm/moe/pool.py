@@ -62,7 +62,8 @@ class ExpertPool:
         self.where: dict[Key, int] = {}
         self.pending: dict[int, Future] = {}  # slot -> its fetch on the fetch thread
         self.reserved: dict[Key, int] = {}  # prefetched, until its layer's step says whether it was used
-        self.executor: ThreadPoolExecutor | None = None  # the fetch thread, for prefetch
+        self.executor: ThreadPoolExecutor | None = None  # the fetch thread (start_thread)
+        self.scratch: list[tuple[Weight, Weight]] = []
         self.stats = MoEStats(slots=count, expert_bytes=self.expert_bytes)
         self.set_policy(policy)
 
@@ -93,19 +94,42 @@ class ExpertPool:
         s.misses += len(misses)
         s.bytes_fetched += len(misses) * self.expert_bytes
         keep = {self.where[(layer, e)] for e in active if (layer, e) in self.where}
-        for e, slot in self._place(row, misses, keep):
-            self._fetch((layer, e), slot, background=False)
+        placed = dict(self._place(row, misses, keep))
+        s.transient += len(misses) - len(placed)
+        scratch = iter(range(len(self.scratch)))
+        ahead: dict[int, tuple[Future, int]] = {}  # not worth a slot, read on the fetch thread into scratch
+        for e in misses:  # in the order of use
+            if e in placed:
+                self._fetch((layer, e), placed[e], background=self.executor is not None)
+            elif (i := next(scratch, None)) is not None:
+                ahead[e] = self.executor.submit(self.tiers[layer].load, e, self.scratch[i]), i
         for e in active:
             slot = self.where.get((layer, e))
             if slot is not None:
                 yield self._ready(slot)
+            elif e in ahead:
+                future, i = ahead[e]
+                self._wait_for(future)
+                yield self.scratch[i]
             else:  # not worth a slot: straight from the slow tier
-                s.transient += 1
                 start = time.perf_counter()
                 weights = self.tiers[layer].read(e)
                 s.fetch_seconds += time.perf_counter() - start
                 yield weights
                 self.tiers[layer].release(e)
+
+    def start_thread(self) -> None:
+        """Fetch on a thread: a step's misses while it computes its earlier experts (the misses not worth a
+        slot into top_k scratch buffers, beyond the budget), and forecasts (prefetch.py)."""
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="hearth-fetch")
+            storage = tuple(empty_like(w, self.top_k) for w in self.slots[0])
+            self.scratch = [(storage[0][i], storage[1][i]) for i in range(self.top_k)]
+
+    def stop_thread(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor, self.scratch = None, []
 
     def forecast(self, layer: int, predicted: list[int], busy: list[Key]) -> None:
         """The experts that `layer`'s next step is predicted to use (prefetch.py): the policy keeps them, and
@@ -131,7 +155,7 @@ class ExpertPool:
 
     def _place(self, row: int, misses: list[int], keep: set[int], hit: float | None = None) -> list[tuple[int, int]]:
         """(expert, slot) for the misses worth a slot: each best remaining miss against the worst resident
-        outside `keep` and the reserved slots, while the miss is expected back sooner (a free slot always)."""
+        outside `keep` and the reserved slots, unless the miss is expected back later (a free slot always)."""
         if not misses:
             return []
         keep = keep | set(self.reserved.values())
@@ -145,7 +169,7 @@ class ExpertPool:
         wanted = self.policy.scores(np.full(len(misses), row), np.array(misses), hit)
         placed = []
         for i, j in enumerate(np.argsort(wanted, kind="stable")):
-            if i == len(victims) or not wanted[j] < scores[victims[i]]:
+            if i == len(victims) or wanted[j] > scores[victims[i]]:
                 break
             placed.append((misses[j], int(candidates[victims[i]])))
         return placed
@@ -175,9 +199,12 @@ class ExpertPool:
     def _wait(self, slot: int) -> None:
         future = self.pending.pop(slot, None)
         if future is not None:
-            start = time.perf_counter()
-            future.result()
-            self.stats.fetch_seconds += time.perf_counter() - start
+            self._wait_for(future)
+
+    def _wait_for(self, future: Future) -> None:
+        start = time.perf_counter()
+        future.result()
+        self.stats.fetch_seconds += time.perf_counter() - start
 
     def _ready(self, slot: int) -> tuple[Weight, Weight]:
         self._wait(slot)
