@@ -19,6 +19,7 @@ from hearthlm.layers.moe import Experts
 from hearthlm.moe import Budget, BudgetError, parse_budget
 from hearthlm.moe.policy import LRU, NextUse
 from hearthlm.moe.pool import ExpertPool
+from hearthlm.moe.tier import layout
 from hearthlm.weights.export import write_quantized
 
 MOE_FAMILIES = ["gemma4_all", "qwen3_moe", "mixtral"]
@@ -249,3 +250,23 @@ def test_prefetch_and_fetch_thread_keep_logits_and_count_their_bytes():
     assert s.bytes_fetched == (s.misses + s.prefetches) * s.expert_bytes
     assert s.transient > 0  # misses not worth a slot, read on the thread into scratch buffers
     assert llm.model.expert_pool.executor is None
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "F16"])
+def test_gguf_experts_under_a_budget_equal_full_residency(tmp_path, qtype):
+    """A qwen3moe GGUF: a fetch reads one expert's slice of the stacked ffn_*_exps tensors and repacks it into
+    the format the full load runs (gate and up fused)."""
+    import gguf
+    import gguf_files
+    from checkpoints import build
+
+    path = gguf_files.write(build("qwen3_moe")[0], tmp_path / f"moe-{qtype}.gguf", gguf.GGMLQuantizationType[qtype])
+    ids = _ids(12, batch=2)
+    full = LLM(path)
+    resident = [layout(m.gate_up[0]) for m in full.model.modules() if isinstance(m, Experts)][0]
+    reference = _trace(full, ids)
+    for budget in (_min_bytes(LLM(path, expert_budget=1.0)), 0.5):
+        llm = LLM(path, expert_budget=budget)
+        assert layout(llm.model.expert_pool.slots[0][0]) == resident
+        _assert_same(_trace(llm, ids), reference)
+        assert llm.moe_stats().misses > 0

@@ -127,6 +127,7 @@ class GGUFFile:
             if size < 24:
                 raise GGUFError(f"{self.path}: {size} bytes is too short to be a GGUF file (truncated?)")
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._base: int | None = None  # address of the mapping, once a view is released
         cur = _Cursor(memoryview(self._mmap), self.path)
         if bytes(cur.take(4, "magic")) != MAGIC:
             raise GGUFError(f"{self.path}: not a GGUF file (the first bytes are not 'GGUF')")
@@ -182,10 +183,22 @@ class GGUFFile:
 
     def release(self, name: str) -> None:
         """Drop the pages of a tensor that was copied out (see SafetensorsFile.release)."""
+        info = self.tensors[name]
+        self.release_range(info.offset, info.nbytes)
+
+    def release_range(self, start: int, nbytes: int) -> None:
+        """Drop the whole pages within bytes [start, start + nbytes) of the file from the process."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        info = self.tensors[name]
-        first = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def release_view(self, view: torch.Tensor) -> None:
+        """Drop the pages under a tensor that views this file's mapping; nothing for any other tensor."""
+        if self._base is None:
+            self._base = torch.frombuffer(self._mmap, dtype=torch.uint8, count=1).data_ptr()
+        start, nbytes = view.data_ptr() - self._base, view.numel() * view.element_size()
+        if 0 <= start and start + nbytes <= len(self._mmap):
+            self.release_range(start, nbytes)

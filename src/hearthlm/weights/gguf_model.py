@@ -167,7 +167,6 @@ class GGUFCheckpoint:
                 else:
                     for e in range(info.shape[0]):
                         self._where[hf.format(e=e)] = (name, e)
-        self._cache: dict[str, QuantTensor | torch.Tensor] = {}
 
     def names(self) -> list[str]:
         used = {"rope_freqs.weight"}  # read into the config
@@ -186,13 +185,7 @@ class GGUFCheckpoint:
         if name not in self._where:
             raise GGUFError(f"{self.gguf.path}: tensor '{name}' (llama.cpp naming) is missing from the file")
         gname, expert = self._where[name]
-        tensor = self._cache.get(gname)
-        if tensor is None:
-            tensor = self._read(gname)
-            if expert is not None:
-                self._cache[gname] = tensor  # the next experts come from the same stacked tensor
-        if expert is not None:
-            tensor = tensor[expert]
+        tensor = self._read(gname) if expert is None else self._read_expert(gname, expert)
         if self.permute and re.search(r"self_attn\.[qk]_proj\.", name):
             heads = self.heads[0] if ".q_proj." in name else self.heads[1]
             tensor = _unpermute(tensor, heads)
@@ -205,10 +198,28 @@ class GGUFCheckpoint:
         except ggml.GGMLTypeError as e:
             raise GGUFError(f"{self.gguf.path}: tensor '{gname}': {e}") from None
 
+    def _read_expert(self, gname: str, e: int) -> QuantTensor | torch.Tensor:
+        """One expert of a stacked [E, out, in] tensor: its bytes are contiguous, so only they are read (an
+        expert budget fetches one at a time). Blocks are repacked into new memory, whose source pages go."""
+        info = self.gguf.tensors[gname]
+        size = info.nbytes // info.shape[0]
+        raw = self.gguf.raw(gname)[e * size : (e + 1) * size]
+        try:
+            tensor = ggml.repack(raw, info.ggml_type, info.shape[1:])
+        except ggml.GGMLTypeError as err:
+            raise GGUFError(f"{self.gguf.path}: tensor '{gname}': {err}") from None
+        if isinstance(tensor, QuantTensor):
+            self.gguf.release_range(info.offset + e * size, size)
+        return tensor
+
+    def read_into(self, view: torch.Tensor, dst: torch.Tensor) -> bool:
+        return False  # no pread: float views are copied from the mapping (then released), blocks repacked
+
+    def release_view(self, view: torch.Tensor) -> None:
+        self.gguf.release_view(view)
+
     def release(self, name: str) -> None:
-        gname, _ = self._where[name]
-        self._cache.pop(gname, None)
-        self.gguf.release(gname)
+        self.gguf.release(self._where[name][0])
 
 
 def _unpermute(w: QuantTensor | torch.Tensor, heads: int) -> QuantTensor | torch.Tensor:

@@ -126,8 +126,6 @@ def load_model(
     plan = _quant_plan(model, quant) if quant is not None else {}
     budgeted = set()
     if expert_budget is not None:
-        if path.suffix == ".gguf":
-            raise BudgetError(f"{path}: an expert budget is not supported for GGUF files yet; load it without one")
         budgeted = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts) for p in ("gate_up", "down")}
         if not budgeted:
             raise BudgetError(f"{path}: {cfg.architecture} has no experts: an expert budget does not apply")
