@@ -270,3 +270,31 @@ def test_gguf_experts_under_a_budget_equal_full_residency(tmp_path, qtype):
         assert layout(llm.model.expert_pool.slots[0][0]) == resident
         _assert_same(_trace(llm, ids), reference)
         assert llm.moe_stats().misses > 0
+
+
+def test_metrics_carry_the_expert_counters_and_no_expert_ids():
+    """`hearth serve --expert-budget`: /metrics exports the pool's aggregate counters, no label naming an expert."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    from serving import LiveServer
+
+    from hearthlm.server import load
+    from hearthlm.server.app import create_app
+
+    served = load(DEMO_MOE, expert_budget="25%")
+    server = LiveServer(create_app(served))
+    try:
+        body = {"model": DEMO_MOE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        text = httpx.get(server.url + "/metrics").text
+    finally:
+        server.stop()
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    stats = served.llm.moe_stats()
+    assert samples["hearth_moe_expert_hits_total"].value + samples["hearth_moe_expert_misses_total"].value > 0
+    assert samples["hearth_moe_fetched_bytes_total"].value == stats.bytes_fetched > 0
+    assert samples["hearth_moe_expert_slots"].value == stats.slots == 12
+    for name in ("hearth_moe_fetch_seconds_total", "hearth_moe_prefetches_total", "hearth_moe_prefetched_bytes_total",
+                 "hearth_moe_expert_unslotted_total", "hearth_moe_tokens_total"):  # fmt: skip
+        assert name in samples, name
+    assert all(not s.labels for name, s in samples.items() if name.startswith("hearth_moe_"))

@@ -281,7 +281,10 @@ def _serve(args: argparse.Namespace) -> int:
     from . import server
 
     key = args.api_key or os.environ.get("HEARTH_API_KEY") or None
-    server.serve(args.model, args.host, args.port, key, args.dtype, args.quant, args.max_batch, args.kv_blocks)
+    server.serve(
+        args.model, args.host, args.port, key, args.dtype, args.quant, args.max_batch, args.kv_blocks,
+        expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile,
+    )  # fmt: skip
     return 0
 
 

@@ -73,7 +73,7 @@ class ExpertPool:
 
     def snapshot(self) -> MoEStats:
         resident: dict[int, int] = dict.fromkeys(self.tiers, 0)
-        for layer, _ in self.where:
+        for layer, _ in list(self.where):  # one C-level copy: safe beside the engine's thread
             resident[layer] += 1
         return MoEStats(**{**self.stats.__dict__, "resident": resident})
 

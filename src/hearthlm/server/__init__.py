@@ -19,7 +19,7 @@ def model_name(model: str | None, path: Path) -> str:
 
 
 def load(model: str | None = None, dtype: str | None = None, quant: str | None = None, max_batch: int = 16,
-         kv_blocks: int | None = None):  # fmt: skip
+         kv_blocks: int | None = None, expert_budget: str | None = None, moe_profile: bool = True):  # fmt: skip
     """Load `model` and start its engine; returns the ServedModel the app serves."""
     from ..api import LLM
     from ..engine.async_engine import AsyncEngine
@@ -27,7 +27,7 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     from .generation import ServedModel
     from .metrics import Metrics
 
-    llm = LLM(model, dtype=dtype, quant=quant)
+    llm = LLM(model, dtype=dtype, quant=quant, expert_budget=expert_budget, moe_profile=moe_profile)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
     engine = AsyncEngine(Engine(llm, max_batch=max_batch, kv_blocks=kv_blocks))
@@ -36,14 +36,14 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: str | None = None,
           dtype: str | None = None, quant: str | None = None, max_batch: int = 16, kv_blocks: int | None = None,
-          log_level: str = "info") -> None:  # fmt: skip
+          log_level: str = "info", expert_budget: str | None = None, moe_profile: bool = True) -> None:  # fmt: skip
     """Serve `model` (None: the built-in demo) until interrupted."""
     import uvicorn
     from rich.console import Console
 
     from .app import create_app
 
-    served = load(model, dtype, quant, max_batch, kv_blocks)
+    served = load(model, dtype, quant, max_batch, kv_blocks, expert_budget, moe_profile)
     url = f"http://{host}:{port}"
     key = "; send 'Authorization: Bearer KEY'" if api_key else ""
     Console(stderr=True, highlight=False).print(

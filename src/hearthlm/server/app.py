@@ -95,7 +95,7 @@ def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        text = model.metrics.render(model.engine.stats())
+        text = model.metrics.render(model.engine.stats(), model.llm.moe_stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(APIError)

@@ -72,7 +72,9 @@ class Metrics:
             self.generated_tokens += stream.completion_tokens
             self.cached_tokens += stream.cached_tokens
 
-    def render(self, stats: Any | None) -> str:
+    def render(self, stats: Any | None, moe: Any | None = None) -> str:
+        """`stats`: the engine's; `moe`: the expert pool's MoEStats under an expert budget (aggregate counters:
+        never which experts ran, which would tell what users asked)."""
         out: list[str] = []
 
         def series(name: str, kind: str, help_: str, lines: list[str]) -> None:
@@ -140,4 +142,22 @@ class Metrics:
                 "Requests preempted for KV space.",
                 [f"hearth_preemptions_total {stats.preemptions}"],
             )
+        if moe is not None:
+            for name, kind, help_, value in _moe_series(moe):
+                series(name, kind, help_, [f"{name} {value}"])
         return "\n".join(out) + "\n"
+
+
+def _moe_series(s: Any) -> list[tuple[str, str, str, float]]:
+    return [
+        ("hearth_moe_expert_hits_total", "counter", "Expert uses served from a slot.", s.hits),
+        ("hearth_moe_expert_misses_total", "counter", "Expert uses read from the slow tier.", s.misses),
+        ("hearth_moe_expert_unslotted_total", "counter", "Misses run from the slow tier without a slot.", s.transient),
+        ("hearth_moe_fetched_bytes_total", "counter", "Bytes read from the slow tier.", s.bytes_fetched),
+        ("hearth_moe_fetch_seconds_total", "counter", "Time decoding waited on expert fetches.", s.fetch_seconds),
+        ("hearth_moe_prefetches_total", "counter", "Experts fetched ahead of their layer.", s.prefetches),
+        ("hearth_moe_prefetches_used_total", "counter", "Prefetched experts that their layer used.", s.prefetch_used),
+        ("hearth_moe_prefetched_bytes_total", "counter", "Bytes read by prefetches.", s.prefetch_bytes),
+        ("hearth_moe_tokens_total", "counter", "Token positions through the MoE layers.", s.tokens),
+        ("hearth_moe_expert_slots", "gauge", "Experts the pool holds.", s.slots),
+    ]
