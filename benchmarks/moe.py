@@ -1,27 +1,31 @@
 """Budgeted expert residency: decode tokens/s, hit rate and bytes fetched per token against the budget.
 
-    python benchmarks/moe.py [--layers 4] [--steps 32] [--warm 32] [--budgets 0.1,0.25,0.5,1.0] [--threads 1]
-
-The figures in benchmarks/results/moe-20261121-163251.* came from `--threads 1 --steps 32 --warm 32`.
+    python benchmarks/moe.py [--layers 4] [--steps 64] [--warm 16] [--budgets 0.1,0.25,0.5,1.0] [--threads 1]
 
 Models:
 (a) the trained demo MoE model (Gemma 4 MoE, 8 experts, top-2, 6 layers): real routing, on a few prompts;
 (b) random layers with Gemma 4 26B-A4B's expert shapes (128 experts of 704, top-8, hidden 2816; bf16; the
     attention is shrunk, the dense MLP kept), written once into --cache. Its random router routes almost
     uniformly, which no trained router does, so (b) also runs with a SYNTHETIC SKEWED ROUTER (labeled
-    "zipf"): each layer draws its top-8 from a fixed Zipf(1.0) popularity over its 128 experts. The share of
-    routed tokens that the hottest quarter of experts takes is printed for every routing, the demo's real
-    one included, so the skew can be judged.
+    "zipf"): each layer draws its top-8 from a fixed Zipf(1.0) popularity over its 128 experts, seeded by the
+    router's input. The share of routed tokens that the hottest quarter of experts takes is printed for every
+    routing, the demo's real one included, so the skew can be judged.
 
-Variants, each decoding the same tokens at batch 1 (greedy on the demo; a seeded random token stream on (b)) after a prefill and a warm-up (counters cover the
-timed steps only): full residency (experts copied into memory); mmap (experts referenced straight from the
-mapped file, no policy: the OS pages them; for a bf16 checkpoint loaded in bf16 this is what the loader does
-anyway); then, at each budget, the pool with our policy ("frequency"),
-with plain LRU ("lru", same pool), and with the fetch thread ("frequency+thread").
+Variants, each decoding the same tokens at batch 1 (greedy on the demo; a seeded random token stream on (b))
+after a prefill and `--warm` steps (counters cover the timed steps only; the pool persists across prompts, as
+in a server): full residency (experts copied into memory); mmap (experts referenced straight from the mapped
+file, no policy: the OS pages them); then, at each budget, the pool with plain LRU ("lru": every miss takes a
+slot), with our policy ("ours": next-use eviction, and a miss not worth a slot runs straight from the mapped
+file), with our policy and a fetch thread that reads a step's misses from its router's output on, while the layer
+computes its dense MLP and earlier experts ("ours+thread"), and with prefetch on that thread too
+("ours+prefetch": the next layer's router on this layer's input). The policy learns online: 64 timed steps per prompt, because over 32 its learning is much of the run
+(at --steps 32 the demo's 25% is a tie with LRU).
 
-The page cache holds the whole checkpoint here, so a fetch is a memcpy: bytes fetched per token is the figure
-that carries over. The last columns turn it into the milliseconds a token would wait on an NVMe drive
-(3 GB/s) or a PCIe 4 x16 link (25 GB/s). Writes a table, a JSON file and a PNG under benchmarks/results/.
+The page cache holds the whole checkpoint here, so a fetch is a copy from memory: bytes fetched per token is
+the figure that carries over (prefetches included; 'demand' are the misses', 'wasted' the prefetches that
+their layer did not use). The last columns turn it into the milliseconds a token would wait on an NVMe drive
+(3 GB/s) or a PCIe 4 x16 link (25 GB/s). A last table times one 26B-A4B expert's miss paths (a slot, a pread
+into a slot, the mapped file). Writes tables, a JSON file and a PNG under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import platform
 import struct
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import zlib
 from pathlib import Path
 
 import torch
@@ -43,7 +47,9 @@ from rich.table import Table
 from hearthlm import LLM
 from hearthlm.engine.kv_cache import ContiguousKVCache
 from hearthlm.engine.runner import forward_tokens
+from hearthlm.layers.linear import linear
 from hearthlm.layers.moe import Experts
+from hearthlm.moe import ahead
 from hearthlm.moe.policy import LRU
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +59,7 @@ PROMPTS = [
     "My grandmother kept a garden full of roses and tomatoes.",
 ]
 NVME, PCIE = 3e9, 25e9
+COUNTERS = ("hits", "misses", "transient", "bytes_fetched", "fetch_seconds", "prefetches", "prefetch_used")
 
 
 # -- the 26B-A4B-shaped checkpoint -----------------------------------------------------------------
@@ -124,7 +131,8 @@ def _random_blocks(shape: tuple[int, ...], g: torch.Generator):
 
 
 class ZipfRouter(torch.nn.Module):
-    """SYNTHETIC: top-k drawn from a fixed Zipf popularity over the experts (a permutation per layer)."""
+    """SYNTHETIC: top-k drawn from a fixed Zipf popularity over the experts (a permutation per layer), seeded by
+    the input's bytes: a function of its input like a real router (a prefetcher's extra calls change nothing)."""
 
     def __init__(self, layer: int, num_experts: int, top_k: int, s: float, seed: int):
         super().__init__()
@@ -132,10 +140,11 @@ class ZipfRouter(torch.nn.Module):
         self.popularity = (1.0 / torch.arange(1, num_experts + 1).float() ** s)[
             torch.randperm(num_experts, generator=g)
         ]
-        self.top_k, self.g = top_k, g
+        self.top_k, self.seed = top_k, seed * 1000 + layer
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.multinomial(self.popularity.expand(x.shape[0], -1), self.top_k, generator=self.g)
+        g = torch.Generator().manual_seed(zlib.crc32(x.float().numpy().tobytes(), self.seed))
+        index = torch.multinomial(self.popularity.expand(x.shape[0], -1), self.top_k, generator=g)
         return index, torch.full(index.shape, 1.0 / self.top_k)
 
 
@@ -181,7 +190,7 @@ def decode(
     pool = getattr(model, "expert_pool", None)
     recorder = Recorder(model) if counts is not None else None
     seconds, tokens = 0.0, 0
-    fetched = {"hits": 0, "misses": 0, "bytes_fetched": 0, "fetch_seconds": 0.0}
+    fetched = dict.fromkeys(COUNTERS, 0)
     for ids in prompts:
         cache = ContiguousKVCache(llm.config.layers, 1, len(ids) + warm + steps + 1, llm.dtype, llm.device)
         h = forward_tokens(model, cache, torch.tensor([ids]), torch.zeros(1, dtype=torch.long))
@@ -205,11 +214,17 @@ def decode(
         recorder.close()
     out = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
     if pool is not None:
-        uses = fetched["hits"] + fetched["misses"]
+        f, mb = fetched, pool.expert_bytes / tokens / 1e6
+        uses = f["hits"] + f["misses"]
         out |= {
-            "hit_rate": fetched["hits"] / uses if uses else 0.0,
-            "mb_per_token": fetched["bytes_fetched"] / tokens / 1e6,
-            "fetch_share": fetched["fetch_seconds"] / seconds,
+            "hit_rate": f["hits"] / uses if uses else 0.0,
+            "mb_per_token": f["bytes_fetched"] / tokens / 1e6,
+            "demand_mb_per_token": f["misses"] * mb,
+            "prefetch_mb_per_token": f["prefetches"] * mb,
+            "wasted_prefetch_mb_per_token": (f["prefetches"] - f["prefetch_used"]) * mb,
+            "prefetch_accuracy": f["prefetch_used"] / f["prefetches"] if f["prefetches"] else None,
+            "transient_share": f["transient"] / f["misses"] if f["misses"] else 0.0,
+            "fetch_share": f["fetch_seconds"] / seconds,
             "slots": pool.stats.slots,
         }
     return out
@@ -218,7 +233,7 @@ def decode(
 def variants(budgets: list[float]) -> list[tuple[str, float | None]]:
     out: list[tuple[str, float | None]] = [("full", None), ("mmap", None)]
     for b in budgets:
-        out += [("frequency", b), ("lru", b), ("frequency+thread", b)]
+        out += [("lru", b), ("ours", b), ("ours+thread", b), ("ours+prefetch", b)]
     return out
 
 
@@ -235,10 +250,11 @@ def run_model(label, folder, prompts, budgets, warm, steps, zipf, progress, forc
             make_resident(llm)
         pool = getattr(llm.model, "expert_pool", None)
         if name == "lru":
-            pool.policy = LRU()
-        if name.endswith("+thread"):
-            pool.executor = ThreadPoolExecutor(1)
+            pool.set_policy(LRU())
+        fetching = ahead.enable(llm.model, prefetch=name == "ours+prefetch") if "+" in name else None
         result = decode(llm, prompts, warm, steps, counts if name == "full" else None, forced=forced)
+        if fetching is not None:
+            fetching.close()
         rows.append({"model": label, "variant": name, "budget": budget} | result)
         progress.advance(task)
         progress.console.print(
@@ -254,29 +270,58 @@ def run_model(label, folder, prompts, budgets, warm, steps, zipf, progress, forc
     return rows
 
 
+def miss_paths(folder: Path, repeat: int = 24) -> dict[str, float]:
+    """Milliseconds to run one 26B-A4B expert at batch 1 by each path a miss or a hit can take."""
+    llm = LLM(folder, expert_budget=0.25)
+    pool = llm.model.expert_pool
+    tier, slot = pool.tiers[min(pool.tiers)], pool.slots[0]
+    x = torch.randn(1, llm.config.hidden_size)
+
+    def run(w) -> None:
+        gate, up = linear(x, w[0]).chunk(2, dim=-1)
+        linear(torch.nn.functional.gelu(gate) * up, w[1])
+
+    def mapped(e: int) -> None:
+        run(tier.read(e))
+        tier.release(e)
+
+    paths = {
+        "compute from a slot (a hit)": lambda e: run(slot),
+        "pread into a slot": lambda e: tier.load(e, slot),
+        "pread into a slot + compute": lambda e: (tier.load(e, slot), run(slot)),
+        "compute from the mapped file + drop its pages (a miss without a slot)": mapped,
+        "compute from the mapped file, pages already mapped (OS paging)": lambda e: run(tier.read(0)),
+    }
+    out = {}
+    for name, fn in paths.items():
+        fn(1)
+        start = time.perf_counter()
+        for i in range(repeat):
+            fn(2 + i % (pool.num_experts - 2))
+        out[name] = (time.perf_counter() - start) / repeat * 1e3
+    return out
+
+
 # -- report ------------------------------------------------------------------------------------------
 
 
 def table(rows: list[dict]) -> Table:
     t = Table(box=None, header_style="bold")
-    cols = ["model", "variant", "budget", "tok/s", "vs full", "hit rate", "MB/token", "fetch share",
-            "ms/tok NVMe", "ms/tok PCIe"]  # fmt: skip
+    cols = ["model", "variant", "budget", "tok/s", "vs full", "hit rate", "MB/token", "demand", "prefetch",
+            "wasted", "prefetch hit", "no slot", "fetch share", "ms/tok NVMe", "ms/tok PCIe"]  # fmt: skip
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "variant") else "right")
     for r in rows:
         mb = r.get("mb_per_token")
-        t.add_row(
-            r["model"],
-            r["variant"],
-            f"{r['budget']:.0%}" if r["budget"] is not None else "-",
-            f"{r['tok_s']:.1f}",
-            f"{r['vs_full']:.0%}",
-            f"{r['hit_rate']:.1%}" if mb is not None else "-",
-            f"{mb:.2f}" if mb is not None else "-",
-            f"{r['fetch_share']:.0%}" if mb is not None else "-",
-            f"{mb * 1e6 / NVME * 1e3:.1f}" if mb is not None else "-",
-            f"{mb * 1e6 / PCIE * 1e3:.2f}" if mb is not None else "-",
-        )
+        pool = [
+            f"{r['hit_rate']:.1%}", f"{mb:.2f}", f"{r['demand_mb_per_token']:.2f}",
+            f"{r['prefetch_mb_per_token']:.2f}", f"{r['wasted_prefetch_mb_per_token']:.2f}",
+            f"{r['prefetch_accuracy']:.0%}" if r["prefetch_accuracy"] is not None else "-",
+            f"{r['transient_share']:.0%}", f"{r['fetch_share']:.0%}",
+            f"{mb * 1e6 / NVME * 1e3:.1f}", f"{mb * 1e6 / PCIE * 1e3:.2f}",
+        ] if mb is not None else ["-"] * 10  # fmt: skip
+        budget = f"{r['budget']:.0%}" if r["budget"] is not None else "-"
+        t.add_row(r["model"], r["variant"], budget, f"{r['tok_s']:.1f}", f"{r['vs_full']:.0%}", *pool)
     return t
 
 
@@ -290,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False)
     for j, m in enumerate(models):
         mine = [r for r in rows if r["model"] == m]
-        for name, style in (("frequency", "o-"), ("lru", "s--"), ("frequency+thread", "^:")):
+        for name, style in (("ours", "o-"), ("lru", "s--"), ("ours+thread", "d-."), ("ours+prefetch", "^:")):
             pts = [r for r in mine if r["variant"] == name]
             xs = [r["budget"] * 100 for r in pts]
             axes[0][j].plot(xs, [r["tok_s"] for r in pts], style, label=name)
@@ -312,7 +357,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4, help="layers of the 26B-A4B-shaped model (1.5 GB of experts each)")
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps per prompt")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per prompt")
     p.add_argument("--warm", type=int, default=16, help="untimed decode steps per prompt before them")
     p.add_argument("--budgets", default="0.1,0.25,0.5,1.0")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "hearthlm" / "bench-moe")
@@ -339,6 +384,9 @@ def main() -> int:
             ):
                 rows += run_model(label, folder, ids, budgets, args.warm, args.steps, zipf, progress, forced=True)
     console.print(table(rows))
+    paths = miss_paths(folder) if not args.skip_a4b else {}
+    for name, ms in paths.items():
+        console.print(f"one 26B-A4B expert (11.9 MB bf16): {name}: {ms:.2f} ms")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -346,6 +394,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "rows": rows,
+        "miss_paths_ms": paths,
     }
     (out / f"moe-{stamp}.json").write_text(json.dumps(meta, indent=1))
     plot(rows, out / f"moe-{stamp}.png")

@@ -236,14 +236,14 @@ def test_bench_reports_the_expert_pool():
 def test_prefetch_and_fetch_thread_keep_logits_and_count_their_bytes():
     """Prefetch (the next layer's router on this layer's input) fetches on a thread; its guesses may be wrong,
     the logits stay those of full residency, and every byte it reads is counted, apart and in the total."""
-    from hearthlm.moe import prefetch
+    from hearthlm.moe import ahead
 
     ids = torch.tensor([[5, 99, 300, 17, 2048, 7, 64, 1000]])
     full = _trace(LLM(DEMO_MOE), ids, steps=8)
     llm = LLM(DEMO_MOE, expert_budget="25%")
-    prefetcher = prefetch.enable(llm.model)
+    fetching = ahead.enable(llm.model, prefetch=True)
     _assert_same(_trace(llm, ids, steps=8), full)
-    prefetcher.close()
+    fetching.close()
     s = llm.moe_stats()
     assert s.prefetches > 0 and 0 < s.prefetch_used <= s.prefetches
     assert s.prefetch_bytes == s.prefetches * s.expert_bytes

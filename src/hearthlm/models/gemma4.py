@@ -138,10 +138,13 @@ class Gemma4Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch, ple: torch.Tensor | None) -> torch.Tensor:
         x = x + self.post_attn_norm(self.attn(self.input_norm(x), batch))
+        if hasattr(self, "experts"):
+            # The router reads the residual stream; it runs before the dense MLP so that, under an expert budget,
+            # the experts it picks can be fetched while the MLP computes (moe/ahead.py).
+            flat = x.reshape(-1, x.shape[-1])
+            index, weight = self.router(flat)
         h = self.mlp(self.pre_mlp_norm(x))
         if hasattr(self, "experts"):
-            flat = x.reshape(-1, x.shape[-1])  # the router reads the residual stream, before the MLP
-            index, weight = self.router(flat)
             routed = self.experts(self.pre_experts_norm(flat), index, weight).view(x.shape)
             h = self.post_mlp_norm_1(h) + self.post_experts_norm(routed)
         x = x + self.post_mlp_norm(h)

@@ -6,8 +6,9 @@ A miss takes the slot of the resident expert that the policy (policy.py) scores 
 outside the current step, if the miss itself is expected back sooner; otherwise it is computed from the slow
 tier once without a slot (from the mapped file itself where its bytes run as stored: zero copy).
 
-Prefetch (prefetch.py, off by default) installs the next layer's predicted experts from a fetch thread while
-the current layer runs, in slots reserved until that layer's step; a wrong guess costs only bytes.
+With a fetch thread (ahead.py, off by default) a step's misses are read while the layer computes: from its
+router's output on, and optionally the next layer's forecast experts (prefetch) into slots reserved until that
+layer's step; a wrong forecast costs only bytes.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class ExpertPool:
         self.reserved: dict[Key, int] = {}  # prefetched, until its layer's step says whether it was used
         self.executor: ThreadPoolExecutor | None = None  # the fetch thread (start_thread)
         self.scratch: list[tuple[Weight, Weight]] = []
+        self.planned: tuple | None = None  # (layer, active, reads) of an announced step
         self.stats = MoEStats(slots=count, expert_bytes=self.expert_bytes)
         self.set_policy(policy)
 
@@ -83,6 +85,32 @@ class ExpertPool:
     def experts(self, layer: int, active: list[int], counts: list[int]) -> Iterator[tuple[Weight, Weight]]:
         """(gate_up, down) of each expert in `active` (ascending; `counts`: the tokens routed to each), valid
         while the caller uses it."""
+        planned, self.planned = self.planned, None
+        assert planned is None or planned[:2] == (layer, active), "an announced step that did not run"
+        ahead = planned[2] if planned else self._start(layer, active, counts)
+        for e in active:
+            slot = self.where.get((layer, e))
+            if slot is not None:
+                yield self._ready(slot)
+            elif e in ahead:
+                future, i = ahead[e]
+                self._wait_for(future)
+                yield self.scratch[i]
+            else:  # not worth a slot: straight from the slow tier
+                start = time.perf_counter()
+                weights = self.tiers[layer].read(e)
+                self.stats.fetch_seconds += time.perf_counter() - start
+                yield weights
+                self.tiers[layer].release(e)
+
+    def announce(self, layer: int, active: list[int], counts: list[int]) -> None:
+        """`layer`'s routing before its experts run (its router's output; ahead.py): the step starts now, so
+        that the fetch thread reads its misses while the layer computes what comes between."""
+        self.planned = (layer, active, self._start(layer, active, counts))
+
+    def _start(self, layer: int, active: list[int], counts: list[int]) -> dict[int, tuple[Future, int]]:
+        """Count the step, give its misses slots or not, and start their reads where a fetch thread runs;
+        -> the misses read into scratch buffers (expert -> (read, buffer))."""
         s = self.stats
         if layer == self.layers[0]:
             s.tokens += sum(counts) // self.top_k
@@ -97,30 +125,17 @@ class ExpertPool:
         placed = dict(self._place(row, misses, keep))
         s.transient += len(misses) - len(placed)
         scratch = iter(range(len(self.scratch)))
-        ahead: dict[int, tuple[Future, int]] = {}  # not worth a slot, read on the fetch thread into scratch
+        ahead = {}
         for e in misses:  # in the order of use
             if e in placed:
                 self._fetch((layer, e), placed[e], background=self.executor is not None)
             elif (i := next(scratch, None)) is not None:
                 ahead[e] = self.executor.submit(self.tiers[layer].load, e, self.scratch[i]), i
-        for e in active:
-            slot = self.where.get((layer, e))
-            if slot is not None:
-                yield self._ready(slot)
-            elif e in ahead:
-                future, i = ahead[e]
-                self._wait_for(future)
-                yield self.scratch[i]
-            else:  # not worth a slot: straight from the slow tier
-                start = time.perf_counter()
-                weights = self.tiers[layer].read(e)
-                s.fetch_seconds += time.perf_counter() - start
-                yield weights
-                self.tiers[layer].release(e)
+        return ahead
 
     def start_thread(self) -> None:
-        """Fetch on a thread: a step's misses while it computes its earlier experts (the misses not worth a
-        slot into top_k scratch buffers, beyond the budget), and forecasts (prefetch.py)."""
+        """Fetch on a thread: a step's misses while it computes what comes before them (the misses not worth a
+        slot into top_k scratch buffers, beyond the budget), and forecasts (ahead.py)."""
         if self.executor is None:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="hearth-fetch")
             storage = tuple(empty_like(w, self.top_k) for w in self.slots[0])
@@ -132,9 +147,9 @@ class ExpertPool:
             self.executor, self.scratch = None, []
 
     def forecast(self, layer: int, predicted: list[int], busy: list[Key]) -> None:
-        """The experts that `layer`'s next step is predicted to use (prefetch.py): the policy keeps them, and
-        with a fetch thread (`executor`) those missing are fetched in the background, into slots that neither
-        the running step's experts (`busy`) nor earlier prefetches hold."""
+        """The experts that `layer`'s next step is predicted to use (ahead.py): with a fetch thread, those
+        missing are fetched in the background, into slots that neither the running step's experts (`busy`) nor
+        earlier prefetches hold."""
         if self.executor is None:
             return
         row, s = self.row[layer], self.stats
