@@ -71,6 +71,7 @@ def test_demo_moe_at_a_quarter_equals_full_residency():
     _assert_same(_trace(budgeted, ids, steps=8), _trace(full, ids, steps=8))
     stats = budgeted.moe_stats()
     assert stats.slots == 12 and stats.hits > 0  # 25% of 6 layers x 8 experts
+    assert 0 < stats.transient < stats.misses  # some misses were not worth a slot: run from the mapped file
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -147,6 +148,15 @@ def test_policy_fetches_fewer_bytes_than_lru_on_skewed_routing():
     assert freq.stats.bytes_fetched < 0.8 * lru.stats.bytes_fetched, (freq.stats, lru.stats)
     again = _replay(NextUse()).stats
     assert (again.hits, again.bytes_fetched) == (freq.stats.hits, freq.stats.bytes_fetched)  # deterministic
+
+
+def test_experts_stored_in_different_formats_are_refused_with_the_reason():
+    class Wide(_FakeTier):
+        def read(self, e):
+            return torch.zeros(2, 8, dtype=torch.float16), torch.zeros(8, 1, dtype=torch.float16)
+
+    with pytest.raises(BudgetError, match="MoE layer 1 are stored in another format"):
+        ExpertPool({0: _FakeTier(), 1: Wide()}, 8, 2, Budget(fraction=0.5), NextUse(), "cpu")
 
 
 def test_stats_add_up():
