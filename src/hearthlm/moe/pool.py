@@ -44,6 +44,7 @@ class ExpertPool:
         template = tiers[self.layers[0]].read(0)
         for layer in self.layers[1:]:
             _same_format(template, tiers[layer].read(0), layer)
+            tiers[layer].release(0)
         self.expert_bytes = sum(nbytes(w) for w in template)
         total = self.expert_bytes * num_experts * len(tiers)
         given = budget.resolve(total)

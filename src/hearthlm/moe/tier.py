@@ -78,34 +78,40 @@ class CheckpointTier:
 
     def read(self, e: int) -> tuple[Weight, Weight]:
         """Expert e's (gate_up, down) in the running format: views of the mapping where it is stored that way
-        (then `release(e)` after use), else new tensors."""
+        (`in_place`; then `release(e)` after use), else new tensors (the pages they were built from dropped)."""
         if self.in_place:
             return self._pieces(self.sources[0], e)[0], self._pieces(self.sources[1], e)[0]
         out = []
         for source, spec in zip(self.sources, self.spec):
             pieces = self._pieces(source, e)
-            if spec is not None:
-                out.append(quantize(_cat(pieces), spec))
-            elif isinstance(pieces[0], QuantTensor):
-                try:
-                    out.append(combine(pieces, stack=False) if len(pieces) > 1 else pieces[0])
-                except ValueError as err:
-                    raise ValueError(f"{self.ckpt.folder}: expert {e}: {err}") from None
-                if not isinstance(out[-1], QuantTensor):  # a RowConcat: no slot can hold it
-                    kinds = sorted({p.extra_repr() for p in pieces})
-                    raise ValueError(
-                        f"{self.ckpt.folder}: expert {e} stores gate and up in different formats ({kinds}); "
-                        "an expert budget needs one format per expert matrix: load the model without one"
-                    )
-            else:
-                out.append(_cat(pieces).to(self.dtype))
+            out.append(self._build(e, pieces, spec))
+            if _parts(out[-1])[0].data_ptr() != _parts(pieces[0])[0].data_ptr():  # a copy: the pages can go
+                for t in (t for p in pieces for t in _parts(p)):
+                    self.ckpt.release_view(t)
         return out[0], out[1]
 
+    def _build(self, e: int, pieces: list[Weight], spec: QuantSpec | None) -> Weight:
+        if spec is not None:
+            return quantize(_cat(pieces), spec)
+        if not isinstance(pieces[0], QuantTensor):
+            return _cat(pieces).to(self.dtype)
+        try:
+            w = combine(pieces, stack=False) if len(pieces) > 1 else pieces[0]
+        except ValueError as err:
+            raise ValueError(f"{self.ckpt.folder}: expert {e}: {err}") from None
+        if not isinstance(w, QuantTensor):  # a RowConcat: no slot can hold it
+            kinds = sorted({p.extra_repr() for p in pieces})
+            raise ValueError(
+                f"{self.ckpt.folder}: expert {e} stores gate and up in different formats ({kinds}); "
+                "an expert budget needs one format per expert matrix: load the model without one"
+            )
+        return w
+
     def release(self, e: int) -> None:
-        """Drop the file pages that expert e was read from (after running it from the mapping)."""
-        for source in self.sources:
-            for p in self._pieces(source, e):
-                for t in _parts(p):
+        """Drop the file pages under the views `read(e)` returned, after running them."""
+        if self.in_place:
+            for source in self.sources:
+                for t in _parts(self._pieces(source, e)[0]):
                     self.ckpt.release_view(t)
 
     def load(self, e: int, slot: tuple[Weight, Weight]) -> None:
