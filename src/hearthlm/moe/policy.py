@@ -85,11 +85,3 @@ class NextUse:
         r = (self.repeats + self.base) / (self.repeatable + 1.0)
         q = hit if hit is not None else np.where(self.latest[rows, experts], r, p)
         return ahead + self.n * (1.0 - q) / p
-
-
-def make_policy(name: str, prior: dict[Key, float] | None = None) -> LRU | NextUse:
-    if name == "lru":
-        return LRU()
-    if name == "next-use":
-        return NextUse(prior=prior)
-    raise ValueError(f"unknown expert policy '{name}': use next-use or lru")

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from .budget import Budget, BudgetError, human_bytes
-from .policy import LRU, Key, NextUse, make_policy
+from .policy import LRU, Key, NextUse
 from .stats import MoEStats
 from .tier import CheckpointTier, HostTier, Weight, empty_like, layout, nbytes
 
@@ -274,7 +274,7 @@ def install(
             tiers[layer], modules[layer] = read(name), module
     cfg = model.config
     prior = {k: v for k, v in (prior or {}).items() if k[0] in tiers and k[1] < cfg.num_experts}
-    pool = ExpertPool(tiers, cfg.num_experts, cfg.experts_per_token, budget, make_policy("next-use", prior), device)
+    pool = ExpertPool(tiers, cfg.num_experts, cfg.experts_per_token, budget, NextUse(prior=prior), device)
     for layer, module in modules.items():
         del module.gate_up, module.down  # the slow tier holds them
         module.source = LayerExperts(pool, layer)
