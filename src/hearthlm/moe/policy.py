@@ -27,8 +27,6 @@ class LRU:
     """Recency with a clock per forward pass, ties by slot: a clock per layer step does worse (with fewer
     slots than one pass uses, every layer finds its experts evicted by the layers between)."""
 
-    name = "lru"
-
     def bind(self, rows: dict[int, int], experts: int, top_k: int) -> None:
         self.last = np.full((len(rows), experts), -1.0)
         self.clock = 0
@@ -42,7 +40,6 @@ class LRU:
 
 
 class NextUse:
-    name = "next-use"
     PRIOR = 16.0  # pseudo-tokens at the uniform rate: until a layer has seen a few dozen, recency decides
 
     def __init__(self, half_life: float = HALF_LIFE, prior: dict[Key, float] | None = None):
