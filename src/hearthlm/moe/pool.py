@@ -264,7 +264,7 @@ def install(
     prior: dict[Key, float] | None = None,
 ) -> ExpertPool:
     """Give every Experts module of `model` (not yet filled) a slot in one pool; `read(name)` -> the module's
-    tier. With a profile (`prior`), the pool starts with its hottest experts."""
+    tier. With a profile (`prior`), the pool starts with its hottest experts; with room for all, with all."""
     from ..layers.moe import Experts
 
     tiers, modules = {}, {}
@@ -278,6 +278,8 @@ def install(
     for layer, module in modules.items():
         del module.gate_up, module.down  # the slow tier holds them
         module.source = LayerExperts(pool, layer)
-    if prior:
+    if len(pool.slots) == cfg.num_experts * len(tiers):  # a budget that holds them all: fill it now
+        pool.warm([(layer, e) for layer in pool.layers for e in range(cfg.num_experts)])
+    elif prior:
         pool.warm(sorted(prior, key=prior.get, reverse=True))
     return pool
