@@ -159,6 +159,43 @@ def test_experts_stored_in_different_formats_are_refused_with_the_reason():
         ExpertPool({0: _FakeTier(), 1: Wide()}, 8, 2, Budget(fraction=0.5), NextUse(), "cpu")
 
 
+def _demo_routing(tokens: int = 80) -> list[tuple[int, list[int], list[int]]]:
+    """The demo model's real routing, greedy from three prompts: (layer, experts, tokens routed to each)."""
+    llm, steps = LLM(DEMO_MOE), []
+
+    def record(layer):
+        def hook(module, args):
+            counts = torch.bincount(args[1].reshape(-1), minlength=module.num_experts).tolist()
+            steps.append((layer, [e for e, c in enumerate(counts) if c], [c for c in counts if c]))
+
+        return hook
+
+    for name, m in llm.model.named_modules():
+        if isinstance(m, Experts):
+            m.register_forward_pre_hook(record(int(name.split(".")[1])))
+    for text in ("The little fox ran into the forest", "My grandmother kept a garden", "The ship sailed north"):
+        ids = llm.tokenizer.encode(text)
+        cache = ContiguousKVCache(llm.config.layers, 1, len(ids) + tokens, llm.dtype, llm.device)
+        h = forward_tokens(llm.model, cache, torch.tensor([ids]), torch.zeros(1, dtype=torch.long))
+        for pos in range(len(ids), len(ids) + tokens - 1):
+            tok = llm.model.logits(h[:, -1]).argmax(-1, keepdim=True)
+            h = forward_tokens(llm.model, cache, tok, torch.tensor([pos]))
+    return steps
+
+
+def test_policy_fetches_fewer_bytes_than_lru_on_the_demo_routing():
+    """Real routing through pools shared by 6 layers: the next-use policy against LRU at 10%, 25% and 50%."""
+    steps = _demo_routing()
+    for fraction in (0.1, 0.25, 0.5):
+        fetched = []
+        for policy in (NextUse(), LRU()):
+            pool = ExpertPool({i: _FakeTier() for i in range(6)}, 8, 2, Budget(fraction=fraction), policy, "cpu")
+            for layer, active, counts in steps:
+                list(pool.experts(layer, active, counts))
+            fetched.append(pool.stats.bytes_fetched)
+        assert fetched[0] < fetched[1], (fraction, fetched)
+
+
 def test_stats_add_up():
     llm = LLM(DEMO_MOE, expert_budget="25%")
     uses = []
