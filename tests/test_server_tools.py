@@ -320,10 +320,14 @@ def test_cli_serve(monkeypatch):
     from hearthlm import cli, server
 
     got = {}
-    monkeypatch.setattr(server, "serve", lambda *a: got.setdefault("args", a))
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: got.setdefault("args", (a, kw)))
     monkeypatch.setenv("HEARTH_API_KEY", "from-env")
     assert cli.main(["serve", "--port", "8123", "--quant", "int8"]) == 0
-    assert got["args"] == (None, "127.0.0.1", 8123, "from-env", None, "int8", 16, None)
+    assert got["args"] == (
+        (None, "127.0.0.1", 8123, "from-env", None, "int8", 16, None),
+        {"expert_budget": None, "moe_profile": True},
+    )
     got.clear()
-    assert cli.main(["serve", "some/model", "--api-key", "k", "--host", "0.0.0.0"]) == 0
-    assert got["args"][:4] == ("some/model", "0.0.0.0", 11434, "k")
+    assert cli.main(["serve", "some/model", "--api-key", "k", "--host", "0.0.0.0", "--expert-budget", "25%"]) == 0
+    assert got["args"][0][:4] == ("some/model", "0.0.0.0", 11434, "k")
+    assert got["args"][1] == {"expert_budget": "25%", "moe_profile": True}
