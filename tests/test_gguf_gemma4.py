@@ -125,3 +125,16 @@ def test_no_rope_freqs_means_every_dimension_rotated(models, tmp_path, monkeypat
     path = _write_patched(models("gemma4_plain"), tmp_path / "plain.gguf", monkeypatch, tensors=drop)
     rope = hf_config(GGUFFile(path))["rope_parameters"]["full_attention"]
     assert rope == {"rope_type": "default", "rope_theta": 1e5}
+
+
+def test_bench_counts_the_routed_share_of_gemma4_experts(models, tmp_path):
+    """`hearth bench --vs llama.cpp` prices a decode step at the file's bytes, experts at top_k / num_experts."""
+    from types import SimpleNamespace
+
+    from hearthlm.bench.engines import LlamaCppEngine
+
+    path = write(models("gemma4_all"), tmp_path / "all.gguf")
+    f = GGUFFile(path)
+    experts = sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
+    rest = sum(t.nbytes for n, t in f.tensors.items() if "_exps." not in n)
+    assert LlamaCppEngine.bytes_per_token(SimpleNamespace(path=path)) == int(rest + experts * 2 / 4)
