@@ -37,7 +37,7 @@ def models():
 @pytest.mark.parametrize("name", GEMMA4)
 def test_llama_cpp_runs_our_file_as_transformers_runs_the_model(name, models, tmp_path):
     """llama.cpp is the oracle for the layout: names, norms as stored, rope_freqs, k = v, KV sharing, PLE,
-    the router's scales. Its CPU kernels differ from float32 transformers by ~0.02 (GELU from an fp16 table);
+    the router's scales. Its CPU kernels differ from float32 transformers by ~0.02 (e.g. GELU read from an fp16 table);
     a wrong layout costs 1 or more (all dims rotated on full layers: 1.9; norms + 1: 5.4; no layer scalar: 1.4)."""
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is an optional peer (pip install llama-cpp-python)"
