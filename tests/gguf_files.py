@@ -3,12 +3,21 @@ llama.cpp's convert_hf_to_gguf.py lays them out: llama.cpp tensor names, q/k row
 architecture permuted into llama.cpp's RoPE order, Llama 3 RoPE scaling as a `rope_freqs` tensor, experts
 stacked, 1-D tensors in F32 and matrices in the requested type (F32 where the row length does not fit the
 type's blocks).
+
+Gemma 4 as llama.cpp's Gemma4Model converter writes it: per-layer arrays for the sliding pattern, the KV
+heads (where full layers differ) and the MLP width (double-wide KV-shared layers), sliding/full head sizes
+and RoPE bases under `*_swa` keys, proportional RoPE as a `rope_freqs` tensor (1 for the rotated
+frequencies, 1e30 for the others), norm weights as stored (no +1), the router's scales as
+`ffn_gate_inp.scale` / `ffn_down_exps.scale`, the stacked gate|up experts as `ffn_gate_up_exps`, and no
+`attn_v` where values are the keys (attention_k_eq_v). llama.cpp (tests/test_gguf_gemma4.py) checks it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -16,7 +25,7 @@ import numpy as np
 import torch
 
 ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-        "Qwen3MoeForCausalLM": "qwen3moe", "MixtralForCausalLM": "llama"}  # fmt: skip
+        "Qwen3MoeForCausalLM": "qwen3moe", "MixtralForCausalLM": "llama", "Gemma4ForCausalLM": "gemma4"}  # fmt: skip
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -33,6 +42,31 @@ _LAYER = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
     "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+
+# Gemma 4's own per-layer names (the attention and MLP matrices are named as in _LAYER).
+_GEMMA4_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+    "layer_scalar": "layer_output_scale.weight",
+    "router.proj.weight": "ffn_gate_inp.weight",
+    "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "experts.down_proj": "ffn_down_exps.weight",
+    "per_layer_input_gate.weight": "inp_gate.weight",
+    "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight",
+}
+_GEMMA4_TOP = {
+    "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+    "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+    "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
 }
 
 
@@ -75,16 +109,19 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarr
     return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
 
 
-def write(model: torch.nn.Module, path: Path, qtype=gguf.GGMLQuantizationType.F32, vocab_tokens=None) -> Path:
-    """Write a transformers causal LM as llama.cpp's converter would; `vocab_tokens` optional token strings."""
+def write(
+    model: torch.nn.Module, path: Path, qtype=gguf.GGMLQuantizationType.F32, vocab_tokens=None, vocab=None
+) -> Path:
+    """Write a transformers causal LM as llama.cpp's converter would; `vocab_tokens` optional token strings,
+    or `vocab(writer)` the tokenizer metadata."""
     cfg = model.config.to_dict()
 
-    def vocab(w: gguf.GGUFWriter) -> None:
+    def tokens(w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model("gpt2")
         w.add_token_list(vocab_tokens)
 
     state = ((name, t.detach().float().numpy()) for name, t in model.state_dict().items())
-    return write_gguf(path, type(model).__name__, cfg, state, qtype, vocab if vocab_tokens is not None else None)
+    return write_gguf(path, type(model).__name__, cfg, state, qtype, tokens if vocab_tokens is not None else vocab)
 
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json"
@@ -114,6 +151,53 @@ def demo_vocab(vocab_size: int):
     return vocab
 
 
+_GEMMA4_TEXT = (
+    "the quick brown fox jumps over the lazy dog.\nthen the dog sleeps, and the fox runs away!\n\n"
+    "    def main():\n        return 42\n\n\nhello world, hello there; what is the time?\n"
+)
+
+
+def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
+    """-> vocab(writer): a small vocabulary of Gemma 4's kind (tokenizer.ggml.model "gemma4": BPE over
+    characters with "▁" for spaces, merges in the file), learnt from a fixed text: Gemma 4's special tokens at
+    their ids (pad 0, eos 1, bos 2, unk 3, mask 4), its turn markers, optionally the 256 <0xXX> byte tokens,
+    the text's characters, then merges until `vocab_size` tokens."""
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"]
+    tokens = special + ([f"<0x{b:02X}>" for b in range(256)] if byte_tokens else [])
+    words = [w.replace(" ", "▁") for w in re.findall(r"[^\n]+|\n+", _GEMMA4_TEXT)]
+    tokens += sorted(set("".join(words)))
+    pieces = [list(w) for w in words]
+    merges = []
+    while len(tokens) < vocab_size:  # the most frequent adjacent pair (ties: first in text order) becomes a token
+        pairs = Counter(p for w in pieces for p in zip(w, w[1:]) if "".join(p) not in tokens)
+        if not pairs:
+            raise ValueError(f"the text yields fewer than {vocab_size} tokens")
+        left, right = max(pairs, key=pairs.get)
+        merges.append(f"{left} {right}")
+        tokens.append(left + right)
+        for w in pieces:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == (left, right):
+                    w[i : i + 2] = [left + right]
+                i += 1
+    types = [3] * len(special) + [6 if t.startswith("<0x") else 1 for t in tokens[len(special) :]]
+
+    def vocab(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gemma4")
+        w.add_token_list(tokens)
+        w.add_token_scores([-1000.0] * len(tokens))
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(2)
+        w.add_unk_token_id(3)
+        w.add_pad_token_id(0)
+        w.add_add_space_prefix(False)
+        w.add_add_bos_token(True)
+
+    return vocab
+
+
 def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None) -> Path:
     """A GGUF file from a config.json dict and (Hugging Face name, float array) pairs; `vocab(writer)` adds
     the tokenizer metadata. Shared by the tests and benchmarks/decode.py."""
@@ -122,6 +206,30 @@ def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None) 
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if arch == "gemma4":
+        _gemma4_metadata(w, cfg)
+    else:
+        _metadata(w, arch, cfg, heads, kv_heads, head_dim)
+    eos = cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if vocab is not None:
+        vocab(w)
+    for name, data in tensors:
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        for gname, part in _gguf_tensors(name, data, arch, heads, kv_heads):
+            encoded, ttype = encode(part, qtype)
+            w.add_tensor(gname, encoded, raw_dtype=ttype if ttype not in (0, 1) else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, heads: int, kv_heads: int, head_dim: int) -> None:
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -141,25 +249,54 @@ def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None) 
         w.add_expert_used_count(cfg["num_experts_per_tok"])
         w.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
         w.add_bool(f"{arch}.expert_weights_norm", bool(cfg.get("norm_topk_prob", True)))
-    eos = cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    if eos is not None:
-        w.add_eos_token_id(eos)
-    if vocab is not None:
-        vocab(w)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_factors(cfg))
-    for name, data in tensors:
-        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-            continue
-        for gname, part in _gguf_tensors(name, data, arch, heads, kv_heads):
-            encoded, ttype = encode(part, qtype)
-            w.add_tensor(gname, encoded, raw_dtype=ttype if ttype not in (0, 1) else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+
+
+def _gemma4_metadata(w: gguf.GGUFWriter, cfg: dict) -> None:
+    """What llama.cpp's Gemma4Model converter writes (for a transformers 5 config: per-layer head sizes and
+    KV heads in `per_layer_config`)."""
+    n = cfg["num_hidden_layers"]
+    swa = [t == "sliding_attention" for t in cfg["layer_types"]]
+    full = swa.index(False)
+    per_layer = {int(k): v for k, v in (cfg.get("per_layer_config") or {}).items()}
+    head_dim, head_full = cfg["head_dim"], cfg.get("global_head_dim") or per_layer[full]["head_dim"]
+    kv_full = cfg.get("num_global_key_value_heads") or per_layer.get(full, {}).get("num_key_value_heads")
+    shared = cfg.get("num_kv_shared_layers") or 0
+    inter = cfg["intermediate_size"]
+    rope = cfg["rope_parameters"]
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n)
+    if cfg.get("use_double_wide_mlp"):
+        w.add_feed_forward_length([inter if i < n - shared else 2 * inter for i in range(n)])
+    else:
+        w.add_feed_forward_length(inter)
+    w.add_head_count(cfg["num_attention_heads"])
+    kv = cfg["num_key_value_heads"]
+    w.add_head_count_kv(kv if kv_full is None else [kv if s else kv_full for s in swa])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+    w.add_key_length(head_full)
+    w.add_value_length(head_full)
+    w.add_key_length_swa(head_dim)
+    w.add_value_length_swa(head_dim)
+    w.add_rope_dimension_count(head_full)  # all dims; the unrotated ones get factor 1e30 in rope_freqs
+    w.add_rope_dimension_count_swa(head_dim)
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_sliding_window_pattern(swa)
+    w.add_shared_kv_layers(shared)
+    w.add_embedding_length_per_layer_input(cfg.get("hidden_size_per_layer_input") or 0)
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg.get("enable_moe_block"):
+        w.add_expert_count(cfg["num_experts"])
+        w.add_expert_used_count(cfg["top_k_experts"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    rotated = int(head_full * rope["full_attention"]["partial_rotary_factor"] / 2)
+    factors = [1.0] * rotated + [1e30] * (head_full // 2 - rotated)
+    w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
 
 
 def _gguf_tensors(name: str, data: np.ndarray, arch: str, heads: int, kv_heads: int):
@@ -167,8 +304,12 @@ def _gguf_tensors(name: str, data: np.ndarray, arch: str, heads: int, kv_heads: 
            "lm_head.weight": "output.weight"}  # fmt: skip
     if name in top:
         return [(top[name], data)]
+    if arch == "gemma4" and name in _GEMMA4_TOP:
+        return [(_GEMMA4_TOP[name], data)]
     parts = name.split(".")
     i, suffix = parts[2], ".".join(parts[3:])
+    if arch == "gemma4" and suffix in _GEMMA4_LAYER:
+        return [(f"blk.{i}.{_GEMMA4_LAYER[suffix]}", np.ascontiguousarray(data))]
     if suffix == "mlp.experts.gate_up_proj":  # [E, 2I, H]: gate rows then up rows
         half = data.shape[1] // 2
         return [(f"blk.{i}.ffn_gate_exps.weight", data[:, :half]), (f"blk.{i}.ffn_up_exps.weight", data[:, half:])]

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from checkpoints import VOCAB, _decoder, build, perturb
+from checkpoints import FAMILIES, VOCAB, _decoder, build, perturb
 from gguf_files import write
 
 from hearthlm import LLM
 from hearthlm.weights.gguf import GGUFError, GGUFFile
 
 T = gguf.GGMLQuantizationType
-GGUF_FAMILIES = ["llama", "qwen2_plain", "qwen3", "qwen3_moe", "mixtral_plain"]
+GGUF_FAMILIES = ["llama", "qwen2_plain", "qwen3", "qwen3_moe", "mixtral_plain", "gemma4_all", "gemma4_plain"]
 
 
 def _build(name: str):
@@ -42,6 +42,9 @@ def _build(name: str):
             )
         )
         model = tf.LlamaForCausalLM(cfg).eval()
+    elif name == "gemma4_ple16":  # gemma4_all with a PLE table whose rows (6 layers x 16) fit 32-wide blocks
+        kwargs = FAMILIES["gemma4_all"][2] | {"hidden_size_per_layer_input": 16}
+        model = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(**kwargs)).eval()
     else:
         return build(name)[0]
     model.config._attn_implementation = "eager"
@@ -100,7 +103,7 @@ def _dequantized_reference(model, qtype):
     "qtype, name",
     [(T.F16, "llama"), (T.Q8_0, "llama"), (T.Q4_0, "qwen2_plain"), (T.Q4_1, "qwen3"), (T.Q5_0, "llama"),
      (T.Q5_1, "qwen3_moe"), (T.Q8_0, "mixtral_plain"), (T.Q4_K, "llama_wide"), (T.Q5_K, "llama_wide"),
-     (T.Q6_K, "llama_wide")],
+     (T.Q6_K, "llama_wide"), (T.Q8_0, "gemma4_ple16"), (T.Q4_0, "gemma4_ple16"), (T.Q4_1, "gemma4_plain")],
 )  # fmt: skip
 def test_quantized_gguf_matches_dequantized_reference(qtype, name, models, tmp_path):
     _check_quantized(models(name), write(models(name), tmp_path / f"{name}-{qtype.name}.gguf", qtype), qtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,64 @@ def test_unknown_pre_tokenizer_names_it_and_the_supported_ones():
     with pytest.raises(GGUFTokenizerError, match=r"x\.gguf: tokenizer\.ggml\.pre 'mystery' is not supported") as e:
         tokenizer_from_gguf(metadata | {"tokenizer.ggml.merges": []}, "x.gguf")
     assert all(name in str(e.value) for name in ("qwen2", "llama-bpe", "gpt-2", "default"))
+
+
+# -- Gemma 4 ("gemma4": BPE over characters, "▁" for spaces, <0xXX> byte tokens) ------------------------------
+def _gemma4_file(path: Path, vocab_size: int) -> Path:
+    """A Gemma 4 GGUF with no tensors (llama.cpp loads its vocabulary alone) and a small vocabulary of Gemma 4's
+    kind with the byte tokens."""
+    import transformers as tf
+    from checkpoints import FAMILIES
+    from gguf_files import gemma4_vocab, write_gguf
+
+    cfg = tf.Gemma4TextConfig(**FAMILIES["gemma4_plain"][2]).to_dict()
+    vocab = gemma4_vocab(vocab_size, byte_tokens=True)
+    return write_gguf(path, "Gemma4ForCausalLM", cfg, [], gguf.GGMLQuantizationType.F32, vocab)
+
+
+GEMMA4_TEXTS = [
+    "the dog runs away",
+    " the  dog\n\n\nruns   away!\n",
+    "\n" * 7,
+    "<|turn>user\nhello there<turn|>\n<|turn>model\n",
+    "<bos>the fox",
+    "Zoë 東京 🤖\tdone\r\n",
+    "",
+]
+
+
+def test_gemma4_llama_cpp_vectors():
+    """llama.cpp's Gemma 4 test vectors (its models/ggml-vocab-gemma-4.gguf: 46 inputs, all equal when run by hand
+    with that file); skipped where the 16 MB vocabulary is not in the shared test data."""
+    if not (VOCABS / "ggml-vocab-gemma-4.gguf").is_file():
+        pytest.skip(f"llama.cpp's ggml-vocab-gemma-4.gguf (.inp, .out) is not in {VOCABS}")
+    tok = vocab_tokenizer("gemma-4")
+    vectors = llama_cpp_vectors("gemma-4")
+    failed = [(text, ids, got) for text, ids in vectors if (got := tok.encode(text, add_special_tokens=False)) != ids]
+    assert not failed, f"{len(failed)} of {len(vectors)} vectors differ: {failed[:3]}"
+    assert [tok.decode(ids) for _, ids in vectors] == [text for text, _ in vectors]
+
+
+def test_gemma4_vocabulary_tokenizes_as_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional peer")
+    path = _gemma4_file(tmp_path / "gemma4-vocab.gguf", 400)
+    tok = tokenizer_from_gguf(gguf_metadata(path), str(path))
+    ll = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    rng = random.Random(0)
+    alphabet = "the dog fox runs away\n\n  !?,.Zë東🤖\t<>|"
+    texts = GEMMA4_TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    for text in texts:
+        assert tok.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True), repr(text)
+        assert tok.decode(tok.encode(text, add_special_tokens=False), skip_special_tokens=False) == text, repr(text)
+
+
+def test_gemma4_bos_spaces_bytes_and_stops(tmp_path):
+    path = _gemma4_file(tmp_path / "gemma4-vocab.gguf", 400)
+    metadata = gguf_metadata(path) | {"tokenizer.ggml.add_bos_token": False}
+    tok = tokenizer_from_gguf(metadata, str(path))
+    assert tok.encode("the")[0] == 2  # llama.cpp adds BOS to Gemma 4 prompts whatever the file says
+    assert tok.encode_chat("<bos><|turn>user\nhi<turn|>\n").count(2) == 1
+    ids = tok.encode(" the dog", add_special_tokens=False)
+    assert [tok.token(i) for i in ids][0].startswith("▁")  # spaces are "▁", no prefix space added
+    assert tok.encode("東", add_special_tokens=False) == [tok.token_id(f"<0x{b:02X}>") for b in "東".encode()]
+    assert {1, tok.token_id("<turn|>")} <= tok.stop_token_ids()

@@ -397,8 +397,7 @@ def estimate(
         ram_with_gpu=ple + runtime,
         load_peak=load_peak,
         bytes_per_token=per_token,
-        # GGUF files load for every family but Gemma 4 (weights/gguf_model.py); our own formats for all
-        supported=fmt in NATIVE or fmt in ("int8", "int4") or cfg.family != "gemma4",
+        supported=True,  # every format priced here loads for every family (Gemma 4 GGUF files included)
         context=context,
         concurrency=concurrency,
     )
@@ -584,7 +583,11 @@ def table(estimates: list[Estimate], machine: Machine | None):
         t.add_row(*row)
         last = e.model
     t.caption = (
-        "* hearthlm cannot load this format for this model yet (Gemma 4 GGUF files; a planning estimate). RAM/VRAM include the KV cache, activations and the "
-        "runtime; on a GPU the PLE table stays in host memory. Decode speed: memory-bandwidth roofline, batch 1."
+        "* hearthlm cannot load this format for this model yet (a planning estimate). "
+        if not all(e.supported for e in estimates)
+        else ""
+    ) + (
+        "RAM/VRAM include the KV cache, activations and the runtime; on a GPU the PLE table stays in host memory. "
+        "Decode speed: memory-bandwidth roofline, batch 1."
     )
     return t

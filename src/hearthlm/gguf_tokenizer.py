@@ -5,7 +5,7 @@ ids, under llama.cpp's key names. `tokenizer_from_gguf` rebuilds from them a `to
 splits text into the ids llama.cpp's `llama_tokenize` gives for the same vocabulary (src/llama-vocab.cpp),
 and wraps it in our `Tokenizer` with the chat template, the special tokens and the ids that end generation.
 
-Two vocabulary kinds (`tokenizer.ggml.model`):
+Three vocabulary kinds (`tokenizer.ggml.model`):
 
 - "llama", SentencePiece-style BPE (Llama 2, Mistral, Gemma 1-3, Phi-3). llama.cpp starts from the text's
   characters, spaces written "▁" and, with `add_space_prefix`, a "▁" put in front of every piece of text
@@ -21,6 +21,10 @@ Two vocabulary kinds (`tokenizer.ggml.model`):
   unknown name is an error, as it is in llama.cpp: a wrong split silently degrades every prompt), its
   bytes written in GPT-2's byte alphabet, and each piece merged by merge rank. No Unicode normalization,
   as in llama.cpp (Qwen's tokenizer.json applies NFC, so transformers can differ on text not in NFC).
+- "gemma4", BPE over characters with the file's merges (Gemma 4): spaces written "▁" (no prefix space),
+  the text split only into runs of newlines and runs of other characters (`tokenizer.ggml.pre` is ignored,
+  as llama.cpp ignores it), characters the vocabulary lacks spelled as <0xXX> byte tokens. A BOS is always
+  added, as llama.cpp forces it (chat prompts rendered with their own <bos> get no second one).
 
 Special tokens follow llama.cpp's token types (`tokenizer.ggml.token_type`): control and unknown tokens
 are special (recognised in text by `encode`, as llama.cpp's parse_special=true does, and dropped by
@@ -66,7 +70,7 @@ class GGUFTokenizerError(ValueError):
 # llama.cpp's llama_token_type, the values of tokenizer.ggml.token_type.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-MODELS = ("gpt2", "llama")
+MODELS = ("gpt2", "llama", "gemma4")
 
 # -- pre-tokenizers (byte-level BPE) --------------------------------------------------------------
 # The regular expressions of llama-vocab.cpp's llm_tokenizer_bpe, applied one after the other: each
@@ -215,7 +219,7 @@ class _Vocab:
             what = "has no vocabulary" if model in ("no_vocab", "none") else "is not supported"
             raise GGUFTokenizerError(
                 f"{where}: tokenizer.ggml.model {model!r} {what}; supported: "
-                f"{', '.join(repr(m) for m in MODELS)} (SentencePiece-style and byte-level BPE vocabularies)"
+                f"{', '.join(repr(m) for m in MODELS)} (SentencePiece-style, byte-level and Gemma 4 BPE vocabularies)"
             )
         pre = None
         if model == "gpt2":
@@ -246,10 +250,10 @@ class _Vocab:
         types = [int(t) for t in _array(get("token_type"), n, "token_type", where, [NORMAL] * n)]
 
         merges: list[tuple[str, str]] = []
-        if model == "gpt2":
+        if model != "llama":
             raw = get("merges")
             if raw is None:
-                raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.merges: a 'gpt2' vocabulary needs its merges")
+                raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.merges: a {model!r} vocabulary needs its merges")
             for m in raw:
                 cut = str(m).find(" ", 1)  # as llama.cpp splits them: a first piece may start with a space
                 if cut > 0:
@@ -260,7 +264,7 @@ class _Vocab:
         ids: dict[str, int | None] = dict.fromkeys(_SPECIAL_IDS)
         if spm:
             ids.update(bos=1, eos=2, unk=0)
-        else:
+        elif model == "gpt2":
             ids.update(bos=11, eos=11)
         for name, key in _SPECIAL_IDS.items():
             if ids[name] is not None and ids[name] >= n:
@@ -270,7 +274,7 @@ class _Vocab:
                 value = get(_DEPRECATED_FIM[name])
             if value is not None and 0 <= int(value) < n:
                 ids[name] = int(value)
-        add_bos = bool(get("add_bos_token", True if spm else pre.add_bos))
+        add_bos = model == "gemma4" or bool(get("add_bos_token", True if spm else pre.add_bos))
         add_eos = bool(get("add_eos_token", False))
         for flag, name in ((add_bos, "bos"), (add_eos, "eos")):
             if flag and ids[name] is None:
@@ -289,7 +293,7 @@ class _Vocab:
             ids=ids,
             add_bos=add_bos,
             add_eos=add_eos,
-            add_space_prefix=bool(get("add_space_prefix", spm)),
+            add_space_prefix=spm and bool(get("add_space_prefix", True)),  # only SentencePiece adds one
         )
         vocab._adjust(str(metadata.get("general.name", "")))
         return vocab
@@ -407,6 +411,20 @@ def _build(vocab: _Vocab) -> _HFTokenizer:
         if vocab.add_space_prefix:
             decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
         decoder: dict[str, Any] = {"type": "Sequence", "decoders": decoders}
+    elif vocab.model == "gemma4":
+        space = "▁"
+        model.update(byte_fallback=True, merges=_valid_merges(vocab.merges, index))
+        normalizer = {"type": "Replace", "pattern": {"String": " "}, "content": space}
+        split = {"type": "Split", "pattern": {"Regex": r"[^\n]+|\n+"}, "behavior": "Isolated", "invert": False}
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [split]}
+        decoder = {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": space}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ],
+        }
     else:
         assert vocab.pre is not None
         model.update(ignore_merges=vocab.pre.ignore_merges, merges=_valid_merges(vocab.merges, index))

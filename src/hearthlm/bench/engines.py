@@ -250,7 +250,8 @@ class LlamaCppEngine:
 
         gguf = GGUFFile(self.path)
         hf = hf_config(gguf)
-        share = hf.get("num_experts_per_tok", 0) / hf["num_local_experts"] if hf.get("num_local_experts") else 1
+        experts = hf.get("num_local_experts") or hf.get("num_experts")  # Gemma 4 names them num_experts / top_k_experts
+        share = (hf.get("num_experts_per_tok") or hf.get("top_k_experts") or 0) / experts if experts else 1
         tied = "output.weight" not in gguf.tensors
         total = 0.0
         for name, info in gguf.tensors.items():

@@ -3,6 +3,10 @@ reads it with the code that reads config.json) and its tensors answer to the Hug
 weight maps use, translated from llama.cpp's names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.
 q_proj.weight`), with the reorderings llama.cpp's converter applied undone.
 
+Gemma 4 files state per layer what its config.json states by rule (sliding pattern, KV heads, MLP width, which
+layers have no attn_v); those arrays are turned back into the config and checked to be what the rule gives,
+and a file that says something else (which transformers' Gemma 4 cannot express) is refused, naming the key.
+
 Quantized tensors come back as QuantTensors repacked for our kernels (quant/ggml.py); float ones as
 float16 / bfloat16 / float32 views of the file.
 """
@@ -25,6 +29,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "gemma4": "Gemma4ForCausalLM",
 }
 # Per-layer tensors: llama.cpp suffix -> Hugging Face suffix (under model.layers.N.)
 _LAYER = {
@@ -51,24 +56,53 @@ _EXPERTS = {
     "ffn_down_exps.weight": "mlp.experts.{e}.down_proj.weight",
 }
 _MIXTRAL = {"mlp.gate.weight": "block_sparse_moe.gate.weight", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}  # fmt: skip
+# Gemma 4: its attention and MLP matrices are named as above; its norms are not (llama.cpp's ffn_norm is Gemma's
+# pre-MLP norm), its experts are stacked gate|up as transformers stores them, and the router's two scales
+# ride on ffn_gate_inp and ffn_down_exps. Norm weights are stored as they are (Gemma 4 norms multiply by w).
+_GEMMA4_LAYER = _LAYER | {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
+    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
+    "layer_output_scale.weight": "layer_scalar",
+    "ffn_gate_inp.weight": "router.proj.weight",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "ffn_gate_up_exps.weight": "experts.gate_up_proj",
+    "ffn_down_exps.weight": "experts.down_proj",
+    "inp_gate.weight": "per_layer_input_gate.weight",
+    "proj.weight": "per_layer_projection.weight",
+    "post_norm.weight": "post_per_layer_input_norm.weight",
+}
+_GEMMA4_TOP = _TOP | {
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
+}
 
 
-def _translate(name: str, mixtral: bool) -> list[tuple[str, int | None]]:
-    """llama.cpp tensor name -> [(Hugging Face name, expert index or None)]; [] if not a known name."""
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}  # fmt: skip
+def _translate(name: str, arch: str) -> list[tuple[str, int | None]]:
+    """llama.cpp tensor name -> [(Hugging Face name, expert index or None)]; [] if not a known name.
+    `arch`: the Hugging Face architecture."""
+    gemma4, mixtral = arch == "Gemma4ForCausalLM", arch == "MixtralForCausalLM"
+    top = _GEMMA4_TOP if gemma4 else _TOP
     if name in top:
         return [(top[name], None)]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
     if m is None:
         return []
     prefix, suffix = f"model.layers.{m[1]}.", m[2]
-    if suffix in _LAYER:
-        hf = _LAYER[suffix]
+    layer = _GEMMA4_LAYER if gemma4 else _LAYER
+    if suffix in layer:
+        hf = layer[suffix]
         if mixtral and hf == "mlp.gate.weight":
             hf = _MIXTRAL[hf]
         return [(prefix + hf, None)]
-    if suffix in _EXPERTS:
+    if suffix in _EXPERTS and not gemma4:
         hf = _EXPERTS[suffix]
         if mixtral:
             kind = hf.split(".")[3]
@@ -98,7 +132,7 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
     hf_arch = "MixtralForCausalLM" if arch == "llama" and experts else ARCHITECTURES[arch]
     heads = a("attention.head_count")
     kv_heads = a("attention.head_count_kv", heads)
-    if isinstance(heads, list) or isinstance(kv_heads, list):
+    if isinstance(heads, list) or (isinstance(kv_heads, list) and arch != "gemma4"):
         raise GGUFError(f"{where}: per-layer head counts are not supported for '{arch}'")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = gguf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gguf.tensors else len(tokens or [])
@@ -121,6 +155,8 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
         "rope_theta": a("rope.freq_base", 10_000.0),
         "attention_bias": False,
     }
+    if arch == "gemma4":
+        return cfg | _gemma4_config(gguf, a)
     key_length = a("attention.key_length", None)
     if key_length is not None:
         cfg["head_dim"] = key_length
@@ -150,6 +186,115 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
     return cfg
 
 
+def _gemma4_config(gguf: GGUFFile, a: Any) -> dict[str, Any]:
+    """The Gemma 4 keys of config.json, from llama.cpp's Gemma 4 metadata and which tensors the file has."""
+    where, tensors = gguf.path, gguf.tensors
+    n = a("block_count")
+    swa = a("attention.sliding_window_pattern")
+    if not isinstance(swa, list) or len(swa) != n:
+        raise GGUFError(f"{where}: gemma4.attention.sliding_window_pattern must list {n} booleans, one per layer")
+    if swa[-1]:
+        raise GGUFError(
+            f"{where}: gemma4.attention.sliding_window_pattern makes the last layer sliding; "
+            "Gemma 4 (transformers) always runs it with full attention"
+        )
+    shared = a("attention.shared_kv_layers", 0)
+    first_shared = n - shared
+    for i in range(first_shared, n):  # llama.cpp reads the last or the second-to-last layer before them
+        src = first_shared - (2 if swa[i] else 1)
+        if src < 0 or swa[src] != swa[i] or swa[src + 1 : first_shared].count(swa[i]):
+            raise GGUFError(
+                f"{where}: gemma4.attention.shared_kv_layers={shared}: llama.cpp would read layer {i}'s "
+                "K/V from another layer than Gemma 4 does (layer types don't end sliding, full)"
+            )
+    head_full, head_swa = a("attention.key_length"), a("attention.key_length_swa")
+    if (a("attention.value_length", head_full), a("attention.value_length_swa", head_swa)) != (head_full, head_swa):
+        raise GGUFError(f"{where}: gemma4.attention.value_length(_swa) differ from key_length(_swa)")
+    kv = _per_layer(a("attention.head_count_kv"), n, "attention.head_count_kv", where)
+    ff = _per_layer(a("feed_forward_length"), n, "feed_forward_length", where)
+    double = ff != [ff[0]] * n
+    if double and ff != [ff[0]] * first_shared + [2 * ff[0]] * shared:
+        raise GGUFError(f"{where}: gemma4.feed_forward_length {ff}: only KV-shared layers may differ (twice as wide)")
+    # attention_k_eq_v: full-attention layers without attn_v use their keys as values
+    no_v = [i for i in range(first_shared) if f"blk.{i}.attn_v.weight" not in tensors]
+    full = [i for i in range(first_shared) if not swa[i]]
+    if no_v and no_v != full:
+        raise GGUFError(
+            f"{where}: layers {no_v} have no attn_v (values = keys); Gemma 4 allows that on every "
+            f"full-attention layer ({full}) and on no other"
+        )
+    cfg: dict[str, Any] = {
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in swa],
+        "head_dim": head_swa,
+        "num_key_value_heads": kv[0],
+        "per_layer_config": {
+            str(i): {"head_dim": head_swa if swa[i] else head_full, "num_key_value_heads": kv[i]} for i in range(n)
+        },
+        "num_kv_shared_layers": shared,
+        "attention_k_eq_v": bool(no_v),
+        "intermediate_size": ff[0],
+        "use_double_wide_mlp": double,
+        "sliding_window": a("attention.sliding_window"),
+        "final_logit_softcapping": a("final_logit_softcapping", None),
+        "hidden_activation": "gelu_pytorch_tanh",  # llama.cpp's Gemma 4 graph: GELU (tanh)
+        "rope_parameters": _gemma4_rope(gguf, a, head_full, head_swa),
+    }
+    ple = a("embedding_length_per_layer_input", 0)
+    cfg["hidden_size_per_layer_input"] = ple
+    if ple:
+        cfg["vocab_size_per_layer_input"] = tensors["per_layer_token_embd.weight"].shape[0]
+    moe = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" in tensors]
+    if moe:
+        if len(moe) != n:
+            raise GGUFError(f"{where}: experts in layers {moe} only; Gemma 4 has them in every layer or in none")
+        if "blk.0.ffn_gate_up_exps.weight" not in tensors:
+            raise GGUFError(
+                f"{where}: tensor 'blk.0.ffn_gate_up_exps.weight' is missing: hearthlm reads Gemma 4 "
+                "experts as llama.cpp's converter writes them (gate|up stacked), not as separate "
+                "ffn_gate_exps / ffn_up_exps"
+            )
+        inter = _per_layer(a("expert_feed_forward_length"), n, "expert_feed_forward_length", where)
+        if inter != [inter[0]] * n:
+            raise GGUFError(f"{where}: gemma4.expert_feed_forward_length varies by layer ({inter})")
+        cfg.update(
+            enable_moe_block=True,
+            num_experts=a("expert_count"),
+            top_k_experts=a("expert_used_count"),
+            moe_intermediate_size=inter[0],
+        )
+    return cfg
+
+
+def _per_layer(value: int | list[int], n: int, key: str, where: Path) -> list[int]:
+    if not isinstance(value, list):
+        return [value] * n
+    if len(value) != n:
+        raise GGUFError(f"{where}: gemma4.{key} lists {len(value)} values for {n} layers")
+    return value
+
+
+def _gemma4_rope(gguf: GGUFFile, a: Any, head_full: int, head_swa: int) -> dict[str, Any]:
+    """Sliding layers: plain RoPE. Full layers: llama.cpp rotates all dims, dividing each frequency by its
+    `rope_freqs` factor; factors 1 then 1e30 (no rotation) are transformers' proportional RoPE."""
+    where = gguf.path
+    for key, dims in (("rope.dimension_count", head_full), ("rope.dimension_count_swa", head_swa)):
+        if a(key, dims) != dims:
+            raise GGUFError(f"{where}: gemma4.{key}={a(key)}: partial RoPE other than by rope_freqs is not supported")
+    theta = a("rope.freq_base", 1_000_000.0)
+    sliding = {"rope_type": "default", "rope_theta": a("rope.freq_base_swa", theta)}
+    factors = freq_factors(gguf)
+    if factors is None:
+        return {"sliding_attention": sliding, "full_attention": {"rope_type": "default", "rope_theta": theta}}
+    rotated = next((i for i, f in enumerate(factors) if f != 1.0), len(factors))
+    if len(factors) != head_full // 2 or any(f < 1e20 for f in factors[rotated:]):
+        raise GGUFError(
+            f"{where}: tensor 'rope_freqs.weight' is not proportional RoPE's ({head_full // 2} factors: 1 "
+            "for the rotated frequencies, then 1e30): other factors are not supported for Gemma 4"
+        )
+    full = {"rope_type": "proportional", "partial_rotary_factor": 2 * rotated / head_full, "rope_theta": theta}
+    return {"sliding_attention": sliding, "full_attention": full}
+
+
 class GGUFCheckpoint:
     """A GGUF file addressed by Hugging Face tensor names (the Checkpoint interface the loader uses)."""
 
@@ -158,10 +303,10 @@ class GGUFCheckpoint:
         self.folder = gguf.path
         self.permute = gguf.architecture == "llama"  # llama.cpp interleaves the RoPE halves of q and k rows
         self.heads = (cfg["num_attention_heads"], cfg["num_key_value_heads"])
-        mixtral = cfg["architectures"][0] == "MixtralForCausalLM"
+        self.arch = cfg["architectures"][0]
         self._where: dict[str, tuple[str, int | None]] = {}
         for name, info in gguf.tensors.items():
-            for hf, expert in _translate(name, mixtral):
+            for hf, expert in _translate(name, self.arch):
                 if expert is None:
                     self._where[hf] = (name, None)
                 else:
@@ -170,7 +315,7 @@ class GGUFCheckpoint:
 
     def names(self) -> list[str]:
         used = {"rope_freqs.weight"}  # read into the config
-        return list(self._where) + [n for n in self.gguf.tensors if not _translate(n, False) and n not in used]
+        return list(self._where) + [n for n in self.gguf.tensors if not _translate(n, self.arch) and n not in used]
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
