@@ -444,3 +444,35 @@ def test_prefix_caching_off_prefills_every_repeat(checkpoint):
             while engine.has_unfinished():
                 cached += [o.cached_tokens for o in engine.step() if o.finished]
         assert cached == [0, expected]
+
+
+def test_async_engine_steps_on_the_callers_thread_when_asked(loaded):
+    # hearth serve steps on the main thread (OpenMP regions cost ~20x more from other threads): the HTTP side
+    # lives on another thread, and shutdown() from there ends run().
+    _, llm = loaded("qwen2")
+    front = AsyncEngine(Engine(llm, block_size=4), background=False)
+    prompt, params = ids(7, seed=3), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    got, stepped_on = [], []
+
+    async def client():
+        async for out in front.generate(prompt, params):
+            got.extend(out.token_ids)
+
+    def http_side():
+        asyncio.run(client())
+        front.shutdown()
+
+    import threading
+
+    original = front.engine.step
+    front.engine.step = lambda: (stepped_on.append(threading.current_thread()), original())[1]
+    side = threading.Thread(target=http_side)
+    side.start()
+    front.run()  # returns once the other thread shuts the engine down
+    side.join()
+    assert got == llm.generate([prompt], params)[0].token_ids
+    assert set(stepped_on) == {threading.main_thread()}
+    threaded = AsyncEngine(Engine(llm, block_size=4))
+    with pytest.raises(RuntimeError, match="own background thread"):
+        threaded.run()
+    threaded.shutdown()
