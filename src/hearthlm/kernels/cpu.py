@@ -126,7 +126,9 @@ def paged_decode_attention(
     return _load().paged_decode_attention(q, k, v, slots, mask, scale)
 
 
-def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def kv_store(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """k_cache[h, slots[i]] = k[i, h] (and v): caches [Hkv, slots, D] contiguous, k/v float32 [n, Hkv, D]."""
     _load().kv_store(k_cache, v_cache, slots, k, v)
 
