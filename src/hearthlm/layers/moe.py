@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .linear import Linear, linear
-from .mlp import activation
+from .mlp import act_mul, activation
 
 
 class Experts(nn.Module):
@@ -19,7 +19,8 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
         self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
-        self.act = activation(act)
+        activation(act)  # an unknown name fails here, at build time
+        self.act = act
         self.num_experts = num_experts
         self.source = None  # moe.pool.LayerExperts when the experts live in a slow tier (an expert budget)
 
@@ -43,8 +44,7 @@ class Experts(nn.Module):
             picks = order[start : start + count]
             start += count
             tokens = picks // top_k
-            gate, up = linear(x[tokens], gate_up).chunk(2, dim=-1)
-            h = linear(self.act(gate) * up, down)
+            h = linear(act_mul(linear(x[tokens], gate_up), self.act), down)
             h = h * weight.reshape(-1)[picks, None]
             out.index_add_(0, tokens, h.to(out.dtype))
         return out
