@@ -24,8 +24,10 @@ learning is much of the run (at --steps 32 the demo's 25% is a tie with LRU).
 
 The page cache holds the whole checkpoint here, so a fetch is a copy from memory: bytes fetched per token is
 the figure that carries over (prefetches included; 'demand' are the misses', 'wasted' the prefetches that
-their layer did not use). The last columns turn it into the milliseconds a token would wait on an NVMe drive
-(3 GB/s) or a PCIe 4 x16 link (25 GB/s). A last table times one 26B-A4B expert's miss paths (a slot, a pread
+their layer did not use). Then the milliseconds a token would wait on an NVMe drive (3 GB/s) or a PCIe 4 x16
+link (25 GB/s) for those bytes, and the process's memory after the run: anonymous (slots and copies: what the
+budget bounds) and the file pages it has mapped (the page cache's, reclaimed by the OS when memory is short;
+a miss without a slot leaves its pages mapped). A last table times one 26B-A4B expert's miss paths (a slot, a pread
 into a slot, the mapped file). Writes tables, a JSON file and a PNG under benchmarks/results/.
 """
 
@@ -213,7 +215,7 @@ def decode(
     if recorder is not None:
         counts.update(recorder.counts)
         recorder.close()
-    out = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
+    out = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens} | memory()
     if pool is not None:
         f, mb = fetched, pool.expert_bytes / tokens / 1e6
         uses = f["hits"] + f["misses"]
@@ -229,6 +231,14 @@ def decode(
             "slots": pool.stats.slots,
         }
     return out
+
+
+def memory() -> dict[str, float]:
+    """The process's memory now, in GB: anonymous (its own: slots, copies) and file pages mapped (the page
+    cache's: the OS reclaims them under pressure, so they bound nothing)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kb = lambda key: int(status.get(key, "0 kB").split()[0])  # noqa: E731
+    return {"anon_gb": kb("RssAnon") / 1e6 * 1.024, "file_gb": kb("RssFile") / 1e6 * 1.024}
 
 
 def variants(budgets: list[float]) -> list[tuple[str, float | None]]:
@@ -282,20 +292,23 @@ def miss_paths(folder: Path, repeat: int = 24) -> dict[str, float]:
         gate, up = linear(x, w[0]).chunk(2, dim=-1)
         linear(torch.nn.functional.gelu(gate) * up, w[1])
 
-    def mapped(e: int) -> None:
-        run(tier.read(e))
-        tier.release(e)
+    def mapped_then_dropped(e: int) -> None:  # what a miss without a slot did before its pages stayed mapped
+        w = tier.read(e)
+        run(w)
+        for t in w:
+            tier.ckpt.release_view(t)
 
     paths = {
         "compute from a slot (a hit)": lambda e: run(slot),
         "pread into a slot": lambda e: tier.load(e, slot),
         "pread into a slot + compute": lambda e: (tier.load(e, slot), run(slot)),
-        "compute from the mapped file + drop its pages (a miss without a slot)": mapped,
-        "compute from the mapped file, pages already mapped (OS paging)": lambda e: run(tier.read(0)),
+        "compute from the mapped file (a miss without a slot)": lambda e: run(tier.read(e)),
+        "compute from the mapped file, then unmap its pages": mapped_then_dropped,
     }
     out = {}
     for name, fn in paths.items():
-        fn(1)
+        for i in range(repeat):  # the steady state: each expert once before (a mapped miss maps its pages once)
+            fn(2 + i % (pool.num_experts - 2))
         start = time.perf_counter()
         for i in range(repeat):
             fn(2 + i % (pool.num_experts - 2))
@@ -309,7 +322,8 @@ def miss_paths(folder: Path, repeat: int = 24) -> dict[str, float]:
 def table(rows: list[dict]) -> Table:
     t = Table(box=None, header_style="bold")
     cols = ["model", "variant", "budget", "tok/s", "vs full", "hit rate", "MB/token", "demand", "prefetch",
-            "wasted", "prefetch hit", "no slot", "fetch share", "ms/tok NVMe", "ms/tok PCIe"]  # fmt: skip
+            "wasted", "prefetch hit", "no slot", "fetch share", "ms/tok NVMe", "ms/tok PCIe", "anon GB",
+            "mapped GB"]  # fmt: skip
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "variant") else "right")
     for r in rows:
@@ -322,7 +336,8 @@ def table(rows: list[dict]) -> Table:
             f"{mb * 1e6 / NVME * 1e3:.1f}", f"{mb * 1e6 / PCIE * 1e3:.2f}",
         ] if mb is not None else ["-"] * 10  # fmt: skip
         budget = f"{r['budget']:.0%}" if r["budget"] is not None else "-"
-        t.add_row(r["model"], r["variant"], budget, f"{r['tok_s']:.1f}", f"{r['vs_full']:.0%}", *pool)
+        memory = [f"{r['anon_gb']:.2f}", f"{r['file_gb']:.2f}"]
+        t.add_row(r["model"], r["variant"], budget, f"{r['tok_s']:.1f}", f"{r['vs_full']:.0%}", *pool, *memory)
     return t
 
 

@@ -123,9 +123,6 @@ class _FakeTier:
     def load(self, e, slot):
         pass
 
-    def release(self, e):
-        pass
-
 
 def _replay(policy, seed: int = 0) -> ExpertPool:
     """A skewed routing trace (Zipf-like expert popularity per layer, 4 of 32 experts per token, 4 layers)

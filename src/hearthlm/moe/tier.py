@@ -6,7 +6,8 @@ otherwise it copies them from the mapping, converting the dtype or quantizing ex
 and drops those pages from the process. Either way memory holds the slots, the page cache the rest.
 A checkpoint that `hearth quantize` wrote is read as stored: the quantized copy on disk, written once.
 A miss that is not worth a slot runs from `read(e)`: views of the mapping where the expert is stored as it
-runs (zero copy: the bytes are read once either way), else new tensors built as for a slot.
+runs (zero copy: the bytes are read once either way; the pages stay mapped, the page cache's to keep or
+reclaim), else new tensors built as for a slot.
 Beside a GPU the slow tier is host memory (HostTier): the experts built once in their final format."""
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class CheckpointTier:
 
     def read(self, e: int) -> tuple[Weight, Weight]:
         """Expert e's (gate_up, down) in the running format: views of the mapping where it is stored that way
-        (`in_place`; then `release(e)` after use), else new tensors (the pages they were built from dropped)."""
+        (`in_place`), else new tensors (the pages they were built from dropped)."""
         if self.in_place:
             return self._pieces(self.sources[0], e)[0], self._pieces(self.sources[1], e)[0]
         out = []
@@ -106,13 +107,6 @@ class CheckpointTier:
                 "an expert budget needs one format per expert matrix: load the model without one"
             )
         return w
-
-    def release(self, e: int) -> None:
-        """Drop the file pages under the views `read(e)` returned, after running them."""
-        if self.in_place:
-            for source in self.sources:
-                for t in _parts(self._pieces(source, e)[0]):
-                    self.ckpt.release_view(t)
 
     def load(self, e: int, slot: tuple[Weight, Weight]) -> None:
         """Copy expert e into a slot, then drop the file pages it was read from."""
@@ -166,9 +160,6 @@ class HostTier:
     def read(self, e: int) -> tuple[Weight, Weight]:
         """Expert e copied to the device, outside the slots (a miss not worth a slot)."""
         return tuple(_to(w[e], self.device) for w in self.stacks)
-
-    def release(self, e: int) -> None:
-        pass
 
     def load(self, e: int, slot: tuple[Weight, Weight]) -> None:
         for dst, src in zip(slot, self.stacks):
