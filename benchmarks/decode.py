@@ -7,8 +7,8 @@ real shapes of Qwen2.5-0.5B and Gemma 4 E2B, next to the memory-bandwidth roofli
                                 [--prompt-len 512] [--layers N]
 
 --formats adds hearthlm rows quantized at load from the bfloat16 checkpoint. --gguf writes the checkpoint
-as GGUF files of those types (llama.cpp's layout, with the `gguf` package's quantizers; the embedding /
-tied LM head takes the same type) and runs hearthlm on each file and, when llama-cpp-python is installed,
+as GGUF files of those types (llama.cpp's layout, with the `gguf` package's quantizers; the LM head, here
+the tied embedding, takes the type llama-quantize gives it: Q8_0 in a Q4_0 file at Qwen2.5-0.5B's width) and runs hearthlm on each file and, when llama-cpp-python is installed,
 llama.cpp on the same file (2 threads, the machine's cores), so both engines read the same bytes.
 
 Checkpoints are written once (bfloat16 safetensors shards plus config.json, made from transformers'
@@ -451,9 +451,20 @@ def llama_cpp_installed() -> bool:
     return True
 
 
+def head_type(qtype: str, hidden: int) -> str:
+    """The LM head's type in a `qtype` file as llama-quantize makes it (src/llama-quant.cpp): the output tensor,
+    or the token embedding where it is tied, gets Q6_K unless the file is Q8_0 or float, and Q8_0 where rows are
+    not whole 256-blocks (Qwen2.5-0.5B's 896). The files users download have this head, not a `qtype` one."""
+    if qtype in ("F32", "F16", "BF16", "Q8_0"):
+        return qtype
+    return "Q6_K" if hidden % 256 == 0 else "Q8_0"
+
+
 def gguf_file(folder: Path, qtype: str) -> Path:
-    """The checkpoint as a GGUF file of `qtype`, written once beside it (tests/gguf_files.py's layout)."""
-    path = folder / f"model-{qtype}.gguf"
+    """The checkpoint as a GGUF file of `qtype` with llama-quantize's head type, written once beside it
+    (tests/gguf_files.py's layout)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    path = folder / f"model-{qtype}-head-{head_type(qtype, cfg['hidden_size'])}.gguf"
     if path.exists():
         return path
     import gguf
@@ -461,7 +472,6 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from gguf_files import demo_vocab, write_gguf
 
-    cfg = json.loads((folder / "config.json").read_text())
     if cfg.get("model_type") != "qwen2":
         raise ValueError("GGUF rows are written for the qwen2 recipe only")
 
@@ -479,6 +489,7 @@ def gguf_file(folder: Path, qtype: str) -> Path:
         tensors(),
         getattr(gguf.GGMLQuantizationType, qtype),
         demo_vocab(cfg["vocab_size"]),
+        head_qtype=getattr(gguf.GGMLQuantizationType, head_type(qtype, cfg["hidden_size"])),
     )
     part.rename(path)
     return path

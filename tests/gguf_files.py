@@ -198,9 +198,10 @@ def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
     return vocab
 
 
-def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None) -> Path:
+def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None, head_qtype=None) -> Path:
     """A GGUF file from a config.json dict and (Hugging Face name, float array) pairs; `vocab(writer)` adds
-    the tokenizer metadata. Shared by the tests and benchmarks/decode.py."""
+    the tokenizer metadata; `head_qtype`: the type of the LM head (output.weight, or token_embd.weight when the
+    embeddings are tied) where it differs from `qtype`. Shared by the tests and benchmarks/decode.py."""
     arch = ARCH[hf_arch]
     w = gguf.GGUFWriter(str(path), arch)
     heads = cfg["num_attention_heads"]
@@ -220,7 +221,8 @@ def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None) 
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
         for gname, part in _gguf_tensors(name, data, arch, heads, kv_heads):
-            encoded, ttype = encode(part, qtype)
+            head = gname == "output.weight" or (gname == "token_embd.weight" and cfg.get("tie_word_embeddings"))
+            encoded, ttype = encode(part, head_qtype if head and head_qtype is not None else qtype)
             w.add_tensor(gname, encoded, raw_dtype=ttype if ttype not in (0, 1) else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
