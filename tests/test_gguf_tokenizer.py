@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 import json
+import lzma
 import random
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKEN
 from hearthlm.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizerError, build_hf_tokenizer, tokenizer_from_gguf
 
 VOCABS = Path(__file__).parents[2] / "shared" / "testdata" / "gguf_vocab"
+SHIPPED = Path(__file__).parent / "data" / "llama_cpp"  # vocabularies the shared test data lacks (xz-compressed)
 DEMO = Path(__file__).parents[1] / "src" / "hearthlm" / "demo" / "hearth-demo"
 SPM_VOCABS = ["llama-spm", "phi-3"]
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -31,8 +35,23 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
 
 
 @functools.cache
-def _vocab(name: str) -> tuple[dict[str, Any], Any]:
+def vocab_file(name: str) -> Path:
+    """llama.cpp's ggml-vocab-NAME.gguf: from the shared test data, else decompressed from tests/data (once per
+    run, beside its .inp / .out)."""
     path = VOCABS / f"ggml-vocab-{name}.gguf"
+    packed = SHIPPED / f"{path.name}.xz"
+    if path.is_file() or not packed.is_file():
+        return path
+    folder = Path(tempfile.mkdtemp(prefix="hearthlm-vocab-"))
+    (folder / path.name).write_bytes(lzma.decompress(packed.read_bytes()))
+    for ext in (".inp", ".out"):
+        shutil.copy(SHIPPED / f"{path.name}{ext}", folder / f"{path.name}{ext}")
+    return folder / path.name
+
+
+@functools.cache
+def _vocab(name: str) -> tuple[dict[str, Any], Any]:
+    path = vocab_file(name)
     metadata = gguf_metadata(path)
     return metadata, tokenizer_from_gguf(metadata, str(path))
 
@@ -48,7 +67,7 @@ def vocab_tokenizer(name: str):
 def llama_cpp_vectors(name: str) -> list[tuple[str, list[int]]]:
     """NAME.gguf.inp / .out as llama.cpp's test-tokenizer-0 reads them: inputs separated by
     "\\n__ggml_vocab_test__\\n", one line of expected ids per input."""
-    base = VOCABS / f"ggml-vocab-{name}.gguf"
+    base = vocab_file(name)
     raw = Path(f"{base}.inp").read_text(encoding="utf-8")
     sep = "\n__ggml_vocab_test__\n"
     inputs = raw.split(sep)
@@ -380,10 +399,8 @@ GEMMA4_TEXTS = [
 
 
 def test_gemma4_llama_cpp_vectors():
-    """llama.cpp's Gemma 4 test vectors (its models/ggml-vocab-gemma-4.gguf: 46 inputs, all equal when run by hand
-    with that file); skipped where the 16 MB vocabulary is not in the shared test data."""
-    if not (VOCABS / "ggml-vocab-gemma-4.gguf").is_file():
-        pytest.skip(f"llama.cpp's ggml-vocab-gemma-4.gguf (.inp, .out) is not in {VOCABS}")
+    """llama.cpp's Gemma 4 test vectors against its models/ggml-vocab-gemma-4.gguf (the real 262k vocabulary;
+    shipped compressed in tests/data): 46 inputs."""
     tok = vocab_tokenizer("gemma-4")
     vectors = llama_cpp_vectors("gemma-4")
     failed = [(text, ids, got) for text, ids in vectors if (got := tok.encode(text, add_special_tokens=False)) != ids]
