@@ -105,6 +105,21 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
             },
         ),
     ),
+    # Shaped like the Hub's 4B/12B configs, which leave these to the defaults: every 6th layer full (7 layers: the
+    # last one slides, as 1B's 26th), sliding RoPE base 10000, query_pre_attn_scalar = head_dim; linear factor 8.
+    # What a gemma3 GGUF file can state (llama.cpp assumes the rest): tests/test_gguf*.py use it.
+    "gemma3_hub": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        _gemma3_text(
+            num_hidden_layers=7,
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            },
+        ),
+    ),
     # What the released ones leave off: q/k/v/o biases, an LM head, final softcapping, a last layer that slides.
     "gemma3_bias": (
         "Gemma3TextConfig",

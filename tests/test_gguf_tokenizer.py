@@ -414,3 +414,31 @@ def test_gemma4_bos_spaces_bytes_and_stops(tmp_path):
     assert [tok.token(i) for i in ids][0].startswith("▁")  # spaces are "▁", no prefix space added
     assert tok.encode("東", add_special_tokens=False) == [tok.token_id(f"<0x{b:02X}>") for b in "東".encode()]
     assert {1, tok.token_id("<turn|>")} <= tok.stop_token_ids()
+
+
+# -- Gemma 3 ("llama": SentencePiece, "▁" for spaces, no prefix space, byte tokens) --------------------------------
+GEMMA3_TEXTS = [t.replace("<|turn>", "<start_of_turn>").replace("<turn|>", "<end_of_turn>") for t in GEMMA4_TEXTS]
+
+
+def test_gemma3_vocabulary_tokenizes_as_llama_cpp(tmp_path):
+    """Gemma 3 files carry a SentencePiece vocabulary without the prefix space (llama.cpp's converter sets
+    add_space_prefix false for it): ours tokenizes one as llama.cpp does, and stops on <end_of_turn>."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional peer")
+    import transformers as tf
+    from checkpoints import FAMILIES
+    from gguf_files import gemma3_vocab, write_gguf
+
+    cfg = tf.Gemma3TextConfig(**FAMILIES["gemma3_hub"][2]).to_dict()
+    vocab = gemma3_vocab(400, byte_tokens=True)
+    path = write_gguf(
+        tmp_path / "gemma3-vocab.gguf", "Gemma3ForCausalLM", cfg, [], gguf.GGMLQuantizationType.F32, vocab
+    )
+    tok = tokenizer_from_gguf(gguf_metadata(path), str(path))
+    ll = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    rng = random.Random(0)
+    alphabet = "the dog fox runs away\n\n  !?,.Zë東🤖\t<>|"
+    texts = GEMMA3_TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    for text in texts:
+        assert tok.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True), repr(text)
+        assert tok.decode(tok.encode(text, add_special_tokens=False), skip_special_tokens=False) == text, repr(text)
+    assert {1, tok.token_id("<end_of_turn>")} <= tok.stop_token_ids()
