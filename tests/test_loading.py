@@ -68,6 +68,27 @@ def test_gemma3_norms_are_one_plus_weight_in_float32_and_quantized_folders_keep_
     assert torch.equal(LLM(out).logits(ids), LLM(folder, quant="int8").logits(ids))
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
+        ({"use_bidirectional_attention": True}, "not a causal LM"),
+        ({"layer_types": ["full_attention"] * 3}, "layer_types must list 6"),
+        ({"sliding_window": None}, "sliding_window is null but layer_types has sliding layers"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0}}}, "RoPE type 'yarn'"),
+    ],
+)
+def test_gemma3_configs_we_cannot_run_are_refused(change, message, checkpoint, tmp_path):
+    _, src = checkpoint("gemma3")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text()) | change
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message) as e:
+        LLM(dst)
+    assert str(dst / "config.json") in str(e.value)
+
+
 def test_unknown_architecture_lists_the_supported_ones(folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["FalconForCausalLM"], "falcon"
