@@ -200,6 +200,15 @@ def _learn_pieces(tokens: list[str], vocab_size: int) -> list[str]:
     return merges
 
 
+def _gemma_special_keys(w: gguf.GGUFWriter) -> None:
+    """Gemma's special token ids (eos comes from the config), no prefix space, a BOS before every prompt."""
+    w.add_bos_token_id(2)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_space_prefix(False)
+    w.add_add_bos_token(True)
+
+
 def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
     """-> vocab(writer): a small vocabulary of Gemma 4's kind (tokenizer.ggml.model "gemma4": BPE over
     characters with "▁" for spaces, merges in the file), learnt from a fixed text: Gemma 4's special tokens at
@@ -216,11 +225,7 @@ def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
         w.add_token_scores([-1000.0] * len(tokens))
         w.add_token_types(types)
         w.add_token_merges(merges)
-        w.add_bos_token_id(2)
-        w.add_unk_token_id(3)
-        w.add_pad_token_id(0)
-        w.add_add_space_prefix(False)
-        w.add_add_bos_token(True)
+        _gemma_special_keys(w)
 
     return vocab
 
@@ -243,11 +248,7 @@ def gemma3_vocab(vocab_size: int, byte_tokens: bool = False):
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        w.add_bos_token_id(2)
-        w.add_unk_token_id(3)
-        w.add_pad_token_id(0)
-        w.add_add_space_prefix(False)
-        w.add_add_bos_token(True)
+        _gemma_special_keys(w)
 
     return vocab
 
