@@ -286,7 +286,9 @@ def _build(ckpt: Checkpoint, source: Source) -> torch.Tensor | QuantTensor | Row
         if ckpt.stores_plus_one(source.part):
             return tensor
         if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{ckpt.folder}: {_describe(ckpt, source)} is quantized; hearthlm reads it as float")
+            raise CheckpointError(
+                f"{ckpt.folder}: {_describe(ckpt, source)} is quantized; norm weights (1 + w) must be stored as float"
+            )
         return tensor.float() + 1
     parts = [_build(ckpt, p) for p in source.parts]
     if any(not isinstance(p, torch.Tensor) for p in parts):
