@@ -35,6 +35,11 @@ def _gemma4_text(**over) -> dict:
     return base
 
 
+def _gemma3_text(**over) -> dict:
+    # Gemma 4's tiny shapes (the keys mean the same), and a score scale that is not head_dim's: read, not assumed.
+    return _gemma4_text(query_pre_attn_scalar=24) | over
+
+
 def _decoder(**over) -> dict:
     base = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -85,6 +90,47 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
                     "rope_theta": 1e5,
                 },
             },
+        ),
+    ),
+    # Released Gemma 3's features (1 + w norms throughout): sliding/full layers from a pattern, their own RoPE
+    # bases, linear RoPE scaling on full layers (4B-27B use factor 8), tied embeddings.
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        _gemma3_text(
+            sliding_window_pattern=3,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 20_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100_000.0},
+            },
+        ),
+    ),
+    # Shaped like the Hub's 4B/12B configs, which leave these to the defaults: every 6th layer full (7 layers: the
+    # last one slides, as 1B's 26th), sliding RoPE base 10000, query_pre_attn_scalar = head_dim; linear factor 8.
+    # What a gemma3 GGUF file can state (llama.cpp assumes the rest): tests/test_gguf*.py use it.
+    "gemma3_hub": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        _gemma3_text(
+            num_hidden_layers=7,
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            },
+        ),
+    ),
+    # What the released ones leave off: q/k/v/o biases, an LM head, final softcapping, a last layer that slides.
+    "gemma3_bias": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        _gemma3_text(
+            num_hidden_layers=5,
+            layer_types=["sliding_attention", "full_attention"] * 2 + ["sliding_attention"],
+            attention_bias=True,
+            tie_word_embeddings=False,
+            final_logit_softcapping=10.0,
+            rms_norm_eps=1e-5,
         ),
     ),
     "llama": (
@@ -169,6 +215,44 @@ def build(name: str) -> tuple[torch.nn.Module, dict]:
 
 def save(model: torch.nn.Module, folder: Path) -> Path:
     model.save_pretrained(folder)
+    return folder
+
+
+def save_gemma3_multimodal(text_model: torch.nn.Module, folder: Path) -> Path:
+    """Wrap a Gemma3ForCausalLM's weights in a Gemma3ForConditionalGeneration (with a vision tower), its
+    text_config written as the Hub's are: only the keys that differ from Gemma3TextConfig's defaults, in the
+    transformers 4 dialect (sliding_window_pattern, rope_theta, rope_local_base_freq, rope_scaling)."""
+    cfg = text_model.config
+    period = cfg.layer_types.index("full_attention") + 1  # checked below: transformers reads the same types
+    rope = cfg.rope_parameters
+    scaling = {k: v for k, v in rope["full_attention"].items() if k != "rope_theta"}
+    dropped = ("layer_types", "rope_parameters", "_sliding_window_pattern")
+    hub = {k: v for k, v in cfg.to_dict().items() if k not in dropped} | {
+        "sliding_window_pattern": period,
+        "rope_theta": rope["full_attention"]["rope_theta"],
+        "rope_local_base_freq": rope["sliding_attention"]["rope_theta"],
+        "rope_scaling": None if scaling == {"rope_type": "default"} else scaling,
+    }
+    defaults = tf.Gemma3TextConfig().to_dict()
+    hub = {k: v for k, v in hub.items() if k not in defaults or defaults[k] != v or k == "model_type"}
+    theirs, ours = tf.Gemma3TextConfig(**hub).to_dict(), cfg.to_dict()
+    differ = {
+        k: (theirs.get(k), ours.get(k))
+        for k in (theirs.keys() | ours.keys()) - {"dtype"}
+        if theirs.get(k) != ours.get(k)
+    }
+    assert not differ, f"the Hub dialect describes another model: {differ}"
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = tf.Gemma3Config(text_config=cfg.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    mm = tf.Gemma3ForConditionalGeneration(config).eval()
+    perturb(mm, seed=7)
+    mm.model.language_model.load_state_dict(text_model.model.state_dict())
+    mm.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["text_config"] = hub
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
     return folder
 
 

@@ -10,6 +10,11 @@ and RoPE bases under `*_swa` keys, proportional RoPE as a `rope_freqs` tensor (1
 frequencies, 1e30 for the others), norm weights as stored (no +1), the router's scales as
 `ffn_gate_inp.scale` / `ffn_down_exps.scale`, the stacked gate|up experts as `ffn_gate_up_exps`, and no
 `attn_v` where values are the keys (attention_k_eq_v). llama.cpp (tests/test_gguf_gemma4.py) checks it.
+
+Gemma 3 as llama.cpp's Gemma3Model converter writes it: Gemma's norm names, norm weights + 1 (Gemma 3's RMSNorm
+scales by 1 + w; llama.cpp by the stored weight), one head size, the full layers' RoPE base and linear scaling, the
+sliding window; no key for the sliding pattern, the sliding layers' RoPE base or query_pre_attn_scalar, which
+llama.cpp assumes (a config it would assume otherwise is refused here). tests/test_gguf_gemma3.py checks it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 
 ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-        "Qwen3MoeForCausalLM": "qwen3moe", "MixtralForCausalLM": "llama", "Gemma4ForCausalLM": "gemma4"}  # fmt: skip
+        "Qwen3MoeForCausalLM": "qwen3moe", "MixtralForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3",
+        "Gemma4ForCausalLM": "gemma4"}  # fmt: skip
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -44,12 +50,15 @@ _LAYER = {
     "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 
-# Gemma 4's own per-layer names (the attention and MLP matrices are named as in _LAYER).
-_GEMMA4_LAYER = {
+# Gemma 3's and 4's sandwich norms (the attention and MLP matrices are named as in _LAYER).
+_GEMMA_NORMS = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "post_attention_norm.weight",
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+# Gemma 4's own per-layer names.
+_GEMMA4_LAYER = _GEMMA_NORMS | {
     "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
     "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
     "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
@@ -110,18 +119,29 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarr
 
 
 def write(
-    model: torch.nn.Module, path: Path, qtype=gguf.GGMLQuantizationType.F32, vocab_tokens=None, vocab=None
+    model: torch.nn.Module,
+    path: Path,
+    qtype=gguf.GGMLQuantizationType.F32,
+    vocab_tokens=None,
+    vocab=None,
+    edit=None,
 ) -> Path:
     """Write a transformers causal LM as llama.cpp's converter would; `vocab_tokens` optional token strings,
-    or `vocab(writer)` the tokenizer metadata."""
+    or `vocab(writer)` the tokenizer metadata; `edit(writer)`, called last, changes the metadata written (for files
+    that say what the converter would not)."""
     cfg = model.config.to_dict()
 
-    def tokens(w: gguf.GGUFWriter) -> None:
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list(vocab_tokens)
+    def metadata(w: gguf.GGUFWriter) -> None:
+        if vocab_tokens is not None:
+            w.add_tokenizer_model("gpt2")
+            w.add_token_list(vocab_tokens)
+        elif vocab is not None:
+            vocab(w)
+        if edit is not None:
+            edit(w)
 
     state = ((name, t.detach().float().numpy()) for name, t in model.state_dict().items())
-    return write_gguf(path, type(model).__name__, cfg, state, qtype, tokens if vocab_tokens is not None else vocab)
+    return write_gguf(path, type(model).__name__, cfg, state, qtype, metadata)
 
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "src/hearthlm/demo/hearth-demo/tokenizer.json"
@@ -157,18 +177,14 @@ _GEMMA4_TEXT = (
 )
 
 
-def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
-    """-> vocab(writer): a small vocabulary of Gemma 4's kind (tokenizer.ggml.model "gemma4": BPE over
-    characters with "▁" for spaces, merges in the file), learnt from a fixed text: Gemma 4's special tokens at
-    their ids (pad 0, eos 1, bos 2, unk 3, mask 4), its turn markers, optionally the 256 <0xXX> byte tokens,
-    the text's characters, then merges until `vocab_size` tokens."""
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"]
-    tokens = special + ([f"<0x{b:02X}>" for b in range(256)] if byte_tokens else [])
+def _learn_pieces(tokens: list[str], vocab_size: int) -> list[str]:
+    """Extend `tokens` with the text's characters, then with merges of the most frequent adjacent pair (ties: first
+    in text order) until `vocab_size` tokens; -> the merges ("left right"), in order."""
     words = [w.replace(" ", "▁") for w in re.findall(r"[^\n]+|\n+", _GEMMA4_TEXT)]
     tokens += sorted(set("".join(words)))
     pieces = [list(w) for w in words]
     merges = []
-    while len(tokens) < vocab_size:  # the most frequent adjacent pair (ties: first in text order) becomes a token
+    while len(tokens) < vocab_size:
         pairs = Counter(p for w in pieces for p in zip(w, w[1:]) if "".join(p) not in tokens)
         if not pairs:
             raise ValueError(f"the text yields fewer than {vocab_size} tokens")
@@ -181,6 +197,26 @@ def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
                 if (w[i], w[i + 1]) == (left, right):
                     w[i : i + 2] = [left + right]
                 i += 1
+    return merges
+
+
+def _gemma_special_keys(w: gguf.GGUFWriter) -> None:
+    """Gemma's special token ids (eos comes from the config), no prefix space, a BOS before every prompt."""
+    w.add_bos_token_id(2)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_space_prefix(False)
+    w.add_add_bos_token(True)
+
+
+def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
+    """-> vocab(writer): a small vocabulary of Gemma 4's kind (tokenizer.ggml.model "gemma4": BPE over
+    characters with "▁" for spaces, merges in the file), learnt from a fixed text: Gemma 4's special tokens at
+    their ids (pad 0, eos 1, bos 2, unk 3, mask 4), its turn markers, optionally the 256 <0xXX> byte tokens,
+    the text's characters, then merges until `vocab_size` tokens."""
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"]
+    tokens = special + ([f"<0x{b:02X}>" for b in range(256)] if byte_tokens else [])
+    merges = _learn_pieces(tokens, vocab_size)
     types = [3] * len(special) + [6 if t.startswith("<0x") else 1 for t in tokens[len(special) :]]
 
     def vocab(w: gguf.GGUFWriter) -> None:
@@ -189,11 +225,30 @@ def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
         w.add_token_scores([-1000.0] * len(tokens))
         w.add_token_types(types)
         w.add_token_merges(merges)
-        w.add_bos_token_id(2)
-        w.add_unk_token_id(3)
-        w.add_pad_token_id(0)
-        w.add_add_space_prefix(False)
-        w.add_add_bos_token(True)
+        _gemma_special_keys(w)
+
+    return vocab
+
+
+def gemma3_vocab(vocab_size: int, byte_tokens: bool = False):
+    """-> vocab(writer): a small vocabulary of Gemma 3's kind as llama.cpp's converter writes it from
+    tokenizer.model (tokenizer.ggml.model "llama": SentencePiece, "▁" for spaces, no prefix space, no merges: a
+    merged piece's score ranks it), learnt from gemma4_vocab's text: Gemma's special tokens at their ids (pad 0,
+    eos 1, bos 2, unk 3, mask 4), the turn markers, optionally the byte tokens, characters, merged pieces."""
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    tokens = special + ([f"<0x{b:02X}>" for b in range(256)] if byte_tokens else [])
+    merges = _learn_pieces(tokens, vocab_size)
+    merged = len(tokens) - len(merges)
+    scores = [0.0] * merged + [-float(i) for i in range(len(merges))]  # earlier merges first
+    # special tokens are control tokens (tokenizer_config.json marks them special)
+    types = [3] * len(special) + [6 if t.startswith("<0x") else 1 for t in tokens[len(special) :]]
+
+    def vocab(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        _gemma_special_keys(w)
 
     return vocab
 
@@ -209,6 +264,8 @@ def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None, 
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if arch == "gemma4":
         _gemma4_metadata(w, cfg)
+    elif arch == "gemma3":
+        _gemma3_metadata(w, cfg)
     else:
         _metadata(w, arch, cfg, heads, kv_heads, head_dim)
     eos = cfg.get("eos_token_id")
@@ -253,6 +310,38 @@ def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, heads: int, kv_heads: in
         w.add_bool(f"{arch}.expert_weights_norm", bool(cfg.get("norm_topk_prob", True)))
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_factors(cfg))
+
+
+def _gemma3_metadata(w: gguf.GGUFWriter, cfg: dict) -> None:
+    """What llama.cpp's Gemma3Model converter writes (for a transformers 5 config), after checking that llama.cpp's
+    assumptions for what it does not write hold."""
+    n, head_dim = cfg["num_hidden_layers"], cfg["head_dim"]
+    rope = cfg["rope_parameters"]
+    assumed = {
+        "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n)],
+        "query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if n == 62 else head_dim,
+        "sliding RoPE": {"rope_type": "default", "rope_theta": 10_000.0},
+        "attention_bias": False,
+    }
+    actual = {"sliding RoPE": rope["sliding_attention"]} | {k: cfg[k] for k in assumed if k in cfg}
+    if actual != assumed:
+        raise ValueError(f"llama.cpp would run this Gemma 3 otherwise: it assumes {assumed}, the config has {actual}")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    if rope["full_attention"]["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["full_attention"]["factor"])
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    w.add_sliding_window(cfg["sliding_window"])
 
 
 def _gemma4_metadata(w: gguf.GGUFWriter, cfg: dict) -> None:
@@ -305,13 +394,15 @@ def _gguf_tensors(name: str, data: np.ndarray, arch: str, heads: int, kv_heads: 
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}  # fmt: skip
     if name in top:
-        return [(top[name], data)]
+        return [(top[name], data + np.float32(1) if arch == "gemma3" and name == "model.norm.weight" else data)]
     if arch == "gemma4" and name in _GEMMA4_TOP:
         return [(_GEMMA4_TOP[name], data)]
     parts = name.split(".")
     i, suffix = parts[2], ".".join(parts[3:])
     if arch == "gemma4" and suffix in _GEMMA4_LAYER:
         return [(f"blk.{i}.{_GEMMA4_LAYER[suffix]}", np.ascontiguousarray(data))]
+    if arch == "gemma3" and suffix.endswith("norm.weight"):  # 1 + w, added in float32
+        return [(f"blk.{i}.{(_LAYER | _GEMMA_NORMS)[suffix]}", data.astype(np.float32) + np.float32(1))]
     if suffix == "mlp.experts.gate_up_proj":  # [E, 2I, H]: gate rows then up rows
         half = data.shape[1] // 2
         return [(f"blk.{i}.ffn_gate_exps.weight", data[:, :half]), (f"blk.{i}.ffn_up_exps.weight", data[:, half:])]

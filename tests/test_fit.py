@@ -54,6 +54,24 @@ def test_gemma4_ple_table_and_experts():
     assert gpu.vram < gpu.weights  # the PLE table stays in host memory
 
 
+@pytest.mark.parametrize("name", ["gemma-3-4b", "gemma-3-12b", "gemma-3-27b"])
+def test_gemma3_parameters_and_kv_cache_match_transformers(name):
+    """The shipped Gemma 3 text configs as transformers builds them (on the meta device): the same parameters, and
+    K+V per token from its layer_types (sliding layers held to the window)."""
+    config = tf.Gemma3TextConfig(**json.loads((fit.KNOWN_DIR / f"{name}.json").read_text()))
+    with torch.device("meta"):
+        ref = tf.Gemma3ForCausalLM(config)
+    m = fit.known_model(f"google/{name}-it")
+    assert m.params == sum(p.numel() for p in ref.parameters())
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * 2
+    full = config.layer_types.count("full_attention")
+    assert fit.kv_bytes_per_token(m.config) == {
+        "full": full * per_layer,
+        "sliding": (len(config.layer_types) - full) * per_layer,
+    }
+    assert fit.kv_cache_bytes(m.config, 32768) == per_layer * (full * 32768 + (len(config.layer_types) - full) * 1024)
+
+
 @pytest.mark.parametrize(
     "fmt, published",  # bartowski's and the official GGUF files of Llama-3.1-8B-Instruct (bytes)
     [("Q8_0", 8.54e9), ("Q4_K_M", 4.92e9), ("Q4_0", 4.66e9)],

@@ -23,7 +23,8 @@ from hearthlm import LLM
 from hearthlm.weights.gguf import GGUFError, GGUFFile
 
 T = gguf.GGMLQuantizationType
-GGUF_FAMILIES = ["llama", "qwen2_plain", "qwen3", "qwen3_moe", "mixtral_plain", "gemma4_all", "gemma4_plain"]
+GGUF_FAMILIES = ["llama", "qwen2_plain", "qwen3", "qwen3_moe", "mixtral_plain", "gemma3_hub", "gemma4_all",
+                 "gemma4_plain"]  # fmt: skip
 
 
 def _build(name: str):
@@ -103,7 +104,8 @@ def _dequantized_reference(model, qtype):
     "qtype, name",
     [(T.F16, "llama"), (T.Q8_0, "llama"), (T.Q4_0, "qwen2_plain"), (T.Q4_1, "qwen3"), (T.Q5_0, "llama"),
      (T.Q5_1, "qwen3_moe"), (T.Q8_0, "mixtral_plain"), (T.Q4_K, "llama_wide"), (T.Q5_K, "llama_wide"),
-     (T.Q6_K, "llama_wide"), (T.Q8_0, "gemma4_ple16"), (T.Q4_0, "gemma4_ple16"), (T.Q4_1, "gemma4_plain")],
+     (T.Q6_K, "llama_wide"), (T.Q8_0, "gemma4_ple16"), (T.Q4_0, "gemma4_ple16"), (T.Q4_1, "gemma4_plain"),
+     (T.Q8_0, "gemma3_hub"), (T.Q4_0, "gemma3_hub")],
 )  # fmt: skip
 def test_quantized_gguf_matches_dequantized_reference(qtype, name, models, tmp_path):
     _check_quantized(models(name), write(models(name), tmp_path / f"{name}-{qtype.name}.gguf", qtype), qtype)

@@ -409,17 +409,23 @@ def test_gemma4_llama_cpp_vectors():
     assert [tok.decode(ids) for _, ids in vectors] == [text for text, _ in vectors]
 
 
-def test_gemma4_vocabulary_tokenizes_as_llama_cpp(tmp_path):
+def _tokenizes_as_llama_cpp(path: Path, texts: list[str]):
+    """Our tokenizer of the file `path` against llama.cpp's on `texts` and 300 random strings (encode, and decode
+    back to the text); -> ours."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional peer")
-    path = _gemma4_file(tmp_path / "gemma4-vocab.gguf", 400)
     tok = tokenizer_from_gguf(gguf_metadata(path), str(path))
     ll = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     rng = random.Random(0)
     alphabet = "the dog fox runs away\n\n  !?,.Zë東🤖\t<>|"
-    texts = GEMMA4_TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    texts = texts + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(300)]
     for text in texts:
         assert tok.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True), repr(text)
         assert tok.decode(tok.encode(text, add_special_tokens=False), skip_special_tokens=False) == text, repr(text)
+    return tok
+
+
+def test_gemma4_vocabulary_tokenizes_as_llama_cpp(tmp_path):
+    _tokenizes_as_llama_cpp(_gemma4_file(tmp_path / "gemma4-vocab.gguf", 400), GEMMA4_TEXTS)
 
 
 def test_gemma4_bos_spaces_bytes_and_stops(tmp_path):
@@ -432,3 +438,21 @@ def test_gemma4_bos_spaces_bytes_and_stops(tmp_path):
     assert [tok.token(i) for i in ids][0].startswith("▁")  # spaces are "▁", no prefix space added
     assert tok.encode("東", add_special_tokens=False) == [tok.token_id(f"<0x{b:02X}>") for b in "東".encode()]
     assert {1, tok.token_id("<turn|>")} <= tok.stop_token_ids()
+
+
+# -- Gemma 3 ("llama": SentencePiece, "▁" for spaces, no prefix space, byte tokens) --------------------------------
+GEMMA3_TEXTS = [t.replace("<|turn>", "<start_of_turn>").replace("<turn|>", "<end_of_turn>") for t in GEMMA4_TEXTS]
+
+
+def test_gemma3_vocabulary_tokenizes_as_llama_cpp(tmp_path):
+    """Gemma 3 files carry a SentencePiece vocabulary without the prefix space (llama.cpp's converter sets
+    add_space_prefix false for it): ours tokenizes one as llama.cpp does, and stops on <end_of_turn>."""
+    import transformers as tf
+    from checkpoints import FAMILIES
+    from gguf_files import gemma3_vocab, write_gguf
+
+    cfg = tf.Gemma3TextConfig(**FAMILIES["gemma3_hub"][2]).to_dict()
+    path, f32 = tmp_path / "gemma3-vocab.gguf", gguf.GGMLQuantizationType.F32
+    write_gguf(path, "Gemma3ForCausalLM", cfg, [], f32, gemma3_vocab(400, byte_tokens=True))  # no tensors
+    tok = _tokenizes_as_llama_cpp(path, GEMMA3_TEXTS)
+    assert {1, tok.token_id("<end_of_turn>")} <= tok.stop_token_ids()

@@ -49,6 +49,46 @@ def test_half_precision_is_as_accurate_as_transformers_in_the_same_dtype(checkpo
     assert half.model.ple.table.dtype == torch.float32
 
 
+def test_gemma3_norms_are_one_plus_weight_in_float32_and_quantized_folders_keep_them(checkpoint, tmp_path):
+    """Gemma 3's norms scale by 1 + w with the 1 added in float32 (as transformers does): a bf16 model keeps them
+    in float32, and a folder `hearth quantize` wrote holds them so, loading without adding the 1 twice."""
+    from hearthlm.cli import main
+
+    ref, folder = checkpoint("gemma3")
+    ref_bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ref_bf16.save_pretrained(tmp_path / "bf16")
+    llm = LLM(tmp_path / "bf16", dtype=torch.bfloat16)
+    for ours, w in ((llm.model.layers[0].input_norm.weight, ref_bf16.model.layers[0].input_layernorm.weight),
+                    (llm.model.norm.weight, ref_bf16.model.norm.weight)):  # fmt: skip
+        assert ours.dtype == torch.float32 and torch.equal(ours, 1 + w.float())
+        assert not torch.equal(ours, (1 + w.float()).bfloat16().float())  # what a bf16 copy would hold
+    out = tmp_path / "int8"
+    assert main(["quantize", str(folder), "--to", "int8", "-o", str(out)]) == 0
+    ids = list(range(3, 30))
+    assert torch.equal(LLM(out).logits(ids), LLM(folder, quant="int8").logits(ids))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
+        ({"use_bidirectional_attention": True}, "not a causal LM"),
+        ({"layer_types": ["full_attention"] * 3}, "layer_types must list 6"),
+        ({"sliding_window": None}, "sliding_window is null but layer_types has sliding layers"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0}}}, "RoPE type 'yarn'"),
+    ],
+)
+def test_gemma3_configs_we_cannot_run_are_refused(change, message, checkpoint, tmp_path):
+    _, src = checkpoint("gemma3")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text()) | change
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message) as e:
+        LLM(dst)
+    assert str(dst / "config.json") in str(e.value)
+
+
 def test_unknown_architecture_lists_the_supported_ones(folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["FalconForCausalLM"], "falcon"

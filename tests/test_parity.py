@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import FAMILIES, VOCAB, save_gemma4_multimodal
+from checkpoints import FAMILIES, VOCAB, save_gemma3_multimodal, save_gemma4_multimodal
 from transformers import GenerationConfig
 
 from hearthlm import LLM, SamplingParams
@@ -80,7 +80,7 @@ def test_cached_decode_equals_full_recompute(name, chunk, loaded):
     assert (cached - full).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["gemma4_all", "mistral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["gemma4_all", "gemma3", "mistral", "qwen3_moe"])
 def test_batch_of_different_lengths_equals_one_by_one(name, loaded):
     _, llm = loaded(name)
     prompts = [_ids(n, seed=n)[0].tolist() for n in (3, 2 * WINDOW + 1, 4 * WINDOW)]
@@ -90,18 +90,38 @@ def test_batch_of_different_lengths_equals_one_by_one(name, loaded):
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 
-def test_gemma4_multimodal_checkpoint_loads_text_model_only(loaded, tmp_path):
-    ref, llm_text = loaded("gemma4_all")
-    folder = save_gemma4_multimodal(ref, tmp_path / "mm")
+@pytest.mark.parametrize("name, save", [("gemma4_all", save_gemma4_multimodal), ("gemma3", save_gemma3_multimodal)])
+def test_multimodal_checkpoint_loads_text_model_only(name, save, loaded, tmp_path):
+    """Hub checkpoints of Gemma 4 and of Gemma 3 4B-27B: a vision tower beside the text model under a language-model
+    prefix, and a text_config in the Hub's dialect (Gemma 4: global_head_dim instead of per_layer_config; Gemma 3:
+    only the keys that differ from transformers' defaults, in the transformers 4 dialect)."""
+    ref, llm_text = loaded(name)
+    folder = save(ref, tmp_path / "mm")
     llm = LLM(folder, dtype="float32")
-    assert llm.config.architecture == "Gemma4ForConditionalGeneration"
+    assert llm.config.architecture == type(ref).__name__.replace("ForCausalLM", "ForConditionalGeneration")
     assert not any("vision" in n for n, _ in llm.model.named_parameters())
     ids = _ids(3 * WINDOW, seed=3)
     with torch.no_grad():
         expected = ref(ids).logits[0]
     assert (llm.logits(ids[0].tolist()) - expected).abs().max().item() <= 1e-4
-    # The Hub-style text_config (global_head_dim) gives the same per-layer shapes as per_layer_config.
+    # The Hub-style text_config gives the same per-layer specs as the one transformers 5 saves.
     assert llm.config.layers == llm_text.config.layers
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3_bias"])
+def test_gemma3_config_is_read_as_transformers_reads_it(name, loaded):
+    """What the parity tests above exercise, read back from transformers' own config: sliding layers (window
+    below the prompts' lengths) and full ones where its layer_types say, each type's RoPE, the score scale."""
+    ref, llm = loaded(name)
+    theirs, ours = ref.config, llm.config
+    kinds = ["sliding" if t == "sliding_attention" else "full" for t in theirs.layer_types]
+    assert [s.kind for s in ours.layers] == kinds and {"sliding", "full"} <= set(kinds)
+    assert {s.sliding_window for s in ours.layers} == {theirs.sliding_window, None} == {WINDOW, None}
+    for spec, kind in zip(ours.layers, theirs.layer_types):
+        rope = theirs.rope_parameters[kind]
+        assert (spec.rope.kind, spec.rope.theta) == (rope["rope_type"], rope["rope_theta"])
+        assert spec.rope.factor == rope.get("factor", 1.0)
+    assert ours.attn_scale == theirs.query_pre_attn_scalar**-0.5 != theirs.head_dim**-0.5
 
 
 def test_sliding_layers_keep_only_the_window_and_shared_layers_store_nothing(loaded):

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RopeSpec:
-    kind: str = "default"  # "default" | "llama3" | "proportional"
+    kind: str = "default"  # "default" | "linear" | "llama3" | "proportional"
     theta: float = 10_000.0
     partial: float = 1.0  # fraction of head dims rotated (proportional RoPE)
     factor: float = 1.0
@@ -116,6 +116,8 @@ def rope_from_hf(cfg: dict[str, Any], where: str, layer_type: str | None = None)
         return RopeSpec("default", theta, freq_factors=tuple(cfg.get("rope_freq_factors") or ()))
     if kind == "proportional":
         return RopeSpec("proportional", theta, partial=partial, factor=float(params.get("factor", 1.0)))
+    if kind == "linear":
+        return RopeSpec("linear", theta, factor=float(require(params, "factor", where)))
     if kind == "llama3":
         return RopeSpec(
             "llama3",
@@ -125,4 +127,6 @@ def rope_from_hf(cfg: dict[str, Any], where: str, layer_type: str | None = None)
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position=int(params["original_max_position_embeddings"]),
         )
-    raise ConfigError(f"{where}: RoPE type '{kind}' is not supported (supported: default, llama3, proportional)")
+    raise ConfigError(
+        f"{where}: RoPE type '{kind}' is not supported (supported: default, linear, llama3, proportional)"
+    )

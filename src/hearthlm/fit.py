@@ -56,6 +56,9 @@ KNOWN_MODELS = {
     "gemma-4-E4B": "google/gemma-4-E4B-it",
     "gemma-4-26B-A4B": "google/gemma-4-26B-A4B-it",
     "gemma-4-31B": "google/gemma-4-31B-it",
+    "gemma-3-4b": "google/gemma-3-4b-it",
+    "gemma-3-12b": "google/gemma-3-12b-it",
+    "gemma-3-27b": "google/gemma-3-27b-it",
     "Qwen2.5-7B-Instruct": "Qwen/Qwen2.5-7B-Instruct",
     "Llama-3.1-8B-Instruct": "meta-llama/Llama-3.1-8B-Instruct",
     "Llama-3.2-3B-Instruct": "meta-llama/Llama-3.2-3B-Instruct",
@@ -397,7 +400,7 @@ def estimate(
         ram_with_gpu=ple + runtime,
         load_peak=load_peak,
         bytes_per_token=per_token,
-        supported=True,  # every format priced here loads for every family (Gemma 4 GGUF files included)
+        supported=True,  # every format priced here loads for every family (Gemma 3 and 4 GGUF files included)
         context=context,
         concurrency=concurrency,
     )

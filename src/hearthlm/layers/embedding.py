@@ -10,6 +10,12 @@ from ..quant.linear import quant_rows
 from ..quant.tensor import QuantTensor
 
 
+def rounded(value: float, dtype: torch.dtype) -> float:
+    """`value` as the nearest number of `dtype`: Gemma scales its embeddings by a constant stored in the weights'
+    dtype (sqrt(1536) -> 39.25 in bf16)."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
 def lookup(table: torch.Tensor | QuantTensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` (any shape) of `table` -> [*ids.shape, D], in the table's dtype (float32 if quantized)."""
     if isinstance(table, QuantTensor):

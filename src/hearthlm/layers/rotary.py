@@ -1,6 +1,6 @@
-"""Rotary position embeddings: default, llama3-scaled and proportional (partial) RoPE.
+"""Rotary position embeddings: default, linearly scaled, llama3-scaled and proportional (partial) RoPE.
 
-All three produce one inverse-frequency vector of length head_dim / 2 and are applied the same way
+All four produce one inverse-frequency vector of length head_dim / 2 and are applied the same way
 (rotate-half over the whole head). Proportional RoPE rotates only the first `partial` share of the
 frequencies; the rest get frequency 0, i.e. they pass through unrotated.
 """
@@ -21,6 +21,8 @@ def inverse_frequencies(spec: RopeSpec, head_dim: int) -> torch.Tensor:
     if spec.kind == "default":
         inv = 1.0 / (spec.theta**exponents)
         return inv / torch.tensor(spec.freq_factors, device="cpu") if spec.freq_factors else inv
+    if spec.kind == "linear":  # positions divided by the factor
+        return 1.0 / (spec.theta**exponents) / spec.factor
     if spec.kind == "proportional":
         rotated = int(spec.partial * head_dim // 2)
         inv = torch.zeros(head_dim // 2, device="cpu")

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import ConfigError
 
-# architecture -> (module, class); Gemma 4's multimodal wrapper loads its text model only.
+# architecture -> (module, class); Gemma 3's and Gemma 4's multimodal wrappers load their text model only.
 ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", "LlamaModel"),
     "MistralForCausalLM": ("llama", "LlamaModel"),
@@ -15,9 +15,12 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": ("qwen3", "Qwen3Model"),
     "Qwen3MoeForCausalLM": ("qwen3", "Qwen3Model"),
     "MixtralForCausalLM": ("mixtral", "MixtralModel"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3Model"),
+    "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3Model"),
     "Gemma4ForCausalLM": ("gemma4", "Gemma4Model"),
     "Gemma4ForConditionalGeneration": ("gemma4", "Gemma4Model"),
 }
+MULTIMODAL = {"Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration"}  # config in text_config
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -25,6 +28,8 @@ MODEL_TYPES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
     "gemma4_text": "Gemma4ForCausalLM",
     "gemma4": "Gemma4ForConditionalGeneration",
 }
@@ -40,10 +45,10 @@ def resolve(hf: dict[str, Any], where: str) -> tuple[type, str, dict[str, Any]]:
             f"{where}: unsupported architecture {named}; hearthlm supports " + ", ".join(sorted(ARCHITECTURES))
         )
     text = hf
-    if arch == "Gemma4ForConditionalGeneration":
+    if arch in MULTIMODAL:
         text = hf.get("text_config")
         if not isinstance(text, dict):
-            raise ConfigError(f"{where}: Gemma 4 multimodal config has no text_config")
+            raise ConfigError(f"{where}: {arch} config has no text_config (the text model's config)")
     module, name = ARCHITECTURES[arch]
     cls = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     return cls, arch, text

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ConfigError, LayerSpec, ModelConfig, as_id_list, require, rope_from_hf
 from ..layers.attention import Attention, Batch
-from ..layers.embedding import lookup
+from ..layers.embedding import lookup, rounded
 from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP, activation
 from ..layers.moe import Experts
@@ -70,10 +70,6 @@ def _attention_shapes(hf: dict[str, Any], types: list[str], where: str) -> list[
     return shapes
 
 
-def _rounded(value: float, dtype: torch.dtype) -> float:
-    return torch.tensor(value, dtype=dtype).item()
-
-
 class PerLayerEmbedding(nn.Module):
     """PLE: token rows gathered from a [vocab, L * P] table (kept in its stored dtype, memory-mapped:
     it is a gather, not a matmul) plus a normed projection of the main embeddings."""
@@ -90,7 +86,7 @@ class PerLayerEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """ids [B, T], embeds [B, T, H] -> [B, T, L, P]"""
         table_dtype = self.table.dtype if isinstance(self.table, torch.Tensor) else torch.float32
-        token = lookup(self.table, ids).to(embeds.dtype) * _rounded(self.shape[1] ** 0.5, table_dtype)
+        token = lookup(self.table, ids).to(embeds.dtype) * rounded(self.shape[1] ** 0.5, table_dtype)
         context = self.norm((self.proj(embeds) * self.proj_scale).view(*ids.shape, *self.shape))
         return (context + token.view(*ids.shape, *self.shape)) * 2**-0.5
 
@@ -217,7 +213,7 @@ class Gemma4Model(CausalLM):
     def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.prepare(batch)
         # The scale is rounded to the weights' dtype, as the reference does (sqrt(1536) -> 39.25 in bf16).
-        x = self.embed_tokens(ids) * _rounded(self.config.hidden_size**0.5, self.dtype)
+        x = self.embed_tokens(ids) * rounded(self.config.hidden_size**0.5, self.dtype)
         ple = self.ple(ids, x) if self.ple is not None else None
         for i, layer in enumerate(self.layers):
             if i == self.first_shared and batch.outputs is not None:

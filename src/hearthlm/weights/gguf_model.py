@@ -6,6 +6,8 @@ q_proj.weight`), with the reorderings llama.cpp's converter applied undone.
 Gemma 4 files state per layer what its config.json states by rule (sliding pattern, KV heads, MLP width, which
 layers have no attn_v); those arrays are turned back into the config and checked to be what the rule gives,
 and a file that says something else (which transformers' Gemma 4 cannot express) is refused, naming the key.
+Gemma 3 files state less than its config.json: where they are silent, we assume what llama.cpp assumes
+(`_gemma3_config`). Their norm weights hold 1 + w, the scale Gemma 3's RMSNorm applies: used as stored.
 
 Quantized tensors come back as QuantTensors repacked for our kernels (quant/ggml.py); float ones as
 float16 / bfloat16 / float32 views of the file.
@@ -29,6 +31,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
     "gemma4": "Gemma4ForCausalLM",
 }
 # Per-layer tensors: llama.cpp suffix -> Hugging Face suffix (under model.layers.N.)
@@ -58,13 +61,17 @@ _EXPERTS = {
 _MIXTRAL = {"mlp.gate.weight": "block_sparse_moe.gate.weight", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}  # fmt: skip
-# Gemma 4: its attention and MLP matrices are named as above; its norms are not (llama.cpp's ffn_norm is Gemma's
-# pre-MLP norm), its experts are stacked gate|up as transformers stores them, and the router's two scales
-# ride on ffn_gate_inp and ffn_down_exps. Norm weights are stored as they are (Gemma 4 norms multiply by w).
-_GEMMA4_LAYER = _LAYER | {
+# Gemma 3 and 4: their attention and MLP matrices are named as above; their sandwich norms are not (llama.cpp's
+# ffn_norm is Gemma's pre-MLP norm). Gemma 3's norm weights hold 1 + w (llama.cpp's converter adds the 1 that
+# Gemma 3's RMSNorm adds), Gemma 4's hold w (its norms multiply by w).
+_GEMMA3_LAYER = _LAYER | {
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# Gemma 4's experts are stacked gate|up as transformers stores them, and the router's two scales ride on
+# ffn_gate_inp and ffn_down_exps.
+_GEMMA4_LAYER = _GEMMA3_LAYER | {
     "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
     "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
     "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
@@ -96,7 +103,7 @@ def _translate(name: str, arch: str) -> list[tuple[str, int | None]]:
     if m is None:
         return []
     prefix, suffix = f"model.layers.{m[1]}.", m[2]
-    layer = _GEMMA4_LAYER if gemma4 else _LAYER
+    layer = _GEMMA4_LAYER if gemma4 else _GEMMA3_LAYER if arch == "Gemma3ForCausalLM" else _LAYER
     if suffix in layer:
         hf = layer[suffix]
         if mixtral and hf == "mlp.gate.weight":
@@ -155,6 +162,8 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
         "rope_theta": a("rope.freq_base", 10_000.0),
         "attention_bias": False,
     }
+    if arch == "gemma3":
+        return cfg | _gemma3_config(gguf, a)
     if arch == "gemma4":
         return cfg | _gemma4_config(gguf, a)
     key_length = a("attention.key_length", None)
@@ -184,6 +193,48 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
         dense = [i for i in range(cfg["num_hidden_layers"]) if f"blk.{i}.ffn_gate_exps.weight" not in gguf.tensors]
         cfg["mlp_only_layers"] = dense
     return cfg
+
+
+def _gemma3_config(gguf: GGUFFile, a: Any) -> dict[str, Any]:
+    """The Gemma 3 keys of config.json, as llama.cpp runs a gemma3 file. What the file does not state, llama.cpp
+    assumes, and so do we: every 6th layer full (`attention.sliding_window_pattern` may give another period),
+    none when there is no sliding window; RoPE base 10000 on sliding layers (`rope.freq_base_swa` may say
+    otherwise), where the `rope.scaling.*` of full layers does not apply; scores scaled by 1/sqrt(key_length),
+    except in 62-layer files (Gemma 3 27B, whose query_pre_attn_scalar is hidden / heads = 168)."""
+    where = gguf.path
+    n, hidden, heads = a("block_count"), a("embedding_length"), a("attention.head_count")
+    head_dim = a("attention.key_length", hidden // heads)
+    if a("attention.value_length", head_dim) != head_dim:
+        raise GGUFError(f"{where}: gemma3.attention.value_length differs from key_length")
+    if a("rope.dimension_count", head_dim) != head_dim:
+        raise GGUFError(f"{where}: partial rotary embeddings ({a('rope.dimension_count')} dims) are not supported")
+    window = a("attention.sliding_window", 0)
+    period = a("attention.sliding_window_pattern", 6)
+    if not isinstance(period, int) or period < 1:
+        raise GGUFError(
+            f"{where}: gemma3.attention.sliding_window_pattern={period!r}: expected one period (every period-th "
+            "layer full); per-layer lists are not supported for gemma3"
+        )
+    scaling = a("rope.scaling.type", "none")
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": a("rope.freq_base", 1_000_000.0)}
+    if scaling == "linear":
+        full |= {"rope_type": "linear", "factor": a("rope.scaling.factor")}
+    elif scaling not in ("none", ""):
+        raise GGUFError(f"{where}: RoPE scaling '{scaling}' is not supported for gemma3 (linear is)")
+    return {
+        "layer_types": [
+            "sliding_attention" if window and i % period < period - 1 else "full_attention" for i in range(n)
+        ],
+        "sliding_window": window or None,
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": hidden // heads if n == 62 else head_dim,
+        "final_logit_softcapping": a("final_logit_softcapping", None),
+        "hidden_activation": "gelu_pytorch_tanh",  # llama.cpp's Gemma 3 graph: GELU (tanh)
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": a("rope.freq_base_swa", 10_000.0)},
+            "full_attention": full,
+        },
+    }
 
 
 def _gemma4_config(gguf: GGUFFile, a: Any) -> dict[str, Any]:
@@ -325,6 +376,10 @@ class GGUFCheckpoint:
 
     def gguf_name(self, name: str) -> str:
         return self._where[name][0]
+
+    def stores_plus_one(self, name: str) -> bool:
+        """llama.cpp's converter writes Gemma 3's norm weights as 1 + w (mapping.PlusOne)."""
+        return self.arch == "Gemma3ForCausalLM" and name.endswith("norm.weight")
 
     def get(self, name: str) -> QuantTensor | torch.Tensor:
         if name not in self._where:

@@ -36,7 +36,7 @@ from ..moe.pool import install
 from ..moe.tier import CheckpointTier, HostTier
 from ..quant.quantize import QuantSpec, quantizable, quantize
 from ..quant.tensor import QuantTensor, RowConcat, combine
-from ..weights.mapping import Cat, Source, Stack, names_in
+from ..weights.mapping import Cat, PlusOne, Source, Stack, names_in
 from .gguf import GGUFFile
 from .gguf_model import GGUFCheckpoint, hf_config
 from .safetensors import Checkpoint, CheckpointError
@@ -51,6 +51,7 @@ IGNORED = (
     "model.audio_tower.",
     "model.embed_vision.",
     "model.embed_audio.",
+    "model.multi_modal_projector.",
     "vision_tower.",
     "audio_tower.",
     "multi_modal_projector.",
@@ -280,6 +281,15 @@ class _OwnNames:
 def _build(ckpt: Checkpoint, source: Source) -> torch.Tensor | QuantTensor | RowConcat:
     if isinstance(source, str):
         return ckpt.get(source)
+    if isinstance(source, PlusOne):
+        tensor = ckpt.get(source.part)
+        if ckpt.stores_plus_one(source.part):
+            return tensor
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{ckpt.folder}: {_describe(ckpt, source)} is quantized; norm weights (1 + w) must be stored as float"
+            )
+        return tensor.float() + 1
     parts = [_build(ckpt, p) for p in source.parts]
     if any(not isinstance(p, torch.Tensor) for p in parts):
         try:

@@ -181,6 +181,10 @@ class Checkpoint:
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
+    def stores_plus_one(self, name: str) -> bool:
+        """Whether tensor `name` holds 1 + weight already (mapping.PlusOne): never, in a Hugging Face checkpoint."""
+        return False
+
     def release(self, name: str) -> None:
         """See SafetensorsFile.release."""
         self._file(self._where[name]).release(name)
