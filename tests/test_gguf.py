@@ -111,6 +111,34 @@ def test_quantized_gguf_matches_dequantized_reference(qtype, name, models, tmp_p
     _check_quantized(models(name), write(models(name), tmp_path / f"{name}-{qtype.name}.gguf", qtype), qtype)
 
 
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0])
+def test_quantized_ple_table_stays_in_the_file(qtype, models, tmp_path):
+    """Gemma 4's per-layer embedding table (2.5 GB for E2B at Q8_0) is not repacked into memory: the model holds
+    a view of the file's bytes and dequantizes the rows it gathers, exactly as the reference dequantizes them."""
+    from hearthlm.quant import ggml
+
+    path = write(models("gemma4_ple16"), tmp_path / f"ple-{qtype.name}.gguf", qtype)
+    table = LLM(path, dtype="float32").model.ple.table
+    assert isinstance(table, ggml.GGMLRows) and table.type == qtype
+    f = GGUFFile(path)
+    info = f.tensors["per_layer_token_embd.weight"]
+    assert _mapped_file(table.raw.data_ptr()) == str(path)  # the file's mapping itself, not a copy
+    assert torch.equal(table.raw.reshape(-1), f.raw(info.name))
+    ids = torch.tensor([5, 0, 5, VOCAB - 1])
+    reference = torch.from_numpy(gguf.quants.dequantize(f.raw(info.name).numpy(), qtype)).reshape(info.shape)
+    assert torch.equal(table.rows(ids), reference[ids])
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process (/proc/self/maps), None for anonymous memory."""
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end:
+            return rest[4].strip() if len(rest) == 5 else None
+    return None
+
+
 def _check_quantized(model, path, qtype):
     llm = LLM(path, dtype="float32")
     ref = _dequantized_reference(model, qtype)

@@ -1,4 +1,5 @@
-"""Token embeddings: a gather of table rows, from a float table or a quantized one (rows dequantized as read)."""
+"""Token embeddings: a gather of table rows, from a float table or a quantized one (rows dequantized as read),
+or a GGUF block-type table left in the file (ggml.GGMLRows)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.ggml import GGMLRows
 from ..quant.linear import quant_rows
 from ..quant.tensor import QuantTensor
 
@@ -16,10 +18,12 @@ def rounded(value: float, dtype: torch.dtype) -> float:
     return torch.tensor(value, dtype=dtype).item()
 
 
-def lookup(table: torch.Tensor | QuantTensor, ids: torch.Tensor) -> torch.Tensor:
+def lookup(table: torch.Tensor | QuantTensor | GGMLRows, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` (any shape) of `table` -> [*ids.shape, D], in the table's dtype (float32 if quantized)."""
     if isinstance(table, QuantTensor):
         return quant_rows(table, ids.reshape(-1)).view(*ids.shape, table.shape[-1])
+    if isinstance(table, GGMLRows):
+        return table.rows(ids.reshape(-1)).view(*ids.shape, table.shape[-1])
     return F.embedding(ids, table)
 
 

@@ -391,6 +391,18 @@ class GGUFCheckpoint:
             tensor = _unpermute(tensor, heads)
         return tensor
 
+    def table(self, name: str) -> ggml.GGMLRows | QuantTensor | torch.Tensor:
+        """A table read a few rows at a time (the model's `keep_storage_dtype`): a block type stays in the file as
+        GGMLRows instead of being repacked into memory; float types are views of the file anyway."""
+        gname, expert = self._where.get(name, (None, None))
+        info = self.gguf.tensors.get(gname)
+        if info is None or expert is not None or info.ggml_type in ggml.FLOAT_TYPES or len(info.shape) != 2:
+            return self.get(name)
+        try:
+            return ggml.GGMLRows(self.gguf.raw(gname), info.ggml_type, info.shape)
+        except ggml.GGMLTypeError as e:
+            raise GGUFError(f"{self.gguf.path}: tensor '{gname}': {e}") from None
+
     def _read(self, gname: str) -> QuantTensor | torch.Tensor:
         info = self.gguf.tensors[gname]
         try:

@@ -34,6 +34,7 @@ from ..models.base import CausalLM
 from ..moe.budget import Budget, BudgetError
 from ..moe.pool import install
 from ..moe.tier import CheckpointTier, HostTier
+from ..quant.ggml import GGMLRows
 from ..quant.quantize import QuantSpec, quantizable, quantize
 from ..quant.tensor import QuantTensor, RowConcat, combine
 from ..weights.mapping import Cat, PlusOne, Source, Stack, names_in
@@ -138,7 +139,10 @@ def load_model(
             if name in budgeted:  # left in the checkpoint: the pool reads them when they are needed
                 progress.advance(task)
                 continue
-            tensor = _build(ckpt, source)
+            if name in keep and isinstance(source, str) and isinstance(ckpt, GGUFCheckpoint):
+                tensor = ckpt.table(source)  # a block-type table stays in the file, its rows dequantized as read
+            else:
+                tensor = _build(ckpt, source)
             expected = tuple(params[name].shape)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(
@@ -234,7 +238,9 @@ def _quant_plan(model: CausalLM, spec: QuantSpec) -> dict[str, QuantSpec]:
     return plan
 
 
-def _same_storage(a: torch.Tensor | QuantTensor, b: torch.Tensor | QuantTensor) -> bool:
+def _same_storage(a: torch.Tensor | QuantTensor | GGMLRows, b: torch.Tensor | QuantTensor | GGMLRows) -> bool:
+    if isinstance(a, GGMLRows):
+        return a is b
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
 
 
