@@ -262,13 +262,16 @@ class WeightBytes:
 
 def format_bits(engine: str, fmt: str, name: str, shape: tuple[int, ...]) -> float:
     """Bits per weight of one tensor in a row's format (hearthlm quantizes embeddings and the LM head to int8
-    per row under --formats; a GGUF file stores every matrix in its type)."""
+    per row under --formats; a GGUF file stores every matrix in its type but the head, as head_type says)."""
     if fmt in DTYPES:
         return torch.finfo(DTYPES[fmt]).bits
     if len(shape) < 2:
         return 32
     if fmt.startswith("gguf-"):
-        return (GGUF_BITS_LLAMA_CPP if engine == "llama.cpp" else GGUF_BITS)[fmt[5:]]
+        qtype = fmt[5:]
+        if "embed_tokens" in name or "lm_head" in name:  # the head's type, as gguf_file writes it
+            qtype = head_type(qtype, shape[-1])
+        return (GGUF_BITS_LLAMA_CPP if engine == "llama.cpp" else GGUF_BITS)[qtype]
     if "embed_tokens" in name or "lm_head" in name or fmt == "int8":
         return 8 + 16 / shape[-1]
     group = int(fmt.split("-g")[1]) if "-g" in fmt else 32

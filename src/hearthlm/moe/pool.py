@@ -125,7 +125,9 @@ class ExpertPool:
         keep = {self.where[(layer, e)] for e in active if (layer, e) in self.where}
         placed = dict(self._place(row, misses, keep))
         s.transient += len(misses) - len(placed)
-        scratch = iter(range(len(self.scratch)))
+        # Misses without a slot are read ahead into scratch buffers, unless they run from the mapping in place
+        # (a read into a buffer costs more than computing from the page cache).
+        scratch = iter(range(0 if getattr(self.tiers[layer], "in_place", False) else len(self.scratch)))
         ahead = {}
         for e in misses:  # in the order of use
             if e in placed:
