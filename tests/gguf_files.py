@@ -288,7 +288,8 @@ def write_gguf(path: Path, hf_arch: str, cfg: dict, tensors, qtype, vocab=None, 
     return path
 
 
-def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, heads: int, kv_heads: int, head_dim: int) -> None:
+def _shape_metadata(w: gguf.GGUFWriter, cfg: dict, heads: int, kv_heads: int) -> None:
+    """The sizes every architecture states, one value for all layers."""
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -296,6 +297,10 @@ def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, heads: int, kv_heads: in
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+
+
+def _metadata(w: gguf.GGUFWriter, arch: str, cfg: dict, heads: int, kv_heads: int, head_dim: int) -> None:
+    _shape_metadata(w, cfg, heads, kv_heads)
     rope = cfg.get("rope_parameters") or {}
     w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10_000.0)))
     w.add_rope_dimension_count(head_dim)
@@ -326,13 +331,7 @@ def _gemma3_metadata(w: gguf.GGUFWriter, cfg: dict) -> None:
     actual = {"sliding RoPE": rope["sliding_attention"]} | {k: cfg[k] for k in assumed if k in cfg}
     if actual != assumed:
         raise ValueError(f"llama.cpp would run this Gemma 3 otherwise: it assumes {assumed}, the config has {actual}")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(n)
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    _shape_metadata(w, cfg, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
