@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="timed calls per case (default 200)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
     args = ap.parse_args()
-    if not cpu.quant_available():
+    if not cpu.available():
         raise SystemExit("the quantized CPU kernels are unavailable here (see kernels/cpu.py)")
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, M = {args.rows}, load average {load:.2f}")

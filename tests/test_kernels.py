@@ -131,6 +131,6 @@ def test_built_kernels_load_despite_a_stale_build_lock(tmp_path):
     for build in [tmp_path / "kernels", *(tmp_path / "kernels").iterdir()]:
         if build.is_dir():
             (build / "lock").touch()
-    code = "from hearthlm.kernels import cpu; assert cpu.available() and cpu.quant_available()"
+    code = "from hearthlm.kernels import cpu; assert cpu.available()"
     env = os.environ | {"HEARTHLM_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)

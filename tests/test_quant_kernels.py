@@ -14,7 +14,7 @@ import torch
 from hearthlm.kernels import cpu
 from hearthlm.quant.tensor import dequantize, pack_int4
 
-pytestmark = pytest.mark.skipif(not cpu.quant_available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
 
 # (K, group): groups of 16, 32, 64, 128, 96 (a multiple of 32 that is not a power of two) and K (one per row);
 # K = 96 has an odd number of blocks (the unpaired last block of the 4-bit kernel) and a partial chunk.
@@ -181,4 +181,4 @@ def test_bad_inputs_are_clear_errors():
 
 def test_kernels_off_means_unavailable(monkeypatch):
     monkeypatch.setenv("HEARTHLM_KERNELS", "0")
-    assert cpu._build("hearthlm_quant_cpu", "quant_cpu.cpp") is None
+    assert cpu._build("hearthlm_cpu", cpu.SOURCES) is None

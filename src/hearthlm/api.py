@@ -92,7 +92,6 @@ class LLM:
         self._calls = itertools.count()
         if self.device.type == "cpu":
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
-            cpu.quant_available()
         gguf = GGUFFile(path) if path.suffix == ".gguf" else None  # read once: weights and tokenizer
         prior = profile.load_prior(path) if budget is not None and moe_profile else None
         self.model = load_model(gguf or path, self.dtype, self.device, spec, budget, prior)

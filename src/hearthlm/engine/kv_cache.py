@@ -133,6 +133,10 @@ class ContiguousKVCache:
         self.rows = slice(0, batch)
         self._step_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def decode_slots(self, layer: int) -> None:
+        """See attention.KVStore.decode_slots: this cache's steps run module by module."""
+        return None
+
     def begin(self, positions: torch.Tensor, rows: slice | None = None) -> None:
         """Prepare a forward over `positions` [b, T] for cache rows `rows` (default: all)."""
         self.rows = rows if rows is not None else slice(0, self.batch)

@@ -30,6 +30,7 @@ class _Step:
     S: int
     mask: torch.Tensor | None  # [b, 1, T, S] or None: attend everywhere
     causal: bool  # the mask is exactly the causal one (S == T, one row from position 0)
+    decode: tuple | None  # a CPU decode step's (write, read slots or None, read start, S, row mask): decode_slots
 
 
 class PagedKVCache:
@@ -102,7 +103,20 @@ class PagedKVCache:
             mask &= k > q - w
         causal = w is None and len(starts) == 1 and starts[0] == 0 and S == T
         mask = None if bool(mask.all()) else mask[:, None]
-        return _Step(write.reshape(-1), read, S, mask, causal)
+        write = write.reshape(-1)
+        decode = None
+        if T == 1 and dev.type == "cpu":
+            row_mask = None if mask is None else mask[:, 0, -1]
+            runs = isinstance(read, slice)
+            decode = (write, None if runs else read, read.start if runs else 0, S, row_mask)
+        return _Step(write, read, S, mask, causal, decode)
+
+    def decode_slots(self, layer: int) -> tuple | None:
+        """See attention.KVStore.decode_slots."""
+        step = self.steps[self.window[layer]]
+        if step.decode is None or self.source[layer] is not None:
+            return None
+        return (self.k[layer], self.v[layer], *step.decode)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float

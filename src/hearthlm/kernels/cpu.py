@@ -1,10 +1,11 @@
-"""CPU kernels in C++ (AVX2/FMA/F16C), compiled on first use: a batch-1..8 GEMV, decode attention over
-the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a GEMV and a
-row dequantizer for quantized weights (quant_cpu.cpp).
+"""CPU kernels in C++ (AVX2/FMA/F16C), compiled on first use into one extension: a batch-1..8 GEMV, decode
+attention over the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a
+GEMV and a row dequantizer for quantized weights (quant_cpu.cpp); a whole decoder layer's decode step chaining
+them (decoder_cpu.cpp).
 
-Each extension is built with torch's cpp_extension into ~/.cache/hearthlm/kernels (about 30 s, once). If the
-CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` (and
-`quant_available()`) is False and callers use PyTorch's own ops.
+The extension is built with torch's cpp_extension into ~/.cache/hearthlm/kernels (under a minute, once). If the
+CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` is False and callers use
+PyTorch's own ops.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def _cpu_supports() -> bool:
     return {"avx2", "fma", "f16c"} <= set(flags)
 
 
-def _build(name: str, source: str):
-    """Compile (first time) and import one extension from a .cpp beside this file; None if unavailable.
+def _build(name: str, sources: tuple[str, ...]):
+    """Compile (first time) and import one extension from the .cpp files (and their headers) beside this file;
+    None if unavailable.
 
-    The build directory is named by a hash of the source, the flags and the torch version, so two installs
+    The build directory is named by a hash of the sources, the flags and the torch version, so two installs
     (venvs, checkouts) never rebuild over each other's library. An flock serializes builders: the kernel drops
     it when a process dies, so an interrupted build never leaves the next run waiting forever (torch's own
     lock file, which a killed build leaves behind, is removed while the flock is held)."""
@@ -49,8 +51,9 @@ def _build(name: str, source: str):
         omp = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lgomp"] if (torch_lib / "libgomp.so.1").exists() else []
         cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
         ldflags = omp or ["-fopenmp"]
-        src = Path(__file__).with_name(source)
-        key = hashlib.sha256(src.read_bytes() + repr((cflags, ldflags, torch.__version__)).encode()).hexdigest()[:16]
+        here = Path(__file__).parent
+        code = b"".join(p.read_bytes() for p in sorted([*here.glob("*.cpp"), *here.glob("*.h")]))
+        key = hashlib.sha256(code + repr((sources, cflags, ldflags, torch.__version__)).encode()).hexdigest()[:16]
         root = Path(os.environ.get("HEARTHLM_CACHE", Path.home() / ".cache" / "hearthlm")) / "kernels"
         build = root / f"{name}-{key}"
         build.mkdir(parents=True, exist_ok=True)
@@ -60,10 +63,10 @@ def _build(name: str, source: str):
             if library.exists():
                 return _import(name, library)
             (build / "lock").unlink(missing_ok=True)  # torch's, left by a build that was killed
-            with Console(stderr=True).status("building hearthlm's CPU kernels (once, about 30 s)"):
+            with Console(stderr=True).status("building hearthlm's CPU kernels (once, under a minute)"):
                 return load(
                     name=name,
-                    sources=[str(src)],
+                    sources=[str(here / s) for s in sources],
                     extra_cflags=cflags,
                     extra_ldflags=ldflags,
                     build_directory=str(build),
@@ -81,14 +84,12 @@ def _import(name: str, library: Path):
     return module
 
 
+SOURCES = ("gemv_cpu.cpp", "quant_cpu.cpp", "decoder_cpu.cpp", "bindings_cpu.cpp")
+
+
 @functools.cache
 def _load():
-    return _build("hearthlm_gemv_cpu", "gemv_cpu.cpp")
-
-
-@functools.cache
-def _load_quant():
-    return _build("hearthlm_quant_cpu", "quant_cpu.cpp")
+    return _build("hearthlm_cpu", SOURCES)
 
 
 def available() -> bool:
@@ -138,11 +139,6 @@ def act_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     return _load().act_mul(x, act)
 
 
-def quant_available() -> bool:
-    """Whether the quantized-weight kernels (quant_gemv, dequant_rows) are built and loaded."""
-    return _load_quant() is not None
-
-
 def quant_gemv(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -158,7 +154,7 @@ def quant_gemv(
     x is rounded to int8 per block of 32 elements inside (one scale per block, as llama.cpp's Q8_0), so the
     result is W . x^ where each element of x^ is off by at most 1/254 of its block's largest |x|.
     """
-    return _load_quant().quant_gemv(x, qdata, scales, mins, bits, group, bias)
+    return _load().quant_gemv(x, qdata, scales, mins, bits, group, bias)
 
 
 def dequant_rows(
@@ -172,6 +168,48 @@ def dequant_rows(
     """Rows `rows` (int64, any shape, values in [0, N)) of the 2-D quantized weight W [N, K] -> float32
     [*rows.shape, K], bit for bit `quant.tensor.dequantize(...)[rows]` (embedding lookups, prefill tiles)."""
     if rows.dim() == 1:
-        return _load_quant().dequant_rows(qdata, scales, mins, bits, group, rows)
-    out = _load_quant().dequant_rows(qdata, scales, mins, bits, group, rows.reshape(-1))
+        return _load().dequant_rows(qdata, scales, mins, bits, group, rows)
+    out = _load().dequant_rows(qdata, scales, mins, bits, group, rows.reshape(-1))
     return out.view(*rows.shape, out.shape[-1])
+
+
+def decode_linear(
+    weight: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    mins: torch.Tensor | None = None,
+    bits: int = 0,
+    group: int = 0,
+    bias: torch.Tensor | None = None,
+):
+    """One weight as decoder_layer takes it: float [N, K] (bits 0), or the QuantTensor parts of a quantized one
+    (weight = qdata); bias float32 [N] or None. Holds references, not copies."""
+    return _load().DecodeLinear(weight, scales, mins, bits, group, bias)
+
+
+def decode_linear_concat(parts: list, bias: torch.Tensor | None = None):
+    """decode_linear parts of different formats stacked along the output rows (a RowConcat); bias float32."""
+    return _load().DecodeLinear(parts, bias)
+
+
+def decoder_layer(
+    input_norm: torch.Tensor,
+    post_norm: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    qkv,
+    o,
+    gate_up,
+    down,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    eps: float,
+    scale: float,
+    act: str,
+):
+    """A pre-norm decoder layer's weights (float32 norms; decode_linear projections: qkv rows [q; k; v], gate_up
+    rows [gate; up]) -> an object whose `decode(x, cos, sin, K, V, write, read_slots, read_start, S, mask)` runs
+    one decode step: x [B, 1, hidden] float32 -> the layer's output (kernels/decoder_cpu.h documents the rest)."""
+    return _load().DecoderLayer(
+        input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down, heads, kv_heads, head_dim, eps, scale, act
+    )

@@ -4,6 +4,8 @@
 // half of the machine's read bandwidth at M = 1 (and much less for bf16 without AVX-512), so this
 // kernel reads each weight row once, converts fp16/bf16 to fp32 in registers, and accumulates for all
 // M input rows at once. Rows of W are split across threads with at::parallel_for.
+#include "cpu_kernels.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -400,17 +402,4 @@ torch::Tensor act_mul(torch::Tensor x, const std::string& act) {
   const auto row = act == "silu" ? silu_mul_row : gelu_tanh_mul_row;
   for (int64_t r = 0; r < rows; ++r) row(xp + r * 2 * I, xp + r * 2 * I + I, yp + r * I, I);
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // The long kernels let other Python threads run meanwhile (the server's event loop streams tokens while the
-  // engine thread computes); the short ones keep the GIL, whose hand-back would cost more than they do.
-  const auto release = py::call_guard<py::gil_scoped_release>();
-  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache", release);
-  m.def("rope", &rope, "rotate-half RoPE (float32)");
-  m.def("gemv", &gemv, "x [..., K] @ W[N, K]^T (+ bias) -> [..., N] float32", release);
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
-  m.def("paged_decode_attention", &paged_decode_attention, "one-query attention over a paged KV cache", release);
-  m.def("kv_store", &kv_store, "write K/V rows into cache slots");
-  m.def("act_mul", &act_mul, "act(gate) * up");
 }

@@ -14,6 +14,8 @@
 //
 // dequant_rows matches the PyTorch reference bit for bit: q * s is exact in float32 (at most 8 + 11
 // significant bits), so q * s + m rounds once whether or not the compiler fuses it into an FMA.
+#include "cpu_kernels.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -599,12 +601,4 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // The long kernels let other Python threads run meanwhile (the server's event loop streams tokens while the
-  // engine thread computes); the short ones keep the GIL, whose hand-back would cost more than they do.
-  const auto release = py::call_guard<py::gil_scoped_release>();
-  m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
-  m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]", release);
 }

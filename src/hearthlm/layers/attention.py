@@ -26,6 +26,12 @@ class KVStore(Protocol):
         """q [B, T, Hq, D]; k, v [B, T, Hkv, D] (None on KV-shared layers) -> [B, T, Hq, D]."""
         ...
 
+    def decode_slots(self, layer: int) -> tuple | None:
+        """For the fused CPU decode step (layers/decode_step.py), where `layer` stores its own K/V: its cache
+        K, V [Hkv, slots, D], the step's write slots [B], read slots [B * S] or None, read start (when the
+        slots read are one run of a single row), S, and the key mask [B, S] or None. None: no fused step."""
+        ...
+
 
 @dataclass
 class Batch:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, ModelConfig, as_id_list, require, rope_from_hf
+from ..layers import decode_step
 from ..layers.attention import Attention, Batch
 from ..layers.mlp import GatedMLP
 from ..layers.moe import SparseMoE
@@ -105,6 +106,8 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, spec.intermediate_size, cfg.activation)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if x.shape[1] == 1 and (out := decode_step.step(self, x, batch)) is not None:
+            return out  # a CPU decode step: the same kernels as below, in one call
         x = x + self.attn(self.input_norm(x), batch)
         return x + self.mlp(self.post_attn_norm(x))
 

@@ -18,7 +18,7 @@ TILE = 1 << 20  # weights dequantized at a time for prefill (4 MB of float32)
 
 
 def _kernels(w: QuantTensor) -> bool:
-    return w.device.type == "cpu" and cpu.quant_available()
+    return w.device.type == "cpu" and cpu.available()
 
 
 def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,7 +28,7 @@ def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = No
     # attribute lookup costs more than a microsecond each.
     buffers = w._buffers
     qdata = buffers["qdata"]
-    if 0 < rows <= cpu.MAX_ROWS and qdata.device.type == "cpu" and cpu.quant_available():
+    if 0 < rows <= cpu.MAX_ROWS and qdata.device.type == "cpu" and cpu.available():
         fused = bias is not None and bias.dtype == torch.float32
         y = cpu.quant_gemv(x, qdata, buffers["scales"], buffers["mins"], w.bits, w.group, bias if fused else None)
         if bias is not None and not fused:

@@ -1,0 +1,33 @@
+// The Python module of hearthlm's CPU kernels (kernels/cpu.py loads it).
+#include <torch/extension.h>
+
+#include "cpu_kernels.h"
+#include "decoder_cpu.h"
+
+#include <pybind11/stl.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The long kernels let other Python threads run meanwhile (the server's event loop streams tokens while the
+  // engine thread computes); the short ones keep the GIL, whose hand-back would cost more than they do.
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("gemv", &gemv, "x [..., K] @ W[N, K]^T (+ bias) -> [..., N] float32", release);
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
+  m.def("rope", &rope, "rotate-half RoPE (float32)");
+  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache", release);
+  m.def("paged_decode_attention", &paged_decode_attention, "one-query attention over a paged KV cache", release);
+  m.def("kv_store", &kv_store, "write K/V rows into cache slots");
+  m.def("act_mul", &act_mul, "act(gate) * up");
+  m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
+  m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]", release);
+
+  py::class_<DecodeLinear>(m, "DecodeLinear")
+      .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t, int64_t,
+                    c10::optional<torch::Tensor>>(),
+           py::arg("weight"), py::arg("scales"), py::arg("mins"), py::arg("bits"), py::arg("group"), py::arg("bias"))
+      .def(py::init<std::vector<DecodeLinear>, c10::optional<torch::Tensor>>(), py::arg("parts"), py::arg("bias"));
+  py::class_<DecoderLayer>(m, "DecoderLayer")
+      .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                    DecodeLinear, DecodeLinear, DecodeLinear, DecodeLinear, int64_t, int64_t, int64_t, double, double,
+                    std::string>())
+      .def("decode", &DecoderLayer::decode, "one decode step of the layer", release);
+}

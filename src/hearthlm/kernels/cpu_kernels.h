@@ -1,0 +1,24 @@
+// The CPU kernels' entry points, shared by the files that define them (gemv_cpu.cpp, quant_cpu.cpp), the fused
+// decoder layer that chains them (decoder_cpu.cpp) and the Python bindings (bindings_cpu.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <string>
+
+// Float weights (gemv_cpu.cpp). Shapes and dtypes are documented at each definition.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias);
+torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, double eps);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               double scale);
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor K, torch::Tensor V, torch::Tensor slots,
+                                     c10::optional<torch::Tensor> mask, double scale);
+void kv_store(torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
+torch::Tensor act_mul(torch::Tensor x, const std::string& act);
+
+// Quantized weights (quant_cpu.cpp).
+torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias);
+torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t bits,
+                           int64_t group, torch::Tensor rows);
