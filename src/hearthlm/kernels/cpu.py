@@ -3,7 +3,7 @@ attention over the KV cache in its stored dtype, and RMSNorm / RoPE for decode-s
 GEMV and a row dequantizer for quantized weights (quant_cpu.cpp); a whole decoder layer's decode step chaining
 them (decoder_cpu.cpp).
 
-The extension is built with torch's cpp_extension into ~/.cache/hearthlm/kernels (under a minute, once). If the
+The extension is built with torch's cpp_extension into ~/.cache/hearthlm/kernels (about a minute, once). If the
 CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` is False and callers use
 PyTorch's own ops.
 """
@@ -63,7 +63,7 @@ def _build(name: str, sources: tuple[str, ...]):
             if library.exists():
                 return _import(name, library)
             (build / "lock").unlink(missing_ok=True)  # torch's, left by a build that was killed
-            with Console(stderr=True).status("building hearthlm's CPU kernels (once, under a minute)"):
+            with Console(stderr=True).status("building hearthlm's CPU kernels (once, about a minute)"):
                 return load(
                     name=name,
                     sources=[str(here / s) for s in sources],

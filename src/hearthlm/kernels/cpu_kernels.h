@@ -1,8 +1,9 @@
 // The CPU kernels' entry points, shared by the files that define them (gemv_cpu.cpp, quant_cpu.cpp), the fused
-// decoder layer that chains them (decoder_cpu.cpp) and the Python bindings (bindings_cpu.cpp).
+// decoder layer that chains them (decoder_cpu.cpp) and the Python bindings (bindings_cpu.cpp). Only the bindings
+// include torch/extension.h, which triples a file's compile time; the kernels need torch/types.h alone.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <string>
 

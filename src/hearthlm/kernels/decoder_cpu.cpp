@@ -10,7 +10,7 @@
 // them is gone.
 #include "decoder_cpu.h"
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <string>
 

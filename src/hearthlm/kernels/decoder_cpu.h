@@ -1,7 +1,7 @@
 // The fused decode step of a pre-norm decoder layer (decoder_cpu.cpp) and the weights it holds.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <string>
 

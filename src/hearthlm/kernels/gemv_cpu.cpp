@@ -6,7 +6,7 @@
 // M input rows at once. Rows of W are split across threads with at::parallel_for.
 #include "cpu_kernels.h"
 
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 

@@ -16,7 +16,7 @@
 // significant bits), so q * s + m rounds once whether or not the compiler fuses it into an FMA.
 #include "cpu_kernels.h"
 
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
