@@ -71,6 +71,21 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
             final_logit_softcapping=30.0,
         ),
     ),
+    # E2B/E4B's layers, and 31B's k=v: PLE + KV-shared layers (double-wide MLP) + k=v on full layers, no MoE.
+    "gemma4_dense": (
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        _gemma4_text(
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            num_kv_shared_layers=3,
+            use_double_wide_mlp=True,
+            hidden_size_per_layer_input=32,
+            vocab_size_per_layer_input=VOCAB,
+        ),
+    ),
     # None of those: dense, every layer its own K/V, separate v_proj, no PLE, no softcap.
     "gemma4_plain": (
         "Gemma4TextConfig",

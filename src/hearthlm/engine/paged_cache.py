@@ -114,9 +114,13 @@ class PagedKVCache:
     def decode_slots(self, layer: int) -> tuple | None:
         """See attention.KVStore.decode_slots."""
         step = self.steps[self.window[layer]]
-        if step.decode is None or self.source[layer] is not None:
+        if step.decode is None:
             return None
-        return (self.k[layer], self.v[layer], *step.decode)
+        write, *read = step.decode
+        src = self.source[layer]
+        if src is not None:  # a KV-shared layer reads its source layer's slots and writes none
+            return (self.k[src], self.v[src], None, *read)
+        return (self.k[layer], self.v[layer], write, *read)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float

@@ -26,8 +26,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("weight"), py::arg("scales"), py::arg("mins"), py::arg("bits"), py::arg("group"), py::arg("bias"))
       .def(py::init<std::vector<DecodeLinear>, c10::optional<torch::Tensor>>(), py::arg("parts"), py::arg("bias"));
   py::class_<DecoderLayer>(m, "DecoderLayer")
-      .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
-                    DecodeLinear, DecodeLinear, DecodeLinear, DecodeLinear, int64_t, int64_t, int64_t, double, double,
-                    std::string>())
+      .def(py::init<torch::Tensor, torch::Tensor, DecodeLinear, DecodeLinear, DecodeLinear, DecodeLinear, int64_t,
+                    int64_t, int64_t, double, double, std::string, c10::optional<torch::Tensor>,
+                    c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, bool,
+                    bool, bool, std::optional<DecodeLinear>, std::optional<DecodeLinear>, c10::optional<torch::Tensor>,
+                    c10::optional<torch::Tensor>>(),
+           py::kw_only(), py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
+           py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"),
+           py::arg("scale"), py::arg("act"), py::arg("attn_out_norm") = py::none(),
+           py::arg("mlp_out_norm") = py::none(), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(),
+           py::arg("v_norm") = false, py::arg("k_eq_v") = false, py::arg("shared") = false,
+           py::arg("ple_gate") = py::none(), py::arg("ple_out") = py::none(), py::arg("ple_norm") = py::none(),
+           py::arg("scalar") = py::none())
       .def("decode", &DecoderLayer::decode, "one decode step of the layer", release);
 }

@@ -191,25 +191,8 @@ def decode_linear_concat(parts: list, bias: torch.Tensor | None = None):
     return _load().DecodeLinear(parts, bias)
 
 
-def decoder_layer(
-    input_norm: torch.Tensor,
-    post_norm: torch.Tensor,
-    q_norm: torch.Tensor | None,
-    k_norm: torch.Tensor | None,
-    qkv,
-    o,
-    gate_up,
-    down,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    eps: float,
-    scale: float,
-    act: str,
-):
-    """A pre-norm decoder layer's weights (float32 norms; decode_linear projections: qkv rows [q; k; v], gate_up
-    rows [gate; up]) -> an object whose `decode(x, cos, sin, K, V, write, read_slots, read_start, S, mask)` runs
-    one decode step: x [B, 1, hidden] float32 -> the layer's output (kernels/decoder_cpu.h documents the rest)."""
-    return _load().DecoderLayer(
-        input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down, heads, kv_heads, head_dim, eps, scale, act
-    )
+def decoder_layer(**parts):
+    """A decoder layer's weights by role (keyword arguments: kernels/decoder_cpu.h lists them; norms float32,
+    projections from decode_linear) -> an object whose `decode(x, cos, sin, K, V, write, read_slots, read_start,
+    S, mask, ple)` runs one decode step: x [B, 1, hidden] float32 -> the layer's output."""
+    return _load().DecoderLayer(**parts)

@@ -27,9 +27,10 @@ class KVStore(Protocol):
         ...
 
     def decode_slots(self, layer: int) -> tuple | None:
-        """For the fused CPU decode step (layers/decode_step.py), where `layer` stores its own K/V: its cache
-        K, V [Hkv, slots, D], the step's write slots [B], read slots [B * S] or None, read start (when the
-        slots read are one run of a single row), S, and the key mask [B, S] or None. None: no fused step."""
+        """For the fused CPU decode step (layers/decode_step.py): the cache K, V [Hkv, slots, D] that `layer`
+        reads (its source layer's when KV-shared), the step's write slots [B] (None when shared), read slots
+        [B * S] or None, read start (when the slots read are one run of a single row), S, and the key mask [B, S]
+        or None. None: no fused step."""
         ...
 
 

@@ -1,4 +1,5 @@
-"""A pre-norm decoder layer's whole decode step as one call into the CPU kernels (kernels/decoder_cpu.cpp).
+"""A decoder layer's whole decode step as one call into the CPU kernels (kernels/decoder_cpu.cpp): the dense
+layers of Llama, Mistral, Qwen2/3, Gemma 3 and Gemma 4.
 
 At decode a small model spends as much time between kernels as in them: run module by module, a Llama-style
 layer makes about twenty Python-level calls per token, each a few microseconds. The fused step chains the same
@@ -48,36 +49,57 @@ def _weight(linear: nn.Module):
     return linear._parameters["weight"] if "weight" in linear._parameters else linear._modules["weight"]
 
 
-def _norm(norm: nn.Module | None) -> torch.Tensor | None:
-    w = None if norm is None else norm.weight
+def _norm(norm: nn.Module) -> torch.Tensor | None:
+    w = norm.weight
     return w.data if w is not None and w.dtype == torch.float32 and w.device.type == "cpu" else None
 
 
 def compile_layer(layer: nn.Module):
-    """cpu.DecoderLayer for a layer with `input_norm`, `attn`, `post_attn_norm` and a GatedMLP `mlp`, or None
-    when the fused step cannot run it (no kernels, weights off the CPU or in a form the kernels do not read)."""
-    attn, mlp = layer.attn, layer.mlp
-    if not cpu.available() or not isinstance(mlp, GatedMLP) or attn.shared or attn.k_eq_v or attn.v_norm is not None:
+    """cpu.DecoderLayer for a layer, from the parts it names by role (`layer.decode_parts()`: a dict with
+    attn_norm, mlp_norm, attn, mlp and optionally attn_out_norm, mlp_out_norm, ple_gate, ple_out, ple_norm,
+    scalar; None for a layer the step does not cover), or None when the fused step cannot run it: no kernels,
+    weights off the CPU or in a form the kernels do not read."""
+    parts = layer.decode_parts()
+    if parts is None or not cpu.available():
         return None
-    modules = [layer.input_norm, layer.post_attn_norm, attn.q_norm, attn.k_norm]
-    norms = [_norm(n) for n in modules]
-    if any(n is not None and w is None for n, w in zip(modules, norms)):
+    attn, mlp = parts.pop("attn"), parts.pop("mlp")
+    if not isinstance(mlp, GatedMLP):
+        return None
+    norms = {role: parts.pop(role, None) for role in ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm")}
+    norms |= {"q_norm": attn.q_norm, "k_norm": attn.k_norm, "ple_norm": parts.pop("ple_norm", None)}
+    weights = {role: _norm(m) for role, m in norms.items() if m is not None}
+    if None in weights.values():
         return None  # a norm weight not (yet) float32 on the CPU
-    if len({n.eps for n in modules if n is not None}) != 1:
+    eps = {m.eps for m in norms.values() if m is not None} | ({attn.v_norm.eps} if attn.v_norm is not None else set())
+    if len(eps) != 1:
         return None
-    projections = [
-        _linear(_weight(m), m._parameters.get("bias")) for m in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
-    ]
-    if None in projections:
+    linears = {"qkv": attn.qkv, "o": attn.o_proj, "gate_up": mlp.gate_up, "down": mlp.down}
+    linears |= {role: parts.pop(role) for role in ("ple_gate", "ple_out") if role in parts}
+    projections = {role: _linear(_weight(m), m._parameters.get("bias")) for role, m in linears.items()}
+    if None in projections.values():
         return None
-    eps = layer.input_norm.eps
+    scalar = parts.pop("scalar", None)
+    if parts:
+        raise ValueError(f"decode_parts: unknown roles {sorted(parts)}")
     return cpu.decoder_layer(
-        *norms, *projections, attn.num_heads, attn.num_kv_heads, attn.head_dim, eps, attn.scale, mlp.act
+        **weights,
+        **projections,
+        heads=attn.num_heads,
+        kv_heads=attn.num_kv_heads,
+        head_dim=attn.head_dim,
+        eps=eps.pop(),
+        scale=attn.scale,
+        act=mlp.act,
+        v_norm=attn.v_norm is not None,
+        k_eq_v=attn.k_eq_v,
+        shared=attn.shared,
+        scalar=None if scalar is None else scalar.data,
     )
 
 
-def step(layer: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | None:
-    """The layer's output for decode input x [B, 1, hidden] in one kernel call, or None: run it module by module."""
+def step(layer: nn.Module, x: torch.Tensor, batch: Batch, ple: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The layer's output for decode input x [B, 1, hidden] (and its per-layer input ple [B, 1, P], Gemma 4) in
+    one kernel call, or None: run it module by module."""
     if x.dtype != torch.float32 or x.shape[0] > cpu.MAX_ROWS or x.device.type != "cpu":
         return None
     fused = layer.__dict__.get("_decode_step", False)
@@ -89,4 +111,4 @@ def step(layer: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | None
     if slots is None:
         return None
     cos, sin = batch.rope[layer.attn.rope_key]
-    return fused.decode(x, cos, sin, *slots)
+    return fused.decode(x, cos, sin, *slots, ple)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LayerSpec, ModelConfig, as_id_list, rope_from_hf
+from ..layers import decode_step
 from ..layers.attention import Attention, Batch
 from ..layers.embedding import rounded
 from ..layers.mlp import GatedMLP
@@ -99,7 +100,20 @@ class Gemma3Layer(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.layers[layer].intermediate_size, cfg.activation)
 
+    def decode_parts(self) -> dict | None:
+        """This layer's parts by their role in the fused CPU decode step (layers/decode_step.py)."""
+        return {
+            "attn_norm": self.input_norm,
+            "attn": self.attn,
+            "attn_out_norm": self.post_attn_norm,
+            "mlp_norm": self.pre_mlp_norm,
+            "mlp": self.mlp,
+            "mlp_out_norm": self.post_mlp_norm,
+        }
+
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if x.shape[1] == 1 and (out := decode_step.step(self, x, batch)) is not None:
+            return out  # a CPU decode step: the same kernels as below, in one call
         x = x + self.post_attn_norm(self.attn(self.input_norm(x), batch))
         return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LayerSpec, ModelConfig, as_id_list, require, rope_from_hf
+from ..layers import decode_step
 from ..layers.attention import Attention, Batch
 from ..layers.embedding import lookup, rounded
 from ..layers.linear import Linear
@@ -132,7 +133,27 @@ class Gemma4Layer(nn.Module):
             self.ple_norm = norm()
             self.act = activation(cfg.activation)
 
+    def decode_parts(self) -> dict | None:
+        """This layer's parts by their role in the fused CPU decode step (layers/decode_step.py); routed experts
+        run module by module."""
+        if hasattr(self, "experts"):
+            return None
+        parts = {
+            "attn_norm": self.input_norm,
+            "attn": self.attn,
+            "attn_out_norm": self.post_attn_norm,
+            "mlp_norm": self.pre_mlp_norm,
+            "mlp": self.mlp,
+            "mlp_out_norm": self.post_mlp_norm,
+            "scalar": self.layer_scalar,
+        }
+        if hasattr(self, "ple_gate"):
+            parts |= {"ple_gate": self.ple_gate, "ple_out": self.ple_out, "ple_norm": self.ple_norm}
+        return parts
+
     def forward(self, x: torch.Tensor, batch: Batch, ple: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[1] == 1 and (out := decode_step.step(self, x, batch, ple)) is not None:
+            return out  # a CPU decode step: the same kernels as below, in one call
         x = x + self.post_attn_norm(self.attn(self.input_norm(x), batch))
         if hasattr(self, "experts"):
             # The router reads the residual stream; it runs before the dense MLP so that, under an expert budget,

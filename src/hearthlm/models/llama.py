@@ -105,6 +105,10 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(cfg.hidden_size, spec.intermediate_size, cfg.activation)
 
+    def decode_parts(self) -> dict | None:
+        """This layer's parts by their role in the fused CPU decode step (layers/decode_step.py)."""
+        return {"attn_norm": self.input_norm, "attn": self.attn, "mlp_norm": self.post_attn_norm, "mlp": self.mlp}
+
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         if x.shape[1] == 1 and (out := decode_step.step(self, x, batch)) is not None:
             return out  # a CPU decode step: the same kernels as below, in one call
