@@ -22,6 +22,8 @@ the rounds alternate the order, so all rows see the same machine conditions; fig
 - roofline: decode at batch 1 reads every weight once per token, so read bandwidth / weight bytes
   per token bounds tokens/s from above. The bandwidth is sampled just before and after each decode
   run, because on a shared VM it drifts by a third within minutes.
+- vs llama.cpp: the ratio of the two rows' medians, and for decode also the median of the per-round ratios
+  (both engines run seconds apart within a round, so the machine's drift cancels out of each one).
 - other processes: their CPU share is tracked during each run; a run they disturbed (> 10%) is
   measured again and left out of the medians when an undisturbed run of the same row exists.
 """
@@ -543,6 +545,7 @@ class RunSample:
     prefill: float  # prompt tokens/s to the first token
     bandwidth: float  # read GB/s sampled just before and just after the decode
     foreign_cpu: float  # the largest share of the CPU other processes used during prefill or decode
+    round: int = 0  # which round of --runs it belongs to (rows alternate within a round)
 
     @property
     def disturbed(self) -> bool:
@@ -668,11 +671,12 @@ def measure_once(row: Row, bench: Bench) -> RunSample:
     return RunSample(decode, prefill, bandwidth, max(load))
 
 
-def measure_run(row: Row, bench: Bench, label: str) -> None:
+def measure_run(row: Row, bench: Bench, label: str, round_: int) -> None:
     """One run of a row; measured again (up to --retries times) when other processes disturbed it."""
     for attempt in range(1 + bench.args.retries):
         try:
             sample = measure_once(row, bench)
+            sample.round = round_
         except Exception as e:  # one failing engine/dtype must not end the benchmark
             row.error = f"{type(e).__name__}: {e}"
             bench.log(f"{label}: FAILED\n{traceback.format_exc()}")
@@ -705,7 +709,7 @@ def run_model(name: str, args: argparse.Namespace, progress: Progress, budget: i
             label = f"{name} run {r + 1}/{args.runs} {row.engine} {row.dtype}"
             progress.update(task, description=label, refresh=True)
             if row.error is None:
-                measure_run(row, bench, label)
+                measure_run(row, bench, label, r)
             progress.advance(task)
             progress.refresh()
     bench.pool.clear()
@@ -781,7 +785,16 @@ def summary(rows: list[Row]) -> dict[str, Any]:
             out[f"{ours} vs llama.cpp {theirs[5:]}"] = {
                 key: a.median(key) / b.median(key) for key in ("decode", "prefill")
             }
+            out[f"{ours} vs llama.cpp {theirs[5:]}"]["decode_paired"] = paired_ratio(a, b, "decode")
     return out
+
+
+def paired_ratio(a: Row, b: Row, key: str) -> float | None:
+    """The median over rounds of a's figure / b's in the same round: the two ran seconds apart, so the drift of
+    this VM's speed (a third within minutes) cancels out of each ratio, where a ratio of medians keeps it."""
+    by_round = [{r.round: getattr(r, key) for r in row.used()} for row in (a, b)]
+    ratios = [by_round[0][r] / by_round[1][r] for r in by_round[0] if r in by_round[1]]
+    return median(ratios) if ratios else None
 
 
 def fmt(x: float | None, digits: int = 1) -> str:
@@ -837,7 +850,11 @@ def summary_lines(run: ModelRun) -> list[str]:
     lines = []
     for key, s in summary(run.rows).items():
         if "vs llama.cpp" in key:
-            lines.append(f"  hearthlm {key}: decode {s['decode']:.2f}x, prefill {s['prefill']:.2f}x")
+            paired = s["decode_paired"]
+            lines.append(
+                f"  hearthlm {key}: decode {s['decode']:.2f}x (paired by round: {fmt(paired, 2)}x), "
+                f"prefill {s['prefill']:.2f}x"
+            )
             continue
         hl, tf = s["hearthlm_best"], s["transformers_best"]
         if hl and tf:
