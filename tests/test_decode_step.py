@@ -24,9 +24,9 @@ FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "gemma3", "gemma3
 FORMATS = [("float32", None), ("bfloat16", None), ("float32", "int8"), ("bfloat16", "int4")]
 
 
-def _compare_each_step(monkeypatch) -> list[tuple[int, int]]:
+def _compare_each_step(monkeypatch) -> list[tuple[int, int, bool]]:
     """Make every fused step also run its layer module by module and require the same output; returns (layer,
-    rows) of every fused step."""
+    rows, whether the keys read were one run of slots) of every fused step."""
     real, fused, inside = decode_step.step, [], []
 
     def step(layer, x, batch, *ple):
@@ -41,7 +41,8 @@ def _compare_each_step(monkeypatch) -> list[tuple[int, int]]:
                 inside.clear()
             diff = (out - expected).abs().max().item()
             assert torch.equal(out, expected), f"layer {layer.attn.layer}: fused step differs by {diff}"
-            fused.append((layer.attn.layer, x.shape[0]))
+            one_run = batch.cache.decode_slots(layer.attn.layer)[3] is None  # no per-key slots
+            fused.append((layer.attn.layer, x.shape[0], one_run))
         return out
 
     monkeypatch.setattr(decode_step, "step", step)
@@ -60,11 +61,11 @@ def test_fused_decode_step_equals_the_module_path(name, dtype, quant, checkpoint
     llm = LLM(folder, dtype=dtype, quant=quant)
     fused = _compare_each_step(monkeypatch)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    llm.generate(_prompts(), params)  # two rows: each reads its own slots
-    llm.generate(_prompts()[1:], params)  # one row: its slots are one run
+    llm.generate(_prompts(), params)  # two rows: each reads its keys slot by slot
+    llm.generate([list(range(40, 57))], params)  # one row alone: its keys are one run of slots
     dense = {i for i, spec in enumerate(llm.config.layers) if not spec.moe}
-    assert {layer for layer, _ in fused} == dense  # every dense layer ran fused, the MoE ones module by module
-    assert {rows for _, rows in fused} == ({1, 2} if dense else set())
+    assert {layer for layer, _, _ in fused} == dense  # every dense layer ran fused, the MoE ones module by module
+    assert {(rows, one_run) for _, rows, one_run in fused} == ({(1, True), (2, False)} if dense else set())
 
 
 def test_fused_decode_step_runs_projections_of_mixed_formats(checkpoint, monkeypatch):
@@ -79,7 +80,7 @@ def test_fused_decode_step_runs_projections_of_mixed_formats(checkpoint, monkeyp
     assert qkv.bias is not None
     fused = _compare_each_step(monkeypatch)
     llm.generate(_prompts(), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    assert 0 in {layer for layer, _ in fused}
+    assert 0 in {layer for layer, _, _ in fused}
 
 
 def test_layers_the_kernels_cannot_read_run_module_by_module(checkpoint):

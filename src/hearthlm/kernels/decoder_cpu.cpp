@@ -4,7 +4,7 @@
 // At decode a small model's arithmetic is cheap and its per-op overhead is not: run from Python, a layer makes
 // about twenty calls (modules, views, kernels), and on Qwen2.5-0.5B those cost 4-5 ms of a 22 ms token at
 // 2 threads. This chains the same kernels, in the same order and on the same intermediate values, as the
-// layer-by-layer path, so the two agree bit for bit (tests/test_decoder_kernel.py); only the Python between
+// layer-by-layer path, so the two agree bit for bit (tests/test_decode_step.py); only the Python between
 // them is gone.
 #include "decoder_cpu.h"
 
@@ -12,6 +12,7 @@
 
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cpu_kernels.h"
 
