@@ -14,7 +14,7 @@ import pytest
 import torch
 from checkpoints import FAMILIES, VOCAB
 
-from hearthlm import LLM
+from hearthlm import LLM, SamplingParams
 from hearthlm.bench.results import compare
 from hearthlm.cli import main
 from hearthlm.quant.quantize import QuantSpecError, parse_quant
@@ -103,6 +103,24 @@ def test_every_family_computes_its_quantized_weights(checkpoint, name, fmt):
     for n, bound in ((20, exact), (6, kernel)):
         a, b = ref.logits(ids[:n]), llm.logits(ids[:n])
         assert ((a - b).abs().max() / a.abs().max()).item() <= bound, n
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gemma4_dense"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_device_agnostic_path_computes_the_dequantized_weights(checkpoint, name, fmt, monkeypatch):
+    """What runs off the CPU (CUDA) and where the kernels are not built: every product with a quantized weight
+    dequantizes tiles with the PyTorch reference and multiplies in float, whatever the row count, so prefill
+    and decode both give the dequantized model's logits and greedy tokens (experts and PLE included)."""
+    _, folder = checkpoint(name)
+    llm = LLM(folder, dtype="float32", quant=fmt)
+    ref = _dequantized(LLM(folder, dtype="float32", quant=fmt))
+    monkeypatch.setattr("hearthlm.kernels.cpu.available", lambda: False)
+    ids = torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    for n in (20, 6, 1):
+        a, b = ref.logits(ids[:n]), llm.logits(ids[:n])
+        assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-4, n
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert llm.generate([ids[:7]], params)[0].token_ids == ref.generate([ids[:7]], params)[0].token_ids
 
 
 def test_quantize_command_round_trip(tmp_path, monkeypatch, capsys):
