@@ -421,7 +421,12 @@ class LlamaCppEngine:
         )  # fmt: skip
 
     def _next(self) -> int:
-        return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # The last position's logits, from the context: llama-cpp-python fills `scores` only with logits_all=True
+        # (which would compute the logits of every prompt position), and reading it otherwise gives zeros.
+        import llama_cpp
+
+        last = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(self.np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).argmax())
 
     def prefill(self, ids: list[int]) -> float:
         self.llm.reset()
@@ -475,10 +480,15 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     import gguf
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from gguf_files import demo_vocab, write_gguf
+    from gguf_files import demo_vocab, gemma4_vocab, write_gguf
 
-    if cfg.get("model_type") != "qwen2":
-        raise ValueError("GGUF rows are written for the qwen2 recipe only")
+    recipes = {
+        "qwen2": ("Qwen2ForCausalLM", demo_vocab),
+        "gemma4_text": ("Gemma4ForCausalLM", lambda n: gemma4_vocab(n, learnt=150)),
+    }
+    if cfg.get("model_type") not in recipes:
+        raise ValueError(f"GGUF rows are written for {sorted(recipes)} only")
+    arch, vocab = recipes[cfg["model_type"]]
 
     def tensors():
         for file in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values())):
@@ -489,11 +499,11 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     part = Path(str(path) + ".part")
     write_gguf(
         part,
-        "Qwen2ForCausalLM",
+        arch,
         cfg,
         tensors(),
         getattr(gguf.GGMLQuantizationType, qtype),
-        demo_vocab(cfg["vocab_size"]),
+        vocab(cfg["vocab_size"]),
         head_qtype=getattr(gguf.GGMLQuantizationType, head_type(qtype, cfg["hidden_size"])),
     )
     part.rename(path)
@@ -786,6 +796,11 @@ def summary(rows: list[Row]) -> dict[str, Any]:
                 key: a.median(key) / b.median(key) for key in ("decode", "prefill")
             }
             out[f"{ours} vs llama.cpp {theirs[5:]}"]["decode_paired"] = paired_ratio(a, b, "decode")
+            # how many leading greedy tokens the two engines agree on (the same file or the same bits)
+            out[f"{ours} vs llama.cpp {theirs[5:]}"]["greedy_common"] = [
+                leading_match(a.tokens, b.tokens),
+                len(b.tokens),
+            ]
     return out
 
 
@@ -850,10 +865,10 @@ def summary_lines(run: ModelRun) -> list[str]:
     lines = []
     for key, s in summary(run.rows).items():
         if "vs llama.cpp" in key:
-            paired = s["decode_paired"]
+            paired, common = s["decode_paired"], s["greedy_common"]
             lines.append(
                 f"  hearthlm {key}: decode {s['decode']:.2f}x (paired by round: {fmt(paired, 2)}x), "
-                f"prefill {s['prefill']:.2f}x"
+                f"prefill {s['prefill']:.2f}x, first {common[0]}/{common[1]} greedy tokens the same"
             )
             continue
         hl, tf = s["hearthlm_best"], s["transformers_best"]

@@ -209,15 +209,18 @@ def _gemma_special_keys(w: gguf.GGUFWriter) -> None:
     w.add_add_bos_token(True)
 
 
-def gemma4_vocab(vocab_size: int, byte_tokens: bool = False):
+def gemma4_vocab(vocab_size: int, byte_tokens: bool = False, learnt: int | None = None):
     """-> vocab(writer): a small vocabulary of Gemma 4's kind (tokenizer.ggml.model "gemma4": BPE over
     characters with "▁" for spaces, merges in the file), learnt from a fixed text: Gemma 4's special tokens at
     their ids (pad 0, eos 1, bos 2, unk 3, mask 4), its turn markers, optionally the 256 <0xXX> byte tokens,
-    the text's characters, then merges until `vocab_size` tokens."""
+    the text's characters, then merges until `vocab_size` tokens; or until `learnt` tokens, the rest unused
+    (full-size vocabularies for files that benchmarks feed token ids)."""
     special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"]
     tokens = special + ([f"<0x{b:02X}>" for b in range(256)] if byte_tokens else [])
-    merges = _learn_pieces(tokens, vocab_size)
+    merges = _learn_pieces(tokens, learnt or vocab_size)
     types = [3] * len(special) + [6 if t.startswith("<0x") else 1 for t in tokens[len(special) :]]
+    types += [5] * (vocab_size - len(tokens))  # unused
+    tokens += [f"<unused{i}>" for i in range(len(tokens), vocab_size)]
 
     def vocab(w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model("gemma4")

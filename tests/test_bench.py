@@ -183,3 +183,18 @@ def test_vs_llama_cpp_on_the_same_file(capsys, q8_gguf):
     assert ratio["versus"] == "llama.cpp"
     expected = rows["hearthlm"]["decode_tok_s"]["median"] / rows["llama.cpp"]["decode_tok_s"]["median"]
     assert ratio["decode"] == pytest.approx(expected)
+
+
+def test_llama_cpp_engine_reads_the_real_logits(q8_gguf):
+    """The llama.cpp rows pick tokens from the context's logits: llama-cpp-python leaves `scores` at zero unless
+    every position's logits are computed, which once made every llama.cpp token 0. On the same Q8_0 file the
+    first greedy token is hearthlm's."""
+    pytest.importorskip("llama_cpp")
+    from hearthlm import LLM, SamplingParams
+    from hearthlm.bench.engines import LlamaCppEngine
+
+    prompt = list(range(300, 320))
+    engine = LlamaCppEngine({"path": str(q8_gguf), "prompt": prompt, "gen_len": 4, "device": "cpu"})
+    engine.llm.eval(prompt)
+    ours = LLM(q8_gguf).generate([prompt], SamplingParams(max_tokens=1, temperature=0))[0].token_ids
+    assert [engine._next()] == ours != [0]

@@ -227,9 +227,13 @@ class LlamaCppEngine:
         )
 
     def _next(self) -> int:
+        # The last position's logits, from the context: llama-cpp-python fills `scores` only with logits_all=True
+        # (which would compute the logits of every prompt position), and reading it otherwise gives zeros.
+        import llama_cpp
         import numpy as np
 
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        last = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).argmax())
 
     def run(self, ids: list[int], n: int) -> tuple[float, list[float], int]:
         self.llm.reset()
