@@ -49,6 +49,17 @@ def _decoder(**over) -> dict:
     return base
 
 
+# Gemma 4's KV-shared layers (with the double-wide MLP), PLE (its width set per family) and k=v on full layers.
+_GEMMA4_E2B_31B_FEATURES = dict(
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    num_kv_shared_layers=3,
+    use_double_wide_mlp=True,
+    vocab_size_per_layer_input=VOCAB,
+)
+
 # name -> (config class, model class, config kwargs)
 FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
     # PLE + KV-shared layers (double-wide MLP) + k=v on full layers + MoE + softcapping.
@@ -56,14 +67,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
         "Gemma4TextConfig",
         "Gemma4ForCausalLM",
         _gemma4_text(
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-            global_head_dim=32,
-            num_global_key_value_heads=1,
-            attention_k_eq_v=True,
-            num_kv_shared_layers=3,
-            use_double_wide_mlp=True,
+            **_GEMMA4_E2B_31B_FEATURES,
             hidden_size_per_layer_input=8,
-            vocab_size_per_layer_input=VOCAB,
             enable_moe_block=True,
             num_experts=4,
             top_k_experts=2,
@@ -75,16 +80,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
     "gemma4_dense": (
         "Gemma4TextConfig",
         "Gemma4ForCausalLM",
-        _gemma4_text(
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-            global_head_dim=32,
-            num_global_key_value_heads=1,
-            attention_k_eq_v=True,
-            num_kv_shared_layers=3,
-            use_double_wide_mlp=True,
-            hidden_size_per_layer_input=32,
-            vocab_size_per_layer_input=VOCAB,
-        ),
+        _gemma4_text(**_GEMMA4_E2B_31B_FEATURES, hidden_size_per_layer_input=32),
     ),
     # None of those: dense, every layer its own K/V, separate v_proj, no PLE, no softcap.
     "gemma4_plain": (

@@ -54,6 +54,19 @@ def _norm(norm: nn.Module) -> torch.Tensor | None:
     return w.data if w is not None and w.dtype == torch.float32 and w.device.type == "cpu" else None
 
 
+def sandwich_parts(layer: nn.Module) -> dict:
+    """decode_parts of a Gemma-style layer, whose norms wrap each block's input and output (input_norm,
+    post_attn_norm, pre_mlp_norm, post_mlp_norm around attn and mlp)."""
+    return {
+        "attn_norm": layer.input_norm,
+        "attn": layer.attn,
+        "attn_out_norm": layer.post_attn_norm,
+        "mlp_norm": layer.pre_mlp_norm,
+        "mlp": layer.mlp,
+        "mlp_out_norm": layer.post_mlp_norm,
+    }
+
+
 def compile_layer(layer: nn.Module):
     """cpu.DecoderLayer for a layer, from the parts it names by role (`layer.decode_parts()`: a dict with
     attn_norm, mlp_norm, attn, mlp and optionally attn_out_norm, mlp_out_norm, ple_gate, ple_out, ple_norm,

@@ -102,14 +102,7 @@ class Gemma3Layer(nn.Module):
 
     def decode_parts(self) -> dict | None:
         """This layer's parts by their role in the fused CPU decode step (layers/decode_step.py)."""
-        return {
-            "attn_norm": self.input_norm,
-            "attn": self.attn,
-            "attn_out_norm": self.post_attn_norm,
-            "mlp_norm": self.pre_mlp_norm,
-            "mlp": self.mlp,
-            "mlp_out_norm": self.post_mlp_norm,
-        }
+        return decode_step.sandwich_parts(self)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         if x.shape[1] == 1 and (out := decode_step.step(self, x, batch)) is not None:

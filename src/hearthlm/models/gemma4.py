@@ -138,15 +138,7 @@ class Gemma4Layer(nn.Module):
         run module by module."""
         if hasattr(self, "experts"):
             return None
-        parts = {
-            "attn_norm": self.input_norm,
-            "attn": self.attn,
-            "attn_out_norm": self.post_attn_norm,
-            "mlp_norm": self.pre_mlp_norm,
-            "mlp": self.mlp,
-            "mlp_out_norm": self.post_mlp_norm,
-            "scalar": self.layer_scalar,
-        }
+        parts = decode_step.sandwich_parts(self) | {"scalar": self.layer_scalar}
         if hasattr(self, "ple_gate"):
             parts |= {"ple_gate": self.ple_gate, "ple_out": self.ple_out, "ple_norm": self.ple_norm}
         return parts
