@@ -9,6 +9,7 @@ files must fail with a GGUFError that says what is wrong.
 from __future__ import annotations
 
 import copy
+import functools
 
 import gguf
 import gguf_files
@@ -55,14 +56,8 @@ def _build(name: str):
 
 @pytest.fixture(scope="module")
 def models():
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = _build(name)
-        return made[name]
-
-    return get
+    """models(name) -> the reference model, built once per test module."""
+    return functools.cache(_build)
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:

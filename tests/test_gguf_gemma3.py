@@ -8,6 +8,8 @@ with the other families.
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import numpy as np
 import pytest
@@ -41,14 +43,8 @@ def _model(kwargs: dict, weights: torch.nn.Module | None = None) -> torch.nn.Mod
 
 @pytest.fixture(scope="module")
 def models():
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = build(name)[0] if name in FAMILIES else _model(WIDE_HEADS_62)
-        return made[name]
-
-    return get
+    """models(name) -> a family's reference model, or the wide-heads one for any other name; built once."""
+    return functools.cache(lambda name: build(name)[0] if name in FAMILIES else _model(WIDE_HEADS_62))
 
 
 def _llama_cpp_logits(path, ids: torch.Tensor) -> torch.Tensor:

@@ -139,8 +139,8 @@ def load_model(
             if name in budgeted:  # left in the checkpoint: the pool reads them when they are needed
                 progress.advance(task)
                 continue
-            if name in keep and isinstance(source, str) and isinstance(ckpt, GGUFCheckpoint):
-                tensor = ckpt.table(source)  # a block-type table stays in the file, its rows dequantized as read
+            if name in keep and isinstance(source, str):
+                tensor = ckpt.table(source)  # left where the file has it (a GGUF block type: rows dequantized as read)
             else:
                 tensor = _build(ckpt, source)
             expected = tuple(params[name].shape)
@@ -271,6 +271,10 @@ class _OwnNames:
             return QuantTensor(qdata, scales, mins, bits, K // scales.shape[-1])
         except ValueError as e:
             raise CheckpointError(f"{self.ckpt.file_of(f'{name}.qdata')}: quantized tensor '{name}': {e}") from None
+
+    def table(self, name: str) -> torch.Tensor | QuantTensor:
+        """See Checkpoint.table."""
+        return self.get(name)
 
     def read_into(self, view: torch.Tensor, dst: torch.Tensor) -> bool:
         return self.ckpt.read_into(view, dst)

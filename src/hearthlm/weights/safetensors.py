@@ -181,6 +181,11 @@ class Checkpoint:
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
+    def table(self, name: str) -> torch.Tensor:
+        """A table the model reads a few rows at a time (its `keep_storage_dtype`), left as the file holds it: here
+        every tensor is a view of the mapped file already (GGUFCheckpoint.table keeps block types in the file)."""
+        return self.get(name)
+
     def stores_plus_one(self, name: str) -> bool:
         """Whether tensor `name` holds 1 + weight already (mapping.PlusOne): never, in a Hugging Face checkpoint."""
         return False
