@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from hearthlm import LLM, ChatTemplateError, SamplingParams, load_tokenizer
 
-TEMPLATES = Path(__file__).parents[2] / "shared" / "testdata" / "chat_templates"
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 
 GEMMA = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
 QWEN = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
@@ -26,7 +26,7 @@ MODELS = {
     "gemma4-31b-it": GEMMA,
     "Qwen-Qwen2.5-7B-Instruct": QWEN,
     "Qwen-Qwen3-0.6B": QWEN,
-    "meta-llama-Llama-3.2-3B-Instruct": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "llama3-format": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     "mistralai-Mistral-Nemo-Instruct-2407": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
 }
 

@@ -15,13 +15,13 @@ from hearthlm.chat_formats import FORMATS, ReplyParser, detect, parse_reply
 from hearthlm.chat_formats.calls import CallSyntaxError, parse_gemma4_call
 from hearthlm.tokenizer import Tokenizer
 
-TEMPLATES = Path(__file__).parents[2] / "shared" / "testdata" / "chat_templates"
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 SPECIALS = {
     "gemma4-e2b-it": {"bos_token": "<bos>", "eos_token": "<eos>"},
     "gemma4-31b-it": {"bos_token": "<bos>", "eos_token": "<eos>"},
     "Qwen-Qwen2.5-7B-Instruct": {"eos_token": "<|im_end|>"},
     "Qwen-Qwen3-0.6B": {"eos_token": "<|im_end|>"},
-    "meta-llama-Llama-3.2-3B-Instruct": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "llama3-format": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     "mistralai-Mistral-Nemo-Instruct-2407": {"bos_token": "<s>", "eos_token": "</s>"},
 }
 EXPECTED = {
@@ -29,7 +29,7 @@ EXPECTED = {
     "gemma4-31b-it": "gemma4",
     "Qwen-Qwen2.5-7B-Instruct": "qwen",
     "Qwen-Qwen3-0.6B": "qwen3",
-    "meta-llama-Llama-3.2-3B-Instruct": "llama3",
+    "llama3-format": "llama3",
     "mistralai-Mistral-Nemo-Instruct-2407": "mistral",
 }
 END = ("<turn|>", "<|tool_response>", "<|im_end|>", "<|eot_id|>", "</s>")

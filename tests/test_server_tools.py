@@ -20,7 +20,7 @@ from hearthlm.server.app import create_app
 from hearthlm.server.generation import ServedModel
 from hearthlm.server.metrics import Metrics
 
-TEMPLATES = Path(__file__).parents[2] / "shared" / "testdata" / "chat_templates"
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 ARGS = {"city": "Paris, FR", "days": 2}
 CALLS = {  # what each family writes to call get_weather(ARGS)
     "gemma4": '<|tool_call>call:get_weather{city:<|"|>Paris, FR<|"|>,days:2}<tool_call|>',
@@ -62,7 +62,7 @@ def gemma(demo):
 
 TEMPLATE_FILES = {
     "qwen3": ("Qwen-Qwen3-0.6B", {"eos_token": "<eos>"}),
-    "llama3": ("meta-llama-Llama-3.2-3B-Instruct", {"bos_token": "<bos>", "eos_token": "<eos>"}),
+    "llama3": ("llama3-format", {"bos_token": "<bos>", "eos_token": "<eos>"}),
     "mistral": ("mistralai-Mistral-Nemo-Instruct-2407", {"bos_token": "<bos>", "eos_token": "<eos>"}),
 }
 

@@ -249,8 +249,23 @@ class Detokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer of a checkpoint folder (or a tokenizer.json file)."""
-    return Tokenizer(Path(path))
+    """The tokenizer of a checkpoint folder, a tokenizer.json file, or a .gguf file (a whole model or a
+    vocabulary-only file: only its tokenizer.ggml.* metadata is read)."""
+    path = Path(path)
+    if path.is_file() and (path.suffix.lower() == ".gguf" or _is_gguf(path)):
+        from .gguf_tokenizer import GGUFTokenizerError, tokenizer_from_gguf
+        from .weights.gguf import GGUFFile
+
+        metadata = GGUFFile(path).metadata
+        if "tokenizer.ggml.model" not in metadata:
+            raise GGUFTokenizerError(f"{path}: this GGUF file holds no vocabulary (no tokenizer.ggml.model key)")
+        return tokenizer_from_gguf(metadata, str(path))
+    return Tokenizer(path)
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 # -- reading the checkpoint --------------------------------------------------------------------
