@@ -194,7 +194,22 @@ def test_llama_cpp_engine_reads_the_real_logits(q8_gguf):
     from hearthlm.bench.engines import LlamaCppEngine
 
     prompt = list(range(300, 320))
-    engine = LlamaCppEngine({"path": str(q8_gguf), "prompt": prompt, "gen_len": 4, "device": "cpu"})
+    # In this process, so without llama.cpp's repacked buffers, whose AMX path crashes on some CPUs that report AMX
+    # (the bench retries without them in its worker; test_vs_llama_cpp_on_the_same_file runs that path there).
+    spec = {"path": str(q8_gguf), "prompt": prompt, "gen_len": 4, "device": "cpu", "extra_buffers": False}
+    engine = LlamaCppEngine(spec)
     engine.llm.eval(prompt)
     ours = LLM(q8_gguf).generate([prompt], SamplingParams(max_tokens=1, temperature=0))[0].token_ids
     assert [engine._next()] == ours != [0]
+
+
+def test_llama_cpp_extra_buffers_switch_off_only_inside():
+    llama_cpp = pytest.importorskip("llama_cpp").llama_cpp
+    from hearthlm.bench.engines import _extra_buffers
+
+    assert llama_cpp.llama_model_default_params().use_extra_bufts
+    with _extra_buffers(False):
+        assert not llama_cpp.llama_model_default_params().use_extra_bufts
+    with _extra_buffers(True):
+        assert llama_cpp.llama_model_default_params().use_extra_bufts
+    assert llama_cpp.llama_model_default_params().use_extra_bufts

@@ -46,8 +46,9 @@ def oll(server):
     return ollama.Client(host=server.url)
 
 
-def idle(served, timeout: float = 10.0) -> None:
-    """Wait until the engine runs nothing and holds no KV block (aborts land on its next step)."""
+def idle(served, timeout: float = 300.0) -> None:
+    """Wait until the engine runs nothing and holds no KV block (aborts land on its next step); the timeout is a
+    safety net for a hung engine, not an expectation of speed."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         s = served.engine.stats()

@@ -26,12 +26,13 @@ fit estimate of the peak: fit prices formats, not a given file's mix of types.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engines import ENGINES, Worker
+from .engines import ENGINES, Worker, WorkerDied
 from .report import plot, plot_check, table
 from .results import SEED, BenchError, Quality, Ratio, Result, Row, Stat, compare, quality_ids, synthetic_prompt
 
@@ -155,7 +156,7 @@ def _bench_model(
     try:
         for spec in specs:
             step(f"{path.name}: loading {spec['engine']} {spec['quant'] or spec['dtype']}", 0)
-            workers.append(Worker(spec))
+            workers.append(_start(spec))
         samples: list[list[dict]] = [[] for _ in specs]
         for r in range(runs):
             order = range(len(specs)) if r % 2 == 0 else reversed(range(len(specs)))
@@ -171,6 +172,24 @@ def _bench_model(
     finally:
         for w in workers:
             w.close()
+
+
+def _start(spec: dict) -> Worker:
+    """A worker for `spec`. llama.cpp's weights repacked for AMX crash it on some CPUs that report AMX (seen on a
+    Xeon VM: a segfault in the first llama_decode); then it is measured once more without its extra buffer types,
+    and the report says so."""
+    try:
+        return Worker(spec)
+    except WorkerDied as e:
+        if spec["engine"] != "llama.cpp":
+            raise
+        print(
+            f"warning: {str(e).splitlines()[0]}; measuring llama.cpp again without its repacked weight buffers "
+            "(use_extra_bufts off), which can understate its speed on this CPU",
+            file=sys.stderr,
+        )
+        spec["extra_buffers"] = False
+        return Worker(spec)
 
 
 def _ratios(rows: list[Row]) -> list[Ratio]:

@@ -216,15 +216,16 @@ class LlamaCppEngine:
 
         threads = os.cpu_count() or 1
         self.path = Path(spec["path"])
-        self.llm = llama_cpp.Llama(
-            str(self.path),
-            n_ctx=len(spec["prompt"]) + spec["gen_len"] + 1,
-            n_batch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=-1 if spec["device"].startswith("cuda") else 0,
-            verbose=False,
-        )
+        with _extra_buffers(spec.get("extra_buffers", True)):
+            self.llm = llama_cpp.Llama(
+                str(self.path),
+                n_ctx=len(spec["prompt"]) + spec["gen_len"] + 1,
+                n_batch=512,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=-1 if spec["device"].startswith("cuda") else 0,
+                verbose=False,
+            )
 
     def _next(self) -> int:
         # The last position's logits, from the context: llama-cpp-python fills `scores` only with logits_all=True
@@ -263,6 +264,30 @@ class LlamaCppEngine:
                 continue
             total += info.nbytes * (share if "_exps." in name else 1)
         return int(total)
+
+
+@contextlib.contextmanager
+def _extra_buffers(on: bool):
+    """llama.cpp's extra CPU buffer types (weights repacked for AMX or wide SIMD at load) on or off for the models
+    loaded inside: llama-cpp-python's Llama has no argument for llama_model_params.use_extra_bufts, so the default
+    parameters it starts from are swapped for the duration."""
+    import llama_cpp.llama_cpp as lib
+
+    if on:
+        yield
+        return
+    default = lib.llama_model_default_params
+
+    def without():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
 
 
 ENGINES = {e.name: e for e in (HearthlmEngine, TransformersEngine, LlamaCppEngine)}
@@ -317,6 +342,10 @@ def _worker() -> int:
     return 0
 
 
+class WorkerDied(BenchError):
+    """The worker process ended without answering (a crash inside the engine's native code)."""
+
+
 class Worker:
     """The parent's handle on one worker process."""
 
@@ -339,7 +368,7 @@ class Worker:
         if not answer:
             self.log.seek(0)
             tail = self.log.read()[-2000:]
-            raise BenchError(f"{what}: the worker process died (exit {self.proc.wait()}):\n{tail}")
+            raise WorkerDied(f"{what}: the worker process died (exit {self.proc.wait()}):\n{tail}")
         reply = json.loads(answer)
         if "error" in reply:
             raise BenchError(f"{what}: {reply['error']}")
