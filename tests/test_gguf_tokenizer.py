@@ -347,8 +347,69 @@ def test_supported_pre_tokenizers_compile():
         assert tok.decode(tok.encode(CORPUS[2], add_special_tokens=False)) == CORPUS[2], pre
 
 
+# -- WordPiece ("bert": llama.cpp's WPM tokenizer, bge's vocabulary) -------------------------------------------
+def test_bert_adds_cls_and_sep_and_normalises_case_and_accents():
+    """llama.cpp's WPM tokenize with add_special: [CLS] first, [SEP] last (the .out vectors are without);
+    lowercasing and accent stripping are on by default (tokenizer.ggml.normalizer.* absent in bge's file)."""
+    tok = vocab_tokenizer("bert-bge")
+    vectors = dict(llama_cpp_vectors("bert-bge"))
+    cls, sep, unk = tok.token_id("[CLS]"), tok.token_id("[SEP]"), tok.token_id("[UNK]")
+    assert (cls, sep, unk) == (101, 102, 100)  # llama.cpp's bert defaults; the file sets the same
+    assert tok.encode("Hello, world!") == [cls, *vectors["Hello, world!"], sep]
+    assert tok.encode("") == [cls, sep]
+    assert (tok.bos_token, tok.special_tokens["sep_token"]) == ("[CLS]", "[SEP]")
+    # "Äpfel": NFD, accent mark dropped, lowercased, so "apfel"; "HELLO" is "hello"
+    assert tok.encode("apfel", add_special_tokens=False) == vectors["Äpfel"]
+    assert tok.encode("HELLO wOrLd", add_special_tokens=False) == vectors["Hello world"]
+    assert tok.encode("Hello,world!", add_special_tokens=False) == vectors["Hello, world!"]  # punctuation: own words
+
+
+def test_bert_unknown_words_and_normaliser_options():
+    """A word with any position no vocabulary piece matches is one [UNK] as a whole, its spelt pieces
+    dropped; words around it are untouched. With tokenizer.ggml.normalizer.lowercase false (and so, unless
+    the file says otherwise, no accent stripping) "Hello" has no "▁H..." piece to start with."""
+    tok = vocab_tokenizer("bert-bge")
+    hello, world, unk = tok.token_id("▁hello"), tok.token_id("▁world"), tok.token_id("[UNK]")
+    assert tok.encode("hello abc🦙def world", add_special_tokens=False) == [hello, unk, world]
+    assert tok.encode("\x00hel\u200blo\ufffd", add_special_tokens=False) == [hello]  # control chars dropped
+    cased = tokenizer_from_gguf(vocab_metadata("bert-bge") | {"tokenizer.ggml.normalizer.lowercase": False}, "cased")
+    assert tok.token_id("▁H") is None and cased.encode("Hello world", add_special_tokens=False) == [unk, world]
+    assert cased.encode("café", add_special_tokens=False) != tok.encode("café", add_special_tokens=False)
+
+
+def test_bert_decode_is_llama_cpps_detokenize():
+    """llama.cpp's WPM detokenize: each word-start "▁" is a space, continuation pieces join, control tokens
+    are dropped (or written with skip_special_tokens=False), then its clean-up (" ," -> ",", " !" -> "!",
+    " 's" -> "'s"). The text's one leading space, which llama_detokenize keeps, is dropped."""
+    tok = vocab_tokenizer("bert-bge")
+    vectors = dict(llama_cpp_vectors("bert-bge"))
+    ids = [101, *vectors["Hello, world!"], 102]
+    assert tok.decode(ids) == "hello, world!"
+    assert tok.decode(ids, skip_special_tokens=False) == "[CLS] hello, world![SEP]"
+    assert tok.decode(vectors["w048 7tuijk dsdfhu"]) == "w048 7tuijk dsdfhu"  # continuation pieces
+    assert tok.decode(vectors["Äpfel"]) == "apfel"
+    # " it 's don 't a ' b": " 's" loses its space, " 't" keeps it, " ' " loses both
+    spelled = [tok.token_id(t) for t in ("▁it", "▁'", "s", "▁don", "▁'", "t", "▁a", "▁'", "▁b")]
+    assert None not in spelled and tok.decode(spelled) == "it's don 't a'b"
+
+
+def test_bert_tokenizes_as_llama_cpp():
+    """Against llama.cpp itself on random text mixing case, accents, Hangul, CJK, punctuation, control and
+    whitespace characters, a literal "▁", emoji and special tokens' text (parse_special=true)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional peer")
+    path = vocab_file("bert-bge")
+    ll = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    tok = vocab_tokenizer("bert-bge")
+    rng = random.Random(0)
+    alphabet = [*"aAbÉéİßǅ ,.!?'$+<=>^`|~_-\t\n\x00\x85\u3000\u200b\ufffd▁½ñ我가각ᄀ\u0301Σς🦙", "hello", "[SEP]"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(500)]
+    for text in texts:
+        for add in (False, True):
+            assert tok.encode(text, add_special_tokens=add) == ll.tokenize(text.encode(), add_bos=add, special=True)
+
+
 # -- errors ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", ["bert", "t5", "rwkv", "no_vocab"])
+@pytest.mark.parametrize("model", ["t5", "rwkv", "plamo2", "no_vocab"])
 def test_unknown_tokenizer_model_is_a_clear_error(model):
     metadata = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": ["a", "b"]}
     with pytest.raises(GGUFTokenizerError, match=rf"model\.gguf: tokenizer\.ggml\.model '{model}'") as e:

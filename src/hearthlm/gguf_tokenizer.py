@@ -5,7 +5,7 @@ ids, under llama.cpp's key names. `tokenizer_from_gguf` rebuilds from them a `to
 splits text into the ids llama.cpp's `llama_tokenize` gives for the same vocabulary (src/llama-vocab.cpp),
 and wraps it in our `Tokenizer` with the chat template, the special tokens and the ids that end generation.
 
-Three vocabulary kinds (`tokenizer.ggml.model`):
+Four vocabulary kinds (`tokenizer.ggml.model`):
 
 - "llama", SentencePiece-style BPE (Llama 2, Mistral, Gemma 1-3, Phi-3). llama.cpp starts from the text's
   characters, spaces written "▁" and, with `add_space_prefix`, a "▁" put in front of every piece of text
@@ -25,6 +25,13 @@ Three vocabulary kinds (`tokenizer.ggml.model`):
   the text split only into runs of newlines and runs of other characters (`tokenizer.ggml.pre` is ignored,
   as llama.cpp ignores it), characters the vocabulary lacks spelled as <0xXX> byte tokens. A BOS is always
   added, as llama.cpp forces it (chat prompts rendered with their own <bos> get no second one).
+- "bert", WordPiece (BERT-style embedding models such as bge; llama.cpp's WPM tokenizer, see `_wordpiece`):
+  the text normalised as BertNormalizer does (control characters dropped; with the default options accents
+  stripped and lowercased), split at whitespace, every punctuation character, ASCII symbol and CJK ideograph
+  made a word of its own, "▁" put in front of every word, and each word taken apart greedily, longest
+  vocabulary piece first (word-start pieces are stored "▁piece", continuations bare, not "##"); a word with
+  a position no piece matches becomes the one unknown token. With add_special_tokens the ids are
+  [CLS] ... [SEP], which llama.cpp adds whatever the file's add_bos / add_sep flags say.
 
 Special tokens follow llama.cpp's token types (`tokenizer.ggml.token_type`): control and unknown tokens
 are special (recognised in text by `encode`, as llama.cpp's parse_special=true does, and dropped by
@@ -40,11 +47,17 @@ What can differ from llama.cpp (corner cases that neither llama.cpp's test vecto
 - Overlapping special tokens: llama.cpp matches them longest token first over the whole text, we
   leftmost-longest (different only when a shorter special token overlaps the start of a longer one).
 - Characters whose Unicode category llama.cpp's tables and the Oniguruma regex engine disagree on
-  (code points unassigned in one Unicode version, for instance).
+  (code points unassigned in one Unicode version, for instance). For WordPiece, checked code point by
+  code point against a transcription of llama.cpp's preprocess: 64 code points new in Unicode 16 (U+0897,
+  U+1B4E, U+10D69, ...), marks or punctuation to llama.cpp, unassigned to the regex engine, so kept in
+  their word where llama.cpp drops them or splits there.
 - Decoding follows tokenizer.json's decoders (as transformers decodes), not llama.cpp's detokenizer:
   one leading space of the decoded text is dropped for SentencePiece vocabularies even after a skipped
   <s>, and llama.cpp's `clean_up_tokenization_spaces` pass (" ," -> ",") is not applied; unused tokens
-  (type 5) decode to their text, where llama.cpp writes nothing.
+  (type 5) decode to their text, where llama.cpp writes nothing. WordPiece decodes as llama.cpp's
+  detokenizer does, clean-up included, except that the text's leading space (the first word's "▁",
+  which llama_detokenize keeps) is dropped; the streaming Detokenizer, which decodes a window of recent
+  ids, can miss a clean-up whose text spans the window's start (BERT-style models do not generate).
 """
 
 from __future__ import annotations
@@ -70,7 +83,7 @@ class GGUFTokenizerError(ValueError):
 # llama.cpp's llama_token_type, the values of tokenizer.ggml.token_type.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-MODELS = ("gpt2", "llama", "gemma4")
+MODELS = ("gpt2", "llama", "gemma4", "bert")
 
 # -- pre-tokenizers (byte-level BPE) --------------------------------------------------------------
 # The regular expressions of llama-vocab.cpp's llm_tokenizer_bpe, applied one after the other: each
@@ -170,6 +183,7 @@ _ALWAYS_RENDERED = {"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"} 
 
 _SPECIAL_IDS = {"bos": "bos_token_id", "eos": "eos_token_id", "eot": "eot_token_id", "eom": "eom_token_id"}
 _SPECIAL_IDS |= {"unk": "unknown_token_id", "pad": "padding_token_id"}
+_SPECIAL_IDS |= {"sep": "seperator_token_id", "mask": "mask_token_id"}  # "seperator": llama.cpp's spelling
 _SPECIAL_IDS |= {f"fim_{k}": f"fim_{k}_token_id" for k in ("pre", "suf", "mid", "pad", "rep", "sep")}
 _DEPRECATED_FIM = {"fim_pre": "prefix_token_id", "fim_suf": "suffix_token_id", "fim_mid": "middle_token_id"}
 
@@ -182,6 +196,7 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], where: str) -> Tokenizer:
     special = {
         name: vocab.tokens[token_id]
         for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unk"), ("pad_token", "pad"))
+        + (("cls_token", "bos"), ("sep_token", "sep"), ("mask_token", "mask"))
         if (token_id := vocab.ids.get(key)) is not None
     }
     templates = {}
@@ -212,6 +227,9 @@ class _Vocab:
     ids: dict[str, int | None]
     add_bos: bool
     add_eos: bool
+    add_sep: bool
+    lowercase: bool  # this and strip_accents: WordPiece only
+    strip_accents: bool
     add_space_prefix: bool
     rstrip: set[int] = field(default_factory=set)
     end_of_generation: set[int] = field(default_factory=set)
@@ -228,7 +246,8 @@ class _Vocab:
             what = "has no vocabulary" if model in ("no_vocab", "none") else "is not supported"
             raise GGUFTokenizerError(
                 f"{where}: tokenizer.ggml.model {model!r} {what}; supported: "
-                f"{', '.join(repr(m) for m in MODELS)} (SentencePiece-style, byte-level and Gemma 4 BPE vocabularies)"
+                f"{', '.join(repr(m) for m in MODELS)} (SentencePiece-style, byte-level and Gemma 4 BPE vocabularies, "
+                "WordPiece)"
             )
         pre = None
         if model == "gpt2":
@@ -259,7 +278,7 @@ class _Vocab:
         types = [int(t) for t in _array(get("token_type"), n, "token_type", where, [NORMAL] * n)]
 
         merges: list[tuple[str, str]] = []
-        if model != "llama":
+        if model in ("gpt2", "gemma4"):
             raw = get("merges")
             if raw is None:
                 raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.merges: a {model!r} vocabulary needs its merges")
@@ -275,6 +294,8 @@ class _Vocab:
             ids.update(bos=1, eos=2, unk=0)
         elif model == "gpt2":
             ids.update(bos=11, eos=11)
+        elif model == "bert":
+            ids.update(bos=101, unk=100, sep=102, pad=0, mask=103)  # BERT's [CLS], [UNK], [SEP], [PAD], [MASK]
         for name, key in _SPECIAL_IDS.items():
             if ids[name] is not None and ids[name] >= n:
                 ids[name] = None
@@ -283,13 +304,21 @@ class _Vocab:
                 value = get(_DEPRECATED_FIM[name])
             if value is not None and 0 <= int(value) < n:
                 ids[name] = int(value)
-        add_bos = model == "gemma4" or bool(get("add_bos_token", True if spm else pre.add_bos))
-        add_eos = bool(get("add_eos_token", False))
+        add_bos = model in ("gemma4", "bert") or bool(get("add_bos_token", True if spm else pre.add_bos))
+        add_eos = model != "bert" and bool(get("add_eos_token", False))
+        add_sep = model == "bert"  # llama.cpp's WPM adds [CLS] and [SEP] ignoring add_bos / add_sep / add_eos
+        if model == "bert":
+            missing = [_SPECIAL_IDS[name] for name in ("bos", "sep", "unk") if ids[name] is None]
+            if missing:  # llama.cpp asserts on them: [CLS], [SEP], and [UNK] for words it cannot spell
+                raise GGUFTokenizerError(f"{where}: a 'bert' vocabulary needs {', '.join(missing)}, not set")
         for flag, name in ((add_bos, "bos"), (add_eos, "eos")):
             if flag and ids[name] is None:
                 raise GGUFTokenizerError(
                     f"{where}: tokenizer.ggml.add_{name}_token is true, but {name}_token_id is not set"
                 )
+        # llama.cpp's BertNormalizer options: lowercase unless the file says not, strip accents when lowercasing.
+        lowercase = bool(get("normalizer.lowercase", True))
+        strip_accents = bool(get("normalizer.strip_accents", lowercase))
 
         vocab = cls(
             where=where,
@@ -302,6 +331,9 @@ class _Vocab:
             ids=ids,
             add_bos=add_bos,
             add_eos=add_eos,
+            add_sep=add_sep,
+            lowercase=lowercase,
+            strip_accents=strip_accents,
             add_space_prefix=spm and bool(get("add_space_prefix", True)),  # only SentencePiece adds one
         )
         vocab._adjust(str(metadata.get("general.name", "")))
@@ -420,6 +452,8 @@ def _build(vocab: _Vocab) -> _HFTokenizer:
         if vocab.add_space_prefix:
             decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
         decoder: dict[str, Any] = {"type": "Sequence", "decoders": decoders}
+    elif vocab.model == "bert":
+        model, normalizer, pre_tokenizer, decoder = _wordpiece(vocab)
     elif vocab.model == "gemma4":
         space = "▁"
         model.update(byte_fallback=True, merges=_valid_merges(vocab.merges, index))
@@ -462,6 +496,81 @@ def _build(vocab: _Vocab) -> _HFTokenizer:
         raise GGUFTokenizerError(f"{vocab.where}: cannot build the tokenizer ({e})") from None
 
 
+# -- WordPiece (llama.cpp's WPM tokenizer, llm_tokenizer_wpm_session) ------------------------------------
+# llama.cpp's character classes, as sets of code points: its whitespace (Unicode's White_Space), the
+# control characters it drops (\p{Cc} less that whitespace, \p{Cf}, \p{Co}, NUL and U+FFFD; unassigned
+# code points are kept, as llama.cpp keeps them), and the characters that are always a word of their own.
+_WPM_SPACE = r"\t-\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}"
+_WPM_DROPPED = r"[\x00-\x08\x0E-\x1F\x7F-\x{84}\x{86}-\x{9F}\p{Cf}\p{Co}\x{FFFD}]"
+# \p{P}, the ASCII symbols, and the CJK ideograph blocks of llama.cpp's is_chinese_char (which, as
+# Hugging Face's BertNormalizer does, starts its fifth extension block at U+2B920, not U+2B820).
+_WPM_CJK = (
+    r"\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}\x{2B740}-\x{2B81F}"
+    r"\x{2B920}-\x{2CEAF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}"
+)
+_WPM_ALONE = rf"[\p{{P}}$+<=>^`|~{_WPM_CJK}]"
+_WPM_WORD_START = "▁"  # in front of every word, and of word-start pieces in the vocabulary
+# llama.cpp's clean_up_tokenization_spaces passes over the detokenized text, as literal replacements.
+_WPM_CLEAN_UP = [(f" {c}", c) for c in "?!.,"] + [(" ' ", "'")] + [(f" '{s}", f"'{s}") for s in ("s", "m", "re", "ve")]
+
+
+def _wordpiece(vocab: _Vocab) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """model, normalizer, pre-tokenizer and decoder reproducing llama.cpp's WPM tokenizer: its preprocess
+    (normalise, split into words), then per word "▁" + word spelt greedily longest piece first."""
+    space = _WPM_WORD_START
+    model = {
+        "type": "WordPiece",
+        "unk_token": vocab.tokens[vocab.ids["unk"]],
+        "continuing_subword_prefix": "",  # continuation pieces are stored bare; word starts carry the "▁"
+        "max_input_chars_per_word": 1 << 62,  # llama.cpp has no such limit (tokenizers' default is 100)
+        "vocab": {t: i for i, t in enumerate(vocab.tokens)},
+    }
+    split = {"type": "Split", "pattern": {"Regex": f"[{_WPM_SPACE}]+"}, "behavior": "Removed", "invert": False}
+    alone = {"type": "Split", "pattern": {"Regex": _WPM_ALONE}, "behavior": "Isolated", "invert": False}
+    # Metaspace puts "▁" in front of every word that does not start with one already; the normalizer
+    # doubled a "▁" that starts a word, so such a word gets one more too, as llama.cpp gives it.
+    meta = {"type": "Metaspace", "replacement": space, "prepend_scheme": "always", "split": False}
+    pre_tokenizer = {"type": "Sequence", "pretokenizers": [split, alone, meta]}
+    # llama.cpp's detokenizer: "▁" is a space, then its clean_up_tokenization_spaces passes (" ," -> ",",
+    # " ' " -> "'", " 's" -> "'s", ...); these are literal replacements over the whole text, as its loops are.
+    decoders: list[dict[str, Any]] = [
+        {"type": "Replace", "pattern": {"String": space}, "content": " "},
+        {"type": "Fuse"},
+        *({"type": "Replace", "pattern": {"String": old}, "content": new} for old, new in _WPM_CLEAN_UP),
+        # The one leading space (the first word's "▁") is dropped, as transformers and llama-cpp-python's
+        # Llama.detokenize after [CLS] drop it; llama.cpp's llama_detokenize itself keeps it for WPM.
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ]
+    return model, _wpm_normalizer(vocab), pre_tokenizer, {"type": "Sequence", "decoders": decoders}
+
+
+def _wpm_normalizer(vocab: _Vocab) -> dict[str, Any]:
+    """llama.cpp's WPM preprocess up to the split into words, which it does one code point at a time."""
+
+    def replace(pattern: str, content: str = "") -> dict[str, Any]:
+        return {"type": "Replace", "pattern": {"Regex": pattern}, "content": content}
+
+    steps = []
+    if vocab.strip_accents:
+        # llama.cpp maps each code point to the first of its NFD decomposition and then drops accent marks
+        # (\p{M}). Full NFD and dropping marks agree except for Hangul syllables, whose decomposition is all
+        # letters: llama.cpp keeps only the leading consonant, so we map each syllable to it beforehand.
+        steps += [
+            replace(f"[{chr(0xAC00 + 588 * i)}-{chr(0xAC00 + 588 * i + 587)}]", chr(0x1100 + i)) for i in range(19)
+        ]
+        steps.append({"type": "NFD"})
+    steps.append(replace(_WPM_DROPPED))
+    if vocab.strip_accents:
+        steps.append(replace(r"\p{M}"))
+    if vocab.lowercase:
+        if not vocab.strip_accents:  # llama.cpp lowercases one code point to one: "İ" to "i", not "i̇"
+            steps.append(replace("İ", "i"))
+        steps.append({"type": "Lowercase"})
+    # A word that starts with "▁" itself: llama.cpp still puts one in front, Metaspace would not.
+    steps.append(replace(f"(?:^|(?<=[{_WPM_SPACE}]|{_WPM_ALONE})){_WPM_WORD_START}", _WPM_WORD_START * 2))
+    return {"type": "Sequence", "normalizers": steps}
+
+
 def _score_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """Every way to cut a token into two tokens, best score of the token they make first (ties: longer
     left piece, then longer right piece, then token order)."""
@@ -494,6 +603,8 @@ def _post_processor(vocab: _Vocab) -> dict[str, Any] | None:
     pieces.append(("A", -1))
     if vocab.add_eos:
         pieces.append(("eos", vocab.ids["eos"]))
+    if vocab.add_sep:
+        pieces.append(("sep", vocab.ids["sep"]))
     if len(pieces) == 1:
         return None
 
