@@ -88,6 +88,7 @@ class Tokenizer:
         self._folder = folder
         added = self._tok.get_added_tokens_decoder()
         self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self.added_ids: frozenset[int] = frozenset(added)  # special or not: each is one id, never split
         # Byte-fallback tokens (<0xE4>): the decoder turns a whole run of them into text at once.
         byte_fallback = "ByteFallback" in repr(self._tok.decoder)
         byte_ids = (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256)) if byte_fallback else ()
@@ -120,6 +121,10 @@ class Tokenizer:
     def token(self, token_id: int) -> str | None:
         """The token's string in the vocabulary; None for an id the tokenizer does not know."""
         return self._tok.id_to_token(token_id)
+
+    def backend_json(self) -> str:
+        """The whole tokenizer as `tokenizers` JSON (what grammar engines build their token tables from)."""
+        return self._tok.to_str()
 
     def stop_token_ids(self, eos_token_ids: Iterable[int] = ()) -> set[int]:
         """The ids that end generation: the model's `eos_token_ids` (config.json / generation_config.json),

@@ -17,6 +17,7 @@ import torch
 from .block_manager import BlockManager
 from .detokenize import TextStream
 from .errors import ContextLengthError
+from .guided import Guides
 from .paged_cache import PagedKVCache
 from .runner import run_paged
 from .sampler import SamplingParams, TokenLogprob, logprob_of, penalize, pick
@@ -93,6 +94,7 @@ class Engine:
         self._requests: dict[str, Sequence] = {}  # unfinished, by id
         self._outbox: list[RequestOutput] = []  # abort outputs, returned by the next step()
         self._prompt_tokens = self._generated_tokens = 0
+        self._guide_state: Guides | None = None
 
     def _pool_sizes(self, max_batch: int, kv_blocks: int | None) -> dict[int | None, int]:
         bs, layers = self.block_size, self.config.layers
@@ -123,6 +125,7 @@ class Engine:
         if None in self.blocks.pools:
             max_len = min(max_len, self.blocks.pools[None].num_blocks * self.block_size)
         seq = Sequence(request_id, prompt, params, TextStream(tok, params.stop), params.generator(), max_len)
+        seq.guide = self._guides().guide(params) if params.constrained else None
         with self._inbox_lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
@@ -161,6 +164,17 @@ class Engine:
                     f"cache has {pool.num_blocks}: create the Engine with a larger kv_blocks or shorten the prompt"
                 )
         return prompt
+
+    def _guides(self) -> Guides:
+        """The model's grammar machinery, built on the first constrained request."""
+        with self._inbox_lock:
+            if self._guide_state is None:
+                if self.llm.tokenizer is None:
+                    raise ValueError(
+                        "constrained decoding needs the model's tokenizer (tokenizer.json or GGUF vocabulary)"
+                    )
+                self._guide_state = Guides(self.llm.tokenizer, self.config.vocab_size, set(self.llm.stop_token_ids))
+            return self._guide_state
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks; the next step() returns its final output (reason "abort").
@@ -237,29 +251,38 @@ class Engine:
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         p = seq.params
+        if seq.guide is not None:
+            logits = seq.guide.restrict(logits)
+            if logits is None:
+                return self._end(seq, "grammar", [], seq.stream.finish(), [] if p.logprobs is not None else None)
         if p.penalized:
             logits = penalize(logits, p, seq.tokens, seq.output)
         token = pick(logits, p, seq.generator)
         logprobs = [] if p.logprobs is not None else None
         eos = () if p.ignore_eos else self.llm.stop_token_ids
         if token in eos or token in p.stop_token_ids:
-            seq.finish_reason, new, text = "stop", [], seq.stream.finish()
-        else:
-            seq.output.append(token)
-            seq.tokens.append(token)
-            self._generated_tokens += 1
-            new, text = [token], seq.stream.push(token)
-            if logprobs is not None:
-                logprobs.append(logprob_of(logits, token, p.logprobs))
-            if not seq.stream.stopped and (len(seq.output) >= p.max_tokens or len(seq.tokens) >= seq.max_len):
-                text += seq.stream.finish()
-                seq.finish_reason = "length"
-            if seq.stream.stopped:
-                seq.finish_reason = "stop"
-        if seq.finish_reason is not None:
-            with self._inbox_lock:
-                self._requests.pop(seq.request_id, None)
-            self.scheduler.finish(seq)
+            return self._end(seq, "stop", [], seq.stream.finish(), logprobs)
+        seq.output.append(token)
+        seq.tokens.append(token)
+        self._generated_tokens += 1
+        new, text = [token], seq.stream.push(token)
+        if logprobs is not None:
+            logprobs.append(logprob_of(logits, token, p.logprobs))
+        if seq.guide is not None:
+            seq.guide.accept(token)
+        if seq.stream.stopped or (seq.guide is not None and seq.guide.done):
+            return self._end(seq, "stop", new, text + seq.stream.finish(), logprobs)
+        if len(seq.output) >= p.max_tokens or len(seq.tokens) >= seq.max_len:
+            text += seq.stream.finish()  # the held-back tail may complete a stop string
+            return self._end(seq, "stop" if seq.stream.stopped else "length", new, text, logprobs)
+        return self._output(seq, new, text, logprobs)
+
+    def _end(self, seq: Sequence, reason: str, new: list[int], text: str, logprobs) -> RequestOutput:
+        """Finish `seq` with `reason` ("stop", "length", or "grammar": the constraint allows no token at all)."""
+        seq.finish_reason = reason
+        with self._inbox_lock:
+            self._requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
         return self._output(seq, new, text, logprobs)
 
     def _output(self, seq: Sequence, new: list[int], text: str, logprobs: list[TokenLogprob] | None):

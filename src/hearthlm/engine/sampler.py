@@ -3,6 +3,7 @@ log-probabilities."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,12 @@ class SamplingParams:
     divided by it when positive, multiplied by it when negative. presence_penalty / frequency_penalty (OpenAI
     semantics): subtracted from the logit of every generated token, once / once per occurrence.
     logprobs: None = off; 0 = the chosen token's log-probability; N = also the N most likely tokens.
-    stop_token_ids: extra ids that end a completion (the token itself is not part of the output)."""
+    stop_token_ids: extra ids that end a completion (the token itself is not part of the output).
+
+    Constrained decoding (at most one; engine/guided.py): json_schema (a schema as a dict or JSON text, or True
+    for any JSON object), regex, choice (the reply is exactly one of these strings), grammar (llguidance's Lark
+    or llama.cpp's GBNF). reasoning: the (open, close) markers of the model's reasoning block; a constrained
+    reply may reason inside them first, unconstrained. in_reasoning: the prompt already opened that block."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -33,8 +39,18 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    json_schema: dict | str | bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    reasoning: tuple[str, str] | None = None
+    in_reasoning: bool = False
 
     def __post_init__(self) -> None:
+        if self.choice is not None and not isinstance(self.choice, str):
+            self.choice = list(self.choice)
+        if self.reasoning is not None:
+            self.reasoning = tuple(self.reasoning)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
@@ -58,9 +74,46 @@ class SamplingParams:
                 "stop_token_ids must be a list of token ids (integers >= 0)",
             ),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self._constraint_checks():
             if not ok:
                 raise ValueError(f"SamplingParams: {message}")
+
+    def _constraint_checks(self) -> list[tuple[bool, str]]:
+        given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) not in (None, False)]
+        schema = self.json_schema
+        return [
+            (len(given) <= 1, f"give at most one of json_schema, regex, choice and grammar, not {' and '.join(given)}"),
+            (
+                schema is None or schema is True or schema is False or isinstance(schema, (dict, str)),
+                "json_schema must be a JSON schema (a dict or its JSON text), or True for any JSON object",
+            ),
+            (
+                not isinstance(schema, str) or _is_json(schema),
+                "json_schema is a string but not JSON text: pass the schema as a dict or as JSON",
+            ),
+            (
+                self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
+                "regex must be a non-empty string",
+            ),
+            (
+                self.choice is None
+                or (isinstance(self.choice, list) and self.choice and all(isinstance(c, str) for c in self.choice)),
+                "choice must be a non-empty list of strings",
+            ),
+            (
+                self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
+                "grammar must be a non-empty string",
+            ),
+            (
+                self.reasoning is None
+                or (len(self.reasoning) == 2 and all(isinstance(m, str) and m for m in self.reasoning)),
+                "reasoning must be the (open, close) marker strings of the reasoning block",
+            ),
+        ]
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, n) not in (None, False) for n in ("json_schema", "regex", "choice", "grammar"))
 
     @property
     def penalized(self) -> bool:
@@ -75,6 +128,14 @@ class SamplingParams:
         else:
             g.seed()
         return g
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .detokenize import TextStream
+from .guided import Guide
 from .sampler import SamplingParams
 
 
@@ -28,6 +29,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted: bool = False  # admitted at least once (cached_tokens is then final)
     finish_reason: str | None = None
+    guide: Guide | None = None  # constrained decoding: masks each step's logits
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
