@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .calls import CallSyntaxError, ToolCall
+from .calls import CallCutOff, CallSyntaxError, ToolCall
 
 if TYPE_CHECKING:
     from . import ChatFormat
@@ -44,7 +45,11 @@ class ReplyParser:
 
     States: "content" (answer text), "reasoning" (inside the thinking block), "call" (inside a tool-call
     marker pair), "json" (a Llama 3 reply that is a bare JSON call: held to the end). A call whose body does
-    not parse is returned as answer text, markers included, so nothing the model wrote is lost."""
+    not parse is returned as answer text, markers included, so nothing the model wrote is lost.
+
+    After `finish()`, `unfinished_call` says whether the reply ended inside a tool call it never finished
+    (its end marker never came, or the call that runs to the end of the reply stops inside a string, object
+    or list): that call's text came back as answer text, and a reply cut by max_tokens can say so."""
 
     def __init__(self, fmt: ChatFormat, tools: bool = False, in_reasoning: bool = False):
         self.fmt = fmt
@@ -53,6 +58,8 @@ class ReplyParser:
         self.buf = ""
         self._lstrip = in_reasoning  # strip whitespace at the start of the next block
         self._started = False  # any answer text out yet (a bare JSON call must open the reply)
+        self._last_call: tuple[str, str] | None = None  # the call just returned, while nothing else followed it
+        self.unfinished_call = False
 
     def feed(self, text: str) -> Delta:
         self.buf += text
@@ -102,7 +109,7 @@ class ReplyParser:
             text = text.lstrip()
             self._lstrip = not text
         if text:
-            self._started = True
+            self._started, self._last_call = True, None
             out.content += text
 
     def _reasoning(self, out: Delta, final: bool) -> bool:
@@ -128,6 +135,8 @@ class ReplyParser:
         if self._lstrip:
             text = text.lstrip()
             self._lstrip = not text
+        if text:
+            self._last_call = None
         out.reasoning += text
 
     def _call(self, out: Delta, final: bool) -> bool:
@@ -137,7 +146,8 @@ class ReplyParser:
             return False
         body = self.buf[:i] if i >= 0 else self.buf
         self.buf = self.buf[i + len(end) :] if i >= 0 else ""
-        self._take_calls(out, body, start + body + (end if i >= 0 else ""))
+        cut = end is not None and i < 0  # the reply ended before the call's end marker
+        self._take_calls(out, body, start + body + (end if i >= 0 else ""), cut=cut, to_end=end is None)
         self.state, self._lstrip = "content", True
         return True
 
@@ -145,20 +155,33 @@ class ReplyParser:
         if not final:
             return False
         body, self.buf = self.buf, ""
-        self._take_calls(out, body, body)
+        self._take_calls(out, body, body, cut=False, to_end=True)
         self.state = "content"
         return False
 
-    def _take_calls(self, out: Delta, body: str, raw: str) -> None:
+    def _take_calls(self, out: Delta, body: str, raw: str, cut: bool, to_end: bool) -> None:
+        """`cut`: the reply ended before the call's end marker; `to_end`: the call runs to the end of the reply
+        by design (Mistral, Llama 3), so the reply's end is its end."""
         try:
-            calls = self.fmt.parse_calls(body)
-        except CallSyntaxError:
+            calls = self.fmt.parse_calls(body, closed=not cut)
+        except CallSyntaxError as e:
+            # Never dropped, never an empty call: the text as written. A call that runs to the end of the
+            # reply is unfinished when its text stops inside it (CallCutOff), not when it is just malformed.
+            self.unfinished_call = cut or (to_end and isinstance(e, CallCutOff))
             self._lstrip = False
             self._emit_content(out, raw)
             return
         for c in calls:
+            # A model in a repetition loop writes the same call (name and arguments) again and again, in one
+            # marker pair or in consecutive ones, until max_tokens: it is returned once. An identical call
+            # directly after the same one is taken as that loop, never as a second request (text or
+            # reasoning in between makes it a new call).
+            key = (c.name, json.dumps(c.arguments, sort_keys=True))
+            if key == self._last_call:
+                continue
+            self._last_call = key
             c.id = self.fmt.new_call_id() if self.fmt.new_call_id else c.id
-        out.tool_calls += calls
+            out.tool_calls.append(c)
 
 
 def parse_reply(fmt: ChatFormat, text: str, tools: bool = False, in_reasoning: bool = False) -> Delta:
