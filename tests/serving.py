@@ -87,11 +87,13 @@ class ScriptedEngine:
     tokenizer: object
     reply: Callable[[str], str]
     prompts: list[str] = field(default_factory=list)
+    params: list = field(default_factory=list)
     running: int = 0
 
     async def generate(self, prompt_ids, params, request_id=None):
         text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         self.prompts.append(text)
+        self.params.append(params)
         ids = self.tokenizer.encode(self.reply(text), add_special_tokens=False)[: params.max_tokens]
         self.running += 1
         try:

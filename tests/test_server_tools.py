@@ -275,14 +275,18 @@ def test_ollama_model_routes(gemma):
     assert [m.id for m in oa(gemma).models.list().data] == ["hearth-demo"]
 
 
-def test_json_mode_instructs_and_checks(gemma):
-    r = oa(gemma).chat.completions.with_raw_response.create(
-        model="hearth-demo", messages=USER, response_format={"type": "json_object"}
-    )
-    assert "Respond with a single valid JSON object" in gemma.engine.prompts[-1]
-    assert r.headers["x-hearth-json-valid"] == "false"  # the scripted reply is prose: flagged, not fixed
-    ollama.Client(host=gemma.url).chat(model="hearth-demo", messages=USER, format={"type": "object"})
-    assert '{"type": "object"}' in gemma.engine.prompts[-1]
+def test_json_modes_reach_the_engine_as_constraints(gemma):
+    """JSON mode is enforced by constrained decoding (tests/test_structured.py), not asked for in the prompt: the
+    request's format reaches the engine as the constraint, with Gemma 4's reasoning markers so it may think first."""
+    oa(gemma).chat.completions.create(model="hearth-demo", messages=USER, response_format={"type": "json_object"})
+    params, prompt = gemma.engine.params[-1], gemma.engine.prompts[-1]
+    assert params.json_schema is True and "JSON" not in prompt
+    assert params.reasoning == ("<|channel>thought", "<channel|>")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    ollama.Client(host=gemma.url).chat(model="hearth-demo", messages=USER, format=schema)
+    assert gemma.engine.params[-1].json_schema == schema and "JSON" not in gemma.engine.prompts[-1]
+    ollama.Client(host=gemma.url).generate(model="hearth-demo", prompt="Hi", format="json")
+    assert gemma.engine.params[-1].json_schema is True
 
 
 class _Broken(ScriptedEngine):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .chat_formats import detect
 from .engine.engine import Engine
 from .engine.errors import ContextLengthError
 from .engine.kv_cache import ContiguousKVCache
@@ -220,4 +222,8 @@ class LLM:
         Generation ends at the model's end-of-turn token. `on_token(0, token_id)` streams as in generate()."""
         tok = self._need_tokenizer("chat messages")
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
+        if params is not None and params.constrained and params.reasoning is None:
+            fmt = detect(tok.chat_template(with_tools=True))
+            if fmt.think:  # a reasoning model reasons first, unconstrained; the constraint holds its answer
+                params = dataclasses.replace(params, reasoning=fmt.think, in_reasoning=fmt.opens_reasoning(text))
         return self.generate([tok.encode_chat(text)], params, on_token=on_token)[0]

@@ -23,10 +23,10 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
     from .sampler import SamplingParams
 
-__all__ = ["GuideError", "Guides", "Guide", "grammar_spec"]
+__all__ = ["GuideError", "Guides", "Guide", "grammar_spec", "lark_literal"]
 
 _CACHE_SIZE = 256  # compiled grammars kept per model, least recently used dropped first
-_BIT = torch.arange(32, dtype=torch.int32)
+_BITS = (torch.arange(256).unsqueeze(-1) >> torch.arange(8) & 1).bool()  # byte -> its 8 bits, lowest first
 
 
 class GuideError(ValueError):
@@ -65,14 +65,13 @@ class Guide:
         from llguidance.torch import fill_next_token_bitmask
 
         fill_next_token_bitmask(self.matcher, self.mask, 0)
-        allowed = ((self.mask[0].unsqueeze(-1) >> _BIT) & 1).flatten().bool()
+        if not bool(self.mask.any()):
+            return None
+        allowed = _BITS[self.mask.view(torch.uint8).long()].flatten()  # bit i of the mask: token i (little-endian)
         n = logits.shape[-1]
         if allowed.shape[0] < n:  # rows past the tokenizer's vocabulary are never allowed
             allowed = torch.nn.functional.pad(allowed, (0, n - allowed.shape[0]))
-        allowed = allowed[:n]
-        if not bool(allowed.any()):
-            return None
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        return logits.masked_fill(~allowed[:n].to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
@@ -94,9 +93,12 @@ class Guides:
         self._llg = llguidance
         self.tokenizer = tokenizer
         self.vocab = vocab_size
-        self.ll_tokenizer = llguidance.LLTokenizer(
-            tokenizer.backend_json(), n_vocab=vocab_size, eos_token=sorted(end_ids)
-        )
+        try:
+            self.ll_tokenizer = llguidance.LLTokenizer(
+                tokenizer.backend_json(), n_vocab=vocab_size, eos_token=sorted(end_ids)
+            )
+        except ValueError as e:  # a decoder it cannot map tokens to bytes through (WordPiece embedding models)
+            raise GuideError(f"constrained decoding is not available for this model's tokenizer: {e}") from None
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -117,10 +119,6 @@ class Guides:
         mask = torch.full((1, (self.vocab + 31) // 32), -1, dtype=torch.int32)
         return Guide(pristine.deep_copy(), self.vocab, mask)
 
-    def compile(self, params: SamplingParams) -> None:
-        """Compile (and cache) the constraint of `params` now: raises GuideError for a bad one."""
-        self.guide(params)
-
     def _compile(self, spec: tuple[str, str], params: SamplingParams) -> Any:
         kind, text = spec
         try:
@@ -139,7 +137,7 @@ class Guides:
     def _with_reasoning(self, answer: str, params: SamplingParams) -> str:
         """The answer grammar behind an optional reasoning block (or, when the prompt already opened one, behind
         the rest of it): reasoning is free text up to the close marker."""
-        opening, closing = (self.marker(m) for m in params.reasoning)
+        opening, closing = (lark_literal(self.tokenizer, m) for m in params.reasoning)
         think = f"/(?s:.*)/ {closing}"
         head = think if params.in_reasoning else f"({opening} {think})?"
         top = f"start: {head} /[ \\t\\n]*/ @answer\n"
@@ -148,13 +146,15 @@ class Guides:
         inner[0]["name"] = "answer"
         return json.dumps({**doc, "grammars": [{"lark_grammar": top}, *inner]})
 
-    def marker(self, text: str) -> str:
-        """A marker as a Lark atom: a special token by id (`<[id]>`), then any plain text after it, quoted."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if ids and ids[0] in self.tokenizer.added_ids:
-            rest = text[len(self.tokenizer.token(ids[0])) :]
-            return f"<[{ids[0]}]>" + (f" {json.dumps(rest)}" if rest else "")
-        return json.dumps(text)
+
+def lark_literal(tokenizer: Tokenizer, text: str) -> str:
+    """`text` as a Lark atom for llguidance: a leading added token (a marker such as <|tool_call> or <think>) by
+    its id, `<[id]>`, so that only that token matches it, then any plain text after it, quoted."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if ids and ids[0] in tokenizer.added_ids:
+        rest = text[len(tokenizer.token(ids[0])) :]
+        return f"<[{ids[0]}]>" + (f" {json.dumps(rest)}" if rest else "")
+    return json.dumps(text)
 
 
 _WHAT = {

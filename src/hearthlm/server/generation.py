@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -16,7 +17,9 @@ from typing import Any
 from .. import __version__
 from ..api import ContextLengthError
 from ..chat_formats import Delta, ReplyParser, detect
+from ..chat_formats.grammar import tool_grammar
 from ..chat_formats.parser import held_back
+from ..engine.guided import lark_literal
 from .errors import APIError
 
 
@@ -187,6 +190,20 @@ class ServedModel:
             raise APIError(400, "the prompt is empty", "prompt")
         self.check_length(ids)
         return Prompt(ids)
+
+    def guided(self, prompt: Prompt, constraint: dict[str, Any]) -> dict[str, Any]:
+        """SamplingParams fields for a constrained reply to `prompt`: the constraint and, for a chat whose model
+        reasons, its reasoning markers (it reasons freely first; the constraint starts with the answer)."""
+        if constraint and prompt.chat and self.format.think:
+            return {**constraint, "reasoning": self.format.think, "in_reasoning": prompt.in_reasoning}
+        return constraint
+
+    def tool_constraint(self, tools: list[dict[str, Any]], *, required: bool) -> dict[str, Any]:
+        """A grammar holding the reply's tool calls to `tools` and their schemas (see chat_formats/grammar.py)."""
+        grammar = tool_grammar(self.format, tools, functools.partial(lark_literal, self.tokenizer), required=required)
+        if grammar is None and required:
+            raise APIError(400, f"the model {self.name} has no tool-call format to require a call in", "tool_choice")
+        return {"grammar": grammar} if grammar else {}
 
     def check_length(self, ids: list[int]) -> None:
         if len(ids) >= self.context:

@@ -78,14 +78,14 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def json_instruction(messages: list[dict[str, Any]], schema: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """JSON mode without constrained decoding: the system message asks for JSON (and the schema, if given)."""
-    ask = "Respond with a single valid JSON object and nothing else."
-    if schema:
-        ask += " It must follow this JSON schema: " + json.dumps(schema.get("schema", schema), ensure_ascii=False)
-    if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{ask}"}, *messages[1:]]
-    return [{"role": "system", "content": ask}, *messages]
+def one_constraint(asked: list[tuple[str, str, Any]]) -> dict[str, Any]:
+    """The constraint a request asks for, as SamplingParams fields: `asked` lists (request field, kind, value)
+    for every constraining field the request set, kind one of json_schema, regex, choice, grammar. Two are a
+    400 naming both fields."""
+    if len(asked) > 1:
+        fields = " and ".join(f for f, _, _ in asked)
+        raise APIError(400, f"{fields} each constrain the reply: give only one", asked[1][0])
+    return {kind: value for _, kind, value in asked}
 
 
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}

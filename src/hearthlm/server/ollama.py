@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 from .. import __version__
 from .errors import APIError, ollama_body
 from .generation import Prompt, ServedModel, Stream, close_all, collect, merged, unless_disconnected
-from .inputs import chat_messages, json_instruction, make_params, stop_list, token_text
+from .inputs import chat_messages, make_params, one_constraint, stop_list, token_text
 
 router = APIRouter()
 
@@ -47,8 +47,17 @@ class _Request(BaseModel):
     think: bool | Literal["low", "medium", "high"] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # extensions, named as llama-server and vLLM name them: a grammar (GBNF or llguidance's Lark), a regex, a choice
+    grammar: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
-    def params(self, model: ServedModel, prompt: Prompt):
+    def constraint(self) -> dict[str, Any]:
+        asked = [("format", "json_schema", True if self.format == "json" else self.format)] if self.format else []
+        asked += [(f, f, getattr(self, f)) for f in ("grammar", "regex", "choice") if getattr(self, f) is not None]
+        return one_constraint(asked)
+
+    def params(self, model: ServedModel, prompt: Prompt, constraint: dict[str, Any] | None = None):
         o = self.options
         # Ollama's documented defaults: temperature 0.8, top_k 40, top_p 0.9 (no repeat penalty unless asked).
         return make_params(
@@ -57,6 +66,7 @@ class _Request(BaseModel):
             seed=o.seed, stop=stop_list(o.stop), repetition_penalty=o.repeat_penalty,
             presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            **model.guided(prompt, self.constraint() if constraint is None else constraint),
         )  # fmt: skip
 
     def template_kwargs(self) -> dict[str, Any]:
@@ -131,12 +141,6 @@ def _ndjson(events: AsyncIterator[dict[str, Any]], stream: Stream) -> StreamingR
     return StreamingResponse(lines(), media_type="application/x-ndjson", background=done)
 
 
-def _with_format(messages: list[dict[str, Any]], fmt) -> list[dict[str, Any]]:
-    if not fmt:
-        return messages
-    return json_instruction(messages, fmt if isinstance(fmt, dict) else None)
-
-
 @router.post("/api/chat")
 async def chat(req: ChatRequest, request: Request):
     model = _model(request)
@@ -144,9 +148,11 @@ async def chat(req: ChatRequest, request: Request):
     if not req.messages:  # Ollama loads the model and answers at once
         return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done_reason": "load", "done": True}  # fmt: skip
-    messages = _with_format(chat_messages(req.messages), req.format)
-    prompt = model.chat_prompt(messages, req.tools, **req.template_kwargs())
-    [stream] = await model.start_all([(prompt, req.params(model, prompt))])
+    prompt = model.chat_prompt(chat_messages(req.messages), req.tools, **req.template_kwargs())
+    constraint = req.constraint()
+    if not constraint and req.tools:  # a call the model opens is held to the tools' schemas
+        constraint = model.tool_constraint(req.tools, required=False)
+    [stream] = await model.start_all([(prompt, req.params(model, prompt, constraint))])
     head = {"model": req.model}
     if req.stream:
         return _ndjson(_chat_events(model, stream, head), stream)
@@ -222,7 +228,7 @@ def _generate_prompt(model: ServedModel, req: GenerateRequest) -> Prompt:
     messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
         {"role": "user", "content": req.prompt or ""}
     ]
-    chat = model.chat_prompt(_with_format(messages, req.format), None, **req.template_kwargs())
+    chat = model.chat_prompt(messages, None, **req.template_kwargs())
     if req.context:
         rest = chat.ids[1:] if tok.bos_token and chat.ids[:1] == [tok.token_id(tok.bos_token)] else chat.ids
         chat.ids = list(req.context) + rest

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from .errors import APIError, openai_body
 from .generation import Piece, Prompt, Result, ServedModel, Stream, close_all, collect, merged, unless_disconnected
-from .inputs import chat_messages, json_instruction, make_params, stop_list, token_text
+from .inputs import chat_messages, make_params, one_constraint, stop_list, token_text
 
 router = APIRouter()
 
@@ -30,7 +30,38 @@ class StreamOptions(_Body):
 
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
+
+    def asked(self) -> list[tuple[str, str, Any]]:
+        if self.type == "json_object":
+            return [("response_format", "json_schema", True)]
+        if self.type == "json_schema":
+            schema = (self.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(
+                    400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                    "response_format.json_schema.schema",
+                )  # fmt: skip
+            return [("response_format", "json_schema", schema)]
+        return []
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# Constraining fields other servers take, with the kind each asks for: vLLM's guided_* and llama-server's
+# json_schema and grammar (GBNF, or llguidance's Lark).
+_EXTENSION_FIELDS = {
+    "guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+    "json_schema": "json_schema", "grammar": "grammar",
+}  # fmt: skip
 
 
 class _Sampling(_Body):
@@ -49,15 +80,39 @@ class _Sampling(_Body):
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # extension
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # extensions: vLLM's, then vLLM's and llama-server's
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
-    def params(self, model: ServedModel, prompt: Prompt, index: int, max_tokens: int | None, logprobs: int | None):
+    def asked(self) -> list[tuple[str, str, Any]]:
+        """Every constraint the request sets: (field, kind, value)."""
+        asked = self.response_format.asked() if self.response_format is not None else []
+        asked += [(f, kind, getattr(self, f)) for f, kind in _EXTENSION_FIELDS.items() if getattr(self, f) is not None]
+        so = self.structured_outputs
+        if so is not None:
+            fields = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar}
+            kinds = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+            asked += [(f"structured_outputs.{k}", kinds[k], v) for k, v in fields.items() if v is not None]
+            if so.json_object:
+                asked.append(("structured_outputs.json_object", "json_schema", True))
+        return asked
+
+    def params(
+        self, model: ServedModel, prompt: Prompt, index: int, max_tokens: int | None, logprobs: int | None,
+        constraint: dict[str, Any],
+    ):  # fmt: skip
         return make_params(
             max_tokens=model.max_tokens(prompt, max_tokens),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + index, stop=stop_list(self.stop), logprobs=logprobs,
-            ignore_eos=self.ignore_eos or None,
+            ignore_eos=self.ignore_eos or None, **model.guided(prompt, constraint),
         )  # fmt: skip
 
 
@@ -77,7 +132,6 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     reasoning_effort: str | None = None  # "none": thinking off; any other level: on (levels are not graded)
@@ -182,13 +236,12 @@ async def chat_completions(req: ChatRequest, request: Request):
     model = _model(request)
     model.check_name(req.model)
     messages = chat_messages(req.messages)
-    if req.response_format is not None and req.response_format.type != "text":
-        messages = json_instruction(messages, req.response_format.json_schema)
     tools = _chat_tools(req)
     prompt = model.chat_prompt(messages, tools, **_thinking_kwargs(req))
+    constraint = _chat_constraint(model, req, tools)
     top = (req.top_logprobs or 0) if req.logprobs else None
     limit = req.max_completion_tokens or req.max_tokens
-    jobs = [(prompt, req.params(model, prompt, i, limit, top)) for i in range(req.n)]
+    jobs = [(prompt, req.params(model, prompt, i, limit, top, constraint)) for i in range(req.n)]
     streams = await model.start_all(jobs)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": rid, "created": created, "model": model.name, "system_fingerprint": model.fingerprint}
@@ -197,20 +250,23 @@ async def chat_completions(req: ChatRequest, request: Request):
         return _streaming(_chat_events(model, streams, head, usage), streams)
     results = await unless_disconnected(request, collect(streams))
     choices = [_chat_choice(model, r, req.logprobs) for r in results]
-    body = {**head, "object": "chat.completion", "choices": choices, "usage": _usage(streams)}
-    headers = _json_check(results) if req.response_format is not None and req.response_format.type != "text" else None
-    return JSONResponse(body, headers=headers)
+    return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(streams)}
 
 
-def _json_check(results: list[Result]) -> dict[str, str]:
-    """response_format json: the output is not constrained, only checked; the header says whether it parsed."""
-    ok = True
-    for r in results:
-        try:
-            json.loads(r.content)
-        except ValueError:
-            ok = False
-    return {"X-Hearth-Json-Valid": "true" if ok else "false"}
+def _chat_constraint(model: ServedModel, req: ChatRequest, tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """What the reply is held to: a tool call when tool_choice requires one (or names one), else the requested
+    format; with tools on "auto" and no format asked, any call the model opens is held to the tools' schemas."""
+    asked = req.asked()
+    required = bool(tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, dict))
+    if required:
+        if asked:
+            raise APIError(
+                400, f"tool_choice requires a tool call, and {asked[0][0]} asks for a format: give one", asked[0][0]
+            )
+        return model.tool_constraint(tools, required=True)
+    if not asked and tools:
+        return model.tool_constraint(tools, required=False)
+    return one_constraint(asked)
 
 
 def _chat_choice(model: ServedModel, r: Result, logprobs: bool) -> dict[str, Any]:
@@ -297,7 +353,10 @@ async def completions(req: CompletionRequest, request: Request):
     echoes = [
         (p if isinstance(p, str) else model.tokenizer.decode(p)) if req.echo else "" for p in _prompts(req.prompt)
     ]
-    jobs = [(p, req.params(model, p, j, req.max_tokens, req.logprobs)) for p in prompts for j in range(req.n)]
+    constraint = one_constraint(req.asked())
+    jobs = [
+        (p, req.params(model, p, j, req.max_tokens, req.logprobs, constraint)) for p in prompts for j in range(req.n)
+    ]
     streams = await model.start_all(jobs)
     rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": model.name}
