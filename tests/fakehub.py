@@ -171,7 +171,7 @@ def _handler(hub: FakeHub):
             self.wfile.flush()
             hub.sent[name] += min(cut, len(body))
             if stalled:
-                hub.release.wait(30)  # hold the connection open until the test lets go
+                hub.release.wait(600)  # hold the connection open until the test lets go (600 s: a safety net)
             self.close_connection = True
 
     return Handler

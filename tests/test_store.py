@@ -180,7 +180,7 @@ def test_interrupted_pull_resumes_in_the_next_run(hub, sources, tmp_path):
     hub.stall[SHARDS[0]] = cut  # send half, then hold the connection until the client is killed
     proc = subprocess.Popen(
         [sys.executable, "-m", "hearthlm.cli", "pull", REPO],
-        env=_env(hub, tmp_path),
+        env=_env(hub, tmp_path) | {"HF_HUB_DOWNLOAD_TIMEOUT": "600"},  # the stall ends when the test says, not before
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -45,7 +45,7 @@ TEXT_FILES = (
     "chat_template.json",
 )
 CONNECT_TIMEOUT = 5.0  # seconds: offline must fail at once, not after a retry loop
-READ_TIMEOUT = 60.0
+READ_TIMEOUT = 60.0  # seconds without a byte before a download gives up (and resumes); HF_HUB_DOWNLOAD_TIMEOUT sets it
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -400,7 +400,8 @@ def _http():
 
 
 def _timeout():
-    return _http().Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
+    read = float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or READ_TIMEOUT)
+    return _http().Timeout(read, connect=CONNECT_TIMEOUT)
 
 
 def _raise_for_status(r) -> None:
