@@ -20,12 +20,14 @@ from . import ChatFormat
 __all__ = ["tool_grammar"]
 
 _FREE_TEXT = "/(?s:.*)/"
+_COMPACT = {"whitespace_flexible": False}  # JSON without runs of whitespace for a sampler to wander into
 
 
 def tool_grammar(
-    fmt: ChatFormat, tools: list[dict[str, Any]], literal: Callable[[str], str], *, required: bool
+    fmt: ChatFormat, tools: list[dict[str, Any]], literal: Callable[[str], str], *, required: bool, parallel: bool
 ) -> str | None:
-    """The Lark grammar of `fmt`'s replies that call `tools` (OpenAI tool dicts); None where there is none."""
+    """The Lark grammar of `fmt`'s replies that call `tools` (OpenAI tool dicts); None where there is none.
+    `parallel` False: one call at most (OpenAI's parallel_tool_calls)."""
     functions = [t["function"] for t in tools]
     if not functions:
         return None
@@ -33,27 +35,42 @@ def tool_grammar(
         rules = _Gemma4Args(literal('<|"|>'))
         calls = [f'"call:" {json.dumps(f["name"])} {rules.value(_params(f))}' for f in functions]
         call = f"call: {literal(fmt.call[0])} ({' | '.join(calls)}) {literal(fmt.call[1])}"
-        return _top(call, "call+", required, opener=True) + rules.text()
-    schema = json.dumps(_json_calls(functions, "parameters" if fmt.name == "llama3" else "arguments"))
+        return _top(call, "call+" if parallel else "call", required) + rules.text()
+    calls = _json_calls(functions, "parameters" if fmt.name == "llama3" else "arguments")
+    schema = json.dumps({**calls, "x-guidance": _COMPACT})
     if fmt.name in ("qwen", "qwen3"):
         call = f'call: {literal(fmt.call[0])} "\\n" %json {schema} "\\n" {literal(fmt.call[1])}'
-        return _top(call, 'call ("\\n" call)*', required, opener=True)
+        return _top(call, 'call ("\\n" call)*' if parallel else "call", required)
     if fmt.name == "mistral":
-        many = json.dumps({"type": "array", "items": json.loads(schema), "minItems": 1})
-        return _top(f"call: {literal(fmt.call[0])} %json {many}", "call", required, opener=True)
+        many = {"type": "array", "items": calls, "minItems": 1, "x-guidance": _COMPACT}
+        many = json.dumps(many if parallel else {**many, "maxItems": 1})
+        return _top(f"call: {literal(fmt.call[0])} %json {many}", "call", required)
     if fmt.name == "llama3" and required:
         return f"start: %json {schema}\n"
     return None
 
 
-def _top(call_rule: str, calls: str, required: bool, opener: bool) -> str:
-    if required:
-        return f"start: {calls}\n{call_rule}\n"
-    return f"start: {_FREE_TEXT} ({calls})?\n{call_rule}\n" if opener else ""
+def _top(call_rule: str, calls: str, required: bool) -> str:
+    head = calls if required else f"{_FREE_TEXT} ({calls})?"
+    return f"start: {head}\n{call_rule}\n"
 
 
 def _params(function: dict[str, Any]) -> dict[str, Any]:
-    return function.get("parameters") or {"type": "object", "properties": {}}
+    return _closed(function.get("parameters") or {"type": "object", "properties": {}})
+
+
+def _closed(schema: Any) -> Any:
+    """A call's arguments hold what the tool declares: objects that list properties and say nothing of others
+    get additionalProperties false (as OpenAI's strict function calling has it), at every depth."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_closed(v) if k not in ("const", "enum", "default", "examples") else v) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
 
 
 def _json_calls(functions: list[dict[str, Any]], args_key: str) -> dict[str, Any]:
@@ -73,8 +90,9 @@ def _json_calls(functions: list[dict[str, Any]], args_key: str) -> dict[str, Any
 class _Gemma4Args:
     """Lark rules for Gemma 4's argument syntax, built from a JSON schema: objects with bare keys in sorted order
     (as its chat template writes them), strings between <|"|> tokens, JSON numbers, booleans and null. Held to
-    the schema: types, required and optional properties, enums and consts, array items, anyOf / oneOf. Not held
-    (the value's syntax only): numeric bounds, string lengths and patterns, $ref, additional properties."""
+    the schema: types, required and optional properties (undeclared ones are never written), enums and consts,
+    string lengths, numeric bounds, array items, anyOf / oneOf. Not held (the value's syntax only): string
+    patterns and $ref."""
 
     def __init__(self, quote: str):
         self.quote = quote
@@ -90,7 +108,6 @@ class _Gemma4Args:
         lines = [f"{name}: {body}" for name, body in {**base, **self.rules}.items()]
         lines += [
             r"G_NUM: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/",
-            r"G_INT: /-?(0|[1-9][0-9]*)/",
             r"G_KEY: /[A-Za-z_][A-Za-z0-9_.\-]*/",
         ]
         return "\n".join(lines) + "\n"
@@ -118,15 +135,9 @@ class _Gemma4Args:
 
     def _typed(self, kind: str | None, schema: dict[str, Any]) -> str:
         if kind == "string":
-            return "g_str"
-        if kind == "integer":
-            return "G_INT"
-        if kind == "number":
-            return "G_NUM"
-        if kind == "boolean":
-            return '("true" | "false")'
-        if kind == "null":
-            return '"null"'
+            return self._string(schema)
+        if kind in ("integer", "number", "boolean", "null"):  # written as in JSON: llguidance's JSON holds bounds
+            return self._rule(f"%json {json.dumps(schema)}")
         if kind == "array":
             item = self.value(schema.get("items", {}))
             return self._rule(f'"[" ({item} ("," {item})*)? "]"')
@@ -135,6 +146,13 @@ class _Gemma4Args:
         if kind == "object":
             return "g_obj"
         return "g_any"
+
+    def _string(self, schema: dict[str, Any]) -> str:
+        low, high = schema.get("minLength"), schema.get("maxLength")
+        if not isinstance(low, int) and not isinstance(high, int):
+            return "g_str"
+        bounds = f"{low if isinstance(low, int) else 0},{high if isinstance(high, int) else ''}"
+        return self._rule(f"{self.quote} /(?s:.{{{bounds}}})/ {self.quote}")
 
     def _literal(self, value: Any) -> str:
         if isinstance(value, str):

@@ -128,6 +128,9 @@ class Guides:
                 answer = self._llg.grammar_from(kind, text)
         except (ValueError, TypeError, RuntimeError) as e:
             raise GuideError(f"{_WHAT[kind]}: {e}") from None
+        problem = self._llg.LLMatcher.validate_grammar(answer, self.ll_tokenizer)
+        if problem:
+            raise GuideError(f"{_WHAT[kind]}: {_first_lines(problem)}")
         grammar = self._with_reasoning(answer, params) if params.reasoning else answer
         matcher = self._llg.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
@@ -136,15 +139,18 @@ class Guides:
 
     def _with_reasoning(self, answer: str, params: SamplingParams) -> str:
         """The answer grammar behind an optional reasoning block (or, when the prompt already opened one, behind
-        the rest of it): reasoning is free text up to the close marker."""
+        the rest of it): reasoning is free text up to the close marker, then at most a few blank characters."""
         opening, closing = (lark_literal(self.tokenizer, m) for m in params.reasoning)
-        think = f"/(?s:.*)/ {closing}"
-        head = think if params.in_reasoning else f"({opening} {think})?"
-        top = f"start: {head} /[ \\t\\n]*/ @answer\n"
-        doc = json.loads(answer)
-        inner = doc["grammars"]
-        inner[0]["name"] = "answer"
-        return json.dumps({**doc, "grammars": [{"lark_grammar": top}, *inner]})
+        if closing.startswith("<["):  # a token of its own: free text cannot contain it
+            think, rules = f"/(?s:.*)/ {closing}", ""
+        else:  # plain text: the reasoning ends at its first occurrence
+            think, rules = "think", f"think[lazy]: /(?s:.*){_regex_escape(params.reasoning[1])}/\n"
+        head = f"{think} /[ \\t\\n]{{0,3}}/"
+        head = head if params.in_reasoning else f"({opening} {head})?"
+        # llguidance gives a Lark grammar as its text, the other kinds as a JSON document of grammars
+        inner = json.loads(answer)["grammars"] if answer.lstrip().startswith("{") else [{"lark_grammar": answer}]
+        inner[0] = {**inner[0], "name": "answer"}
+        return json.dumps({"grammars": [{"lark_grammar": f"start: {head} @answer\n{rules}"}, *inner]})
 
 
 def lark_literal(tokenizer: Tokenizer, text: str) -> str:
@@ -155,6 +161,11 @@ def lark_literal(tokenizer: Tokenizer, text: str) -> str:
         rest = text[len(tokenizer.token(ids[0])) :]
         return f"<[{ids[0]}]>" + (f" {json.dumps(rest)}" if rest else "")
     return json.dumps(text)
+
+
+def _regex_escape(text: str) -> str:
+    """`text` as a literal inside a Lark /regex/ (Rust regex syntax, / as the delimiter)."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~/" else c for c in text)
 
 
 _WHAT = {

@@ -31,6 +31,7 @@ class Prompt:
     chat: bool = False
     tools: bool = False
     in_reasoning: bool = False
+    may_reason: bool = True  # thinking was not turned off for this chat
 
 
 @dataclass
@@ -182,7 +183,9 @@ class ServedModel:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None, **template_kwargs)
         ids = tok.encode_chat(text)
         self.check_length(ids)
-        return Prompt(ids, chat=True, tools=bool(tools), in_reasoning=self.format.opens_reasoning(text))
+        reasoning = self.format.opens_reasoning(text)
+        thinking = template_kwargs.get("enable_thinking") is not False
+        return Prompt(ids, chat=True, tools=bool(tools), in_reasoning=reasoning, may_reason=thinking or reasoning)
 
     def text_prompt(self, prompt: str | list[int], special: bool = True) -> Prompt:
         ids = self._tok().encode(prompt, add_special_tokens=special) if isinstance(prompt, str) else list(prompt)
@@ -194,13 +197,18 @@ class ServedModel:
     def guided(self, prompt: Prompt, constraint: dict[str, Any]) -> dict[str, Any]:
         """SamplingParams fields for a constrained reply to `prompt`: the constraint and, for a chat whose model
         reasons, its reasoning markers (it reasons freely first; the constraint starts with the answer)."""
-        if constraint and prompt.chat and self.format.think:
+        if constraint and prompt.chat and self.format.think and prompt.may_reason:
             return {**constraint, "reasoning": self.format.think, "in_reasoning": prompt.in_reasoning}
         return constraint
 
-    def tool_constraint(self, tools: list[dict[str, Any]], *, required: bool) -> dict[str, Any]:
-        """A grammar holding the reply's tool calls to `tools` and their schemas (see chat_formats/grammar.py)."""
-        grammar = tool_grammar(self.format, tools, functools.partial(lark_literal, self.tokenizer), required=required)
+    def tool_constraint(self, tools: list[dict[str, Any]], *, required: bool, parallel: bool = True) -> dict[str, Any]:
+        """A grammar holding the reply's tool calls to `tools` and their schemas (see chat_formats/grammar.py);
+        `parallel` False: at most one call."""
+        bad = [i for i, t in enumerate(tools) if not isinstance((t or {}).get("function", {}).get("name"), str)]
+        if bad:
+            raise APIError(400, f"tools.{bad[0]}: a tool needs function.name", f"tools.{bad[0]}")
+        literal = functools.partial(lark_literal, self.tokenizer)
+        grammar = tool_grammar(self.format, tools, literal, required=required, parallel=parallel)
         if grammar is None and required:
             raise APIError(400, f"the model {self.name} has no tool-call format to require a call in", "tool_choice")
         return {"grammar": grammar} if grammar else {}

@@ -134,6 +134,7 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     reasoning_effort: str | None = None  # "none": thinking off; any other level: on (levels are not graded)
     chat_template_kwargs: dict[str, Any] | None = None  # extension: reaches the chat template
 
@@ -263,9 +264,10 @@ def _chat_constraint(model: ServedModel, req: ChatRequest, tools: list[dict[str,
             raise APIError(
                 400, f"tool_choice requires a tool call, and {asked[0][0]} asks for a format: give one", asked[0][0]
             )
-        return model.tool_constraint(tools, required=True)
+        named = isinstance(req.tool_choice, dict)  # that function, called once
+        return model.tool_constraint(tools, required=True, parallel=req.parallel_tool_calls and not named)
     if not asked and tools:
-        return model.tool_constraint(tools, required=False)
+        return model.tool_constraint(tools, required=False, parallel=req.parallel_tool_calls)
     return one_constraint(asked)
 
 
@@ -275,7 +277,7 @@ def _chat_choice(model: ServedModel, r: Result, logprobs: bool) -> dict[str, Any
         message["reasoning_content"] = r.reasoning
     if r.tool_calls:
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in _tool_calls(r.tool_calls)]
-    reason = "tool_calls" if r.tool_calls else r.finish_reason
+    reason = "tool_calls" if r.tool_calls and r.finish_reason != "length" else r.finish_reason
     lp = _chat_logprobs(model, r.logprobs) if logprobs else None
     return {"index": r.index, "message": message, "logprobs": lp, "finish_reason": reason}
 
@@ -307,7 +309,8 @@ async def _chat_events(model: ServedModel, streams: list[Stream], head: dict, us
         if delta or lp:
             yield chunk(p.index, delta, lp)
         if p.finish_reason:
-            yield chunk(p.index, {}, None, "tool_calls" if calls[p.index] else p.finish_reason)
+            called = calls[p.index] and p.finish_reason != "length"
+            yield chunk(p.index, {}, None, "tool_calls" if called else p.finish_reason)
     if usage:
         yield {**head, "choices": [], "usage": _usage(streams)}
 
