@@ -50,6 +50,8 @@ class AsyncEngine:
             self._streams[rid] = (asyncio.get_running_loop(), queue)
         finished = False
         try:
+            if params.constrained:  # compiling a grammar can take a while: not on the event loop
+                await asyncio.to_thread(self.engine.prepare, params)
             self.engine.add_request(rid, prompt, params)
             self._wake.set()
             while True:

@@ -165,6 +165,12 @@ class Engine:
                 )
         return prompt
 
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile the constraint of `params` now (it is cached by its text), so that add_request finds it ready;
+        raises GuideError for a bad one. Safe from any thread."""
+        if params.constrained:
+            self._guides().guide(params)
+
     def _guides(self) -> Guides:
         """The model's grammar machinery, built on the first constrained request."""
         with self._inbox_lock:
