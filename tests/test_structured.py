@@ -149,6 +149,8 @@ def test_bad_constraints_are_clear_errors(llm):
     cases = [
         (dict(regex="[a-"), "(?s)invalid regex.*unclosed character class"),
         (dict(json_schema={"type": "object", "properties": {"a": {"type": "strang"}}}), "JSON schema.*strang"),
+        (dict(json_schema={"type": "object", "not": {"required": ["a"]}}), r'unsupported JSON schema.*keys: \["not"\]'),
+        (dict(json_schema={"type": "string", "format": "hostname-xyz"}), "Unknown format: hostname-xyz"),
         (dict(grammar='root ::= "a" ('), "invalid grammar.*GBNF"),
         (dict(grammar="start: foo"), "invalid grammar.*foo"),
     ]
