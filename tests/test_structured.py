@@ -202,7 +202,7 @@ def test_thinking_model_reasons_freely_then_answers_in_the_schema(llm):
     assert {opening, brace[0]} <= allowed() and word[0] not in allowed()
     for t in [opening, *tok.encode("thought\nThe user asks ] not JSON {", add_special_tokens=False), closing]:
         assert t in allowed(), tok.token(t)
-        guide.accept(t)
+        assert guide.accept(t)
     assert brace[0] in allowed() and word[0] not in allowed() and opening not in allowed()
     for seed in range(4):
         params = SamplingParams(max_tokens=200, temperature=1.0, seed=seed, json_schema=schema)
@@ -259,7 +259,7 @@ def test_grammars_run_on_gguf_rebuilt_tokenizers(name, vocab_dir):
                 token = int(torch.argmax(logits))
                 if token in tok.stop_token_ids() and guide.matcher.is_accepting():
                     break
-                guide.accept(token)
+                assert guide.accept(token)
                 ids.append(token)
                 if guide.done:
                     break

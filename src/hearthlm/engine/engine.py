@@ -95,6 +95,7 @@ class Engine:
         self._outbox: list[RequestOutput] = []  # abort outputs, returned by the next step()
         self._prompt_tokens = self._generated_tokens = 0
         self._guide_state: Guides | None = None
+        self._guides_lock = threading.Lock()
 
     def _pool_sizes(self, max_batch: int, kv_blocks: int | None) -> dict[int | None, int]:
         bs, layers = self.block_size, self.config.layers
@@ -173,7 +174,7 @@ class Engine:
 
     def _guides(self) -> Guides:
         """The model's grammar machinery, built on the first constrained request."""
-        with self._inbox_lock:
+        with self._guides_lock:  # not the inbox lock: building the token tables can take seconds
             if self._guide_state is None:
                 if self.llm.tokenizer is None:
                     raise ValueError(
@@ -274,8 +275,8 @@ class Engine:
         new, text = [token], seq.stream.push(token)
         if logprobs is not None:
             logprobs.append(logprob_of(logits, token, p.logprobs))
-        if seq.guide is not None:
-            seq.guide.accept(token)
+        if seq.guide is not None and not seq.guide.accept(token):  # only an unmasked token could be refused
+            return self._end(seq, "grammar", new, text + seq.stream.finish(), logprobs)
         if seq.stream.stopped or (seq.guide is not None and seq.guide.done):
             return self._end(seq, "stop", new, text + seq.stream.finish(), logprobs)
         if len(seq.output) >= p.max_tokens or len(seq.tokens) >= seq.max_len:

@@ -73,9 +73,9 @@ class Guide:
             allowed = torch.nn.functional.pad(allowed, (0, n - allowed.shape[0]))
         return logits.masked_fill(~allowed[:n].to(logits.device), float("-inf"))
 
-    def accept(self, token: int) -> None:
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"constrained decoding: the grammar refused token {token}: {self.matcher.get_error()}")
+    def accept(self, token: int) -> bool:
+        """Advance past `token`; False if the grammar refuses it (the matcher is then in its error state)."""
+        return bool(self.matcher.consume_token(token))
 
     @property
     def done(self) -> bool:
