@@ -93,6 +93,7 @@ class Tokenizer:
         byte_fallback = "ByteFallback" in repr(self._tok.decoder)
         byte_ids = (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256)) if byte_fallback else ()
         self.byte_ids: frozenset[int] = frozenset(i for i in byte_ids if i is not None)
+        self._byte_level = "ByteLevel" in repr(self._tok.decoder)  # GPT-2 style: each byte is one character
         turn_ends = [t for t in END_OF_TURN_TOKENS if self._tok.token_to_id(t) in self.special_ids]
         eos = self.special_tokens.get("eos_token")
         self._end_ids = {self._tok.token_to_id(t) for t in [*turn_ends, eos] if t} - {None} | set(end_ids)
@@ -121,6 +122,19 @@ class Tokenizer:
     def token(self, token_id: int) -> str | None:
         """The token's string in the vocabulary; None for an id the tokenizer does not know."""
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for, for byte-level vocabularies (GPT-2 style BPE) and byte-fallback tokens
+        (<0xE4>); None for other tokens and unknown ids. (A token may hold part of a UTF-8 character.)"""
+        token = self.token(token_id)
+        if token is None:
+            return None
+        if token_id in self.byte_ids:
+            return bytes([int(token[3:5], 16)])
+        if self._byte_level and token_id not in self.added_ids:
+            table = _byte_level_table()
+            return bytes(table[c] for c in token) if all(c in table for c in token) else None
+        return None
 
     def backend_json(self) -> str:
         """The whole tokenizer as `tokenizers` JSON (what grammar engines build their token tables from)."""
@@ -251,6 +265,17 @@ class Detokenizer:
             return ""
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(before) :]
+
+
+@lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet, character -> byte: printable Latin-1 bytes stand for themselves, the other
+    bytes (controls, space, 0x7F-0xA0, 0xAD) for U+0100 onwards, in byte order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in kept}
+    moved = [b for b in range(256) if b not in table.values()]
+    table.update({chr(0x100 + n): b for n, b in enumerate(moved)})
+    return table
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

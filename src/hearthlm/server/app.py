@@ -1,4 +1,5 @@
-"""The FastAPI app: both APIs' routers over one ServedModel, the API key, error shapes and metrics."""
+"""The FastAPI app: the OpenAI and Ollama routers (and llama-server's tokenizer routes) over one ServedModel, the
+API key, error shapes and metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ..api import ContextLengthError
-from . import ollama, openai
+from . import llama_server, ollama, openai
 from .errors import APIError, ollama_body, openai_body, validation_error
 from .generation import ServedModel
 
@@ -88,6 +89,7 @@ def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
     app.state.model = model
     app.include_router(openai.router)
     app.include_router(ollama.router)
+    app.include_router(llama_server.router)
 
     @app.get("/health")
     async def health():
@@ -122,7 +124,10 @@ def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
         return error_json(request.url.path, APIError(500, f"internal error ({type(e).__name__}); see the server log"))
 
     routes = {
-        r.path for router in (app.router, openai.router, ollama.router) for r in router.routes if hasattr(r, "path")
+        r.path
+        for router in (app.router, openai.router, ollama.router, llama_server.router)
+        for r in router.routes
+        if hasattr(r, "path")
     }
     app.add_middleware(Gate, api_key=api_key, metrics=model.metrics, routes=routes)
     return app

@@ -253,6 +253,9 @@ async def _generate_events(model: ServedModel, stream: Stream, head: dict[str, A
 
 
 # -- model information ---------------------------------------------------------------------------
+_DTYPE_LEVELS = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}  # as Ollama names them
+
+
 def _details(model: ServedModel) -> dict[str, Any]:
     from ..store import ModelEntry
 
@@ -263,7 +266,7 @@ def _details(model: ServedModel) -> dict[str, Any]:
     return {
         "parent_model": "", "format": "gguf" if model.llm.path.suffix == ".gguf" else "safetensors",
         "family": family, "families": [family], "parameter_size": size,
-        "quantization_level": (model.llm.quant or str(model.llm.dtype).removeprefix("torch.")).upper(),
+        "quantization_level": (model.llm.quant or _DTYPE_LEVELS.get(str(model.llm.dtype), str(model.llm.dtype))).upper(),
     }  # fmt: skip
 
 
@@ -290,6 +293,34 @@ async def ps(request: Request):
     return {"models": [{**_entry(model), "expires_at": forever, "size_vram": 0, "context_length": model.context}]}
 
 
+# Architecture names as Ollama (llama.cpp's GGUF `general.architecture`) writes them; Mistral and Mixtral are
+# converted as "llama". Another architecture: its class name, lowercased, without "ForCausalLM".
+OLLAMA_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe",
+    "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
+    "Gemma4ForCausalLM": "gemma4", "Gemma4ForConditionalGeneration": "gemma4",
+}  # fmt: skip
+
+
+def ollama_architecture(architecture: str) -> str:
+    return OLLAMA_ARCHITECTURES.get(architecture) or architecture.removesuffix("ForCausalLM").lower()
+
+
+def _capabilities(model: ServedModel) -> list[str]:
+    """What the model can do, in Ollama's words: text always; "tools" when its reply format has tool calls to
+    parse, "thinking" when it has reasoning markers. No vision, audio, embedding or insert (not served)."""
+    fmt = model.format
+    return ["completion"] + (["tools"] if fmt.parse_calls else []) + (["thinking"] if fmt.think else [])
+
+
+def _parameters(model: ServedModel) -> str:
+    """The Modelfile's PARAMETER lines as Ollama lists them: here the tokens that end a reply."""
+    tok = model.tokenizer
+    stops = sorted(t for i in model.stop_ids if tok is not None and (t := tok.token(i)))
+    return "\n".join(f"{'stop':<30} {json.dumps(t, ensure_ascii=False)}" for t in stops)
+
+
 class ShowRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -299,20 +330,31 @@ class ShowRequest(BaseModel):
 @router.post("/api/show")
 async def show(req: ShowRequest, request: Request):
     model = _model(request)
-    model.check_name(req.model or req.name)
-    cfg = model.llm.config
-    capabilities = ["completion"] + (["tools"] if model.format.parse_calls else [])
-    capabilities += ["thinking"] if model.format.think else []
-    info = {"general.architecture": cfg.architecture, "general.parameter_count": sum(p.numel() for p in model.llm.model.parameters()),
-            f"{cfg.architecture}.context_length": model.context}  # fmt: skip
-    return {"modelfile": f"FROM {model.llm.path}\n", "parameters": "", "template": model.template or "",
-            "details": _details(model), "model_info": info, "capabilities": capabilities,
+    name = req.model or req.name
+    if not name:
+        raise APIError(400, "model is required", "model")
+    model.check_name(name)
+    arch = ollama_architecture(model.llm.config.architecture)
+    info = {
+        "general.architecture": arch, "general.basename": model.name.rsplit("/", 1)[-1],
+        "general.parameter_count": sum(p.numel() for p in model.llm.model.parameters()),
+        f"{arch}.context_length": model.context,
+    }  # fmt: skip
+    return {"modelfile": f"FROM {model.llm.path}\n", "parameters": _parameters(model), "template": model.template or "",
+            "details": _details(model), "model_info": info, "capabilities": _capabilities(model),
             "modified_at": _entry(model)["modified_at"]}  # fmt: skip
+
+
+# The Ollama API version these routes implement, as clients compare it (VS Code Copilot refuses below 0.6.4):
+# 0.9.0, the release that added `think` (with 0.8.0's streamed tool calls before it), which /api/chat and
+# /api/generate serve. Later releases' additions are not all here, so no later number is claimed; nor are routes
+# older than this (/api/embed, /api/pull, /api/create...): an Ollama client sees a 404 for them.
+OLLAMA_API_VERSION = "0.9.0"
 
 
 @router.get("/api/version")
 async def version():
-    return {"version": __version__}
+    return {"version": OLLAMA_API_VERSION, "hearthlm": __version__}
 
 
 @router.get("/", response_class=PlainTextResponse)
