@@ -98,6 +98,12 @@ def _env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
     return env | {"HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
+def _ctrl_c_default() -> None:
+    """In the child before it starts: SIGINT back to its default, so that Python installs its Ctrl-C handler even
+    when the test run itself was started with SIGINT ignored (as a shell's background job is)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _header_bytes(path: Path) -> int:
     with open(path, "rb") as f:
         return 8 + struct.unpack("<Q", f.read(8))[0]
@@ -181,6 +187,7 @@ def test_interrupted_pull_resumes_in_the_next_run(hub, sources, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "hearthlm.cli", "pull", REPO],
         env=_env(hub, tmp_path) | {"HF_HUB_DOWNLOAD_TIMEOUT": "600"},  # the stall ends when the test says, not before
+        preexec_fn=_ctrl_c_default,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
