@@ -39,3 +39,30 @@ def loaded(checkpoint):
         return made[name]
 
     return get
+
+
+# -- the server on the real engine and the demo model, one per test module -----------------------------------
+@pytest.fixture(scope="module")
+def served():
+    from hearthlm.server import load
+
+    return load(None)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    from serving import LiveServer, idle
+
+    from hearthlm.server.app import create_app
+
+    s = LiveServer(create_app(served))
+    yield s
+    idle(served)  # every request has ended and every KV block is free after the module's tests
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)

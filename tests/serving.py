@@ -122,3 +122,15 @@ def with_template(llm, template: str, name: str, specials: dict[str, str] | None
     fake.tokenizer = tokenizer
     fake.stop_token_ids = set(llm.stop_token_ids)
     return fake
+
+
+def idle(served, timeout: float = 300.0) -> None:
+    """Wait until the engine runs nothing and holds no KV block (aborts land on its next step); the timeout is a
+    safety net for a hung engine, not an expectation of speed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = served.engine.stats()
+        if s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"engine still busy: {served.engine.stats()}")

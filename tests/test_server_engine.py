@@ -13,49 +13,17 @@ import ollama
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving import LiveServer
+from serving import idle
 
 from hearthlm.engine.sampler import SamplingParams
-from hearthlm.server import load
-from hearthlm.server.app import create_app
 
 MODEL = "hearth-demo"
 ASK = [{"role": "user", "content": "Tell me a fortune."}]
 
 
 @pytest.fixture(scope="module")
-def served():
-    return load(None)
-
-
-@pytest.fixture(scope="module")
-def server(served):
-    s = LiveServer(create_app(served))
-    yield s
-    idle(served)  # every KV block is free after all the tests
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def oll(server):
     return ollama.Client(host=server.url)
-
-
-def idle(served, timeout: float = 300.0) -> None:
-    """Wait until the engine runs nothing and holds no KV block (aborts land on its next step); the timeout is a
-    safety net for a hung engine, not an expectation of speed."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = served.engine.stats()
-        if s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"engine still busy: {served.engine.stats()}")
 
 
 def test_chat_streamed_equals_whole(client, served):

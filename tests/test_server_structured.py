@@ -20,7 +20,6 @@ from serving import LiveServer, with_template
 from hearthlm.chat_formats import FORMATS
 from hearthlm.engine.async_engine import AsyncEngine
 from hearthlm.engine.engine import Engine
-from hearthlm.server import load
 from hearthlm.server.app import create_app
 from hearthlm.server.generation import ServedModel
 from hearthlm.server.metrics import Metrics
@@ -68,23 +67,6 @@ TOOLS = [
         },
     },
 ]
-
-
-@pytest.fixture(scope="module")
-def served():
-    return load(None)
-
-
-@pytest.fixture(scope="module")
-def server(served):
-    s = LiveServer(create_app(served))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
 
 def test_openai_parse_with_a_pydantic_model(client):

@@ -15,28 +15,13 @@ import httpx
 import ollama
 import pytest
 from safetensors import safe_open
-from serving import LiveServer
 from tokenizers import Tokenizer
 
-from hearthlm.server import load
-from hearthlm.server.app import create_app
 from hearthlm.server.ollama import ollama_architecture
 
 MODEL = "hearth-demo"
 DEMO = Path(__import__("hearthlm").__file__).parent / "demo" / MODEL
 CONFIG = json.loads((DEMO / "config.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def served():
-    return load(None)
-
-
-@pytest.fixture(scope="module")
-def server(served):
-    s = LiveServer(create_app(served))
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,9 @@ def _closed(schema: Any) -> Any:
         return [_closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (_closed(v) if k not in ("const", "enum", "default", "examples") else v) for k, v in schema.items()}
-    if isinstance(out.get("properties"), dict):
+    literal = ("const", "enum", "default", "examples", "properties")  # values, not schemas (properties: below)
+    out = {k: (v if k in literal else _closed(v)) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
         out["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
         out.setdefault("additionalProperties", False)
     return out

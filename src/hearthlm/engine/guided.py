@@ -57,7 +57,6 @@ class Guide:
     advances it past the sampled token."""
 
     matcher: Any  # llguidance.LLMatcher
-    vocab: int
     mask: torch.Tensor  # int32 [1, ceil(vocab / 32)], reused every step
 
     def restrict(self, logits: torch.Tensor) -> torch.Tensor | None:
@@ -117,7 +116,7 @@ class Guides:
                     self._compiled.popitem(last=False)
             self._compiled.move_to_end(key)
         mask = torch.full((1, (self.vocab + 31) // 32), -1, dtype=torch.int32)
-        return Guide(pristine.deep_copy(), self.vocab, mask)
+        return Guide(pristine.deep_copy(), mask)
 
     def _compile(self, spec: tuple[str, str], params: SamplingParams) -> Any:
         kind, text = spec
