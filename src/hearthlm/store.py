@@ -400,7 +400,13 @@ def _http():
 
 
 def _timeout():
-    read = float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or READ_TIMEOUT)
+    given = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT")
+    try:
+        read = float(given) if given else READ_TIMEOUT
+    except ValueError:
+        read = -1.0
+    if not read > 0:
+        raise PullError(f"HF_HUB_DOWNLOAD_TIMEOUT={given!r}: give the seconds a download may wait for data, e.g. 60")
     return _http().Timeout(read, connect=CONNECT_TIMEOUT)
 
 
