@@ -341,8 +341,8 @@ def test_cli_pull_list_rm(hub, monkeypatch, capsys):
     assert code == 2 and "hearth pull acme/unpulled" in err
 
 
-@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "2.5"])
 def test_a_bad_download_timeout_is_a_clear_error(hub, monkeypatch, value):
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", value)
-    with pytest.raises(store.PullError, match=f"HF_HUB_DOWNLOAD_TIMEOUT='{value}': give the seconds"):
+    with pytest.raises(store.PullError, match=f"HF_HUB_DOWNLOAD_TIMEOUT='{value}': give the whole seconds"):
         store.pull(REPO, progress=False)

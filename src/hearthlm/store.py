@@ -400,14 +400,19 @@ def _http():
 
 
 def _timeout():
+    return _http().Timeout(_read_timeout(), connect=CONNECT_TIMEOUT)
+
+
+def _read_timeout() -> float:
+    """HF_HUB_DOWNLOAD_TIMEOUT (whole seconds, as huggingface_hub reads it) or READ_TIMEOUT."""
     given = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT")
-    try:
-        read = float(given) if given else READ_TIMEOUT
-    except ValueError:
-        read = -1.0
-    if not read > 0:
-        raise PullError(f"HF_HUB_DOWNLOAD_TIMEOUT={given!r}: give the seconds a download may wait for data, e.g. 60")
-    return _http().Timeout(read, connect=CONNECT_TIMEOUT)
+    if not given:
+        return READ_TIMEOUT
+    if not given.strip().isdigit() or int(given) <= 0:
+        raise PullError(
+            f"HF_HUB_DOWNLOAD_TIMEOUT={given!r}: give the whole seconds a download may wait for data, e.g. 60"
+        )
+    return float(given)
 
 
 def _raise_for_status(r) -> None:
@@ -603,6 +608,7 @@ def pull(
     and HF_HUB_OFFLINE."""
     if not _HF_ID.match(repo_id):
         raise PullError(f"'{repo_id}' is not a Hugging Face repo id (like google/gemma-4-E2B-it)")
+    _read_timeout()  # checked before huggingface_hub reads it on import
     hub, files = _connect(repo_id, revision)
     folder = store_root() / folder_name(repo_id)
     small = [_Transfer(n, hub.url(n), *files[n]) for n in TEXT_FILES if n in files and not _have(folder, n, files[n])]
