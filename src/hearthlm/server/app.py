@@ -1,5 +1,5 @@
-"""The FastAPI app: the OpenAI and Ollama routers (and llama-server's tokenizer routes) over one ServedModel, the
-API key, error shapes and metrics."""
+"""The FastAPI app: the OpenAI, Ollama and Anthropic routers (and llama-server's tokenizer routes) over one
+ServedModel, the API key, error shapes and metrics."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ..api import ContextLengthError
-from . import llama_server, ollama, openai
-from .errors import APIError, ollama_body, openai_body, validation_error
+from . import anthropic, llama_server, ollama, openai
+from .errors import APIError, anthropic_body, ollama_body, openai_body, validation_error
 from .generation import ServedModel
 
 log = logging.getLogger("hearthlm.server")
@@ -26,7 +26,13 @@ def _is_ollama(path: str) -> bool:
     return path == "/" or path.startswith("/api/")
 
 
+def _is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def error_json(path: str, e: APIError) -> JSONResponse:
+    if _is_anthropic(path):
+        return JSONResponse(anthropic_body(e), status_code=e.status)
     body = ollama_body(e) if _is_ollama(path) else openai_body(e)
     return JSONResponse(body, status_code=e.status)
 
@@ -52,6 +58,9 @@ class Gate:
 
     def _authorized(self, scope) -> bool:
         headers = dict(scope.get("headers") or [])
+        key = headers.get(b"x-api-key")  # Anthropic's header, on its routes
+        if key is not None and _is_anthropic(scope["path"]):
+            return secrets.compare_digest(key.strip(), self.api_key.encode())
         given = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = given.partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
@@ -70,7 +79,10 @@ class Gate:
 
         try:
             if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
-                e = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+                how = "'x-api-key: KEY' or " if _is_anthropic(path) else ""
+                e = APIError(
+                    401, f"missing or wrong API key: send {how}'Authorization: Bearer KEY'", None, "invalid_api_key"
+                )
                 return await error_json(path, e)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
@@ -90,6 +102,7 @@ def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(llama_server.router)
+    app.include_router(anthropic.router)
 
     @app.get("/health")
     async def health():
@@ -125,7 +138,7 @@ def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
 
     routes = {
         r.path
-        for router in (app.router, openai.router, ollama.router, llama_server.router)
+        for router in (app.router, openai.router, ollama.router, llama_server.router, anthropic.router)
         for r in router.routes
         if hasattr(r, "path")
     }

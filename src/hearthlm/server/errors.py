@@ -1,4 +1,5 @@
-"""API errors and their two body shapes: OpenAI's {"error": {message, type, param, code}}, Ollama's {"error": str}."""
+"""API errors and their body shapes: OpenAI's {"error": {message, type, param, code}}, Ollama's {"error": str},
+Anthropic's {"type": "error", "error": {type, message}}."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def openai_body(e: APIError) -> dict[str, Any]:
 
 def ollama_body(e: APIError) -> dict[str, Any]:
     return {"error": e.message}
+
+
+# Anthropic's error types by status (its SDK's ErrorType); any other 4xx is invalid_request_error, 5xx api_error.
+_ANTHROPIC_TYPES = {
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error",
+}  # fmt: skip
+
+
+def anthropic_body(e: APIError) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(e.status) or ("invalid_request_error" if e.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
 
 
 def _where(loc) -> str:

@@ -63,14 +63,16 @@ class _StopCut:
 
     def __init__(self, stops: list[str]):
         self.stops, self.buf, self.hit = [s for s in stops if s], "", False
+        self.matched: str | None = None  # the stop string that was cut at
 
     def feed(self, text: str) -> str:
         if self.hit or not self.stops:
             return "" if self.hit else text
         self.buf += text
-        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.buf.find(s)) >= 0]
         if hits:
-            out, self.buf, self.hit = self.buf[: min(hits)], "", True
+            at, self.matched = min(hits, key=lambda h: h[0])
+            out, self.buf, self.hit = self.buf[:at], "", True
             return out
         n = len(self.buf) - held_back(self.buf, self.stops)
         out, self.buf = self.buf[:n], self.buf[n:]
@@ -135,6 +137,11 @@ class Stream:
             delta.add(self._parser.finish())
             reason = "stop" if self._stop.hit else out.finish_reason or "stop"
         return Piece(self.index, delta, ids, out.logprobs, reason)
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string the reply ended at, if it ended at one."""
+        return self._stop.matched
 
     async def aclose(self) -> None:
         if not self._closed:
