@@ -17,7 +17,7 @@ import pytest
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from hearthlm.server.ollama import ollama_architecture
+from hearthlm.server.catalog import ollama_architecture
 
 MODEL = "hearth-demo"
 DEMO = Path(__import__("hearthlm").__file__).parent / "demo" / MODEL
@@ -56,7 +56,8 @@ def test_show_parses_with_the_ollama_client(oll):
     assert info["general.basename"] == MODEL
     assert info["gemma4.context_length"] == CONFIG["max_position_embeddings"] == 2048
     assert isinstance(show.modified_at, datetime) and show.modified_at.tzinfo is not None
-    assert show.details.family == CONFIG["model_type"] and show.details.format == "safetensors"
+    assert show.details.family == "gemma4" and show.details.families == ["gemma4"]  # Ollama's name, not model_type
+    assert show.details.format == "safetensors"
     # PARAMETER lines: the config's eos tokens (ids 1 and 6) and Gemma 4's end of turn end a reply.
     lines = show.parameters.splitlines()
     assert lines and all(re.fullmatch(r'stop +"[^"]+"', line) for line in lines)
@@ -106,7 +107,7 @@ def test_tags_parses_with_the_ollama_client(server, oll, served):
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     d = m.details
     assert d.parent_model == "" and d.format == "safetensors"
-    assert d.family == "gemma4_text" and list(d.families) == ["gemma4_text"]
+    assert d.family == "gemma4" and list(d.families) == ["gemma4"]
     assert d.parameter_size == f"{params / 1e6:.1f}M"  # under a billion: millions, one decimal, as Ollama writes it
     # the weights as served: bfloat16 by default, "BF16" in Ollama's words
     assert d.quantization_level == {"torch.bfloat16": "BF16", "torch.float32": "F32"}[str(served.llm.dtype)]

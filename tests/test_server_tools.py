@@ -265,7 +265,7 @@ def test_api_key(demo):
 def test_ollama_model_routes(gemma):
     client = ollama.Client(host=gemma.url)
     [m] = client.list().models
-    assert m.model == "hearth-demo" and m.size > 0 and m.details.family == "gemma4_text"
+    assert m.model == "hearth-demo" and m.size > 0 and m.details.family == "gemma4"
     show = client.show("hearth-demo:latest")
     assert "tools" in show.capabilities and "thinking" in show.capabilities and "<|turn>" in show.template
     assert client.ps().models[0].model == "hearth-demo"
@@ -327,11 +327,13 @@ def test_cli_serve(monkeypatch):
     monkeypatch.setattr(server, "serve", lambda *a, **kw: got.setdefault("args", (a, kw)))
     monkeypatch.setenv("HEARTH_API_KEY", "from-env")
     assert cli.main(["serve", "--port", "8123", "--quant", "int8"]) == 0
-    assert got["args"] == (
-        (None, "127.0.0.1", 8123, "from-env", None, "int8", 16, None),
-        {"expert_budget": None, "moe_profile": True},
-    )
+    args, kwargs = got["args"]
+    assert args[:6] == (None, "127.0.0.1", 8123, "from-env", None, "int8") and args[7] is None
+    assert kwargs == {"expert_budget": None, "moe_profile": True, "keep_alive": None, "max_memory": None}
     got.clear()
     assert cli.main(["serve", "some/model", "--api-key", "k", "--host", "0.0.0.0", "--expert-budget", "25%"]) == 0
     assert got["args"][0][:4] == ("some/model", "0.0.0.0", 11434, "k")
-    assert got["args"][1] == {"expert_budget": "25%", "moe_profile": True}
+    assert got["args"][1] == {"expert_budget": "25%", "moe_profile": True, "keep_alive": None, "max_memory": None}
+    got.clear()
+    assert cli.main(["serve", "--keep-alive", "10m", "--max-memory", "12GB"]) == 0
+    assert got["args"][1]["keep_alive"] == "10m" and got["args"][1]["max_memory"] == "12GB"

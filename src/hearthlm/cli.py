@@ -282,8 +282,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     key = args.api_key or os.environ.get("HEARTH_API_KEY") or None
     server.serve(
-        args.model, args.host, args.port, key, args.dtype, args.quant, args.max_batch, args.kv_blocks,
-        expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile,
+        args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
+        expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
+        max_memory=args.max_memory,
     )  # fmt: skip
     return 0
 
@@ -368,8 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", nargs="?", help=model_help)
     _generation_options(chat)
     chat.set_defaults(func=_chat)
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI and Ollama HTTP APIs")
-    serve.add_argument("model", nargs="?", help=model_help)
+    serve = sub.add_parser("serve", help="serve models over the OpenAI, Ollama and Anthropic HTTP APIs")
+    serve.add_argument(
+        "model", nargs="?",
+        help="serve this model alone, loaded at start (default: every model `hearth list` shows, each loaded when "
+        "a request names it)",
+    )  # fmt: skip
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
@@ -377,8 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=11434, help="default 11434, Ollama's, so Ollama clients need no setting"
     )
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $HEARTH_API_KEY)")
-    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    serve.add_argument(
+        "--max-running", type=int, default=None,
+        help="the most requests generated at once; more wait in order (default: as many as the KV cache holds)",
+    )  # fmt: skip
+    serve.add_argument("--max-batch", type=int, dest="max_running", help=argparse.SUPPRESS)  # the old name
     serve.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: the engine's choice)")
+    serve.add_argument(
+        "--keep-alive", default=None,
+        help="with no model named: how long a model stays loaded after its last request ('5m', '1h', seconds; "
+        "0: unload at once; negative: forever; default 5m; a request's keep_alive overrides it)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-memory", default=None,
+        help="with no model named: memory loaded models may hold together ('12GB'); past it, the least recently "
+        "used idle model unloads (default: this machine's RAM, or its GPU's memory, as `hearth fit` reads them)",
+    )  # fmt: skip
     _model_options(serve)
     serve.set_defaults(func=_serve)
     pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (text model files only)")

@@ -32,6 +32,7 @@ DEMO_ALIASES = {"demo": "hearth-demo"}
 BUILTIN_NAMES = ("hearth-demo", "hearth-demo-moe")
 
 META = "hearth.json"  # per-model metadata, written by `pull`
+ALIASES = "aliases.json"  # in the store's root: each name `copy` made, and the name of the model it stands for
 PARTIAL = ".partial"  # interrupted downloads, kept to resume
 INDEX = "model.safetensors.index.json"
 # Everything a text model needs besides its weights (the safetensors files are chosen from the index).
@@ -153,9 +154,64 @@ def _stored() -> list[ModelEntry]:
     return out
 
 
+def _read_aliases() -> dict[str, str]:
+    try:
+        aliases = json.loads((store_root() / ALIASES).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in aliases.items()} if isinstance(aliases, dict) else {}
+
+
+def _aliases(models: list[ModelEntry]) -> list[ModelEntry]:
+    """An entry for each alias whose model is still here (at that model's path)."""
+    out = []
+    for alias, target in sorted(_read_aliases().items()):
+        found = _match(target, models)
+        if len(found) == 1:
+            e = found[0]
+            out.append(ModelEntry(alias, e.path, "alias", e.repo_id, e.complete, {"alias_of": e.name}))
+    return out
+
+
 def list_models() -> list[ModelEntry]:
-    """The built-in demo models, then every model in the store (pulled ones and incomplete pulls included)."""
-    return _builtins() + _stored()
+    """The built-in demo models, then every model in the store (pulled ones and incomplete pulls included),
+    then the aliases `copy` made."""
+    models = _builtins() + _stored()
+    return models + _aliases(models)
+
+
+def copy(source: str, destination: str) -> ModelEntry:
+    """Make `destination` another name for the model `source` names (an alias kept in the store's root, as
+    Ollama's copy makes one); an alias of that name is replaced. Returns the alias's entry."""
+    dest = destination.strip()
+    if not dest or any(c.isspace() for c in dest):
+        raise StoreError(f"'{destination}' is not a model name: give a name without spaces")
+    models = _builtins() + _stored()
+    found = _match(source, models + _aliases(models))
+    if len(found) != 1:
+        what = "several models: " + ", ".join(e.name for e in found) if found else "no model"
+        raise ModelNotFoundError(f"'{source}' matches {what} (see `hearth list`)")
+    if _match(dest, models):
+        raise StoreError(f"'{dest}' already names a model: choose another name for the copy")
+    target = found[0].meta.get("alias_of", found[0].name)
+    aliases = _read_aliases()
+    aliases[dest] = target
+    root = store_root()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{ALIASES}.tmp"
+    tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / ALIASES)
+    return next(e for e in _aliases(models) if e.name == dest)
+
+
+def _remove_alias(name: str) -> bool:
+    aliases = _read_aliases()
+    key = next((a for a in aliases if a.lower() == name.lower()), None)
+    if key is None:
+        return False
+    del aliases[key]
+    (store_root() / ALIASES).write_text(json.dumps(aliases, indent=2, sort_keys=True) + "\n")
+    return True
 
 
 def _match(name: str, entries: list[ModelEntry]) -> list[ModelEntry]:
@@ -195,7 +251,10 @@ def resolve(name: str | Path | None) -> Path:
         raise ModelNotFoundError(f"'{name}' is not a local checkpoint folder or .gguf file: no such path")
     if name.lower() in DEMO_ALIASES or name.lower() in BUILTIN_NAMES:
         return _builtin(name.lower())
-    found = _match(name, _stored()) if "/" not in name.strip("/").partition("/")[2] else []
+    stored = _stored()
+    found = (
+        _match(name, stored + _aliases(_builtins() + stored)) if "/" not in name.strip("/").partition("/")[2] else []
+    )
     if len(found) > 1:
         names = ", ".join(e.name for e in found)
         raise ModelNotFoundError(f"'{name}' matches several models: {names}; give the full id")
@@ -218,6 +277,11 @@ def resolve(name: str | Path | None) -> Path:
     )
 
 
+def is_hf_id(text: str) -> bool:
+    """Whether `text` is shaped like a Hugging Face repo id ("org/name")."""
+    return bool(_HF_ID.match(text))
+
+
 def is_model_name(text: str) -> bool:
     """Whether `text` names a model rather than being a prompt: it resolves, or it is shaped like a path or an
     HF id (so a typo in a model name gets resolve()'s error instead of being answered as a prompt)."""
@@ -230,7 +294,9 @@ def is_model_name(text: str) -> bool:
 
 def remove(name: str) -> Path:
     """Delete a model from the store (no question asked); returns the path removed. Refuses the built-in demo
-    models and anything outside the store."""
+    models and anything outside the store. An alias (`copy`) is removed alone, leaving its model."""
+    if not Path(name).expanduser().exists() and _remove_alias(name):
+        return store_root() / ALIASES
     if name.lower() in DEMO_ALIASES or name.lower() in BUILTIN_NAMES:
         raise StoreError(f"'{name}' is a built-in demo model: it ships with hearthlm and cannot be removed")
     root = store_root().resolve()
@@ -501,6 +567,22 @@ def _download(hub: _Hub, t: _Transfer, folder: Path, advance: Callable[[int], No
     os.replace(part, folder / t.name)
 
 
+def _advancer(bar, task, t: _Transfer, part: Path, report) -> Callable[[int], None]:
+    """What _download calls with each chunk's size: moves the bar, and tells `report` the file's progress."""
+    got = part.stat().st_size if part.exists() else 0
+    if report is not None:
+        report(t.name, t.blob, got, t.size)
+
+    def advance(n: int) -> None:
+        nonlocal got
+        got += n
+        bar.advance(task, n)
+        if report is not None:
+            report(t.name, t.blob, got, t.size)
+
+    return advance
+
+
 # -- pull: errors and the entry point -----------------------------------------------------------------
 
 
@@ -602,10 +684,12 @@ def pull(
     progress: bool = True,
     retries: int = 3,
     console=None,
+    report: Callable[[str, str, int, int | None], None] | None = None,
 ) -> Path:
     """Download what the text model of Hugging Face repo `repo_id` needs into the store; returns its folder.
     Resumes an interrupted pull; skips files already pulled at the same blob. Honours HF_ENDPOINT, HF_TOKEN
-    and HF_HUB_OFFLINE."""
+    and HF_HUB_OFFLINE. `report(file, blob, completed, total)`: called as each file's bytes arrive (the
+    server's pull progress)."""
     if not _HF_ID.match(repo_id):
         raise PullError(f"'{repo_id}' is not a Hugging Face repo id (like google/gemma-4-E2B-it)")
     _read_timeout()  # checked before huggingface_hub reads it on import
@@ -625,7 +709,7 @@ def pull(
     _write_meta(folder, meta)
     _check_space(folder, transfers)
     with _hub_errors(repo_id, revision):
-        _transfer_all(hub, transfers, folder, meta, progress, retries, console)
+        _transfer_all(hub, transfers, folder, meta, progress, retries, console, report)
     wanted = set(meta["files"]) & ({t.name for t in transfers} | _kept(folder, files, index))
     for stale in set(meta["files"]) - wanted:  # files of an older commit that this one no longer has
         (folder / stale).unlink(missing_ok=True)
@@ -653,7 +737,7 @@ def _check_space(folder: Path, transfers: list[_Transfer]) -> None:
         )
 
 
-def _transfer_all(hub, transfers, folder, meta, progress, retries, console) -> None:
+def _transfer_all(hub, transfers, folder, meta, progress, retries, console, report=None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -671,6 +755,6 @@ def _transfer_all(hub, transfers, folder, meta, progress, retries, console) -> N
             bar.update(task, description=f"{hub.repo_id}: {t.name}")
             if progress and not live:  # a log, not a terminal: one line per file
                 console.print(f"{hub.repo_id}: {t.name} ({human_size(t.size or 0)})", highlight=False)
-            _download(hub, t, folder, lambda n: bar.advance(task, n), retries)
+            _download(hub, t, folder, _advancer(bar, task, t, _part_path(folder, t), report), retries)
             meta["files"][t.name] = {"blob": t.blob, "size": t.size} | ({"text_only": True} if t.ranges else {})
             _write_meta(folder, meta)

@@ -55,6 +55,15 @@ def parse_budget(value: str | float | int | Budget) -> Budget:
     return _bytes(int(float(m[1]) * _UNITS[m[2]]), value)
 
 
+def parse_bytes(value: str | int, what: str) -> int:
+    """A size in bytes: an int, or a string such as '12GB', '800MB', '2GiB'; `what` names it in the error."""
+    text = str(value).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", text)
+    if m is None or m[2] not in _UNITS or float(m[1]) <= 0:
+        raise ValueError(f"{what} '{value}' not understood: give a size such as '12GB', '800MB' or '2GiB'")
+    return int(float(m[1]) * _UNITS[m[2]])
+
+
 def _fraction(f: float, text: object) -> Budget:
     if not 0 < f <= 1:
         raise BudgetError(f"expert budget '{text}': a fraction must be in (0, 1] (a percentage in (0%, 100%])")

@@ -1,6 +1,6 @@
-"""`hearth serve`: one model behind the OpenAI and Ollama HTTP APIs (FastAPI + uvicorn), all work through the
-AsyncEngine. `create_app` builds the app for a ServedModel; `serve` loads a model, runs uvicorn on a thread and
-the engine on the main thread."""
+"""`hearth serve`: the models of the store (or one pinned model) behind the OpenAI, Ollama and Anthropic HTTP
+APIs (FastAPI + uvicorn), all work through the AsyncEngines. `create_app` builds the app; `serve` runs uvicorn on
+a thread and steps every loaded model's engine on the main thread."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ def model_name(model: str | None, path: Path) -> str:
     return model
 
 
-def load(model: str | None = None, dtype: str | None = None, quant: str | None = None, max_batch: int = 16,
-         kv_blocks: int | None = None, expert_budget: str | None = None, moe_profile: bool = True,
-         background: bool = True):  # fmt: skip
-    """Load `model` and start its engine (`background=False`: the caller runs `engine.run()`); returns the
-    ServedModel the app serves."""
+def load(model: str | None = None, dtype: str | None = None, quant: str | None = None,
+         max_running: int | None = None, kv_blocks: int | None = None, expert_budget: str | None = None,
+         moe_profile: bool = True,
+         background: bool = True, stepper=None, name: str | None = None, metrics=None):  # fmt: skip
+    """Load `model` and start its engine (`background=False`: the caller runs `engine.run()`; `stepper`: the
+    thread shared with other models' engines); returns the ServedModel the app serves, listed as `name`."""
     from ..api import LLM
     from ..engine.async_engine import AsyncEngine
     from ..engine.engine import Engine
@@ -35,33 +36,62 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     llm = LLM(model, dtype=dtype, quant=quant, expert_budget=expert_budget, moe_profile=moe_profile)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
-    engine = AsyncEngine(Engine(llm, max_batch=max_batch, kv_blocks=kv_blocks), background=background)
-    return ServedModel(llm, engine, model_name(model, llm.path), Metrics())
+    engine = AsyncEngine(Engine(llm, max_running=max_running, kv_blocks=kv_blocks), background, stepper)
+    return ServedModel(llm, engine, name or model_name(model, llm.path), metrics or Metrics())
+
+
+def memory_budget(max_memory: str | None) -> int:
+    """Bytes that loaded models may hold together: `max_memory` ("12GB", "800MB"), else what `hearth fit` says
+    this machine holds (its GPU's memory when it has one, else its RAM)."""
+    from ..moe.budget import parse_bytes
+
+    if max_memory is not None:
+        return parse_bytes(max_memory, "--max-memory")
+    from ..fit import detect
+
+    machine = detect(measure=False)
+    return machine.vram or machine.ram
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: str | None = None,
-          dtype: str | None = None, quant: str | None = None, max_batch: int = 16, kv_blocks: int | None = None,
-          log_level: str = "info", expert_budget: str | None = None, moe_profile: bool = True) -> None:  # fmt: skip
-    """Serve `model` (None: the built-in demo) until interrupted."""
+          dtype: str | None = None, quant: str | None = None, max_running: int | None = None,
+          kv_blocks: int | None = None, log_level: str = "info", expert_budget: str | None = None,
+          moe_profile: bool = True,
+          keep_alive: str | None = None, max_memory: str | None = None) -> None:  # fmt: skip
+    """Serve `model`, pinned, or (None) every model in the store, each loaded on first use, until interrupted."""
     import uvicorn
     from rich.console import Console
 
+    from ..engine.async_engine import Stepper
     from .app import create_app
+    from .metrics import Metrics
+    from .registry import DEFAULT_KEEP_ALIVE, Models, keep_alive_seconds
 
-    served = load(model, dtype, quant, max_batch, kv_blocks, expert_budget, moe_profile, background=False)
+    stepper, metrics = Stepper(), Metrics()
+    options = dict(dtype=dtype, quant=quant, max_running=max_running, kv_blocks=kv_blocks, expert_budget=expert_budget,
+                   moe_profile=moe_profile, stepper=stepper, metrics=metrics)  # fmt: skip
+    if model is not None:
+        served = Models(pinned=load(model, **options))
+        what = served.pinned.name
+    else:
+        wait = keep_alive_seconds(keep_alive)
+        served = Models(lambda path, name: load(str(path), name=name, **options), budget=memory_budget(max_memory),
+                        keep_alive=DEFAULT_KEEP_ALIVE if wait is None else wait)  # fmt: skip
+        what = f"{len(served.servable())} models (each loads on first use; `hearth list` shows them)"
     url = f"http://{host}:{port}"
     key = "; send 'Authorization: Bearer KEY'" if api_key else ""
     Console(stderr=True, highlight=False).print(
-        f"serving {served.name}: OpenAI base_url {url}/v1, Ollama host {url}, metrics {url}/metrics{key}"
+        f"serving {what}: OpenAI base_url {url}/v1, Ollama host {url}, metrics {url}/metrics{key}"
     )
-    # HTTP on a thread of its own, the engine on the main thread (see engine/async_engine.py for why).
-    server = uvicorn.Server(uvicorn.Config(create_app(served, api_key), host=host, port=port, log_level=log_level))
+    # HTTP on a thread of its own, the engines on the main thread (see engine/async_engine.py for why).
+    app = create_app(served, api_key, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
 
     def http() -> None:
         try:
             server.run()
         finally:  # stopped, or never started (a port in use): the engine loop ends with it
-            served.engine.shutdown()
+            stepper.stop()
 
     def stop(signum, frame) -> None:  # uvicorn installs no handlers off the main thread: SIGTERM ends as Ctrl-C does
         raise KeyboardInterrupt
@@ -70,11 +100,12 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
     thread = threading.Thread(target=http, name="hearthlm-http")
     thread.start()
     try:
-        served.engine.run()
+        stepper.run()
     except KeyboardInterrupt:
         pass
     finally:
         server.should_exit = True
         thread.join()
+        served.shutdown()
     if not server.started:
         raise SystemExit(f"hearth serve: could not start the HTTP server on {host}:{port} (see the error above)")

@@ -1,8 +1,10 @@
-"""The FastAPI app: the OpenAI, Ollama and Anthropic routers (and llama-server's tokenizer routes) over one
-ServedModel, the API key, error shapes and metrics."""
+"""The FastAPI app: the OpenAI, Ollama and Anthropic routers (and llama-server's tokenizer routes) over the
+server's Models, the API key, error shapes and metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -13,9 +15,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ..api import ContextLengthError
-from . import anthropic, llama_server, ollama, openai
+from . import anthropic, llama_server, ollama, openai, responses
 from .errors import APIError, anthropic_body, ollama_body, openai_body, validation_error
 from .generation import ServedModel
+from .metrics import Metrics
+from .registry import Models
 
 log = logging.getLogger("hearthlm.server")
 
@@ -48,8 +52,8 @@ class Gate:
     """Pure ASGI middleware (it leaves streaming and disconnects alone): the API key, then counts each
     request by route and status."""
 
-    def __init__(self, app, api_key: str | None, metrics, routes: set[str]):
-        self.app, self.api_key, self.metrics, self.routes = app, api_key, metrics, routes
+    def __init__(self, app, api_key: str | None, metrics, routes: set[str], models: Models):
+        self.app, self.api_key, self.metrics, self.routes, self.models = app, api_key, metrics, routes, models
 
     def _route(self, path: str) -> str:
         if path in self.routes:
@@ -77,6 +81,7 @@ class Gate:
                 status[0] = message["status"]
             await send(message)
 
+        held = self.models.hold()  # the models this request names stay loaded until it ends
         try:
             if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
                 how = "'x-api-key: KEY' or " if _is_anthropic(path) else ""
@@ -86,31 +91,53 @@ class Gate:
                 return await error_json(path, e)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
+            self.models.release(held)
             self.metrics.request(self._route(path), status[0])
 
 
-def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
-    """The server's app for `model`; `api_key`: required on every route but / and /health."""
+async def _expire(models: Models) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        models.expire()
+
+
+def _engine_stats(models: Models):
+    """The loaded engines' stats, summed."""
+    stats = [s.model.engine.stats() for s in models.loaded()]
+    if not stats:
+        return None
+    return type(stats[0])(**{f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(stats[0])})
+
+
+def create_app(served: ServedModel | Models, api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The server's app for `served`: one model, pinned, or the Models of a server that serves the store;
+    `api_key`: required on every route but / and /health."""
+    models = served if isinstance(served, Models) else Models(pinned=served)
+    counters = metrics or (served.metrics if isinstance(served, ServedModel) else Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        expiry = asyncio.ensure_future(_expire(models))
         yield
-        model.engine.shutdown()
+        expiry.cancel()
+        models.shutdown()
 
     app = FastAPI(title="hearthlm", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.model = model
+    app.state.models = models
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(llama_server.router)
     app.include_router(anthropic.router)
+    app.include_router(responses.router)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model.name}
+        return {"status": "ok", "models": [s.name for s in models.loaded()]}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        text = model.metrics.render(model.engine.stats(), model.llm.moe_stats())
+        moe = next((m for s in models.loaded() if (m := s.model.llm.moe_stats()) is not None), None)
+        text = counters.render(_engine_stats(models), moe)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(APIError)
@@ -142,5 +169,5 @@ def create_app(model: ServedModel, api_key: str | None = None) -> FastAPI:
         for r in router.routes
         if hasattr(r, "path")
     }
-    app.add_middleware(Gate, api_key=api_key, metrics=model.metrics, routes=routes)
+    app.add_middleware(Gate, api_key=api_key, metrics=counters, routes=routes, models=models)
     return app

@@ -220,16 +220,22 @@ class ServedModel:
             raise APIError(400, f"the model {self.name} has no tool-call format to require a call in", "tool_choice")
         return {"grammar": grammar} if grammar else {}
 
-    def check_length(self, ids: list[int]) -> None:
-        if len(ids) >= self.context:
+    def check_length(self, ids: list[int], context: int | None = None) -> None:
+        """APIError 400 unless `ids` leave room for a reply in the context (`context`: a smaller one a request
+        asked for, as Ollama's num_ctx)."""
+        limit = min(context or self.context, self.context)
+        if len(ids) >= limit:
+            whose = f"the context of {limit} tokens that num_ctx asks for" if limit < self.context else (
+                f"this model's context of {limit} tokens")  # fmt: skip
             raise APIError(
-                400, f"the prompt has {len(ids)} tokens, more than this model's context of {self.context} tokens "
-                "allows (it needs room for at least one generated token)", "messages", "context_length_exceeded",
+                400, f"the prompt has {len(ids)} tokens, more than {whose} allows (it needs room for at least one "
+                "generated token); shorten the prompt" + (" or raise num_ctx" if limit < self.context else ""),
+                "messages", "context_length_exceeded",
             )  # fmt: skip
 
-    def max_tokens(self, prompt: Prompt, requested: int | None) -> int:
+    def max_tokens(self, prompt: Prompt, requested: int | None, context: int | None = None) -> int:
         """Tokens left in the context when none (or too many) are requested."""
-        room = self.context - len(prompt.ids)
+        room = min(context or self.context, self.context) - len(prompt.ids)
         return room if requested is None or requested <= 0 else min(requested, room)
 
     # -- generation ----------------------------------------------------------------------------

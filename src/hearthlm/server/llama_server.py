@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from .errors import APIError
 from .generation import ServedModel
+from .registry import models, served
 
 router = APIRouter()
 
@@ -26,17 +27,21 @@ class DetokenizeRequest(BaseModel):
     model: StrictStr | None = None
 
 
-def _model(request: Request, name: str | None) -> ServedModel:
-    model: ServedModel = request.app.state.model
-    if name is not None:
-        model.check_name(name)
-    return model
+async def _model(request: Request, name: str | None) -> ServedModel:
+    """The model `name` names; none named: the one loaded model (or the pinned one)."""
+    if name is None:
+        loaded = models(request).loaded()
+        if len(loaded) != 1:
+            raise APIError(400, "name the model: 'model' is required when the server has not exactly one model "
+                           "loaded", "model")  # fmt: skip
+        return loaded[0].model
+    return await served(request, name)
 
 
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request):
     """Special tokens written in `content` (e.g. "<bos>") are read as those tokens, as llama-server reads them."""
-    tok = _model(request, req.model)._tok()
+    tok = (await _model(request, req.model))._tok()
     ids = tok.encode(req.content, add_special_tokens=req.add_special)
     if not req.with_pieces:
         return {"tokens": ids}
@@ -58,7 +63,7 @@ def _piece(tok, token_id: int) -> str | list[int]:
 @router.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, request: Request):
     """The text of `tokens`, special tokens written out (as llama-server writes them)."""
-    tok = _model(request, req.model)._tok()
+    tok = (await _model(request, req.model))._tok()
     n = tok.vocab_size
     for k, i in enumerate(req.tokens):
         if not 0 <= i < n or tok.token(i) is None:

@@ -1,9 +1,11 @@
-"""Ollama-compatible routes: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version, / (schemas and
-translation only)."""
+"""Ollama-compatible routes: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/pull, /api/delete,
+/api/copy, /api/version, / (schemas and translation only)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -13,17 +15,19 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from .. import __version__
+from .. import __version__, store
+from .catalog import Card, card
 from .errors import APIError, ollama_body
 from .generation import Prompt, ServedModel, Stream, close_all, collect, merged, unless_disconnected
 from .inputs import chat_messages, make_params, one_constraint, stop_list, token_text
+from .registry import FOREVER, Slot, keep_alive_seconds, models, served
 
 router = APIRouter()
 
 
 class Options(BaseModel):
-    """Ollama's `options`. Used: temperature, top_p, top_k, min_p, num_predict, seed, stop, repeat_penalty,
-    presence_penalty, frequency_penalty. Accepted and ignored: everything else (num_ctx, num_thread, mirostat...)."""
+    """Ollama's `options`. Used: temperature, top_p, top_k, min_p, num_predict, num_ctx, seed, stop, repeat_penalty,
+    presence_penalty, frequency_penalty. Accepted and ignored: everything else (num_thread, mirostat...)."""
 
     model_config = ConfigDict(extra="ignore")
     temperature: float | None = Field(None, ge=0)
@@ -31,6 +35,7 @@ class Options(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     num_predict: int | None = None  # -1: until the context is full, -2: the same here
+    num_ctx: int | None = Field(None, ge=1)  # the context a request may fill (at most the model's)
     seed: int | None = None
     stop: str | list[str] | None = None
     repeat_penalty: float | None = Field(None, gt=0)
@@ -39,8 +44,9 @@ class Options(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # keep_alive and other fields that do not apply are ignored
+    model_config = ConfigDict(extra="ignore")  # fields that do not apply are ignored
     model: str = Field(min_length=1)
+    keep_alive: int | float | str | None = None
     options: Options = Field(default_factory=Options)
     stream: bool = True
     format: Literal["", "json"] | dict[str, Any] | None = None
@@ -61,7 +67,7 @@ class _Request(BaseModel):
         o = self.options
         # Ollama's documented defaults: temperature 0.8, top_k 40, top_p 0.9 (no repeat penalty unless asked).
         return make_params(
-            max_tokens=model.max_tokens(prompt, o.num_predict), temperature=0.8 if o.temperature is None else o.temperature,
+            max_tokens=model.max_tokens(prompt, o.num_predict, o.num_ctx), temperature=0.8 if o.temperature is None else o.temperature,
             top_p=0.9 if o.top_p is None else o.top_p, top_k=40 if o.top_k is None else o.top_k, min_p=o.min_p,
             seed=o.seed, stop=stop_list(o.stop), repetition_penalty=o.repeat_penalty,
             presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
@@ -85,10 +91,6 @@ class GenerateRequest(_Request):
     context: list[int] | None = None
     suffix: str | None = None
     images: list[str] | None = None
-
-
-def _model(request: Request) -> ServedModel:
-    return request.app.state.model
 
 
 def _now() -> str:
@@ -127,28 +129,38 @@ def _calls(calls: list) -> list[dict[str, Any]]:
     ]
 
 
-def _ndjson(events: AsyncIterator[dict[str, Any]], stream: Stream) -> StreamingResponse:
-    async def lines():
-        try:
-            async for e in events:
-                yield json.dumps(e, ensure_ascii=False) + "\n"
-        except APIError as e:
-            yield json.dumps(ollama_body(e)) + "\n"
-        except Exception as e:  # after the headers went out, an error can only be a line
-            yield json.dumps({"error": f"generation failed: {type(e).__name__}: {e}"}) + "\n"
+async def _lines(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    try:
+        async for e in events:
+            yield json.dumps(e, ensure_ascii=False) + "\n"
+    except APIError as e:
+        yield json.dumps(ollama_body(e)) + "\n"
+    except Exception as e:  # after the headers went out, an error can only be a line
+        yield json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n"
 
+
+def _ndjson(events: AsyncIterator[dict[str, Any]], stream: Stream) -> StreamingResponse:
     done = BackgroundTask(close_all, [stream])  # runs even when the client left before the body started
-    return StreamingResponse(lines(), media_type="application/x-ndjson", background=done)
+    return StreamingResponse(_lines(events), media_type="application/x-ndjson", background=done)
+
+
+async def _load_or_unload(request: Request, req: _Request) -> str:
+    """An empty chat or generate: keep_alive 0 unloads the model (without loading it first), else it loads."""
+    if keep_alive_seconds(req.keep_alive) == 0:
+        models(request).unload_named(req.model)
+        return "unload"
+    await served(request, req.model, req.keep_alive)
+    return "load"
 
 
 @router.post("/api/chat")
 async def chat(req: ChatRequest, request: Request):
-    model = _model(request)
-    model.check_name(req.model)
-    if not req.messages:  # Ollama loads the model and answers at once
+    if not req.messages:  # Ollama loads (or with keep_alive 0 unloads) the model and answers at once
         return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                "done_reason": "load", "done": True}  # fmt: skip
+                "done_reason": await _load_or_unload(request, req), "done": True}  # fmt: skip
+    model = await served(request, req.model, req.keep_alive)
     prompt = model.chat_prompt(chat_messages(req.messages), req.tools, **req.template_kwargs())
+    model.check_length(prompt.ids, req.options.num_ctx)
     constraint = req.constraint()
     if not constraint and req.tools:  # a call the model opens is held to the tools' schemas
         constraint = model.tool_constraint(req.tools, required=False)
@@ -194,15 +206,16 @@ async def _chat_events(model: ServedModel, stream: Stream, head: dict[str, Any])
 
 @router.post("/api/generate")
 async def generate(req: GenerateRequest, request: Request):
-    model = _model(request)
-    model.check_name(req.model)
     if req.images:
         raise APIError(400, "images are not supported")
     if req.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported")
-    if not req.prompt and not req.context:  # Ollama loads the model and answers at once
-        return {"model": req.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    if not req.prompt and not req.context:  # Ollama loads (or with keep_alive 0 unloads) the model at once
+        reason = await _load_or_unload(request, req)
+        return {"model": req.model, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
+    model = await served(request, req.model, req.keep_alive)
     prompt = _generate_prompt(model, req)
+    model.check_length(prompt.ids, req.options.num_ctx)
     [stream] = await model.start_all([(prompt, req.params(model, prompt))])
     head = {"model": req.model}
     if req.stream:
@@ -253,72 +266,36 @@ async def _generate_events(model: ServedModel, stream: Stream, head: dict[str, A
 
 
 # -- model information ---------------------------------------------------------------------------
-_DTYPE_LEVELS = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}  # as Ollama names them
-
-
-def _details(model: ServedModel) -> dict[str, Any]:
-    from ..store import ModelEntry
-
-    entry = ModelEntry(model.name, model.llm.path, "local")
-    params = sum(p.numel() for p in model.llm.model.parameters())
-    size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-    family = entry.family()
-    return {
-        "parent_model": "", "format": "gguf" if model.llm.path.suffix == ".gguf" else "safetensors",
-        "family": family, "families": [family], "parameter_size": size,
-        "quantization_level": (model.llm.quant or _DTYPE_LEVELS.get(str(model.llm.dtype), str(model.llm.dtype))).upper(),
-    }  # fmt: skip
-
-
-def _size(model: ServedModel) -> int:
-    p = model.llm.path
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def _entry(model: ServedModel) -> dict[str, Any]:
-    modified = datetime.fromtimestamp(model.llm.path.stat().st_mtime, timezone.utc).isoformat()
-    return {"name": model.name, "model": model.name, "modified_at": modified, "size": _size(model),
-            "digest": model.digest, "details": _details(model)}  # fmt: skip
+def _entry(card: Card, quant: str | None = None) -> dict[str, Any]:
+    return {"name": card.name, "model": card.name, "modified_at": card.modified_at, "size": card.size,
+            "digest": card.digest, "details": card.details(quant)}  # fmt: skip
 
 
 @router.get("/api/tags")
 async def tags(request: Request):
-    return {"models": [_entry(_model(request))]}
+    return {"models": [_entry(c) for c in await asyncio.to_thread(models(request).cards)]}
+
+
+def _expires_at(slot: Slot) -> str:
+    if slot.pinned or slot.keep_alive == FOREVER:
+        at = datetime.now(timezone.utc) + timedelta(days=3650)
+    elif slot.busy:  # in use: its keep_alive starts when its requests end
+        at = datetime.now(timezone.utc) + timedelta(seconds=slot.keep_alive)
+    else:
+        at = datetime.fromtimestamp(slot.expires, timezone.utc)
+    return at.isoformat()
 
 
 @router.get("/api/ps")
 async def ps(request: Request):
-    model = _model(request)
-    forever = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat()
-    return {"models": [{**_entry(model), "expires_at": forever, "size_vram": 0, "context_length": model.context}]}
-
-
-# Architecture names as Ollama (llama.cpp's GGUF `general.architecture`) writes them; Mistral and Mixtral are
-# converted as "llama". Another architecture: its class name, lowercased, without "ForCausalLM".
-OLLAMA_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe",
-    "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
-    "Gemma4ForCausalLM": "gemma4", "Gemma4ForConditionalGeneration": "gemma4",
-}  # fmt: skip
-
-
-def ollama_architecture(architecture: str) -> str:
-    return OLLAMA_ARCHITECTURES.get(architecture) or architecture.removesuffix("ForCausalLM").lower()
-
-
-def _capabilities(model: ServedModel) -> list[str]:
-    """What the model can do, in Ollama's words: text always; "tools" when its reply format has tool calls to
-    parse, "thinking" when it has reasoning markers. No vision, audio, embedding or insert (not served)."""
-    fmt = model.format
-    return ["completion"] + (["tools"] if fmt.parse_calls else []) + (["thinking"] if fmt.think else [])
-
-
-def _parameters(model: ServedModel) -> str:
-    """The Modelfile's PARAMETER lines as Ollama lists them: here the tokens that end a reply."""
-    tok = model.tokenizer
-    stops = sorted(t for i in model.stop_ids if tok is not None and (t := tok.token(i)))
-    return "\n".join(f"{'stop':<30} {json.dumps(t, ensure_ascii=False)}" for t in stops)
+    out = []
+    for slot in models(request).loaded():
+        model = slot.model
+        c = await asyncio.to_thread(card, slot.name, slot.path)
+        vram = slot.size if model.llm.device.type != "cpu" else 0
+        out.append({**_entry(c, model.llm.quant), "expires_at": _expires_at(slot), "size": slot.size,
+                    "size_vram": vram, "context_length": model.context})  # fmt: skip
+    return {"models": out}
 
 
 class ShowRequest(BaseModel):
@@ -329,20 +306,136 @@ class ShowRequest(BaseModel):
 
 @router.post("/api/show")
 async def show(req: ShowRequest, request: Request):
-    model = _model(request)
+    """What a model is, from its files: showing a model does not load it."""
     name = req.model or req.name
     if not name:
         raise APIError(400, "model is required", "model")
-    model.check_name(name)
-    arch = ollama_architecture(model.llm.config.architecture)
-    info = {
-        "general.architecture": arch, "general.basename": model.name.rsplit("/", 1)[-1],
-        "general.parameter_count": sum(p.numel() for p in model.llm.model.parameters()),
-        f"{arch}.context_length": model.context,
-    }  # fmt: skip
-    return {"modelfile": f"FROM {model.llm.path}\n", "parameters": _parameters(model), "template": model.template or "",
-            "details": _details(model), "model_info": info, "capabilities": _capabilities(model),
-            "modified_at": _entry(model)["modified_at"]}  # fmt: skip
+    c = await asyncio.to_thread(models(request).card, name)
+    return {"modelfile": f"FROM {c.path}\n", "parameters": c.parameters(), "template": c.template or "",
+            "details": c.details(), "model_info": c.model_info(), "capabilities": c.capabilities,
+            "modified_at": c.modified_at}  # fmt: skip
+
+
+# -- the store ---------------------------------------------------------------------------------------
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    name: str | None = None  # older clients
+    insecure: bool = False
+    stream: bool = True
+
+
+def _repo_id(name: str) -> str:
+    """The Hugging Face repo a pull names: "org/name", also written as Ollama writes Hub models
+    ("hf.co/org/name", "huggingface.co/org/name:latest")."""
+    repo = name.strip().removesuffix(":latest")
+    for prefix in ("https://", "http://", "hf.co/", "huggingface.co/"):
+        repo = repo.removeprefix(prefix)
+    if not store.is_hf_id(repo):
+        raise APIError(400, f"'{name}' is not a Hugging Face repo id: hearthlm pulls from the Hub, so name a repo "
+                       "such as 'Qwen/Qwen2.5-0.5B-Instruct' (Ollama's own library is not reachable)", "model")  # fmt: skip
+    return repo
+
+
+def _progress(file: str, blob: str, completed: int, total: int | None) -> dict[str, Any]:
+    digest = f"sha256:{blob}" if len(blob) == 64 else blob
+    return {"status": f"pulling {blob[:12]}", "digest": digest, "total": total or completed, "completed": completed}
+
+
+async def _pull_events(repo: str) -> AsyncIterator[dict[str, Any]]:
+    """The store's pull, in a thread, as Ollama's progress lines: the manifest, each file's bytes (at most ~10
+    lines a second per file, and its last), then success; a failure is the last line, {"error": ...}."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    last: dict[str, float] = {}
+
+    def report(file: str, blob: str, completed: int, total: int | None) -> None:
+        now = time.monotonic()
+        if completed == total or now - last.get(file, 0.0) >= 0.1:
+            last[file] = now
+            loop.call_soon_threadsafe(queue.put_nowait, _progress(file, blob, completed, total))
+
+    def work() -> None:
+        try:
+            store.pull(repo, progress=False, report=report)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+        except Exception as e:
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+
+    yield {"status": "pulling manifest"}
+    task = asyncio.ensure_future(asyncio.to_thread(work))
+    while (item := await queue.get()) is not None:
+        if isinstance(item, Exception):
+            raise APIError(400 if isinstance(item, store.PullError) else 500, f"pull of {repo} failed: {item}")
+        yield item
+    await task
+    yield {"status": "verifying sha256 digest"}
+    yield {"status": "writing manifest"}
+    yield {"status": "success"}
+
+
+@router.post("/api/pull")
+async def pull(req: PullRequest):
+    """Download a model into the store (`hearth pull`), streaming progress. A client that leaves does not stop
+    the download; a later pull resumes or finds it done."""
+    name = req.model or req.name
+    if not name:
+        raise APIError(400, "model is required", "model")
+    events = _pull_events(_repo_id(name))
+    if not req.stream:
+        async for _ in events:
+            pass
+        return {"status": "success"}
+    return StreamingResponse(_lines(events), media_type="application/x-ndjson")
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    name: str | None = None  # older clients
+
+
+def _store_call(fn, *args):
+    try:
+        return fn(*args)
+    except store.ModelNotFoundError as e:
+        raise APIError(404, str(e), "model", "model_not_found") from None
+    except store.StoreError as e:
+        raise APIError(400, str(e), "model") from None
+
+
+@router.delete("/api/delete")
+async def delete(req: DeleteRequest, request: Request):
+    """Remove a model from the store (unloading it first), or an alias alone."""
+    name = (req.model or req.name or "").strip().removesuffix(":latest")
+    if not name:
+        raise APIError(400, "model is required", "model")
+    registry = models(request)
+    if registry.pinned is not None:
+        registry.find(name)  # 404 for another name
+        raise APIError(400, f"this server serves '{registry.pinned.name}' alone and cannot delete it; stop it, "
+                       "then run `hearth rm`", "model")  # fmt: skip
+    listed, path = registry.find(name)
+    removed = await asyncio.to_thread(_store_call, store.remove, listed)
+    if removed.name != store.ALIASES:
+        registry.forget(path)
+    return Response(status_code=200)
+
+
+class CopyRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    source: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+
+
+@router.post("/api/copy")
+async def copy(req: CopyRequest, request: Request):
+    """Another name for a model: an alias in the store, served as the model it names."""
+    if models(request).pinned is not None:
+        raise APIError(400, "this server serves one model; copies are made in the store: `hearth serve` with no "
+                       "model serves them", "source")  # fmt: skip
+    listed, _ = models(request).find(req.source)
+    await asyncio.to_thread(_store_call, store.copy, listed, req.destination.strip().removesuffix(":latest"))
+    return Response(status_code=200)
 
 
 # The Ollama API version these routes implement, as clients compare it (VS Code Copilot refuses below 0.6.4):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -13,9 +14,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from .catalog import Card
 from .errors import APIError, openai_body
 from .generation import Piece, Prompt, Result, ServedModel, Stream, close_all, collect, merged, unless_disconnected
 from .inputs import chat_messages, make_params, one_constraint, stop_list, token_text
+from .registry import models, served
 
 router = APIRouter()
 
@@ -148,10 +151,6 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1)
 
 
-def _model(request: Request) -> ServedModel:
-    return request.app.state.model
-
-
 def _usage(streams: list[Stream], prompts: int = 1) -> dict[str, Any]:
     firsts = streams[:: len(streams) // prompts]  # the choices of one prompt count its tokens once
     prompt, cached = sum(s.prompt_tokens for s in firsts), sum(s.cached_tokens for s in firsts)
@@ -234,8 +233,7 @@ def _chat_tools(req: ChatRequest) -> list[dict[str, Any]] | None:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
-    model = _model(request)
-    model.check_name(req.model)
+    model = await served(request, req.model)
     messages = chat_messages(req.messages)
     tools = _chat_tools(req)
     prompt = model.chat_prompt(messages, tools, **_thinking_kwargs(req))
@@ -344,8 +342,7 @@ def _completion_logprobs(model: ServedModel, logprobs: list | None, offset: int)
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
-    model = _model(request)
-    model.check_name(req.model)
+    model = await served(request, req.model)
     if req.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -401,17 +398,16 @@ async def _completion_events(model, streams: list[Stream], head: dict, echo: lis
 
 
 # -- models ------------------------------------------------------------------------------------
-def _card(model: ServedModel) -> dict[str, Any]:
-    return {"id": model.name, "object": "model", "created": model.created, "owned_by": "hearthlm"}
+def _card(card: Card) -> dict[str, Any]:
+    return {"id": card.name, "object": "model", "created": int(card.path.stat().st_mtime), "owned_by": "hearthlm",
+            "input_modalities": card.input_modalities, "capabilities": card.capabilities}  # fmt: skip
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_card(_model(request))]}
+    return {"object": "list", "data": [_card(c) for c in await asyncio.to_thread(models(request).cards)]}
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, request: Request):
-    model = _model(request)
-    model.check_name(name)
-    return _card(model)
+    return _card(await asyncio.to_thread(models(request).card, name))
