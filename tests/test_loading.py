@@ -72,7 +72,6 @@ def test_gemma3_norms_are_one_plus_weight_in_float32_and_quantized_folders_keep_
     "change, message",
     [
         ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
-        ({"use_bidirectional_attention": True}, "not a causal LM"),
         ({"layer_types": ["full_attention"] * 3}, "layer_types must list 6"),
         ({"sliding_window": None}, "sliding_window is null but layer_types has sliding layers"),
         ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0}}}, "RoPE type 'yarn'"),

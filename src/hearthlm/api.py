@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .chat_formats import detect
+from .embeddings.embedder import Embedder
 from .engine.engine import Engine
 from .engine.errors import ContextLengthError
 from .engine.kv_cache import ContiguousKVCache
@@ -91,6 +92,7 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
         self._engine: Engine | None = None
+        self._embedder: Embedder | None = None
         self._calls = itertools.count()
         if self.device.type == "cpu":
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
@@ -141,11 +143,82 @@ class LLM:
         eos = set(self.config.eos_token_ids)
         return self.tokenizer.stop_token_ids(eos) if self.tokenizer is not None else eos
 
+    # -- embeddings ---------------------------------------------------------------------------
+    @property
+    def can_generate(self) -> bool:
+        """False for a dedicated embedding model (EmbeddingGemma, Qwen3-Embedding, ...): it only embeds."""
+        return self.config.pooling is None
+
+    @property
+    def can_embed(self) -> bool:
+        """Every loaded model embeds: dedicated embedding models, and language models by last-token pooling."""
+        return True
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(self.model, self.tokenizer, self.path if self.path.is_dir() else None)
+        return self._embedder
+
+    @property
+    def embedding_dims(self) -> int:
+        """The native size of embed()'s vectors."""
+        return self.embedder.dims
+
+    @property
+    def embedding_dimensions(self) -> tuple[int, ...] | range:
+        """The sizes `dimensions=` accepts: the native size and the Matryoshka sizes the model was trained for, or
+        any size from 1 (first components, renormalised) where none are known."""
+        return self.embedder.allowed
+
+    @property
+    def pooling(self) -> str:
+        """How token states become one vector: "mean", "last" (language models) or "cls"."""
+        return self.embedder.pooling
+
+    @property
+    def embedding_max_tokens(self) -> int:
+        """The most tokens one input may have; longer ones are cut (truncate=True) or refused."""
+        return self.embedder.max_tokens
+
+    def embed_tokens(self, text: str) -> list[int]:
+        """`text` as embed() tokenizes it: the tokenizer's special tokens, plus the end-of-text token that a
+        last-token embedding model (Qwen3-Embedding) reads."""
+        return self.embedder.tokens(text)
+
+    def embed_inputs(self, inputs: str | list[str] | list[list[int]], truncate: bool = True) -> list[list[int]]:
+        """The token rows embed() runs: texts tokenized, token-id lists checked, each cut to embedding_max_tokens
+        (`truncate`) or refused with a ValueError naming the input, its length and the limit."""
+        return self.embedder.rows(inputs, truncate)
+
+    def embed_ids(
+        self, batch: list[list[int]], dimensions: int | None = None, *, truncate: bool = True
+    ) -> torch.Tensor:
+        """Token rows -> [n, d] float32 unit vectors, all rows in one batched forward (padded, masked)."""
+        return self.embedder.vectors(self.embedder.rows(batch, truncate), dimensions)
+
+    def embed(
+        self, texts: str | list[str] | list[list[int]], *, dimensions: int | None = None, truncate: bool = True
+    ) -> list[list[float]]:
+        """One pooled, L2-normalised vector per input (text or token ids). `dimensions`: keep the first n components
+        and renormalise (one of embedding_dimensions); `truncate`: cut inputs longer than embedding_max_tokens,
+        or raise a ValueError."""
+        self.embedder.check_dimensions(dimensions)
+        return self.embedder.vectors(self.embed_inputs(texts, truncate), dimensions).tolist()
+
+    def _need_generative(self) -> None:
+        if not self.can_generate:
+            raise ValueError(
+                f"{self.path.name} is an embedding model ({self.config.architecture}, {self.pooling} pooling): it "
+                "computes embeddings (embed) and cannot generate text or logits"
+            )
+
     # -- scoring ------------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, token_ids: list[int] | list[list[int]]) -> torch.Tensor:
         """Full forward without a cache: [T, vocab] float32 for one sequence, [B, T, vocab] for a batch
         of equal-length sequences."""
+        self._need_generative()
         single = bool(token_ids) and isinstance(token_ids[0], int)
         rows = [self._check_ids(token_ids)] if single else [self._check_ids(r) for r in token_ids]
         if not rows or len({len(r) for r in rows}) != 1:
@@ -166,6 +239,7 @@ class LLM:
     ) -> list[Completion]:
         """Generate a completion per prompt (text or token ids), all of them batched on the engine.
         `on_token(index, token_id)` is called as each token is produced, for streaming."""
+        self._need_generative()
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -205,6 +279,7 @@ class LLM:
     def engine(self, **options) -> Engine:
         """The engine generate() and chat() run on: created on first use with default sizes, or anew from
         `options`, Engine's keywords (max_batch, block_size, kv_blocks, prefill_chunk, prefix_caching)."""
+        self._need_generative()
         if self._engine is None or options:
             self._engine = Engine(self, **options)
         return self._engine

@@ -71,6 +71,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # Embedding models (embeddings/): `bidirectional` attention sees the whole input, and a sliding layer's
+    # `sliding_window` is then a radius (keys within that distance on either side); `pooling` ("mean" | "last" |
+    # "cls") marks a dedicated embedding model, None a language model; `embedding_dim` is the width of a
+    # projection head after the final norm (0: none).
+    bidirectional: bool = False
+    pooling: str | None = None
+    embedding_dim: int = 0
 
     @property
     def num_layers(self) -> int:

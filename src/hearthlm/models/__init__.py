@@ -19,8 +19,14 @@ ARCHITECTURES = {
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3Model"),
     "Gemma4ForCausalLM": ("gemma4", "Gemma4Model"),
     "Gemma4ForConditionalGeneration": ("gemma4", "Gemma4Model"),
+    # Embedding models: base models without an LM head (sentence-transformers folders save these).
+    "Gemma3TextModel": ("gemma3", "Gemma3Model"),  # EmbeddingGemma (use_bidirectional_attention)
+    "Qwen3Model": ("qwen3", "Qwen3Model"),  # Qwen3-Embedding
+    "EmbeddingGemma2Model": ("embedding_gemma2", "EmbeddingGemma2"),
+    "EmbeddingGemma2TextModel": ("embedding_gemma2", "EmbeddingGemma2"),
 }
-MULTIMODAL = {"Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration"}  # config in text_config
+# config in text_config
+MULTIMODAL = {"Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration", "EmbeddingGemma2Model"}
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -32,6 +38,8 @@ MODEL_TYPES = {
     "gemma3": "Gemma3ForConditionalGeneration",
     "gemma4_text": "Gemma4ForCausalLM",
     "gemma4": "Gemma4ForConditionalGeneration",
+    "embedding_gemma2_text": "EmbeddingGemma2TextModel",
+    "embedding_gemma2": "EmbeddingGemma2Model",
 }
 
 

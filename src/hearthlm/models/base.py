@@ -22,7 +22,8 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        no_head = cfg.tie_embeddings or cfg.pooling is not None  # an embedding model has no LM head
+        self.lm_head = None if no_head else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotaries = {rope_key(s): Rotary(s.rope, s.head_dim) for s in cfg.layers}
         # The dtype the model was loaded in: of its float weights and of the KV cache (quantized weights too
         # stand in for it). The loader sets it.
@@ -52,6 +53,11 @@ class CausalLM(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def embedding_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token states that embeddings pool: the final norm's output (a family with a projection head
+        applies it here)."""
+        return self.norm(hidden)
 
     def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         raise NotImplementedError

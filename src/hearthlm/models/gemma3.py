@@ -2,7 +2,8 @@
 
 The dense decoder Gemma 4 grew from: sandwich norms (pre and post norm around attention and the MLP), q/k
 RMSNorm, sliding and full layers (5:1) each with its own RoPE base (full layers optionally scaled linearly),
-a GELU-tanh gated MLP and embeddings scaled by sqrt(hidden). Where it differs from Gemma 4:
+a GELU-tanh gated MLP and embeddings scaled by sqrt(hidden). With `use_bidirectional_attention` it is EmbeddingGemma
+(v1): the same layers attending in both directions, mean-pooled (embeddings/). Where it differs from Gemma 4:
 - every RMSNorm scales by 1 + weight: the weight map adds the 1 once, at load, in float32 as the reference
   does (mapping.PlusOne), and the norm weights stay float32 whatever the model's dtype;
 - attention scores are scaled by query_pre_attn_scalar ** -0.5; values are not normed;
@@ -115,8 +116,7 @@ class Gemma3Model(CausalLM):
     @classmethod
     def config_from_hf(cls, hf: dict[str, Any], arch: str, where: str) -> ModelConfig:
         hf = DEFAULTS | hf
-        if hf.get("use_bidirectional_attention"):
-            raise ConfigError(f"{where}: use_bidirectional_attention is set: an embedding model, not a causal LM")
+        bidirectional = bool(hf.get("use_bidirectional_attention"))  # EmbeddingGemma: an encoder, mean-pooled
         if hf["attn_logit_softcapping"] is not None:
             raise ConfigError(
                 f"{where}: attn_logit_softcapping={hf['attn_logit_softcapping']} is not supported: hearthlm's "
@@ -127,6 +127,9 @@ class Gemma3Model(CausalLM):
         window = hf["sliding_window"]
         if window is None and "sliding_attention" in types:
             raise ConfigError(f"{where}: sliding_window is null but layer_types has sliding layers")
+        if bidirectional and window is not None:
+            # transformers turns the stored width w into the exclusive bound w // 2 + 1 on |query - key|: a radius.
+            window //= 2
         rope = {"rope_parameters": _rope_parameters(hf)}
         layers = [
             LayerSpec(
@@ -157,6 +160,8 @@ class Gemma3Model(CausalLM):
             bos_token_id=hf["bos_token_id"],
             eos_token_ids=as_id_list(hf["eos_token_id"]),
             pad_token_id=hf["pad_token_id"],
+            bidirectional=bidirectional,
+            pooling="mean" if bidirectional else None,
         )
 
     def __init__(self, cfg: ModelConfig):

@@ -26,6 +26,7 @@ from rich.progress import Progress
 from torch import nn
 
 from ..config import ModelConfig, as_id_list, read_json
+from ..embeddings.sentence_transformers import folder_pooling
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
 from ..layers.moe import Experts
@@ -45,7 +46,7 @@ from .safetensors import Checkpoint, CheckpointError
 HEARTHLM_QUANT = "hearthlm"  # quantization_config.quant_method of the folders `hearth quantize` writes
 
 # Text-model prefixes, most specific first: multimodal wrapper, then CausalLM.
-PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+PREFIXES = ("model.language_model.", "language_model.model.", "model.", "language_model.", "")
 # Towers of multimodal checkpoints: never read.
 IGNORED = (
     "model.vision_tower.",
@@ -56,6 +57,8 @@ IGNORED = (
     "vision_tower.",
     "audio_tower.",
     "multi_modal_projector.",
+    "embed_vision.",
+    "embed_audio.",
 )
 
 
@@ -64,6 +67,7 @@ def read_model_config(folder: Path) -> tuple[type[CausalLM], ModelConfig]:
     hf = read_json(path)
     cls, arch, text = resolve(hf, str(path))
     cfg = cls.config_from_hf(text, arch, str(path))
+    cfg.pooling = folder_pooling(folder) or cfg.pooling  # a sentence-transformers folder: an embedding model
     gen = folder / "generation_config.json"
     if gen.exists():
         extra = as_id_list(read_json(gen).get("eos_token_id"))
