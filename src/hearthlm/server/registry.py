@@ -79,7 +79,7 @@ class Slot:
     keep_alive: float = DEFAULT_KEEP_ALIVE
     expires: float = FOREVER  # wall-clock time it unloads at, once idle
     last_used: float = field(default_factory=time.monotonic)
-    size: int = 0  # bytes: measured once loaded
+    size: int = 0  # bytes: measured when it last loaded
 
 
 def loaded_bytes(model: ServedModel) -> int:
@@ -191,6 +191,7 @@ class Models:
             model = await asyncio.to_thread(self._load, slot.path, slot.name)
             slot.size = loaded_bytes(model)
             slot.model = model
+            self._trim(slot)
         except APIError:
             raise
         except Exception as e:  # the reason goes to every waiting request; the server goes on
@@ -200,10 +201,36 @@ class Models:
             slot.loading = None
 
     def _estimate(self, slot: Slot) -> int:
+        """Its size when it last loaded, else its files' size (the KV cache is counted once it loads)."""
+        if slot.size:
+            return slot.size
         try:
             return card(slot.name, slot.path).size
         except Exception:
             return 0
+
+    def _idle_lru(self, keep: Slot) -> list[Slot]:
+        idle = (s for s in self.loaded() if s is not keep and not s.busy and not s.pinned)
+        return sorted(idle, key=lambda s: s.last_used)
+
+    def _too_big(self, slot: Slot, need: int) -> APIError:
+        return APIError(507, f"model '{slot.name}' needs about {need / 1e9:.2f} GB, more than the memory budget of "
+                        f"{self.budget / 1e9:.2f} GB; `hearth serve --max-memory` sets it", "model",
+                        "insufficient_memory")  # fmt: skip
+
+    def _trim(self, slot: Slot) -> None:
+        """After a load, measured: unload idle models, least recently used first, while past the budget; a model
+        that alone passes it is unloaded again and refused."""
+        if self.budget is not None and slot.size > self.budget:
+            slot.model.engine.shutdown()
+            slot.model = None
+            raise self._too_big(slot, slot.size)
+        while self.budget is not None and sum(s.size for s in self.loaded()) > self.budget:
+            idle = self._idle_lru(slot)
+            if not idle:
+                log.warning("loaded models hold more than the memory budget; others are busy")
+                return
+            self.unload(idle[0])
 
     async def _make_room(self, slot: Slot) -> None:
         """Unload idle models, least recently used first, until `slot` fits the budget; wait for busy ones."""
@@ -211,17 +238,15 @@ class Models:
             return
         need = self._estimate(slot)
         while True:
-            loaded = [s for s in self._slots.values() if s.model is not None and s is not slot]
+            loaded = [s for s in self.loaded() if s is not slot]
             if sum(s.size for s in loaded) + need <= self.budget:
                 return
-            idle = sorted((s for s in loaded if not s.busy and not s.pinned), key=lambda s: s.last_used)
+            idle = self._idle_lru(slot)
             if idle:
                 self.unload(idle[0])
                 continue
             if not loaded or all(s.pinned for s in loaded):
-                raise APIError(507, f"model '{slot.name}' needs about {need / 1e9:.1f} GB, more than the memory "
-                               f"budget of {self.budget / 1e9:.1f} GB leaves; `hearth serve --max-memory` sets it",
-                               "model", "insufficient_memory")  # fmt: skip
+                raise self._too_big(slot, need)
             await self._event().wait()  # a busy model's request will end
             self._event().clear()
 
@@ -235,7 +260,7 @@ class Models:
         """Unload now (its open requests fail). The pinned model stays."""
         if slot.pinned or slot.model is None:
             return
-        model, slot.model, slot.size = slot.model, None, 0
+        model, slot.model = slot.model, None
         log.info("unloading %s", slot.name)
         model.engine.shutdown()
         del model
