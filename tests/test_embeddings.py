@@ -139,7 +139,7 @@ def _embedding_gemma2(composite: bool, tmp_path):
 @pytest.mark.parametrize("composite", [True, False], ids=["EmbeddingGemma2Model", "EmbeddingGemma2TextModel"])
 def test_embedding_gemma2_matches_transformers(composite, tmp_path):
     ref, llm = _embedding_gemma2(composite, tmp_path)
-    rows = _rows((2, 9, 23, 14), seed=5)  # the sliding radius is 3: every row but one reaches past it
+    rows = _rows((1, 9, 40, 14), seed=5)  # radius 3: most rows reach past it; 40 > 32 queries: F.sdpa's path
     ids, mask = _padded(rows)
     with torch.no_grad():
         states = ref(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, embedding_dim]
@@ -209,7 +209,7 @@ def test_embedding_gemma_sentence_transformers_folder_matches_transformers(tmp_p
     dense = [torch.randn(96, 64, generator=g) / 8, torch.randn(160, 96, generator=g) / 10]
     _sentence_transformers(folder, "mean", dense)
     llm = LLM(folder, dtype="float32")
-    rows = _rows((3, 12, 30, 7), seed=6)  # sliding layers see 4 positions either side (width 8)
+    rows = _rows((3, 12, 37, 7), seed=6)  # sliding layers see 4 positions either side (width 8)
     ids, mask = _padded(rows)
     with torch.no_grad():
         states = ref(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -255,3 +255,7 @@ def test_qwen3_embedding_pools_the_appended_end_of_text_token(tmp_path):
     # Truncation keeps the end-of-text token last.
     long = llm.embed_inputs([" ".join(["cat"] * 80)])[0]
     assert len(long) == 64 and long[-1] == 2 and long[:-1] == [11] * 63
+    # A pooling hearthlm does not implement is refused at load, by name.
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match=r"pooling \['pooling_mode_max_tokens'\] is not supported"):
+        LLM(folder, dtype="float32")

@@ -108,6 +108,8 @@ class LLM:
             self.tokenizer = tokenizer_from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
         else:
             self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+        if not self.can_generate:
+            self._embedder = Embedder(self.model, self.tokenizer, path)  # its heads: a broken folder fails at load
 
     def moe_stats(self) -> MoEStats | None:
         """Expert-residency totals since load (aggregate counters only), None without an expert budget."""
