@@ -124,9 +124,9 @@ def _logprobs(model: ServedModel, logprobs: list | None) -> list[dict[str, Any]]
 
 
 def _calls(calls: list) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "function": {"index": k, "name": c.name, "arguments": c.arguments}} for k, c in enumerate(calls)
-    ]
+    """Tool calls as Ollama 0.9.0 writes them: `function` alone, with no call id (ids came with 0.12.10). Clients
+    written against it parse a call as a one-key object: Zed's ollama crate reads {"function": ...} as an enum."""
+    return [{"function": {"index": k, "name": c.name, "arguments": c.arguments}} for k, c in enumerate(calls)]
 
 
 async def _lines(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
