@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ..api import ContextLengthError
-from . import anthropic, llama_server, ollama, openai, responses
+from . import anthropic, embeddings, llama_server, ollama, openai, responses
 from .errors import APIError, anthropic_body, ollama_body, openai_body, validation_error
 from .generation import ServedModel
 from .metrics import Metrics
@@ -128,6 +128,7 @@ def create_app(served: ServedModel | Models, api_key: str | None = None, metrics
     app.include_router(ollama.router)
     app.include_router(llama_server.router)
     app.include_router(anthropic.router)
+    app.include_router(embeddings.router)
     app.include_router(responses.router)
 
     @app.get("/health")
@@ -163,11 +164,6 @@ def create_app(served: ServedModel | Models, api_key: str | None = None, metrics
         log.exception("request %s failed", request.url.path)
         return error_json(request.url.path, APIError(500, f"internal error ({type(e).__name__}); see the server log"))
 
-    routes = {
-        r.path
-        for router in (app.router, openai.router, ollama.router, llama_server.router, anthropic.router)
-        for r in router.routes
-        if hasattr(r, "path")
-    }
+    routes = {r.path for r in app.router.routes if hasattr(r, "path")}  # the included routers' routes too
     app.add_middleware(Gate, api_key=api_key, metrics=counters, routes=routes, models=models)
     return app

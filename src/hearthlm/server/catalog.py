@@ -71,8 +71,9 @@ class Card:
     @property
     def capabilities(self) -> list[str]:
         """What the model can do, in Ollama's words: "completion" for a generative model, "tools" when its reply
-        format has tool calls to parse, "thinking" when it has reasoning markers, "embedding" (every model
-        embeds: a generative one by pooling its last hidden state)."""
+        format has tool calls to parse, "thinking" when it has reasoning markers; "embedding" for a dedicated
+        embedding model, as Ollama lists it (a generative model embeds too, by its last token's state, but is not
+        listed as an embedding model)."""
         if self.embeds_only:
             return ["embedding"]
         fmt = self.format
@@ -119,6 +120,10 @@ def _read(path: Path, mtime_ns: int) -> tuple[Any, dict[str, Any], dict[str, Any
     from ..tokenizer import load_tokenizer
 
     spec = fit.load(path)
+    if path.is_dir():  # a sentence-transformers folder's pooling makes it an embedding model
+        from ..weights.loader import read_model_config
+
+        spec.config.pooling = read_model_config(path)[1].pooling
     meta: dict[str, Any] = {}
     if path.suffix == ".gguf":
         from ..weights.gguf import GGUFFile
@@ -141,5 +146,5 @@ def card(name: str, path: Path) -> Card:
     template = tok.chat_template() if tok is not None else None
     return Card(
         name, path, cfg.architecture, cfg.max_position, spec.params, _quantization(path, meta, hf), template,
-        detect(tok.chat_template(with_tools=True) if tok else None), stops,
+        detect(tok.chat_template(with_tools=True) if tok else None), stops, cfg.pooling is not None,
     )  # fmt: skip

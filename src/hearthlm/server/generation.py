@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .. import __version__
 from ..api import ContextLengthError
 from ..chat_formats import Delta, ReplyParser, detect
@@ -238,9 +240,25 @@ class ServedModel:
         room = min(context or self.context, self.context) - len(prompt.ids)
         return room if requested is None or requested <= 0 else min(requested, room)
 
+    # -- embeddings ----------------------------------------------------------------------------
+    async def embed(self, inputs: list, dimensions: int | None, truncate: bool) -> tuple[torch.Tensor, int]:
+        """Unit vectors [n, d] for `inputs` (strings or token-id lists) and the tokens they took, as one batched
+        forward on the engine's step thread (between two steps, never alongside one). Bad input: APIError 400
+        (an input past the model's limit with `truncate` False, `dimensions` the model does not offer...)."""
+        llm = self.llm
+        try:
+            rows = await asyncio.to_thread(llm.embed_inputs, inputs, truncate)
+            vectors = await self.engine.call(lambda: llm.embed_ids(rows, dimensions))
+        except ValueError as e:
+            raise APIError(400, str(e), "dimensions" if "dimensions" in str(e) else "input") from None
+        return vectors.cpu(), sum(len(r) for r in rows)
+
     # -- generation ----------------------------------------------------------------------------
     async def start(self, prompt: Prompt, params, index: int = 0, t0: float | None = None) -> Stream:
         """Submit one request and wait for its first output, so that a refused request raises here."""
+        if not self.llm.can_generate:
+            raise APIError(400, f"the model {self.name} is an embedding model: it cannot generate text; send its "
+                           "inputs to /v1/embeddings or /api/embed", "model")  # fmt: skip
         t0 = time.perf_counter() if t0 is None else t0
         gen = self.engine.generate(prompt.ids, params)
         try:
