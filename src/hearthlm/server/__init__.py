@@ -81,7 +81,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
     url = f"http://{host}:{port}"
     key = "; send 'Authorization: Bearer KEY'" if api_key else ""
     Console(stderr=True, highlight=False).print(
-        f"serving {what}: OpenAI base_url {url}/v1, Ollama host {url}, metrics {url}/metrics{key}"
+        f"serving {what}: OpenAI base_url {url}/v1, Ollama host {url}, Anthropic base_url {url}, "
+        f"metrics {url}/metrics{key}"
     )
     # HTTP on a thread of its own, the engines on the main thread (see engine/async_engine.py for why).
     app = create_app(served, api_key, metrics)
