@@ -121,6 +121,7 @@ def with_template(llm, template: str, name: str, specials: dict[str, str] | None
     fake = SimpleNamespace(**{k: v for k, v in vars(llm).items()})
     fake.tokenizer = tokenizer
     fake.stop_token_ids = set(llm.stop_token_ids)
+    fake.can_generate = llm.can_generate  # properties are not in vars(llm)
     return fake
 
 

@@ -16,6 +16,7 @@ tries to reach a host other than this one (litellm's telemetry and cost-map fetc
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 from datetime import datetime
@@ -169,7 +170,7 @@ def test_copilot_ollama_provider(gemma):
     assert not _copilot_version_supported("0.6.3") and _copilot_version_supported("0.10.0")  # the rule as written
     # ollamaProvider.ts getAllModels: GET {url}/api/tags, then one POST /api/show {model: model.model} per model
     models = httpx.get(f"{url}/api/tags").json()["models"]
-    assert [m["model"] for m in models] == [MODEL]
+    assert [m["model"] for m in models] == [MODEL + ":latest"]
     for m in models:
         show = httpx.post(f"{url}/api/show", json={"model": m["model"]}, headers={"Content-Type": "application/json"})
         info = show.json()
@@ -251,7 +252,7 @@ def test_zed_ollama_provider(gemma):
     # crates/language_models/src/provider/ollama.rs fetch_models: names with "-embed" are skipped; show_model per
     # model: POST {api_url}/api/show {"model": name} into ModelShow { capabilities: Vec<String> } (serde default)
     names = [m["name"] for m in listing if "-embed" not in m["name"]]
-    assert names == [MODEL]
+    assert names == [MODEL + ":latest"]
     show = httpx.post(f"{url}/api/show", json={"model": names[0]}).json()
     capabilities = show.get("capabilities", [])
     assert all(isinstance(c, str) for c in capabilities)
@@ -316,7 +317,7 @@ def test_continue_ollama_provider(gemma):
     assert httpx.post(f"{url}/api/generate", json={"model": MODEL, "prompt": "a", "suffix": "b"}).status_code == 400
     # Ollama.ts listModels: GET api/tags, data.models.map(model => model.name)
     names = [m["name"] for m in httpx.get(f"{url}/api/tags", headers=headers).json()["models"]]
-    assert names == [MODEL]
+    assert names == [MODEL + ":latest"]
     # Ollama.ts _streamChat: POST api/chat {model, messages [{role, content}], options: _getModelFileParams
     # (undefined fields dropped by JSON.stringify: num_predict = maxTokens, stop, num_ctx = contextLength),
     # keep_alive 60 * 30, stream}; each line: "error" in it throws, else message.role / message.content
@@ -355,6 +356,7 @@ def test_open_webui_ollama_router(gemma):
     # list it serves reads name, model, and passes details (family, parameter_size, quantization_level) to the UI
     tags = httpx.get(f"{url}/api/tags", headers={"Content-Type": "application/json"}).json()
     merged = {m["model"]: m for m in tags["models"]}
+    assert MODEL + ":latest" in merged  # Open WebUI tags a bare name ':latest', then looks for it here
     for m in merged.values():
         assert isinstance(m["name"], str) and isinstance(m["size"], int) and isinstance(m["modified_at"], str)
         assert {"family", "parameter_size", "quantization_level", "format"} <= set(m["details"])
@@ -393,3 +395,21 @@ def test_open_webui_ollama_router(gemma):
     # unload_model: POST {url}/api/generate {"model", "keep_alive": 0, "prompt": ""}, stream False, read as JSON
     r = httpx.post(f"{url}/api/generate", json={"model": MODEL + ":latest", "keep_alive": 0, "prompt": ""})
     assert r.status_code == 200 and r.json()["done"] is True
+
+
+# -- embeddings (Continue and Open WebUI) -----------------------------------------------------------------------------
+def test_clients_embed(server):
+    """Part of both clients' flows: Continue's codebase index (core/llm/llms/Ollama.ts _embed: POST api/embed
+    {model, input: chunks}, reads data.embeddings, throws when missing or empty) and Open WebUI's RAG
+    (backend/open_webui/routers/ollama.py embed: POST {url}/api/embed with GenerateEmbedForm dumped without
+    nulls, the model with ":latest"; utils/response.py convert_embedding_response_ollama_to_openai reads
+    response["embeddings"] as plain float lists)."""
+    chunks = ["def add(a, b):\n    return a + b", "The weather in Paris is sunny."]
+    for body in ({"model": MODEL, "input": chunks}, {"model": MODEL + ":latest", "input": chunks}):
+        r = httpx.post(f"{server.url}/api/embed", json=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text
+        embeddings = r.json()["embeddings"]
+        assert len(embeddings) == len(chunks) and all(isinstance(e, list) and e for e in embeddings)
+        assert len({len(e) for e in embeddings}) == 1
+        assert all(isinstance(x, float) and math.isfinite(x) for e in embeddings for x in e)
+        assert embeddings[0] != embeddings[1]

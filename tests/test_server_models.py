@@ -82,7 +82,7 @@ def test_lists_every_model_without_loading(multi):
     ids = {m.id for m in openai.OpenAI(base_url=server.url + "/v1", api_key="x").models.list()}
     assert {"hearth-demo", "hearth-demo-moe", "tiny-a", "tiny-b"} <= ids
     assert "broken" not in ids  # cannot be described, so not listed (and asking for it gives the reason)
-    tags = {m.model: m for m in ollama.Client(server.url).list().models}
+    tags = {m.model.removesuffix(":latest"): m for m in ollama.Client(server.url).list().models}
     assert tags["tiny-a"].details.family == "gemma4" and tags["tiny-a"].size > 0 and tags["tiny-a"].digest
     show = ollama.Client(server.url).show("tiny-b")
     assert "completion" in show.capabilities and show.modelinfo["gemma4.context_length"] == 2048
@@ -116,7 +116,7 @@ def test_first_request_loads_and_concurrent_ones_wait(multi):
 def test_ps_lists_what_is_loaded(multi):
     server, models, loads = multi
     _chat(server.url, "tiny-a", keep_alive="10m")
-    ps = {m.model: m for m in ollama.Client(server.url).ps().models}
+    ps = {m.model.removesuffix(":latest"): m for m in ollama.Client(server.url).ps().models}
     assert "tiny-a" in ps and "hearth-demo" not in ps
     a = ps["tiny-a"]
     assert a.size > 5_000_000 and a.size_vram == 0 and a.context_length == 2048
@@ -127,7 +127,7 @@ def test_ps_lists_what_is_loaded(multi):
 def test_keep_alive_zero_unloads_after_the_request(multi):
     server, models, loads = multi
     assert _chat(server.url, "tiny-a", keep_alive=0)["done"] is True
-    assert "tiny-a" not in {m.model for m in ollama.Client(server.url).ps().models}
+    assert "tiny-a:latest" not in {m.model for m in ollama.Client(server.url).ps().models}
     _chat(server.url, "tiny-a", keep_alive="1s")
     deadline = time.time() + 30
     while "tiny-a" in {s.name for s in models.loaded()} and time.time() < deadline:
@@ -213,13 +213,13 @@ def test_copy_and_delete(multi):
     server, models, loads = multi
     client = ollama.Client(server.url)
     client.copy("tiny-a", "mine:latest")
-    assert "mine" in {m.model for m in client.list().models}
+    assert "mine:latest" in {m.model for m in client.list().models}
     before = list(loads.names)
     _chat(server.url, "tiny-a")
     _chat(server.url, "mine")  # the alias is the same model: no second load
     assert loads.names[len(before) :].count("tiny-a") <= 1 and "mine" not in loads.names
     client.delete("mine")
-    assert "mine" not in {m.model for m in client.list().models} and (store.store_root() / "tiny-a").is_dir()
+    assert "mine:latest" not in {m.model for m in client.list().models} and (store.store_root() / "tiny-a").is_dir()
     with pytest.raises(ollama.ResponseError) as e:
         client.delete("hearth-demo")
     assert e.value.status_code == 400 and "built-in" in str(e.value)
@@ -259,7 +259,7 @@ def test_pull_streams_progress(multi, hub):
     assert any(e.total == weights for e in done.values())  # the weights' last line: all bytes
     for e in files:
         assert e.status.startswith("pulling ") and 0 <= e.completed <= e.total
-    assert "acme/tiny" in {m.model for m in client.list().models}
+    assert "acme/tiny:latest" in {m.model for m in client.list().models}
     assert _chat(server.url, "acme/tiny")["done"]
     assert client.pull("acme/tiny", stream=False).status == "success"  # already there: nothing to fetch
     with pytest.raises(ollama.ResponseError) as e:

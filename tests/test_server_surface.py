@@ -99,7 +99,7 @@ def test_ollama_architecture_names():
 # -- /api/tags -----------------------------------------------------------------------------------
 def test_tags_parses_with_the_ollama_client(server, oll, served):
     [m] = oll.list().models  # ListResponse
-    assert m.model == MODEL
+    assert m.model == MODEL + ":latest"  # tagged as Ollama lists names
     assert m.size == sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
     assert re.fullmatch(r"[0-9a-f]{64}", m.digest)
     assert isinstance(m.modified_at, datetime)

@@ -265,10 +265,10 @@ def test_api_key(demo):
 def test_ollama_model_routes(gemma):
     client = ollama.Client(host=gemma.url)
     [m] = client.list().models
-    assert m.model == "hearth-demo" and m.size > 0 and m.details.family == "gemma4"
+    assert m.model == "hearth-demo:latest" and m.size > 0 and m.details.family == "gemma4"
     show = client.show("hearth-demo:latest")
     assert "tools" in show.capabilities and "thinking" in show.capabilities and "<|turn>" in show.template
-    assert client.ps().models[0].model == "hearth-demo"
+    assert client.ps().models[0].model == "hearth-demo:latest"
     assert httpx.get(gemma.url + "/api/version").json()["version"]
     assert httpx.get(gemma.url + "/").text.startswith("Ollama is running")
     assert httpx.head(gemma.url + "/").status_code == 200

@@ -266,9 +266,16 @@ async def _generate_events(model: ServedModel, stream: Stream, head: dict[str, A
 
 
 # -- model information ---------------------------------------------------------------------------
+def tagged(name: str) -> str:
+    """A model name as Ollama lists it: with a tag, ':latest' when it has none (Open WebUI adds ':latest' to a
+    name without a tag and then looks for that exact name in /api/tags)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
 def _entry(card: Card, quant: str | None = None) -> dict[str, Any]:
-    return {"name": card.name, "model": card.name, "modified_at": card.modified_at, "size": card.size,
-            "digest": card.digest, "details": card.details(quant)}  # fmt: skip
+    name = tagged(card.name)
+    return {"name": name, "model": name, "modified_at": card.modified_at, "size": card.size, "digest": card.digest,
+            "details": card.details(quant)}  # fmt: skip
 
 
 @router.get("/api/tags")
