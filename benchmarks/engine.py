@@ -25,7 +25,7 @@ QWEN_L2 = Path("/tmp/hearthlm-bench-checkpoints/qwen2.5-0.5b-L2-v2")
 
 
 def measure(llm: LLM, n: int, prompt_len: int, new_tokens: int, block_size: int) -> dict[str, float]:
-    engine = Engine(llm, max_batch=max(n, 1), block_size=block_size)
+    engine = Engine(llm, max_running=max(n, 1), block_size=block_size)
     g = torch.Generator().manual_seed(n)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(n):

@@ -120,7 +120,7 @@ def test_sixteen_requests_joining_at_different_steps_equal_each_alone(name, load
     lengths = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 21, 25, 30, 33, 40]
     requests = {f"r{i}": (ids(n, seed=100 + i), GREEDY) for i, n in enumerate(lengths)}
     add_at = {f"r{i}": (i * 3) % 11 for i in range(len(lengths))}
-    engine = Engine(llm, max_batch=16, block_size=5, prefill_chunk=16)
+    engine = Engine(llm, max_running=16, block_size=5, prefill_chunk=16)
     together = run(engine, requests, add_at)
     for rid, (prompt, params) in requests.items():
         assert tokens(together[rid]) == alone(llm, prompt, params), rid
@@ -409,8 +409,8 @@ def test_bad_requests_are_refused_with_clear_errors(loaded):
     engine.add_request("a", [5], GREEDY)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("a", [6], GREEDY)
-    with pytest.raises(ValueError, match="max_batch"):
-        Engine(llm, max_batch=0)
+    with pytest.raises(ValueError, match="max_running"):
+        Engine(llm, max_running=0)
 
 
 @pytest.mark.parametrize(

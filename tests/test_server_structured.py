@@ -184,7 +184,7 @@ def family_server(request, served):
         name, specials = TEMPLATES[request.param]
         text = (Path(__file__).parent / "data" / "chat_templates" / f"{name}.jinja").read_text()
         llm = with_template(llm, text, name, specials)
-    engine = AsyncEngine(Engine(llm, max_batch=4))
+    engine = AsyncEngine(Engine(llm, max_running=4))
     model = ServedModel(llm, engine, MODEL, Metrics())
     assert model.format is FORMATS[request.param]
     s = LiveServer(create_app(model))

@@ -280,7 +280,7 @@ class LLM:
 
     def engine(self, **options) -> Engine:
         """The engine generate() and chat() run on: created on first use with default sizes, or anew from
-        `options`, Engine's keywords (max_batch, block_size, kv_blocks, prefill_chunk, prefix_caching)."""
+        `options`, Engine's keywords (max_running, block_size, kv_blocks, prefill_chunk, prefix_caching)."""
         self._need_generative()
         if self._engine is None or options:
             self._engine = Engine(self, **options)

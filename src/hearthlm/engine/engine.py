@@ -19,8 +19,8 @@ from .detokenize import TextStream
 from .errors import ContextLengthError
 from .guided import Guides
 from .paged_cache import PagedKVCache
-from .runner import run_paged
-from .sampler import SamplingParams, TokenLogprob, logprob_of, penalize, pick
+from .runner import decode_groups, run_paged
+from .sampler import SamplingParams, TokenLogprob, greedy_rows, logprob_of, logprob_rows, penalize, pick
 from .scheduler import Scheduler, Work
 from .sequence import Sequence
 
@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "EngineStats", "RequestOutput", "TokenLogprob"]
 
-# With kv_blocks=None the full-attention pool holds max_batch full contexts, but at most this many bytes
+# With kv_blocks=None the full-attention pool holds max_running full contexts, but at most this many bytes
 # (and at least one full context). Memory is only touched when blocks are first used.
 DEFAULT_KV_BYTES = 2 * 2**30
+# With max_running=None, the most sequences that run at once: as many as the KV cache holds (each needs at least
+# one block; a request is admitted only when its first chunk's blocks are free), up to this many. It bounds the
+# sliding-window pools, which are sized to hold every running sequence's window.
+MAX_RUNNING = 256
 
 
 @dataclass
@@ -47,6 +51,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache (skipped prefill)
+    progress: tuple[int, int] | None = None  # (prompt tokens computed, prompt tokens) after a prefill chunk
 
 
 @dataclass
@@ -69,25 +74,30 @@ class Engine:
         self,
         llm: LLM,
         *,
-        max_batch: int = 16,
+        max_running: int | None = None,
         block_size: int = 16,
         kv_blocks: int | None = None,
         prefill_chunk: int = 512,
         prefix_caching: bool = True,
     ):
-        for name, value in [("max_batch", max_batch), ("block_size", block_size), ("prefill_chunk", prefill_chunk)]:
+        """max_running: the most requests that run (decode or prefill) at once; past it, and past what the KV
+        cache holds, requests wait in order. None: what the KV cache holds, at most MAX_RUNNING."""
+        for name, value in [("block_size", block_size), ("prefill_chunk", prefill_chunk)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
-        if kv_blocks is not None and (not isinstance(kv_blocks, int) or kv_blocks < 1):
-            raise ValueError(f"Engine: kv_blocks must be None (automatic) or an integer >= 1, got {kv_blocks!r}")
+        for name, value in [("max_running", max_running), ("kv_blocks", kv_blocks)]:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Engine: {name} must be None (automatic) or an integer >= 1, got {value!r}")
         self.llm = llm
         self.config = llm.config
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.context = self.config.max_position
-        sizes = self._pool_sizes(max_batch, kv_blocks)
+        sizes = self._pool_sizes(max_running or MAX_RUNNING, kv_blocks)
         self.cache = PagedKVCache(self.config.layers, sizes, block_size, llm.dtype, llm.device)
         self.blocks = BlockManager(sizes, block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_batch, prefill_chunk)
+        # Every running sequence holds at least one block of each pool.
+        self.max_running = max_running or min(MAX_RUNNING, *sizes.values())
+        self.scheduler = Scheduler(self.blocks, self.max_running, prefill_chunk)
         self._lock = threading.RLock()  # held by step() and abort()
         self._inbox_lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -97,7 +107,7 @@ class Engine:
         self._guide_state: Guides | None = None
         self._guides_lock = threading.Lock()
 
-    def _pool_sizes(self, max_batch: int, kv_blocks: int | None) -> dict[int | None, int]:
+    def _pool_sizes(self, running: int, kv_blocks: int | None) -> dict[int | None, int]:
         bs, layers = self.block_size, self.config.layers
         per_context = math.ceil(self.context / bs)
         sizes: dict[int | None, int] = {}
@@ -109,12 +119,12 @@ class Engine:
                     if s.kv_source is None and s.sliding_window is None
                 )
                 cap = max(per_context, DEFAULT_KV_BYTES // (token_bytes * bs))
-                sizes[w] = kv_blocks or min(max_batch * per_context, cap)
+                sizes[w] = kv_blocks or min(running * per_context, cap)
             else:
                 # A decoding row reads one window; one prefill chunk at a time reads a window more. Twice that
                 # leaves room for the prefix cache to keep recent windows.
-                need = max_batch * (math.ceil(w / bs) + 1) + math.ceil((w + self.prefill_chunk) / bs) + 1
-                sizes[w] = min(kv_blocks or 2 * need, 2 * need, per_context * max_batch)
+                need = running * (math.ceil(w / bs) + 1) + math.ceil((w + self.prefill_chunk) / bs) + 1
+                sizes[w] = min(kv_blocks or 2 * need, 2 * need, per_context * running)
         return sizes
 
     # -- requests ----------------------------------------------------------------------------------
@@ -224,8 +234,13 @@ class Engine:
             work = self.scheduler.schedule()
             for w, pool in self.blocks.pools.items():
                 self.cache.zero(w, pool.take_fresh())
-            for seq, logits in self._run(work):
-                outputs.append(self._advance(seq, logits))
+            due, logits = self._run(work)
+            # a chunk that leaves more of its prompt to compute: progress, for a request that asked
+            outputs += [self._progress(w.seq) for w in work if w.n > 1 and w.seq.pending and w.seq.params.progress]
+            if due:  # the plain greedy rows' tokens (and log-probabilities) in one batched op each
+                tokens = greedy_rows(logits, [s.params for s in due], [s.guide for s in due])
+                logprobs = logprob_rows(logits, tokens, [s.params.logprobs for s in due])
+                outputs += [self._advance(*row) for row in zip(due, logits, tokens, logprobs)]
             self.scheduler.after_step(work)
             return outputs
 
@@ -236,35 +251,47 @@ class Engine:
             self._prompt_tokens += len(seq.prompt)
             self.scheduler.add(seq)
 
-    def _run(self, work: list[Work]) -> list[tuple[Sequence, torch.Tensor]]:
-        """Forward every scheduled chunk; (sequence, logits [V]) for those whose next token is due."""
-        model, due = self.llm.model, []
+    def _run(self, work: list[Work]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Forward every scheduled chunk; the sequences whose next token is due and their logits [n, V]."""
+        model, due, rows = self.llm.model, [], []
         decode = [w.seq for w in work if w.n == 1]
-        if decode:
-            wants = [s.pending == 1 for s in decode]
-            logits = run_paged(model, self.cache, decode, 1, True)
-            for seq, want, row in zip(decode, wants, logits):
+        for group in decode_groups(model, decode):
+            wants = [s.pending == 1 for s in group]
+            logits = run_paged(model, self.cache, group, 1, True)
+            for seq in group:
                 seq.num_computed += 1
-                if want:
-                    due.append((seq, row))
+            if all(wants):
+                due += group
+                rows.append(logits)
+            else:
+                due += [s for s, want in zip(group, wants) if want]
+                rows.append(logits[torch.tensor(wants)])
         for w in work:
             if w.n > 1:
                 want = w.n == w.seq.pending
                 logits = run_paged(model, self.cache, [w.seq], w.n, want)
                 w.seq.num_computed += w.n
                 if want:
-                    due.append((w.seq, logits[0]))
-        return due
+                    due.append(w.seq)
+                    rows.append(logits)
+        if not due:
+            return [], None
+        return due, rows[0] if len(rows) == 1 else torch.cat(rows)
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+    def _advance(
+        self, seq: Sequence, logits: torch.Tensor, token: int | None, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        """Take the next token: `token` (and its `logprob`) when greedy_rows picked it, else one picked here from
+        logits [V]."""
         p = seq.params
-        if seq.guide is not None:
-            logits = seq.guide.restrict(logits)
-            if logits is None:
-                return self._end(seq, "grammar", [], seq.stream.finish(), [] if p.logprobs is not None else None)
-        if p.penalized:
-            logits = penalize(logits, p, seq.tokens, seq.output)
-        token = pick(logits, p, seq.generator)
+        if token is None:
+            if seq.guide is not None:
+                logits = seq.guide.restrict(logits)
+                if logits is None:
+                    return self._end(seq, "grammar", [], seq.stream.finish(), [] if p.logprobs is not None else None)
+            if p.penalized:
+                logits = penalize(logits, p, seq.tokens, seq.output)
+            token = pick(logits, p, seq.generator)
         logprobs = [] if p.logprobs is not None else None
         eos = () if p.ignore_eos else self.llm.stop_token_ids
         if token in eos or token in p.stop_token_ids:
@@ -274,7 +301,7 @@ class Engine:
         self._generated_tokens += 1
         new, text = [token], seq.stream.push(token)
         if logprobs is not None:
-            logprobs.append(logprob_of(logits, token, p.logprobs))
+            logprobs.append(logprob or logprob_of(logits, token, p.logprobs))
         if seq.guide is not None and not seq.guide.accept(token):  # only an unmasked token could be refused
             return self._end(seq, "grammar", new, text + seq.stream.finish(), logprobs)
         if seq.stream.stopped or (seq.guide is not None and seq.guide.done):
@@ -283,6 +310,12 @@ class Engine:
             text += seq.stream.finish()  # the held-back tail may complete a stop string
             return self._end(seq, "stop" if seq.stream.stopped else "length", new, text, logprobs)
         return self._output(seq, new, text, logprobs)
+
+    def _progress(self, seq: Sequence) -> RequestOutput:
+        """A prompt's prefill so far, for a request that asked (SamplingParams.progress): no tokens yet."""
+        n = len(seq.prompt)
+        done = min(seq.num_computed, n)
+        return RequestOutput(seq.request_id, [], "", None, False, None, n, 0, seq.cached_tokens, (done, n))
 
     def _end(self, seq: Sequence, reason: str, new: list[int], text: str, logprobs) -> RequestOutput:
         """Finish `seq` with `reason` ("stop", "length", or "grammar": the constraint allows no token at all)."""

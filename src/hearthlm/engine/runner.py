@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import cpu
 from ..layers.attention import Batch
 from ..models.base import CausalLM
 from .kv_cache import ContiguousKVCache
@@ -38,3 +39,20 @@ def run_paged(model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], n: int
     cache.begin(positions, starts, [s.tables for s in seqs])
     h = model(ids, Batch(positions=positions, cache=cache, outputs=1 if logits else 0))
     return model.logits(h[:, -1]) if logits else None
+
+
+# Decode batches of up to this many rows run on CPU as forwards of at most cpu.MAX_ROWS rows: there the fused decode
+# step (layers/decode_step.py) runs each layer in one kernel call, where a wider forward runs module by module.
+FUSED_DECODE_ROWS = 32
+
+
+def decode_groups(model: CausalLM, seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Split the decode rows of a step into the forwards that run them fastest: several forwards of at most
+    cpu.MAX_ROWS rows (as even as possible) on CPU up to FUSED_DECODE_ROWS rows, else one. Every row's result
+    is its own, whatever rows share its forward."""
+    n = len(seqs)
+    if n <= cpu.MAX_ROWS or n > FUSED_DECODE_ROWS or model.device.type != "cpu" or not cpu.available():
+        return [seqs] if seqs else []
+    k = -(-n // cpu.MAX_ROWS)
+    cuts = [i * n // k for i in range(k + 1)]
+    return [seqs[a:b] for a, b in zip(cuts, cuts[1:])]

@@ -45,6 +45,7 @@ class SamplingParams:
     grammar: str | None = None
     reasoning: tuple[str, str] | None = None
     in_reasoning: bool = False
+    progress: bool = False  # also report each prefill chunk of a long prompt (an output with `progress` set)
 
     def __post_init__(self) -> None:
         if self.choice is not None and not isinstance(self.choice, str):
@@ -198,3 +199,37 @@ def logprob_of(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """logits [B, V] float32 -> one token id per row (no penalties)."""
     return [pick(row, p, g) for row, p, g in zip(logits, params, generators)]
+
+
+def greedy_rows(logits: torch.Tensor, params: list[SamplingParams], guides: list) -> list[int | None]:
+    """The greedy token of every row of logits [B, V] that needs nothing but an argmax (temperature 0, no
+    penalties, no constraint), in one batched argmax and one copy to Python; None for the other rows."""
+    plain = [p.temperature == 0 and not p.penalized and g is None for p, g in zip(params, guides)]
+    if not any(plain):
+        return [None] * len(params)
+    if all(plain):
+        return logits.argmax(-1).tolist()
+    rows = [i for i, ok in enumerate(plain) if ok]
+    tokens: list[int | None] = [None] * len(params)
+    for i, t in zip(rows, logits[rows].argmax(-1).tolist()):
+        tokens[i] = t
+    return tokens
+
+
+def logprob_rows(logits: torch.Tensor, tokens: list[int | None], tops: list[int | None]) -> list[TokenLogprob | None]:
+    """logprob_of for every row of logits [B, V] whose token is known (greedy_rows picked it) and that asks for
+    log-probabilities (tops[i] is not None), from one log-softmax and one top-k over those rows; None elsewhere."""
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    rows = [i for i, (t, k) in enumerate(zip(tokens, tops)) if t is not None and k is not None]
+    if not rows:
+        return out
+    logp = torch.log_softmax((logits if len(rows) == len(tokens) else logits[rows]).float(), dim=-1)
+    picked = torch.tensor([tokens[i] for i in rows], device=logp.device)
+    chosen = logp.gather(1, picked[:, None])[:, 0].tolist()
+    k = max(tops[i] for i in rows)
+    best = torch.topk(logp, k) if k else None
+    ids, values = (best.indices.tolist(), best.values.tolist()) if best is not None else ([], [])
+    for j, i in enumerate(rows):
+        n = tops[i]
+        out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(ids[j][:n], values[j][:n])) if n else [])
+    return out

@@ -23,9 +23,9 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int, prefill_chunk: int):
+    def __init__(self, blocks: BlockManager, max_running: int, prefill_chunk: int):
         self.blocks = blocks
-        self.max_batch = max_batch
+        self.max_running = max_running
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the youngest
@@ -48,7 +48,7 @@ class Scheduler:
                 budget -= n if seq.pending > 1 else 0
             if i < len(self.running) and self.running[i] is seq:
                 i += 1
-        while self.waiting and len(self.running) < self.max_batch and budget > 0:
+        while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
             if not self._admit(seq, budget):
                 break
