@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -229,6 +230,90 @@ def test_abort_frees_blocks_and_emits_a_final_output(loaded):
     assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
 
 
+def test_requests_past_sixteen_are_admitted_between_steps_up_to_the_kv_cache(loaded):
+    # 48 streams: every one is admitted and gets its first token while the first ones are still generating, and
+    # within a number of steps that depends on the prompts ahead of it, not on how long the others generate.
+    _, llm = loaded("qwen2")
+    engine = Engine(llm, block_size=4, prefill_chunk=64)
+    assert engine.max_running > 16
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    first: dict[str, int] = {}
+    for i in range(8):
+        engine.add_request(f"early{i}", ids(6, seed=300 + i), long)
+    for step in range(40):
+        if step == 10:  # the early ones are decoding; 40 more arrive at once
+            for i in range(40):
+                engine.add_request(f"late{i}", ids(6, seed=400 + i), long)
+        outs = engine.step()
+        assert not any(o.finished for o in outs)
+        for o in outs:
+            if o.token_ids:
+                first.setdefault(o.request_id, step)
+        assert engine.stats().running <= engine.max_running
+    assert len(first) == 48
+    # 40 prompts of 6 tokens, 64 prompt tokens a step: all prefilled within ceil(240 / 64) = 4 steps of arriving
+    assert max(first[f"late{i}"] for i in range(40)) <= 10 + 4
+    assert engine.stats().running == 48 and engine.stats().waiting == 0
+
+
+def test_past_max_running_requests_wait_in_order(loaded):
+    _, llm = loaded("qwen2")
+    engine = Engine(llm, max_running=3, block_size=4)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    requests = {f"r{i}": (ids(5, seed=500 + i), params) for i in range(7)}
+    order, running, got = [], [], {rid: [] for rid in requests}
+    for rid, (prompt, p) in requests.items():
+        engine.add_request(rid, prompt, p)
+    while engine.has_unfinished():
+        outs = engine.step()
+        running.append(engine.stats().running)
+        for o in outs:
+            got[o.request_id] += o.token_ids
+        order += [o.request_id for o in outs if o.finished]
+    assert max(running) == 3 and order == list(requests)  # first come, first served
+    for rid, (prompt, p) in requests.items():
+        assert got[rid] == alone(llm, prompt, p)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 9, 20, 32, 40])
+def test_decode_groups_split_wide_batches_evenly(rows, loaded):
+    from hearthlm.engine.runner import FUSED_DECODE_ROWS, decode_groups
+    from hearthlm.kernels import cpu
+
+    _, llm = loaded("qwen2")
+    seqs = list(range(rows))
+    groups = decode_groups(llm.model, seqs)
+    assert [s for g in groups for s in g] == seqs
+    if cpu.available() and cpu.MAX_ROWS < rows <= FUSED_DECODE_ROWS:
+        assert max(map(len, groups)) <= cpu.MAX_ROWS and max(map(len, groups)) - min(map(len, groups)) <= 1
+    else:
+        assert len(groups) == 1
+
+
+def test_batched_greedy_logprobs_equal_the_log_softmax(loaded):
+    # 12 greedy rows with logprobs (picked and scored in one batched op) beside a penalized and a sampled row
+    # (scored row by row): each row's tokens equal its run alone, and its logprobs the model's log-softmax.
+    _, llm = loaded("gemma4_all")
+    plain = {f"g{i}": (ids(5 + i, seed=600 + i), dataclasses_replace(GREEDY, logprobs=i % 4)) for i in range(12)}
+    others = {
+        "pen": (ids(9, seed=700), dataclasses_replace(GREEDY, logprobs=2, repetition_penalty=1.5)),
+        "hot": (ids(9, seed=701), SamplingParams(max_tokens=12, temperature=0.8, seed=5, logprobs=1, ignore_eos=True)),
+    }
+    requests = plain | others
+    outs = run(Engine(llm), requests)
+    for rid, (prompt, params) in requests.items():
+        got = tokens(outs[rid])
+        assert got == alone(llm, prompt, params)
+        lps = [lp for o in outs[rid] for lp in o.logprobs]
+        assert [lp.token_id for lp in lps] == got
+        if rid in plain:
+            expected = torch.log_softmax(llm.logits(prompt + got), -1)
+            for i, lp in enumerate(lps):
+                row = expected[len(prompt) + i - 1]
+                assert math.isclose(lp.logprob, float(row[got[i]]), abs_tol=1e-4)
+                assert [t for t, _ in lp.top] == torch.topk(row, params.logprobs).indices.tolist()
+
+
 # -- chunked prefill --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["qwen2", "gemma4_all"])
 def test_chunked_prefill_interleaves_with_decodes_and_matches_unchunked(name, loaded):
@@ -242,6 +327,37 @@ def test_chunked_prefill_interleaves_with_decodes_and_matches_unchunked(name, lo
     # While the 70-token prompt was prefilled 16 tokens a step (5 steps), the short request kept streaming.
     streamed = [o for o in out["short"] if o.token_ids]
     assert len(streamed) == 20 and len(out["long"]) == 20
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma4_all"])
+def test_a_long_prefill_never_stalls_the_running_streams(name, loaded):
+    # Three streams decode; a 150-token prompt arrives. Until its first token (ceil(150 / 16) = 10 steps of
+    # prefill chunks), every step still gives each stream its next token.
+    _, llm = loaded(name)
+    engine = Engine(llm, block_size=4, prefill_chunk=16)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    streams = {f"s{i}": ids(3 + i, seed=800 + i) for i in range(3)}
+    for rid, prompt in streams.items():
+        engine.add_request(rid, prompt, params)
+    got: dict[str, list[int]] = {rid: [] for rid in [*streams, "long"]}
+    for _ in range(3):
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+    long = ids(150, seed=900)
+    engine.add_request("long", long, params)
+    steps = 0
+    while not got["long"]:
+        outs = {o.request_id: o for o in engine.step()}
+        steps += 1
+        assert all(len(outs[rid].token_ids) == 1 for rid in streams), f"a stream stalled at step {steps}"
+        for rid, o in outs.items():
+            got[rid] += o.token_ids
+    assert steps == math.ceil(150 / 16)
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+    for rid, prompt in [*streams.items(), ("long", long)]:
+        assert got[rid] == alone(llm, prompt, params)
 
 
 # -- sampling options -------------------------------------------------------------------------------------
@@ -473,6 +589,6 @@ def test_async_engine_steps_on_the_callers_thread_when_asked(loaded):
     assert got == llm.generate([prompt], params)[0].token_ids
     assert set(stepped_on) == {threading.main_thread()}
     threaded = AsyncEngine(Engine(llm, block_size=4))
-    with pytest.raises(RuntimeError, match="own background thread"):
+    with pytest.raises(RuntimeError, match="stepped by another thread"):
         threaded.run()
     threaded.shutdown()

@@ -209,3 +209,25 @@ def test_tokenizer_routes_refuse_bad_input(server, path, body, param):
     assert r.status_code == 400
     error = r.json()["error"]  # the OpenAI error shape
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_return_progress_reports_a_long_prefill(client, served):
+    """llama-server's return_progress: chunks with no choices and `prompt_progress` while the prompt prefills
+    (one per prefill chunk but the last), before the first token; none unless asked."""
+    words = " ".join(f"w{i % 50}" for i in range(600))
+    total = len(served.chat_prompt([{"role": "user", "content": words}], None).ids)
+    chunk = served.engine.engine.prefill_chunk
+    assert total > 2 * chunk  # the prompt takes three chunks or more
+
+    def stream(**extra):
+        return list(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": words}], max_tokens=2, stream=True, **extra))  # fmt: skip
+
+    chunks = stream(extra_body={"return_progress": True})
+    progress = [c.model_extra["prompt_progress"] for c in chunks if (c.model_extra or {}).get("prompt_progress")]
+    assert [p["processed"] for p in progress] == list(range(chunk, total, chunk))
+    assert all(p["total"] == total and p["cache"] == 0 and p["time_ms"] >= 0 for p in progress)
+    first_text = next(i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content)
+    last_progress = max(i for i, c in enumerate(chunks) if (c.model_extra or {}).get("prompt_progress"))
+    assert last_progress < first_text
+    assert not any((c.model_extra or {}).get("prompt_progress") for c in stream())

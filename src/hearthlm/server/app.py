@@ -164,6 +164,8 @@ def create_app(served: ServedModel | Models, api_key: str | None = None, metrics
         log.exception("request %s failed", request.url.path)
         return error_json(request.url.path, APIError(500, f"internal error ({type(e).__name__}); see the server log"))
 
-    routes = {r.path for r in app.router.routes if hasattr(r, "path")}  # the included routers' routes too
+    routers = (app.router, openai.router, responses.router, ollama.router, anthropic.router, embeddings.router,
+               llama_server.router)  # fmt: skip
+    routes = {r.path for router in routers for r in router.routes if hasattr(r, "path")}
     app.add_middleware(Gate, api_key=api_key, metrics=counters, routes=routes, models=models)
     return app

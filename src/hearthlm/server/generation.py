@@ -45,6 +45,7 @@ class Piece:
     token_ids: list[int]
     logprobs: list | None = None
     finish_reason: str | None = None  # set on the last piece
+    progress: tuple[int, int] | None = None  # (prompt tokens computed, prompt tokens): a prefill report, no text
 
 
 @dataclass
@@ -124,6 +125,9 @@ class Stream:
             await self.aclose()
 
     def _piece(self, out) -> Piece:
+        if getattr(out, "progress", None) is not None:
+            self.cached_tokens = out.cached_tokens or 0
+            return Piece(self.index, Delta(), [], progress=out.progress)
         now = time.perf_counter()
         ids = list(out.token_ids)
         if ids:

@@ -83,6 +83,7 @@ class _Sampling(_Body):
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # extension
+    return_progress: bool = False  # llama-server's: streamed prompt_progress chunks while a long prompt prefills
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # extensions: vLLM's, then vLLM's and llama-server's
     guided_json: dict[str, Any] | str | None = None
@@ -115,7 +116,8 @@ class _Sampling(_Body):
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + index, stop=stop_list(self.stop), logprobs=logprobs,
-            ignore_eos=self.ignore_eos or None, **model.guided(prompt, constraint),
+            ignore_eos=self.ignore_eos or None, progress=(self.stream and self.return_progress) or None,
+            **model.guided(prompt, constraint),
         )  # fmt: skip
 
 
@@ -295,6 +297,9 @@ async def _chat_events(model: ServedModel, streams: list[Stream], head: dict, us
     for s in streams:
         yield chunk(s.index, {"role": "assistant", "content": ""})
     async for p in merged(streams):
+        if p.progress:
+            yield _progress_chunk(head, p, streams)
+            continue
         delta: dict[str, Any] = {}
         if p.delta.reasoning:
             delta["reasoning_content"] = p.delta.reasoning
@@ -311,6 +316,15 @@ async def _chat_events(model: ServedModel, streams: list[Stream], head: dict, us
             yield chunk(p.index, {}, None, "tool_calls" if called else p.finish_reason)
     if usage:
         yield {**head, "choices": [], "usage": _usage(streams)}
+
+
+def _progress_chunk(head: dict[str, Any], p: Piece, streams: list[Stream]) -> dict[str, Any]:
+    """A prompt's prefill so far, in llama-server's `prompt_progress` shape, on a chunk with no choices."""
+    done, total = p.progress
+    s = next(s for s in streams if s.index == p.index)
+    ms = int((time.perf_counter() - s.t_start) * 1000)
+    progress = {"total": total, "cache": s.cached_tokens, "processed": done, "time_ms": ms}
+    return {**head, "choices": [], "prompt_progress": progress}
 
 
 # -- completions -------------------------------------------------------------------------------
@@ -387,6 +401,9 @@ async def _completion_events(model, streams: list[Stream], head: dict, echo: lis
         if e:
             yield chunk(None, i, e)
     async for p in merged(streams):
+        if p.progress:
+            yield _progress_chunk(head, p, streams)
+            continue
         text = p.delta.content
         if text or p.logprobs:
             yield chunk(p, p.index, text)
