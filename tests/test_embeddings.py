@@ -220,6 +220,13 @@ def test_embedding_gemma_sentence_transformers_folder_matches_transformers(tmp_p
     assert _max_diff(llm.embed_ids(rows, dimensions=128), _unit(expected[:, :128])) <= TOL
     with pytest.raises(ValueError, match="dimensions=100 is not supported by this model; use one of 160, 128"):
         llm.embed(rows, dimensions=100)
+    # `hearth quantize` keeps the layout: the copy pools and projects as its source, at int8
+    from hearthlm.weights.export import write_quantized
+
+    q = LLM(folder, dtype="float32", quant="int8")
+    copy = LLM(write_quantized(q.model, folder, tmp_path / "int8", q.quant), dtype="float32")
+    assert (copy.pooling, copy.embedding_dims, copy.embedding_max_tokens, copy.can_generate) == ("mean", 160, 64, False)
+    assert _max_diff(copy.embed_ids(rows), q.embed_ids(rows)) <= TOL
 
 
 def _word_tokenizer(folder, eos: str) -> None:

@@ -40,6 +40,23 @@ def write_quantized(model: CausalLM, source: Path, out: Path, fmt: str) -> Path:
     for name in _COPIED:
         if (source / name).exists():
             shutil.copyfile(source / name, out / name)
+    _copy_sentence_transformers(source, out)
     tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "hearthlm_quant": fmt})
     return out
+
+
+def _copy_sentence_transformers(source: Path, out: Path) -> None:
+    """An embedding model's sentence-transformers layout (modules.json, its Pooling / Dense / Normalize folders,
+    sentence_bert_config.json), copied as it is: without it the copy would pool and project differently."""
+    modules = source / "modules.json"
+    if not modules.is_file():
+        return
+    shutil.copyfile(modules, out / "modules.json")
+    for name in ("sentence_bert_config.json", "config_sentence_transformers.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    for m in json.loads(modules.read_text()):
+        sub = str(m.get("path") or "")
+        if sub and (source / sub).is_dir() and Path(sub).name == sub:  # a sub-folder of the model, by name only
+            shutil.copytree(source / sub, out / sub, dirs_exist_ok=True)
