@@ -267,6 +267,17 @@ def test_count_tokens(ac, demo):
     assert ac.messages.count_tokens(model=MODEL, messages=USER).input_tokens < n
 
 
+def test_thinking_is_off_unless_asked(ac, demo):
+    """Anthropic's default: no thinking field means none, whatever the template's own default is."""
+    tok = demo.tokenizer
+    count = lambda **kw: ac.messages.count_tokens(model=MODEL, messages=USER, **kw).input_tokens  # noqa: E731
+    off = tok.apply_chat_template(USER, enable_thinking=False)
+    on = tok.apply_chat_template(USER, enable_thinking=True)
+    assert len(tok.encode_chat(on)) != len(tok.encode_chat(off))  # the template marks thinking in the prompt
+    assert count() == count(thinking={"type": "disabled"}) == len(tok.encode_chat(off))
+    assert count(thinking={"type": "enabled", "budget_tokens": 1024}) == len(tok.encode_chat(on))
+
+
 # -- errors --------------------------------------------------------------------------------------
 def _error(r: httpx.Response, status: int, kind: str) -> str:
     body = r.json()

@@ -206,7 +206,9 @@ def _tools(req: CountRequest) -> list[dict[str, Any]] | None:
 
 def _template_kwargs(req: CountRequest) -> dict[str, Any]:
     t = req.thinking
-    if t is None or t.type in ("adaptive", "between_tools"):  # the template's own default
+    if t is None:  # Anthropic's default: no thinking unless asked (Qwen 3's template would think by default)
+        return {"enable_thinking": False}
+    if t.type in ("adaptive", "between_tools"):  # the model decides: the template's own default
         return {}
     if t.type == "enabled" and t.budget_tokens is None:
         raise APIError(400, "thinking.budget_tokens is required when thinking is enabled", "thinking.budget_tokens")
