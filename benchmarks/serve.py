@@ -1,7 +1,8 @@
-"""Serving throughput and latency of `hearth serve` under 1, 4 and 16 concurrent streaming clients.
+"""Serving throughput and latency of `hearth serve` under 1 to 64 concurrent streaming clients.
 
-    python benchmarks/serve.py [--model MODEL] [--levels 1,4,16] [--requests 4] [--max-tokens 64]
-                               [--prompt-words 24] [--port PORT] [--json]
+    python benchmarks/serve.py [--model MODEL] [--levels 1,4,16,32,64] [--requests 4] [--max-tokens 256]
+                               [--prompt-words 24] [--burst 32x96] [--server-args "--max-running 16"]
+                               [--port PORT] [--json]
 
 Starts `hearth serve MODEL` (the demo model by default) as a subprocess on a free loopback port, so that the
 clients in this process do not share its interpreter lock, then runs each level: C clients each send
@@ -9,12 +10,16 @@ clients in this process do not share its interpreter lock, then runs each level:
 --prompt-words words, logprobs=0 so each event says how many tokens it carries). Figures per level:
 
 - output tok/s: all tokens generated at that level / the level's wall time;
-- time to first token p50 / p99: request sent -> first token event;
+- time to first token p50 / p99 / max: request sent -> first token event;
 - inter-token latency p50 / p99: the gap between token events divided by the tokens the later one carries;
-- and the 16-vs-1 throughput ratio (target >= 4x).
+- and the throughput ratio of the largest level to one client (target >= 4x at 16 clients).
+
+Then the burst (--burst CxN, 0 to skip): C requests of N tokens sent at once, one per client; its slowest
+first token shows whether every request is admitted while the others generate.
 
 The machine's other load is not controlled: run it on a quiet machine and read figures from one run side by
-side. A JSON record (machine, command, figures) goes to benchmarks/results/serve-HOST-DATE.json.
+side (or repeat runs and compare medians). A JSON record (machine, command, figures) goes to
+benchmarks/results/serve-HOST-DATE.json.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 WORDS = "and the lord said unto moses for it came to pass python module function class return value in of".split()
 
 
@@ -48,10 +54,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, console: Console) -> subprocess.Popen:
+def start_server(model: str | None, port: int, extra: list[str], console: Console) -> subprocess.Popen:
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "hearthlm.cli", "serve", *([model] if model else []), "--port", str(port)]
+    cmd = [sys.executable, "-m", "hearthlm.cli", "serve", *([model] if model else []), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd + ["--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     with console.status(f"starting {' '.join(cmd[2:])}"):
@@ -101,15 +107,17 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return {"ttft": first - t0, "gaps": gaps, "tokens": tokens}
 
 
-async def run_level(url: str, model: str, clients: int, per_client: int, args, rng: random.Random, advance) -> dict:
+async def run_level(
+    url: str, model: str, clients: int, per_client: int, max_tokens: int, args, rng: random.Random, advance
+) -> dict:
     prompts = [" ".join(rng.choice(WORDS) for _ in range(args.prompt_words)) for _ in range(clients * per_client)]
     limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
 
         async def worker(k: int) -> list[dict]:
             out = []
             for j in range(per_client):
-                out.append(await one_request(client, model, prompts[k * per_client + j], args.max_tokens))
+                out.append(await one_request(client, model, prompts[k * per_client + j], max_tokens))
                 advance()
             return out
 
@@ -120,9 +128,10 @@ async def run_level(url: str, model: str, clients: int, per_client: int, args, r
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
     return {
-        "clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-        "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
-        "itl_p50_ms": percentile(gaps, 50) * 1e3, "itl_p99_ms": percentile(gaps, 99) * 1e3,
+        "clients": clients, "requests": len(results), "max_tokens": max_tokens, "tokens": tokens, "wall_s": wall,
+        "tok_s": tokens / wall, "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "ttft_max_ms": max(ttft) * 1e3, "itl_p50_ms": percentile(gaps, 50) * 1e3,
+        "itl_p99_ms": percentile(gaps, 99) * 1e3,
     }  # fmt: skip
 
 
@@ -138,44 +147,58 @@ def machine() -> dict:
     return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="what `hearth serve` takes (default: the demo model)")
-    p.add_argument("--levels", default="1,4,16", help="concurrent clients per level (default 1,4,16)")
+    p.add_argument("--levels", default="1,4,16,32,64", help="concurrent clients per level (default 1,4,16,32,64)")
     p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request (default 256)")
     p.add_argument("--prompt-words", type=int, default=24, help="words per prompt (default 24)")
+    p.add_argument("--burst", default="32x96", help="CxN: C requests of N tokens at once, after the levels (0: none)")
+    p.add_argument("--server-args", default="", help="extra `hearth serve` options, e.g. '--max-running 16'")
     p.add_argument("--port", type=int, default=None, help="default: a free one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    burst = None if args.burst in ("", "0") else tuple(int(x) for x in args.burst.lower().split("x"))
     console = Console(stderr=True)
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     started = datetime.now()
-    proc = start_server(args.model, port, console)
+    proc = start_server(args.model, port, shlex.split(args.server_args), console)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(run_level(url, model, 1, 1, args, random.Random(-1), lambda: None))  # warm-up
+        asyncio.run(run_level(url, model, 1, 1, 16, args, random.Random(-1), lambda: None))  # warm-up
         rng, rows = random.Random(args.seed), []
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task("requests", total=sum(levels) * args.requests)
+            task = progress.add_task("requests", total=sum(levels) * args.requests + (burst[0] if burst else 0))
             for c in levels:
                 progress.update(task, description=f"{c} client{'s' * (c > 1)}")
-                rows.append(
-                    asyncio.run(run_level(url, model, c, args.requests, args, rng, lambda: progress.advance(task)))
+                level = run_level(
+                    url, model, c, args.requests, args.max_tokens, args, rng, lambda: progress.advance(task)
                 )
+                rows.append(asyncio.run(level))
+            if burst:
+                progress.update(task, description=f"burst {burst[0]}x{burst[1]}")
+                level = run_level(url, model, burst[0], 1, burst[1], args, rng, lambda: progress.advance(task))
+                burst_row = asyncio.run(level)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     by = {r["clients"]: r for r in rows}
-    ratio = by[max(levels)]["tok_s"] / by[min(levels)]["tok_s"] if len(by) > 1 else None
+    ratios = {
+        f"ratio_{c}_vs_{min(levels)}": by[c]["tok_s"] / by[min(levels)]["tok_s"] for c in levels if c != min(levels)
+    }
     record = {
         "command": shlex.join([sys.executable, *sys.argv]), "started": started.isoformat(timespec="seconds"),
-        "machine": machine(), "model": model, "max_tokens": args.max_tokens, "levels": rows,
-        f"ratio_{max(levels)}_vs_{min(levels)}": ratio,
+        "machine": machine(), "commit": commit(), "model": model, "max_tokens": args.max_tokens,
+        "server_args": args.server_args, "levels": rows, **ratios, "burst": burst_row if burst else None,
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"serve-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}.json"
@@ -183,17 +206,41 @@ def main() -> None:
     if args.json:
         print(json.dumps(record, indent=2))
         return
-    table = Table(title=f"hearth serve {model}: {args.max_tokens} tokens per request, streamed")
-    for col in ("clients", "requests", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"):
+    show(record, model, args, out)
+
+
+def show(record: dict, model: str, args, out: Path) -> None:
+    table = Table(title=f"hearth serve {model} {args.server_args}: streamed requests")
+    columns = ("clients", "requests", "tokens each", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TTFT max ms",
+               "ITL p50 ms", "ITL p99 ms")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="right")
+    rows = record["levels"] + ([record["burst"]] if record["burst"] else [])
     for r in rows:
         table.add_row(
-            str(r["clients"]), str(r["requests"]), f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}",
-            f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
+            str(r["clients"]) + (" (burst)" if r is record["burst"] else ""), str(r["requests"]),
+            str(r["max_tokens"]), f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}",
+            f"{r['ttft_max_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
         )  # fmt: skip
-    Console().print(table)
-    if ratio is not None:
-        Console().print(f"throughput {max(levels)} vs {min(levels)} clients: {ratio:.2f}x (target >= 4x); wrote {out}")
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console.print(table)
+    ratios = ", ".join(
+        f"{k[6:].replace('_vs_', ' vs ')}: {v:.2f}x" for k, v in record.items() if k.startswith("ratio_")
+    )
+    console.print(f"throughput {ratios} (target >= 4x at 16 vs 1); wrote {out}")
+
+
+def commit() -> str | None:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=HERE
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=HERE
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":
