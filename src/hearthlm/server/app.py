@@ -8,10 +8,12 @@ import dataclasses
 import logging
 import secrets
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ..api import ContextLengthError
@@ -24,6 +26,11 @@ from .registry import Models
 log = logging.getLogger("hearthlm.server")
 
 OPEN_PATHS = {"/", "/health"}  # answered without the API key: liveness probes
+UI = Path(__file__).parent / "ui" / "static"  # the chat page, static: it asks for the key when an API call needs it
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/")
 
 
 def _is_ollama(path: str) -> bool:
@@ -83,7 +90,7 @@ class Gate:
 
         held = self.models.hold()  # the models this request names stay loaded until it ends
         try:
-            if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
+            if self.api_key and not _is_open(path) and not self._authorized(scope):
                 how = "'x-api-key: KEY' or " if _is_anthropic(path) else ""
                 e = APIError(
                     401, f"missing or wrong API key: send {how}'Authorization: Bearer KEY'", None, "invalid_api_key"
@@ -130,6 +137,7 @@ def create_app(served: ServedModel | Models, api_key: str | None = None, metrics
     app.include_router(anthropic.router)
     app.include_router(embeddings.router)
     app.include_router(responses.router)
+    app.mount("/ui", StaticFiles(directory=UI, html=True), name="ui")
 
     @app.get("/health")
     async def health():

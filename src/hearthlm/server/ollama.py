@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
@@ -458,7 +458,9 @@ async def version():
 
 
 @router.get("/", response_class=PlainTextResponse)
-async def root():
+async def root(request: Request):
+    if "text/html" in request.headers.get("accept", ""):  # a browser: the chat page; Ollama clients ask for no HTML
+        return RedirectResponse("/ui/")
     return "Ollama is running (hearthlm)"
 
 
