@@ -86,11 +86,14 @@ class ModelConfig:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: a Hugging Face checkpoint folder needs a config.json") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: the file holds a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def require(cfg: dict[str, Any], key: str, where: str) -> Any:
@@ -137,3 +140,66 @@ def rope_from_hf(cfg: dict[str, Any], where: str, layer_type: str | None = None)
     raise ConfigError(
         f"{where}: RoPE type '{kind}' is not supported (supported: default, linear, llama3, proportional)"
     )
+
+
+# Upper bounds on a config's sizes, far above any released model (Llama 3.1 405B: 126 layers, hidden 16384,
+# MLP 53248; Gemma 4: vocab 262144), so that a corrupt or hostile config is refused before anything is built
+# from it: a model is first constructed on the meta device layer by layer, which 10**9 layers would never end.
+SIZE_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 20,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 1 << 14,
+    "global_head_dim": 1 << 14,
+    "vocab_size": 1 << 24,
+    "vocab_size_per_layer_input": 1 << 24,
+    "hidden_size_per_layer_input": 1 << 16,
+    "num_experts": 1 << 16,
+    "num_local_experts": 1 << 16,
+    "num_experts_per_tok": 1 << 16,
+    "num_kv_shared_layers": 1024,
+    "max_position_embeddings": 1 << 32,
+    "sliding_window": 1 << 32,
+}
+_AT_LEAST_ONE = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+def check_sizes(hf: dict[str, Any], where: str) -> None:
+    """Refuse a config.json (or the one a GGUF file's metadata gives) whose sizes are not integers within
+    SIZE_LIMITS (a per-layer list: each entry), before a model is built from it."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where}: the config is a {type(hf).__name__}, not a JSON object")
+    for key, limit in SIZE_LIMITS.items():
+        value = hf.get(key)
+        if value is None:
+            continue
+        low = 1 if key in _AT_LEAST_ONE else 0
+        values = value if isinstance(value, list) and key in ("num_key_value_heads", "intermediate_size") else [value]
+        if not values or not all(type(v) is int and low <= v <= limit for v in values):
+            raise ConfigError(
+                f"{where}: {key} = {_short(value)} is not an integer from {low} to {limit:,}: the config is corrupt "
+                "or not a model hearthlm can run"
+            )
+
+
+def check_model(cfg: ModelConfig, where: str) -> None:
+    """Facts a normalized config must agree on before a model is built: routing picks from the experts there
+    are, and attention heads share KV heads evenly."""
+    if cfg.num_experts and not 1 <= cfg.experts_per_token <= cfg.num_experts:
+        raise ConfigError(
+            f"{where}: {cfg.experts_per_token} experts per token, but the model has {cfg.num_experts} experts"
+        )
+    for i, layer in enumerate(cfg.layers):
+        if layer.num_kv_heads < 1 or cfg.num_heads % layer.num_kv_heads:
+            raise ConfigError(
+                f"{where}: layer {i} has {layer.num_kv_heads} KV heads for {cfg.num_heads} attention heads "
+                "(the KV heads must divide the attention heads)"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -240,6 +240,8 @@ class _Vocab:
             return metadata.get(f"tokenizer.ggml.{key}", default)
 
         model = get("model")
+        if model is not None and not isinstance(model, str):
+            raise GGUFTokenizerError(f"{where}: tokenizer.ggml.model is a {type(model).__name__}, not a name")
         if model is None:
             raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.model: the file has no tokenizer")
         if model not in MODELS:
@@ -259,7 +261,7 @@ class _Vocab:
                     stacklevel=3,
                 )
                 name = "default"
-            if name not in PRE_TOKENIZERS:
+            if not isinstance(name, str) or name not in PRE_TOKENIZERS:
                 raise GGUFTokenizerError(
                     f"{where}: tokenizer.ggml.pre {name!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}"
                 )
@@ -268,20 +270,25 @@ class _Vocab:
         tokens = get("tokens")
         if not isinstance(tokens, Sequence) or isinstance(tokens, str) or not tokens:
             raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.tokens: the file lists no vocabulary")
+        if not all(isinstance(t, str) for t in tokens):
+            raise GGUFTokenizerError(f"{where}: tokenizer.ggml.tokens is not a list of strings")
         n = len(tokens)
-        tokens = [str(t) if t != "" else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names them
+        tokens = [t if t != "" else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names them
         seen: dict[str, int] = {}
         for i, t in enumerate(tokens):
             if (j := seen.setdefault(t, i)) != i:
                 raise GGUFTokenizerError(f"{where}: duplicate token in the vocabulary: {t!r} has ids {j} and {i}")
-        scores = [float(s) for s in _array(get("scores"), n, "scores", where, [0.0] * n)]
-        types = [int(t) for t in _array(get("token_type"), n, "token_type", where, [NORMAL] * n)]
+        scores = [float(s) for s in _array(get("scores"), n, "scores", where, [0.0] * n, (int, float))]
+        types = [int(t) for t in _array(get("token_type"), n, "token_type", where, [NORMAL] * n, (int,))]
+        _check_byte_tokens(tokens, types, where)
 
         merges: list[tuple[str, str]] = []
         if model in ("gpt2", "gemma4"):
             raw = get("merges")
             if raw is None:
                 raise GGUFTokenizerError(f"{where}: no tokenizer.ggml.merges: a {model!r} vocabulary needs its merges")
+            if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+                raise GGUFTokenizerError(f"{where}: tokenizer.ggml.merges is not a list of strings")
             for m in raw:
                 cut = str(m).find(" ", 1)  # as llama.cpp splits them: a first piece may start with a space
                 if cut > 0:
@@ -302,8 +309,8 @@ class _Vocab:
             value = get(key)
             if value is None and name in _DEPRECATED_FIM:
                 value = get(_DEPRECATED_FIM[name])
-            if value is not None and 0 <= int(value) < n:
-                ids[name] = int(value)
+            if _special_id(value, key, n, where) is not None:
+                ids[name] = value
         add_bos = model in ("gemma4", "bert") or bool(get("add_bos_token", True if spm else pre.add_bos))
         add_eos = model != "bert" and bool(get("add_eos_token", False))
         add_sep = model == "bert"  # llama.cpp's WPM adds [CLS] and [SEP] ignoring add_bos / add_sep / add_eos
@@ -394,12 +401,44 @@ class _Vocab:
             self.rstrip -= {i for i, t in enumerate(tokens) if t in ("<unk>", "<s>", "<|endoftext|>")}
 
 
-def _array(value: Any, n: int, key: str, where: str, default: list) -> list:
+def _array(value: Any, n: int, key: str, where: str, default: list, kinds: tuple[type, ...]) -> list:
     if value is None:
         return default
+    if not isinstance(value, list) or not all(isinstance(v, kinds) for v in value):
+        kind = " or ".join(k.__name__ for k in kinds)
+        raise GGUFTokenizerError(f"{where}: tokenizer.ggml.{key} is not a list of {kind} values")
     if len(value) < n:
         raise GGUFTokenizerError(f"{where}: tokenizer.ggml.{key} has {len(value)} entries for {n} tokens")
     return list(value[:n])
+
+
+def _special_id(value: Any, key: str, n: int, where: str) -> int | None:
+    """A special token id from the file: an integer (else GGUFTokenizerError); one outside the vocabulary is
+    ignored with a warning, as llama.cpp ignores it (converted files in the wild name a pad id past the end)."""
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise GGUFTokenizerError(f"{where}: tokenizer.ggml.{key} = {value!r} is not a token id")
+    if not 0 <= value < n:
+        warnings.warn(
+            f"{where}: tokenizer.ggml.{key} = {value} is outside the vocabulary ({n} tokens); ignored", stacklevel=4
+        )
+        return None
+    return value
+
+
+def _check_byte_tokens(tokens: list[str], types: list[int], where: str) -> None:
+    """Tokens of type BYTE must be <0xXX>: each stands for that byte, and the decoder reads it from the text."""
+    for i, t in enumerate(types):
+        text = tokens[i]
+        if t == BYTE and not (len(text) == 6 and text.startswith("<0x") and text.endswith(">") and _is_hex(text[3:5])):
+            raise GGUFTokenizerError(
+                f"{where}: token {i} {text[:20]!r} has type BYTE but is not written <0xXX>: the vocabulary is corrupt"
+            )
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 # -- building the tokenizers.Tokenizer --------------------------------------------------------------

@@ -8,16 +8,14 @@ import dataclasses
 import json
 import traceback
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Namespace
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .chat_sandbox import TemplateLimitError, TemplateRaised, compile_template, render
 
 # The named special tokens a template sees (bos_token, eos_token, ...), as transformers passes them.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -176,19 +174,27 @@ class Tokenizer:
             raise ValueError("tools must be JSON-schema dicts ({'type': 'function', 'function': {...}})")
         name = self._template_name(tools is not None)
         template, source = self._compile(name), self._templates[name][1]
-        variables = {
-            "documents": None,
-            **self.special_tokens,
-            **_plain(kw),
-            "messages": _chat_messages(messages),
-            "tools": _plain(tools),
-            "add_generation_prompt": add_generation_prompt,
-        }
         try:
-            return template.render(**variables)
-        except _TemplateRaised as e:
+            variables = {
+                "documents": None,
+                **self.special_tokens,
+                **_plain(kw),
+                "messages": _chat_messages(messages),
+                "tools": _plain(tools),
+                "add_generation_prompt": add_generation_prompt,
+            }
+        except RecursionError:
+            raise ValueError("chat messages, tools or template keywords are nested too deeply") from None
+        try:
+            return render(template, variables)
+        except TemplateRaised as e:
             line = _template_line(e)
             raise ChatTemplateError(f"{_where(source, line)}: the chat template refused: {e}", source, line) from None
+        except TemplateLimitError as e:
+            line = _template_line(e)
+            raise ChatTemplateError(
+                f"{_where(source, line)}: the chat template was stopped: {e}", source, line
+            ) from None
         except Exception as e:  # anything the template's code hits: undefined names, type errors, sandbox
             line = _template_line(e)
             message = f"{_where(source, line)}: cannot render the chat template ({type(e).__name__}: {e})"
@@ -218,10 +224,13 @@ class Tokenizer:
         if name not in self._compiled:
             text, source = self._templates[name]
             try:
-                self._compiled[name] = _environment().from_string(text)
+                self._compiled[name] = compile_template(text)
             except jinja2.TemplateSyntaxError as e:
                 message = f"{_where(source, e.lineno)}: chat template syntax error: {e.message}"
                 raise ChatTemplateError(message, source, e.lineno) from None
+            except (RecursionError, MemoryError, SyntaxError, ValueError) as e:  # nesting too deep to compile
+                message = f"{source}: the chat template cannot be compiled ({type(e).__name__}: {e})"
+                raise ChatTemplateError(message, source) from None
         return self._compiled[name]
 
 
@@ -340,79 +349,7 @@ def _find_templates(folder: Path, config: dict[str, Any], config_file: Path) -> 
     return {}
 
 
-# -- the Jinja environment (the one transformers builds, written anew) ---------------------------
-class _TemplateRaised(Exception):
-    pass
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
-    # Jinja's own tojson escapes HTML characters (<, >, &, '), which chat prompts must keep as they are.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _check_name(name: Any) -> None:
-    if isinstance(name, str) and name.startswith("_"):
-        raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
-
-
-class _Namespace(Namespace):
-    """namespace() that refuses underscore names, so a template cannot reach interpreter internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _check_name(name)
-        Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _check_name(name)
-        super().__setitem__(name, value)
-
-
-class _Dict:
-    """`dict` for templates: calls and fromkeys, without the type object itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any) -> dict:
-        return dict.fromkeys(*args)
-
-
-class _Generation(Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; here it just renders."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller) -> str:
-        return caller()
-
-
-@lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_Dict())
-    env.globals["namespace"] = _Namespace
-    return env
-
-
+# -- errors from the template ---------------------------------------------------------------------
 def _template_line(error: BaseException) -> int | None:
     # Jinja rewrites tracebacks so that template code shows as frames of "<template>" at template lines.
     lines = [n for f, n in traceback.walk_tb(error.__traceback__) if f.f_code.co_filename == "<template>"]

@@ -11,6 +11,7 @@ crash or a huge allocation.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ class _Cursor:
         if vtype == _ARRAY:
             etype = self.scalar(4, what)
             count = self.scalar(10, what)
+            if etype == _ARRAY:  # llama.cpp refuses them too; unbounded nesting would exhaust the stack
+                raise GGUFError(f"{self.path}: corrupt: {what} is an array of arrays, which GGUF readers do not accept")
             if etype in _NUMPY:
                 size = _SCALARS[etype][1]
                 raw = self.take(count * size, what)
@@ -110,6 +113,13 @@ class _Cursor:
                 raise GGUFError(f"{self.path}: corrupt: {what} claims {count} elements, more than the file holds")
             return [self.value(etype, what) for _ in range(count)]
         raise GGUFError(f"{self.path}: corrupt: {what} has unknown value type {vtype}")
+
+
+def _check_overlaps(path: Path, tensors: Any) -> None:
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise GGUFError(f"{path}: corrupt: tensors '{first}' and '{second}' overlap in the file")
 
 
 class GGUFFile:
@@ -129,6 +139,19 @@ class GGUFFile:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._base: int | None = None  # address of the mapping, once a view is released
         cur = _Cursor(memoryview(self._mmap), self.path)
+        n_tensors, n_kv = self._read_header(cur, size)
+        self.metadata = self._read_metadata(cur, n_kv)
+        infos = self._read_infos(cur, n_tensors)
+        alignment = self.metadata.get("general.alignment", 32)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(
+                f"{self.path}: corrupt: general.alignment = {alignment!r} is not a power of two (an integer, 32 by "
+                "default) — the file is damaged; convert the model again"
+            )
+        data_start = -(-cur.pos // alignment) * alignment
+        self.tensors = self._place(infos, data_start, alignment, size)
+
+    def _read_header(self, cur: _Cursor, size: int) -> tuple[int, int]:
         if bytes(cur.take(4, "magic")) != MAGIC:
             raise GGUFError(f"{self.path}: not a GGUF file (the first bytes are not 'GGUF')")
         self.version = cur.scalar(4, "version")
@@ -137,36 +160,60 @@ class GGUFFile:
         n_tensors = cur.scalar(10, "tensor count")
         n_kv = cur.scalar(10, "metadata count")
         if n_tensors > size // 24 or n_kv > size // 12:  # each entry takes at least that many bytes
-            raise GGUFError(f"{self.path}: corrupt header ({n_tensors} tensors, {n_kv} metadata entries)")
-        self.metadata: dict[str, Any] = {}
+            raise GGUFError(
+                f"{self.path}: corrupt header ({n_tensors} tensors, {n_kv} metadata entries, more than "
+                f"{size} bytes can hold) — the file is damaged; download it again"
+            )
+        return n_tensors, n_kv
+
+    def _read_metadata(self, cur: _Cursor, n_kv: int) -> dict[str, Any]:
+        metadata: dict[str, Any] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            self.metadata[key] = cur.value(cur.scalar(4, f"type of '{key}'"), f"metadata '{key}'")
-        infos = []
+            if key in metadata:
+                raise GGUFError(f"{self.path}: corrupt: metadata key '{key}' appears twice")
+            metadata[key] = cur.value(cur.scalar(4, f"type of '{key}'"), f"metadata '{key}'")
+        return metadata
+
+    def _read_infos(self, cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+        infos, seen = [], set()
         for i in range(n_tensors):
             name = cur.string(f"tensor name #{i}")
+            if name in seen:
+                raise GGUFError(f"{self.path}: corrupt: tensor '{name}' is listed twice")
+            seen.add(name)
             n_dims = cur.scalar(4, f"dims of '{name}'")
-            if n_dims > 4:
-                raise GGUFError(f"{self.path}: corrupt: tensor '{name}' claims {n_dims} dimensions")
+            if not 1 <= n_dims <= 4:
+                raise GGUFError(f"{self.path}: corrupt: tensor '{name}' claims {n_dims} dimensions (GGUF has 1 to 4)")
             dims = [cur.scalar(10, f"dims of '{name}'") for _ in range(n_dims)]
-            infos.append((name, tuple(reversed(dims)), cur.scalar(4, f"type of '{name}'"), cur.scalar(10, name)))
-        alignment = self.metadata.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise GGUFError(f"{self.path}: corrupt: general.alignment = {alignment!r} is not a power of two")
-        data_start = -(-cur.pos // alignment) * alignment
-        self.tensors: dict[str, TensorInfo] = {}
+            shape = tuple(reversed(dims))
+            if any(d == 0 or d >= 2**63 for d in dims) or math.prod(dims) >= 2**63:
+                raise GGUFError(f"{self.path}: corrupt: tensor '{name}' has an impossible shape {shape}")
+            infos.append((name, shape, cur.scalar(4, f"type of '{name}'"), cur.scalar(10, f"offset of '{name}'")))
+        return infos
+
+    def _place(self, infos: list, data_start: int, alignment: int, size: int) -> dict[str, TensorInfo]:
+        """TensorInfos with absolute offsets: each aligned, inside the file, and not overlapping another."""
+        tensors: dict[str, TensorInfo] = {}
         for name, shape, ggml_type, offset in infos:
             try:
                 nbytes = ggml.tensor_nbytes(ggml_type, shape)
             except ggml.GGMLTypeError as e:
                 raise GGUFError(f"{self.path}: tensor '{name}': {e}") from None
+            if offset % alignment:
+                raise GGUFError(
+                    f"{self.path}: corrupt: tensor '{name}' starts at data offset {offset}, which is not a multiple of "
+                    f"the alignment {alignment}"
+                )
             start = data_start + offset
-            if offset % alignment or start + nbytes > size:
+            if start + nbytes > size:
                 raise GGUFError(
                     f"{self.path}: tensor '{name}' ({nbytes} bytes at offset {start}) lies beyond the end of the "
                     f"file ({size} bytes): the file is truncated or corrupt — download it again"
                 )
-            self.tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
+            tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
+        _check_overlaps(self.path, tensors.values())
+        return tensors
 
     @property
     def architecture(self) -> str:

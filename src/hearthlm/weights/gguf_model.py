@@ -142,7 +142,14 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
     if isinstance(heads, list) or (isinstance(kv_heads, list) and arch != "gemma4"):
         raise GGUFError(f"{where}: per-layer head counts are not supported for '{arch}'")
     tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise GGUFError(f"{where}: tokenizer.ggml.tokens is a {type(tokens).__name__}, not a list of tokens")
     vocab = gguf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gguf.tensors else len(tokens or [])
+    if tokens is not None and len(tokens) > vocab:
+        raise GGUFError(
+            f"{where}: the vocabulary has {len(tokens)} tokens but token_embd.weight has rows for {vocab}: the "
+            "tokenizer would produce ids the model has no embedding for — the file is corrupt; convert it again"
+        )
     cfg: dict[str, Any] = {
         "architectures": [hf_arch],
         "hidden_size": a("embedding_length"),
@@ -373,6 +380,12 @@ class GGUFCheckpoint:
 
     def file_of(self, name: str) -> Path:
         return self.gguf.path
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape (one expert's for an expert of a stacked tensor) from the file's header."""
+        gname, expert = self._where[name]
+        shape = self.gguf.tensors[gname].shape
+        return shape if expert is None else shape[1:]
 
     def gguf_name(self, name: str) -> str:
         return self._where[name][0]

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
-from ..config import ModelConfig, as_id_list, read_json
+from ..config import ModelConfig, as_id_list, check_model, check_sizes, read_json
 from ..embeddings.sentence_transformers import folder_pooling
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
@@ -41,7 +41,7 @@ from ..quant.tensor import QuantTensor, RowConcat, combine
 from ..weights.mapping import Cat, PlusOne, Source, Stack, names_in
 from .gguf import GGUFFile
 from .gguf_model import GGUFCheckpoint, hf_config
-from .safetensors import Checkpoint, CheckpointError
+from .safetensors import PICKLE_SUFFIXES, Checkpoint, CheckpointError, pickle_advice
 
 HEARTHLM_QUANT = "hearthlm"  # quantization_config.quant_method of the folders `hearth quantize` writes
 
@@ -66,7 +66,7 @@ def read_model_config(folder: Path) -> tuple[type[CausalLM], ModelConfig]:
     path = folder / "config.json"
     hf = read_json(path)
     cls, arch, text = resolve(hf, str(path))
-    cfg = cls.config_from_hf(text, arch, str(path))
+    cfg = _config(cls, text, arch, str(path))
     cfg.pooling = folder_pooling(folder) or cfg.pooling  # a sentence-transformers folder: an embedding model
     gen = folder / "generation_config.json"
     if gen.exists():
@@ -104,12 +104,14 @@ def load_model(
     tokenizer); `quant`: quantize float matrices while loading; `expert_budget`: leave the experts in the
     checkpoint and keep that many in a pool (moe/); `expert_prior`: usage counts that seed its policy."""
     path = source.path if isinstance(source, GGUFFile) else source
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(pickle_advice(str(path)))
     stored = stored_quant(path)
     if path.suffix == ".gguf":
         gguf = source if isinstance(source, GGUFFile) else GGUFFile(path)
         hf = hf_config(gguf)
         cls, arch, text = resolve(hf, str(path))
-        cfg = cls.config_from_hf(text, arch, str(path))
+        cfg = _config(cls, text, arch, str(path))
         ckpt = GGUFCheckpoint(gguf, hf)
     else:
         if stored is not None and quant is not None:
@@ -135,6 +137,7 @@ def load_model(
         budgeted = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts) for p in ("gate_up", "down")}
         if not budgeted:
             raise BudgetError(f"{path}: {cfg.architecture} has no experts: an expert budget does not apply")
+        _check_budgeted(ckpt, mapping, params, budgeted, path)
     console = Console(stderr=True)
     verb = f"loading {path.name}" + (f" as {quant.name}" if quant else "")
     with Progress(console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
@@ -191,6 +194,49 @@ def load_model(
         if hasattr(module, "after_load"):
             module.after_load()
     return model.eval()
+
+
+def _config(cls: type[CausalLM], text: dict, arch: str, where: str) -> ModelConfig:
+    """The family's normalized config, with its sizes checked before and its consistency after."""
+    check_sizes(text, where)
+    cfg = cls.config_from_hf(text, arch, where)
+    check_model(cfg, where)
+    return cfg
+
+
+def _check_budgeted(ckpt, mapping: dict[str, Source], params: dict, budgeted: set[str], path: Path) -> None:
+    """Experts left in the checkpoint are read at their first use: check now, from the files' headers, that every
+    one is there with the shape the config implies, so that a file that disagrees fails at load, not
+    mid-generation."""
+    for name in sorted(budgeted):
+        source = mapping[name]
+        missing = [n for n in names_in(source) if n not in ckpt]
+        if missing:
+            raise CheckpointError(
+                f"{path}: {len(missing)} expert tensor(s) for {name} are missing from the checkpoint, e.g. "
+                f"'{missing[0]}': the config's expert count and the weights disagree"
+            )
+        shape, expected = _source_shape(ckpt, source), tuple(params[name].shape)
+        if shape != expected:
+            raise CheckpointError(
+                f"{path}: {_describe(ckpt, source)} gives experts of shape {shape}, but the config implies "
+                f"{expected} for {name}: the config and the weights disagree"
+            )
+
+
+def _source_shape(ckpt, source: Source) -> tuple[int, ...] | None:
+    """The shape _build would give, from the headers alone (None where the parts disagree)."""
+    if isinstance(source, str):
+        shape = getattr(ckpt, "shape", None)
+        return tuple(shape(source)) if shape is not None else tuple(_build(ckpt, source).shape)
+    if isinstance(source, PlusOne):
+        return _source_shape(ckpt, source.part)
+    shapes = [_source_shape(ckpt, p) for p in source.parts]
+    if None in shapes or len({s[1:] if isinstance(source, Cat) else s for s in shapes}) > 1:
+        return None
+    if isinstance(source, Cat):
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return (len(shapes), *shapes[0])
 
 
 def _tier(ckpt, mapping: dict[str, Source], plan: dict[str, QuantSpec], name: str, dtype, device):

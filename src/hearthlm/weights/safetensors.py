@@ -7,10 +7,12 @@ tensor is touched, so the vision and audio towers of a multimodal checkpoint nev
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -32,6 +34,85 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: names the file (and tensor) and what is wrong."""
 
 
+MAX_HEADER = 100_000_000  # bytes of JSON header, the safetensors library's own limit
+# Bits per element of every dtype the safetensors format defines (those _DTYPES lacks are refused on read).
+_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+         "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6,
+         "F6_E3M2": 6}  # fmt: skip
+
+
+def _read_header(f: BinaryIO, path: Path, size: int) -> tuple[int, dict[str, Any]]:
+    """The header's length and its JSON object, each checked against the file and the format."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: file is truncated (no safetensors header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise CheckpointError(f"{path}: header length {n} exceeds the file size: truncated or corrupt")
+    if not 2 <= n <= MAX_HEADER:
+        raise CheckpointError(f"{path}: header length {n} is not between 2 and {MAX_HEADER} bytes: corrupt file")
+    try:
+        header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a duplicate key
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}): corrupt file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a {type(header).__name__}, not a JSON object")
+    return n, header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = [k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])]
+        raise ValueError(f"key '{seen[0]}' appears twice")
+    return out
+
+
+def _check_entries(path: Path, header: dict[str, Any], data_size: int) -> None:
+    """Every tensor entry well formed, its byte range the size its dtype and shape give, and the ranges
+    tiling the data exactly (no overlap, no gap), as the safetensors library requires."""
+    spans = []
+    for name, entry in header.items():
+        start, end = _entry_range(path, name, entry)
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' ends at byte {end} of the data, which has {data_size}: truncated or corrupt"
+            )
+        spans.append((start, end, name))
+    spans.sort()
+    at = 0
+    for start, end, name in spans:
+        if start != at:
+            what = "overlaps the tensor before it" if start < at else f"leaves a gap of {start - at} bytes before it"
+            raise CheckpointError(f"{path}: corrupt: tensor '{name}' {what} (offset {start}, expected {at})")
+        at = end
+    if at != data_size:
+        raise CheckpointError(f"{path}: corrupt: {data_size - at} bytes after the last tensor belong to none")
+
+
+def _entry_range(path: Path, name: str, entry: Any) -> tuple[int, int]:
+    """A header entry's [start, end) after checking its fields; raises CheckpointError naming the tensor."""
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: its header entry is not a JSON object: corrupt file")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _BITS:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r} (safetensors defines {', '.join(_BITS)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers: corrupt file")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [start, end]: corrupt file")
+    start, end = offsets
+    if not 0 <= start <= end:
+        raise CheckpointError(f"{where}: data_offsets [{start}, {end}] are negative or reversed: corrupt file")
+    bits = _BITS[dtype] * math.prod(shape)
+    if bits != 8 * (end - start):
+        raise CheckpointError(
+            f"{where}: {dtype} {shape} needs {-(-bits // 8)} bytes, but its data_offsets give {end - start}: corrupt file"
+        )
+    return start, end
+
+
 class SafetensorsFile:
     """One .safetensors file: parsed header plus an mmap; `get(name)` returns a zero-copy view."""
 
@@ -39,20 +120,13 @@ class SafetensorsFile:
         self.path = path
         try:
             with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(f"{path}: file is truncated (no safetensors header)")
-                (n,) = struct.unpack("<Q", head)
                 size = path.stat().st_size
-                if n > size - 8:
-                    raise CheckpointError(f"{path}: header length {n} exceeds the file size: truncated or corrupt")
-                header = json.loads(f.read(n))
+                n, header = _read_header(f, path, size)
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
         except FileNotFoundError:
             raise CheckpointError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}): corrupt file") from None
         header.pop("__metadata__", None)
+        _check_entries(path, header, size - 8 - n)
         self._data_start = 8 + n
         self._size = size
         self._base: int | None = None
@@ -136,6 +210,46 @@ class SafetensorsFile:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # PyTorch pickles: loading one runs its code
+
+
+def pickle_advice(what: str) -> str:
+    """Why a pickled checkpoint is refused, and how to turn it into safetensors."""
+    return (
+        f"{what} is a pickled PyTorch checkpoint, which hearthlm never loads (unpickling runs code from the file); "
+        "convert it to safetensors where you trust it, e.g. `AutoModelForCausalLM.from_pretrained(folder)"
+        ".save_pretrained(out, safe_serialization=True)` with transformers, or use the safetensors or GGUF "
+        "release of the model"
+    )
+
+
+def _no_safetensors(folder: Path) -> str:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        return f"{folder}: " + pickle_advice(", ".join(pickles[:3]))
+    return (
+        f"{folder}: no *.safetensors files (and no model.safetensors.index.json); "
+        "hearthlm loads safetensors checkpoints or .gguf files"
+    )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map: tensor name -> shard file, a plain name in the same folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> file name")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", "..") or "\\" in shard:
+            raise CheckpointError(
+                f"{index}: shard {shard!r} is not a file name in the checkpoint folder (paths such as '../x' or "
+                "'/x' are refused): the index is corrupt or malicious"
+            )
+    return weight_map
+
+
 class Checkpoint:
     """All safetensors files of a checkpoint folder, addressed by tensor name."""
 
@@ -144,10 +258,7 @@ class Checkpoint:
         index = folder / "model.safetensors.index.json"
         self._where: dict[str, Path] = {}
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = _read_index(index)
             missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
             if missing:
                 raise CheckpointError(
@@ -158,10 +269,7 @@ class Checkpoint:
         else:
             files = sorted(folder.glob("*.safetensors"))
             if not files:
-                raise CheckpointError(
-                    f"{folder}: no *.safetensors files (and no model.safetensors.index.json); "
-                    "hearthlm loads safetensors checkpoints or .gguf files"
-                )
+                raise CheckpointError(_no_safetensors(folder))
             for path in files:
                 for k in SafetensorsFile(path).keys():
                     self._where[k] = path
@@ -174,6 +282,12 @@ class Checkpoint:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from its file's header (nothing read)."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
+        return self._file(self._where[name]).shape(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
