@@ -18,6 +18,8 @@ from .engine.runner import forward_tokens
 from .engine.sampler import SamplingParams
 from .kernels import cpu
 from .moe import MoEStats, parse_budget, profile
+from .multimodal.prompt import MediaOptions, MediaPrompt, expand, media_parts, preprocess
+from .multimodal.spec import media_spec
 from .quant.quantize import parse_quant
 from .store import resolve
 from .tokenizer import Tokenizer
@@ -110,6 +112,9 @@ class LLM:
             self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
         if not self.can_generate:
             self._embedder = Embedder(self.model, self.tokenizer, path)  # its heads: a broken folder fails at load
+        # Image / audio input (Gemma 4 checkpoints with towers); the towers load on first use.
+        self.media_spec = media_spec(path) if path.is_dir() else None
+        self._media_encoder = None
 
     def moe_stats(self) -> MoEStats | None:
         """Expert-residency totals since load (aggregate counters only), None without an expert budget."""
@@ -144,6 +149,61 @@ class LLM:
         """Ids that end a completion: the model's eos ids and the tokenizer's end-of-turn tokens."""
         eos = set(self.config.eos_token_ids)
         return self.tokenizer.stop_token_ids(eos) if self.tokenizer is not None else eos
+
+    # -- media --------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> set[str]:
+        """The inputs this model takes: {"text"}, plus "image" and "audio" for a checkpoint with those towers."""
+        return self.media_spec.modalities if self.media_spec is not None else {"text"}
+
+    @property
+    def media_encoder(self):
+        """The towers and their output cache (multimodal/encoder.py); the tower weights load on first encode."""
+        if self.media_spec is None:
+            raise ValueError(f"{self.path.name} is a text-only model: it takes no image or audio input")
+        if self._media_encoder is None:
+            from .multimodal.encoder import MediaEncoder
+            from .multimodal.towers import Towers
+
+            self._media_encoder = MediaEncoder(Towers(self.media_spec, self.dtype, self.device))
+        return self._media_encoder
+
+    def media_prompt(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        image_tokens: int | None = None,
+        max_pixels: int | None = None,
+        **template_kwargs,
+    ) -> MediaPrompt:
+        """Render `messages` with the chat template (generation prompt added), decode and preprocess their image and
+        audio parts, and expand each placeholder into its soft tokens. `image_tokens`: the soft-token budget per
+        image (70, 140, 280 (default), 560, 1120); `max_pixels`: larger images are refused. The result goes to
+        generate([...]) or logits(messages=...); bad media raise multimodal.MediaError (a ValueError)."""
+        options = MediaOptions()
+        if image_tokens is not None:
+            options.image_tokens = image_tokens
+        if max_pixels is not None:
+            options.max_pixels = max_pixels
+        items = [preprocess(p, options, self.media_spec, self.path.name) for p in media_parts(messages)]
+        tok = self._need_tokenizer("chat messages")
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
+        ids = tok.encode_chat(text)
+        if not items:
+            return MediaPrompt(self._check_ids(ids), [], [])
+        prompt = expand(ids, items, self.media_spec)
+        self._check_ids(prompt.ids)
+        return prompt
+
+    def _splice(self, prompt: MediaPrompt, start: int, length: int):
+        """The media embeddings of positions [start, start + length) of `prompt`, its items encoded first."""
+        from .multimodal.splice import splice_for
+
+        if not prompt.spans:
+            return None
+        self.media_encoder.encode([prompt], [(start, start + length)])
+        return splice_for(prompt, start, length, self.media_spec.pad_id, self.device)
 
     # -- embeddings ---------------------------------------------------------------------------
     @property
@@ -217,10 +277,19 @@ class LLM:
 
     # -- scoring ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def logits(self, token_ids: list[int] | list[list[int]]) -> torch.Tensor:
+    def logits(
+        self, token_ids: list[int] | list[list[int]] | None = None, *, messages: list[dict] | None = None, **options
+    ) -> torch.Tensor:
         """Full forward without a cache: [T, vocab] float32 for one sequence, [B, T, vocab] for a batch
-        of equal-length sequences."""
+        of equal-length sequences. `messages`: score a conversation instead, rendered with the chat template and
+        its generation prompt, with image / audio content parts (see media_prompt, which takes `options`)."""
         self._need_generative()
+        if messages is not None:
+            if token_ids is not None:
+                raise ValueError("logits() takes token_ids or messages, not both")
+            return self._media_logits(self.media_prompt(messages, **options))
+        if token_ids is None:
+            raise ValueError("logits() needs token_ids or messages")
         single = bool(token_ids) and isinstance(token_ids[0], int)
         rows = [self._check_ids(token_ids)] if single else [self._check_ids(r) for r in token_ids]
         if not rows or len({len(r) for r in rows}) != 1:
@@ -232,20 +301,29 @@ class LLM:
         out = self.model.logits(h)
         return out[0] if single else out
 
+    def _media_logits(self, prompt: MediaPrompt) -> torch.Tensor:
+        T = len(prompt.ids)
+        ids = torch.tensor([prompt.ids], device=self.device)
+        cache = ContiguousKVCache(self.config.layers, 1, T, self.dtype, self.device)
+        start = torch.zeros(1, dtype=torch.long, device=self.device)
+        h = forward_tokens(self.model, cache, ids, start, splice=self._splice(prompt, 0, T))
+        return self.model.logits(h)[0]
+
     # -- generation ---------------------------------------------------------------------------
     def generate(
         self,
-        prompts: str | list[str] | list[list[int]] | list[int],
+        prompts: str | list[str] | list[list[int]] | list[int] | list[MediaPrompt],
         params: SamplingParams | None = None,
         on_token=None,
     ) -> list[Completion]:
-        """Generate a completion per prompt (text or token ids), all of them batched on the engine.
-        `on_token(index, token_id)` is called as each token is produced, for streaming."""
+        """Generate a completion per prompt (text, token ids, or a media_prompt()), all of them batched on the
+        engine. `on_token(index, token_id)` is called as each token is produced, for streaming."""
         self._need_generative()
         params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, MediaPrompt)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        ids = [self._encode(p) for p in prompts]
+        media = [p if isinstance(p, MediaPrompt) and p.spans else None for p in prompts]
+        ids = [self._check_ids(p.ids) if isinstance(p, MediaPrompt) else self._encode(p) for p in prompts]
         if not ids:
             return []
         engine = self.engine()
@@ -256,7 +334,10 @@ class LLM:
         reasons: list[str | None] = [None] * len(ids)
         try:
             for rid, i in index.items():
-                engine.add_request(rid, ids[i], params)
+                if media[i] is not None:
+                    engine.add_request(rid, ids[i], params, media=media[i])
+                else:
+                    engine.add_request(rid, ids[i], params)
             while any(r is None for r in reasons):
                 for out in engine.step():
                     i = index.get(out.request_id)
@@ -296,11 +377,17 @@ class LLM:
     ) -> Completion:
         """Answer a conversation (`[{"role": "user", "content": "..."}, ...]`) rendered with the model's chat
         template; `tools` (JSON schemas) and keywords such as `enable_thinking=True` reach the template.
-        Generation ends at the model's end-of-turn token. `on_token(0, token_id)` streams as in generate()."""
+        Generation ends at the model's end-of-turn token. `on_token(0, token_id)` streams as in generate().
+        Content may be a list of parts: text, and image / audio parts (see media_prompt; its `image_tokens` and
+        `max_pixels` keywords apply here too)."""
         tok = self._need_tokenizer("chat messages")
+        media = {k: template_kwargs.pop(k) for k in ("image_tokens", "max_pixels") if k in template_kwargs}
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
         if params is not None and params.constrained and params.reasoning is None:
             fmt = detect(tok.chat_template(with_tools=True))
             if fmt.think:  # a reasoning model reasons first, unconstrained; the constraint holds its answer
                 params = dataclasses.replace(params, reasoning=fmt.think, in_reasoning=fmt.opens_reasoning(text))
+        if media_parts(messages):
+            prompt = self.media_prompt(messages, tools=tools, **media, **template_kwargs)
+            return self.generate([prompt], params, on_token=on_token)[0]
         return self.generate([tok.encode_chat(text)], params, on_token=on_token)[0]

@@ -26,6 +26,7 @@ from .sequence import Sequence
 
 if TYPE_CHECKING:
     from ..api import LLM
+    from ..multimodal.prompt import MediaPrompt
 
 __all__ = ["Engine", "EngineStats", "RequestOutput", "TokenLogprob"]
 
@@ -128,15 +129,23 @@ class Engine:
         return sizes
 
     # -- requests ----------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Queue a request; invalid input raises ValueError (ContextLengthError for a too-long prompt) now."""
+    def add_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, media: MediaPrompt | None = None
+    ) -> None:
+        """Queue a request; invalid input raises ValueError (ContextLengthError for a too-long prompt) now.
+        `media`: the prompt's images / audio (LLM.media_prompt; `prompt` is its ids), encoded when first needed."""
         prompt = self._validate(request_id, prompt, params)
+        if media is not None and media.ids != prompt:
+            raise ValueError("add_request: `media` belongs to another prompt (pass media.ids as the prompt)")
+        if media is not None and media.spans and self.llm.media_spec is None:
+            raise ValueError(f"{self.llm.path.name} is a text-only model: it takes no image or audio input")
         tok = self.llm.tokenizer
         max_len = min(self.context, len(prompt) + params.max_tokens)
         if None in self.blocks.pools:
             max_len = min(max_len, self.blocks.pools[None].num_blocks * self.block_size)
         seq = Sequence(request_id, prompt, params, TextStream(tok, params.stop), params.generator(), max_len)
         seq.guide = self._guides().guide(params) if params.constrained else None
+        seq.media = media if media is not None and media.spans else None
         with self._inbox_lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
@@ -266,10 +275,13 @@ class Engine:
             else:
                 due += [s for s, want in zip(group, wants) if want]
                 rows.append(logits[torch.tensor(wants)])
+        self._encode_media([w for w in work if w.n > 1 and w.seq.media is not None])
         for w in work:
             if w.n > 1:
                 want = w.n == w.seq.pending
-                logits = run_paged(model, self.cache, [w.seq], w.n, want)
+                splice = self._splice(w.seq, w.n) if w.seq.media is not None else None
+                logits = run_paged(model, self.cache, [w.seq], w.n, want, splice) if splice else \
+                    run_paged(model, self.cache, [w.seq], w.n, want)  # fmt: skip
                 w.seq.num_computed += w.n
                 if want:
                     due.append(w.seq)
@@ -277,6 +289,17 @@ class Engine:
         if not due:
             return [], None
         return due, rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def _encode_media(self, work: list[Work]) -> None:
+        """Run the towers once for every image / clip that this step's chunks need and that is not encoded yet."""
+        if work:
+            ranges = [(w.seq.num_computed, w.seq.num_computed + w.n) for w in work]
+            self.llm.media_encoder.encode([w.seq.media for w in work], ranges)
+
+    def _splice(self, seq: Sequence, n: int):
+        from ..multimodal.splice import splice_for
+
+        return splice_for(seq.media, seq.num_computed, n, self.llm.media_spec.pad_id, self.llm.device)
 
     def _advance(
         self, seq: Sequence, logits: torch.Tensor, token: int | None, logprob: TokenLogprob | None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..config import LayerSpec
 from ..kernels import cpu
+from ..multimodal.splice import widen
 
 
 def slots(window: int | None, max_len: int) -> int:
@@ -44,7 +45,7 @@ class _Group:
         self.mask: torch.Tensor | None = None
         self.causal = False
 
-    def begin(self, positions: torch.Tensor, rows: slice) -> None:
+    def begin(self, positions: torch.Tensor, rows: slice, spans: list | None = None) -> None:
         T = positions.shape[1]
         slot_pos = self.slot_pos[rows]
         w = self.window
@@ -68,6 +69,8 @@ class _Group:
         mask = (k <= q) & (k >= 0)
         if w is not None:
             mask &= k > q - w
+            if spans:  # media spans that attend both ways (multimodal/splice.py)
+                mask = widen(mask, q, k, w, spans)
         self.causal = w is None and T > 1 and self.length == T and bool((positions[:, 0] == 0).all())
         self.mask = None if bool(mask.all()) else mask[:, None]  # [b, 1, T, S] or None: attend everywhere
 
@@ -137,13 +140,14 @@ class ContiguousKVCache:
         """See attention.KVStore.decode_slots: this cache's steps run module by module."""
         return None
 
-    def begin(self, positions: torch.Tensor, rows: slice | None = None) -> None:
-        """Prepare a forward over `positions` [b, T] for cache rows `rows` (default: all)."""
+    def begin(self, positions: torch.Tensor, rows: slice | None = None, spans: list | None = None) -> None:
+        """Prepare a forward over `positions` [b, T] for cache rows `rows` (default: all); `spans`: per row, the
+        [start, end) position ranges whose tokens attend to each other both ways on sliding layers."""
         self.rows = rows if rows is not None else slice(0, self.batch)
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_len}")
         for group in self.groups.values():
-            group.begin(positions, self.rows)
+            group.begin(positions, self.rows, spans)
         self._row_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self._step_kv.clear()
 

@@ -17,6 +17,7 @@ import torch
 
 from ..config import LayerSpec
 from ..kernels import cpu
+from ..multimodal.splice import widen
 from .kv_cache import attend_cached
 
 
@@ -73,13 +74,22 @@ class PagedKVCache:
                 for t in (self.k[i], self.v[i]):
                     t.view(t.shape[0], -1, self.block_size, t.shape[2])[:, idx] = 0
 
-    def begin(self, positions: torch.Tensor, starts: list[int], tables: list[dict[int | None, list[int | None]]]):
-        """Prepare a forward over positions [b, T] (row r from starts[r]) with each row's block tables."""
+    def begin(
+        self,
+        positions: torch.Tensor,
+        starts: list[int],
+        tables: list[dict[int | None, list[int | None]]],
+        spans: list | None = None,
+    ):
+        """Prepare a forward over positions [b, T] (row r from starts[r]) with each row's block tables; `spans`:
+        per row, the [start, end) position ranges whose tokens attend to each other both ways on sliding layers."""
         self._step_kv.clear()
         for w in dict.fromkeys(self.window[i] for i in self.k):
-            self.steps[w] = self._plan(w, positions, starts, [t[w] for t in tables])
+            self.steps[w] = self._plan(w, positions, starts, [t[w] for t in tables], spans)
 
-    def _plan(self, w: int | None, positions: torch.Tensor, starts: list[int], tables: list[list[int | None]]) -> _Step:
+    def _plan(
+        self, w: int | None, positions: torch.Tensor, starts: list[int], tables: list[list[int | None]], spans=None
+    ) -> _Step:
         bs, T, dev = self.block_size, positions.shape[1], positions.device
         his = [s + T - 1 for s in starts]
         los = [max(0, s - w + 1) if w else 0 for s in starts]
@@ -101,6 +111,8 @@ class PagedKVCache:
         mask = k <= q
         if w:
             mask &= k > q - w
+            if spans:  # media spans that attend both ways (multimodal/splice.py)
+                mask = widen(mask, q, k, w, spans)
         causal = w is None and len(starts) == 1 and starts[0] == 0 and S == T
         mask = None if bool(mask.all()) else mask[:, None]
         write = write.reshape(-1)

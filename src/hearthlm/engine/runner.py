@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..kernels import cpu
@@ -10,6 +12,9 @@ from ..models.base import CausalLM
 from .kv_cache import ContiguousKVCache
 from .paged_cache import PagedKVCache
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..multimodal.splice import Splice
 
 
 @torch.inference_mode()
@@ -20,24 +25,37 @@ def forward_tokens(
     start: torch.Tensor,
     rows: slice | None = None,
     outputs: int | None = None,
+    splice: Splice | None = None,
 ) -> torch.Tensor:
     """Contiguous cache: run ids [b, T] at positions start[b] + (0..T-1); returns the hidden states [b, T, H],
-    or at least those of the last `outputs` positions (a model may skip the rest)."""
+    or at least those of the last `outputs` positions (a model may skip the rest). `splice`: media embeddings
+    for some positions (multimodal models only)."""
     positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]
-    cache.begin(positions, rows)
-    return model(ids, Batch(positions=positions, cache=cache, outputs=outputs))
+    if splice is None:
+        cache.begin(positions, rows)
+        return model(ids, Batch(positions=positions, cache=cache, outputs=outputs))
+    cache.begin(positions, rows, spans=splice.spans)
+    return model(ids, Batch(positions=positions, cache=cache, outputs=outputs), splice)
 
 
 @torch.inference_mode()
-def run_paged(model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], n: int, logits: bool) -> torch.Tensor | None:
+def run_paged(
+    model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], n: int, logits: bool, splice: Splice | None = None
+) -> torch.Tensor | None:
     """Compute the next n tokens of every sequence (their slots allocated); returns the logits [b, V] of
-    each row's last position when `logits`, else None (and the model may skip work it does not need)."""
+    each row's last position when `logits`, else None (and the model may skip work it does not need).
+    `splice`: media embeddings for some of these positions (multimodal models only)."""
     device = model.device
     starts = [s.num_computed for s in seqs]
     ids = torch.tensor([s.tokens[p : p + n] for s, p in zip(seqs, starts)], device=device)
     positions = torch.tensor(starts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
-    cache.begin(positions, starts, [s.tables for s in seqs])
-    h = model(ids, Batch(positions=positions, cache=cache, outputs=1 if logits else 0))
+    batch = Batch(positions=positions, cache=cache, outputs=1 if logits else 0)
+    if splice is None:
+        cache.begin(positions, starts, [s.tables for s in seqs])
+        h = model(ids, batch)
+    else:
+        cache.begin(positions, starts, [s.tables for s in seqs], spans=splice.spans)
+        h = model(ids, batch, splice)
     return model.logits(h[:, -1]) if logits else None
 
 

@@ -42,7 +42,7 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            n = 1 if seq.pending == 1 else min(seq.pending, budget)
+            n = self._chunk(seq, budget)
             if n and self._make_room(seq, seq.num_computed + n):
                 work.append(Work(seq, n))
                 budget -= n if seq.pending > 1 else 0
@@ -52,10 +52,19 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._admit(seq, budget):
                 break
-            n = 1 if seq.pending == 1 else min(seq.pending, budget)
+            n = self._chunk(seq, budget)
             work.append(Work(seq, n))
             budget -= n if seq.pending > 1 else 0
         return work
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens `seq` computes this step: one to decode, else up to `budget` of its pending tokens, moved so that
+        no image's or audio clip's soft tokens are split across chunks (they may attend to each other)."""
+        n = 1 if seq.pending == 1 else min(seq.pending, budget)
+        if seq.media is None or n == 0:
+            return n
+        return seq.media.chunk_end(seq.num_computed, seq.num_computed + n) - seq.num_computed
 
     def _make_room(self, seq: Sequence, upto: int) -> bool:
         """Allocate slots up to `upto`, preempting the youngest sequences if needed (possibly seq itself)."""
@@ -70,7 +79,7 @@ class Scheduler:
         hit = self.blocks.match_prefix(seq)
         if hit:
             self.blocks.take_prefix(seq, hit)
-        n = 1 if seq.pending == 1 else min(seq.pending, budget)
+        n = self._chunk(seq, budget)
         if not self.blocks.allocate(seq, seq.num_computed + n):
             self.blocks.free(seq)
             seq.num_computed = seq.registered = 0

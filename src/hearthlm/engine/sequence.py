@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .detokenize import TextStream
 from .guided import Guide
 from .sampler import SamplingParams
+
+if TYPE_CHECKING:
+    from ..multimodal.prompt import MediaPrompt
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Sequence:
     admitted: bool = False  # admitted at least once (cached_tokens is then final)
     finish_reason: str | None = None
     guide: Guide | None = None  # constrained decoding: masks each step's logits
+    media: MediaPrompt | None = None  # image / audio items of the prompt and where their soft tokens sit
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

@@ -12,7 +12,7 @@ What is Gemma 4's own, beside the shared attention/MLP/experts:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from ..layers.norm import RMSNorm
 from ..weights.mapping import Cat, Source
 from .base import CausalLM
 from .llama import activation_from_hf
+
+if TYPE_CHECKING:
+    from ..multimodal.splice import Splice
 
 
 def _layer_types(hf: dict[str, Any], n: int) -> list[str]:
@@ -223,10 +226,16 @@ class Gemma4Model(CausalLM):
         self.ple = PerLayerEmbedding(cfg) if cfg.ple_dim else None
         self.first_shared = next((i for i, s in enumerate(cfg.layers) if s.kv_source is not None), cfg.num_layers)
 
-    def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, batch: Batch, splice: Splice | None = None) -> torch.Tensor:
+        """`splice`: image / audio embeddings for some positions (multimodal/splice.py); their ids read as pad
+        for the token and per-layer embeddings, while the per-layer projection reads the spliced embeddings."""
         self.prepare(batch)
+        if splice is not None:
+            ids = splice.text_ids(ids)
         # The scale is rounded to the weights' dtype, as the reference does (sqrt(1536) -> 39.25 in bf16).
         x = self.embed_tokens(ids) * rounded(self.config.hidden_size**0.5, self.dtype)
+        if splice is not None:
+            x = splice.apply(x)
         ple = self.ple(ids, x) if self.ple is not None else None
         for i, layer in enumerate(self.layers):
             if i == self.first_shared and batch.outputs is not None:
