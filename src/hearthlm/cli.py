@@ -330,6 +330,34 @@ def _moe_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.progress import Progress
+
+    from .privacy import audit, pad_experts, report
+    from .store import resolve
+
+    model = args.model or "hearth-demo-moe"
+    if args.pad_experts:
+        src = resolve(model)
+        model = pad_experts(src, Path(args.pad_dir) / f"{src.name}-{args.pad_experts:g}mb", args.pad_experts)
+        _err().print(f"auditing {model}: {src.name} with its experts zero-padded to {args.pad_experts:g} MB each")
+    results = []
+    with Progress(console=_err(), transient=True) as progress:
+        for mitigations in args.mitigations or [None]:
+            results += audit(
+                model, args.expert_budget, mitigations, tuple(args.attackers), args.topics, args.per_topic,
+                args.max_tokens, progress,
+            )  # fmt: skip
+    if args.json:
+        print(json.dumps(report.rows(results), indent=1))
+    else:
+        title = f"routing privacy of {Path(str(model)).name}, expert budget {args.expert_budget}"
+        (Console() if sys.stdout.isatty() else Console(width=200)).print(report.table(results, title))
+    return 0
+
+
 def _csv(text: str) -> list[str | None]:
     return [None if x.strip().lower() == "none" else x.strip() for x in text.split(",") if x.strip()]
 
@@ -418,6 +446,22 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--quant", default=None, help=QUANT_HELP)
     prof.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
     prof.set_defaults(func=_moe_profile)
+    pa = sub.add_parser("privacy-audit", help="measure what an MoE model's expert use tells each attacker model")
+    pa.add_argument("model", nargs="?", help=model_help.replace("the demo model", "the demo MoE model"))
+    pa.add_argument("--expert-budget", default="25%", metavar="BUDGET", help=BUDGET_HELP + " (default 25%%)")
+    pa.add_argument("--mitigations", action="append", metavar="LIST",
+                    help="switches to audit with, e.g. private_reads,fixed_shape or isolate or noise=2; repeat the "
+                         "option to compare several sets (default: none)")  # fmt: skip
+    pa.add_argument("--attackers", type=lambda t: t.upper().split(","), default=["A1", "A2", "A3", "A4"],
+                    help="a comma list of A1-A4 (default: all)")  # fmt: skip
+    pa.add_argument("--topics", default=None, help='a JSON file {"topics": {name: [prompt, ...]}} (default: built in)')
+    pa.add_argument("--per-topic", type=int, default=None, help="prompts per topic (default: all)")
+    pa.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt (default 8)")
+    pa.add_argument("--pad-experts", type=float, default=None, metavar="MB",
+                    help="audit a copy with experts zero-padded to MB each (realistic page-cache behaviour)")  # fmt: skip
+    pa.add_argument("--pad-dir", default="/var/tmp/hearthlm-privacy", help="where the padded copy goes")
+    pa.add_argument("--json", action="store_true", help="print the results as JSON")
+    pa.set_defaults(func=_privacy_audit)
     sub.add_parser("list", help="list the models on this machine").set_defaults(func=_list)
     rm = sub.add_parser("rm", help="remove a pulled model")
     rm.add_argument("name", help="its HF id or short name (see `hearth list`)")

@@ -68,6 +68,9 @@ class ExpertPool:
         self.executor: ThreadPoolExecutor | None = None  # the fetch thread (start_thread)
         self.scratch: list[tuple[Weight, Weight]] = []
         self.planned: tuple | None = None  # (layer, active, reads) of an announced step
+        self.fixed_shape = False  # moe/private.py: pad each step's reads with decoys to a routing-free count
+        self.decoy: tuple[Weight, Weight] | None = None  # where decoys are read to (and thrown away)
+        self.decoy_rng = np.random.default_rng()
         self.stats = MoEStats(slots=count, expert_bytes=self.expert_bytes)
         self.set_policy(policy)
 
@@ -125,6 +128,8 @@ class ExpertPool:
         keep = {self.where[(layer, e)] for e in active if (layer, e) in self.where}
         placed = dict(self._place(row, misses, keep))
         s.transient += len(misses) - len(placed)
+        if self.fixed_shape:
+            self._decoys(layer, misses, sum(counts) // self.top_k)
         # Misses without a slot are read ahead into scratch buffers, unless they run from the mapping in place
         # (a read into a buffer costs more than computing from the page cache).
         scratch = iter(range(0 if getattr(self.tiers[layer], "in_place", False) else len(self.scratch)))
@@ -135,6 +140,24 @@ class ExpertPool:
             elif (i := next(scratch, None)) is not None:
                 ahead[e] = self.executor.submit(self.tiers[layer].load, e, self.scratch[i]), i
         return ahead
+
+    def _decoys(self, layer: int, misses: list[int], tokens: int) -> None:
+        """Read decoys, experts drawn uniformly from those this step does not read, until the step has read
+        min(experts, top_k x tokens): what it reads no longer depends on its routing or on the pool."""
+        target = min(self.num_experts, self.top_k * max(1, tokens))
+        others = np.setdiff1d(np.arange(self.num_experts), misses)
+        picks = self.decoy_rng.choice(others, size=max(0, target - len(misses)), replace=False)
+        start = time.perf_counter()
+        for e in picks.tolist():
+            self._wait_all()  # the decoy buffer is one: no fetch thread may be writing it
+            self.tiers[layer].load(e, self.decoy)
+        self.stats.fetch_seconds += time.perf_counter() - start
+        self.stats.decoys += len(picks)
+        self.stats.bytes_fetched += len(picks) * self.expert_bytes
+
+    def _wait_all(self) -> None:
+        for slot in list(self.pending):
+            self._wait(slot)
 
     def start_thread(self) -> None:
         """Fetch on a thread: a step's misses while it computes what comes before them (the misses not worth a

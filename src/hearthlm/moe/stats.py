@@ -13,11 +13,12 @@ class MoEStats:
     hits: int = 0
     misses: int = 0
     transient: int = 0  # misses computed from the slow tier without taking a slot
-    bytes_fetched: int = 0  # every byte read from the slow tier: misses' and prefetches'
+    bytes_fetched: int = 0  # every byte read from the slow tier: misses', prefetches' and decoys'
     fetch_seconds: float = 0.0  # time the forward pass waited on fetches
     prefetches: int = 0  # experts fetched ahead of their layer's step
     prefetch_used: int = 0  # of them, used by that step
     prefetch_bytes: int = 0
+    decoys: int = 0  # experts read only to hide which were needed (fixed-shape fetching, moe/private.py)
     tokens: int = 0  # token positions that went through the MoE layers
     slots: int = 0  # experts the pool holds
     expert_bytes: int = 0  # of one expert (gate_up + down) in its running format

@@ -67,6 +67,7 @@ class CheckpointTier:
             len(ps) == 1 and q is None and (isinstance(ps[0], QuantTensor) or ps[0].dtype == dtype)
             for ps, q in zip(first, self.spec)
         )
+        self.private = None  # moe/private.py's PrivateReads: every read into private memory, its pages dropped
 
     def _pieces(self, source: Source, e: int) -> list[Weight]:
         if isinstance(source, str):
@@ -80,6 +81,8 @@ class CheckpointTier:
     def read(self, e: int) -> tuple[Weight, Weight]:
         """Expert e's (gate_up, down) in the running format: views of the mapping where it is stored that way
         (`in_place`), else new tensors (the pages they were built from dropped)."""
+        if self.private is not None:
+            return self.private.read(self, e)
         if self.in_place:
             return self._pieces(self.sources[0], e)[0], self._pieces(self.sources[1], e)[0]
         out = []
@@ -117,7 +120,13 @@ class CheckpointTier:
                 for p in pieces:
                     self.ckpt.release_view(p)
             else:
-                _fill(dst, pieces, self.ckpt)
+                _fill(dst, pieces, self.private or self.ckpt)
+        if self.private is not None:
+            self.private.drop(self, e)
+
+    def views(self, e: int) -> list[Weight]:
+        """Expert e's pieces as views of the mapping (what it occupies in the file)."""
+        return [p for source in self.sources for p in self._pieces(source, e)]
 
 
 def empty_like(w: Weight, n: int, device: torch.device | None = None) -> Weight:

@@ -1,0 +1,105 @@
+"""Routing-privacy figures for docs/privacy.md (issue 23): each attacker's accuracy with and without each
+mitigation, each mitigation's decode cost, and router noise's privacy/quality curve.
+
+    python benchmarks/privacy.py [--per-topic 15] [--pad-mb 19] [--parts audit,a3,noise,cost]
+
+A1, A2 and A4 run on the demo MoE with its experts zero-padded to --pad-mb MB each (page-cache behaviour of a
+real model); A3 and the router-noise curve on the demo itself; the cost of each switch is decode tokens/s at a
+25% expert budget on the padded copy, page cache warm (the file fits in memory), the median of --runs.
+Results go to benchmarks/results/privacy-<time>.json and to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+
+from hearthlm import LLM, SamplingParams
+from hearthlm.privacy import audit, pad_experts, report
+from hearthlm.privacy.curve import noise_curve
+from hearthlm.privacy.victim import apply
+from hearthlm.store import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = [None, "private_reads", "fixed_shape", "private_reads,fixed_shape"]
+
+
+def decode_speed(model: Path, mitigations: str | None, runs: int, tokens: int = 32) -> float:
+    """Median decode tokens/s of one prompt at a 25% expert budget with these switches."""
+    from hearthlm.privacy import parse_mitigations
+
+    llm = LLM(model, expert_budget="25%", moe_profile=False)
+    apply(llm, parse_mitigations(mitigations))
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    speeds = []
+    for i in range(runs + 1):
+        llm.generate("And it came to pass", SamplingParams(max_tokens=1, temperature=0))
+        start = time.perf_counter()
+        llm.generate("And it came to pass", params)
+        elapsed = time.perf_counter() - start
+        if i:  # the first is a warm-up
+            speeds.append(tokens / elapsed)
+    return statistics.median(speeds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-topic", type=int, default=15)
+    ap.add_argument("--pad-mb", type=float, default=19.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--parts", default="audit,a3,noise,cost")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    demo = resolve("hearth-demo-moe")
+    padded = pad_experts(demo, Path("/var/tmp/hearthlm-privacy") / f"hearth-demo-moe-{args.pad_mb:g}mb", args.pad_mb)
+    out: dict = {"per_topic": args.per_topic, "pad_mb": args.pad_mb, "cpu": _cpu()}
+    console = Console(width=200)
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        if "audit" in parts:
+            for m in SETS:
+                results += audit(padded, "25%", m, ("A1", "A2", "A4"), None, args.per_topic, 8, progress)
+                _save(out | {"audit": report.rows(results)})
+        if "a3" in parts:
+            for m in (None, "isolate", "fixed_shape"):
+                results += audit(demo, "25%", m, ("A3",), None, args.per_topic, 8, progress)
+                _save(out | {"audit": report.rows(results)})
+    out["audit"] = report.rows(results)
+    console.print(report.table(results, "routing privacy (A1, A2, A4: demo MoE padded; A3: demo MoE)"))
+    if "noise" in parts:
+        text = (ROOT / "benchmarks/data/heldout.txt").read_text()
+        points = noise_curve(LLM(demo), [0, 0.5, 1, 2, 4, 8], text, per_topic=args.per_topic * 2)
+        out["noise"] = [
+            {"scale": p.scale, "a4": p.score.accuracy, "ci95": list(p.score.ci), "n": p.score.n, "kl": p.kl,
+             "top1": p.top1, "ppl": p.ppl, "ppl_clean": p.ppl_clean}
+            for p in points
+        ]  # fmt: skip
+        for p in points:
+            console.print(f"noise {p.scale:g}: A4 {p.score}; KL {p.kl:.3f}, top-1 {p.top1:.1%}, ppl {p.ppl:.1f}")
+    if "cost" in parts:
+        out["cost"] = {m or "none": decode_speed(padded, m, args.runs) for m in SETS}
+        console.print(out["cost"])
+    print(_save(out))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _save(out: dict) -> Path:
+    path = ROOT / "benchmarks/results" / f"privacy-{time.strftime('%Y%m%d')}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Routing-privacy switches on an expert pool (issue 23; hearthlm/privacy measures what each one closes).
+
+- Private reads (`PrivateReads`): every expert read goes into process-private memory (pread on a descriptor
+  of our own with readahead off, never computed from the shared mapping) and the file's pages under it are dropped from the page cache right after
+  (posix_fadvise DONTNEED, whole pages rounded outwards, so the page an expert shares with its neighbour goes
+  too). Another process timing reads of the checkpoint then finds every expert cold, used or not. At enable
+  time every expert's pages are dropped, including those readahead pulled in while the dense weights loaded,
+  and the checkpoint's mappings are set MADV_RANDOM, so that faults on what stays mapped (a tied embedding
+  table) no longer read the experts around it.
+- Fixed-shape fetching (`ExpertPool.fixed_shape`): each MoE layer step reads the same number of experts from
+  the slow tier, min(experts, top_k x tokens), its misses padded with decoys drawn uniformly from the others,
+  so bytes read and fetch time depend on the token count alone, not on routing or on what the pool holds.
+- `clear(pool)`: empty every slot, so that the next client starts from the same state whatever ran before
+  (pool isolation between requests for a server that runs them one at a time).
+
+Where the pages lie in the file comes from /proc/self/maps (the mapping that holds each view), so any
+memory-mapped checkpoint works without the tier knowing its format. Linux only, as posix_fadvise is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tier import CheckpointTier, empty_like
+
+PAGE = mmap.PAGESIZE
+MADV_RANDOM = getattr(mmap, "MADV_RANDOM", 1)
+
+
+def file_maps() -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of every file mapping of this process, from /proc/self/maps."""
+    maps = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((lo, hi, int(parts[2], 16), parts[5]))
+    return maps
+
+
+def no_read_around(paths: set[str]) -> None:
+    """madvise(MADV_RANDOM) on this process's mappings of `paths`: a page fault on the dense weights that stay
+    mapped (a tied embedding table) then reads its own page, not megabytes of experts around it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for lo, hi, _, path in file_maps():
+        if path in paths and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_RANDOM) != 0:
+            raise OSError(ctypes.get_errno(), f"madvise(MADV_RANDOM) on {path} failed")
+
+
+def file_ranges(ptrs: list[tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """(path, offset, length) in the mapped file of each memory range (address, length), from /proc/self/maps."""
+    maps = file_maps()
+    out = []
+    for ptr, n in ptrs:
+        hit = next(((off + ptr - lo, path) for lo, hi, off, path in maps if lo <= ptr and ptr + n <= hi), None)
+        if hit is None:
+            raise ValueError("private reads need experts that are views of a memory-mapped checkpoint file")
+        out.append((hit[1], hit[0], n))
+    return out
+
+
+def merge(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """(path, offset, length) ranges joined where they touch or overlap: one fadvise per span of experts."""
+    out: list[list] = []
+    for path, start, n in sorted(ranges):
+        if out and out[-1][0] == path and start <= out[-1][1] + out[-1][2]:
+            out[-1][2] = max(out[-1][2], start + n - out[-1][1])
+        else:
+            out.append([path, start, n])
+    return [tuple(r) for r in out]
+
+
+def readable_by_others(path: str | Path) -> bool:
+    """Whether users other than the owner may read the file (group or other read bit)."""
+    return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
+
+
+class PrivateReads:
+    """Reads of one pool's experts into private memory, their file pages dropped after each read."""
+
+    def __init__(self, pool):
+        tiers = pool.tiers.values()
+        if not all(isinstance(t, CheckpointTier) for t in tiers):
+            raise ValueError("private reads apply to experts read from a checkpoint on CPU, not from host memory")
+        self.template = pool.slots[0]  # one slot: the format every read takes
+        self.ckpt = next(iter(tiers)).ckpt
+        self.fds: dict[str, int] = {}
+        views = [t for tier in tiers for e in range(pool.num_experts) for w in tier.views(e) for t in _parts(w)]
+        memory = [(v.data_ptr(), v.numel() * v.element_size()) for v in views]
+        ranges = file_ranges(memory)
+        self.where = dict(zip(memory, ranges))  # (address, length) of a view -> (path, offset, length)
+        self.spans = merge(ranges)
+        no_read_around({path for path, _, _ in self.spans})
+
+    def read_into(self, view, dst) -> bool:
+        """copy_weight's reader: the bytes under `view` into `dst` with one pread on our own descriptor, whose
+        readahead is off (an asynchronous readahead still in flight when the pages are dropped would cache the
+        neighbours after the drop). False where the bytes do not run as stored (a dtype change)."""
+        where = self.where.get((view.data_ptr(), view.numel() * view.element_size()))
+        if where is None or dst.dtype != view.dtype or dst.shape != view.shape or not dst.is_contiguous():
+            return False
+        path, offset, n = where
+        buf = memoryview(dst.view(-1).view(torch.uint8).numpy())
+        if os.preadv(self._fd(path), [buf], offset) != n:
+            raise ValueError(f"{path}: short read at byte {offset}: the file changed or is truncated")
+        return True
+
+    def release_view(self, view) -> None:
+        self.ckpt.release_view(view)
+
+    def read(self, tier: CheckpointTier, e: int):
+        """Expert e in new private buffers of the slot format (a miss not worth a slot)."""
+        slot = tuple(empty_like(w, 1)[0] for w in self.template)
+        tier.load(e, slot)  # load() drops the pages
+        return slot
+
+    def drop(self, tier: CheckpointTier, e: int) -> None:
+        """Take expert e's pages out of this process, and every expert page out of the page cache: the read's
+        own readahead may have cached its neighbours'."""
+        for view in tier.views(e):
+            for t in _parts(view):
+                tier.ckpt.release_view(t)  # mapped pages are not dropped from the page cache: unmap first
+        for path, start, n in self.spans:
+            first = start // PAGE * PAGE
+            last = -(-(start + n) // PAGE) * PAGE
+            os.posix_fadvise(self._fd(path), first, last - first, os.POSIX_FADV_DONTNEED)
+
+    def _fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(self.fds[path], 0, 0, os.POSIX_FADV_RANDOM)  # read what is asked, nothing around
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _parts(w) -> list:
+    from ..quant.tensor import QuantTensor
+
+    return [t for t in ((w.qdata, w.scales, w.mins) if isinstance(w, QuantTensor) else (w,)) if t is not None]
+
+
+def private_reads(pool, on: bool = True) -> None:
+    """Turn private reads on (dropping every expert's pages now) or off (back to zero-copy reads where the
+    file stores experts as they run)."""
+    tiers = list(pool.tiers.values())
+    if not on:
+        for tier in tiers:
+            if tier.private is not None:
+                tier.private.close()
+            tier.private = None
+            tier.in_place = getattr(tier, "_in_place", tier.in_place)
+        return
+    reads = PrivateReads(pool)
+    for tier in tiers:
+        tier._in_place, tier.in_place, tier.private = tier.in_place, False, reads
+        for e in range(pool.num_experts):
+            reads.drop(tier, e)
+
+
+def fixed_shape(pool, on: bool = True, seed: int | None = None) -> None:
+    """Pad every layer step's reads to min(experts, top_k x tokens) with decoys (see the module docstring).
+    Decoys are drawn from the OS's entropy unless `seed` is given (tests)."""
+    pool.fixed_shape = on
+    pool.decoy_rng = np.random.default_rng(seed)
+    if on and pool.decoy is None:
+        pool.decoy = tuple(empty_like(w, 1)[0] for w in pool.slots[0])
+
+
+def clear(pool) -> None:
+    """Empty every slot: the next request starts from the same pool whatever the last one routed to."""
+    for slot in range(len(pool.slots)):
+        pool._wait(slot)
+        key = pool.owner(slot)
+        if key is not None:
+            del pool.where[key]
+        pool.slot_row[slot] = -1
+    pool.reserved.clear()
