@@ -128,8 +128,8 @@ def _joined_size(sep: str, items: Any) -> int:
 
 @contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    """Stop the render after `seconds`: a trace function looks at the clock every 256 calls and every 256
-    steps (lines) of the template's own code, so loops and recursion both run into it."""
+    """Stop the render after `seconds`: a trace function looks at the clock every 256 calls and steps (lines)
+    of the template's own code (its macros included), so loops and recursion both run into it."""
     if sys.gettrace() is not None:  # a debugger or coverage tool: leave its tracing alone
         yield
         return
@@ -147,8 +147,10 @@ def _deadline(seconds: float) -> Iterator[None]:
         return line
 
     def call(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != "<template>":
+            return None  # Jinja's and Python's own code: bounded by the size limits
         tick()
-        return line if frame.f_code.co_filename == "<template>" else None
+        return line
 
     sys.settrace(call)
     try:

@@ -84,13 +84,18 @@ class ModelConfig:
         return len(self.layers)
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> Any:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: a Hugging Face checkpoint folder needs a config.json") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A config.json (or generation_config.json): read_json, and it must be a JSON object."""
+    value = read_json(path)
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: the file holds a {type(value).__name__}, not a JSON object")
     return value

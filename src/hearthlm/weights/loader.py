@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
-from ..config import ModelConfig, as_id_list, check_model, check_sizes, read_json
+from ..config import ModelConfig, as_id_list, check_model, check_sizes, read_config
 from ..embeddings.sentence_transformers import folder_pooling
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
@@ -64,13 +64,13 @@ IGNORED = (
 
 def read_model_config(folder: Path) -> tuple[type[CausalLM], ModelConfig]:
     path = folder / "config.json"
-    hf = read_json(path)
+    hf = read_config(path)
     cls, arch, text = resolve(hf, str(path))
     cfg = _config(cls, text, arch, str(path))
     cfg.pooling = folder_pooling(folder) or cfg.pooling  # a sentence-transformers folder: an embedding model
     gen = folder / "generation_config.json"
     if gen.exists():
-        extra = as_id_list(read_json(gen).get("eos_token_id"))
+        extra = as_id_list(read_config(gen).get("eos_token_id"))
         cfg.eos_token_ids = list(dict.fromkeys(cfg.eos_token_ids + extra))
     return cls, cfg
 
@@ -80,7 +80,7 @@ def stored_quant(folder: Path) -> str | None:
     quantized checkpoints (GPTQ, AWQ, bitsandbytes, fp8, ...) are refused with the way out."""
     if folder.suffix == ".gguf":
         return None
-    q = read_json(folder / "config.json").get("quantization_config")
+    q = read_config(folder / "config.json").get("quantization_config")
     if not q:
         return None
     method = q.get("quant_method", "unknown")
