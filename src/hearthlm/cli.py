@@ -225,10 +225,39 @@ def _quantize(args: argparse.Namespace) -> int:
     from .weights.export import write_quantized
 
     llm = LLM(args.model, dtype=args.dtype, quant=args.to)
-    out = write_quantized(llm.model, llm.path, Path(args.output), llm.quant)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
+    out = Path(args.output)
+    if out.exists() and out.resolve() == llm.path.resolve():
+        raise ValueError(f"{out}: write the quantized checkpoint to a new folder, not over its source")
+    _staged(out, lambda folder: write_quantized(llm.model, llm.path, folder, llm.quant))
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e9
     _err().print(f"wrote {out} ({llm.quant}, {size:.2f} GB); run it with `hearth run {out}`")
     return 0
+
+
+def _staged(out: Path, write) -> None:
+    """`write(folder)` into a hidden folder beside `out`, moved into `out` once whole: a failure (a full disk)
+    leaves no partial model behind, under `out` or in the store."""
+    import errno
+    import os
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(stage)
+        out.mkdir(exist_ok=True)
+        for f in sorted(stage.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+            if (out / f.name).is_dir():
+                shutil.rmtree(out / f.name)
+            os.replace(f, out / f.name)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ValueError(f"no space left on the device holding {out.parent} ({e.strerror}): nothing was written; "
+                         "free some space and run the command again") from None  # fmt: skip
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -281,10 +310,11 @@ def _serve(args: argparse.Namespace) -> int:
     from . import server
 
     key = args.api_key or os.environ.get("HEARTH_API_KEY") or None
+    web = {k: v for k, v in (("allowed_hosts", args.allowed_hosts), ("cors_origins", args.cors_origins)) if v}
     server.serve(
         args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
         expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
-        max_memory=args.max_memory,
+        max_memory=args.max_memory, **web,
     )  # fmt: skip
     return 0
 
@@ -328,6 +358,10 @@ def _moe_profile(args: argparse.Namespace) -> int:
     out = profile.write(llm.path, recorder.to_json(llm.path.name))
     _err().print(f"wrote {out} ({recorder.tokens} tokens); budgeted runs of this model now start from it")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _privacy_audit(args: argparse.Namespace) -> int:
@@ -410,6 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=11434, help="default 11434, Ollama's, so Ollama clients need no setting"
     )
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $HEARTH_API_KEY)")
+    serve.add_argument(
+        "--allowed-hosts", type=_names, default=None, metavar="NAMES",
+        help="Host names the server answers besides localhost, 127.0.0.1 and [::1] (comma list; '*': any), e.g. "
+        "behind a reverse proxy; on a non-loopback --host, unset means any",
+    )  # fmt: skip
+    serve.add_argument(
+        "--cors-origins", type=_names, default=None, metavar="ORIGINS",
+        help="web origins allowed to call the server from a browser (comma list, e.g. https://app.example; '*': "
+        "any); default: none but this machine's own pages",
+    )  # fmt: skip
     serve.add_argument(
         "--max-running", type=int, default=None,
         help="the most requests generated at once; more wait in order (default: as many as the KV cache holds)",

@@ -11,6 +11,7 @@ a safetensors file that also holds vision/audio towers (written as a smaller, va
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -47,7 +48,9 @@ TEXT_FILES = (
 )
 CONNECT_TIMEOUT = 5.0  # seconds: offline must fail at once, not after a retry loop
 READ_TIMEOUT = 60.0  # seconds without a byte before a download gives up (and resumes); HF_HUB_DOWNLOAD_TIMEOUT sets it
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HF_ID = re.compile(r"^(?!.*(?:--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")  # no '--' or '..', as on the Hub
+_FILE_NAME = re.compile(r"^[\w-][\w.-]{0,254}$")  # a repo file we may write: one plain name, no dot first
+_ALIAS = re.compile(r"^[A-Za-z0-9][\w.:-]{0,127}(/[A-Za-z0-9][\w.:-]{0,127})?$")  # a copy's name: a model name
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -144,6 +147,8 @@ def _stored() -> list[ModelEntry]:
         return []
     out = []
     for p in sorted(root.iterdir()):
+        if p.name.startswith("."):  # work in progress (a quantized copy being written), never a model
+            continue
         if p.is_dir() and (meta := _read_meta(p)) is not None:
             repo = meta.get("repo_id") or p.name
             out.append(ModelEntry(repo, p, "pulled", repo, bool(meta.get("complete")), meta))
@@ -184,8 +189,11 @@ def copy(source: str, destination: str) -> ModelEntry:
     """Make `destination` another name for the model `source` names (an alias kept in the store's root, as
     Ollama's copy makes one); an alias of that name is replaced. Returns the alias's entry."""
     dest = destination.strip()
-    if not dest or any(c.isspace() for c in dest):
-        raise StoreError(f"'{destination}' is not a model name: give a name without spaces")
+    if not _ALIAS.match(dest) or ".." in dest:
+        raise StoreError(
+            f"'{destination[:200]}' is not a model name: use letters, digits, '.', '_', '-', ':' and at most one '/' "
+            "(no path, no spaces)"
+        )
     models = _builtins() + _stored()
     found = _match(source, models + _aliases(models))
     if len(found) != 1:
@@ -301,8 +309,8 @@ def remove(name: str) -> Path:
         raise StoreError(f"'{name}' is a built-in demo model: it ships with hearthlm and cannot be removed")
     root = store_root().resolve()
     path = Path(name).expanduser()
-    if path.exists():
-        target = path.resolve()
+    if path.exists() or path.is_symlink():
+        target = path.parent.resolve() / path.name if path.is_symlink() else path.resolve()  # a link: itself
         if DEMO_DIR.resolve() in target.parents or target == DEMO_DIR.resolve():
             raise StoreError(f"'{name}' is a built-in demo model: it ships with hearthlm and cannot be removed")
         if root not in target.parents:
@@ -316,10 +324,12 @@ def remove(name: str) -> Path:
             what = "several models: " + ", ".join(e.name for e in found) if found else "no model in the store"
             raise ModelNotFoundError(f"'{name}' matches {what} (see `hearth list`)")
         target = found[0].path
-    if target.is_dir():
+    if target.is_symlink() or target.is_file():  # a link goes, never what it points to
+        target.unlink()
+    elif target.is_dir():
         shutil.rmtree(target)
     else:
-        target.unlink()
+        raise StoreError(f"'{name}' is not a model folder or file (a device, socket or pipe): refused")
     return target
 
 
@@ -663,7 +673,7 @@ def _connect(repo_id: str, revision: str | None) -> tuple[_Hub, dict[str, tuple[
     headers["Accept-Encoding"] = "identity"  # byte ranges and sizes must mean the file's own bytes
     files = {}
     for s in info.siblings or []:
-        if "/" not in s.rfilename:  # top-level files only (never original/, onnx/...)
+        if _FILE_NAME.match(s.rfilename):  # top-level plain names only (never original/, onnx/..., '..')
             size = s.lfs.size if s.lfs else s.size
             files[s.rfilename] = (s.lfs.sha256 if s.lfs else s.blob_id) or info.sha or "", size
     if "config.json" not in files:
@@ -708,8 +718,16 @@ def pull(
         meta["files"][INDEX] = {"blob": files[INDEX][0], "text_only": True}
     _write_meta(folder, meta)
     _check_space(folder, transfers)
-    with _hub_errors(repo_id, revision):
-        _transfer_all(hub, transfers, folder, meta, progress, retries, console, report)
+    try:
+        with _hub_errors(repo_id, revision):
+            _transfer_all(hub, transfers, folder, meta, progress, retries, console, report)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PullError(
+            f"no space left on the device holding {folder} ({e.strerror}); the bytes fetched so far are kept: free "
+            f"some space and run `hearth pull {repo_id}` again to resume, or `hearth rm {repo_id}` to drop them"
+        ) from None
     wanted = set(meta["files"]) & ({t.name for t in transfers} | _kept(folder, files, index))
     for stale in set(meta["files"]) - wanted:  # files of an older commit that this one no longer has
         (folder / stale).unlink(missing_ok=True)

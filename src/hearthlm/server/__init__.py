@@ -11,6 +11,7 @@ from pathlib import Path
 # 11434 is Ollama's port: Ollama clients and tools find the server with no setting, while OpenAI clients name a
 # base_url in any case.
 DEFAULT_PORT = 11434
+GRACE = 10.0  # seconds a stopping server lets open requests finish; then it cancels them (their engine work too)
 
 
 def model_name(model: str | None, path: Path) -> str:
@@ -56,14 +57,18 @@ def memory_budget(max_memory: str | None) -> int:
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: str | None = None,
           dtype: str | None = None, quant: str | None = None, max_running: int | None = None,
           kv_blocks: int | None = None, log_level: str = "info", expert_budget: str | None = None,
-          moe_profile: bool = True,
-          keep_alive: str | None = None, max_memory: str | None = None) -> None:  # fmt: skip
-    """Serve `model`, pinned, or (None) every model in the store, each loaded on first use, until interrupted."""
+          moe_profile: bool = True, keep_alive: str | None = None, max_memory: str | None = None,
+          allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> None:  # fmt: skip
+    """Serve `model`, pinned, or (None) every model in the store, each loaded on first use, until interrupted.
+    Bound to a loopback address, it answers requests addressed to loopback names and `allowed_hosts` only (DNS
+    rebinding); bound elsewhere, any Host unless `allowed_hosts` names them. `cors_origins`: web origins allowed to
+    call it from a browser. SIGTERM or Ctrl-C: open requests get GRACE seconds to finish; a second one stops now."""
     import uvicorn
     from rich.console import Console
 
     from ..engine.async_engine import Stepper
     from .app import create_app
+    from .guard import LOOPBACK_NAMES, is_loopback
     from .metrics import Metrics
     from .registry import DEFAULT_KEEP_ALIVE, Models, keep_alive_seconds
 
@@ -85,8 +90,13 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
         f"metrics {url}/metrics{key}"
     )
     # HTTP on a thread of its own, the engines on the main thread (see engine/async_engine.py for why).
-    app = create_app(served, api_key, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    hosts = [*LOOPBACK_NAMES, *(allowed_hosts or [])] if is_loopback(host) or allowed_hosts else None
+    app = create_app(served, api_key, metrics, hosts=hosts, cors_origins=cors_origins or ())
+    # uvicorn's own limit is a backstop: at GRACE the engines stop, and open streams end with an error event.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE + 30)
+    server = uvicorn.Server(config)
+    ending = threading.Timer(GRACE, served.shutdown)
+    ending.daemon = True
 
     def http() -> None:
         try:
@@ -94,10 +104,14 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
         finally:  # stopped, or never started (a port in use): the engine loop ends with it
             stepper.stop()
 
-    def stop(signum, frame) -> None:  # uvicorn installs no handlers off the main thread: SIGTERM ends as Ctrl-C does
-        raise KeyboardInterrupt
+    def stop(signum, frame) -> None:  # uvicorn installs no handlers off the main thread: these are ours
+        if server.should_exit:  # the second signal: stop now
+            raise KeyboardInterrupt
+        server.should_exit = True  # no new connections; open requests finish (GRACE), then the engines stop
+        ending.start()
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     thread = threading.Thread(target=http, name="hearthlm-http")
     thread.start()
     try:
@@ -107,6 +121,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
     finally:
         server.should_exit = True
         thread.join()
+        ending.cancel()
         served.shutdown()
     if not server.started:
         raise SystemExit(f"hearth serve: could not start the HTTP server on {host}:{port} (see the error above)")

@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from ..chat_formats import ToolCall
 from .errors import APIError, anthropic_body
 from .generation import Prompt, Result, ServedModel, Stream, close_all, collect, unless_disconnected
-from .inputs import chat_messages, make_params, stop_list
+from .inputs import MAX_COUNT, chat_messages, make_params, stop_list
 from .registry import served
 
 router = APIRouter()
@@ -45,12 +45,20 @@ class ToolChoice(_Body):
 
 class Thinking(_Body):
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
-    budget_tokens: int | None = Field(None, ge=1)  # accepted; max_tokens bounds reasoning and answer together
+    budget_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)  # accepted; max_tokens bounds reasoning and answer
+
+
+# A turn as /openapi.json states it (the routes check the blocks): a role and its text or content blocks.
+_TURN = {
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"enum": ["user", "assistant"]},
+                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}},
+}  # fmt: skip
 
 
 class CountRequest(_Body):
     model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1, json_schema_extra={"items": _TURN})
     system: str | list[dict[str, Any]] | None = None
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoice | None = None
@@ -68,12 +76,12 @@ class OutputConfig(_Body):
 
 
 class MessagesRequest(CountRequest):
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, le=MAX_COUNT)
     output_config: OutputConfig | None = None
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=MAX_COUNT)
     stream: bool = False
 
 

@@ -12,20 +12,23 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ..api import ContextLengthError
-from . import anthropic, embeddings, llama_server, ollama, openai, responses
+from . import anthropic, embeddings, llama_server, ollama, openai, responses, schema
 from .errors import APIError, anthropic_body, ollama_body, openai_body, validation_error
 from .generation import ServedModel
+from .guard import LOOPBACK_NAMES, MAX_BODY, HostPolicy, check_json, read_body, replay
 from .metrics import Metrics
 from .registry import Models
 
 log = logging.getLogger("hearthlm.server")
 
 OPEN_PATHS = {"/", "/health"}  # answered without the API key: liveness probes
+_BODIES = {"POST", "PUT", "PATCH", "DELETE"}  # methods whose body is read and checked before the route
 UI = Path(__file__).parent / "ui" / "static"  # the chat page, static: it asks for the key when an API call needs it
 
 
@@ -56,11 +59,13 @@ def _as_json(scope):
 
 
 class Gate:
-    """Pure ASGI middleware (it leaves streaming and disconnects alone): the API key, then counts each
-    request by route and status."""
+    """Pure ASGI middleware (it leaves streaming and disconnects alone): the Host and Origin (guard.HostPolicy),
+    the API key, the body (guard.check_json), then counts each request by route and status."""
 
-    def __init__(self, app, api_key: str | None, metrics, routes: set[str], models: Models):
+    def __init__(self, app, api_key: str | None, metrics, routes: set[str], models: Models, policy: HostPolicy,
+                 max_body: int):  # fmt: skip
         self.app, self.api_key, self.metrics, self.routes, self.models = app, api_key, metrics, routes, models
+        self.policy, self.max_body = policy, max_body
 
     def _route(self, path: str) -> str:
         if path in self.routes:
@@ -76,6 +81,22 @@ class Gate:
         scheme, _, token = given.partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
 
+    async def _admit(self, scope, receive):
+        """Refuse (APIError) a request from the wrong host or page, without the key, or with a bad body; else the
+        receive that hands the body on."""
+        headers = dict(scope.get("headers") or [])
+        self.policy.check(headers)
+        path = scope["path"]
+        if self.api_key and not _is_open(path) and not self._authorized(scope):
+            how = "'x-api-key: KEY' or " if _is_anthropic(path) else ""
+            raise APIError(401, f"missing or wrong API key: send {how}'Authorization: Bearer KEY'", None,
+                           "invalid_api_key")  # fmt: skip
+        if scope["method"] not in _BODIES:
+            return receive
+        body = await read_body(receive, headers.get(b"content-length"), self.max_body)
+        check_json(body)
+        return replay(body, receive)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -90,11 +111,9 @@ class Gate:
 
         held = self.models.hold()  # the models this request names stay loaded until it ends
         try:
-            if self.api_key and not _is_open(path) and not self._authorized(scope):
-                how = "'x-api-key: KEY' or " if _is_anthropic(path) else ""
-                e = APIError(
-                    401, f"missing or wrong API key: send {how}'Authorization: Bearer KEY'", None, "invalid_api_key"
-                )
+            try:
+                receive = await self._admit(scope, receive)
+            except APIError as e:
                 return await error_json(path, e)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
@@ -116,9 +135,13 @@ def _engine_stats(models: Models):
     return type(stats[0])(**{f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(stats[0])})
 
 
-def create_app(served: ServedModel | Models, api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+def create_app(served: ServedModel | Models, api_key: str | None = None, metrics: Metrics | None = None, *,
+               hosts: list[str] | tuple[str, ...] | None = LOOPBACK_NAMES, cors_origins: list[str] | tuple = (),
+               max_body: int = MAX_BODY) -> FastAPI:  # fmt: skip
     """The server's app for `served`: one model, pinned, or the Models of a server that serves the store;
-    `api_key`: required on every route but / and /health."""
+    `api_key`: required on every route but / and /health. `hosts`: the Host names it answers (loopback names
+    always; None: any, for a server bound to a public address); `cors_origins`: web origins allowed to call it
+    from a browser ("*": any); `max_body`: bytes a request body may have."""
     models = served if isinstance(served, Models) else Models(pinned=served)
     counters = metrics or (served.metrics if isinstance(served, ServedModel) else Metrics())
 
@@ -142,6 +165,10 @@ def create_app(served: ServedModel | Models, api_key: str | None = None, metrics
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": [s.name for s in models.loaded()]}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json():
+        return await asyncio.to_thread(schema.document, app, models)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -175,5 +202,9 @@ def create_app(served: ServedModel | Models, api_key: str | None = None, metrics
     routers = (app.router, openai.router, responses.router, ollama.router, anthropic.router, embeddings.router,
                llama_server.router)  # fmt: skip
     routes = {r.path for router in routers for r in router.routes if hasattr(r, "path")}
-    app.add_middleware(Gate, api_key=api_key, metrics=counters, routes=routes, models=models)
+    policy = HostPolicy(hosts, cors_origins)
+    app.add_middleware(Gate, api_key=api_key, metrics=counters, routes=routes, models=models, policy=policy,
+                       max_body=max_body)  # fmt: skip
+    if cors_origins:  # outside the Gate: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
     return app

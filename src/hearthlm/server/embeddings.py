@@ -34,7 +34,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
     input: _Input
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=2**31 - 1)
 
 
 def _encoded(row: torch.Tensor, fmt: str) -> list[float] | str:
@@ -60,7 +60,7 @@ class OllamaEmbedRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(default_factory=list)
     truncate: bool = True
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=2**31 - 1)
     keep_alive: int | float | str | None = None
 
 

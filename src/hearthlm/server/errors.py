@@ -28,7 +28,7 @@ def ollama_body(e: APIError) -> dict[str, Any]:
 
 # Anthropic's error types by status (its SDK's ErrorType); any other 4xx is invalid_request_error, 5xx api_error.
 _ANTHROPIC_TYPES = {
-    401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
     429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error",
 }  # fmt: skip
 

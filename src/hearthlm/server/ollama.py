@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -19,7 +20,17 @@ from .. import __version__, store
 from .catalog import Card, card
 from .errors import APIError, ollama_body
 from .generation import Prompt, ServedModel, Stream, close_all, collect, merged, unless_disconnected
-from .inputs import chat_messages, make_params, one_constraint, stop_list, token_text
+from .inputs import (
+    MAX_COUNT,
+    MESSAGE_SCHEMA,
+    PENALTY,
+    SEED,
+    chat_messages,
+    make_params,
+    one_constraint,
+    stop_list,
+    token_text,
+)
 from .registry import FOREVER, Slot, keep_alive_seconds, models, served
 
 router = APIRouter()
@@ -30,17 +41,17 @@ class Options(BaseModel):
     presence_penalty, frequency_penalty. Accepted and ignored: everything else (num_thread, mirostat...)."""
 
     model_config = ConfigDict(extra="ignore")
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=MAX_COUNT)
     min_p: float | None = Field(None, ge=0, le=1)
-    num_predict: int | None = None  # -1: until the context is full, -2: the same here
-    num_ctx: int | None = Field(None, ge=1)  # the context a request may fill (at most the model's)
-    seed: int | None = None
+    num_predict: int | None = Field(None, ge=-2, le=MAX_COUNT)  # -1: until the context is full, -2: the same here
+    num_ctx: int | None = Field(None, ge=1, le=MAX_COUNT)  # the context a request may fill (at most the model's)
+    seed: int | None = Field(None, **SEED)
     stop: str | list[str] | None = None
-    repeat_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    repeat_penalty: float | None = Field(None, **PENALTY)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
 
 class _Request(BaseModel):
@@ -80,7 +91,7 @@ class _Request(BaseModel):
 
 
 class ChatRequest(_Request):
-    messages: list[dict[str, Any]] = Field(default_factory=list)
+    messages: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": MESSAGE_SCHEMA})
     tools: list[dict[str, Any]] | None = None
 
 
@@ -344,9 +355,14 @@ def _repo_id(name: str) -> str:
     return repo
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _progress(file: str, blob: str, completed: int, total: int | None) -> dict[str, Any]:
-    digest = f"sha256:{blob}" if len(blob) == 64 else blob
-    return {"status": f"pulling {blob[:12]}", "digest": digest, "total": total or completed, "completed": completed}
+    """A file's progress line. `digest` only when the Hub gave the file's sha256 (a large file's); a small file's
+    git blob id is not one, and a digest is always 'sha256:' and 64 hex digits."""
+    line = {"status": f"pulling {file}", "total": total or completed, "completed": completed}
+    return {**line, "digest": f"sha256:{blob}"} if _SHA256.match(blob) else line
 
 
 async def _pull_events(repo: str) -> AsyncIterator[dict[str, Any]]:

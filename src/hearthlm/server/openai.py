@@ -7,7 +7,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -17,7 +17,17 @@ from starlette.background import BackgroundTask
 from .catalog import Card
 from .errors import APIError, openai_body
 from .generation import Piece, Prompt, Result, ServedModel, Stream, close_all, collect, merged, unless_disconnected
-from .inputs import chat_messages, make_params, one_constraint, stop_list, token_text
+from .inputs import (
+    MAX_COUNT,
+    MESSAGE_SCHEMA,
+    PENALTY,
+    SEED,
+    chat_messages,
+    make_params,
+    one_constraint,
+    stop_list,
+    token_text,
+)
 from .registry import models, served
 
 router = APIRouter()
@@ -69,19 +79,23 @@ _EXTENSION_FIELDS = {
 
 class _Sampling(_Body):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # extension (vLLM and others accept it)
+    top_k: int | None = Field(None, ge=0, le=MAX_COUNT)  # extension (vLLM and others accept it)
     min_p: float | None = Field(None, ge=0, le=1)  # extension
-    repetition_penalty: float | None = Field(None, gt=0)  # extension
+    repetition_penalty: float | None = Field(None, **PENALTY)  # extension
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, **SEED)
+    # Accepted and not applied (the engine has no per-token bias), but held to OpenAI's bounds.
+    logit_bias: (
+        dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[float, Field(ge=-100, le=100)]] | None
+    ) = Field(None, max_length=300)
     ignore_eos: bool = False  # extension
     return_progress: bool = False  # llama-server's: streamed prompt_progress chunks while a long prompt prefills
     response_format: ResponseFormat | None = None
@@ -133,8 +147,8 @@ class Tool(_Body):
 
 
 class ChatRequest(_Sampling):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1, json_schema_extra={"items": MESSAGE_SCHEMA})
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
@@ -146,11 +160,11 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this route
+    max_tokens: int | None = Field(16, ge=1, le=MAX_COUNT)  # OpenAI's default for this route
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=16)
 
 
 def _usage(streams: list[Stream], prompts: int = 1) -> dict[str, Any]:

@@ -111,7 +111,7 @@ class ResponsesRequest(_Body):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     reasoning: ReasoningConfig | None = None
@@ -137,7 +137,7 @@ def _parts_text(content: Any, where: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "refusal":
             out.append(str(part.get("refusal", "")))
-        elif kind in _TEXT_PARTS:
+        elif isinstance(kind, str) and kind in _TEXT_PARTS:
             out.append(str(part.get("text", "")))
         else:
             raise APIError(400, f"{where}.{k}: content parts of type {kind!r} are not supported (text only)", where)
@@ -197,7 +197,7 @@ class _Conversation:
             self._function_call(item, where)
         elif kind == "function_call_output":
             call_id = item.get("call_id")
-            if call_id not in self.calls:
+            if not isinstance(call_id, str) or call_id not in self.calls:
                 raise APIError(
                     400, f"{where}: no function_call with call_id {call_id!r} comes before this output", where
                 )
