@@ -48,6 +48,29 @@ def decode_speed(model: Path, mitigations: str | None, runs: int, tokens: int = 
     return statistics.median(speeds)
 
 
+def random_moe(folder: Path) -> Path:
+    """Two Gemma 4 layers with 26B-A4B's routing shape (hidden 2816, 128 experts, top-8) and random weights
+    (transformers' initialisation), small experts (routing does not depend on their size), the demo's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    if (folder / "config.json").exists():
+        return folder
+    demo = resolve("hearth-demo-moe")
+    cfg = json.loads((demo / "config.json").read_text())
+    cfg |= {"hidden_size": 2816, "num_experts": 128, "top_k_experts": 8, "moe_intermediate_size": 64,
+            "intermediate_size": 256, "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
+            "per_layer_config": {}}  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(Gemma4TextConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(demo / name, folder / name)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-topic", type=int, default=15)
@@ -82,6 +105,15 @@ def main() -> None:
         ]  # fmt: skip
         for p in points:
             console.print(f"noise {p.scale:g}: A4 {p.score}; KL {p.kl:.3f}, top-1 {p.top1:.1%}, ppl {p.ppl:.1f}")
+    if "random" in parts:
+        from hearthlm.privacy import cross_validate, topics
+        from hearthlm.privacy.curve import routing_rows
+
+        _, prompts = topics.load(per_topic=args.per_topic * 2)
+        llm = LLM(random_moe(Path("/var/tmp/hearthlm-privacy/random-26b-a4b-shape")))
+        score = cross_validate(routing_rows(llm, prompts), [p.label for p in prompts])
+        out["random_a4"] = {"accuracy": score.accuracy, "ci95": list(score.ci), "n": score.n}
+        console.print(f"random 26B-A4B-shaped router, A4: {score}")
     if "cost" in parts:
         out["cost"] = {m or "none": decode_speed(padded, m, args.runs) for m in SETS}
         console.print(out["cost"])
@@ -97,7 +129,8 @@ def _cpu() -> str:
 
 def _save(out: dict) -> Path:
     path = ROOT / "benchmarks/results" / f"privacy-{time.strftime('%Y%m%d')}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    old = json.loads(path.read_text()) if path.exists() else {}  # runs of other --parts the same day stay
+    path.write_text(json.dumps(old | out, indent=1) + "\n")
     return path
 
 

@@ -2,9 +2,9 @@
 mitigation). It changes which experts run, and so the outputs: unlike the other switches it trades quality
 for privacy against whoever sees the routing itself (attacker A4), and it is off unless asked for.
 
-Scale b is in logit units: the Gemma 4 demo's router logits spread over about 2-4 between its best and its
-eighth expert, so b ~ 1 reshuffles the tail of the top-k and b >> 4 routes almost uniformly. This is a noise
-mechanism, not a differential-privacy guarantee: the logits are not clipped, so no epsilon follows from b.
+Scale b is in router-logit units. On the demo MoE, b = 2 already brings a topic classifier on the routing to
+chance and doubles perplexity (docs/privacy.md has the curve). This is a noise mechanism, not a
+differential-privacy guarantee: the logits are not clipped, so no epsilon follows from b.
 """
 
 from __future__ import annotations
