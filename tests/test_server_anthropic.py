@@ -301,7 +301,7 @@ def test_errors_in_anthropic_shape(ac, scripted):
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
     with pytest.raises(anthropic.BadRequestError) as e:
         ac.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": [image]}])
-    assert "text only" in e.value.body["error"]["message"]
+    assert "does not take image input" in e.value.body["error"]["message"]  # the demo reads text only
     cases = [
         {"model": MODEL, "max_tokens": 8, "messages": USER, "temperature": 1.5},
         {"model": MODEL, "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]},

@@ -100,7 +100,7 @@ class AsyncEngine:
         return await future
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None, media=None
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs until the finished one. Invalid input raises before the first output.
         If the consumer stops iterating (aclose, cancellation, a dropped client), the request is aborted."""
@@ -116,7 +116,7 @@ class AsyncEngine:
         try:
             if params.constrained:  # compiling a grammar can take a while: not on the event loop
                 await asyncio.to_thread(self.engine.prepare, params)
-            self.engine.add_request(rid, prompt, params)
+            self.engine.add_request(rid, prompt, params, media)
             self._wake.set()
             while True:
                 item = await queue.get()

@@ -90,9 +90,25 @@ def _kind(block: Any, where: str) -> str:
     kind = block.get("type") if isinstance(block, dict) else None
     if not isinstance(kind, str):
         raise APIError(400, f"{where}: a content block must be an object with a type", where)
-    if kind in ("image", "document"):
-        raise APIError(400, f"{where}: {kind} blocks are not supported: this model reads text only", f"{where}.type")
+    if kind == "document":
+        raise APIError(400, f"{where}: document blocks are not supported: send the text, or images", f"{where}.type")
     return kind
+
+
+def _image(block: dict, where: str) -> dict[str, Any]:
+    """An image block as a data-URL image part (a URL source is not fetched)."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") != "base64" or not isinstance(source.get("data"), str):
+        raise APIError(400, f"{where}.source: send the image as {{type: base64, media_type, data}} (URLs are not "
+                       "fetched)", f"{where}.source")  # fmt: skip
+    url = f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _user_message(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    if all(p["type"] == "text" for p in parts):
+        return {"role": "user", "content": "\n".join(p["text"] for p in parts)}
+    return {"role": "user", "content": parts}
 
 
 def _block_text(block: dict, where: str) -> str:
@@ -127,22 +143,25 @@ def _user_turn(content: Any, where: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": content}]
     if not isinstance(content, list):
         raise APIError(400, f"{where}: must be a string or a list of content blocks", where)
-    out, text = [], []
+    out, parts = [], []
     for j, b in enumerate(content):
         kind, at = _kind(b, f"{where}.{j}"), f"{where}.{j}"
         if kind == "text":
-            text.append(_block_text(b, at))
+            parts.append({"type": "text", "text": _block_text(b, at)})
+        elif kind == "image":
+            parts.append(_image(b, at))
         elif kind == "tool_result":
-            if text:
-                out.append({"role": "user", "content": "\n".join(text)})
-                text = []
+            if parts:
+                out.append(_user_message(parts))
+                parts = []
             result = _text(b.get("content"), f"{at}.content")
             result = f"Error: {result}" if b.get("is_error") else result
             out.append({"role": "tool", "tool_call_id": _call_id(b.get("tool_use_id")), "content": result})
         else:
-            raise APIError(400, f"{at}: a user turn holds text and tool_result blocks, not {kind!r}", f"{at}.type")
-    if text or not out:
-        out.append({"role": "user", "content": "\n".join(text)})
+            raise APIError(400, f"{at}: a user turn holds text, image and tool_result blocks, not {kind!r}",
+                           f"{at}.type")  # fmt: skip
+    if parts or not out:
+        out.append(_user_message(parts))
     return out
 
 

@@ -50,6 +50,7 @@ class Card:
     format: ChatFormat
     stops: list[str]  # the tokens that end a reply
     embeds_only: bool = False
+    media: frozenset[str] = frozenset()  # "image", "audio": the towers its files hold
 
     @property
     def family(self) -> str:
@@ -77,11 +78,15 @@ class Card:
         if self.embeds_only:
             return ["embedding"]
         fmt = self.format
-        return ["completion"] + (["tools"] if fmt.parse_calls else []) + (["thinking"] if fmt.think else [])
+        seen = ["vision"] if "image" in self.media else []
+        heard = ["audio"] if "audio" in self.media else []
+        return (
+            ["completion"] + (["tools"] if fmt.parse_calls else []) + (["thinking"] if fmt.think else []) + seen + heard
+        )
 
     @property
     def input_modalities(self) -> list[str]:
-        return ["text"]
+        return ["text", *sorted(self.media)]
 
     def details(self, quant: str | None = None) -> dict[str, Any]:
         params = f"{self.params / 1e9:.1f}B" if self.params >= 1e9 else f"{self.params / 1e6:.1f}M"
@@ -137,6 +142,36 @@ def _read(path: Path, mtime_ns: int) -> tuple[Any, dict[str, Any], dict[str, Any
     return spec, meta, hf, tok
 
 
+def _tensor_names(folder: Path) -> set[str]:
+    """The tensor names of a safetensors checkpoint, from its index or its files' headers (no tensor is read)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            names |= set(st.keys())
+    return names
+
+
+def _media(path: Path) -> frozenset[str]:
+    """The input modalities beyond text whose towers the checkpoint holds (a config alone is not enough)."""
+    from ..multimodal.spec import media_spec
+
+    spec = media_spec(path) if path.is_dir() else None
+    if spec is None:
+        return frozenset()
+    names = _tensor_names(path)
+    has = {
+        kind
+        for kind, tower in (("image", "vision_tower."), ("audio", "audio_tower."))
+        if any(tower in n for n in names)
+    }
+    return frozenset(has & spec.modalities)
+
+
 def card(name: str, path: Path) -> Card:
     """The Card of the model at `path`, listed as `name` (read once per version of its files)."""
     spec, meta, hf, tok = _read(path, path.stat().st_mtime_ns)
@@ -147,4 +182,10 @@ def card(name: str, path: Path) -> Card:
     return Card(
         name, path, cfg.architecture, cfg.max_position, spec.params, _quantization(path, meta, hf), template,
         detect(tok.chat_template(with_tools=True) if tok else None), stops, cfg.pooling is not None,
+        _media_cached(path, path.stat().st_mtime_ns),
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _media_cached(path: Path, mtime_ns: int) -> frozenset[str]:
+    return _media(path)

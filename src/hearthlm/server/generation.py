@@ -23,6 +23,7 @@ from ..chat_formats.grammar import tool_grammar
 from ..chat_formats.parser import held_back
 from ..engine.guided import lark_literal
 from .errors import APIError
+from .media import has_media
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Prompt:
     tools: bool = False
     in_reasoning: bool = False
     may_reason: bool = True  # thinking was not turned off for this chat
+    media: Any = None  # the prompt's images / audio (LLM.media_prompt), when it has any
 
 
 @dataclass
@@ -174,6 +176,7 @@ class ServedModel:
         self.aliases = {name.lower(), llm.path.name.lower(), llm.path.stem.lower()}
         self.fingerprint = f"hearthlm-{__version__}"
         self.digest = hashlib.sha256(f"{llm.path.resolve()}:{llm.path.stat().st_mtime_ns}".encode()).hexdigest()
+        self.image_tokens: int | None = None  # the server's default soft-token budget per image (None: the model's)
 
     def check_name(self, name: str | None) -> None:
         """404 unless `name` names this model (an Ollama-style ':latest' tag is accepted)."""
@@ -189,16 +192,31 @@ class ServedModel:
             raise APIError(400, f"the model {self.name} has no tokenizer: text requests are not possible")
         return self.tokenizer
 
-    def chat_prompt(self, messages: list[dict], tools: list[dict] | None, **template_kwargs: Any) -> Prompt:
+    def chat_prompt(
+        self, messages: list[dict], tools: list[dict] | None, image_tokens: int | None = None, **template_kwargs: Any
+    ) -> Prompt:
+        """The chat template applied to `messages`; with images or audio in them, their soft tokens too
+        (`image_tokens`: the budget per image, else the server's default)."""
         tok = self._tok()
         if not tok.has_chat_template:
             raise APIError(400, f"the model {self.name} has no chat template: use the completions route", "messages")
+        media = None
+        if has_media(messages):
+            media = self._media_prompt(messages, tools, image_tokens or self.image_tokens, template_kwargs)
+            ids = media.ids
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None, **template_kwargs)
-        ids = tok.encode_chat(text)
+        ids = media.ids if media is not None else tok.encode_chat(text)
         self.check_length(ids)
         reasoning = self.format.opens_reasoning(text)
         thinking = template_kwargs.get("enable_thinking") is not False
-        return Prompt(ids, chat=True, tools=bool(tools), in_reasoning=reasoning, may_reason=thinking or reasoning)
+        return Prompt(ids, chat=True, tools=bool(tools), in_reasoning=reasoning, may_reason=thinking or reasoning,
+                      media=media)  # fmt: skip
+
+    def _media_prompt(self, messages, tools, image_tokens, template_kwargs):
+        try:
+            return self.llm.media_prompt(messages, tools=tools or None, image_tokens=image_tokens, **template_kwargs)
+        except ValueError as e:  # undecodable or oversized media, a modality the model lacks, a bad budget
+            raise APIError(400, str(e), "messages") from None
 
     def text_prompt(self, prompt: str | list[int], special: bool = True) -> Prompt:
         ids = self._tok().encode(prompt, add_special_tokens=special) if isinstance(prompt, str) else list(prompt)
@@ -264,7 +282,8 @@ class ServedModel:
             raise APIError(400, f"the model {self.name} is an embedding model: it cannot generate text; send its "
                            "inputs to /v1/embeddings or /api/embed", "model")  # fmt: skip
         t0 = time.perf_counter() if t0 is None else t0
-        gen = self.engine.generate(prompt.ids, params)
+        media = {"media": prompt.media} if prompt.media is not None else {}
+        gen = self.engine.generate(prompt.ids, params, **media)
         try:
             first = await anext(gen, None)
         except ContextLengthError as e:

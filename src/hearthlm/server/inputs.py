@@ -8,9 +8,9 @@ from typing import Any
 
 from ..engine.sampler import SamplingParams
 from .errors import APIError
+from .media import message_content
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
-
 
 # Bounds on request numbers, checked by the request models before anything is sized from them.
 MAX_COUNT = 2**31 - 1  # tokens, top_k, dimensions, context: more is a 400
@@ -25,22 +25,6 @@ MESSAGE_SCHEMA = {
 }  # fmt: skip
 _GREEDY_BELOW = 1e-4  # a temperature under this samples as greedy does (logits / t would overflow float32)
 _TOP_P_FLOOR = 1e-6  # a top_p under float32's reach keeps only the best token, as this does
-
-
-def _text(content: Any, where: str) -> str | None:
-    """A message's content as text: a string, or OpenAI's list of parts of which only text is supported."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        out = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                out.append(str(part.get("text", "")))
-            else:
-                raise APIError(400, f"{where}: content parts of type {kind!r} are not supported (text only)", where)
-        return "".join(out)
-    raise APIError(400, f"{where}: content must be a string or a list of text parts", where)
 
 
 def _arguments(value: Any, where: str) -> dict[str, Any]:
@@ -62,11 +46,9 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"messages.{i}"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise APIError(400, f"{where}: role must be one of {', '.join(sorted(_ROLES))}", f"{where}.role")
-        if m.get("images"):
-            raise APIError(400, f"{where}: images are not supported", f"{where}.images")
         msg = {k: v for k, v in m.items() if v is not None and k != "images"}
         msg["role"] = "system" if m["role"] == "developer" else m["role"]
-        msg["content"] = _text(m.get("content"), f"{where}.content") or ""
+        msg["content"] = message_content(m, where)  # text, or parts with images / audio
         calls = []
         if not isinstance(m.get("tool_calls") or [], list):
             raise APIError(400, f"{where}.tool_calls: must be a list of calls", f"{where}.tool_calls")

@@ -47,6 +47,7 @@ class Options(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     num_predict: int | None = Field(None, ge=-2, le=MAX_COUNT)  # -1: until the context is full, -2: the same here
     num_ctx: int | None = Field(None, ge=1, le=MAX_COUNT)  # the context a request may fill (at most the model's)
+    image_tokens: int | None = None  # extension: the soft-token budget per image (70, 140, 280, 560, 1120)
     seed: int | None = Field(None, **SEED)
     stop: str | list[str] | None = None
     repeat_penalty: float | None = Field(None, **PENALTY)
@@ -170,7 +171,9 @@ async def chat(req: ChatRequest, request: Request):
         return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done_reason": await _load_or_unload(request, req), "done": True}  # fmt: skip
     model = await served(request, req.model, req.keep_alive)
-    prompt = model.chat_prompt(chat_messages(req.messages), req.tools, **req.template_kwargs())
+    prompt = model.chat_prompt(
+        chat_messages(req.messages), req.tools, req.options.image_tokens, **req.template_kwargs()
+    )
     model.check_length(prompt.ids, req.options.num_ctx)
     constraint = req.constraint()
     if not constraint and req.tools:  # a call the model opens is held to the tools' schemas
@@ -217,8 +220,8 @@ async def _chat_events(model: ServedModel, stream: Stream, head: dict[str, Any])
 
 @router.post("/api/generate")
 async def generate(req: GenerateRequest, request: Request):
-    if req.images:
-        raise APIError(400, "images are not supported")
+    if req.images and (req.raw or req.context):
+        raise APIError(400, "images go through the chat template: send them without raw or context", "images")
     if req.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported")
     if not req.prompt and not req.context:  # Ollama loads (or with keep_alive 0 unloads) the model at once
@@ -249,10 +252,9 @@ def _generate_prompt(model: ServedModel, req: GenerateRequest) -> Prompt:
             (req.context or []) + (tok.encode(req.prompt or "", add_special_tokens=not req.context) if tok else [])
         )
         return prompt
-    messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-        {"role": "user", "content": req.prompt or ""}
-    ]
-    chat = model.chat_prompt(messages, None, **req.template_kwargs())
+    user = {"role": "user", "content": req.prompt or "", "images": req.images}
+    messages = chat_messages(([{"role": "system", "content": req.system}] if req.system else []) + [user])
+    chat = model.chat_prompt(messages, None, req.options.image_tokens, **req.template_kwargs())
     if req.context:
         rest = chat.ids[1:] if tok.bos_token and chat.ids[:1] == [tok.token_id(tok.bos_token)] else chat.ids
         chat.ids = list(req.context) + rest

@@ -156,6 +156,7 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool = True
     reasoning_effort: str | None = None  # "none": thinking off; any other level: on (levels are not graded)
     chat_template_kwargs: dict[str, Any] | None = None  # extension: reaches the chat template
+    image_tokens: int | None = None  # extension: the soft-token budget per image (70, 140, 280, 560, 1120)
 
 
 class CompletionRequest(_Sampling):
@@ -252,7 +253,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     model = await served(request, req.model)
     messages = chat_messages(req.messages)
     tools = _chat_tools(req)
-    prompt = model.chat_prompt(messages, tools, **_thinking_kwargs(req))
+    prompt = model.chat_prompt(messages, tools, req.image_tokens, **_thinking_kwargs(req))
     constraint = _chat_constraint(model, req, tools)
     top = (req.top_logprobs or 0) if req.logprobs else None
     limit = req.max_completion_tokens or req.max_tokens

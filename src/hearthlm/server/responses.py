@@ -144,6 +144,26 @@ def _parts_text(content: Any, where: str) -> str:
     return "".join(out)
 
 
+def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A user or system message's content: its text, or its parts when it holds `input_image` parts (data URLs;
+    an image URL is not fetched, a file id is not known here)."""
+    if not isinstance(content, list) or not any(
+        isinstance(p, dict) and p.get("type") == "input_image" for p in content
+    ):
+        return _parts_text(content, where)
+    parts = []
+    for k, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url.startswith("data:"):
+                raise APIError(400, f"{where}.{k}: an input_image needs a data URL in image_url (URLs are not "
+                               "fetched, and file ids are not known here)", where)  # fmt: skip
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            parts.append({"type": "text", "text": _parts_text([part], f"{where}.{k}")})
+    return parts
+
+
 def _items(value: str | list[Any]) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": value}]
@@ -188,11 +208,10 @@ class _Conversation:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"{where}: role must be user, system, developer or assistant", f"{where}.role")
-            text = _parts_text(item.get("content"), f"{where}.content")
             if role == "assistant":
-                self._assistant(fresh=True)["content"] = text
+                self._assistant(fresh=True)["content"] = _parts_text(item.get("content"), f"{where}.content")
             else:
-                self.messages.append({"role": role, "content": text})
+                self.messages.append({"role": role, "content": _user_content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             self._function_call(item, where)
         elif kind == "function_call_output":
