@@ -592,3 +592,32 @@ def test_async_engine_steps_on_the_callers_thread_when_asked(loaded):
     with pytest.raises(RuntimeError, match="stepped by another thread"):
         threaded.run()
     threaded.shutdown()
+
+
+def test_a_failing_row_ends_its_request_alone(loaded, monkeypatch):
+    """A request whose token cannot be picked (here: its sampler raises) ends with finish_reason "error" and the
+    reason; the batch it shared goes on, and the other request's tokens are those it gets alone."""
+    import hearthlm.engine.engine as engine_module
+
+    _, llm = loaded("qwen2")
+    real = engine_module.pick
+
+    def pick(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("a sampler fault")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "pick", pick)
+    engine = Engine(llm, block_size=4)
+    good = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    bad = SamplingParams(max_tokens=6, temperature=0.7, seed=666, ignore_eos=True)
+    engine.add_request("good", ids(9, seed=1), good)
+    engine.add_request("bad", ids(5, seed=2), bad)
+    outs: dict[str, list[RequestOutput]] = {"good": [], "bad": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    last = outs["bad"][-1]
+    assert last.finished and last.finish_reason == "error" and "a sampler fault" in last.error
+    assert [t for o in outs["good"] for t in o.token_ids] == llm.generate([ids(9, seed=1)], good)[0].token_ids
+    assert engine.stats().kv_blocks_used == 0

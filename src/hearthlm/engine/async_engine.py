@@ -178,8 +178,8 @@ class AsyncEngine:
         for out in outputs:
             with self._lock:
                 target = self._streams.get(out.request_id)
-            if target is not None:
-                self._deliver(*target, out)
+            if target is not None:  # a request that failed alone gets its error; the others go on
+                self._deliver(*target, RuntimeError(f"generation failed: {out.error}") if out.error else out)
         return True
 
     @staticmethod

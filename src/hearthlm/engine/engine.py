@@ -7,6 +7,7 @@ other threads than the one calling `step`.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from .runner import decode_groups, run_paged
 from .sampler import SamplingParams, TokenLogprob, greedy_rows, logprob_of, logprob_rows, penalize, pick
 from .scheduler import Scheduler, Work
 from .sequence import Sequence
+
+log = logging.getLogger("hearthlm.engine")
 
 if TYPE_CHECKING:
     from ..api import LLM
@@ -53,6 +56,7 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache (skipped prefill)
     progress: tuple[int, int] | None = None  # (prompt tokens computed, prompt tokens) after a prefill chunk
+    error: str | None = None  # set with finish_reason "error": picking this request's token failed
 
 
 @dataclass
@@ -249,7 +253,7 @@ class Engine:
             if due:  # the plain greedy rows' tokens (and log-probabilities) in one batched op each
                 tokens = greedy_rows(logits, [s.params for s in due], [s.guide for s in due])
                 logprobs = logprob_rows(logits, tokens, [s.params.logprobs for s in due])
-                outputs += [self._advance(*row) for row in zip(due, logits, tokens, logprobs)]
+                outputs += [self._advance_alone(*row) for row in zip(due, logits, tokens, logprobs)]
             self.scheduler.after_step(work)
             return outputs
 
@@ -339,6 +343,17 @@ class Engine:
         n = len(seq.prompt)
         done = min(seq.num_computed, n)
         return RequestOutput(seq.request_id, [], "", None, False, None, n, 0, seq.cached_tokens, (done, n))
+
+    def _advance_alone(self, seq: Sequence, logits: torch.Tensor, token: int | None, logprob) -> RequestOutput:
+        """_advance, where a failure of this one row (its sampling parameters, its grammar) ends this request
+        alone, with finish_reason "error", and the batch goes on."""
+        try:
+            return self._advance(seq, logits, token, logprob)
+        except Exception as e:
+            log.exception("request %s failed while picking its token", seq.request_id)
+            out = self._end(seq, "error", [], "", None)
+            out.error = f"{type(e).__name__}: {e}"
+            return out
 
     def _end(self, seq: Sequence, reason: str, new: list[int], text: str, logprobs) -> RequestOutput:
         """Finish `seq` with `reason` ("stop", "length", or "grammar": the constraint allows no token at all)."""
