@@ -1,4 +1,5 @@
-"""The model store against a fake Hub on loopback: pull (text files only, resume, errors), list, rm, resolve.
+"""The model store against a fake Hub on loopback: pull (with the towers, or text files only; resume, errors), list,
+rm, resolve.
 
 No test reaches the real network: HF_ENDPOINT points at the fake Hub (or at a closed port), and
 huggingface_hub's telemetry (which fetches from its import-time endpoint) is switched off.
@@ -117,7 +118,7 @@ def _logits(model) -> torch.Tensor:
 
 
 def test_pull_fetches_only_the_text_model(hub, sources):
-    folder = store.pull(REPO, progress=False)
+    folder = store.pull(REPO, progress=False, text_only=True)
     assert folder == store.store_root() / "google--gemma-4-Tiny-it"
     names = {p.name for p in folder.iterdir()}
     assert names == {"config.json", "generation_config.json", "tokenizer.json", store.INDEX, *SHARDS[:2], "hearth.json"}
@@ -138,7 +139,7 @@ def test_pull_fetches_only_the_text_model(hub, sources):
 
 
 def test_single_file_checkpoint_gets_only_its_text_tensors(hub, sources):
-    folder = store.pull(SINGLE, progress=False)
+    folder = store.pull(SINGLE, progress=False, text_only=True)
     src = sources["single"] / "model.safetensors"
     assert (folder / "model.safetensors").stat().st_size < src.stat().st_size
     assert hub.sent["model.safetensors"] < src.stat().st_size
@@ -159,11 +160,41 @@ def test_dropped_connection_resumes_within_the_same_pull(hub, sources):
 
 def test_dropped_connection_resumes_a_text_only_subset(hub, sources):
     hub.drop[SHARDS[1]] = [1 << 30, 1 << 30, 100]  # the two header reads pass; the data read drops at 100 bytes
-    folder = store.pull(REPO, progress=False)
+    folder = store.pull(REPO, progress=False, text_only=True)
     with safe_open(folder / SHARDS[1], "pt") as f, safe_open(sources["sharded"] / SHARDS[1], "pt") as g:
         assert f.keys() and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
     data = (folder / SHARDS[1]).stat().st_size - _header_bytes(folder / SHARDS[1])
     assert hub.sent[SHARDS[1]] == _header_bytes(sources["sharded"] / SHARDS[1]) + data  # nothing sent twice
+
+
+def test_pull_fetches_the_towers_by_default(hub, sources):
+    folder = store.pull(REPO, progress=False)
+    src = sources["sharded"]
+    assert {p.name for p in folder.iterdir()} >= {store.INDEX, *SHARDS}
+    assert all((folder / s).read_bytes() == (src / s).read_bytes() for s in SHARDS)  # whole, towers inside
+    assert json.loads((folder / store.INDEX).read_text()) == json.loads((src / store.INDEX).read_text())
+    assert not any(r for _, path, r in hub.log if SHARDS[1] in path)  # no header reads, no ranges: whole files
+    meta = json.loads((folder / "hearth.json").read_text())
+    assert meta["text_only"] is False and not any(f.get("text_only") for f in meta["files"].values())
+    llm = LLM(REPO, dtype="float32")
+    assert llm.modalities == {"text", "image"} and llm.media_encoder.towers._get("vision")
+    assert torch.equal(_logits(REPO), _logits(sources["single"]))
+    entry = next(e for e in store.list_models() if e.name == REPO)
+    assert entry.inputs() == "text, image"
+
+
+def test_text_only_then_full_pull_fetches_what_was_cut(hub, sources):
+    folder = store.pull(REPO, progress=False, text_only=True)
+    entry = next(e for e in store.list_models() if e.name == REPO)
+    assert entry.inputs() == "text (image: towers not pulled)"
+    sent = dict(hub.sent)
+    store.pull(REPO, progress=False)
+    assert hub.sent[SHARDS[0]] == sent[SHARDS[0]]  # the text-only shard was whole already: kept
+    assert hub.sent[SHARDS[1]] - sent[SHARDS[1]] == (sources["sharded"] / SHARDS[1]).stat().st_size  # refetched
+    assert (folder / SHARDS[2]).read_bytes() == (sources["sharded"] / SHARDS[2]).read_bytes()
+    assert next(e for e in store.list_models() if e.name == REPO).inputs() == "text, image"
+    store.pull(REPO, progress=False, text_only=True)  # and back: the towers' shard goes, the index is cut again
+    assert not (folder / SHARDS[2]).exists() and store.towers(folder) == ({"image"}, set())
 
 
 def test_subset_keeps_tensors_aligned_or_takes_the_whole_file():
@@ -327,7 +358,9 @@ def test_cli_pull_list_rm(hub, monkeypatch, capsys):
     assert code == 0 and "pulled google/gemma-4-Tiny-it" in err and "hearth run gemma-4-Tiny-it" in err
     code, out, _ = hearth_("list")
     row = next(line for line in out.splitlines() if REPO in line)
-    assert code == 0 and re.search(r"  [\d.]+ [kM]B  gemma4  safetensors fp32  ", row), row
+    assert code == 0 and re.search(r"  [\d.]+ [kM]B  gemma4  safetensors fp32  text, image  ", row), row
+    code, _, err = hearth_("pull", REPO, "--text-only")
+    assert code == 0 and "input: text (image: towers not pulled)" in err
     code, _, err = hearth_("rm", "hearth-demo")
     assert code == 2 and "error:" in err and "built-in" in err
     assert hearth_("rm", "gemma-4-tiny-it")[0] == 0

@@ -83,10 +83,12 @@ class LLM:
         quant: str | None = None,
         expert_budget: str | float | None = None,
         moe_profile: bool = True,
+        mmproj: str | Path | None = None,
     ):
         """`expert_budget`: keep MoE experts in the checkpoint and at most this many in memory: bytes ('6GB',
         '512MB') or a fraction of all expert bytes (0.25, '25%'); `moe_profile`: seed the expert policy from
-        the model's moe_profile.json (`hearth moe-profile`) when there is one."""
+        the model's moe_profile.json (`hearth moe-profile`) when there is one; `mmproj`: a GGUF model's image /
+        audio towers, llama.cpp's mmproj file (default: the one beside the model file, if any)."""
         spec = parse_quant(quant) if quant is not None else None
         budget = parse_budget(expert_budget) if expert_budget is not None else None
         path = resolve(model)  # None: the built-in demo; HF id / short name: its folder in the store
@@ -113,7 +115,7 @@ class LLM:
         if not self.can_generate:
             self._embedder = Embedder(self.model, self.tokenizer, path)  # its heads: a broken folder fails at load
         # Image / audio input (Gemma 4 checkpoints with towers); the towers load on first use.
-        self.media_spec = media_spec(path) if path.is_dir() else None
+        self.media_spec = media_spec(path, Path(mmproj) if mmproj is not None else None)
         self._media_encoder = None
 
     def moe_stats(self) -> MoEStats | None:

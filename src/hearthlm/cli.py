@@ -23,6 +23,7 @@ def _load(args: argparse.Namespace):
         quant=args.quant,
         expert_budget=args.expert_budget,
         moe_profile=not args.no_moe_profile,
+        mmproj=getattr(args, "mmproj", None),
     )  # fmt: skip  (the loader shows its own progress bar)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
@@ -108,19 +109,62 @@ def _run(args: argparse.Namespace) -> int:
     if not (args.prompt or "").strip():
         chat = f"`hearth chat {args.model}`" if args.model else "`hearth chat`"
         raise ValueError(f"give a prompt: `hearth run [MODEL] PROMPT` (or pipe it in), or talk with {chat}")
+    media = _media_parts(args.image, args.audio)  # a missing file is reported before the model loads
     llm = _load(args)
     params = _params(args)
     start = time.perf_counter()
     if args.raw or not llm.tokenizer.has_chat_template:
-        if args.system:
-            raise ValueError("--system needs the chat template, which --raw (or this model) does not use")
+        if args.system or media:
+            what = "--system" if args.system else "--image / --audio"
+            raise ValueError(f"{what} needs the chat template, which --raw (or this model) does not use")
         _stream(llm, lambda on_token: llm.generate(args.prompt, params, on_token=on_token))
     else:
-        messages = _messages(args.system) + [{"role": "user", "content": args.prompt}]
-        _stream(llm, lambda on_token: llm.chat(messages, params, on_token=on_token))
+        _check_modalities(llm, media)
+        messages = _messages(args.system) + [_user(args.prompt, media)]
+        options = _media_options(args)
+        _stream(llm, lambda on_token: llm.chat(messages, params, on_token=on_token, **options))
     if args.moe_stats:
         _err().print(f"[dim]{_moe_line(llm, time.perf_counter() - start)}[/dim]")
     return 0
+
+
+# -- images and audio ---------------------------------------------------------------------------------------------
+
+
+def _media_part(kind: str, path: str) -> dict:
+    """A content part for the image or audio file at `path` (checked to exist now, not after the model loads)."""
+    file = Path(path.strip().strip("'\"")).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{kind} file {file} does not exist" if not file.exists() else f"{file} is not a file")
+    return {"type": kind, kind: str(file)}
+
+
+def _media_parts(images: list[str] | None, audio: list[str] | None) -> list[dict]:
+    return [_media_part("image", p) for p in images or []] + [_media_part("audio", p) for p in audio or []]
+
+
+def _user(text: str, media: list[dict]) -> dict:
+    """A user message: plain text, or the media parts first and then the text."""
+    if not media:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
+
+
+def _check_modalities(llm, media: list[dict]) -> None:
+    """Refuse image / audio parts the model has no tower for, naming the model and what it takes."""
+    from .multimodal import ModalityError
+
+    for kind in dict.fromkeys(p["type"] for p in media):
+        if kind not in llm.modalities:
+            takes = " and ".join(sorted(llm.modalities))
+            raise ModalityError(
+                f"{llm.path.name} does not take {kind} input (it takes {takes}): drop --{kind}, or use a model with "
+                f"a {'vision' if kind == 'image' else 'audio'} tower (e.g. a Gemma 4 checkpoint pulled with its towers)"
+            )
+
+
+def _media_options(args: argparse.Namespace) -> dict:
+    return {"image_tokens": args.image_tokens} if args.image_tokens is not None else {}
 
 
 def _moe_line(llm, seconds: float) -> str:
@@ -130,7 +174,10 @@ def _moe_line(llm, seconds: float) -> str:
     return stats.summary(seconds)
 
 
-_CHAT_HELP = "/reset clears the conversation, /exit leaves (or Ctrl-D); Ctrl-C stops a reply"
+_CHAT_HELP = (
+    "/image PATH and /audio PATH attach a file to your next message, /reset clears the conversation, /exit leaves "
+    "(or Ctrl-D); Ctrl-C stops a reply"
+)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -141,6 +188,8 @@ def _chat(args: argparse.Namespace) -> int:
     err = _err()
     err.print(f"[dim]{llm.path.name}: {_CHAT_HELP}[/dim]")
     history = _messages(args.system)
+    attached: list[dict] = []  # /image and /audio files for the next message
+    options = _media_options(args)
     while True:
         try:
             line = input(">>> ")
@@ -156,28 +205,52 @@ def _chat(args: argparse.Namespace) -> int:
         if command in ("/exit", "/bye", "/quit"):
             return 0
         if command == "/reset":
-            history = _messages(args.system)
+            history, attached = _messages(args.system), []
             err.print("[dim]conversation cleared[/dim]")
+            continue
+        if command.split()[0] in ("/image", "/audio"):
+            _attach(llm, command, attached, err)
             continue
         if command.startswith("/"):
             err.print(f"[dim]unknown command {command.split()[0]}: {_CHAT_HELP}[/dim]")
             continue
-        history.append({"role": "user", "content": line})
-        reply = _reply(llm, history, params, err)
+        history.append(_user(line, attached))
+        attached = []
+        reply = _reply(llm, history, params, err, options)
         if reply is None:
             history.pop()
         else:
             history.append({"role": "assistant", "content": reply})
 
 
-def _reply(llm, history: list[dict], params, err: Console) -> str | None:
+def _attach(llm, command: str, attached: list[dict], err: Console) -> None:
+    """`/image PATH` or `/audio PATH`: check the file and the model, then hold the part for the next message."""
+    kind, _, path = command.partition(" ")
+    kind = kind[1:]
+    if not path.strip():
+        err.print(f"[dim]give a file: /{kind} PATH[/dim]")
+        return
+    try:
+        part = _media_part(kind, path)
+        _check_modalities(llm, [part])
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        return
+    attached.append(part)
+    count = len(attached)
+    err.print(f"[dim]attached {Path(part[kind]).name}: {count} file{'s' * (count > 1)} go with your next message[/dim]")
+
+
+def _reply(llm, history: list[dict], params, err: Console, options: dict | None = None) -> str | None:
     """Answer the conversation, dropping its oldest exchanges (never the system message or the new question)
-    while it is longer than the model's context. None when it cannot be answered; the error is printed."""
+    while it is longer than the model's context. None when it cannot be answered; the error is printed.
+    `options`: media keywords for llm.chat (image_tokens)."""
     from .api import ContextLengthError
 
+    options = options or {}
     while True:
         try:
-            return _stream(llm, lambda on_token: llm.chat(history, params, on_token=on_token))
+            return _stream(llm, lambda on_token: llm.chat(history, params, on_token=on_token, **options))
         except ContextLengthError as e:
             first = next(i for i, m in enumerate(history) if m["role"] != "system")
             later = [i for i, m in enumerate(history) if m["role"] == "user" and i > first]
@@ -199,6 +272,14 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="a system message (through the model's chat template)")
+    p.add_argument(
+        "--image-tokens", type=int, default=None, choices=(70, 140, 280, 560, 1120),
+        help="soft tokens per image (default 280); more reads small text better and costs prefill time",
+    )  # fmt: skip
+    p.add_argument(
+        "--mmproj", default=None, metavar="FILE",
+        help="a .gguf model's image / audio towers: llama.cpp's mmproj file (default: an mmproj*.gguf beside it)",
+    )  # fmt: skip
     _model_options(p)
 
 
@@ -265,13 +346,15 @@ def _pull(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True, soft_wrap=True)
     try:
-        folder = store.pull(args.id, args.revision, console=err)
+        folder = store.pull(args.id, args.revision, console=err, text_only=args.text_only)
     except KeyboardInterrupt:
         err.print(f"interrupted: run `hearth pull {args.id}` again to resume", highlight=False)
         raise
     entry = store.ModelEntry(args.id, folder, "pulled")
     short = args.id.rsplit("/", 1)[-1]
-    err.print(f"pulled {args.id} ({store.human_size(entry.size())}) into {folder}", highlight=False)
+    err.print(
+        f"pulled {args.id} ({store.human_size(entry.size())}, input: {entry.inputs()}) into {folder}", highlight=False
+    )
     err.print(f"run it: hearth run {short} PROMPT", highlight=False)
     return 0
 
@@ -282,12 +365,12 @@ def _list(args: argparse.Namespace) -> int:
     from . import store
 
     table = Table(box=None, header_style="bold")
-    for col in ("NAME", "SIZE", "FAMILY", "FORMAT", "WHERE"):
+    for col in ("NAME", "SIZE", "FAMILY", "FORMAT", "INPUT", "WHERE"):
         table.add_column(col, no_wrap=True)
     for e in store.list_models():
         name = f"{e.name} (built-in)" if e.kind == "built-in" else e.name
         where = str(e.path).replace(str(Path.home()), "~", 1)
-        table.add_row(name, store.human_size(e.size()), e.family(), e.format(), where)
+        table.add_row(name, store.human_size(e.size()), e.family(), e.format(), e.inputs(), where)
     out = Console() if sys.stdout.isatty() else Console(width=400)  # piped: whole paths, no wrapping
     if table.row_count:
         out.print(table, highlight=False)
@@ -323,7 +406,10 @@ def _fit(args: argparse.Namespace) -> int:
     from . import fit
 
     machine = fit.detect(args.ram, args.vram, args.bandwidth)
-    estimates = fit.fit(args.models or None, machine, args.context, args.concurrency)
+    estimates = fit.fit(
+        args.models or None, machine, args.context, args.concurrency, images=args.images,
+        image_tokens=args.image_tokens, audio_clips=args.audio_clips,
+    )  # fmt: skip
     if args.json:
         sys.stdout.write(fit.to_json(estimates, machine) + "\n")
     else:
@@ -425,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--moe-stats", action="store_true", help="print expert hit rate and bytes fetched after the answer"
     )
+    run.add_argument(
+        "--image", action="append", metavar="FILE", help="an image for the model to see (PNG, JPEG, WebP, GIF); repeat "
+        "for several",
+    )  # fmt: skip
+    run.add_argument(
+        "--audio", action="append", metavar="FILE", help="an audio clip for the model to hear (WAV, FLAC, MP3); repeat "
+        "for several",
+    )  # fmt: skip
     _generation_options(run)
     run.set_defaults(func=_run)
     chat = sub.add_parser("chat", help="talk to a model, turn by turn")
@@ -472,9 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _model_options(serve)
     serve.set_defaults(func=_serve)
-    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (text model files only)")
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (with its vision and audio towers)")
     pull.add_argument("id", help="a Hugging Face repo id, e.g. google/gemma-4-E2B-it")
     pull.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
+    pull.add_argument(
+        "--text-only", action="store_true",
+        help="leave the vision and audio towers behind (their tensors are cut out of shared files): a smaller "
+        "download that takes text only",
+    )  # fmt: skip
     pull.set_defaults(func=_pull)
     quant = sub.add_parser("quantize", help="write a quantized copy of a model that loads without quantizing again")
     quant.add_argument("model", help=model_help.split(";")[0])
@@ -516,6 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--vram", type=float, default=None, help="GPU memory in GB (default: this machine's GPUs)")
     fit.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
     fit.add_argument("--concurrency", type=int, default=1, help="sequences decoded together (default 1)")
+    fit.add_argument(
+        "--images", type=int, default=0, help="images per sequence: counts the vision tower and their tokens' KV"
+    )
+    fit.add_argument(
+        "--image-tokens", type=int, default=280, choices=(70, 140, 280, 560, 1120), help="soft tokens per image"
+    )
+    fit.add_argument("--audio-clips", type=int, default=0, help="30-second audio clips per sequence (the audio tower)")
     fit.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
     fit.add_argument("--json", action="store_true", help="print the estimates as JSON")
     fit.set_defaults(func=_fit)

@@ -27,6 +27,13 @@ peak RSS of hearthlm's loader on CPU: parameters that are views of the (private)
 pages; fused (qkv, gate+up, stacked experts) and dtype-converted tensors are copies, after which the
 loader drops their source pages, so the peak is the weights plus one copy's sources in flight.
 
+Images and audio (Gemma 4 checkpoints with towers; `images` / `audio_clips` per sequence): the towers and their
+projections are counted from vision_config / audio_config (their modules built on the meta device, as the text
+model's), held as multimodal/towers.py holds them (float32 on CPU, the model dtype on a GPU, never quantized),
+plus one batch of tower activations (every image of a sequence encoded together). Each image adds
+`image_tokens` + 2 positions to the sequence, each clip up to 752: their K/V is the cache grown by those positions
+(`media_kv`). Text-only use loads no tower, so with no images or clips nothing is added.
+
 Decode speed is the memory-bandwidth roofline: bandwidth / bytes read per token (every matrix once,
 the LM head, the active experts only, the KV cache at the given context; embedding and PLE gathers
 are negligible). Bandwidth is measured once per machine (about a second) and cached.
@@ -112,6 +119,7 @@ class Model:
     tensors: list[Tensor]
     file_dtype_bytes: int = 2
     source: str = "config"  # "known" | a folder path
+    towers: dict[str, TowerSize] = field(default_factory=dict)  # "image" / "audio": the tower that reads it
 
     def count(self, *roles: str) -> int:
         return sum(t.numel for t in self.tensors if not roles or t.role in roles)
@@ -126,6 +134,39 @@ class Model:
         cfg = self.config
         experts = self.count("experts")
         return self.params - experts + (experts * cfg.experts_per_token // cfg.num_experts if experts else 0)
+
+
+@dataclass(frozen=True)
+class TowerSize:
+    """One tower with its projection into the text width: parameters, and working-set bytes per encoded token
+    (float32; what one layer holds for each patch / frame at once)."""
+
+    params: int
+    activation_per_input: int  # bytes per patch (vision) or per 10-ms feature frame (audio)
+    inputs_per_token: int  # patches per soft token (pool^2) or frames per audio token (4)
+
+
+def _towers(hf: dict[str, Any]) -> dict[str, TowerSize]:
+    """The towers a multimodal config describes (vision_config, audio_config), counted on the meta device."""
+    from .models.gemma4_audio import AudioSpec, AudioTower
+    from .models.gemma4_vision import VisionSpec, VisionTower
+
+    out: dict[str, TowerSize] = {}
+    if hf.get("model_type") not in ("gemma4", "gemma4_text") or not isinstance(hf.get("text_config", hf), dict):
+        return out
+    text = hf.get("text_config") or hf
+    with torch.device("meta"):
+        if isinstance(hf.get("vision_config"), dict):
+            v = VisionSpec.from_hf(hf["vision_config"])
+            n = sum(p.numel() for p in VisionTower(v).parameters()) + v.hidden * text["hidden_size"]
+            act = 4 * (6 * v.hidden + 3 * v.intermediate + 3 * v.heads * v.head_dim)
+            out["image"] = TowerSize(n, act, v.pool**2)
+        if isinstance(hf.get("audio_config"), dict):
+            a = AudioSpec.from_hf(hf["audio_config"])
+            n = sum(p.numel() for p in AudioTower(a).parameters()) + a.out_dims * text["hidden_size"]
+            act = 4 * (a.channels[0] * 64 + 12 * a.hidden)  # the first convolution's map, then 4x fewer frames
+            out["audio"] = TowerSize(n, act, 4)
+    return out
 
 
 def _role(name: str, shape: tuple[int, ...]) -> str:
@@ -158,7 +199,7 @@ def model_from_hf(name: str, hf: dict[str, Any], where: str, file_dtype_bytes: i
     if file_dtype_bytes is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
         file_dtype_bytes = _DTYPE_BYTES.get(dtype, 2)
-    return Model(name, cfg, tensors, file_dtype_bytes)
+    return Model(name, cfg, tensors, file_dtype_bytes, towers=_towers(hf))
 
 
 def _file_dtype_bytes(folder: Path) -> int | None:
@@ -326,6 +367,7 @@ class Estimate:
     kv_cache: int
     kv_per_token: dict[str, int]
     activations: int
+    towers: int  # tower weights resident while images / audio are in use (0: none asked for)
     runtime: int  # torch + hearthlm + what loading adds (host memory)
     ram: int  # resident host memory running on CPU
     vram: int  # GPU memory running on a GPU (the PLE table stays on the host)
@@ -340,14 +382,50 @@ class Estimate:
     device: str | None = None  # where it would run: "gpu" | "cpu" | None (fits nowhere)
     tokens_per_s: float | None = None  # roofline decode speed of each sequence
     notes: list[str] = field(default_factory=list)
+    media_tokens: int = 0  # positions the images and clips of one sequence add to the context
+    media_kv: int = 0  # part of kv_cache: the K/V of those positions, all sequences
+
+
+AUDIO_TOKENS = 750  # the most soft tokens one clip takes (30 s); the estimate assumes clips that long
+
+
+def media(
+    m: Model, images: int = 0, image_tokens: int = 280, audio_clips: int = 0, bytes_per_param: int = 4
+) -> tuple[int, int, int]:
+    """What images and audio clips per sequence add: (positions in the sequence, tower weight bytes at
+    `bytes_per_param`, tower activation bytes in float32). A ValueError when the model has no tower for them."""
+    asked = {"image": images, "audio": audio_clips}
+    for kind, n in asked.items():
+        if n < 0:
+            raise ValueError(f"--{'images' if kind == 'image' else 'audio-clips'} must be 0 or more, not {n}")
+        if n and kind not in m.towers:
+            raise ValueError(f"{m.name} has no {kind} tower in its config: it takes no {kind} input")
+    per_item = {"image": image_tokens, "audio": AUDIO_TOKENS}
+    tokens = sum(n * (per_item[k] + 2) for k, n in asked.items())  # each item between its begin/end markers
+    used = [k for k, n in asked.items() if n]
+    weights = sum(m.towers[k].params * bytes_per_param for k in used)
+    act = sum(asked[k] * per_item[k] * m.towers[k].inputs_per_token * m.towers[k].activation_per_input for k in used)
+    return tokens, weights, act
 
 
 def estimate(
-    m: Model, fmt: str = "bf16", context: int = 4096, concurrency: int = 1, kv_dtype_bytes: int | None = None
+    m: Model,
+    fmt: str = "bf16",
+    context: int = 4096,
+    concurrency: int = 1,
+    kv_dtype_bytes: int | None = None,
+    images: int = 0,
+    image_tokens: int = 280,
+    audio_clips: int = 0,
 ) -> Estimate:
-    """Memory and bytes per token of model `m` in format `fmt` (no machine involved: see `judge`)."""
+    """Memory and bytes per token of model `m` in format `fmt` (no machine involved: see `judge`); `images` and
+    `audio_clips` per sequence add their tower memory and the K/V of their soft tokens (`image_tokens` each)."""
     cfg = m.config
-    context = min(context, cfg.max_position)
+    media_tokens, towers_cpu, tower_act = media(m, images, image_tokens, audio_clips)  # float32 on CPU
+    on_gpu = 4 if fmt in ("fp32", "fp16") else 2  # the model dtype on a GPU; float16 overflows: float32
+    towers_gpu = media(m, images, image_tokens, audio_clips, on_gpu)[1]
+    text_context = min(context, cfg.max_position)
+    context = min(context + media_tokens, cfg.max_position)
     sizes = {t.name: tensor_bytes(m, t, fmt) for t in m.tensors}
     weights = int(sum(sizes.values()))
     by_role: dict[str, float] = {}
@@ -358,6 +436,7 @@ def estimate(
     ple = int(by_role.get("ple_table", 0))
     kv_b = kv_dtype_bytes or (NATIVE[fmt] if fmt in NATIVE else 2)
     kv = kv_cache_bytes(cfg, context, concurrency, kv_b)
+    media_kv = kv - kv_cache_bytes(cfg, text_context, concurrency, kv_b)
     act_cpu = activation_bytes(cfg, context, concurrency)
     act_gpu = activation_bytes(cfg, context, concurrency, on_gpu=True)
     runtime = RUNTIME_RSS + LOAD_OVERHEAD
@@ -395,14 +474,17 @@ def estimate(
         kv_per_token=kv_bytes_per_token(cfg, kv_b),
         activations=act_cpu,
         runtime=runtime,
-        ram=weights + kv + act_cpu + runtime,
-        vram=weights - ple + kv + act_gpu + CUDA_CONTEXT,
+        towers=towers_cpu,
+        ram=weights + kv + act_cpu + runtime + towers_cpu + tower_act,
+        vram=weights - ple + kv + act_gpu + CUDA_CONTEXT + towers_gpu + tower_act * on_gpu // 4,
         ram_with_gpu=ple + runtime,
         load_peak=load_peak,
         bytes_per_token=per_token,
         supported=True,  # every format priced here loads for every family (Gemma 3 and 4 GGUF files included)
         context=context,
         concurrency=concurrency,
+        media_tokens=media_tokens,
+        media_kv=media_kv,
     )
 
 
@@ -531,15 +613,23 @@ def fit(
     context: int = 4096,
     concurrency: int = 1,
     formats: tuple[str, ...] = DEFAULT_FORMATS,
+    images: int = 0,
+    image_tokens: int = 280,
+    audio_clips: int = 0,
 ) -> list[Estimate]:
-    """Estimates for each model (default: every known model) in each format, judged against `machine`."""
+    """Estimates for each model (default: every known model) in each format, judged against `machine`; with
+    `images` / `audio_clips` per sequence, the known models without such a tower are left out."""
     if context < 1 or concurrency < 1:
         raise ValueError(f"--context and --concurrency must be at least 1 (got {context} and {concurrency})")
     models = [load(n) for n in names] if names else [known_model(n) for n in KNOWN_MODELS]
+    if not names:
+        models = [m for m in models if (not images or "image" in m.towers) and (not audio_clips or "audio" in m.towers)]
     out = []
     for m in models:
         for fmt in formats:
-            e = estimate(m, fmt, context, concurrency)
+            e = estimate(
+                m, fmt, context, concurrency, images=images, image_tokens=image_tokens, audio_clips=audio_clips
+            )
             out.append(judge(e, machine) if machine is not None else e)
     return out
 
@@ -571,8 +661,9 @@ def table(estimates: list[Estimate], machine: Machine | None):
         bw = f", {machine.cpu_bandwidth:.0f} GB/s read" if machine.cpu_bandwidth else ""
         title = f"RAM {_gb(machine.ram)}{bw}; {gpus}"
     moe = any(e.weights_active_experts for e in estimates)
+    towers = any(e.towers for e in estimates)
     t = Table(title=title, box=None, header_style="bold")
-    columns = ["MODEL", "FORMAT", "WEIGHTS"] + (["ACTIVE EXPERTS ONLY"] if moe else [])
+    columns = ["MODEL", "FORMAT", "WEIGHTS"] + (["ACTIVE EXPERTS ONLY"] if moe else []) + (["TOWERS"] if towers else [])
     columns += [f"KV ({where})", "RAM (CPU)", "VRAM (GPU)", "FITS RAM", "FITS VRAM", "DECODE TOK/S"]
     for c in columns:
         t.add_column(c, no_wrap=True, justify="left" if c in ("MODEL", "FORMAT") else "right")
@@ -582,6 +673,8 @@ def table(estimates: list[Estimate], machine: Machine | None):
         row = [e.model if e.model != last else "", e.format + ("" if e.supported else "*"), _gb(e.weights)]
         if moe:
             row.append(_gb(e.weights_active_experts) if e.weights_active_experts else "")
+        if towers:
+            row.append(_gb(e.towers))
         row += [_gb(e.kv_cache), _gb(e.ram), _gb(e.vram), _yes(e.fits_ram), _yes(e.fits_vram), speed]
         t.add_row(*row)
         last = e.model
@@ -591,6 +684,12 @@ def table(estimates: list[Estimate], machine: Machine | None):
         else ""
     ) + (
         "RAM/VRAM include the KV cache, activations and the runtime; on a GPU the PLE table stays in host memory. "
-        "Decode speed: memory-bandwidth roofline, batch 1."
+        + (
+            f"Images and audio: {first.media_tokens} positions per sequence (their K/V {_gb(first.media_kv)}), the "
+            "towers unquantized (float32 on CPU) and one batch of their activations. "
+            if first is not None and first.media_tokens
+            else ""
+        )
+        + "Decode speed: memory-bandwidth roofline, batch 1."
     )
     return t

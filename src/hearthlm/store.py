@@ -1,12 +1,14 @@
 """The model store: pull models from the Hugging Face Hub, list them, remove them, and resolve model names.
 
-Layout: one folder per repo under `store_root()` (`google--gemma-4-E2B-it`), holding the files the text model
-needs plus `hearth.json` (repo id, revision, commit, pulled-at, and the source blob of each file).
+Layout: one folder per repo under `store_root()` (`google--gemma-4-E2B-it`), holding the files the model needs
+(its vision and audio towers included, unless pulled with `text_only`) plus `hearth.json` (repo id, revision,
+commit, pulled-at, whether it is text-only, and the source blob of each file).
 
 Downloads are our own HTTP Range requests on the Hub's `/resolve/` URLs (huggingface_hub supplies the file list,
 the endpoint, the token and its typed errors). Reasons: huggingface_hub 2.x deletes a partial file when a
-transfer is interrupted, so it cannot resume across runs; and ranges let us fetch only the text-model tensors of
-a safetensors file that also holds vision/audio towers (written as a smaller, valid safetensors file).
+transfer is interrupted, so it cannot resume across runs; and ranges let a text-only pull fetch only the
+text-model tensors of a safetensors file that also holds vision/audio towers (written as a smaller, valid
+safetensors file).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from rich.filesize import decimal as human_size
 DEMO_DIR = Path(__file__).parent / "demo"  # the built-in models shipped in the package, one folder each
 DEMO_MODEL = "hearth-demo"  # what `resolve(None)` gives: no model named
 DEMO_ALIASES = {"demo": "hearth-demo"}
-BUILTIN_NAMES = ("hearth-demo", "hearth-demo-moe")
+BUILTIN_NAMES = ("hearth-demo", "hearth-demo-moe", "hearth-demo-vision")
 
 META = "hearth.json"  # per-model metadata, written by `pull`
 ALIASES = "aliases.json"  # in the store's root: each name `copy` made, and the name of the model it stands for
@@ -46,6 +48,8 @@ TEXT_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# What the towers' preprocessing is described by, besides config.json (other runtimes read them; hearthlm does not).
+MEDIA_FILES = ("processor_config.json", "preprocessor_config.json")
 CONNECT_TIMEOUT = 5.0  # seconds: offline must fail at once, not after a retry loop
 READ_TIMEOUT = 60.0  # seconds without a byte before a download gives up (and resumes); HF_HUB_DOWNLOAD_TIMEOUT sets it
 _HF_ID = re.compile(r"^(?!.*(?:--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")  # no '--' or '..', as on the Hub
@@ -119,6 +123,49 @@ class ModelEntry:
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
         fmt = "safetensors" + (f" {_DTYPE_NAMES.get(dtype, dtype)}" if dtype else "")
         return fmt if self.complete else fmt + " (incomplete)"
+
+    def inputs(self) -> str:
+        """What the model takes: "text", "text, image, audio"; towers its config describes but the folder lacks
+        (a `--text-only` pull) are named as missing."""
+        declared, present = towers(self.path)
+        takes = ", ".join(["text", *(k for k in ("image", "audio") if k in present)])
+        missing = [k for k in ("image", "audio") if k in declared - present]
+        return takes + (f" ({', '.join(missing)}: towers not pulled)" if missing else "")
+
+
+_TOWER_PREFIXES = {"image": ("model.vision_tower.", "vision_tower."), "audio": ("model.audio_tower.", "audio_tower.")}
+
+
+def towers(path: Path) -> tuple[set[str], set[str]]:
+    """The inputs besides text that a model's config describes towers for ({"image", "audio"}), and those whose
+    tower tensors are there. Read from config.json and the safetensors index or headers; no weights are read.
+    A .gguf: the towers of the mmproj file beside it (weights/mmproj.py), declared and present alike."""
+    if path.suffix == ".gguf":
+        from .weights.mmproj import find_mmproj, mmproj_inputs
+
+        found = find_mmproj(path)
+        inputs = mmproj_inputs(found) if found is not None else set()
+        return inputs, inputs
+    cfg = _read_config(path)
+    declared = {k for k, c in (("image", "vision_config"), ("audio", "audio_config")) if cfg.get(c)}
+    if not declared:
+        return set(), set()
+    names = _tensor_names(path)
+    present = {k for k in declared if any(n.startswith(_TOWER_PREFIXES[k]) for n in names)}
+    return declared, present
+
+
+def _tensor_names(folder: Path) -> list[str]:
+    """Tensor names of a checkpoint folder: its index's, else every safetensors file's header ([] if unreadable)."""
+    from .weights.safetensors import CheckpointError, SafetensorsFile
+
+    index = folder / INDEX
+    try:
+        if index.is_file():
+            return list((json.loads(index.read_text()).get("weight_map") or {}).keys())
+        return [n for f in sorted(folder.glob("*.safetensors")) for n in SafetensorsFile(f).keys()]
+    except (OSError, ValueError, AttributeError, CheckpointError):
+        return []
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -426,9 +473,20 @@ def _safetensors_plan(hub: _Hub, name: str, blob: str, size: int | None, mixed: 
     return _Transfer(name, whole.url, blob, len(head) + sum(b - a for a, b in ranges), head, ranges)
 
 
-def _plan_weights(hub: _Hub, files: dict[str, Any], folder: Path) -> tuple[list[_Transfer], dict | None]:
-    """Choose the safetensors files (and ranges) of the text model. Returns the transfers and, for a sharded
-    checkpoint, the index rewritten to list only the tensors we keep."""
+def _plan_weights(
+    hub: _Hub, files: dict[str, Any], folder: Path, text_only: bool
+) -> tuple[list[_Transfer], dict | None]:
+    """Choose the safetensors files: every one, whole; or (`text_only`) those of the text model, cut by ranges.
+    Returns the transfers and, for a sharded checkpoint, the index (text-only: rewritten to list the tensors kept)."""
+    if INDEX in files and not text_only:
+        index = json.loads(hub.get(INDEX))
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise PullError(f"{hub.repo_id}: {INDEX} names {missing[0]}, which the repo does not have")
+        return [
+            _Transfer(s, hub.url(s), *files[s]) for s in shards if not _have(folder, s, files[s], whole=True)
+        ], index
     if INDEX in files:
         index = json.loads(hub.get(INDEX))
         weight_map: dict[str, str] = index.get("weight_map") or {}
@@ -440,7 +498,7 @@ def _plan_weights(hub: _Hub, files: dict[str, Any], folder: Path) -> tuple[list[
             text = [_is_text_tensor(n) for n in names]
             if shard not in files:
                 raise PullError(f"{hub.repo_id}: {INDEX} names {shard}, which the repo does not have")
-            if any(text) and not _have(folder, shard, files[shard]):
+            if any(text) and not _have(folder, shard, files[shard]):  # a whole file serves a text-only pull too
                 plan = _safetensors_plan(hub, shard, *files[shard], mixed=not all(text))
                 plans += [plan] if plan else []
         kept = {k: v for k, v in weight_map.items() if _is_text_tensor(k)}
@@ -452,15 +510,20 @@ def _plan_weights(hub: _Hub, files: dict[str, Any], folder: Path) -> tuple[list[
             f"{hub.repo_id} has no safetensors weights: `hearth pull` downloads safetensors checkpoints "
             "(for a GGUF repo, download the .gguf file and pass its path)"
         )
-    plans = [_safetensors_plan(hub, n, *files[n], mixed=True) for n in names if not _have(folder, n, files[n])]
+    todo = [n for n in names if not _have(folder, n, files[n], whole=not text_only)]
+    if todo and not text_only:
+        hub.get(todo[0], 0, 8)  # a gated or broken repo fails here, before anything is written
+    plans = [_safetensors_plan(hub, n, *files[n], mixed=text_only) for n in todo]
     return [p for p in plans if p], None
 
 
-def _have(folder: Path, name: str, blob_size: tuple[str, int | None]) -> bool:
-    """Already pulled: same source blob as recorded in hearth.json, and the file is there."""
+def _have(folder: Path, name: str, blob_size: tuple[str, int | None], whole: bool = False) -> bool:
+    """Already pulled: same source blob as recorded in hearth.json, and the file is there; `whole`: and not cut to
+    its text tensors by a text-only pull (a pull with the towers fetches that file again)."""
     meta = _read_meta(folder) or {}
     rec = (meta.get("files") or {}).get(name)
-    return bool(rec) and rec.get("blob") == blob_size[0] and (folder / name).is_file()
+    fresh = bool(rec) and rec.get("blob") == blob_size[0] and (folder / name).is_file()
+    return fresh and not (whole and rec.get("text_only"))
 
 
 # -- pull: transfer -----------------------------------------------------------------------------------
@@ -546,7 +609,9 @@ def _resume(hub: _Hub, t: _Transfer, part: Path, advance: Callable[[int], None])
 
 
 def _part_path(folder: Path, t: _Transfer) -> Path:
-    return folder / PARTIAL / f"{t.name}.{t.blob[:16]}"
+    """Where a transfer's bytes collect: keyed by its source blob, and by whether it is the text tensors only (the
+    bytes of a cut file and of the whole one differ, so one never resumes the other)."""
+    return folder / PARTIAL / (f"{t.name}.{t.blob[:16]}" + (".text" if t.ranges is not None else ""))
 
 
 def _download(hub: _Hub, t: _Transfer, folder: Path, advance: Callable[[int], None], retries: int) -> None:
@@ -695,27 +760,30 @@ def pull(
     retries: int = 3,
     console=None,
     report: Callable[[str, str, int, int | None], None] | None = None,
+    text_only: bool = False,
 ) -> Path:
-    """Download what the text model of Hugging Face repo `repo_id` needs into the store; returns its folder.
-    Resumes an interrupted pull; skips files already pulled at the same blob. Honours HF_ENDPOINT, HF_TOKEN
-    and HF_HUB_OFFLINE. `report(file, blob, completed, total)`: called as each file's bytes arrive (the
-    server's pull progress)."""
+    """Download Hugging Face repo `repo_id`'s model into the store, its vision and audio towers included (a
+    multimodal Gemma 4 checkpoint); `text_only`: only what the text model needs (tower tensors cut out of shared
+    safetensors files by byte ranges). Returns its folder. Resumes an interrupted pull; skips files already pulled
+    at the same blob. Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE. `report(file, blob, completed, total)`:
+    called as each file's bytes arrive (the server's pull progress)."""
     if not _HF_ID.match(repo_id):
         raise PullError(f"'{repo_id}' is not a Hugging Face repo id (like google/gemma-4-E2B-it)")
     _read_timeout()  # checked before huggingface_hub reads it on import
     hub, files = _connect(repo_id, revision)
     folder = store_root() / folder_name(repo_id)
-    small = [_Transfer(n, hub.url(n), *files[n]) for n in TEXT_FILES if n in files and not _have(folder, n, files[n])]
+    wanted = TEXT_FILES + (() if text_only else MEDIA_FILES)
+    small = [_Transfer(n, hub.url(n), *files[n]) for n in wanted if n in files and not _have(folder, n, files[n])]
     with _hub_errors(repo_id, revision):
-        weights, index = _plan_weights(hub, files, folder)  # before any write: a repo we cannot use leaves nothing
+        weights, index = _plan_weights(hub, files, folder, text_only)  # before any write: a bad repo leaves nothing
     transfers = small + weights
     folder.mkdir(parents=True, exist_ok=True)
     meta = _read_meta(folder) or {}
-    meta.update(repo_id=repo_id, revision=revision or "main", commit=hub.commit, complete=False)
+    meta.update(repo_id=repo_id, revision=revision or "main", commit=hub.commit, complete=False, text_only=text_only)
     meta.setdefault("files", {})
     if index is not None:
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        meta["files"][INDEX] = {"blob": files[INDEX][0], "text_only": True}
+        meta["files"][INDEX] = {"blob": files[INDEX][0]} | ({"text_only": True} if text_only else {})
     _write_meta(folder, meta)
     _check_space(folder, transfers)
     try:
@@ -728,7 +796,7 @@ def pull(
             f"no space left on the device holding {folder} ({e.strerror}); the bytes fetched so far are kept: free "
             f"some space and run `hearth pull {repo_id}` again to resume, or `hearth rm {repo_id}` to drop them"
         ) from None
-    wanted = set(meta["files"]) & ({t.name for t in transfers} | _kept(folder, files, index))
+    wanted = set(meta["files"]) & ({t.name for t in transfers} | _kept(folder, files, index, text_only))
     for stale in set(meta["files"]) - wanted:  # files of an older commit that this one no longer has
         (folder / stale).unlink(missing_ok=True)
     meta.update(files={n: meta["files"][n] for n in sorted(wanted)}, complete=True)
@@ -738,9 +806,9 @@ def pull(
     return folder
 
 
-def _kept(folder: Path, files: dict[str, Any], index: dict | None) -> set[str]:
+def _kept(folder: Path, files: dict[str, Any], index: dict | None, text_only: bool) -> set[str]:
     """Names of this commit's files that the folder should keep (already there, unchanged)."""
-    names = {n for n in TEXT_FILES if n in files}
+    names = {n for n in TEXT_FILES + (() if text_only else MEDIA_FILES) if n in files}
     if index is not None:
         return names | {INDEX} | set(index["weight_map"].values())
     return names | {n for n in files if n.endswith(".safetensors") and (folder / n).is_file()}

@@ -1,8 +1,9 @@
 """The vision and audio towers of a checkpoint, loaded on first use (text-only use never reads or holds them),
 and batched encoding of preprocessed images and audio clips into text-width embeddings.
 
-Tower weights are read from the same safetensors files as the text model (the text loader skips them) and kept in
-the dtype the towers compute in (models/gemma4_media.tower_dtype).
+Tower weights are read from the same safetensors files as the text model (the text loader skips them), or from
+llama.cpp's mmproj file beside a GGUF model (weights/mmproj.py), and kept in the dtype the towers compute in
+(models/gemma4_media.tower_dtype).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from ..models.gemma4_audio import AudioTower
 from ..models.gemma4_media import Projection, tower_dtype
 from ..models.gemma4_vision import VisionTower
+from ..weights.mmproj import MmprojCheckpoint
 from ..weights.safetensors import Checkpoint, CheckpointError
 from .audio import AudioClip
 from .errors import ModalityError
@@ -49,7 +51,7 @@ class Towers:
         tower_spec = s.vision if kind == "vision" else s.audio
         if tower_spec is None:
             raise ModalityError(f"{s.folder.name} has no {kind} tower")
-        ckpt = Checkpoint(s.folder)
+        ckpt = MmprojCheckpoint(s.mmproj) if s.mmproj is not None else Checkpoint(s.folder)
         prefix = next((p for p in _PREFIXES if f"{p}{kind}_tower.{_PROBE[kind]}" in ckpt), None)
         if prefix is None:
             raise CheckpointError(
@@ -97,7 +99,13 @@ class Towers:
 _PROBE = {"vision": "patch_embedder.input_proj.weight", "audio": "output_proj.weight"}
 
 
-def _fill(module: nn.Module, names: dict[str, str], ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+def _fill(
+    module: nn.Module,
+    names: dict[str, str],
+    ckpt: Checkpoint | MmprojCheckpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     """Give every parameter of a meta-device module its checkpoint tensor, converted to dtype on device."""
     params = dict(module.named_parameters())
     missing = sorted(set(params) - set(names))
@@ -105,7 +113,8 @@ def _fill(module: nn.Module, names: dict[str, str], ckpt: Checkpoint, dtype: tor
     for ours, theirs in names.items():
         if theirs not in ckpt:
             raise CheckpointError(f"{ckpt.folder}: tensor '{theirs}' is missing")
-        tensor = ckpt.get(theirs)
+        mine = tuple(params[ours].shape)
+        tensor = ckpt.get(theirs, mine) if isinstance(ckpt, MmprojCheckpoint) else ckpt.get(theirs)  # its layout undone
         if tuple(tensor.shape) != tuple(params[ours].shape):
             raise CheckpointError(
                 f"{ckpt.folder}: '{theirs}' has shape {tuple(tensor.shape)}, the config implies {tuple(params[ours].shape)}"

@@ -5,6 +5,9 @@ The folder holds config.json (the source's, plus a quantization_config naming th
 tokenizer, chat template and generation config as they were, and model.safetensors. A quantized
 weight NAME is stored as NAME.qdata (int8, or uint8 holding two 4-bit values), NAME.scales and, for
 asymmetric formats, NAME.mins (float16); bits and group size follow from the shapes.
+
+A multimodal checkpoint's vision and audio towers (and their projections) are not quantized: they are copied
+into towers.safetensors under their own names and in their own dtype, where multimodal/towers.py finds them.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..models.base import CausalLM
-from .loader import HEARTHLM_QUANT
-from .safetensors import CheckpointError
+from .loader import HEARTHLM_QUANT, IGNORED
+from .safetensors import Checkpoint, CheckpointError
 
 _COPIED = (
     "tokenizer.json",
@@ -25,7 +28,10 @@ _COPIED = (
     "chat_template.jinja",
     "generation_config.json",
     "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
 )
+TOWERS = "towers.safetensors"
 
 
 def write_quantized(model: CausalLM, source: Path, out: Path, fmt: str) -> Path:
@@ -43,7 +49,16 @@ def write_quantized(model: CausalLM, source: Path, out: Path, fmt: str) -> Path:
     _copy_sentence_transformers(source, out)
     tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "hearthlm_quant": fmt})
+    _copy_towers(source, out)
     return out
+
+
+def _copy_towers(source: Path, out: Path) -> None:
+    """The source's tower tensors, as stored (names and dtype), into out/towers.safetensors; nothing when it has none."""
+    ckpt = Checkpoint(source)
+    names = [n for n in ckpt.names() if n.startswith(IGNORED)]
+    if names:
+        save_file({n: ckpt.get(n).contiguous() for n in names}, str(out / TOWERS), metadata={"format": "pt"})
 
 
 def _copy_sentence_transformers(source: Path, out: Path) -> None:
