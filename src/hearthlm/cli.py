@@ -397,7 +397,7 @@ def _serve(args: argparse.Namespace) -> int:
     server.serve(
         args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
         expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
-        max_memory=args.max_memory, **web,
+        max_memory=args.max_memory, image_tokens=args.image_tokens, **web,
     )  # fmt: skip
     return 0
 
@@ -563,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-memory", default=None,
         help="with no model named: memory loaded models may hold together ('12GB'); past it, the least recently "
         "used idle model unloads (default: this machine's RAM, or its GPU's memory, as `hearth fit` reads them)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--image-tokens", type=int, default=None, choices=(70, 140, 280, 560, 1120),
+        help="soft tokens per image when a request does not say (default 280); more reads small text better",
     )  # fmt: skip
     _model_options(serve)
     serve.set_defaults(func=_serve)
