@@ -1,14 +1,17 @@
 """The chat page (/ui) in a real browser: Debian's headless Chromium driven by selenium, against live servers on
 loopback. One server serves the store (the two demo models, loaded on first use by a loader the tests can hold
 or fail); one runs tests/serving.ScriptedEngine with the demo model's Gemma 4 template, for replies the tiny demo
-model cannot write (thinking, tool calls, a code block, HTML and script). Waits poll until a state shows (their
+model cannot write (thinking, tool calls, a code block, HTML and script); one serves a tiny random Gemma 4 with
+image and audio towers (tests/test_server_media's), with the chat requests it gets recorded. Waits poll until a state shows (their
 timeouts are safety nets for a slow machine, not expectations of speed).
 
 HEARTHLM_UI_SHOTS=FOLDER saves screenshots of the main states there (docs/ui/ holds the committed ones)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import os
 import re
@@ -17,12 +20,18 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
+import soundfile
+import torch
+import transformers as tf
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from serving import TOOLS, LiveServer, ScriptedEngine
+from test_multimodal import IDS, VARIANTS, _tokenizer
 
 from hearthlm import LLM
 from hearthlm.server import load
@@ -181,7 +190,9 @@ def slow(multi, monkeypatch):
     slow_step.delay = 0.01
     monkeypatch.setattr(engine, "step", slow_step)
     monkeypatch.setattr(
-        engine, "add_request", lambda rid, ids, p: add(rid, ids, dataclasses.replace(p, ignore_eos=True))
+        engine,
+        "add_request",
+        lambda rid, ids, p, *media: add(rid, ids, dataclasses.replace(p, ignore_eos=True), *media),
     )
     return slow_step
 
@@ -467,3 +478,180 @@ def test_a_server_that_went_away(browser, demo):
     error = el.find_element(By.CLASS_NAME, "error").text
     assert "The server is not answering" in error
     shot(browser, "server-gone")
+
+
+# -- images and audio ---------------------------------------------------------------------------------------
+class Recorder:
+    """An ASGI wrapper that keeps the JSON body of each /v1/chat/completions request."""
+
+    def __init__(self, app):
+        self.app, self.bodies = app, []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        chunks = []
+
+        async def tap():
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    self.bodies.append(json.loads(b"".join(chunks)))
+            return message
+
+        await self.app(scope, tap, send)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A tiny random Gemma 4 with both towers (as tests/test_server_media builds it), its requests recorded."""
+    config = tf.Gemma4Config(**VARIANTS["e2b"], **IDS)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("av") / "tiny-gemma4-av"
+    tf.Gemma4ForConditionalGeneration(config).eval().save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    app = Recorder(create_app(load(str(folder), dtype="float32")))
+    server = LiveServer(app)
+    server.bodies = app.bodies
+    yield server
+    server.stop()
+
+
+def png(path, seed: int = 0, size=(40, 56)) -> bytes:
+    pixels = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    path.write_bytes(out.getvalue())
+    return out.getvalue()
+
+
+def wav(path) -> bytes:
+    out = io.BytesIO()
+    noise = (np.random.default_rng(1).standard_normal(8000) * 0.1).astype(np.float32)
+    soundfile.write(out, noise, 16000, format="WAV")
+    path.write_bytes(out.getvalue())
+    return out.getvalue()
+
+
+def attached(b):
+    return [x.text for x in b.find_elements(By.CSS_SELECTOR, "#attachments .item .name")]
+
+
+def user_parts(server) -> list:
+    return server.bodies[-1]["messages"][-1]["content"]
+
+
+def data_url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def test_an_image_goes_with_the_message(browser, media, tmp_path):
+    open_page(browser, media)
+    new_chat(browser)
+    setting(browser, "max-tokens", "3")
+    attach = find(browser, "#attach")
+    assert attach.is_displayed() and find(browser, "#file").get_attribute("accept") == "audio/*,image/*"
+    image, audio = png(tmp_path / "cat.png"), wav(tmp_path / "tone.wav")
+    find(browser, "#file").send_keys(f"{tmp_path / 'cat.png'}\n{tmp_path / 'tone.wav'}")
+    wait(browser, lambda: attached(browser) == ["cat.png", "tone.wav"], "the image and the audio")
+    thumb = find(browser, "#attachments .item.image img")
+    assert thumb.get_attribute("src") == data_url(image) and thumb.rect["width"] > 0
+    shot(browser, "attached")
+    find(browser, "#attachments .item.audio .remove").click()
+    assert attached(browser) == ["cat.png"]
+    el = send(browser, "What is this?")
+    assert not el.find_elements(By.CLASS_NAME, "error") and attached(browser) == []
+    parts = user_parts(media)
+    assert parts == [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                     {"type": "text", "text": "What is this?"}]  # fmt: skip
+
+    def prompt_tokens(content) -> int:  # what the server made of it: an image adds its soft tokens
+        body = {"model": "tiny-gemma4-av", "max_tokens": 1, "messages": [{"role": "user", "content": content}]}
+        return httpx.post(media.url + "/v1/chat/completions", json=body, timeout=WAIT).json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens(parts) > prompt_tokens("What is this?") + 10
+    user = browser.find_elements(By.CSS_SELECTOR, "#messages .msg.user")[-1]
+    assert user.find_element(By.CSS_SELECTOR, ".media img").get_attribute("src") == data_url(image)
+    assert "What is this?" in user.text
+    # audio alone (a message with no words), then a reload: the conversation keeps the image and resends it
+    find(browser, "#file").send_keys(str(tmp_path / "tone.wav"))
+    wait(browser, lambda: attached(browser) == ["tone.wav"], "the audio")
+    find(browser, "#send").click()
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#messages .msg.assistant")) == 2, "a reply")
+    wait(browser, lambda: last_reply(browser).find_elements(By.CLASS_NAME, "stats"), "the reply to end")
+    sound = {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}}
+    assert user_parts(media) == [sound]
+    browser.refresh()
+    wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#messages .msg.user .media img"), "the thumbnail")
+    send(browser, "And now?")
+    history = media.bodies[-1]["messages"]
+    assert history[0]["content"][0]["image_url"]["url"] == data_url(image) and history[2]["content"] == [sound]
+
+
+def test_big_and_broken_media(browser, media, tmp_path):
+    open_page(browser, media)
+    new_chat(browser)
+    setting(browser, "max-tokens", "2")
+    png(tmp_path / "big.png", size=(720, 720))  # noise: ~1.5 MB, over what the page keeps in localStorage
+    find(browser, "#file").send_keys(str(tmp_path / "big.png"))
+    wait(browser, lambda: attached(browser) == ["big.png"], "the big image")
+    assert not send(browser, "big").find_elements(By.CLASS_NAME, "error")
+    assert user_parts(media)[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    browser.refresh()
+    gone = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#messages .msg.user .media .gone"), "it")
+    assert gone[0].text == "image not kept (over 1 MB)"
+    wait(browser, lambda: "ready" in find(browser, "#model-status").get_attribute("class"), "the model")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    find(browser, "#file").send_keys(str(tmp_path / "broken.png"))
+    wait(browser, lambda: attached(browser) == ["broken.png"], "the broken image")
+    error = send(browser, "and this?").find_element(By.CLASS_NAME, "error").text
+    assert "The server refused the request (400)" in error and "image" in error
+
+
+def test_a_file_name_shows_as_text(browser, media, tmp_path):
+    open_page(browser, media)
+    new_chat(browser)
+    setting(browser, "max-tokens", "2")
+    name = "<img src=x onerror=alert(1)>.png"
+    png(tmp_path / name)
+    find(browser, "#file").send_keys(str(tmp_path / name))
+    wait(browser, lambda: attached(browser) == [name], "the file")
+    send(browser, "probe")
+    for _ in range(2):  # as sent, then drawn again from storage
+        user = browser.find_elements(By.CSS_SELECTOR, "#messages .msg.user")[-1]
+        assert user.find_element(By.CSS_SELECTOR, ".media .name").text == name
+        assert browser.find_elements(By.CSS_SELECTOR, "[onerror], img[src='x']") == [] and not alert(browser)
+        browser.refresh()
+        wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#messages .msg.user .media"), "reload")
+
+
+def test_paste_an_image(browser, media, tmp_path):
+    open_page(browser, media)
+    new_chat(browser)
+    image = png(tmp_path / "x.png", seed=3)
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+        document.getElementById("prompt").dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt}));
+    """, base64.b64encode(image).decode())  # fmt: skip
+    wait(browser, lambda: attached(browser) == ["pasted.png"], "the pasted image")
+    find(browser, "#attachments .remove").click()
+    assert attached(browser) == []
+
+
+def test_a_text_model_takes_no_files(browser, scripted):
+    open_page(browser, scripted)
+    new_chat(browser)
+    assert not find(browser, "#attach").is_displayed()
+    browser.execute_script("""
+        const dt = new DataTransfer();
+        dt.items.add(new File(["fake"], "cat.png", {type: "image/png"}));
+        const drop = new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true});
+        document.getElementById("messages").dispatchEvent(drop);
+    """)
+    notice = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#attachments .notice"), "the refusal")
+    assert notice[0].text == "cat.png: this model reads text only." and attached(browser) == []
+    assert send(browser, "hi").find_element(By.CLASS_NAME, "content").text == "Hello there!"
+    assert not find(browser, "#attachments").is_displayed()

@@ -2,6 +2,7 @@
 // The chat page of `hearth serve`. It uses the server's public routes only: /v1/models, /v1/chat/completions
 // (OpenAI, streamed), /api/show, /api/ps and the empty /api/chat that loads a model (Ollama).
 // Conversations and settings live in localStorage, the API key (when the server wants one) in sessionStorage.
+// Images and audio (for a model that takes them) go as OpenAI content parts; each over 1 MB is not stored.
 
 const $ = (id) => document.getElementById(id);
 const { Marked, DOMPurify, hljs } = window.vendor;
@@ -22,11 +23,20 @@ const settings = {
   model: null, system: "", temperature: 0.7, maxTokens: 1024, thinking: false, schema: "", tools: "",
   ...loadJSON("hearth.settings", {}),
 };
-const models = {}; // id -> {capabilities, context, loaded}
+const models = {}; // id -> {capabilities, modalities, context, loaded}
 let running = null; // the AbortController of the reply being streamed
 
+const KEEP = 1_000_000; // characters of a data URL kept in localStorage; a bigger one shows as a placeholder
+const stored = (drop) => conversations.map((c) => ({ ...c, messages: c.messages.map((m) => (!m.media ? m : {
+  ...m, media: m.media.map((x) => (x.url && (drop || x.url.length > KEEP) ? { ...x, url: null } : x)),
+})) }));
+
 function save() {
-  saveJSON("hearth.conversations", conversations);
+  try {
+    saveJSON("hearth.conversations", stored(false));
+  } catch { // the browser's quota (5 MB or so) is full: keep the words, not the media
+    saveJSON("hearth.conversations", stored(true));
+  }
   saveJSON("hearth.current", current);
   saveJSON("hearth.settings", settings);
 }
@@ -117,7 +127,10 @@ async function loadModels() {
   const { data } = await (await api("/v1/models")).json();
   const chat = data.filter((m) => (m.capabilities ?? ["completion"]).includes("completion"));
   picker.replaceChildren(...chat.map((m) => new Option(m.id, m.id)));
-  for (const m of chat) models[m.id] = { capabilities: m.capabilities ?? [], context: null, loaded: false };
+  for (const m of chat) {
+    const modalities = m.input_modalities ?? ["text"];
+    models[m.id] = { capabilities: m.capabilities ?? [], modalities, context: null, loaded: false };
+  }
   if (!chat.length) return setStatus("", "no models: `hearth pull ID` adds one");
   picker.value = models[settings.model] ? settings.model : chat[0].id;
   await pick(picker.value);
@@ -135,6 +148,7 @@ async function pick(name) {
   save();
   const m = models[name];
   $("thinking").disabled = !m.capabilities.includes("thinking");
+  showAttach();
   try {
     if (m.context === null) {
       const info = (await (await api("/api/show", { model: name })).json()).model_info ?? {};
@@ -228,12 +242,34 @@ function renderReply(el, m) {
   if (m.stats) el.append(element("div", "stats", m.stats));
 }
 
+// Thumbnails of images, chips for audio; `remove` adds a ✕ to each (the files about to be sent).
+function mediaRow(media, remove) {
+  const row = element("div", "media");
+  media.forEach((x, i) => {
+    const item = element("div", `item ${x.kind}`);
+    if (!x.url) item.append(element("div", "gone", `${x.kind} not kept (over 1 MB)`));
+    else if (x.kind === "image") item.append(Object.assign(element("img"), { src: x.url, alt: x.name }));
+    else item.append(element("span", "icon", "♪"));
+    item.append(element("span", "name", x.name));
+    item.title = x.name;
+    if (remove) {
+      const button = element("button", "remove", "✕");
+      [button.type, button.title] = ["button", `Remove ${x.name}`];
+      button.addEventListener("click", () => remove(i));
+      item.append(button);
+    }
+    row.append(item);
+  });
+  return row;
+}
+
 function renderMessages() {
   const list = $("messages");
   list.replaceChildren();
   for (const m of conversation()?.messages ?? []) {
     const el = element("div", `msg ${m.role}`);
-    if (m.role === "user") el.textContent = m.content;
+    if (m.role === "user" && m.media?.length) el.append(mediaRow(m.media), m.content);
+    else if (m.role === "user") el.textContent = m.content;
     else renderReply(el, m);
     list.append(el);
   }
@@ -298,9 +334,18 @@ function parsed(text, what) {
   }
 }
 
+// A message's content: its text, or OpenAI content parts when it holds images or audio (media first).
+function content(m) {
+  const media = (m.media ?? []).filter((x) => x.url);
+  if (!media.length) return m.content;
+  const parts = media.map((x) => (x.kind === "image" ? { type: "image_url", image_url: { url: x.url } }
+    : { type: "input_audio", input_audio: { data: x.url.slice(x.url.indexOf(",") + 1), format: x.format } }));
+  return m.content ? [...parts, { type: "text", text: m.content }] : parts;
+}
+
 function request(history, model) {
   const messages = settings.system.trim() ? [{ role: "system", content: settings.system }] : [];
-  for (const m of history) if (m.role === "user" || m.content) messages.push({ role: m.role, content: m.content });
+  for (const m of history) if (m.role === "user" || m.content) messages.push({ role: m.role, content: content(m) });
   const body = {
     model, messages, stream: true, stream_options: { include_usage: true }, return_progress: true,
     temperature: Number(settings.temperature), max_tokens: Number(settings.maxTokens) || undefined,
@@ -338,11 +383,11 @@ function numbers(reply, usage, t0, tFirst, tEnd, pieces) {
   return parts.join(" · ");
 }
 
-async function send(text) {
+async function send(text, media) {
   const c = conversation() ?? newConversation();
   const model = $("model").value;
-  c.messages.push({ role: "user", content: text });
-  if (c.title === "New chat") c.title = text.slice(0, 40);
+  c.messages.push(media.length ? { role: "user", content: text, media } : { role: "user", content: text });
+  if (c.title === "New chat") c.title = (text || media[0].name).slice(0, 40);
   const reply = { role: "assistant", model, content: "", reasoning: "", calls: [] };
   reply.pending = models[model]?.loaded ? "waiting for the model…" : "loading the model…";
   c.messages.push(reply);
@@ -418,9 +463,12 @@ for (const [id, prop] of Object.entries(fields)) {
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text || running) return;
+  if ((!text && !attached.length) || running) return;
   $("prompt").value = "";
-  send(text);
+  const media = attached;
+  attached = [];
+  showAttached("");
+  send(text, media);
 });
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
@@ -433,6 +481,84 @@ $("new-chat").addEventListener("click", () => running || newConversation());
 $("model").addEventListener("change", () => pick($("model").value));
 $("toggle-settings").addEventListener("click", () => ($("settings").hidden = !$("settings").hidden));
 $("toggle-sidebar").addEventListener("click", () => document.body.classList.toggle("show-sidebar"));
+
+// -- images and audio ----------------------------------------------------------------------------------------
+const AUDIO = { wav: "wav", wave: "wav", "x-wav": "wav", mpeg: "mp3", mp3: "mp3", flac: "flac", "x-flac": "flac" };
+const BY_NAME = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp",
+  bmp: "image/bmp", wav: "audio/wav", mp3: "audio/mpeg", flac: "audio/flac" }; // a file the browser did not type
+let attached = []; // {kind: "image" | "audio", name, url (a data URL), format (audio)}: goes with the next message
+
+const takes = () => (models[$("model").value]?.modalities ?? ["text"]).filter((k) => k === "image" || k === "audio");
+
+function showAttach() {
+  const kinds = takes();
+  $("attach").hidden = !kinds.length;
+  $("file").accept = kinds.map((k) => `${k}/*`).join(",");
+  const kept = attached.filter((x) => kinds.includes(x.kind));
+  const note = kept.length < attached.length ? "This model does not take the files removed." : "";
+  attached = kept;
+  showAttached(note);
+}
+
+function showAttached(note) {
+  const box = $("attachments");
+  box.replaceChildren(mediaRow(attached, (i) => {
+    attached.splice(i, 1);
+    showAttached("");
+  }));
+  if (note) box.append(element("div", "notice", note));
+  box.hidden = !attached.length && !note;
+}
+
+function readURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function attach(files) {
+  const kinds = takes(), notes = [];
+  for (const file of files) {
+    const type = file.type || BY_NAME[/\.(\w+)$/.exec(file.name)?.[1].toLowerCase()] || "";
+    const [kind, sub] = type.split("/");
+    if (!kinds.length) notes.push(`${file.name}: this model reads text only.`);
+    else if (!kinds.includes(kind)) notes.push(`${file.name}: this model takes ${kinds.join(" and ")} only.`);
+    else if (kind === "audio" && !AUDIO[sub]) notes.push(`${file.name}: audio must be WAV, MP3 or FLAC.`);
+    else {
+      const url = (await readURL(file)).replace(/^data:[^;,]*/, `data:${type}`);
+      attached.push({ kind, name: file.name, url, ...(kind === "audio" ? { format: AUDIO[sub] } : {}) });
+    }
+  }
+  showAttached(notes.join(" "));
+}
+
+const hasFiles = (e) => [...(e.dataTransfer?.types ?? [])].includes("Files");
+$("attach").addEventListener("click", () => $("file").click());
+$("file").addEventListener("change", async () => {
+  await attach([...$("file").files]);
+  $("file").value = "";
+});
+$("prompt").addEventListener("paste", (e) => {
+  const files = [...(e.clipboardData?.files ?? [])];
+  if (!files.length) return; // text: pasted as usual
+  e.preventDefault();
+  attach(files);
+});
+document.addEventListener("dragover", (e) => {
+  if (!hasFiles(e)) return;
+  e.preventDefault();
+  document.body.classList.add("dropping");
+});
+document.addEventListener("dragleave", (e) => e.relatedTarget || document.body.classList.remove("dropping"));
+document.addEventListener("drop", (e) => {
+  document.body.classList.remove("dropping");
+  if (!hasFiles(e)) return;
+  e.preventDefault();
+  attach([...e.dataTransfer.files]);
+});
 
 // A reply that was streaming when the page went away ends here, as stopped.
 for (const m of conversations.flatMap((c) => c.messages)) {
