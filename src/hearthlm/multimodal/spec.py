@@ -98,7 +98,7 @@ _DEFAULT_IDS = {"image_id": 258_880, "boi_id": 255_999, "eoi_id": 258_882, "audi
 def gguf_media_spec(text: Path, mmproj: Path) -> MediaSpec:
     """The media description of a Gemma 4 text GGUF with llama.cpp's mmproj file: tower shapes from the mmproj's
     metadata and tensor shapes, token ids from the text file's vocabulary, bidirectional image spans where the
-    model has no per-layer embeddings (26B-A4B, 31B; llama.cpp tells them apart the same way)."""
+    model has no per-layer embeddings (26B-A4B, 31B; llama.cpp tells E2B/E4B apart by their width instead)."""
     from ..weights.gguf import GGUFError, GGUFFile
     from ..weights.mmproj import check_mmproj
 
