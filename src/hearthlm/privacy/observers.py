@@ -18,6 +18,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,15 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         user = _nobody() if as_nobody else None
         python = _python_for(user) if user is not None else None
+        self._copy: str | None = None
         if python is None:
             user, command = None, [sys.executable, "-m", module, arg]
-        else:
-            command = [python, script, arg]
+        else:  # nobody may not reach the installed file (a checkout under a 0700 folder): a readable copy of it
+            self._copy = tempfile.mkdtemp(prefix="hearth-worker-")
+            os.chmod(self._copy, 0o755)
+            copy = shutil.copy(script, self._copy)
+            os.chmod(copy, 0o644)
+            command = [python, copy, arg]
         self.as_nobody = user is not None
         self.proc = subprocess.Popen(
             command,
@@ -65,6 +71,8 @@ class Worker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+        if self._copy is not None:
+            shutil.rmtree(self._copy, ignore_errors=True)
 
 
 def _python_for(uid: int) -> str | None:
