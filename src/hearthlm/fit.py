@@ -83,8 +83,9 @@ GGUF_K = {"file": (144 / 256, 210 / 256), "resident": (5 / 8, 9 / 8)}  # Q4_K, Q
 
 # Runtime memory, measured on the CPU build of torch 2.13 (x86-64, Python 3.11):
 RUNTIME_RSS = 220 * 10**6  # `import torch, hearthlm`
-# What loading adds besides the weights: the CPU kernels, the tokenizer, first-forward libraries.
-LOAD_OVERHEAD = 32 * 10**6
+# What loading adds besides the weights: the CPU kernels, the tokenizer, first-forward libraries, and the modules
+# LLM imports (embeddings, the media spec, the template sandbox); measured again when those came (was 32 MB).
+LOAD_OVERHEAD = 38 * 10**6
 CUDA_CONTEXT = 500 * 10**6  # VRAM taken by the CUDA context and cuBLAS workspaces (typical; not measured here)
 PREFILL_CHUNK = 512  # the engine prefills in chunks of this many tokens (Engine.prefill_chunk)
 
