@@ -44,6 +44,14 @@ def test_is_a_builtin_with_the_image_tower(llm):
     assert sum(f.stat().st_size for f in FOLDER.iterdir()) <= 8 * 2**20
 
 
+def test_the_budget_it_was_trained_at_is_the_default(llm):
+    """processor_config.json records 70 soft tokens per image; a request that names none gets that, not 280."""
+    item = sample(random.Random(SEED), *CASES[0])
+    default, trained = llm.media_prompt(item.messages()), llm.media_prompt(item.messages(), image_tokens=BUDGET)
+    assert BUDGET == 70 and default.ids == trained.ids
+    assert len(llm.media_prompt(item.messages(), image_tokens=280).ids) > len(default.ids)
+
+
 def test_answers_fresh_pictures(llm):
     rng = random.Random(SEED)
     params = SamplingParams(max_tokens=8, temperature=0)

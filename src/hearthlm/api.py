@@ -19,7 +19,7 @@ from .engine.sampler import SamplingParams
 from .kernels import cpu
 from .moe import MoEStats, parse_budget, profile
 from .multimodal.prompt import MediaOptions, MediaPrompt, expand, media_parts, preprocess
-from .multimodal.spec import media_spec
+from .multimodal.spec import default_image_tokens, media_spec
 from .quant.quantize import parse_quant
 from .store import resolve
 from .tokenizer import Tokenizer
@@ -184,6 +184,8 @@ class LLM:
         image (70, 140, 280 (default), 560, 1120); `max_pixels`: larger images are refused. The result goes to
         generate([...]) or logits(messages=...); bad media raise multimodal.MediaError (a ValueError)."""
         options = MediaOptions()
+        if image_tokens is None:  # the budget the checkpoint's processor was saved with, if it records one
+            image_tokens = default_image_tokens(self.path)
         if image_tokens is not None:
             options.image_tokens = image_tokens
         if max_pixels is not None:

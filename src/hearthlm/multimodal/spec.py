@@ -144,3 +144,18 @@ def _audio_spec(meta: dict[str, Any], tensors: dict) -> AudioSpec:
         conv_kernel=tensors["a.blk.0.conv_dw.weight"].shape[-1], clipped="a.blk.0.attn_q.input_min" in tensors,
         out_dims=tensors["a.pre_encode.out.weight"].shape[0],
     )  # fmt: skip
+
+
+def default_image_tokens(folder: Path) -> int | None:
+    """The soft-token budget per image the checkpoint's processor was saved with (processor_config.json's
+    image_seq_length, or its image processor's max_soft_tokens, as transformers' processor reads them); None
+    when it records none. A model trained at one budget reads others badly."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if folder.is_dir() and path.is_file():
+            cfg = read_json(path)
+            inner = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else {}
+            budget = cfg.get("image_seq_length") or inner.get("max_soft_tokens") or cfg.get("max_soft_tokens")
+            if isinstance(budget, int) and not isinstance(budget, bool) and budget in (70, 140, 280, 560, 1120):
+                return budget
+    return None
