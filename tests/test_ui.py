@@ -221,7 +221,10 @@ def test_page_loads_from_the_package_alone(browser, multi):
     open_page(browser, multi)
     assert browser.current_url == multi.url + "/ui/"
     names = [o.get_attribute("value") for o in Select(find(browser, "#model")).options]
-    assert names == ["hearth-demo", "hearth-demo-moe", "hearth-demo-vision"] and find(browser, "#model-status").text == "context 2048"
+    assert (
+        names == ["hearth-demo", "hearth-demo-moe", "hearth-demo-vision"]
+        and find(browser, "#model-status").text == "context 2048"
+    )
     loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert loaded and all(u.startswith(multi.url + "/") for u in loaded)  # nothing from elsewhere: no CDN, no fonts
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
