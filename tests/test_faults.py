@@ -67,9 +67,9 @@ def _same(folder: Path, reference: Path) -> None:
 # -- hearth pull, killed ------------------------------------------------------------------------------
 def test_pull_killed_at_random_points_resumes(hub, sources, tmp_path, monkeypatch):  # noqa: F811
     """SIGKILL (no handler runs) while a file streams in, at seeded random files and offsets; each next run
-    resumes, the store never lists the model as complete before the end, and the result is a clean pull's. A
-    text-only pull, so that the mixed shard is fetched by ranges (the harder resume)."""
-    reference = _reference(tmp_path, monkeypatch, text_only=True)
+    resumes, the store never lists the model as complete before the end, and the result is a clean pull's."""
+    reference = _reference(tmp_path, monkeypatch)
+    fresh = sum(hub.sent.values())  # the bytes of a whole pull
     rng = random.Random(22)
     # A small file mid-body, the text shard mid-body, and the mixed shard while the plan reads its 8-byte header.
     targets = ["config.json", SHARDS[0], SHARDS[1]]
@@ -80,7 +80,7 @@ def test_pull_killed_at_random_points_resumes(hub, sources, tmp_path, monkeypatc
         hub.release = threading.Event()  # this run's stall waits on its own event
         hub.stall[file] = cut
         before = hub.sent[file]
-        proc = subprocess.Popen([sys.executable, "-m", "hearthlm.cli", "pull", REPO, "--text-only"],
+        proc = subprocess.Popen([sys.executable, "-m", "hearthlm.cli", "pull", REPO],
                                 env=_env(hub, tmp_path) | {"HF_HUB_DOWNLOAD_TIMEOUT": "600"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
         _wait(f"{file} half sent", lambda f=file, b=before, c=cut: hub.sent[f] >= b + c, proc)
@@ -91,12 +91,11 @@ def test_pull_killed_at_random_points_resumes(hub, sources, tmp_path, monkeypatc
         _only_incomplete()
     kept = sum(p.stat().st_size for p in partial.glob("*")) if partial.exists() else 0
     sent = sum(hub.sent.values())
-    folder = store.pull(REPO, progress=False, text_only=True)
+    folder = store.pull(REPO, progress=False)
     _same(folder, reference)
     assert json.loads((folder / store.META).read_text())["complete"] and not partial.exists()
     assert store.resolve(REPO) == folder
-    fresh = sum(len(hub.repos[REPO].files[f]) for f in targets)
-    assert kept > 0 and sum(hub.sent.values()) - sent < fresh  # the last run resumed: less than a fresh pull
+    assert kept > 0 and sum(hub.sent.values()) - sent < fresh  # the last run resumed: less than a whole pull
 
 
 class Killed(BaseException):

@@ -222,6 +222,10 @@ class ServedModel:
         ids = self._tok().encode(prompt, add_special_tokens=special) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "the prompt is empty", "prompt")
+        vocab = self.llm.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id(s) {bad[:3]} outside the vocabulary [0, {vocab})", "prompt")
         self.check_length(ids)
         return Prompt(ids)
 
