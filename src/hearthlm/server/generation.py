@@ -203,7 +203,6 @@ class ServedModel:
         media = None
         if has_media(messages):
             media = self._media_prompt(messages, tools, image_tokens or self.image_tokens, template_kwargs)
-            ids = media.ids
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None, **template_kwargs)
         ids = media.ids if media is not None else tok.encode_chat(text)
         self.check_length(ids)
