@@ -373,6 +373,7 @@ ST_CASES = {
     "overflowing shape": (st_bytes({"a": entry(shape=(2**62, 2**62))}, bytes(8)), "needs"),
     "negative shape": (st_bytes({"a": entry(shape=(-2,))}, bytes(8)), "non-negative integers"),
     "unknown dtype": (st_bytes({"a": entry(dtype="F7")}, bytes(8)), "unknown dtype 'F7'"),
+    "dtype not a string": (st_bytes({"a": entry(dtype=[1])}, bytes(8)), "unknown dtype \\[1\\]"),  # found by fuzzing
 }  # fmt: skip
 
 

@@ -96,7 +96,7 @@ def _entry_range(path: Path, name: str, entry: Any) -> tuple[int, int]:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: its header entry is not a JSON object: corrupt file")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _BITS:
+    if not isinstance(dtype, str) or dtype not in _BITS:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r} (safetensors defines {', '.join(_BITS)})")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers: corrupt file")
