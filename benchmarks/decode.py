@@ -1,7 +1,7 @@
 """Decode and prefill speed of hearthlm against transformers, on random-weight checkpoints with the
-real shapes of Qwen2.5-0.5B and Gemma 4 E2B, next to the memory-bandwidth roofline of this machine.
+real shapes of Llama-3.2-1B, Qwen2.5-0.5B and Gemma 4 E2B, next to the memory-bandwidth roofline of this machine.
 
-    python benchmarks/decode.py [--models qwen2.5-0.5b,gemma4-e2b-like] [--dtypes float32,bfloat16,float16]
+    python benchmarks/decode.py [--models llama3.2-1b,qwen2.5-0.5b,gemma4-e2b-like] [--dtypes float32,bfloat16,float16]
                                 [--tf-dtypes float32,bfloat16] [--formats int8,int4,int4-g128]
                                 [--gguf Q4_0,Q8_0] [--runs 3] [--new-tokens 64]
                                 [--prompt-len 512] [--layers N]
@@ -152,8 +152,36 @@ def gemma4_e2b_like(layers: int | None) -> transformers.PretrainedConfig:
     )
 
 
+def llama32_1b(layers: int | None) -> transformers.PretrainedConfig:
+    """Llama-3.2-1B as published (16 layers, GQA 32:8, tied embeddings, llama3 RoPE scaling)."""
+    return transformers.LlamaConfig(
+        vocab_size=128_256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=layers or 16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        hidden_act="silu",
+        max_position_embeddings=131_072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500_000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128_000,
+        eos_token_id=128_001,
+    )
+
+
 # name -> (config recipe, transformers model class)
 MODELS: dict[str, tuple[Callable[[int | None], transformers.PretrainedConfig], str]] = {
+    "llama3.2-1b": (llama32_1b, "LlamaForCausalLM"),
     "qwen2.5-0.5b": (qwen25_05b, "Qwen2ForCausalLM"),
     "gemma4-e2b-like": (gemma4_e2b_like, "Gemma4ForCausalLM"),
 }
@@ -483,6 +511,7 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     from gguf_files import demo_vocab, gemma4_vocab, write_gguf
 
     recipes = {
+        "llama": ("LlamaForCausalLM", demo_vocab),
         "qwen2": ("Qwen2ForCausalLM", demo_vocab),
         "gemma4_text": ("Gemma4ForCausalLM", lambda n: gemma4_vocab(n, learnt=150)),
     }

@@ -41,6 +41,24 @@ def loaded(checkpoint):
     return get
 
 
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """kernel_path(name) runs the rest of the test on CPU kernel path `name` ("avx512", "avx2" or "torch", as
+    HEARTHLM_ISA sets it); skips the test where this CPU cannot run it. The choice is forgotten afterwards."""
+    from hearthlm.kernels import cpu
+
+    def use(name: str) -> None:
+        cpu.isa.cache_clear()
+        if cpu.ISAS.index(name) < cpu.ISAS.index(cpu.isa()) or (name == "avx512" and not cpu.gemm_available()):
+            pytest.skip(f"this CPU has no {name} kernel path")
+        monkeypatch.setenv("HEARTHLM_ISA", name)
+        cpu.isa.cache_clear()
+
+    yield use
+    monkeypatch.delenv("HEARTHLM_ISA", raising=False)
+    cpu.isa.cache_clear()
+
+
 # -- the server on the real engine and the demo model, one per test module -----------------------------------
 @pytest.fixture(scope="module")
 def served():

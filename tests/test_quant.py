@@ -17,6 +17,7 @@ from checkpoints import FAMILIES, VOCAB
 from hearthlm import LLM, SamplingParams
 from hearthlm.bench.results import compare
 from hearthlm.cli import main
+from hearthlm.kernels import cpu
 from hearthlm.quant.quantize import QuantSpecError, parse_quant
 from hearthlm.quant.tensor import QuantTensor
 from hearthlm.weights.safetensors import CheckpointError
@@ -86,12 +87,13 @@ def _dequantized(llm: LLM) -> LLM:
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_every_family_computes_its_quantized_weights(checkpoint, name, fmt):
+def test_every_family_computes_its_quantized_weights(checkpoint, name, fmt, kernel_path):
     """Each family quantized gives the logits of the float model holding the dequantized weights: exactly on
-    the prefill path (dequantized tiles; but experts get few tokens each, so MoE layers take the kernel
-    path there too), within the int8 rounding of activations on the decode-sized GEMV
-    kernel path (<= 8 rows). Random tiny models amplify weight errors chaotically, so quality itself is
-    bounded on the demo model above, not here."""
+    the AVX2 prefill path (dequantized tiles; but experts get few tokens each, so MoE layers take the kernel
+    path there too), within the int8 rounding of activations on the decode-sized GEMV kernel path (<= 8 rows).
+    Random tiny models amplify weight errors chaotically, so quality itself is bounded on the demo model above,
+    not here."""
+    kernel_path("avx2")
     _, folder = checkpoint(name)
     llm = LLM(folder, dtype="float32", quant=fmt)
     ref = _dequantized(LLM(folder, dtype="float32", quant=fmt))
@@ -99,10 +101,38 @@ def test_every_family_computes_its_quantized_weights(checkpoint, name, fmt):
     # Kernel path: the activations' int8 rounding, amplified by these random nets' chaos (on the trained demo
     # model it is 0.6%, see test_decode_path_quality); a misread layout moves logits by ~100%.
     kernel = 0.25
-    exact = kernel if llm.config.num_experts else 1e-4  # experts see few rows each: the GEMV kernel path
+    exact = kernel if llm.config.num_experts else 1e-4
     for n, bound in ((20, exact), (6, kernel)):
         a, b = ref.logits(ids[:n]), llm.logits(ids[:n])
         assert ((a - b).abs().max() / a.abs().max()).item() <= bound, n
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_every_family_prefills_through_the_integer_gemm(checkpoint, name, fmt, kernel_path, monkeypatch):
+    """On the AVX-512 path a 20-token prefill multiplies the quantized weights with the integer GEMM. It rounds
+    each row of activations as the decode GEMV does and sums the same integer products, so every product in
+    the model's forward (each family's shapes, biases, experts) must equal GEMV calls on 8 rows at a time of the
+    same input, up to float32 summation order. (Whole-model logits are no tighter test: float-order differences
+    flip the int8 rounding of single activations downstream, which these random nets amplify.)"""
+    kernel_path("avx512")
+    _, folder = checkpoint(name)
+    llm = LLM(folder, dtype="float32", quant=fmt)
+    ids = torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    real, rows, errors = cpu.quant_gemm, [], []
+
+    def checked(x, *args):
+        y = real(x, *args)
+        flat = x.reshape(-1, x.shape[-1])
+        ref = torch.cat([cpu.quant_gemv(flat[i : i + 8], *args) for i in range(0, len(flat), 8)])
+        rows.append(len(flat))
+        errors.append(((y.reshape(ref.shape) - ref).abs().max() / ref.abs().max()).item())
+        return y
+
+    monkeypatch.setattr(cpu, "quant_gemm", checked)
+    llm.logits(ids)
+    assert rows and max(rows) == 20  # the dense projections took the GEMM
+    assert max(errors) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "gemma4_dense"])

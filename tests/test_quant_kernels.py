@@ -40,9 +40,9 @@ def _rounded_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.round(b * inv) * d).view_as(x), d.expand_as(b).reshape_as(x)
 
 
-def _check(x, q, s, m, bits, group):
+def _check(x, q, s, m, bits, group, kernel=cpu.quant_gemv):
     W = dequantize(q, s, m, bits, group).double()
-    y = cpu.quant_gemv(x, q, s, m, bits, group)
+    y = kernel(x, q, s, m, bits, group)
     assert y.dtype == torch.float32 and y.shape == (x.shape[0], q.shape[0])
     xr, dx = _rounded_x(x)
     # Float32 rounding only: the kernel's terms are bounded by |x^| (|s| |q| + |offset|) per element: |q| <= 15
@@ -181,4 +181,10 @@ def test_bad_inputs_are_clear_errors():
 
 def test_kernels_off_means_unavailable(monkeypatch):
     monkeypatch.setenv("HEARTHLM_KERNELS", "0")
-    assert cpu._build("hearthlm_cpu", cpu.SOURCES) is None
+    cpu.isa.cache_clear()
+    try:
+        assert cpu.isa() == "torch"
+        assert cpu._build("hearthlm_cpu", cpu.SOURCES) is None
+    finally:
+        monkeypatch.undo()
+        cpu.isa.cache_clear()

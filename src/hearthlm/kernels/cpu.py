@@ -3,9 +3,14 @@ attention over the KV cache in its stored dtype, and RMSNorm / RoPE for decode-s
 GEMV and a row dequantizer for quantized weights (quant_cpu.cpp); a whole decoder layer's decode step chaining
 them (decoder_cpu.cpp).
 
-The extension is built with torch's cpp_extension into ~/.cache/hearthlm/kernels (about a minute, once). If the
-CPU lacks AVX2/FMA/F16C, no compiler is available, or HEARTHLM_KERNELS=0, `available()` is False and callers use
-PyTorch's own ops.
+On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
+weights (gemm_avx512.cpp). `isa()` says which of the paths run here: "avx512", "avx2" or "torch".
+HEARTHLM_ISA=avx2 or =torch caps it below what the CPU has (tests check the narrower paths on wide machines
+that way); HEARTHLM_KERNELS=0 is the same as HEARTHLM_ISA=torch.
+
+The extensions are built with torch's cpp_extension into ~/.cache/hearthlm/kernels (about a minute each, once).
+If the CPU lacks AVX2/FMA/F16C or no compiler is available, `available()` is False and callers use PyTorch's
+own ops.
 """
 
 from __future__ import annotations
@@ -24,15 +29,39 @@ from rich.console import Console
 MAX_ROWS = 8  # the kernel serves up to this many input rows (decode batches)
 
 
-def _cpu_supports() -> bool:
+ISAS = ("avx512", "avx2", "torch")  # widest first
+_NEEDS = {
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+}
+_CFLAGS = {
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+    "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    + ["-mavx512vnni", "-fopenmp"],
+}
+
+
+@functools.cache
+def cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+        return set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
     except (OSError, IndexError):
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+        return set()
 
 
-def _build(name: str, sources: tuple[str, ...]):
+@functools.cache
+def isa() -> str:
+    """The widest kernel path that runs here: what the CPU has, capped by HEARTHLM_ISA (or HEARTHLM_KERNELS=0)."""
+    flags = cpu_flags()
+    have = next((name for name in ISAS[:-1] if _NEEDS[name] <= flags), "torch")
+    want = "torch" if os.environ.get("HEARTHLM_KERNELS", "1") == "0" else os.environ.get("HEARTHLM_ISA", have)
+    if want not in ISAS:
+        raise ValueError(f"HEARTHLM_ISA={want!r} is not a kernel path; use one of {', '.join(ISAS)}")
+    return ISAS[max(ISAS.index(want), ISAS.index(have))]
+
+
+def _build(name: str, sources: tuple[str, ...], path: str = "avx2"):
     """Compile (first time) and import one extension from the .cpp files (and their headers) beside this file;
     None if unavailable.
 
@@ -40,7 +69,7 @@ def _build(name: str, sources: tuple[str, ...]):
     (venvs, checkouts) never rebuild over each other's library. An flock serializes builders: the kernel drops
     it when a process dies, so an interrupted build never leaves the next run waiting forever (torch's own
     lock file, which a killed build leaves behind, is removed while the flock is held)."""
-    if os.environ.get("HEARTHLM_KERNELS", "1") == "0" or not _cpu_supports():
+    if ISAS.index(isa()) > ISAS.index(path):
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -49,7 +78,7 @@ def _build(name: str, sources: tuple[str, ...]):
         # competing for the same cores.
         torch_lib = Path(torch.__file__).parent / "lib"
         omp = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lgomp"] if (torch_lib / "libgomp.so.1").exists() else []
-        cflags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+        cflags = _CFLAGS[path]
         ldflags = omp or ["-fopenmp"]
         here = Path(__file__).parent
         code = b"".join(p.read_bytes() for p in sorted([*here.glob("*.cpp"), *here.glob("*.h")]))
@@ -85,6 +114,7 @@ def _import(name: str, library: Path):
 
 
 SOURCES = ("gemv_cpu.cpp", "quant_cpu.cpp", "decoder_cpu.cpp", "bindings_cpu.cpp")
+SOURCES_AVX512 = ("gemm_avx512.cpp", "bindings_avx512.cpp")
 
 
 @functools.cache
@@ -92,8 +122,40 @@ def _load():
     return _build("hearthlm_cpu", SOURCES)
 
 
+@functools.cache
+def _load_avx512():
+    return _build("hearthlm_avx512", SOURCES_AVX512, "avx512")
+
+
 def available() -> bool:
     return _load() is not None
+
+
+def native_bf16() -> bool:
+    """Whether PyTorch's bfloat16 GEMM (oneDNN) runs on bfloat16 instructions here (AVX512-BF16 or AMX), which
+    makes it several times faster than float32; without them it emulates bfloat16 and is slower. Off when
+    HEARTHLM_ISA caps the kernels below avx512."""
+    return isa() == "avx512" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def gemm_available() -> bool:
+    """Whether the AVX-512 VNNI integer GEMM (quant_gemm) runs here."""
+    return isa() == "avx512" and available() and _load_avx512() is not None
+
+
+def quant_gemm(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bits: int,
+    group: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """quant_gemv's product for any number of rows, as an integer GEMM (AVX-512 VNNI): x [..., K], the
+    QuantTensor parts of W [N, K], bias or None -> x @ W.T + bias, float32 [..., N]. x is rounded to int8 per
+    block of 32 as in quant_gemv, so both agree with the dequantized product to the same bound."""
+    return _load_avx512().quant_gemm(x, qdata, scales, mins, bits, group, bias)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

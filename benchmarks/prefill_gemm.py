@@ -1,0 +1,135 @@
+"""Speed of the prefill products, kernel by kernel, at Llama-3.2-1B's shapes and a 512-token prompt.
+
+For each weight format (the QuantTensor layouts that hearthlm's int8/int4 and the GGUF types load into) it times
+the paths a prefill can take on this machine, in one process, alternating rounds:
+
+- tiles:   dequantize a tile of weights to float32 and multiply with PyTorch (the AVX2 path, HEARTHLM_ISA=avx2);
+- gemm:    the integer GEMM on AVX-512 VNNI (kernels/gemm_avx512.cpp), x rounded to int8 per block of 32;
+- and for 16-bit weights: float32 (weights converted per call, the AVX2 path) and bfloat16 through oneDNN
+  (the AVX512-BF16 / AMX path).
+
+Figures are GOP/s (2 operations per multiply-add) and the speedup over the tiles path; medians of --rounds.
+
+    python benchmarks/prefill_gemm.py [--rows 512] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+
+from hearthlm.kernels import cpu
+from hearthlm.quant.linear import quant_linear
+from hearthlm.quant.tensor import QuantTensor, pack_int4
+
+# Llama-3.2-1B: (N, K) of the fused q/k/v, o, fused gate/up and down projections.
+SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
+# label -> (bits, group or None for one scale per row, mins): the layouts each format loads into.
+FORMATS = {
+    "int8 g32 (Q8_0, int8-g32)": (8, 32, False),
+    "int8 per row (int8)": (8, None, False),
+    "int4 g32 (Q4_0, int4)": (4, 32, False),
+    "int4 g32 + mins (Q4_1, Q4_K)": (4, 32, True),
+    "int8 g16 (Q6_K)": (8, 16, False),
+    "int8 g32 + mins (Q5_0, Q5_K)": (8, 32, True),
+}
+
+
+def quantized(N: int, K: int, bits: int, group: int | None, mins: bool) -> QuantTensor:
+    g = torch.Generator().manual_seed(N + K)
+    group = group or K
+    if bits == 4:
+        q = pack_int4(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8))
+    else:
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int16).to(torch.int8)
+    s = (torch.rand(N, K // group, generator=g) * 0.02 + 1e-3).half()
+    m = (torch.randn(N, K // group, generator=g) * 0.01).half() if mins else None
+    return QuantTensor(q, s, m, bits, group)
+
+
+def seconds(fn) -> float:
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def with_isa(name: str, fn):
+    """fn run on kernel path `name` (HEARTHLM_ISA), the choice restored after."""
+
+    def run():
+        import os
+
+        old = os.environ.get("HEARTHLM_ISA")
+        os.environ["HEARTHLM_ISA"] = name
+        cpu.isa.cache_clear()
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("HEARTHLM_ISA")
+            else:
+                os.environ["HEARTHLM_ISA"] = old
+            cpu.isa.cache_clear()
+
+    return run
+
+
+def cases(rows: int) -> dict[str, dict[str, callable]]:
+    """format -> path -> a function that runs one prefill's products of that format (all four shapes)."""
+    x = {K: torch.randn(rows, K, generator=torch.Generator().manual_seed(K)) for K in {k for _, k in SHAPES.values()}}
+    out: dict[str, dict[str, callable]] = {}
+    for label, (bits, group, mins) in FORMATS.items():
+        weights = [quantized(N, K, bits, group, mins) for N, K in SHAPES.values()]
+
+        def run(ws=weights):
+            for w in ws:
+                quant_linear(x[w.shape[1]], w)
+
+        out[label] = {"tiles": with_isa("avx2", run)}
+        if cpu.gemm_available():
+            out[label]["gemm"] = run
+    halves = [torch.randn(N, K, generator=torch.Generator().manual_seed(N)).bfloat16() for N, K in SHAPES.values()]
+    out["bf16"] = {
+        "tiles": lambda: [F.linear(x[w.shape[1]], w.float()) for w in halves],  # float32, converted per call
+    }
+    if cpu.native_bf16():
+        out["bf16"]["bf16 gemm"] = lambda: [F.linear(x[w.shape[1]].bfloat16(), w).float() for w in halves]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=512, help="prompt tokens (rows of x)")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    ops = 2 * args.rows * sum(N * K for N, K in SHAPES.values())
+    flags = cpu.cpu_flags()
+    print(f"kernel path {cpu.isa()}; CPU: {', '.join(sorted(f for f in flags if 'avx512' in f or 'amx' in f))}")
+    print(f"threads {torch.get_num_threads()}; {args.rows} rows; shapes {SHAPES}")
+    table = cases(args.rows)
+    times: dict[tuple[str, str], list[float]] = {(f, p): [] for f, paths in table.items() for p in paths}
+    with Progress() as progress:
+        task = progress.add_task("prefill products", total=args.rounds * len(times))
+        for r in range(args.rounds):
+            order = list(times) if r % 2 == 0 else list(reversed(times))
+            for key in order:
+                times[key].append(seconds(table[key[0]][key[1]]))
+                progress.advance(task)
+    print(f"\n{'format':32} {'path':10} {'GOP/s':>8} {'vs tiles':>9}")
+    for fmt, paths in table.items():
+        base = statistics.median(times[(fmt, "tiles")])
+        for path in paths:
+            t = statistics.median(times[(fmt, path)])
+            print(f"{fmt:32} {path:10} {ops / t / 1e9:8.0f} {base / t:8.2f}x")
+    print(f"\n(one round: {Path(__file__).name} ran each format's four products once per path)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+// The Python module of hearthlm's AVX-512 kernels (kernels/cpu.py loads it on CPUs that have AVX-512 VNNI).
+#include <torch/extension.h>
+
+#include "gemm_avx512.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_gemm", &quant_gemm, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32 (VNNI)",
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,269 @@
+// Prefill products with quantized weights (the QuantTensor layout of quant/tensor.py) as an integer GEMM on
+// AVX-512 VNNI. Built only into the AVX-512 extension (kernels/cpu.py compiles it with -mavx512vnni and loads
+// it when the CPU has the instructions).
+//
+// The arithmetic is the decode GEMV's (quant_cpu.cpp), in a layout made for many rows of x:
+// - x is rounded to int8 once per call, in blocks of 32 with one float scale each (llama.cpp's Q8_0), and
+//   stored as x^ + 128, because vpdpbusd multiplies unsigned bytes (x) by signed bytes (the weights).
+// - The weights are packed per panel of 32 output columns, as BLAS libraries pack their operands: four
+//   consecutive k of a column make one 32-bit lane, so one 64-byte load holds 16 columns and one vpdpbusd
+//   adds 64 products into 16 column sums. The panel is packed into a buffer of the thread's (a few hundred
+//   KB at most, kept in cache) and serves every row of x; the weights in memory keep the one layout decode
+//   reads too, so there is never a second copy of them.
+// - Per unit (a 32-element block, or 16 when group == 16) the int32 sums I are scaled in float:
+//       y += d_x * (s * I + c) + m * (d_x * sum x^)        c = -128 * s * (sum of the unit's weight integers)
+//   where c undoes the +128 of x, s and m are the weight group's scale and min, and the integer of a
+//   symmetric 4-bit weight is q - 8. So y = W . x^ exactly, up to float32 rounding: the same bound as the GEMV.
+// - Panels are handed to threads from a shared counter, so a core that another process slows takes fewer of
+//   them instead of holding up the whole product.
+#include "gemm_avx512.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kCols = 32;  // output columns per panel: two vectors of 16 int32 lanes
+constexpr int kRows = 6;   // rows of x per register tile: 6 x 2 int32 sums + 6 x 2 float sums + 4 in 32 registers
+
+// x rounded per block of 32 and offset by 128; per unit, the block's scale and d * (sum of x^ over the unit).
+struct Activations {
+  int64_t M = 0, K = 0, U = 0, unit = 32;
+  std::vector<uint8_t> q;  // [M][K]
+  std::vector<float> d;    // [M][U]
+  std::vector<float> sum;  // [M][U]
+};
+
+void quantize_row(const float* x, int64_t K, int64_t unit, uint8_t* q, float* d, float* sum) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i offset = _mm512_set1_epi32(128);
+  const int per_block = static_cast<int>(32 / unit);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, abs_mask), _mm512_and_ps(v1, abs_mask)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+    // A NaN or infinity in x makes the block's scale NaN, so that it shows in the output.
+    const bool finite = std::isfinite(amax) && !nan;
+    const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    const __m512 inv = _mm512_set1_ps(finite && scale != 0.0f ? 1.0f / scale : 0.0f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtepi32_epi8(_mm512_add_epi32(q0, offset)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(q1, offset)));
+    const float s0 = static_cast<float>(_mm512_reduce_add_epi32(q0));
+    const float s1 = static_cast<float>(_mm512_reduce_add_epi32(q1));
+    if (per_block == 2) {
+      d[2 * b] = d[2 * b + 1] = scale;
+      sum[2 * b] = scale * s0;
+      sum[2 * b + 1] = scale * s1;
+    } else {
+      d[b] = scale;
+      sum[b] = scale * (s0 + s1);
+    }
+  }
+}
+
+void quantize(const float* x, int64_t M, int64_t K, int64_t unit, Activations& a) {
+  a.M = M;
+  a.K = K;
+  a.unit = unit;
+  a.U = K / unit;
+  a.q.resize(M * K);
+  a.d.resize(M * a.U);
+  a.sum.resize(M * a.U);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(x + m * K, K, unit, a.q.data() + m * K, a.d.data() + m * a.U, a.sum.data() + m * a.U);
+  });
+}
+
+struct Weights {
+  const uint8_t* q;        // [N][row_bytes]
+  int64_t N, K, row_bytes;
+  const at::Half* scales;  // [N][ng]
+  const at::Half* mins;    // [N][ng] or null
+  int64_t ng, group, bits;
+};
+
+// One panel: up to 32 columns, packed. q: [K / 4][32][4] signed integers; per unit u, 32 floats each of the
+// scale s, the correction c and (with mins) the min. Columns past the matrix are zero.
+struct Panel {
+  std::vector<int8_t> rows;  // [32][K]: the columns' integers, unpacked, before the interleave
+  std::vector<int8_t> q;
+  std::vector<float> s, c, m;
+};
+
+// The integers of weight row n, one signed byte each (4-bit: q, or q - 8 when symmetric).
+void unpack_row(const Weights& w, int64_t n, int8_t* out) {
+  const uint8_t* src = w.q + n * w.row_bytes;
+  if (w.bits == 8) {
+    std::memcpy(out, src, w.K);
+    return;
+  }
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  const __m128i shift = _mm_set1_epi8(w.mins ? 0 : 8);
+  for (int64_t b = 0; b < w.K / 32; ++b) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * b));
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low4), shift);
+    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), shift);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b + 16), hi);
+  }
+}
+
+void pack_panel(const Weights& w, int64_t n0, int64_t unit, Panel& p) {
+  const int64_t K = w.K, U = K / unit, cols = std::min<int64_t>(kCols, w.N - n0);
+  p.rows.assign(kCols * K, 0);
+  p.q.resize(K * kCols);
+  p.s.assign(U * kCols, 0.0f);
+  p.c.resize(U * kCols);
+  p.m.assign(w.mins ? U * kCols : 0, 0.0f);
+  for (int64_t j = 0; j < cols; ++j) {
+    unpack_row(w, n0 + j, p.rows.data() + j * K);
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t g = u * unit / w.group;
+      p.s[u * kCols + j] = static_cast<float>(w.scales[(n0 + j) * w.ng + g]);
+      if (w.mins) p.m[u * kCols + j] = static_cast<float>(w.mins[(n0 + j) * w.ng + g]);
+    }
+  }
+  // The interleave: lane j of step t holds k = 4t..4t+3 of column j. Its 32-bit words are gathered from the
+  // 32 rows, 16 at a time; the weight sums per unit come from the packed vectors (128 * w by vpdpbusd).
+  const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(K)));
+  const __m512i x128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t steps = unit / 4;
+  for (int64_t u = 0; u < U; ++u) {
+    __m512i sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t t = u * steps; t < (u + 1) * steps; ++t) {
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* base = p.rows.data() + h * 16 * K + 4 * t;
+        const __m512i v = _mm512_i32gather_epi32(stride, base, 1);
+        _mm512_storeu_si512(p.q.data() + t * 128 + h * 64, v);
+        sum[h] = _mm512_dpbusd_epi32(sum[h], x128, v);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m512 s = _mm512_loadu_ps(p.s.data() + u * kCols + 16 * h);
+      _mm512_storeu_ps(p.c.data() + u * kCols + 16 * h, _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), s),
+                                                                     _mm512_cvtepi32_ps(sum[h])));
+    }
+  }
+}
+
+// y[m0 : m0 + R, n0 : n0 + cols] from one packed panel.
+template <int R, bool MINS>
+void tile(const Activations& a, int64_t m0, const Panel& p, float* y, int64_t N, int64_t n0, int64_t cols,
+          const float* bias) {
+  const int64_t K = a.K, U = a.U, steps = a.unit / 4;
+  __m512 f[R][2];
+  for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  const uint8_t* x[R];
+  for (int r = 0; r < R; ++r) x[r] = a.q.data() + (m0 + r) * K;
+  const int8_t* wq = p.q.data();
+  for (int64_t u = 0; u < U; ++u) {
+    __m512i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int64_t t = u * steps; t < (u + 1) * steps; ++t) {
+      const __m512i w0 = _mm512_loadu_si512(wq + t * 128), w1 = _mm512_loadu_si512(wq + t * 128 + 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t word;
+        std::memcpy(&word, x[r] + 4 * t, 4);
+        const __m512i xb = _mm512_set1_epi32(word);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], xb, w0);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], xb, w1);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m512 s = _mm512_loadu_ps(p.s.data() + u * kCols + 16 * h);
+      const __m512 c = _mm512_loadu_ps(p.c.data() + u * kCols + 16 * h);
+      __m512 mn = _mm512_setzero_ps();
+      if constexpr (MINS) mn = _mm512_loadu_ps(p.m.data() + u * kCols + 16 * h);
+      for (int r = 0; r < R; ++r) {
+        const __m512 t = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(acc[r][h]), c);
+        f[r][h] = _mm512_fmadd_ps(_mm512_set1_ps(a.d[(m0 + r) * U + u]), t, f[r][h]);
+        if constexpr (MINS) f[r][h] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.sum[(m0 + r) * U + u]), f[r][h]);
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * h));
+    const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * h) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16 * h, mask, _mm512_add_ps(f[r][h], b));
+  }
+}
+
+template <bool MINS>
+void panel_rows(const Activations& a, const Panel& p, float* y, int64_t N, int64_t n0, int64_t cols, const float* bias) {
+  int64_t m = 0;
+  for (; m + kRows <= a.M; m += kRows) tile<kRows, MINS>(a, m, p, y, N, n0, cols, bias);
+  switch (a.M - m) {
+    case 5: tile<5, MINS>(a, m, p, y, N, n0, cols, bias); break;
+    case 4: tile<4, MINS>(a, m, p, y, N, n0, cols, bias); break;
+    case 3: tile<3, MINS>(a, m, p, y, N, n0, cols, bias); break;
+    case 2: tile<2, MINS>(a, m, p, y, N, n0, cols, bias); break;
+    case 1: tile<1, MINS>(a, m, p, y, N, n0, cols, bias); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(bits == 4 || bits == 8, "quant_gemm: bits must be 4 or 8");
+  TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous() && qdata.element_size() == 1,
+              "quant_gemm: qdata must be a contiguous 2-D tensor of bytes");
+  const int64_t N = qdata.size(0), K = qdata.size(1) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(x.size(-1) == K && K % 32 == 0, "quant_gemm: x's last dim must be K, a multiple of 32");
+  TORCH_CHECK((group == 16 || group % 32 == 0) && K % group == 0,
+              "quant_gemm: group must divide K and be 16 or a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "quant_gemm: scales must be contiguous float16");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / group,
+              "quant_gemm: scales do not fit the weights and group");
+  TORCH_CHECK(!mins || (mins->scalar_type() == torch::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes()),
+              "quant_gemm: mins must be contiguous float16 shaped as scales");
+  const auto xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  const int64_t M = xf.size(0);
+  auto y = torch::empty({M, N}, xf.options());
+  const int64_t unit = group == 16 ? 16 : 32;
+  Activations a;
+  quantize(xf.data_ptr<float>(), M, K, unit, a);
+  const Weights w{static_cast<const uint8_t*>(qdata.data_ptr()), N, K, qdata.size(1),  // int8 read as bytes
+                  reinterpret_cast<const at::Half*>(scales.data_ptr()),
+                  mins ? reinterpret_cast<const at::Half*>(mins->data_ptr()) : nullptr, scales.size(1), group, bits};
+  c10::optional<torch::Tensor> b;
+  if (bias) b = bias->to(torch::kFloat32).contiguous();
+  const float* bp = b ? b->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t panels = (N + kCols - 1) / kCols;
+  std::atomic<int64_t> next{0};
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), panels));
+#pragma omp parallel num_threads(threads)
+  {
+    Panel p;
+    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+      const int64_t n0 = i * kCols, cols = std::min<int64_t>(kCols, N - n0);
+      pack_panel(w, n0, unit, p);
+      if (w.mins)
+        panel_rows<true>(a, p, yp, N, n0, cols, bp);
+      else
+        panel_rows<false>(a, p, yp, N, n0, cols, bp);
+    }
+  }
+  return y.view([&] {
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    return shape;
+  }());
+}

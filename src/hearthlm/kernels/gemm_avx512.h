@@ -1,0 +1,9 @@
+// The AVX-512 extension's entry points (gemm_avx512.cpp), for its Python bindings (bindings_avx512.cpp).
+#pragma once
+
+#include <torch/types.h>
+
+// x [..., K] (any float dtype) @ W^T (+ bias) for a quantized W [N, K] in the QuantTensor layout -> float32
+// [..., N]; x is rounded to int8 per block of 32 inside, as the decode GEMV does.
+torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias);

@@ -1,0 +1,162 @@
+"""The integer GEMM for prefill with quantized weights (kernels/gemm_avx512.cpp, AVX-512 VNNI) and the choice of
+kernel path by CPU feature (kernels/cpu.py `isa`, HEARTHLM_ISA).
+
+quant_gemm rounds x exactly as quant_gemv does, so it is held to the same two checks (test_quant_kernels._check):
+float32 rounding against the float64 product of the rounded x, and the rounding bound against the exact product.
+Row counts cover every register tile (6 rows) and its tails; column counts every panel (32 columns) and its tails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_quant_kernels import LAYOUTS, _check, _weights
+
+from hearthlm.kernels import cpu
+from hearthlm.quant.linear import quant_linear
+from hearthlm.quant.tensor import QuantTensor, dequantize
+
+gemm = pytest.mark.skipif(not cpu.gemm_available(), reason="needs a CPU with AVX-512 VNNI and a compiler")
+
+
+@gemm
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"K{t[0]}-g{t[1]}")
+def test_quant_gemm_matches_reference(bits, mins, layout):
+    K, group = layout
+    q, s, m = _weights(69, K, bits, group, mins, seed=K + group)  # 69 columns: two panels and a tail of 5
+    g = torch.Generator().manual_seed(1)
+    for M in (1, 5, 6, 7, 12, 13, 37):
+        x = torch.randn(M, K, generator=g)
+        x[0, 32:64] = 0  # an all-zero block: scale 0
+        _check(x, q, s, m, bits, group, kernel=cpu.quant_gemm)
+
+
+@gemm
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [False, True])
+def test_quant_gemm_equals_the_gemv(bits, mins):
+    """The same rounded x, the same integer products: the two kernels differ by float32 summation order only."""
+    K, group = 640, 32
+    q, s, m = _weights(100, K, bits, group, mins, seed=11)
+    x = torch.randn(8, K, generator=torch.Generator().manual_seed(12))
+    bias = torch.randn(100, generator=torch.Generator().manual_seed(13))
+    a, b = cpu.quant_gemm(x, q, s, m, bits, group, bias), cpu.quant_gemv(x, q, s, m, bits, group, bias)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@gemm
+@pytest.mark.parametrize(
+    "bits, group, mins", [(4, 32, False), (4, 32, True), (8, 16, False), (8, 32, True), (8, 4864, False)]
+)
+def test_quant_gemm_realistic_shape(bits, group, mins):
+    N, K = 896, 4864  # Qwen2.5-0.5B's down projection: 28 panels for the threads to share
+    q, s, m = _weights(N, K, bits, group, mins, seed=5)
+    x = torch.randn(41, K, generator=torch.Generator().manual_seed(6))
+    _check(x, q, s, m, bits, group, kernel=cpu.quant_gemm)
+
+
+@gemm
+def test_quant_gemm_batched_input_shape_bias_and_dtype():
+    q, s, m = _weights(40, 96, 4, 32, True, seed=8)
+    x = torch.randn(2, 9, 96, generator=torch.Generator().manual_seed(9))
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(10))
+    y = cpu.quant_gemm(x, q, s, m, 4, 32, bias)
+    assert y.shape == (2, 9, 40) and y.dtype == torch.float32
+    flat = cpu.quant_gemm(x.reshape(18, 96), q, s, m, 4, 32, None) + bias
+    assert torch.allclose(y.reshape(18, 40), flat, rtol=0, atol=1e-5)
+    yb = cpu.quant_gemm(x.bfloat16(), q, s, m, 4, 32, None)
+    assert torch.allclose(yb, cpu.quant_gemm(x.bfloat16().float(), q, s, m, 4, 32, None))
+
+
+@gemm
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_gemm_outlier_and_non_finite(bits):
+    K = 640
+    q, s, m = _weights(29, K, bits, 32, False, seed=3)
+    x = torch.randn(9, K, generator=torch.Generator().manual_seed(2))
+    x[:, 100] = 1000.0  # an outlier channel costs only its own block's resolution
+    _check(x, q, s, m, bits, 32, kernel=cpu.quant_gemm)
+    x[0, 40], x[1, 70] = float("nan"), float("inf")
+    y = cpu.quant_gemm(x, q, s, m, bits, 32)
+    assert y[:2].isnan().all() and y[2:].isfinite().all()
+
+
+@gemm
+@pytest.mark.parametrize("group", [16, 32])
+def test_quant_gemm_int4_layout(group):
+    """Nibbles packed by hand (element j low, j + 16 high, per block); one-hot rows of x read them back."""
+    N, K = 5, 64
+    vals = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    blocks = vals.view(N, 2, 32)
+    q = (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(N, K // 2).contiguous()
+    s = torch.full((N, K // group), 0.5, dtype=torch.float16)
+    probes = [0, 1, 15, 16, 17, 31, 32, 63, 5, 40]
+    x = torch.zeros(len(probes), K)
+    x[range(len(probes)), probes] = 1.0
+    y = cpu.quant_gemm(x, q, s, None, 4, group)
+    assert torch.allclose(y, 0.5 * (vals[:, probes].T.float() - 8), rtol=1e-6, atol=0)
+
+
+@gemm
+def test_quant_gemm_bad_inputs_are_clear_errors():
+    q, s, m = _weights(8, 64, 4, 32, True, seed=1)
+    x = torch.randn(9, 64)
+    for match, args in [
+        ("bits must be 4 or 8", (x, q, s, m, 2, 32)),
+        ("last dim must be K", (torch.randn(9, 32), q, s, m, 4, 32)),
+        ("group must divide K", (x, q, s, m, 4, 48)),
+        ("scales must be contiguous float16", (x, q, s.float(), m, 4, 32)),
+        ("scales do not fit", (x, q, s[:, :1].contiguous(), m, 4, 32)),
+        ("mins must be", (x, q, s, m[:4].contiguous(), 4, 32)),
+        ("contiguous 2-D", (x, torch.cat([q, q], 1)[:, ::2], s, m, 4, 32)),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            cpu.quant_gemm(*args)
+
+
+# -- the choice of path ---------------------------------------------------------------------------------------
+@pytest.fixture
+def capped(monkeypatch):
+    """Sets HEARTHLM_ISA for one test and forgets the cached choice before and after."""
+
+    def cap(value: str) -> None:
+        monkeypatch.setenv("HEARTHLM_ISA", value)
+        cpu.isa.cache_clear()
+
+    yield cap
+    monkeypatch.undo()
+    cpu.isa.cache_clear()
+
+
+def test_isa_is_what_the_cpu_has(capped):
+    flags = cpu.cpu_flags()
+    expected = "avx512" if cpu._NEEDS["avx512"] <= flags else "avx2" if cpu._NEEDS["avx2"] <= flags else "torch"
+    assert cpu.isa() == expected
+    capped("avx512")  # asking for more than the CPU has gives what it has
+    assert cpu.isa() == expected
+    capped("torch")
+    assert cpu.isa() == "torch" and not cpu.gemm_available()
+    capped("sse9")
+    with pytest.raises(ValueError, match="HEARTHLM_ISA='sse9'.*avx512, avx2, torch"):
+        cpu.isa()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "torch"])
+def test_prefill_product_on_every_path(kernel_path, isa):
+    """Each path this machine can run gives the quantized product of 20 rows: the integer GEMM within the bound
+    of rounding x, the float tiles (AVX2 dequantizer or the torch reference) to float32 rounding."""
+    kernel_path(isa)
+    q, s, m = _weights(70, 640, 4, 32, True, seed=21)
+    w = QuantTensor(q, s, m, 4, 32)
+    x = torch.randn(20, 640, generator=torch.Generator().manual_seed(22))
+    y = quant_linear(x, w)
+    exact = x.double() @ dequantize(q, s, m, 4, 32).double().T
+    if isa == "avx512":
+        assert cpu.gemm_available()
+        assert torch.equal(y, cpu.quant_gemm(x, q, s, m, 4, 32))
+        _check(x, q, s, m, 4, 32, kernel=cpu.quant_gemm)
+    else:
+        assert not cpu.gemm_available()
+        assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
