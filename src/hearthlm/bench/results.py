@@ -109,12 +109,23 @@ def compare(reference, candidate, token_ids: list[int], step: int | None = None)
     `reference`'s (two LLMs, e.g. unquantized and quantized) on the same token ids (>= 2 tokens).
     `step`: feed the tokens that many at a time through the KV cache, as generation does (quantized
     weights then take the decode kernels), instead of in one prefill pass."""
-    import torch
-
     if len(token_ids) < 2:
         raise ValueError("compare() needs at least 2 tokens")
-    ref = torch.log_softmax(_logits(reference, token_ids, step), dim=-1)  # [T, vocab]
-    cand = torch.log_softmax(_logits(candidate, token_ids, step), dim=-1)
+    return quality(logits_of(reference, token_ids, step), logits_of(candidate, token_ids, step), token_ids)
+
+
+def quality(reference, candidate, token_ids: list[int]) -> Quality:
+    """`compare` on logits already computed: two [T, vocab] tensors for the same T >= 2 token ids (from any
+    engine, e.g. llama.cpp's logits for the candidate)."""
+    import torch
+
+    if reference.shape != candidate.shape or reference.shape[0] != len(token_ids) or len(token_ids) < 2:
+        raise ValueError(
+            f"quality() needs two [T, vocab] logits for T = {len(token_ids)} >= 2 tokens; "
+            f"got {tuple(reference.shape)} and {tuple(candidate.shape)}"
+        )
+    ref = torch.log_softmax(reference.float(), dim=-1)  # [T, vocab]
+    cand = torch.log_softmax(candidate.float(), dim=-1)
     kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0)  # [T]
     top1 = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
     nxt = torch.tensor(token_ids[1:]).unsqueeze(-1)
@@ -125,7 +136,9 @@ def compare(reference, candidate, token_ids: list[int], step: int | None = None)
     return Quality(len(token_ids), kl.mean().item(), kl.max().item(), top1.item(), ppl(ref), ppl(cand))
 
 
-def _logits(llm, token_ids: list[int], step: int | None):
+def logits_of(llm, token_ids: list[int], step: int | None = None):
+    """`llm`'s logits [T, vocab] float32 for `token_ids`: one prefill pass, or with `step` that many tokens at a
+    time through the KV cache."""
     import torch
 
     from ..engine.kv_cache import ContiguousKVCache
