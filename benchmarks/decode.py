@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -443,10 +444,20 @@ class LlamaCppEngine:
         import llama_cpp
 
         self.np = __import__("numpy")
-        self.llm = llama_cpp.Llama(
-            str(gguf_file(folder, fmt[5:])), n_ctx=2048, n_batch=512, n_threads=os.cpu_count(),
-            n_threads_batch=os.cpu_count(), verbose=False,
-        )  # fmt: skip
+        path = gguf_file(folder, fmt[5:])
+        extra = extra_buffers_work(path)
+        if not extra:
+            print(f"llama.cpp crashed on {path.name} with its AMX/repacked weight buffers: running it without them")
+        api = llama_cpp.llama_cpp  # the bindings Llama() takes its default model parameters from
+        params = api.llama_model_default_params
+        api.llama_model_default_params = lambda: _with_extra_buffers(params(), extra)
+        try:
+            self.llm = llama_cpp.Llama(
+                str(path), n_ctx=2048, n_batch=512, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(),
+                verbose=False,
+            )  # fmt: skip
+        finally:
+            api.llama_model_default_params = params
 
     def _next(self) -> int:
         # The last position's logits, from the context: llama-cpp-python fills `scores` only with logits_all=True
@@ -472,6 +483,24 @@ class LlamaCppEngine:
             tokens.append(self._next())
             stamps.append(time.perf_counter())
         return (n - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+def _with_extra_buffers(params, on: bool):
+    params.use_extra_bufts = on
+    return params
+
+
+@functools.cache
+def extra_buffers_work(path: Path) -> bool:
+    """Whether llama.cpp survives a 512-token prefill of `path` with its extra weight buffers (AMX, repacked
+    layouts), tried in a child process: the llama-cpp-python 0.3.36 build here segfaults on Q8_0 files with
+    them on an AMX machine. Where it crashes, the benchmark runs llama.cpp without them and says so."""
+    probe = (
+        "import llama_cpp, sys\n"
+        "llm = llama_cpp.Llama(sys.argv[1], n_ctx=2048, n_batch=512, n_threads=2, verbose=False)\n"
+        "llm.eval(list(range(100, 612)))\n"
+    )
+    return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True).returncode == 0
 
 
 LOADERS: dict[str, Callable[[Path, str], Engine]] = {

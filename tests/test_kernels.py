@@ -27,7 +27,9 @@ def test_gemv_matches_matmul(dtype, rows, shape):
 
 
 @pytest.mark.parametrize("rows", [1, 7, 9, 40])  # both sides of the kernel's row limit
-def test_linear_dispatch_matches_f_linear(rows):
+@pytest.mark.parametrize("path", ["avx512", "avx2"])  # 40 rows: the bf16 GEMM (oneDNN) or float32
+def test_linear_dispatch_matches_f_linear(rows, path, kernel_path):
+    kernel_path(path)
     g = torch.Generator().manual_seed(rows)
     w, b, x = torch.randn(48, 40, generator=g), torch.randn(48, generator=g), torch.randn(1, rows, 40, generator=g)
     assert torch.allclose(linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5)
