@@ -211,15 +211,23 @@ def llama_cpp_logits(path: Path, ids: list[int], batch: int) -> torch.Tensor:
 # -- measuring and reporting ----------------------------------------------------------------------------------
 
 
-def measure(row: Candidate, ref_logits: torch.Tensor, ids: list[int], args: argparse.Namespace) -> dict:
-    """{path: Quality against the reference} for each of hearthlm's paths (and llama.cpp on a file row), plus
-    ADDED (gemm against exact on the same model) when both paths ran."""
-    llm = row.make()
+@contextmanager
+def paused(progress: Progress) -> Iterator[None]:
+    """hearthlm's loader draws its own progress bar in a terminal; two live displays cannot share one."""
+    progress.stop()
+    try:
+        yield
+    finally:
+        progress.start()
+
+
+def measure(row: Candidate, llm: LLM, ref_logits: torch.Tensor, ids: list[int], args: argparse.Namespace) -> dict:
+    """{path: Quality against the reference} for each of hearthlm's paths on `llm` (row's model, and llama.cpp on a
+    file row), plus ADDED (gemm against exact on the same model) when both paths ran."""
     logits = {}
     for name in args.paths:
         with kernel_path(name):
             logits[name] = logits_of(llm, ids, args.step)
-    del llm
     out = {name: quality(ref_logits, x, ids) for name, x in logits.items()}
     if "exact" in logits and "gemm" in logits:
         out[ADDED] = quality(logits["exact"], logits["gemm"], ids)
@@ -344,7 +352,10 @@ def main() -> None:
         for row in rows:
             progress.update(task, description=row.label)
             try:
-                results[row.label] = measure(row, ref_logits, ids, args)
+                with paused(progress):
+                    llm = row.make()
+                results[row.label] = measure(row, llm, ref_logits, ids, args)
+                del llm
             except ValueError as e:  # a file hearthlm refuses (e.g. a layout llama.cpp would run differently)
                 failed[row.label] = str(e)
             progress.advance(task)
