@@ -643,12 +643,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="FILE", default=None, help="write a PNG bar chart (needs matplotlib)")
     b.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
     b.set_defaults(func=_bench)
+    for p in (run, chat, serve, b):
+        _threads_option(p)
     return parser
+
+
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="threads for the model's compute (default: HEARTHLM_THREADS, else the physical cores)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            from .kernels.cpu import set_threads
+
+            set_threads(args.threads)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}", highlight=False)

@@ -61,6 +61,46 @@ def isa() -> str:
     return ISAS[max(ISAS.index(want), ISAS.index(have))]
 
 
+def physical_cores() -> int:
+    """Cores this process may run on, counting each physical core once (hyper-threads share its units, and the
+    kernels keep them busy): /proc/cpuinfo's (physical id, core id) pairs among the allowed CPUs."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu = set(), None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "processor":
+                cpu, socket = int(value), None
+            elif key == "physical id":
+                socket = value.strip()
+            elif key == "core id" and cpu in allowed:
+                cores.add((socket, value.strip()))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(len(cores) or len(allowed), len(allowed)))
+
+
+def set_threads(count: int | str | None = None) -> int:
+    """Run PyTorch and hearthlm's kernels on `count` threads, else HEARTHLM_THREADS, else the physical cores.
+    Both share PyTorch's one OpenMP pool (the kernels link torch's libgomp and ask it for its thread count), so
+    they never compete with a second pool for the same cores. Returns the count set."""
+    where = "--threads" if count is not None else "HEARTHLM_THREADS"
+    value = count if count is not None else os.environ.get("HEARTHLM_THREADS")
+    if value is None or value == "":
+        n = physical_cores()
+    else:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"{where}={value!r}: give a whole number of threads, 1 or more (this machine has "
+                             f"{physical_cores()} physical cores)")  # fmt: skip
+    torch.set_num_threads(n)
+    return n
+
+
 def _build(name: str, sources: tuple[str, ...], path: str = "avx2"):
     """Compile (first time) and import one extension from the .cpp files (and their headers) beside this file;
     None if unavailable.
@@ -258,3 +298,7 @@ def decoder_layer(**parts):
     projections from decode_linear) -> an object whose `decode(x, cos, sin, K, V, write, read_slots, read_start,
     S, mask, ple)` runs one decode step: x [B, 1, hidden] float32 -> the layer's output."""
     return _load().DecoderLayer(**parts)
+
+
+if os.environ.get("HEARTHLM_THREADS"):
+    set_threads()  # the user's choice holds for the Python API as for the CLI
