@@ -16,6 +16,7 @@ from .engine.errors import ContextLengthError
 from .engine.kv_cache import ContiguousKVCache
 from .engine.runner import forward_tokens
 from .engine.sampler import SamplingParams
+from .engine.speculative import Drafter, make_drafter
 from .kernels import cpu
 from .moe import MoEStats, parse_budget, profile
 from .multimodal.prompt import MediaOptions, MediaPrompt, expand, media_parts, preprocess
@@ -84,11 +85,16 @@ class LLM:
         expert_budget: str | float | None = None,
         moe_profile: bool = True,
         mmproj: str | Path | None = None,
+        draft: str | Drafter | None = None,
     ):
         """`expert_budget`: keep MoE experts in the checkpoint and at most this many in memory: bytes ('6GB',
         '512MB') or a fraction of all expert bytes (0.25, '25%'); `moe_profile`: seed the expert policy from
         the model's moe_profile.json (`hearth moe-profile`) when there is one; `mmproj`: a GGUF model's image /
-        audio towers, llama.cpp's mmproj file (default: the one beside the model file, if any)."""
+        audio towers, llama.cpp's mmproj file (default: the one beside the model file, if any); `draft`: speculative
+        decoding for the engine's requests, "lookup" (prompt lookup; lossless) or None (off); a request's
+        SamplingParams.speculative overrides it."""
+        make_drafter(draft)  # an unknown name fails here, before the weights load
+        self.draft = draft
         spec = parse_quant(quant) if quant is not None else None
         budget = parse_budget(expert_budget) if expert_budget is not None else None
         path = resolve(model)  # None: the built-in demo; HF id / short name: its folder in the store
@@ -365,7 +371,8 @@ class LLM:
 
     def engine(self, **options) -> Engine:
         """The engine generate() and chat() run on: created on first use with default sizes, or anew from
-        `options`, Engine's keywords (max_running, block_size, kv_blocks, prefill_chunk, prefix_caching)."""
+        `options`, Engine's keywords (max_running, block_size, kv_blocks, prefill_chunk, prefix_caching, draft,
+        adaptive)."""
         self._need_generative()
         if self._engine is None or options:
             self._engine = Engine(self, **options)

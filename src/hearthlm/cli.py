@@ -24,10 +24,17 @@ def _load(args: argparse.Namespace):
         expert_budget=args.expert_budget,
         moe_profile=not args.no_moe_profile,
         mmproj=getattr(args, "mmproj", None),
+        draft=_draft(args),
     )  # fmt: skip  (the loader shows its own progress bar)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
     return llm
+
+
+def _draft(args: argparse.Namespace) -> str | None:
+    """--draft as LLM's `draft`: "lookup", or None for "off"."""
+    value = getattr(args, "draft", "off")
+    return None if value == "off" else value
 
 
 def _params(args: argparse.Namespace):
@@ -286,6 +293,11 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--quant", default=None, help=QUANT_HELP)
+    p.add_argument(
+        "--draft", choices=DRAFT_CHOICES, default="off",
+        help="speculative decoding: 'lookup' drafts from the prompt and the reply so far (same output, faster when "
+        "the reply quotes its context); default off",
+    )  # fmt: skip
     _expert_options(p)
 
 
@@ -293,6 +305,8 @@ def _expert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
     p.add_argument("--no-moe-profile", action="store_true", help="ignore the model's moe_profile.json")
 
+
+DRAFT_CHOICES = ("lookup", "off")  # engine/speculative.py's names (not imported here: it pulls in torch)
 
 BUDGET_HELP = (
     "MoE models: keep experts in the checkpoint and at most this much of them in memory: bytes (6GB, 512MB) or a "
@@ -397,7 +411,7 @@ def _serve(args: argparse.Namespace) -> int:
     server.serve(
         args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
         expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
-        max_memory=args.max_memory, image_tokens=args.image_tokens, **web,
+        max_memory=args.max_memory, image_tokens=args.image_tokens, draft=_draft(args), **web,
     )  # fmt: skip
     return 0
 

@@ -121,6 +121,17 @@ class BlockManager:
                     pool.release(table[i])
                     table[i] = None
 
+    def truncate(self, seq: Sequence) -> None:
+        """Release the blocks past the one that holds position num_computed (where the next token goes): after a
+        speculative step, the slots of rejected draft tokens. Their stale K/V in the kept block is never read:
+        a position's slot is written before any query reads it."""
+        keep = seq.num_computed // self.block_size + 1
+        for w, table in seq.tables.items():
+            while len(table) > keep:
+                b = table.pop()
+                if b is not None:
+                    self.pools[w].release(b)
+
     def free(self, seq: Sequence) -> None:
         for w, table in seq.tables.items():
             for b in table:

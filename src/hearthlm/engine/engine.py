@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..kernels import cpu
 from .block_manager import BlockManager
 from .detokenize import TextStream
 from .errors import ContextLengthError
 from .guided import Guides
 from .paged_cache import PagedKVCache
-from .runner import decode_groups, run_paged
+from .runner import decode_groups, run_paged, run_verify
 from .sampler import SamplingParams, TokenLogprob, greedy_rows, logprob_of, logprob_rows, penalize, pick
 from .scheduler import Scheduler, Work
 from .sequence import Sequence
+from .speculative import Adaptive, Drafter, SpecState, judge, make_drafter
 
 log = logging.getLogger("hearthlm.engine")
 
@@ -40,6 +42,7 @@ DEFAULT_KV_BYTES = 2 * 2**30
 # one block; a request is admitted only when its first chunk's blocks are free), up to this many. It bounds the
 # sliding-window pools, which are sized to hold every running sequence's window.
 MAX_RUNNING = 256
+_FROM_LLM = object()  # Engine(draft=...) not given: the LLM's choice (LLM(..., draft=...))
 
 
 @dataclass
@@ -59,6 +62,17 @@ class RequestOutput:
     error: str | None = None  # set with finish_reason "error": picking this request's token failed
 
 
+class _Taken:
+    """The tokens one step gives one request (several after a speculative step), their text and logprobs."""
+
+    tokens: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+
+    def __init__(self, logprobs: bool):
+        self.tokens, self.text, self.logprobs = [], "", [] if logprobs else None
+
+
 @dataclass
 class EngineStats:
     waiting: int
@@ -70,6 +84,9 @@ class EngineStats:
     prompt_tokens: int
     generated_tokens: int
     preemptions: int
+    drafted_tokens: int = 0  # speculative decoding: draft tokens verified
+    accepted_tokens: int = 0  # of those, kept
+    draft_steps: int = 0  # verify forwards' rows (one per sequence and step that had a draft)
 
 
 class Engine:
@@ -84,9 +101,13 @@ class Engine:
         kv_blocks: int | None = None,
         prefill_chunk: int = 512,
         prefix_caching: bool = True,
+        draft: str | Drafter | None = _FROM_LLM,  # type: ignore[assignment]
+        adaptive: Adaptive | None = None,
     ):
         """max_running: the most requests that run (decode or prefill) at once; past it, and past what the KV
-        cache holds, requests wait in order. None: what the KV cache holds, at most MAX_RUNNING."""
+        cache holds, requests wait in order. None: what the KV cache holds, at most MAX_RUNNING.
+        draft: speculative decoding for requests that do not say (SamplingParams.speculative): "lookup" (prompt
+        lookup), None / "off", or a Drafter; default: the LLM's `draft`. adaptive: its draft-length policy."""
         for name, value in [("block_size", block_size), ("prefill_chunk", prefill_chunk)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
@@ -111,6 +132,12 @@ class Engine:
         self._prompt_tokens = self._generated_tokens = 0
         self._guide_state: Guides | None = None
         self._guides_lock = threading.Lock()
+        self.drafter = make_drafter(getattr(llm, "draft", None) if draft is _FROM_LLM else draft)
+        self.adaptive = adaptive or Adaptive()
+        self._lookup: Drafter | None = None  # for requests that ask to draft on an engine that does not
+        self._drafted = self._accepted = self._draft_steps = 0
+        on_cpu = llm.model.device.type == "cpu" and cpu.available()
+        self._row_cap = cpu.MAX_ROWS if on_cpu and self.adaptive.fit_rows else None  # see _fit_rows
 
     def _pool_sizes(self, running: int, kv_blocks: int | None) -> dict[int | None, int]:
         bs, layers = self.block_size, self.config.layers
@@ -149,6 +176,8 @@ class Engine:
             max_len = min(max_len, self.blocks.pools[None].num_blocks * self.block_size)
         seq = Sequence(request_id, prompt, params, TextStream(tok, params.stop), params.generator(), max_len)
         seq.guide = self._guides().guide(params) if params.constrained else None
+        drafter = self._drafter_for(params)
+        seq.spec = SpecState(drafter, self.adaptive) if drafter is not None else None
         seq.media = media if media is not None and media.spans else None
         with self._inbox_lock:
             if request_id in self._requests:
@@ -188,6 +217,14 @@ class Engine:
                     f"cache has {pool.num_blocks}: create the Engine with a larger kv_blocks or shorten the prompt"
                 )
         return prompt
+
+    def _drafter_for(self, params: SamplingParams) -> Drafter | None:
+        if params.speculative is False:
+            return None
+        if self.drafter is None and params.speculative:
+            self._lookup = self._lookup or make_drafter("lookup")
+            return self._lookup
+        return self.drafter
 
     def prepare(self, params: SamplingParams) -> None:
         """Compile the constraint of `params` now (it is cached by its text), so that add_request finds it ready;
@@ -236,6 +273,9 @@ class Engine:
             prompt_tokens=self._prompt_tokens,
             generated_tokens=self._generated_tokens,
             preemptions=s.preemptions,
+            drafted_tokens=self._drafted,
+            accepted_tokens=self._accepted,
+            draft_steps=self._draft_steps,
         )
 
     # -- the step ----------------------------------------------------------------------------------
@@ -244,16 +284,20 @@ class Engine:
         with self._lock:
             self._take_inbox()
             outputs, self._outbox = self._outbox, []
+            self._propose()
             work = self.scheduler.schedule()
             for w, pool in self.blocks.pools.items():
                 self.cache.zero(w, pool.take_fresh())
-            due, logits = self._run(work)
+            checks = self._checks(work)
+            due, logits = self._run([w for w in work if w not in checks])
+            verified = self._run_drafts(checks)
             # a chunk that leaves more of its prompt to compute: progress, for a request that asked
-            outputs += [self._progress(w.seq) for w in work if w.n > 1 and w.seq.pending and w.seq.params.progress]
+            outputs += [self._progress(w.seq) for w in work if w.n > 1 and w.seq.pending > 1 and w.seq.params.progress]
             if due:  # the plain greedy rows' tokens (and log-probabilities) in one batched op each
                 tokens = greedy_rows(logits, [s.params for s in due], [s.guide for s in due])
                 logprobs = logprob_rows(logits, tokens, [s.params.logprobs for s in due])
                 outputs += [self._advance_alone(*row) for row in zip(due, logits, tokens, logprobs)]
+            outputs += [self._verify_alone(*row) for row in verified]
             self.scheduler.after_step(work)
             return outputs
 
@@ -281,7 +325,7 @@ class Engine:
                 rows.append(logits[torch.tensor(wants)])
         self._encode_media([w for w in work if w.n > 1 and w.seq.media is not None])
         for w in work:
-            if w.n > 1:
+            if w.n > 1 and not w.draft:
                 want = w.n == w.seq.pending
                 splice = self._splice(w.seq, w.n) if w.seq.media is not None else None
                 logits = run_paged(model, self.cache, [w.seq], w.n, want, splice) if splice else \
@@ -293,6 +337,88 @@ class Engine:
         if not due:
             return [], None
         return due, rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    # -- speculative decoding (engine/speculative.py) -------------------------------------------------
+    def _propose(self) -> None:
+        """Ask each drafter for drafts for its running sequences that decode next (seq.draft; the scheduler
+        verifies a draft where its slots are free)."""
+        by_drafter: dict[int, list[tuple[Sequence, int]]] = {}
+        for seq in self.scheduler.running:
+            seq.draft = []
+            if seq.spec is not None and seq.pending == 1 and (k := seq.spec.budget(seq)) > 0:
+                by_drafter.setdefault(id(seq.spec.drafter), []).append((seq, k))
+        for rows in by_drafter.values():
+            seqs, ks = [s for s, _ in rows], [k for _, k in rows]
+            for seq, k, draft in zip(seqs, ks, seqs[0].spec.drafter.propose(seqs, ks)):
+                seq.draft = list(draft[:k])
+        self._fit_rows()
+
+    def _fit_rows(self) -> None:
+        """On CPU a verify step is fastest as one fused decode forward (at most cpu.MAX_ROWS rows, one per position):
+        trim the drafts, longest first, so that the step's decode rows and draft rows fit in it."""
+        if self._row_cap is None:
+            return
+        decoding = [s for s in self.scheduler.running if s.pending == 1]
+        free = self._row_cap - len(decoding)
+        for seq in sorted((s for s in decoding if s.draft), key=lambda s: -len(s.draft)):
+            seq.draft = seq.draft[: max(0, free)]
+            free -= len(seq.draft)
+
+    @staticmethod
+    def _checks(work: list[Work]) -> list[Work]:
+        """The work that verify forwards run: the drafting rows, and in a step with any, the other decode rows too
+        (as drafts of no tokens), so that all of them share forwards."""
+        if not any(w.draft for w in work):
+            return []
+        return [w for w in work if w.draft or (w.n == 1 and w.seq.pending == 1)]
+
+    def _run_drafts(self, work: list[Work]) -> list[tuple[Sequence, torch.Tensor, list[int]]]:
+        """The verify forwards: (sequence, logits [k + 1, V], draft) per row (k = 0 for a row without a draft)."""
+        if not work:
+            return []
+        logits = run_verify(self.llm.model, self.cache, [w.seq for w in work], [w.draft for w in work])
+        return [(w.seq, row, w.draft) for w, row in zip(work, logits)]
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> RequestOutput:
+        """Walk the verified positions in order: keep draft tokens while the target agrees (judge), then emit
+        the target's own token; each kept token passes the same checks as a decoded one. Then roll the KV back
+        to the kept tokens."""
+        p, start, taken = seq.params, seq.num_computed, _Taken(seq.params.logprobs is not None)
+        plain = p.temperature == 0 and not p.penalized and seq.guide is None
+        targets = logits.argmax(-1).tolist() if plain else None
+        lps = logprob_rows(logits, targets, [p.logprobs] * len(targets)) if plain else None
+        kept, reason = 0, None
+        for i in range(len(draft) + 1):
+            seq.num_computed = start + 1 + i  # the last token and the i kept draft tokens have their K/V
+            row, lp = logits[i], lps[i] if lps else None
+            if targets is not None:
+                token = targets[i]
+            else:
+                row = self._process(seq, row)
+                if row is None:
+                    reason = "grammar"
+                    break
+                token = judge(row, draft[i], p, seq.generator) if i < len(draft) else pick(row, p, seq.generator)
+            ok = i < len(draft) and token == draft[i]
+            kept += ok
+            reason = self._take(seq, token, row, lp, taken)
+            if reason is not None or not ok:
+                break
+        if draft:
+            seq.spec.record(seq, len(draft), kept)
+            self._drafted, self._accepted, self._draft_steps = (
+                self._drafted + len(draft), self._accepted + kept, self._draft_steps + 1
+            )  # fmt: skip
+        if reason is None:
+            self.blocks.truncate(seq)
+        return self._close(seq, reason, taken)
+
+    def _verify_alone(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> RequestOutput:
+        """_verify, where a failure ends this request alone (as _advance_alone)."""
+        try:
+            return self._verify(seq, logits, draft)
+        except Exception as e:
+            return self._failed(seq, e)
 
     def _encode_media(self, work: list[Work]) -> None:
         """Run the towers once for every image / clip that this step's chunks need and that is not encoded yet."""
@@ -310,33 +436,56 @@ class Engine:
     ) -> RequestOutput:
         """Take the next token: `token` (and its `logprob`) when greedy_rows picked it, else one picked here from
         logits [V]."""
-        p = seq.params
+        taken = _Taken(seq.params.logprobs is not None)
         if token is None:
-            if seq.guide is not None:
-                logits = seq.guide.restrict(logits)
-                if logits is None:
-                    return self._end(seq, "grammar", [], seq.stream.finish(), [] if p.logprobs is not None else None)
-            if p.penalized:
-                logits = penalize(logits, p, seq.tokens, seq.output)
-            token = pick(logits, p, seq.generator)
-        logprobs = [] if p.logprobs is not None else None
+            logits = self._process(seq, logits)
+            if logits is None:
+                return self._close(seq, "grammar", taken)
+            token = pick(logits, seq.params, seq.generator)
+        return self._close(seq, self._take(seq, token, logits, logprob, taken), taken)
+
+    def _process(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor | None:
+        """logits [V] as the request picks from them: the grammar's mask, then the penalties over the tokens so
+        far; None when the grammar allows no token at all."""
+        if seq.guide is not None:
+            logits = seq.guide.restrict(logits)
+            if logits is None:
+                return None
+        if seq.params.penalized:
+            logits = penalize(logits, seq.params, seq.tokens, seq.output)
+        return logits
+
+    def _take(
+        self, seq: Sequence, token: int, logits: torch.Tensor, logprob: TokenLogprob | None, taken: _Taken
+    ) -> str | None:
+        """Append `token` to `seq` (and to `taken`); the finish reason it causes, None when the request goes on."""
+        p = seq.params
         eos = () if p.ignore_eos else self.llm.stop_token_ids
         if token in eos or token in p.stop_token_ids:
-            return self._end(seq, "stop", [], seq.stream.finish(), logprobs)
+            return "stop"
         seq.output.append(token)
         seq.tokens.append(token)
         self._generated_tokens += 1
-        new, text = [token], seq.stream.push(token)
-        if logprobs is not None:
-            logprobs.append(logprob or logprob_of(logits, token, p.logprobs))
+        taken.tokens.append(token)
+        taken.text += seq.stream.push(token)
+        if taken.logprobs is not None:
+            taken.logprobs.append(logprob or logprob_of(logits, token, p.logprobs))
         if seq.guide is not None and not seq.guide.accept(token):  # only an unmasked token could be refused
-            return self._end(seq, "grammar", new, text + seq.stream.finish(), logprobs)
+            return "grammar"
         if seq.stream.stopped or (seq.guide is not None and seq.guide.done):
-            return self._end(seq, "stop", new, text + seq.stream.finish(), logprobs)
+            return "stop"
         if len(seq.output) >= p.max_tokens or len(seq.tokens) >= seq.max_len:
-            text += seq.stream.finish()  # the held-back tail may complete a stop string
-            return self._end(seq, "stop" if seq.stream.stopped else "length", new, text, logprobs)
-        return self._output(seq, new, text, logprobs)
+            return "length"
+        return None
+
+    def _close(self, seq: Sequence, reason: str | None, taken: _Taken) -> RequestOutput:
+        """The step's output for `seq`: it goes on (reason None) or ends with `reason`."""
+        if reason is None:
+            return self._output(seq, taken.tokens, taken.text, taken.logprobs)
+        taken.text += seq.stream.finish()  # the held-back tail may complete a stop string
+        if reason == "length" and seq.stream.stopped:
+            reason = "stop"
+        return self._end(seq, reason, taken.tokens, taken.text, taken.logprobs)
 
     def _progress(self, seq: Sequence) -> RequestOutput:
         """A prompt's prefill so far, for a request that asked (SamplingParams.progress): no tokens yet."""
@@ -350,10 +499,13 @@ class Engine:
         try:
             return self._advance(seq, logits, token, logprob)
         except Exception as e:
-            log.exception("request %s failed while picking its token", seq.request_id)
-            out = self._end(seq, "error", [], "", None)
-            out.error = f"{type(e).__name__}: {e}"
-            return out
+            return self._failed(seq, e)
+
+    def _failed(self, seq: Sequence, e: Exception) -> RequestOutput:
+        log.exception("request %s failed while picking its token", seq.request_id)
+        out = self._end(seq, "error", [], "", None)
+        out.error = f"{type(e).__name__}: {e}"
+        return out
 
     def _end(self, seq: Sequence, reason: str, new: list[int], text: str, logprobs) -> RequestOutput:
         """Finish `seq` with `reason` ("stop", "length", or "grammar": the constraint allows no token at all)."""

@@ -59,6 +59,58 @@ def run_paged(
     return model.logits(h[:, -1]) if logits else None
 
 
+def run_verify(
+    model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], drafts: list[list[int]]
+) -> list[torch.Tensor]:
+    """Speculative verification: compute each sequence's last token and its draft (slots allocated); returns per
+    sequence logits [len(draft) + 1, V], row i scoring the token after draft[:i].
+
+    On CPU every position runs as a decode row of its own (its sequence's block table, its own position), so
+    verification takes the fused decode step and gives bit for bit the logits plain decoding would: the rows of
+    one forward all write their K/V before any reads, and later positions never run in an earlier forward.
+    Elsewhere each sequence's positions run as one short prefill (sequences grouped by draft length)."""
+    if model.device.type == "cpu" and cpu.available():
+        return _verify_rows(model, cache, seqs, drafts)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    by_len: dict[int, list[int]] = {}
+    for i, d in enumerate(drafts):
+        by_len.setdefault(len(d), []).append(i)
+    for group in by_len.values():
+        logits = _verify_wide(model, cache, [seqs[i] for i in group], [drafts[i] for i in group])
+        for i, row in zip(group, logits):
+            out[i] = row
+    return out
+
+
+@torch.inference_mode()
+def _verify_rows(model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], drafts: list[list[int]]):
+    rows = [(s, s.num_computed + j, t) for s, d in zip(seqs, drafts) for j, t in enumerate([s.tokens[-1], *d])]
+    n, device = len(rows), model.device
+    k = -(-n // cpu.MAX_ROWS) if n <= FUSED_DECODE_ROWS else 1
+    cuts = [i * n // k for i in range(k + 1)]
+    logits = []
+    for a, b in zip(cuts, cuts[1:]):  # in order: a position's K/V is written no later than the rows reading it
+        part = rows[a:b]
+        ids = torch.tensor([[t] for _, _, t in part], device=device)
+        positions = torch.tensor([[p] for _, p, _ in part], device=device)
+        cache.begin(positions, [p for _, p, _ in part], [s.tables for s, _, _ in part])
+        logits.append(model.logits(model(ids, Batch(positions=positions, cache=cache, outputs=1))[:, -1]))
+    return list(torch.cat(logits).split([len(d) + 1 for d in drafts]))
+
+
+@torch.inference_mode()
+def _verify_wide(model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], drafts: list[list[int]]):
+    """Drafts of one length: each sequence's positions as one prefill chunk; logits [b, k + 1, V]."""
+    device = model.device
+    starts = [s.num_computed for s in seqs]
+    ids = torch.tensor([[s.tokens[p], *d] for s, p, d in zip(seqs, starts, drafts)], device=device)
+    T = ids.shape[1]
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)[None, :]
+    cache.begin(positions, starts, [s.tables for s in seqs])
+    h = model(ids, Batch(positions=positions, cache=cache, outputs=T))
+    return model.logits(h[:, -T:])
+
+
 # Decode batches of up to this many rows run on CPU as forwards of at most cpu.MAX_ROWS rows: there the fused decode
 # step (layers/decode_step.py) runs each layer in one kernel call, where a wider forward runs module by module.
 FUSED_DECODE_ROWS = 32

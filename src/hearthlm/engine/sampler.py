@@ -46,6 +46,8 @@ class SamplingParams:
     reasoning: tuple[str, str] | None = None
     in_reasoning: bool = False
     progress: bool = False  # also report each prefill chunk of a long prompt (an output with `progress` set)
+    speculative: bool | None = None  # None: as the engine drafts; False: never draft; True: draft (prompt lookup
+    # when the engine has no drafter). Output is the same either way (engine/speculative.py).
 
     def __post_init__(self) -> None:
         if self.choice is not None and not isinstance(self.choice, str):
@@ -70,6 +72,7 @@ class SamplingParams:
                 f"logprobs must be None (off) or an integer in [0, {MAX_LOGPROBS}]",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (self.speculative in (None, True, False), "speculative must be None (the engine's choice), True or False"),
             (
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be a list of token ids (integers >= 0)",

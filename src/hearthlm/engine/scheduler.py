@@ -1,6 +1,7 @@
 """Continuous batching: which sequences compute how many tokens in the next step.
 
-Every running sequence with one pending token decodes (all of them in one batched forward); sequences
+Every running sequence with one pending token decodes (all of them in one batched forward), or, when it has a
+draft (engine/speculative.py) and free slots for it, verifies its last token and the draft together; sequences
 with more pending tokens (a prompt, or a preempted sequence's prompt + output) prefill up to
 `prefill_chunk` tokens per step in total, so long prompts never stall the decodes. New requests join
 between steps while there is room. When a pool runs out of blocks the youngest running sequence is
@@ -10,7 +11,7 @@ preempted: its blocks are freed and it goes back to the front of the queue, to b
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence
@@ -20,6 +21,7 @@ from .sequence import Sequence
 class Work:
     seq: Sequence
     n: int  # tokens to compute this step, from seq.num_computed
+    draft: list[int] = field(default_factory=list)  # speculative: the n - 1 drafted tokens after the last token
 
 
 class Scheduler:
@@ -43,7 +45,10 @@ class Scheduler:
         while i < len(self.running):
             seq = self.running[i]
             n = self._chunk(seq, budget)
-            if n and self._make_room(seq, seq.num_computed + n):
+            draft, seq.draft = seq.draft, []
+            if draft and seq.pending == 1 and self.blocks.allocate(seq, seq.num_computed + 1 + len(draft)):
+                work.append(Work(seq, 1 + len(draft), draft))  # verified only where its slots are free
+            elif n and self._make_room(seq, seq.num_computed + n):
                 work.append(Work(seq, n))
                 budget -= n if seq.pending > 1 else 0
             if i < len(self.running) and self.running[i] is seq:
@@ -96,6 +101,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
         seq.num_computed = seq.registered = 0
+        seq.draft = []
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1

@@ -13,6 +13,7 @@ from .sampler import SamplingParams
 
 if TYPE_CHECKING:
     from ..multimodal.prompt import MediaPrompt
+    from .speculative import SpecState
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Sequence:
     finish_reason: str | None = None
     guide: Guide | None = None  # constrained decoding: masks each step's logits
     media: MediaPrompt | None = None  # image / audio items of the prompt and where their soft tokens sit
+    spec: SpecState | None = None  # speculative decoding: this sequence drafts (engine/speculative.py)
+    draft: list[int] = field(default_factory=list)  # the draft proposed for the next step, verified with it
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

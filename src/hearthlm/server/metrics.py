@@ -142,10 +142,25 @@ class Metrics:
                 "Requests preempted for KV space.",
                 [f"hearth_preemptions_total {stats.preemptions}"],
             )
+            for name, kind, help_, value in _draft_series(stats):
+                series(name, kind, help_, [f"{name} {value}"])
         if moe is not None:
             for name, kind, help_, value in _moe_series(moe):
                 series(name, kind, help_, [f"{name} {value}"])
         return "\n".join(out) + "\n"
+
+
+def _draft_series(s: Any) -> list[tuple[str, str, str, float]]:
+    """Speculative decoding's totals (engine/speculative.py); an engine without them reports zeros."""
+    drafted, accepted = getattr(s, "drafted_tokens", 0), getattr(s, "accepted_tokens", 0)
+    rate = accepted / drafted if drafted else 0.0
+    return [
+        ("hearth_draft_tokens_total", "counter", "Draft tokens verified (speculative decoding).", drafted),
+        ("hearth_draft_accepted_tokens_total", "counter", "Draft tokens the model accepted.", accepted),
+        ("hearth_draft_steps_total", "counter", "Verify steps (one per request and step with a draft).",
+         getattr(s, "draft_steps", 0)),
+        ("hearth_draft_acceptance_rate", "gauge", "Accepted / verified draft tokens since start.", rate),
+    ]  # fmt: skip
 
 
 def _moe_series(s: Any) -> list[tuple[str, str, str, float]]:

@@ -98,6 +98,7 @@ class _Sampling(_Body):
     ) = Field(None, max_length=300)
     ignore_eos: bool = False  # extension
     return_progress: bool = False  # llama-server's: streamed prompt_progress chunks while a long prompt prefills
+    speculative: bool | None = None  # extension: False turns speculative decoding off for this request, True on
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # extensions: vLLM's, then vLLM's and llama-server's
     guided_json: dict[str, Any] | str | None = None
@@ -131,7 +132,7 @@ class _Sampling(_Body):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + index, stop=stop_list(self.stop), logprobs=logprobs,
             ignore_eos=self.ignore_eos or None, progress=(self.stream and self.return_progress) or None,
-            **model.guided(prompt, constraint),
+            speculative=self.speculative, **model.guided(prompt, constraint),
         )  # fmt: skip
 
 

@@ -1,0 +1,179 @@
+"""Speculative decoding on the demo model: decode tok/s with and without drafting, at batch 1 and with 4 concurrent
+requests, with the acceptance rate and the mean accepted length per verify step.
+
+    python benchmarks/speculative.py [--model FOLDER] [--new-tokens 128] [--runs 3] [--dtype bfloat16]
+
+Tasks (greedy, ignore_eos, every prompt from benchmarks/data/heldout.txt, text the demo never trained on):
+- quote: a passage, then the passage again cut after its first words: the model is to copy the rest, which is
+  what prompt lookup drafts (on the demo model the reply mostly loops instead; the loops are drafted too);
+- worst: the same prompts with a drafter whose every token is wrong (the plain reply's token + 1), so every draft
+  is rejected: the cost of verification, with the adaptive pause (as shipped) and without it (raw cost).
+Decode tok/s: tokens after each request's first / time after the last request's first token (prefill left out).
+Configurations alternate within each run and the figures are medians over runs; other work on the machine moves
+them, so compare figures of one run only. A results file (JSON) records the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from hearthlm import LLM, SamplingParams
+from hearthlm.engine.speculative import Adaptive
+
+DATA = Path(__file__).resolve().parent / "data" / "heldout.txt"
+RESULTS = Path(__file__).resolve().parent / "results"
+NO_PAUSE = Adaptive(min_accepted=0.0)
+
+
+def passages(n: int, min_chars: int = 300) -> list[str]:
+    """n passages of consecutive non-empty lines, each at least min_chars long."""
+    out, block = [], []
+    for line in DATA.read_text().splitlines():
+        if line.strip():
+            block.append(line.strip())
+        if sum(len(b) for b in block) >= min_chars:
+            out.append("\n".join(block))
+            block = []
+    return out[:n]
+
+
+def quote_prompt(passage: str) -> str:
+    head = " ".join(passage.split()[:8])
+    return f"{passage}\n\nThe same passage, word for word:\n{head}"
+
+
+class Contrary:
+    """A drafter that is always wrong: it proposes the plain greedy reply's next tokens, each plus one."""
+
+    def __init__(self, replies: dict[tuple[int, ...], list[int]], vocab: int):
+        self.replies, self.vocab = replies, vocab
+
+    def propose(self, seqs, ks):
+        out = []
+        for seq, k in zip(seqs, ks):
+            reply, at = self.replies[tuple(seq.prompt)], len(seq.output)
+            out.append([((reply[i] if i < len(reply) else 0) + 1) % self.vocab for i in range(at, at + k)])
+        return out
+
+
+@dataclass
+class Run:
+    decode_tok_s: float
+    tokens: dict[str, list[int]]
+    drafted: int
+    accepted: int
+    steps: int
+
+
+def measure(llm: LLM, prompts: list[list[int]], new_tokens: int, draft, adaptive: Adaptive | None) -> Run:
+    """All of `prompts` at once through a fresh engine; decode-only rate."""
+    engine = llm.engine(draft=draft, adaptive=adaptive)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    first: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            if out.token_ids:
+                first.setdefault(out.request_id, time.perf_counter())
+    end = time.perf_counter()
+    decoded = sum(len(t) for t in tokens.values()) - len(prompts)
+    s = engine.stats()
+    return Run(decoded / (end - max(first.values())), tokens, s.drafted_tokens, s.accepted_tokens, s.draft_steps)
+
+
+def measure_batch(llm: LLM, prompts: list[list[int]], batch: int, new_tokens: int, draft, adaptive) -> Run:
+    """The prompts in groups of `batch`, one group after the other; the rate over all groups' decode time."""
+    runs = [measure(llm, prompts[i : i + batch], new_tokens, draft, adaptive) for i in range(0, len(prompts), batch)]
+    decoded = [sum(len(t) - 1 for t in r.tokens.values()) for r in runs]
+    seconds = sum(d / r.decode_tok_s for d, r in zip(decoded, runs))
+    tokens = {f"{j}-{k}": v for j, r in enumerate(runs) for k, v in r.tokens.items()}
+    return Run(
+        sum(decoded) / seconds, tokens, sum(r.drafted for r in runs), sum(r.accepted for r in runs),
+        sum(r.steps for r in runs),
+    )  # fmt: skip
+
+
+def configs(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict[str, tuple]:
+    """name -> (drafter, adaptive policy); the worst-case drafter needs the plain replies first."""
+    plain = measure(llm, prompts, new_tokens, None, None)
+    replies = {tuple(p): plain.tokens[f"r{i}"] for i, p in enumerate(prompts)}
+    wrong = Contrary(replies, llm.config.vocab_size)
+    return {
+        "off": (None, None),
+        "quote: lookup": ("lookup", None),
+        "worst: adaptive": (wrong, None),
+        "worst: no pause": (wrong, NO_PAUSE),
+    }
+
+
+def summarize(name: str, batch: int, runs: list[Run], base: list[Run]) -> dict:
+    rate = statistics.median(r.decode_tok_s for r in runs)
+    off = statistics.median(r.decode_tok_s for r in base)
+    last = runs[-1]
+    return {
+        "config": name,
+        "batch": batch,
+        "decode_tok_s": round(rate, 1),
+        "speedup": round(rate / off, 3),
+        "acceptance": round(last.accepted / last.drafted, 3) if last.drafted else None,
+        "mean_accepted": round(last.accepted / last.steps, 2) if last.steps else None,
+        "verify_steps": last.steps,
+        "same_tokens": all(r.tokens == base[0].tokens for r in runs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="default: the demo model")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    llm = LLM(args.model, dtype=args.dtype)
+    prompts = [llm.tokenizer.encode(quote_prompt(p)) for p in passages(args.prompts)]
+    measure(llm, prompts[:1], 8, "lookup", None)  # warm-up
+    table = configs(llm, prompts, args.new_tokens)
+    runs: dict[tuple[str, int], list[Run]] = {(c, b): [] for c in table for b in (1, 4)}
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("speculative", total=len(runs) * args.runs)
+        for _ in range(args.runs):
+            for (name, batch), out in runs.items():  # alternating: each run measures every configuration
+                out.append(measure_batch(llm, prompts, batch, args.new_tokens, *table[name]))
+                bar.advance(task)
+    rows = [summarize(c, b, r, runs[("off", b)]) for (c, b), r in runs.items()]
+    report(rows, args, llm)
+
+
+def report(rows: list[dict], args: argparse.Namespace, llm: LLM) -> None:
+    t = Table(title=f"speculative decoding, {llm.path.name} ({args.dtype}), {args.new_tokens} new tokens")
+    for col in ("config", "batch", "decode tok/s", "speedup", "acceptance", "mean accepted", "verify steps", "same"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*(str(v) for v in r.values()))
+    Console().print(t)
+    RESULTS.mkdir(exist_ok=True)
+    name = f"speculative-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    record = {"command": " ".join(sys.argv), "machine": machine, "model": str(llm.path), "rows": rows}
+    (RESULTS / name).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"results: {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
