@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import socket
 import statistics
@@ -77,79 +76,6 @@ def busy(n: int) -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
-REPACKED = {2: "Q4_0", 12: "Q4_K"}  # GGML types llama.cpp's CPU_REPACK buffer takes on x86 (AVX2 and wider)
-
-
-@contextmanager
-def llama_cpp_without_amx(path: Path) -> Iterator[None]:
-    """llama.cpp models loaded inside get the weight buffers llama.cpp picks on an AVX-512 CPU without AMX. On CPUs
-    that report AMX it repacks the weights for AMX by default, and that crashes it in the first llama_decode on the
-    Xeon VMs here (Q4_0 and Q8_0 files alike). llama-cpp-python cannot leave out one extra buffer type, so all are
-    switched off and the GGUF file's matrices that llama.cpp would repack for AVX2/AVX-512 (_repacked) are placed
-    in its CPU_REPACK buffer by name (tensor_buft_overrides)."""
-    import ctypes
-
-    import llama_cpp
-    import llama_cpp.llama_cpp as lib
-
-    from hearthlm.weights.gguf import GGUFFile
-
-    class Override(ctypes.Structure):  # llama_model_tensor_buft_override
-        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-    repack = _extra_buffer_types(Path(llama_cpp.__file__).parent / "lib").get("CPU_REPACK")
-    names = [t.name for t in GGUFFile(path).tensors.values() if _repacked(t)]
-    pattern = ("^(" + "|".join(re.escape(n) for n in names) + ")$").encode()
-    table = (Override * 2)(Override(pattern, repack), Override(None, None))
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        if names and repack:
-            p.tensor_buft_overrides = ctypes.cast(table, ctypes.c_void_p)
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = default
-
-
-def _repacked(t) -> bool:
-    """Whether llama.cpp repacks this GGUF tensor for AVX2/AVX-512: a layer's matrix (not the token embedding, which
-    it reads by rows) of a type it repacks, with rows a multiple of 8."""
-    return t.name.startswith("blk.") and t.ggml_type in REPACKED and len(t.shape) == 2 and t.shape[0] % 8 == 0
-
-
-def _extra_buffer_types(libs: Path) -> dict[str, int]:
-    """{name: ggml_backend_buffer_type_t} of the CPU backend's extra buffer types (AMX, CPU_REPACK, ...)."""
-    import ctypes
-
-    import llama_cpp.llama_cpp as lib
-
-    ggml, base, vp = ctypes.CDLL(str(libs / "libggml.so")), ctypes.CDLL(str(libs / "libggml-base.so")), ctypes.c_void_p
-    ggml.ggml_backend_dev_by_type.restype, ggml.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
-    base.ggml_backend_dev_backend_reg.restype, base.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
-    base.ggml_backend_reg_get_proc_address.restype = vp
-    base.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
-    base.ggml_backend_buft_name.restype, base.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
-    lib.llama_backend_init()
-    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
-    get = base.ggml_backend_reg_get_proc_address(
-        base.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts"
-    )
-    if not get:
-        return {}
-    types = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(get)(dev)  # NULL-terminated
-    out, i = {}, 0
-    while types[i]:
-        out[base.ggml_backend_buft_name(types[i]).decode()] = types[i]
-        i += 1
-    return out
-
-
 def load_engines(
     folder: Path, qtype: str, file: Path, warm_ids: list[int], amx: bool, progress: Progress
 ) -> dict[str, decode.Engine]:
@@ -157,7 +83,7 @@ def load_engines(
     engines = {}
     with decode.paused(progress):  # hearthlm's loader draws its own progress bar
         for name in ENGINES:
-            with llama_cpp_without_amx(file) if name == "llama.cpp" and not amx else nullcontext():
+            with decode.llama_cpp_without_amx(file) if name == "llama.cpp" and not amx else nullcontext():
                 engines[name] = decode.LOADERS[name](folder, f"gguf-{qtype}")
             engines[name].decode(warm_ids, 4)  # first calls pay one-time kernel and allocator setup
     return engines

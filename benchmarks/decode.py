@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
@@ -48,7 +49,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -445,19 +446,14 @@ class LlamaCppEngine:
 
         self.np = __import__("numpy")
         path = gguf_file(folder, fmt[5:])
-        extra = extra_buffers_work(path)
-        if not extra:
-            print(f"llama.cpp crashed on {path.name} with its AMX/repacked weight buffers: running it without them")
-        api = llama_cpp.llama_cpp  # the bindings Llama() takes its default model parameters from
-        params = api.llama_model_default_params
-        api.llama_model_default_params = lambda: _with_extra_buffers(params(), extra)
-        try:
+        safe = extra_buffers_work(path)
+        if not safe:
+            print(f"llama.cpp crashed on {path.name} with its AMX weight buffers: running it without them")
+        with nullcontext() if safe else llama_cpp_without_amx(path):
             self.llm = llama_cpp.Llama(
                 str(path), n_ctx=2048, n_batch=512, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(),
                 verbose=False,
             )  # fmt: skip
-        finally:
-            api.llama_model_default_params = params
 
     def _next(self) -> int:
         # The last position's logits, from the context: llama-cpp-python fills `scores` only with logits_all=True
@@ -485,22 +481,90 @@ class LlamaCppEngine:
         return (n - 1) / (stamps[-1] - stamps[0]), tokens
 
 
-def _with_extra_buffers(params, on: bool):
-    params.use_extra_bufts = on
-    return params
-
-
 @functools.cache
 def extra_buffers_work(path: Path) -> bool:
-    """Whether llama.cpp survives a 512-token prefill of `path` with its extra weight buffers (AMX, repacked
-    layouts), tried in a child process: the llama-cpp-python 0.3.36 build here segfaults on Q8_0 files with
-    them on an AMX machine. Where it crashes, the benchmark runs llama.cpp without them and says so."""
+    """Whether llama.cpp survives a 512-token prefill of `path` with its default weight buffers (AMX where the CPU
+    has it, repacked layouts), tried in a child process: the llama-cpp-python 0.3.36 build here segfaults on Q8_0
+    and Q4_0 files with its AMX buffers. Where it crashes, llama.cpp runs as on an AVX-512 CPU without AMX."""
     probe = (
         "import llama_cpp, sys\n"
         "llm = llama_cpp.Llama(sys.argv[1], n_ctx=2048, n_batch=512, n_threads=2, verbose=False)\n"
         "llm.eval(list(range(100, 612)))\n"
     )
     return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True).returncode == 0
+
+
+REPACKED = {2: "Q4_0", 12: "Q4_K"}  # GGML types llama.cpp's CPU_REPACK buffer takes on x86 (AVX2 and wider)
+
+
+@contextmanager
+def llama_cpp_without_amx(path: Path) -> Iterator[None]:
+    """llama.cpp models loaded inside get the weight buffers llama.cpp picks on an AVX-512 CPU without AMX. On CPUs
+    that report AMX it repacks the weights for AMX by default, and that crashes it in the first llama_decode on the
+    Xeon VMs here (Q4_0 and Q8_0 files alike). llama-cpp-python cannot leave out one extra buffer type, so all are
+    switched off and the GGUF file's matrices that llama.cpp would repack for AVX2/AVX-512 (_repacked) are placed
+    in its CPU_REPACK buffer by name (tensor_buft_overrides)."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    from hearthlm.weights.gguf import GGUFFile
+
+    class Override(ctypes.Structure):  # llama_model_tensor_buft_override
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    repack = _extra_buffer_types(Path(llama_cpp.__file__).parent / "lib").get("CPU_REPACK")
+    names = [t.name for t in GGUFFile(path).tensors.values() if _repacked(t)]
+    pattern = ("^(" + "|".join(re.escape(n) for n in names) + ")$").encode()
+    table = (Override * 2)(Override(pattern, repack), Override(None, None))
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        if names and repack:
+            p.tensor_buft_overrides = ctypes.cast(table, ctypes.c_void_p)
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+def _repacked(t) -> bool:
+    """Whether llama.cpp repacks this GGUF tensor for AVX2/AVX-512: a layer's matrix (not the token embedding, which
+    it reads by rows) of a type it repacks, with rows a multiple of 8."""
+    return t.name.startswith("blk.") and t.ggml_type in REPACKED and len(t.shape) == 2 and t.shape[0] % 8 == 0
+
+
+def _extra_buffer_types(libs: Path) -> dict[str, int]:
+    """{name: ggml_backend_buffer_type_t} of the CPU backend's extra buffer types (AMX, CPU_REPACK, ...)."""
+    import ctypes
+
+    import llama_cpp.llama_cpp as lib
+
+    ggml, base, vp = ctypes.CDLL(str(libs / "libggml.so")), ctypes.CDLL(str(libs / "libggml-base.so")), ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.restype, ggml.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
+    base.ggml_backend_dev_backend_reg.restype, base.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
+    base.ggml_backend_reg_get_proc_address.restype = vp
+    base.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
+    base.ggml_backend_buft_name.restype, base.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
+    lib.llama_backend_init()
+    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    get = base.ggml_backend_reg_get_proc_address(
+        base.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts"
+    )
+    if not get:
+        return {}
+    types = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(get)(dev)  # NULL-terminated
+    out, i = {}, 0
+    while types[i]:
+        out[base.ggml_backend_buft_name(types[i]).decode()] = types[i]
+        i += 1
+    return out
 
 
 LOADERS: dict[str, Callable[[Path, str], Engine]] = {

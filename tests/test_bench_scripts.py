@@ -147,7 +147,7 @@ def test_busy_processes_spin_and_are_killed(contention):
 
 
 def test_llama_cpp_loads_without_amx_and_repacks_q4_0(tmp_path):
-    """contention.py's llama.cpp loader (ctypes into ggml) in a child process, as a wrong signature would crash it:
+    """decode.py's llama.cpp loader (ctypes into ggml) in a child process, as a wrong signature would crash it:
     a Q4_0 file runs, with its block matrices in llama.cpp's CPU_REPACK buffer and none in AMX."""
     pytest.importorskip("llama_cpp")
     code = textwrap.dedent(f"""
@@ -156,7 +156,7 @@ def test_llama_cpp_loads_without_amx_and_repacks_q4_0(tmp_path):
         import gguf, torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
         from gguf_files import demo_vocab, write_gguf
-        import contention, llama_cpp
+        import decode, llama_cpp
         torch.manual_seed(0)
         cfg = Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -165,7 +165,7 @@ def test_llama_cpp_loads_without_amx_and_repacks_q4_0(tmp_path):
         tensors = ((n, t.detach().float().numpy()) for n, t in model.state_dict().items())
         path = write_gguf({str(tmp_path / "tiny-Q4_0.gguf")!r}, "Qwen2ForCausalLM", cfg.to_dict(), tensors,
                           gguf.GGMLQuantizationType.Q4_0, demo_vocab(4096))
-        with contention.llama_cpp_without_amx(path):
+        with decode.llama_cpp_without_amx(path):
             llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, verbose=True)
         llm.eval(list(range(300, 316)))
         print("evaluated", flush=True)
