@@ -43,13 +43,14 @@ def loaded(checkpoint):
 
 @pytest.fixture
 def kernel_path(monkeypatch):
-    """kernel_path(name) runs the rest of the test on CPU kernel path `name` ("avx512", "avx2" or "torch", as
-    HEARTHLM_ISA sets it); skips the test where this CPU cannot run it. The choice is forgotten afterwards."""
+    """kernel_path(name) runs the rest of the test on CPU kernel path `name` ("amx", "avx512", "avx2" or "torch",
+    as HEARTHLM_ISA sets it); skips the test where this CPU cannot run it. The choice is forgotten afterwards."""
     from hearthlm.kernels import cpu
 
     def use(name: str) -> None:
         cpu.isa.cache_clear()
-        if cpu.ISAS.index(name) < cpu.ISAS.index(cpu.isa()) or (name == "avx512" and not cpu.gemm_available()):
+        gemm = name in ("amx", "avx512")
+        if cpu.ISAS.index(name) < cpu.ISAS.index(cpu.isa()) or (gemm and not cpu.gemm_available()):
             pytest.skip(f"this CPU has no {name} kernel path")
         monkeypatch.setenv("HEARTHLM_ISA", name)
         cpu.isa.cache_clear()

@@ -16,14 +16,18 @@ from hearthlm.kernels import cpu
 from hearthlm.quant.linear import quant_linear
 from hearthlm.quant.tensor import QuantTensor, dequantize
 
-gemm = pytest.mark.skipif(not cpu.gemm_available(), reason="needs a CPU with AVX-512 VNNI and a compiler")
+
+@pytest.fixture(params=["amx", "avx512"])
+def gemm(request, kernel_path):
+    """Runs a test on the AMX tile unit and on AVX-512 VNNI, each where this CPU has it."""
+    kernel_path(request.param)
+    return request.param
 
 
-@gemm
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("mins", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"K{t[0]}-g{t[1]}")
-def test_quant_gemm_matches_reference(bits, mins, layout):
+def test_quant_gemm_matches_reference(gemm, bits, mins, layout):
     K, group = layout
     q, s, m = _weights(69, K, bits, group, mins, seed=K + group)  # 69 columns: two panels and a tail of 5
     g = torch.Generator().manual_seed(1)
@@ -33,10 +37,9 @@ def test_quant_gemm_matches_reference(bits, mins, layout):
         _check(x, q, s, m, bits, group, kernel=cpu.quant_gemm)
 
 
-@gemm
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("mins", [False, True])
-def test_quant_gemm_equals_the_gemv(bits, mins):
+def test_quant_gemm_equals_the_gemv(gemm, bits, mins):
     """The same rounded x, the same integer products: the two kernels differ by float32 summation order only."""
     K, group = 640, 32
     q, s, m = _weights(100, K, bits, group, mins, seed=11)
@@ -46,19 +49,17 @@ def test_quant_gemm_equals_the_gemv(bits, mins):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
-@gemm
 @pytest.mark.parametrize(
     "bits, group, mins", [(4, 32, False), (4, 32, True), (8, 16, False), (8, 32, True), (8, 4864, False)]
 )
-def test_quant_gemm_realistic_shape(bits, group, mins):
+def test_quant_gemm_realistic_shape(gemm, bits, group, mins):
     N, K = 896, 4864  # Qwen2.5-0.5B's down projection: 28 panels for the threads to share
     q, s, m = _weights(N, K, bits, group, mins, seed=5)
     x = torch.randn(41, K, generator=torch.Generator().manual_seed(6))
     _check(x, q, s, m, bits, group, kernel=cpu.quant_gemm)
 
 
-@gemm
-def test_quant_gemm_batched_input_shape_bias_and_dtype():
+def test_quant_gemm_batched_input_shape_bias_and_dtype(gemm):
     q, s, m = _weights(40, 96, 4, 32, True, seed=8)
     x = torch.randn(2, 9, 96, generator=torch.Generator().manual_seed(9))
     bias = torch.randn(40, generator=torch.Generator().manual_seed(10))
@@ -70,9 +71,8 @@ def test_quant_gemm_batched_input_shape_bias_and_dtype():
     assert torch.allclose(yb, cpu.quant_gemm(x.bfloat16().float(), q, s, m, 4, 32, None))
 
 
-@gemm
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quant_gemm_outlier_and_non_finite(bits):
+def test_quant_gemm_outlier_and_non_finite(gemm, bits):
     K = 640
     q, s, m = _weights(29, K, bits, 32, False, seed=3)
     x = torch.randn(9, K, generator=torch.Generator().manual_seed(2))
@@ -83,9 +83,8 @@ def test_quant_gemm_outlier_and_non_finite(bits):
     assert y[:2].isnan().all() and y[2:].isfinite().all()
 
 
-@gemm
 @pytest.mark.parametrize("group", [16, 32])
-def test_quant_gemm_int4_layout(group):
+def test_quant_gemm_int4_layout(gemm, group):
     """Nibbles packed by hand (element j low, j + 16 high, per block); one-hot rows of x read them back."""
     N, K = 5, 64
     vals = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
@@ -99,8 +98,7 @@ def test_quant_gemm_int4_layout(group):
     assert torch.allclose(y, 0.5 * (vals[:, probes].T.float() - 8), rtol=1e-6, atol=0)
 
 
-@gemm
-def test_quant_gemm_bad_inputs_are_clear_errors():
+def test_quant_gemm_bad_inputs_are_clear_errors(gemm):
     q, s, m = _weights(8, 64, 4, 32, True, seed=1)
     x = torch.randn(9, 64)
     for match, args in [
@@ -132,18 +130,18 @@ def capped(monkeypatch):
 
 def test_isa_is_what_the_cpu_has(capped):
     flags = cpu.cpu_flags()
-    expected = "avx512" if cpu._NEEDS["avx512"] <= flags else "avx2" if cpu._NEEDS["avx2"] <= flags else "torch"
+    expected = next((path for path in ("amx", "avx512", "avx2") if cpu._NEEDS[path] <= flags), "torch")
     assert cpu.isa() == expected
-    capped("avx512")  # asking for more than the CPU has gives what it has
+    capped("amx")  # asking for more than the CPU has gives what it has
     assert cpu.isa() == expected
     capped("torch")
     assert cpu.isa() == "torch" and not cpu.gemm_available()
     capped("sse9")
-    with pytest.raises(ValueError, match="HEARTHLM_ISA='sse9'.*avx512, avx2, torch"):
+    with pytest.raises(ValueError, match="HEARTHLM_ISA='sse9'.*amx, avx512, avx2, torch"):
         cpu.isa()
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "torch"])
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "torch"])
 def test_prefill_product_on_every_path(kernel_path, isa):
     """Each path this machine can run gives the quantized product of 20 rows: the integer GEMM within the bound
     of rounding x, the float tiles (AVX2 dequantizer or the torch reference) to float32 rounding."""
@@ -153,8 +151,8 @@ def test_prefill_product_on_every_path(kernel_path, isa):
     x = torch.randn(20, 640, generator=torch.Generator().manual_seed(22))
     y = quant_linear(x, w)
     exact = x.double() @ dequantize(q, s, m, 4, 32).double().T
-    if isa == "avx512":
-        assert cpu.gemm_available()
+    if isa in ("amx", "avx512"):
+        assert cpu.gemm_available() and cpu._amx() == (isa == "amx")
         assert torch.equal(y, cpu.quant_gemm(x, q, s, m, 4, 32))
         _check(x, q, s, m, 4, 32, kernel=cpu.quant_gemm)
     else:

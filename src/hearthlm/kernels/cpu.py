@@ -4,7 +4,8 @@ GEMV and a row dequantizer for quantized weights (quant_cpu.cpp); a whole decode
 them (decoder_cpu.cpp).
 
 On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
-weights (gemm_avx512.cpp). `isa()` says which of the paths run here: "avx512", "avx2" or "torch".
+weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8. `isa()` says which of the paths run
+here: "amx", "avx512", "avx2" or "torch".
 HEARTHLM_ISA=avx2 or =torch caps it below what the CPU has (tests check the narrower paths on wide machines
 that way); HEARTHLM_KERNELS=0 is the same as HEARTHLM_ISA=torch.
 
@@ -29,15 +30,15 @@ from rich.console import Console
 MAX_ROWS = 8  # the kernel serves up to this many input rows (decode batches)
 
 
-ISAS = ("avx512", "avx2", "torch")  # widest first
-_NEEDS = {
-    "avx2": {"avx2", "fma", "f16c"},
-    "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
-}
+ISAS = ("amx", "avx512", "avx2", "torch")  # widest first
+_AVX2 = {"avx2", "fma", "f16c"}
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+_NEEDS = {"amx": _AVX512 | {"amx_tile", "amx_int8"}, "avx512": _AVX512, "avx2": _AVX2}
 _CFLAGS = {
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+    # The AMX code sits beside the VNNI code in one extension; it only runs where isa() is "amx".
     "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-    + ["-mavx512vnni", "-fopenmp"],
+    + ["-mavx512vnni", "-mamx-tile", "-mamx-int8", "-fopenmp"],
 }
 
 
@@ -175,12 +176,20 @@ def native_bf16() -> bool:
     """Whether PyTorch's bfloat16 GEMM (oneDNN) runs on bfloat16 instructions here (AVX512-BF16 or AMX), which
     makes it several times faster than float32; without them it emulates bfloat16 and is slower. Off when
     HEARTHLM_ISA caps the kernels below avx512."""
-    return isa() == "avx512" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return _at_least("avx512") and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def gemm_available() -> bool:
-    """Whether the AVX-512 VNNI integer GEMM (quant_gemm) runs here."""
-    return isa() == "avx512" and available() and _load_avx512() is not None
+    """Whether the integer GEMM (quant_gemm: AVX-512 VNNI, or AMX) runs here."""
+    return _at_least("avx512") and available() and _load_avx512() is not None
+
+
+def _at_least(path: str) -> bool:
+    return ISAS.index(isa()) <= ISAS.index(path)
+
+
+def _amx() -> bool:
+    return isa() == "amx" and _load_avx512().amx_available()
 
 
 def quant_gemm(
@@ -192,10 +201,11 @@ def quant_gemm(
     group: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """quant_gemv's product for any number of rows, as an integer GEMM (AVX-512 VNNI): x [..., K], the
-    QuantTensor parts of W [N, K], bias or None -> x @ W.T + bias, float32 [..., N]. x is rounded to int8 per
-    block of 32 as in quant_gemv, so both agree with the dequantized product to the same bound."""
-    return _load_avx512().quant_gemm(x, qdata, scales, mins, bits, group, bias)
+    """quant_gemv's product for any number of rows, as an integer GEMM (on AMX where isa() is "amx", else AVX-512
+    VNNI): x [..., K], the QuantTensor parts of W [N, K], bias or None -> x @ W.T + bias, float32 [..., N]. x is
+    rounded to int8 per block of 32 as in quant_gemv, so both agree with the dequantized product to the same
+    bound."""
+    return _load_avx512().quant_gemm(x, qdata, scales, mins, bits, group, bias, _amx())
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

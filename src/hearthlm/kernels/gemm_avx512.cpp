@@ -20,6 +20,8 @@
 
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <ATen/Parallel.h>
 
@@ -77,9 +79,10 @@ void quantize(const float* x, int64_t M, int64_t K, int64_t unit, Activations& a
   a.K = K;
   a.unit = unit;
   a.U = K / unit;
-  a.q.resize(M * K);
-  a.d.resize(M * a.U);
-  a.sum.resize(M * a.U);
+  const int64_t padded = (M + 15) / 16 * 16;  // the AMX path reads whole tiles of 16 rows; the extra rows are
+  a.q.assign(padded * K, 128);                // x^ = 0 and never stored
+  a.d.assign(padded * a.U, 0.0f);
+  a.sum.assign(padded * a.U, 0.0f);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_row(x + m * K, K, unit, a.q.data() + m * K, a.d.data() + m * a.U, a.sum.data() + m * a.U);
@@ -217,11 +220,95 @@ void panel_rows(const Activations& a, const Panel& p, float* y, int64_t N, int64
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// AMX: the same products on the CPU's tile unit. Per unit, one tile of 16 rows of x (u8) times two tiles of the
+// packed panel (s8, 16 columns each: the panel's layout is the one TDPBUSD reads) gives 16 x 32 int32 sums, which
+// are stored and scaled by the same float epilogue. The tile unit does the integer work several times faster
+// than VPDPBUSD, so the epilogue is most of the time.
+
+// Linux hands out the AMX register state only on request, once per process.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0, tmm1: int32 sums (16 x 16); tmm2: 16 rows of x, one unit of k; tmm3, tmm4: the unit's k of the panel.
+void configure_tiles(int64_t unit) {
+  TileConfig c;
+  c.rows[0] = c.rows[1] = 16;
+  c.colsb[0] = c.colsb[1] = 64;
+  c.rows[2] = 16;
+  c.colsb[2] = static_cast<uint16_t>(unit);
+  c.rows[3] = c.rows[4] = static_cast<uint8_t>(unit / 4);
+  c.colsb[3] = c.colsb[4] = 64;
+  _tile_loadconfig(&c);
+}
+
+// y[m0 : m0 + rows, n0 : n0 + cols] (rows <= 16) from one packed panel; sums and acc: 16 x 32 scratch.
+template <bool MINS>
+void tile_amx(const Activations& a, int64_t m0, int64_t rows, const Panel& p, float* y, int64_t N, int64_t n0,
+              int64_t cols, const float* bias, int32_t* sums, float* acc) {
+  const int64_t K = a.K, U = a.U, unit = a.unit;
+  std::fill(acc, acc + 16 * kCols, 0.0f);
+  for (int64_t u = 0; u < U; ++u) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(2, a.q.data() + m0 * K + u * unit, K);
+    const int8_t* w = p.q.data() + u * unit / 4 * 128;
+    _tile_loadd(3, w, 128);
+    _tile_loadd(4, w + 64, 128);
+    _tile_dpbusd(0, 2, 3);
+    _tile_dpbusd(1, 2, 4);
+    _tile_stored(0, sums, kCols * 4);
+    _tile_stored(1, sums + 16, kCols * 4);
+    for (int h = 0; h < 2; ++h) {
+      const __m512 s = _mm512_loadu_ps(p.s.data() + u * kCols + 16 * h);
+      const __m512 c = _mm512_loadu_ps(p.c.data() + u * kCols + 16 * h);
+      __m512 mn = _mm512_setzero_ps();
+      if constexpr (MINS) mn = _mm512_loadu_ps(p.m.data() + u * kCols + 16 * h);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* f = acc + r * kCols + 16 * h;
+        const __m512 t = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_loadu_si512(sums + r * kCols + 16 * h)), c);
+        __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(a.d[(m0 + r) * U + u]), t, _mm512_loadu_ps(f));
+        if constexpr (MINS) v = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.sum[(m0 + r) * U + u]), v);
+        _mm512_storeu_ps(f, v);
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * h));
+    const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * h) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r)
+      _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16 * h, mask, _mm512_add_ps(_mm512_loadu_ps(acc + r * kCols + 16 * h), b));
+  }
+}
+
+template <bool MINS>
+void panel_rows_amx(const Activations& a, const Panel& p, float* y, int64_t N, int64_t n0, int64_t cols,
+                    const float* bias, int32_t* sums, float* acc) {
+  for (int64_t m = 0; m < a.M; m += 16)
+    tile_amx<MINS>(a, m, std::min<int64_t>(16, a.M - m), p, y, N, n0, cols, bias, sums, acc);
+}
+
 }  // namespace
 
+bool amx_available() { return amx_permitted(); }
+
 torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias) {
+                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias, bool amx) {
   TORCH_CHECK(bits == 4 || bits == 8, "quant_gemm: bits must be 4 or 8");
+  TORCH_CHECK(!amx || amx_permitted(), "quant_gemm: the kernel cannot use AMX here (no CPU support or no permission)");
   TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous() && qdata.element_size() == 1,
               "quant_gemm: qdata must be a contiguous 2-D tensor of bytes");
   const int64_t N = qdata.size(0), K = qdata.size(1) * (bits == 4 ? 2 : 1);
@@ -252,14 +339,22 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
 #pragma omp parallel num_threads(threads)
   {
     Panel p;
+    alignas(64) int32_t sums[16 * kCols];
+    alignas(64) float acc[16 * kCols];
+    if (amx) configure_tiles(unit);  // tile configuration is per thread
     for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
       const int64_t n0 = i * kCols, cols = std::min<int64_t>(kCols, N - n0);
       pack_panel(w, n0, unit, p);
-      if (w.mins)
+      if (amx && w.mins)
+        panel_rows_amx<true>(a, p, yp, N, n0, cols, bp, sums, acc);
+      else if (amx)
+        panel_rows_amx<false>(a, p, yp, N, n0, cols, bp, sums, acc);
+      else if (w.mins)
         panel_rows<true>(a, p, yp, N, n0, cols, bp);
       else
         panel_rows<false>(a, p, yp, N, n0, cols, bp);
     }
+    if (amx) _tile_release();
   }
   return y.view([&] {
     auto shape = x.sizes().vec();

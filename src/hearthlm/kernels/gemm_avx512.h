@@ -4,6 +4,10 @@
 #include <torch/types.h>
 
 // x [..., K] (any float dtype) @ W^T (+ bias) for a quantized W [N, K] in the QuantTensor layout -> float32
-// [..., N]; x is rounded to int8 per block of 32 inside, as the decode GEMV does.
+// [..., N]; x is rounded to int8 per block of 32 inside, as the decode GEMV does. amx: on the AMX tile unit
+// (needs amx_available()), else with AVX-512 VNNI.
 torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias);
+                         int64_t bits, int64_t group, c10::optional<torch::Tensor> bias, bool amx);
+
+// Whether the AMX tile unit may be used here (the CPU has it and Linux granted this process its state).
+bool amx_available();
