@@ -37,7 +37,8 @@ namespace {
 constexpr int kCols = 32;  // output columns per panel: two vectors of 16 int32 lanes
 constexpr int kRows = 6;   // rows of x per register tile: 6 x 2 int32 sums + 6 x 2 float sums + 4 in 32 registers
 
-// x rounded per block of 32 and offset by 128; per unit, the block's scale and d * (sum of x^ over the unit).
+// x rounded per block of 32 and offset by 128 for VNNI (signed for AMX, whose TDPBSSD takes signed bytes); per
+// unit, the block's scale and d * (sum of x^ over the unit).
 struct Activations {
   int64_t M = 0, K = 0, U = 0, unit = 32;
   std::vector<uint8_t> q;  // [M][K]
@@ -45,9 +46,9 @@ struct Activations {
   std::vector<float> sum;  // [M][U]
 };
 
-void quantize_row(const float* x, int64_t K, int64_t unit, uint8_t* q, float* d, float* sum) {
+void quantize_row(const float* x, int64_t K, int64_t unit, int bias, uint8_t* q, float* d, float* sum) {
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  const __m512i offset = _mm512_set1_epi32(128);
+  const __m512i offset = _mm512_set1_epi32(bias);
   const int per_block = static_cast<int>(32 / unit);
   for (int64_t b = 0; b < K / 32; ++b) {
     const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
@@ -74,18 +75,18 @@ void quantize_row(const float* x, int64_t K, int64_t unit, uint8_t* q, float* d,
   }
 }
 
-void quantize(const float* x, int64_t M, int64_t K, int64_t unit, Activations& a) {
+void quantize(const float* x, int64_t M, int64_t K, int64_t unit, int bias, Activations& a) {
   a.M = M;
   a.K = K;
   a.unit = unit;
   a.U = K / unit;
   const int64_t padded = (M + 15) / 16 * 16;  // the AMX path reads whole tiles of 16 rows; the extra rows are
-  a.q.assign(padded * K, 128);                // x^ = 0 and never stored
+  a.q.assign(padded * K, bias);               // x^ = 0 and never stored
   a.d.assign(padded * a.U, 0.0f);
   a.sum.assign(padded * a.U, 0.0f);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      quantize_row(x + m * K, K, unit, a.q.data() + m * K, a.d.data() + m * a.U, a.sum.data() + m * a.U);
+      quantize_row(x + m * K, K, unit, bias, a.q.data() + m * K, a.d.data() + m * a.U, a.sum.data() + m * a.U);
   });
 }
 
@@ -221,10 +222,11 @@ void panel_rows(const Activations& a, const Panel& p, float* y, int64_t N, int64
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// AMX: the same products on the CPU's tile unit. Per unit, one tile of 16 rows of x (u8) times two tiles of the
-// packed panel (s8, 16 columns each: the panel's layout is the one TDPBUSD reads) gives 16 x 32 int32 sums, which
-// are stored and scaled by the same float epilogue. The tile unit does the integer work several times faster
-// than VPDPBUSD, so the epilogue is most of the time.
+// AMX: the same products on the CPU's tile unit. Per unit, a tile of 16 rows of x times a tile of 16 columns of
+// the packed panel (its layout is the one the tile unit reads) gives 16 x 16 int32 sums in one TDPBSSD (x kept
+// signed: no +128 to undo). The tile unit does the integer work many times faster than VPDPBUSD, so the float
+// epilogue is most of the time: it keeps its 16 sums in registers, and two units are in flight at once so that
+// the tile unit works on the next while the epilogue scales the last.
 
 // Linux hands out the AMX register state only on request, once per process.
 bool amx_permitted() {
@@ -242,63 +244,86 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// tmm0, tmm1: int32 sums (16 x 16); tmm2: 16 rows of x, one unit of k; tmm3, tmm4: the unit's k of the panel.
+// Even units: tmm0 sums, tmm2 x, tmm3 weights; odd units: tmm1, tmm4, tmm5.
 void configure_tiles(int64_t unit) {
   TileConfig c;
-  c.rows[0] = c.rows[1] = 16;
-  c.colsb[0] = c.colsb[1] = 64;
-  c.rows[2] = 16;
-  c.colsb[2] = static_cast<uint16_t>(unit);
-  c.rows[3] = c.rows[4] = static_cast<uint8_t>(unit / 4);
-  c.colsb[3] = c.colsb[4] = 64;
+  for (int t : {0, 1}) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
+  }
+  for (int t : {2, 4}) {
+    c.rows[t] = 16;
+    c.colsb[t] = static_cast<uint16_t>(unit);
+  }
+  for (int t : {3, 5}) {
+    c.rows[t] = static_cast<uint8_t>(unit / 4);
+    c.colsb[t] = 64;
+  }
   _tile_loadconfig(&c);
 }
 
-// y[m0 : m0 + rows, n0 : n0 + cols] (rows <= 16) from one packed panel; sums and acc: 16 x 32 scratch.
+// acc[r] += x scale * (weight scale * sums[r]) (+ min * sum of x) for the 16 rows of one unit's sums.
 template <bool MINS>
-void tile_amx(const Activations& a, int64_t m0, int64_t rows, const Panel& p, float* y, int64_t N, int64_t n0,
-              int64_t cols, const float* bias, int32_t* sums, float* acc) {
+inline void epilogue(const Activations& a, int64_t m0, int64_t u, const Panel& p, int h, const int32_t* sums,
+                     __m512 (&acc)[16]) {
+  const int64_t U = a.U;
+  const __m512 s = _mm512_loadu_ps(p.s.data() + u * kCols + 16 * h);
+  __m512 mn = _mm512_setzero_ps();
+  if constexpr (MINS) mn = _mm512_loadu_ps(p.m.data() + u * kCols + 16 * h);
+  const float* d = a.d.data() + m0 * U + u;
+  const float* xs = a.sum.data() + m0 * U + u;
+  for (int r = 0; r < 16; ++r) {
+    const __m512 t = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * r)));
+    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d[r * U]), t, acc[r]);
+    if constexpr (MINS) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[r * U]), acc[r]);
+  }
+}
+
+// y[m0 : m0 + rows, n0 + 16h : n0 + 16h + 16] (rows <= 16; x is padded to 16 rows) from one packed panel.
+template <bool MINS>
+void tile_amx(const Activations& a, int64_t m0, int64_t rows, const Panel& p, int h, float* y, int64_t N,
+              int64_t n0, int64_t cols, const float* bias, int32_t (*sums)[256]) {
   const int64_t K = a.K, U = a.U, unit = a.unit;
-  std::fill(acc, acc + 16 * kCols, 0.0f);
-  for (int64_t u = 0; u < U; ++u) {
+  const uint8_t* x = a.q.data() + m0 * K;
+  const int8_t* w = p.q.data() + 64 * h;
+  const int64_t step = unit / 4 * 128;  // bytes of the panel per unit
+  __m512 acc[16];
+  for (auto& v : acc) v = _mm512_setzero_ps();
+  int64_t u = 0;
+  for (; u + 2 <= U; u += 2) {
     _tile_zero(0);
     _tile_zero(1);
-    _tile_loadd(2, a.q.data() + m0 * K + u * unit, K);
-    const int8_t* w = p.q.data() + u * unit / 4 * 128;
-    _tile_loadd(3, w, 128);
-    _tile_loadd(4, w + 64, 128);
-    _tile_dpbusd(0, 2, 3);
-    _tile_dpbusd(1, 2, 4);
-    _tile_stored(0, sums, kCols * 4);
-    _tile_stored(1, sums + 16, kCols * 4);
-    for (int h = 0; h < 2; ++h) {
-      const __m512 s = _mm512_loadu_ps(p.s.data() + u * kCols + 16 * h);
-      const __m512 c = _mm512_loadu_ps(p.c.data() + u * kCols + 16 * h);
-      __m512 mn = _mm512_setzero_ps();
-      if constexpr (MINS) mn = _mm512_loadu_ps(p.m.data() + u * kCols + 16 * h);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* f = acc + r * kCols + 16 * h;
-        const __m512 t = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_loadu_si512(sums + r * kCols + 16 * h)), c);
-        __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(a.d[(m0 + r) * U + u]), t, _mm512_loadu_ps(f));
-        if constexpr (MINS) v = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.sum[(m0 + r) * U + u]), v);
-        _mm512_storeu_ps(f, v);
-      }
-    }
+    _tile_loadd(2, x + u * unit, K);
+    _tile_loadd(3, w + u * step, 128);
+    _tile_loadd(4, x + (u + 1) * unit, K);
+    _tile_loadd(5, w + (u + 1) * step, 128);
+    _tile_dpbssd(0, 2, 3);
+    _tile_dpbssd(1, 4, 5);
+    _tile_stored(0, sums[0], 64);
+    epilogue<MINS>(a, m0, u, p, h, sums[0], acc);  // while the tile unit works on unit u + 1
+    _tile_stored(1, sums[1], 64);
+    epilogue<MINS>(a, m0, u + 1, p, h, sums[1], acc);
   }
-  for (int h = 0; h < 2; ++h) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * h));
-    const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * h) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; ++r)
-      _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16 * h, mask, _mm512_add_ps(_mm512_loadu_ps(acc + r * kCols + 16 * h), b));
+  if (u < U) {
+    _tile_zero(0);
+    _tile_loadd(2, x + u * unit, K);
+    _tile_loadd(3, w + u * step, 128);
+    _tile_dpbssd(0, 2, 3);
+    _tile_stored(0, sums[0], 64);
+    epilogue<MINS>(a, m0, u, p, h, sums[0], acc);
   }
+  const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * h));
+  const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * h) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16 * h, mask, _mm512_add_ps(acc[r], b));
 }
 
 template <bool MINS>
 void panel_rows_amx(const Activations& a, const Panel& p, float* y, int64_t N, int64_t n0, int64_t cols,
-                    const float* bias, int32_t* sums, float* acc) {
+                    const float* bias, int32_t (*sums)[256]) {
   for (int64_t m = 0; m < a.M; m += 16)
-    tile_amx<MINS>(a, m, std::min<int64_t>(16, a.M - m), p, y, N, n0, cols, bias, sums, acc);
+    for (int h = 0; h < (cols > 16 ? 2 : 1); ++h)
+      tile_amx<MINS>(a, m, std::min<int64_t>(16, a.M - m), p, h, y, N, n0, cols, bias, sums);
 }
 
 }  // namespace
@@ -325,7 +350,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   auto y = torch::empty({M, N}, xf.options());
   const int64_t unit = group == 16 ? 16 : 32;
   Activations a;
-  quantize(xf.data_ptr<float>(), M, K, unit, a);
+  quantize(xf.data_ptr<float>(), M, K, unit, amx ? 0 : 128, a);
   const Weights w{static_cast<const uint8_t*>(qdata.data_ptr()), N, K, qdata.size(1),  // int8 read as bytes
                   reinterpret_cast<const at::Half*>(scales.data_ptr()),
                   mins ? reinterpret_cast<const at::Half*>(mins->data_ptr()) : nullptr, scales.size(1), group, bits};
@@ -339,16 +364,15 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
 #pragma omp parallel num_threads(threads)
   {
     Panel p;
-    alignas(64) int32_t sums[16 * kCols];
-    alignas(64) float acc[16 * kCols];
+    alignas(64) int32_t sums[2][256];
     if (amx) configure_tiles(unit);  // tile configuration is per thread
     for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
       const int64_t n0 = i * kCols, cols = std::min<int64_t>(kCols, N - n0);
       pack_panel(w, n0, unit, p);
       if (amx && w.mins)
-        panel_rows_amx<true>(a, p, yp, N, n0, cols, bp, sums, acc);
+        panel_rows_amx<true>(a, p, yp, N, n0, cols, bp, sums);
       else if (amx)
-        panel_rows_amx<false>(a, p, yp, N, n0, cols, bp, sums, acc);
+        panel_rows_amx<false>(a, p, yp, N, n0, cols, bp, sums);
       else if (w.mins)
         panel_rows<true>(a, p, yp, N, n0, cols, bp);
       else
