@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -76,15 +76,13 @@ def busy(n: int) -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
-def load_engines(
-    folder: Path, qtype: str, file: Path, warm_ids: list[int], amx: bool, progress: Progress
-) -> dict[str, decode.Engine]:
-    """Both engines on the checkpoint's `qtype` GGUF file, each warmed up with a short decode."""
+def load_engines(folder: Path, qtype: str, warm_ids: list[int], progress: Progress) -> dict[str, decode.Engine]:
+    """Both engines on the checkpoint's `qtype` GGUF file, each warmed up with a short decode. decode.py's llama.cpp
+    engine runs without AMX weight buffers where they crash it (it says so), its CPU_REPACK kept."""
     engines = {}
     with decode.paused(progress):  # hearthlm's loader draws its own progress bar
         for name in ENGINES:
-            with decode.llama_cpp_without_amx(file) if name == "llama.cpp" and not amx else nullcontext():
-                engines[name] = decode.LOADERS[name](folder, f"gguf-{qtype}")
+            engines[name] = decode.LOADERS[name](folder, f"gguf-{qtype}")
             engines[name].decode(warm_ids, 4)  # first calls pay one-time kernel and allocator setup
     return engines
 
@@ -223,11 +221,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--busy", type=levels, default=[0, 1, 2], help="competing busy processes per level")
     ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of the prefill")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per decode run (>= 2)")
-    ap.add_argument(
-        "--llama-amx",
-        action="store_true",
-        help="keep llama.cpp's AMX weight buffers (they crash it on the Xeon VMs here)",
-    )
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/hearthlm-bench-checkpoints"))
     ap.add_argument("--json", type=Path, default=None, help="where to write the figures (default: benchmarks/results)")
     args = ap.parse_args(argv)
@@ -251,7 +244,7 @@ def main() -> None:
         folder, _ = decode.ensure_checkpoint(args.model, args.layers, args.cache_dir)
         file = decode.gguf_file(folder, args.gguf)
         ids = decode.prompts(folder, args.prompt_len)
-        engines = load_engines(folder, args.gguf, file, ids[0][:8], args.llama_amx, progress)
+        engines = load_engines(folder, args.gguf, ids[0][:8], progress)
         samples = run(engines, ids, args, progress)
     result = summary(samples, args.busy)
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]

@@ -22,13 +22,15 @@ F16 / BF16 files.
 
 Logits come from one prefill pass; --step 1 feeds the tokens one at a time through the KV cache instead, as
 generation does (the int8-activation GEMV kernel; llama.cpp then decodes in batches of --step too).
---paths picks hearthlm's prefill paths, each row measured on each:
+--paths picks hearthlm's prefill paths (default: the widest this CPU runs), each row measured on each:
 - exact: HEARTHLM_ISA=avx2, weights dequantized in tiles and multiplied in float32 (bf16 weights in float32);
 - gemm: HEARTHLM_ISA=avx512, the AVX-512 VNNI integer GEMM with activations rounded to int8 per block of 32
-  (as llama.cpp's Q8_0 / Q8_K activations), and bf16 weights through oneDNN's bf16 GEMM where the CPU has
-  AVX512-BF16 or AMX.
-With both, "exact→gemm" is the KL of the gemm path's distributions from the exact path's on the same model (the
-cost of the 8-bit activations alone), and "gemm / format" divides it by the format's own KL on the exact path.
+  (as llama.cpp's Q8_0 / Q8_K activations), and bf16 weights through oneDNN's bf16 GEMM (x rounded to bf16)
+  where the CPU has AVX512-BF16 or AMX;
+- amx: HEARTHLM_ISA=amx, the same integer GEMM on AMX tiles.
+With exact and a GEMM path, "exact→gemm" is the KL of the GEMM path's distributions from the exact path's on the
+same model (the cost of the 8-bit activations alone), and "gemm / format" divides it by the format's own KL on the
+exact path.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ FORMATS = ["int8", "int4-g32", "int4-g64", "int4-g128"]
 GGUF = ["Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q4_0", "Q4_1", "Q4_K"]
 FILE_TYPES = ["F32", "F16", "BF16", *GGUF]
 DTYPES = ["bfloat16", "float16"]
-PATHS = {"exact": "avx2", "gemm": "avx512"}  # hearthlm's prefill path -> the HEARTHLM_ISA that selects it
+# hearthlm's prefill paths -> the HEARTHLM_ISA that selects each: dequantized float tiles, the integer GEMM on
+# AVX-512 VNNI, the same GEMM on AMX tiles
+PATHS = {"exact": "avx2", "gemm": "avx512", "amx": "amx"}
+GEMMS = ("gemm", "amx")  # the paths that round activations to int8 (and multiply bf16 weights in bf16)
 LLAMA_CPP = "llama.cpp"
-ADDED = "exact→gemm"
 
 
 @dataclass
@@ -126,8 +130,10 @@ def missing_path(name: str) -> str | None:
     with kernel_path(name):
         if cpu.isa() != PATHS[name]:
             return f"the {name} path needs kernel path {PATHS[name]}, and here it is {cpu.isa()}"
-        if name == "gemm" and not cpu.gemm_available():
-            return "the gemm path needs AVX-512 (F, BW, VL, DQ) and VNNI, and its kernels built"
+        if name in GEMMS and not cpu.gemm_available():
+            return f"the {name} path needs AVX-512 (F, BW, VL, DQ) and VNNI, and its kernels built"
+        if name == "amx" and not cpu._amx():  # else quant_gemm would run on VNNI under the amx name
+            return "the amx path needs the kernel's AMX code and Linux's permission to use the tiles"
     return None
 
 
@@ -223,14 +229,15 @@ def paused(progress: Progress) -> Iterator[None]:
 
 def measure(row: Candidate, llm: LLM, ref_logits: torch.Tensor, ids: list[int], args: argparse.Namespace) -> dict:
     """{path: Quality against the reference} for each of hearthlm's paths on `llm` (row's model, and llama.cpp on a
-    file row), plus ADDED (gemm against exact on the same model) when both paths ran."""
+    file row), plus added(path) (a GEMM path against exact on the same model) when both ran."""
     logits = {}
     for name in args.paths:
         with kernel_path(name):
             logits[name] = logits_of(llm, ids, args.step)
     out = {name: quality(ref_logits, x, ids) for name, x in logits.items()}
-    if "exact" in logits and "gemm" in logits:
-        out[ADDED] = quality(logits["exact"], logits["gemm"], ids)
+    for name in GEMMS:
+        if "exact" in logits and name in logits:
+            out[added(name)] = quality(logits["exact"], logits[name], ids)
     if args.llama_cpp and row.file is not None:
         out[LLAMA_CPP] = quality(ref_logits, llama_cpp_logits(row.file, ids, args.step or 512), ids)
     return out
@@ -241,28 +248,31 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return math.exp(-logp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).mean().item())
 
 
-def cells(q: Quality | None) -> list[str]:
-    if q is None:
-        return ["-", "-", "-"]
-    return [f"{q.kl_mean:.2e} ({q.kl_max:.1e})", f"{100 * q.top1_agreement:.1f}%", f"{q.ppl_candidate:.2f}"]
+def added(path: str) -> str:
+    return f"exact→{path}"
+
+
+def cell(q: Quality | None) -> str:
+    return "-" if q is None else f"{q.kl_mean:.2e} ({q.kl_max:.1e}) {100 * q.top1_agreement:.1f}% {q.ppl_candidate:.2f}"
 
 
 def report(title: str, results: dict[str, dict], paths: list[str]) -> Table:
+    """One column per engine (KL mean (max), top-1 agreement, perplexity), then per GEMM path the KL it adds to the
+    exact path and that KL / the format's own."""
     engines = paths + ([LLAMA_CPP] if any(LLAMA_CPP in r for r in results.values()) else [])
+    gemms = [g for g in GEMMS if g in paths and "exact" in paths]
     table = Table(title=title)
     table.add_column("format")
     for name in engines:
-        for col in ("KL mean (max)", "top-1", "ppl"):
-            table.add_column(f"{col} {name}", justify="right")
-    both = ADDED in next(iter(results.values()), {})
-    if both:
-        table.add_column(f"KL {ADDED}", justify="right")
-        table.add_column("gemm / format", justify="right")
+        table.add_column(f"{name}: KL mean (max) top-1 ppl", justify="right")
+    for name in gemms:
+        table.add_column(f"KL {added(name)}", justify="right")
+        table.add_column(f"{name} / format", justify="right")
     for label, r in results.items():
-        row = [label] + [c for name in engines for c in cells(r.get(name))]
-        if both:
-            added, own = r[ADDED].kl_mean, r["exact"].kl_mean
-            row += [f"{added:.2e}", f"{added / own:.2f}" if own > 0 else "-"]
+        row = [label] + [cell(r.get(name)) for name in engines]
+        for name in gemms:
+            extra, own = r[added(name)].kl_mean, r["exact"].kl_mean
+            row += [f"{extra:.2e}", f"{extra / own:.2f}" if own > 0 else "-"]
         table.add_row(*row)
     return table
 
@@ -308,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtypes", type=csv(DTYPES), default=[], help="16-bit dtypes of the model: " + ", ".join(DTYPES))
     ap.add_argument("--files", type=csv(FILE_TYPES), default=[], help="whole GGUF files: " + ", ".join(FILE_TYPES))
     ap.add_argument("--llama-cpp", action="store_true", help="run llama.cpp on each --files file too")
-    ap.add_argument("--paths", type=csv(list(PATHS)), default=None, help="hearthlm prefill paths: exact, gemm")
+    ap.add_argument("--paths", type=csv(list(PATHS)), default=None, help="hearthlm prefill paths: " + ", ".join(PATHS))
     ap.add_argument("--step", type=int, default=None, help="tokens per forward through the KV cache (1: decode)")
     ap.add_argument(
         "--random",

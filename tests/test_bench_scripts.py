@@ -73,11 +73,13 @@ def test_quality_table_adds_the_gemm_cost_next_to_the_format(quality):
     def q(kl: float) -> Quality:
         return Quality(8, kl, 2 * kl, 0.9, 10.0, 10.5)
 
-    results = {"int4": {"exact": q(0.02), "gemm": q(0.021), quality.ADDED: q(0.001)}}
+    added = quality.added("gemm")
+    results = {"int4": {"exact": q(0.02), "gemm": q(0.021), added: q(0.001)}}
     table = quality.report("t", results, ["exact", "gemm"])
     cells = {c.header: c._cells[0] for c in table.columns}
-    assert cells[f"KL {quality.ADDED}"] == "1.00e-03" and cells["gemm / format"] == "0.05"
-    assert cells["KL mean (max) exact"] == "2.00e-02 (4.0e-02)" and cells["top-1 gemm"] == "90.0%"
+    assert cells[f"KL {added}"] == "1.00e-03" and cells["gemm / format"] == "0.05"
+    assert cells["exact: KL mean (max) top-1 ppl"] == "2.00e-02 (4.0e-02) 90.0% 10.50"
+    assert "amx / format" not in cells
 
 
 def test_quality_runs_each_path_on_the_demo_model(quality, monkeypatch, capsys):
@@ -87,8 +89,8 @@ def test_quality_runs_each_path_on_the_demo_model(quality, monkeypatch, capsys):
     quality.main()
     out = capsys.readouterr().out
     assert "16 held-out tokens" in out and "int8" in out and "bfloat16" in out
-    assert all(f"top-1 {p}" in out for p in paths)
-    assert (quality.ADDED in out) == (len(paths) == 2)
+    assert all(f"{p}: KL mean" in out for p in paths)
+    assert all((quality.added(g) in out) == (g in paths and "exact" in paths) for g in quality.GEMMS)
 
 
 # -- contention.py ---------------------------------------------------------------------------------------------
