@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .calls import ToolCall, parse_gemma4_call, parse_json_call, parse_json_calls, short_call_id
-from .parser import Delta, ReplyParser, parse_reply
+from .parser import CallDelta, Delta, ReplyParser, parse_reply
 
-__all__ = ["ChatFormat", "Delta", "ReplyParser", "ToolCall", "detect", "parse_reply", "FORMATS"]
+__all__ = ["CallDelta", "ChatFormat", "Delta", "ReplyParser", "ToolCall", "detect", "parse_reply", "FORMATS"]
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def call_id() -> str:
+    """A new call id in OpenAI's shape."""
+    return "call_" + secrets.token_hex(12)
+
+
 @dataclass
 class ToolCall:
     """One function call the model asked for: its name and its arguments as a JSON object."""
 
     name: str
     arguments: dict[str, Any]
-    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    id: str = field(default_factory=call_id)
 
     @property
     def arguments_json(self) -> str:

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from ..chat_formats import ToolCall
+from ..chat_formats import CallDelta, ToolCall
 from .errors import APIError, anthropic_body
 from .generation import Prompt, Result, ServedModel, Stream, close_all, collect, unless_disconnected
 from .inputs import MAX_COUNT, chat_messages, make_params, stop_list
@@ -278,12 +278,11 @@ def _signature(thinking: str) -> str:
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
-    return {
-        "type": "tool_use",
-        "id": "toolu_" + call.id.removeprefix("call_"),
-        "name": call.name,
-        "input": call.arguments,
-    }
+    return {"type": "tool_use", "id": _tool_use_id(call.id), "name": call.name, "input": call.arguments}
+
+
+def _tool_use_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
 
 
 def _stop(reason: str, called: bool, stream: Stream, room_limited: bool) -> dict[str, Any]:
@@ -378,10 +377,19 @@ class _BlockEvents:
             events = self._start({"type": "text", "text": ""})
         return [*events, self._delta({"type": "text_delta", "text": text})]
 
-    def tool_use(self, call: ToolCall) -> list[dict[str, Any]]:
-        self.blank, self.called = "", True
-        start = self._start({**_tool_use(call), "input": {}})
-        return [*start, self._delta({"type": "input_json_delta", "partial_json": call.arguments_json}), *self.close()]
+    def tool_use(self, d: CallDelta) -> list[dict[str, Any]]:
+        """A piece of a tool call: its first opens a tool_use block, each streams its input's JSON text, its last
+        closes the block."""
+        events = []
+        if d.name is not None:
+            self.blank = ""
+            events = self._start({"type": "tool_use", "id": _tool_use_id(d.id), "name": d.name, "input": {}})
+        if d.arguments:
+            events.append(self._delta({"type": "input_json_delta", "partial_json": d.arguments}))
+        if d.done:
+            self.called = self.called or d.call is not None
+            events += self.close()
+        return events
 
     def finish(self) -> list[dict[str, Any]]:
         if self.blank and not self.called:  # a blank answer is still the answer
@@ -400,10 +408,11 @@ async def _events(stream: Stream, head: dict[str, Any], room_limited: bool) -> A
     yield {"type": "ping"}
     blocks, reason = _BlockEvents(), "stop"
     async for p in stream.pieces():
-        events = blocks.reasoning(p.delta.reasoning) if p.delta.reasoning else []
+        events = [e for d in p.delta.continued_calls() for e in blocks.tool_use(d)]
+        events += blocks.reasoning(p.delta.reasoning) if p.delta.reasoning else []
         events += blocks.text(p.delta.content) if p.delta.content else []
-        for call in p.delta.tool_calls:
-            events += blocks.tool_use(call)
+        for d in p.delta.new_calls():
+            events += blocks.tool_use(d)
         for e in events:
             yield e
         reason = p.finish_reason or reason

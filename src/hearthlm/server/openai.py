@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from ..chat_formats import CallDelta
 from .catalog import Card
 from .errors import APIError, openai_body
 from .generation import Piece, Prompt, Result, ServedModel, Stream, close_all, collect, merged, unless_disconnected
@@ -214,16 +215,17 @@ def _chat_logprobs(model: ServedModel, logprobs: list | None) -> dict[str, Any] 
     }
 
 
-def _tool_calls(calls: list, start: int = 0) -> list[dict[str, Any]]:
+def _tool_calls(calls: list) -> list[dict[str, Any]]:
     return [
-        {
-            "index": start + k,
-            "id": c.id,
-            "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments_json},
-        }
-        for k, c in enumerate(calls)
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}} for c in calls
     ]
+
+
+def _call_delta(d: CallDelta) -> dict[str, Any]:
+    """A streamed tool-call delta: the first names the call, the others add to its arguments."""
+    if d.name is None:
+        return {"index": d.index, "function": {"arguments": d.arguments}}
+    return {"index": d.index, "id": d.id, "type": "function", "function": {"name": d.name, "arguments": d.arguments}}
 
 
 def _thinking_kwargs(req: ChatRequest) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def _chat_choice(model: ServedModel, r: Result, logprobs: bool) -> dict[str, Any
     if r.reasoning:
         message["reasoning_content"] = r.reasoning
     if r.tool_calls:
-        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in _tool_calls(r.tool_calls)]
+        message["tool_calls"] = _tool_calls(r.tool_calls)
     reason = "tool_calls" if r.tool_calls and r.finish_reason != "length" else r.finish_reason
     lp = _chat_logprobs(model, r.logprobs) if logprobs else None
     return {"index": r.index, "message": message, "logprobs": lp, "finish_reason": reason}
@@ -301,7 +303,7 @@ def _chat_choice(model: ServedModel, r: Result, logprobs: bool) -> dict[str, Any
 async def _chat_events(model: ServedModel, streams: list[Stream], head: dict, usage: bool):
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if usage else {}
-    calls = [0] * len(streams)
+    called = [False] * len(streams)
 
     def chunk(index: int, delta: dict[str, Any], logprobs=None, reason=None) -> dict[str, Any]:
         return {
@@ -321,15 +323,16 @@ async def _chat_events(model: ServedModel, streams: list[Stream], head: dict, us
             delta["reasoning_content"] = p.delta.reasoning
         if p.delta.content:
             delta["content"] = p.delta.content
-        if p.delta.tool_calls:
-            delta["tool_calls"] = _tool_calls(p.delta.tool_calls, calls[p.index])
-            calls[p.index] += len(p.delta.tool_calls)
+        pieces = [d for d in p.delta.calls if d.name is not None or d.arguments]
+        if pieces:
+            delta["tool_calls"] = [_call_delta(d) for d in pieces]
+        called[p.index] = called[p.index] or any(d.call for d in p.delta.calls)
         lp = _chat_logprobs(model, p.logprobs) if p.logprobs and p.token_ids else None
         if delta or lp:
             yield chunk(p.index, delta, lp)
         if p.finish_reason:
-            called = calls[p.index] and p.finish_reason != "length"
-            yield chunk(p.index, {}, None, "tool_calls" if called else p.finish_reason)
+            call_end = called[p.index] and p.finish_reason != "length"
+            yield chunk(p.index, {}, None, "tool_calls" if call_end else p.finish_reason)
     if usage:
         yield {**head, "choices": [], "usage": _usage(streams)}
 

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from ..chat_formats.calls import ToolCall
+from ..chat_formats import CallDelta
 from .errors import APIError
 from .generation import Piece, Prompt, ServedModel, Stream, close_all, unless_disconnected
 from .inputs import chat_messages, make_params, one_constraint
@@ -336,6 +336,7 @@ class _Reply:
         self.output: list[dict[str, Any]] = []
         self.seq, self.status, self.finished_at = 0, "in_progress", None
         self.open: dict[str, Any] | None = None  # the message or reasoning item text goes to now
+        self.calls: dict[int, dict[str, Any]] = {}  # the function_call items, by the call's number in the reply
         self.error: dict[str, Any] | None = None
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -394,25 +395,36 @@ class _Reply:
             self._done(item, status),
         ]
 
-    def _call(self, call: ToolCall) -> list[dict[str, Any]]:
-        item = {
-            "id": _new_id("fc"), "type": "function_call", "call_id": call.id, "name": call.name, "arguments": "",
-            "status": "in_progress",
-        }  # fmt: skip
-        events = self._close() + self._add(item)
-        item["arguments"] = call.arguments_json
+    def _call(self, d: CallDelta) -> list[dict[str, Any]]:
+        """A piece of a tool call: its first adds a function_call item, each streams its arguments, its last ends
+        the item (incomplete if the call's text did not parse in the end)."""
+        events = []
+        if d.name is not None:
+            item = {
+                "id": _new_id("fc"), "type": "function_call", "call_id": d.id, "name": d.name, "arguments": "",
+                "status": "in_progress",
+            }  # fmt: skip
+            events = self._close() + self._add(item)
+            self.calls[d.index] = item
+        item = self.calls[d.index]
         at = self._at(item)
-        events.append(self.event("response.function_call_arguments.delta", **at, delta=item["arguments"]))
-        events.append(self.event("response.function_call_arguments.done", **at, arguments=item["arguments"]))
-        return events + [self._done(item)]
+        if d.arguments:
+            item["arguments"] += d.arguments
+            events.append(self.event("response.function_call_arguments.delta", **at, delta=d.arguments))
+        if d.done:
+            item["arguments"] = d.call.arguments_json if d.call else item["arguments"]
+            events.append(self.event("response.function_call_arguments.done", **at, arguments=item["arguments"]))
+            events.append(self._done(item, "completed" if d.call else "incomplete"))
+        return events
 
     def feed(self, piece: Piece) -> list[dict[str, Any]]:
-        d, events = piece.delta, []
+        d = piece.delta
+        events = [e for call in d.continued_calls() for e in self._call(call)]
         if d.reasoning:
             events += self._text("reasoning", d.reasoning)
         if d.content:
             events += self._text("message", d.content)
-        for call in d.tool_calls:
+        for call in d.new_calls():
             events += self._call(call)
         if piece.finish_reason:
             events += self.finish(piece.finish_reason)
