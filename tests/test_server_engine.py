@@ -202,11 +202,12 @@ def test_prefix_cache_hit_and_metrics(client, server, served):
     ):  # fmt: skip
         assert name in families, name
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
-    assert values[("hearth_requests_total", (("route", "/v1/chat/completions"), ("status", "200")))] >= 2
+    model = (("model", MODEL),)
+    assert values[("hearth_requests_total", (*model, ("route", "/v1/chat/completions"), ("status", "200")))] >= 2
     assert values[("hearth_prefix_cache_hit_tokens_total", ())] > 0
     assert values[("hearth_kv_blocks_used", ())] == 0 and values[("hearth_kv_blocks_total", ())] > 0
-    assert values[("hearth_time_to_first_token_seconds_count", ())] > 0
-    assert values[("hearth_generation_tokens_total", ())] > 0
+    assert values[("hearth_time_to_first_token_seconds_count", model)] > 0
+    assert values[("hearth_generation_tokens_total", model)] > 0
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 

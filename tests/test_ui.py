@@ -136,8 +136,9 @@ def shot(b, name: str) -> None:
 
 
 def metric(server, name: str) -> float:
+    """The series `name`, summed over its labels (the token counters have one series per model)."""
     text = httpx.get(server.url + "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 # -- the servers --------------------------------------------------------------------------------------------

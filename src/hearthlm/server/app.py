@@ -117,8 +117,9 @@ class Gate:
                 return await error_json(path, e)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
+            named = self.models.holding()
             self.models.release(held)
-            self.metrics.request(self._route(path), status[0])
+            self.metrics.request(self._route(path), status[0], named[0] if named else "")
 
 
 async def _expire(models: Models) -> None:

@@ -298,7 +298,7 @@ class ServedModel:
         except BaseException:
             await gen.aclose()
             raise
-        self.metrics.started()
+        self.metrics.started(self.name)
         return Stream(self, gen, first, prompt, params.stop, index, t0)
 
     async def start_all(self, jobs: list[tuple[Prompt, Any]]) -> list[Stream]:

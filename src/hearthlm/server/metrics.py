@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -25,52 +26,100 @@ class Histogram:
         self.sum += value * times
         self.count += times
 
-    def lines(self, name: str) -> list[str]:
-        out, total = [], 0
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        """`labels`: the series' own labels, `key="value",...`, written before `le` as prometheus_client does."""
+        out, total, sep = [], 0, "," if labels else ""
         for le, n in zip(self.buckets, self.counts):
             total += n
-            out.append(f'{name}_bucket{{le="{le}"}} {total}')
-        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
+        own = f"{{{labels}}}" if labels else ""
+        out += [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}', f"{name}_sum{own} {self.sum}",
+                f"{name}_count{own} {self.count}"]  # fmt: skip
         return out
 
 
+def label(value: str) -> str:
+    """A label value escaped as the text format wants it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+@dataclass
+class ModelCounts:
+    """The request, token and latency counters of one model."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_tokens: int = 0
+    engine_requests: int = 0
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    tpot: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
+
+
+# (name, help, the ModelCounts field) of the per-model counters
+_COUNTERS = [
+    ("hearth_prompt_tokens_total", "Prompt tokens of finished requests.", "prompt_tokens"),
+    ("hearth_generation_tokens_total", "Generated tokens.", "generated_tokens"),
+    ("hearth_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache.", "cached_tokens"),
+    ("hearth_engine_requests_total", "Engine requests started (one per choice).", "engine_requests"),
+]
+_HISTOGRAMS = [
+    ("hearth_time_to_first_token_seconds", "Time from request to first token.", "ttft"),
+    ("hearth_time_per_output_token_seconds", "Time between output tokens.", "tpot"),
+]
+
+
 class Metrics:
-    """Counters updated by the server as requests run; render() adds the engine's gauges at scrape time."""
+    """Counters updated by the server as requests run, each labelled with the model it ran on (`model`; "" for
+    an HTTP request that named no model); render() adds the engine's gauges, summed over the loaded models, at
+    scrape time."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.cached_tokens = 0
-        self.engine_requests = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
+        self.requests: Counter[tuple[str, int, str]] = Counter()  # (route, status, model)
+        self.models: dict[str, ModelCounts] = {}
 
-    def request(self, route: str, status: int) -> None:
-        with self._lock:
-            self.requests[(route, status)] += 1
+    def _of(self, model: str) -> ModelCounts:
+        return self.models.setdefault(model, ModelCounts())
 
-    def started(self) -> None:
+    def request(self, route: str, status: int, model: str = "") -> None:
         with self._lock:
-            self.engine_requests += 1
+            self.requests[(route, status, model)] += 1
+
+    def started(self, model: str) -> None:
+        with self._lock:
+            self._of(model).engine_requests += 1
 
     def observe_tokens(self, stream, now: float, n: int) -> None:
         """`n` tokens of `stream` arrived at `now` (perf_counter seconds)."""
         with self._lock:
+            counts = self._of(stream.model.name)
             if stream.t_first is None:
                 stream.t_first = now
-                self.ttft.observe(now - stream.t_start)
+                counts.ttft.observe(now - stream.t_start)
                 n -= 1
             elif n:
-                self.tpot.observe((now - stream.t_last) / n, n)
+                counts.tpot.observe((now - stream.t_last) / n, n)
             stream.t_last = now
 
     def finished(self, stream) -> None:
         with self._lock:
-            self.prompt_tokens += stream.prompt_tokens
-            self.generated_tokens += stream.completion_tokens
-            self.cached_tokens += stream.cached_tokens
+            counts = self._of(stream.model.name)
+            counts.prompt_tokens += stream.prompt_tokens
+            counts.generated_tokens += stream.completion_tokens
+            counts.cached_tokens += stream.cached_tokens
+
+    def _model_series(self, series) -> None:
+        reqs = [
+            f'hearth_requests_total{{route="{r}",status="{s}",model="{label(m)}"}} {n}'
+            for (r, s, m), n in sorted(self.requests.items())
+        ]
+        series("hearth_requests_total", "counter", "HTTP requests by route, status and model.", reqs)
+        models = sorted(self.models.items())
+        for name, help_, attr in _COUNTERS:
+            series(name, "counter", help_, [f'{name}{{model="{label(m)}"}} {getattr(c, attr)}' for m, c in models])
+        for name, help_, attr in _HISTOGRAMS:
+            lines = [line for m, c in models for line in getattr(c, attr).lines(name, f'model="{label(m)}"')]
+            series(name, "histogram", help_, lines)
 
     def render(self, stats: Any | None, moe: Any | None = None) -> str:
         """`stats`: the engine's; `moe`: the expert pool's MoEStats under an expert budget (aggregate counters:
@@ -81,46 +130,7 @@ class Metrics:
             out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *lines])
 
         with self._lock:
-            reqs = [
-                f'hearth_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())
-            ]
-            series("hearth_requests_total", "counter", "HTTP requests by route and status.", reqs)
-            series(
-                "hearth_prompt_tokens_total",
-                "counter",
-                "Prompt tokens of finished requests.",
-                [f"hearth_prompt_tokens_total {self.prompt_tokens}"],
-            )
-            series(
-                "hearth_generation_tokens_total",
-                "counter",
-                "Generated tokens.",
-                [f"hearth_generation_tokens_total {self.generated_tokens}"],
-            )
-            series(
-                "hearth_cached_prompt_tokens_total",
-                "counter",
-                "Prompt tokens served from the prefix cache.",
-                [f"hearth_cached_prompt_tokens_total {self.cached_tokens}"],
-            )
-            series(
-                "hearth_engine_requests_total",
-                "counter",
-                "Engine requests started (one per choice).",
-                [f"hearth_engine_requests_total {self.engine_requests}"],
-            )
-            series(
-                "hearth_time_to_first_token_seconds",
-                "histogram",
-                "Time from request to first token.",
-                self.ttft.lines("hearth_time_to_first_token_seconds"),
-            )
-            series(
-                "hearth_time_per_output_token_seconds",
-                "histogram",
-                "Time between output tokens.",
-                self.tpot.lines("hearth_time_per_output_token_seconds"),
-            )
+            self._model_series(series)
         if stats is not None:
             gauges = {
                 "hearth_requests_waiting": ("Requests queued in the engine.", stats.waiting),

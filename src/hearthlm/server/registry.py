@@ -311,6 +311,10 @@ class Models:
     def hold(self) -> contextvars.Token:
         return _held.set([])
 
+    def holding(self) -> list[str]:
+        """The names of the models the current HTTP request named."""
+        return [slot.name for slot in _held.get() or []]
+
     def release(self, token: contextvars.Token) -> None:
         held = _held.get() or []
         _held.reset(token)
