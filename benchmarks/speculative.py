@@ -8,9 +8,12 @@ Tasks (greedy, ignore_eos, every prompt from benchmarks/data/heldout.txt, text t
   what prompt lookup drafts (on the demo model the reply mostly loops instead; the loops are drafted too);
 - worst: the same prompts with a drafter whose every token is wrong (the plain reply's token + 1), so every draft
   is rejected: the cost of verification, with the adaptive pause (as shipped) and without it (raw cost).
-Decode tok/s: tokens after each request's first / time after the last request's first token (prefill left out).
-Configurations alternate within each run and the figures are medians over runs; other work on the machine moves
-them, so compare figures of one run only. A results file (JSON) records the machine and the command.
+Decode tok/s: tokens after each request's first / time after the last request's first token (prefill left out);
+speedup: the median over runs of each run's rate / drafting off's in the same run. Acceptance: accepted / drafted
+tokens; mean accepted: accepted tokens per verify step (each step also emits one token of the model's own).
+Every configuration runs on one prompt group right after the others (so a change in the machine's load hits
+them alike), and the figures are medians over runs; other work on the machine moves them, so compare figures
+of one run only. A results file (JSON) records the machine and the command.
 """
 
 from __future__ import annotations
@@ -96,9 +99,8 @@ def measure(llm: LLM, prompts: list[list[int]], new_tokens: int, draft, adaptive
     return Run(decoded / (end - max(first.values())), tokens, s.drafted_tokens, s.accepted_tokens, s.draft_steps)
 
 
-def measure_batch(llm: LLM, prompts: list[list[int]], batch: int, new_tokens: int, draft, adaptive) -> Run:
-    """The prompts in groups of `batch`, one group after the other; the rate over all groups' decode time."""
-    runs = [measure(llm, prompts[i : i + batch], new_tokens, draft, adaptive) for i in range(0, len(prompts), batch)]
+def combine(runs: list[Run]) -> Run:
+    """Runs of several prompt groups as one: the rate over all of their decode time."""
     decoded = [sum(len(t) - 1 for t in r.tokens.values()) for r in runs]
     seconds = sum(d / r.decode_tok_s for d, r in zip(decoded, runs))
     tokens = {f"{j}-{k}": v for j, r in enumerate(runs) for k, v in r.tokens.items()}
@@ -123,13 +125,13 @@ def configs(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict[str, tu
 
 def summarize(name: str, batch: int, runs: list[Run], base: list[Run]) -> dict:
     rate = statistics.median(r.decode_tok_s for r in runs)
-    off = statistics.median(r.decode_tok_s for r in base)
+    speedup = statistics.median(r.decode_tok_s / b.decode_tok_s for r, b in zip(runs, base))  # paired by run
     last = runs[-1]
     return {
         "config": name,
         "batch": batch,
         "decode_tok_s": round(rate, 1),
-        "speedup": round(rate / off, 3),
+        "speedup": round(speedup, 3),
         "acceptance": round(last.accepted / last.drafted, 3) if last.drafted else None,
         "mean_accepted": round(last.accepted / last.steps, 2) if last.steps else None,
         "verify_steps": last.steps,
@@ -150,12 +152,18 @@ def main() -> None:
     measure(llm, prompts[:1], 8, "lookup", None)  # warm-up
     table = configs(llm, prompts, args.new_tokens)
     runs: dict[tuple[str, int], list[Run]] = {(c, b): [] for c in table for b in (1, 4)}
+    groups = {b: [prompts[i : i + b] for i in range(0, len(prompts), b)] for b in (1, 4)}
     with Progress(console=Console(stderr=True)) as bar:
-        task = bar.add_task("speculative", total=len(runs) * args.runs)
+        task = bar.add_task("speculative", total=args.runs * len(table) * sum(len(g) for g in groups.values()))
         for _ in range(args.runs):
-            for (name, batch), out in runs.items():  # alternating: each run measures every configuration
-                out.append(measure_batch(llm, prompts, batch, args.new_tokens, *table[name]))
-                bar.advance(task)
+            for batch, parts in groups.items():
+                done: dict[str, list[Run]] = {c: [] for c in table}
+                for part in parts:  # every configuration on one prompt group, back to back: load drifts less
+                    for name, setting in table.items():
+                        done[name].append(measure(llm, part, args.new_tokens, *setting))
+                        bar.advance(task)
+                for name, parts_done in done.items():
+                    runs[(name, batch)].append(combine(parts_done))
     rows = [summarize(c, b, r, runs[("off", b)]) for (c, b), r in runs.items()]
     report(rows, args, llm)
 

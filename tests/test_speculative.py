@@ -365,11 +365,27 @@ def test_per_request_switch_and_unknown_names(loaded):
         SamplingParams(speculative="yes")
 
 
-def test_cli_names_the_draft_choices():
-    result = subprocess.run(
-        [sys.executable, "-m", "hearthlm.cli", "run", "--draft", "eagle", "hi"], capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "--draft" in result.stderr and "lookup" in result.stderr
+def test_llm_draft_is_the_engines_default(checkpoint):
+    _, folder = checkpoint("llama")
+    llm = LLM(folder, dtype="float32", draft="lookup")
+    assert llm.engine().drafter is not None and llm.engine(draft=None).drafter is None
+    with pytest.raises(ValueError, match="unknown draft 'auto'"):
+        LLM(folder, draft="auto")
+
+
+def hearth(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hearthlm.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_draft_option(demo):
+    prompt = "And the LORD said unto Moses,"
+    expected = demo.generate(prompt, SamplingParams(max_tokens=40, temperature=0))[0].text
+    result = hearth("run", "--raw", "--draft", "lookup", "--dtype", "float32", "--temperature", "0", "--max-tokens",
+                    "40", prompt)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    result = hearth("run", "--draft", "eagle", "hi")
+    assert result.returncode == 2 and "--draft" in result.stderr and "'lookup', 'off'" in result.stderr
 
 
 def test_server_switch_and_metrics(client, server, served):

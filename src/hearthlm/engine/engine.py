@@ -289,7 +289,8 @@ class Engine:
             for w, pool in self.blocks.pools.items():
                 self.cache.zero(w, pool.take_fresh())
             checks = self._checks(work)
-            due, logits = self._run([w for w in work if w not in checks])
+            checked = {id(w) for w in checks}
+            due, logits = self._run([w for w in work if id(w) not in checked])
             verified = self._run_drafts(checks)
             # a chunk that leaves more of its prompt to compute: progress, for a request that asked
             outputs += [self._progress(w.seq) for w in work if w.n > 1 and w.seq.pending > 1 and w.seq.params.progress]
