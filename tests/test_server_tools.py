@@ -335,6 +335,7 @@ def test_cli_serve(monkeypatch):
         "keep_alive": None,
         "max_memory": None,
         "image_tokens": None,
+        "draft": None,
     }
     got.clear()
     assert cli.main(["serve", "some/model", "--api-key", "k", "--host", "0.0.0.0", "--expert-budget", "25%"]) == 0
@@ -345,7 +346,10 @@ def test_cli_serve(monkeypatch):
         "keep_alive": None,
         "max_memory": None,
         "image_tokens": None,
+        "draft": None,
     }
+    got.clear()
+    assert cli.main(["serve", "--draft", "lookup"]) == 0 and got["args"][1]["draft"] == "lookup"
     got.clear()
     assert cli.main(["serve", "--keep-alive", "10m", "--max-memory", "12GB"]) == 0
     assert got["args"][1]["keep_alive"] == "10m" and got["args"][1]["max_memory"] == "12GB"
