@@ -484,8 +484,8 @@ class LlamaCppEngine:
 @functools.cache
 def extra_buffers_work(path: Path) -> bool:
     """Whether llama.cpp survives a 512-token prefill of `path` with its default weight buffers (AMX where the CPU
-    has it, repacked layouts), tried in a child process: the llama-cpp-python 0.3.36 build here segfaults on Q8_0
-    and Q4_0 files with its AMX buffers. Where it crashes, llama.cpp runs as on an AVX-512 CPU without AMX."""
+    has it, repacked layouts), tried in a child process: the llama-cpp-python 0.3.36 build here segfaults on Q8_0,
+    Q4_0 and Q4_K files with its AMX buffers. Where it crashes, llama.cpp runs as on an AVX-512 CPU without AMX."""
     probe = (
         "import llama_cpp, sys\n"
         "llm = llama_cpp.Llama(sys.argv[1], n_ctx=2048, n_batch=512, n_threads=2, verbose=False)\n"

@@ -3,8 +3,10 @@ number of input rows (quantized weights: quant/linear.py).
 
 On CPU: up to 8 rows (decode) go to the streaming GEMV kernel (up to 32 rows, in passes of 8, for
 fp16/bf16 weights). More rows (prefill) with bf16 weights multiply in bfloat16 where the CPU has bfloat16
-instructions (AVX512-BF16 or AMX: oneDNN's bf16 GEMM ran 5x float32 on a 2-core Xeon with AMX), with x rounded
-to bfloat16 as a bf16 model's activations are and float32 sums. Elsewhere, and for fp16 weights, they compute
+instructions (AVX512-BF16 or AMX: oneDNN's bf16 GEMM ran 5x float32 on a 2-core Xeon with AMX): x (float32 in
+our models) is rounded to bfloat16, the sums are float32, and the output is rounded to bfloat16 too, as PyTorch's
+CPU GEMM gives no float32 output for bf16 inputs. That costs KL 8e-5 on the demo model against the float32 path
+(benchmarks/quality.py --dtypes bfloat16; llama.cpp, which rounds only x, loses 2e-5 on a BF16 file). Elsewhere, and for fp16 weights, they compute
 in float32, because PyTorch's half-precision CPU GEMMs without those instructions run several times slower than
 fp32 (benchmarks/decode.py: transformers bf16 prefills at 28 tokens/s where fp32 does 208). Off the CPU:
 F.linear."""
