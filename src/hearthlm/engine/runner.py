@@ -66,8 +66,8 @@ def run_verify(
     sequence logits [len(draft) + 1, V], row i scoring the token after draft[:i].
 
     On CPU every position runs as a decode row of its own (its sequence's block table, its own position), so
-    verification takes the fused decode step and gives bit for bit the logits plain decoding would: the rows of
-    one forward all write their K/V before any reads, and later positions never run in an earlier forward.
+    verification takes the fused decode step, the kernels plain decoding runs: the rows of one forward all write
+    their K/V before any row reads, and later positions never run in an earlier forward.
     Elsewhere each sequence's positions run as one short prefill (sequences grouped by draft length)."""
     if model.device.type == "cpu" and cpu.available():
         return _verify_rows(model, cache, seqs, drafts)
