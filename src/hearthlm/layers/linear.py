@@ -2,13 +2,11 @@
 number of input rows (quantized weights: quant/linear.py).
 
 On CPU: up to 8 rows (decode) go to the streaming GEMV kernel (up to 32 rows, in passes of 8, for
-fp16/bf16 weights). More rows (prefill) with bf16 weights multiply in bfloat16 where the CPU has bfloat16
-instructions (AVX512-BF16 or AMX: oneDNN's bf16 GEMM ran 5x float32 on a 2-core Xeon with AMX): x (float32 in
-our models) is rounded to bfloat16, the sums are float32, and the output is rounded to bfloat16 too, as PyTorch's
-CPU GEMM gives no float32 output for bf16 inputs. That costs KL 8e-5 on the demo model against the float32 path
-(benchmarks/quality.py --dtypes bfloat16; llama.cpp, which rounds only x, loses 2e-5 on a BF16 file). Elsewhere, and for fp16 weights, they compute
-in float32, because PyTorch's half-precision CPU GEMMs without those instructions run several times slower than
-fp32 (benchmarks/decode.py: transformers bf16 prefills at 28 tokens/s where fp32 does 208). Off the CPU:
+fp16/bf16 weights). More rows (prefill) with fp16/bf16 weights compute in float32, because PyTorch's
+half-precision CPU GEMMs without AVX-512 run several times slower than fp32 (benchmarks/decode.py:
+transformers bf16 prefills at 28 tokens/s where fp32 does 208), and because oneDNN's bf16 GEMM, 5x faster on CPUs
+with AMX, rounds x and its output to bfloat16: a prompt's numbers would then depend on how many rows it has
+(an embedding on its own and in a batch differed by 2e-4), and the demo model lost KL 8e-5 by it. Off the CPU:
 F.linear."""
 
 from __future__ import annotations
@@ -51,10 +49,6 @@ def linear(
         if bias is not None and not fused:
             y += bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    if half and weight.dtype == torch.bfloat16 and cpu.native_bf16():
-        fused = bias is None or bias.dtype == torch.bfloat16  # added inside, before the one rounding of y
-        y = F.linear(x.to(torch.bfloat16), weight, bias if fused else None)
-        return (y if fused else y.float() + bias).to(x.dtype)
     if half:
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
