@@ -6,5 +6,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemm", &quant_gemm, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32 (VNNI)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_gemm", &bf16_gemm, "x [..., K] @ W^T (+ bias) for a bfloat16 W [N, K] -> [..., N] float32 (AMX)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("amx_available", &amx_available, "whether the AMX tile unit may be used in this process");
 }

@@ -33,12 +33,12 @@ MAX_ROWS = 8  # the kernel serves up to this many input rows (decode batches)
 ISAS = ("amx", "avx512", "avx2", "torch")  # widest first
 _AVX2 = {"avx2", "fma", "f16c"}
 _AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
-_NEEDS = {"amx": _AVX512 | {"amx_tile", "amx_int8"}, "avx512": _AVX512, "avx2": _AVX2}
+_NEEDS = {"amx": _AVX512 | {"amx_tile", "amx_int8", "amx_bf16"}, "avx512": _AVX512, "avx2": _AVX2}
 _CFLAGS = {
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
     # The AMX code sits beside the VNNI code in one extension; it only runs where isa() is "amx".
     "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-    + ["-mavx512vnni", "-mamx-tile", "-mamx-int8", "-fopenmp"],
+    + ["-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp"],
 }
 
 
@@ -179,6 +179,11 @@ def native_bf16() -> bool:
     return _at_least("avx512") and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def amx_bf16() -> bool:
+    """Whether bf16_gemm (AMX-BF16) runs here."""
+    return isa() == "amx" and available() and _load_avx512() is not None and _load_avx512().amx_available()
+
+
 def gemm_available() -> bool:
     """Whether the integer GEMM (quant_gemm: AVX-512 VNNI, or AMX) runs here."""
     return _at_least("avx512") and available() and _load_avx512() is not None
@@ -190,6 +195,12 @@ def _at_least(path: str) -> bool:
 
 def _amx() -> bool:
     return isa() == "amx" and _load_avx512().amx_available()
+
+
+def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight.T + bias for a contiguous bfloat16 weight [N, K] (K a multiple of 32) on the AMX tile
+    unit (isa() "amx"): float32 [..., N], the float32 path's numbers (x kept to 16 bits, float32 sums)."""
+    return _load_avx512().bf16_gemm(x, weight, bias)
 
 
 def quant_gemm(

@@ -386,3 +386,107 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
     return shape;
   }());
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 weights on AMX-BF16: TDPBF16PS multiplies pairs of bf16 and sums them in float32 inside the tile, so
+// unlike the integer GEMM there is no per-block epilogue: a 16 x 16 tile of y is summed over all of K and
+// stored once. x is split into two bf16 halves, hi = bf16(x) and lo = bf16(x - hi), which carry 16 of its 24
+// bits, and both multiply the same weight tile: y is W . x up to float32 rounding and 2^-16 of x, the same
+// numbers as the float32 path whatever the row count (oneDNN's bf16 GEMM rounds x and y to bf16 instead).
+namespace {
+
+// tmm0, tmm1: y (16 x 16 float32, two column halves); tmm2, tmm3: 16 rows x 32 k of x's hi and lo halves;
+// tmm4, tmm5: 32 k x 16 columns of the weights, in pairs of k per 32-bit lane.
+void configure_bf16_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 6; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// The panel of output columns n0..n0+31 (zero past N): [K / 2][32][2] bf16, lane j of row t = W[n0 + j][2t, 2t + 1].
+void pack_bf16_panel(const uint16_t* W, int64_t N, int64_t K, int64_t n0, std::vector<uint16_t>& panel) {
+  panel.resize(K * kCols);
+  const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(2 * K)));
+  for (int h = 0; h < 2; ++h) {
+    const int64_t first = n0 + 16 * h, left = std::max<int64_t>(0, std::min<int64_t>(16, N - first));
+    const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    const uint16_t* base = W + std::min(first, N - 1) * K;
+    for (int64_t t = 0; t < K / 2; ++t) {
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, stride, base + 2 * t, 1);
+      _mm512_storeu_si512(panel.data() + t * 2 * kCols + 32 * h, v);
+    }
+  }
+}
+
+void bf16_panel(const uint16_t* hi, const uint16_t* lo, int64_t M, int64_t K, const std::vector<uint16_t>& panel,
+                float* y, int64_t N, int64_t n0, const float* bias) {
+  alignas(64) float out[2][256];
+  const int64_t cols = std::min<int64_t>(kCols, N - n0);
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k = 0; k < K; k += 32) {
+      _tile_loadd(2, hi + m0 * K + k, 2 * K);
+      _tile_loadd(3, lo + m0 * K + k, 2 * K);
+      _tile_loadd(4, panel.data() + k * kCols, 4 * kCols);
+      _tile_loadd(5, panel.data() + k * kCols + 32, 4 * kCols);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_dpbf16ps(0, 3, 4);
+      _tile_dpbf16ps(1, 2, 5);
+      _tile_dpbf16ps(1, 3, 5);
+    }
+    _tile_stored(0, out[0], 64);
+    _tile_stored(1, out[1], 64);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * h));
+      if (!left) continue;
+      const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * h) : _mm512_setzero_ps();
+      for (int64_t r = 0; r < std::min<int64_t>(16, M - m0); ++r)
+        _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16 * h, mask, _mm512_add_ps(_mm512_load_ps(out[h] + 16 * r), b));
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(amx_permitted(), "bf16_gemm: the AMX tile unit cannot be used here");
+  TORCH_CHECK(W.scalar_type() == torch::kBFloat16 && W.dim() == 2 && W.is_contiguous(),
+              "bf16_gemm: W must be a contiguous 2-D bfloat16 tensor");
+  const int64_t N = W.size(0), K = W.size(1);
+  TORCH_CHECK(x.size(-1) == K && K % 32 == 0, "bf16_gemm: x's last dim must be K, a multiple of 32");
+  const auto xf = x.reshape({-1, K}).to(torch::kFloat32);
+  const int64_t M = xf.size(0), padded = (M + 15) / 16 * 16;
+  auto halves = torch::zeros({2, padded, K}, xf.options().dtype(torch::kBFloat16));
+  halves[0].narrow(0, 0, M).copy_(xf);
+  halves[1].narrow(0, 0, M).copy_(xf - halves[0].narrow(0, 0, M).to(torch::kFloat32));
+  const auto* hi = reinterpret_cast<const uint16_t*>(halves.data_ptr());
+  const uint16_t* lo = hi + padded * K;
+  auto y = torch::empty({M, N}, xf.options());
+  c10::optional<torch::Tensor> b;
+  if (bias) b = bias->to(torch::kFloat32).contiguous();
+  const float* bp = b ? b->data_ptr<float>() : nullptr;
+  const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr());
+  float* yp = y.data_ptr<float>();
+  const int64_t panels = (N + kCols - 1) / kCols;
+  std::atomic<int64_t> next{0};
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), panels));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint16_t> panel;
+    configure_bf16_tiles();
+    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+      pack_bf16_panel(w, N, K, i * kCols, panel);
+      bf16_panel(hi, lo, M, K, panel, yp, N, i * kCols, bp);
+    }
+    _tile_release();
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape);
+}

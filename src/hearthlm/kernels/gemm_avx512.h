@@ -11,3 +11,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
 
 // Whether the AMX tile unit may be used here (the CPU has it and Linux granted this process its state).
 bool amx_available();
+
+// x [..., K] (any float dtype) @ W^T (+ bias) for a bfloat16 W [N, K] on AMX-BF16 -> float32 [..., N], with x
+// carried as two bf16 halves (16 bits of it) and float32 sums: the float32 path's numbers. Needs amx_available().
+torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias);
