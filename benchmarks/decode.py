@@ -1090,7 +1090,7 @@ def csv_list(choices: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]
         items = [x.strip() for x in text.split(",") if x.strip()]
         bad = [x for x in items if x not in choices]
         if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices)}")
         return items
 
     return parse

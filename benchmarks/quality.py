@@ -51,6 +51,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import csv_list  # noqa: E402  (the sibling benchmark, for its comma-list option type)
+
 from hearthlm import LLM, load_tokenizer
 from hearthlm.bench.results import Quality, logits_of, quality
 from hearthlm.kernels import cpu
@@ -298,27 +301,20 @@ def write_json(path: Path, title: str, results: dict[str, dict], before: dict) -
     path.write_text(json.dumps(doc, indent=2))
 
 
-def csv(choices: list[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices)}")
-        return items
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=None, help="a model (default: the demo model)")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--formats", type=lambda s: [f for f in s.split(",") if f], default=FORMATS)
-    ap.add_argument("--gguf", type=csv(GGUF), default=GGUF, help="GGUF block types on our matrices")
-    ap.add_argument("--dtypes", type=csv(DTYPES), default=[], help="16-bit dtypes of the model: " + ", ".join(DTYPES))
-    ap.add_argument("--files", type=csv(FILE_TYPES), default=[], help="whole GGUF files: " + ", ".join(FILE_TYPES))
+    ap.add_argument("--gguf", type=csv_list(GGUF), default=GGUF, help="GGUF block types on our matrices")
+    ap.add_argument(
+        "--dtypes", type=csv_list(DTYPES), default=[], help="16-bit dtypes of the model: " + ", ".join(DTYPES)
+    )
+    ap.add_argument("--files", type=csv_list(FILE_TYPES), default=[], help="whole GGUF files: " + ", ".join(FILE_TYPES))
     ap.add_argument("--llama-cpp", action="store_true", help="run llama.cpp on each --files file too")
-    ap.add_argument("--paths", type=csv(list(PATHS)), default=None, help="hearthlm prefill paths: " + ", ".join(PATHS))
+    ap.add_argument(
+        "--paths", type=csv_list(list(PATHS)), default=None, help="hearthlm prefill paths: " + ", ".join(PATHS)
+    )
     ap.add_argument("--step", type=int, default=None, help="tokens per forward through the KV cache (1: decode)")
     ap.add_argument(
         "--random",
