@@ -181,7 +181,7 @@ def native_bf16() -> bool:
 
 def amx_bf16() -> bool:
     """Whether bf16_gemm (AMX-BF16) runs here."""
-    return isa() == "amx" and available() and _load_avx512() is not None and _load_avx512().amx_available()
+    return gemm_available() and _amx()
 
 
 def gemm_available() -> bool:
