@@ -413,7 +413,9 @@ class HearthEngine:
 class TransformersEngine:
     def __init__(self, folder: Path, fmt: str):
         auto = transformers.AutoModelForCausalLM
-        self.model = auto.from_pretrained(folder, dtype=DTYPES[fmt], attn_implementation="sdpa").eval()
+        self.device = torch.device(os.environ.get("HEARTHLM_DEVICE") or "cpu")  # the device hearthlm runs on too
+        model = auto.from_pretrained(folder, dtype=DTYPES[fmt], attn_implementation="sdpa")
+        self.model = model.to(self.device).eval()
 
     @torch.inference_mode()
     def _step(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
@@ -424,12 +426,12 @@ class TransformersEngine:
 
     def prefill(self, ids: list[int]) -> float:
         start = time.perf_counter()
-        self._step(torch.tensor([ids]), None)
+        int(self._step(torch.tensor([ids], device=self.device), None)[0])  # int(): waits for a GPU to finish
         return time.perf_counter() - start
 
     def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
         # a manual cached loop rather than generate(): no logits processors or stopping checks in the time
-        token, cache = self._step(torch.tensor([ids]), None)
+        token, cache = self._step(torch.tensor([ids], device=self.device), None)
         tokens, stamps = [int(token)], [time.perf_counter()]
         for _ in range(n - 1):
             token, cache = self._step(token, cache)
@@ -1123,7 +1125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quiet-wait", type=float, default=120.0, help="seconds to wait for other processes before each run"
     )
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/hearthlm-bench-checkpoints"))
+    ap.add_argument(
+        "--device", default=None, help="cpu or cuda for hearthlm and transformers (default: HEARTHLM_DEVICE)"
+    )
     args = ap.parse_args(argv)
+    if args.device:
+        os.environ["HEARTHLM_DEVICE"] = args.device  # engines run in child processes, which inherit it
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_len < 1:
         ap.error("need --new-tokens >= 2, --runs >= 1, --prompt-len >= 1")
     return args

@@ -28,10 +28,10 @@ def test_logits_match_transformers(name, loaded):
     ids = _ids(5 * WINDOW, batch=2)
     with torch.no_grad():
         expected = ref(ids).logits
-    got = llm.logits(ids.tolist())
+    got = llm.logits(ids.tolist()).cpu()
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert (got - expected).abs().max().item() <= 1e-4
-    single = llm.logits(ids[1].tolist())
+    single = llm.logits(ids[1].tolist()).cpu()
     assert (single - expected[1]).abs().max().item() <= 1e-4
 
 
@@ -103,7 +103,7 @@ def test_multimodal_checkpoint_loads_text_model_only(name, save, loaded, tmp_pat
     ids = _ids(3 * WINDOW, seed=3)
     with torch.no_grad():
         expected = ref(ids).logits[0]
-    assert (llm.logits(ids[0].tolist()) - expected).abs().max().item() <= 1e-4
+    assert (llm.logits(ids[0].tolist()).cpu() - expected).abs().max().item() <= 1e-4
     # The Hub-style text_config gives the same per-layer specs as the one transformers 5 saves.
     assert llm.config.layers == llm_text.config.layers
 

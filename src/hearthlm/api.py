@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,28 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, else HEARTHLM_DEVICE, else the CPU; a device this machine lacks is refused here, before loading."""
+    asked = device if device is not None else os.environ.get("HEARTHLM_DEVICE") or "cpu"
+    try:
+        dev = torch.device(asked)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device '{asked}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device '{asked}' was asked for, but this torch ({torch.__version__}) sees no CUDA GPU: install a CUDA "
+                "build of torch where there is one, or use --device cpu (HEARTHLM_DEVICE=cpu)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device '{asked}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device '{asked}' is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return default_dtype(device)
@@ -98,7 +121,7 @@ class LLM:
         spec = parse_quant(quant) if quant is not None else None
         budget = parse_budget(expert_budget) if expert_budget is not None else None
         path = resolve(model)  # None: the built-in demo; HF id / short name: its folder in the store
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
         self._engine: Engine | None = None

@@ -25,6 +25,7 @@ def _load(args: argparse.Namespace):
         moe_profile=not args.no_moe_profile,
         mmproj=getattr(args, "mmproj", None),
         draft=_draft(args),
+        device=args.device,
     )  # fmt: skip  (the loader shows its own progress bar)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
@@ -411,7 +412,8 @@ def _serve(args: argparse.Namespace) -> int:
     server.serve(
         args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
         expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
-        max_memory=args.max_memory, image_tokens=args.image_tokens, draft=_draft(args), **web,
+        max_memory=args.max_memory, image_tokens=args.image_tokens, draft=_draft(args), device=args.device,
+        **web,
     )  # fmt: skip
     return 0
 
@@ -657,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="FILE", default=None, help="write a PNG bar chart (needs matplotlib)")
     b.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
     b.set_defaults(func=_bench)
+    for p in (run, chat, serve):
+        p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: HEARTHLM_DEVICE, else cpu)")
     for p in (run, chat, serve, b):
         _threads_option(p)
     return parser

@@ -26,6 +26,7 @@ fit estimate of the peak: fit prices formats, not a given file's mix of types.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -262,7 +263,7 @@ def bench(
         raise BenchError(f"unknown engine(s) {unknown} for --vs; choose from {', '.join(VS_ENGINES)}")
     if prompt_len < 1 or gen_len < 2 or runs < 1:
         raise BenchError("need --prompt-len >= 1, --gen-len >= 2 and --runs >= 1")
-    device = device or "cpu"
+    device = device or os.environ.get("HEARTHLM_DEVICE") or "cpu"
     paths = [store.resolve(m) for m in (models or [None])]
     for path in paths:
         for e in vs:

@@ -30,6 +30,7 @@ def forward_tokens(
     """Contiguous cache: run ids [b, T] at positions start[b] + (0..T-1); returns the hidden states [b, T, H],
     or at least those of the last `outputs` positions (a model may skip the rest). `splice`: media embeddings
     for some positions (multimodal models only)."""
+    ids, start = ids.to(model.device), start.to(model.device)  # callers may pass CPU tensors to a GPU model
     positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]
     if splice is None:
         cache.begin(positions, rows)
