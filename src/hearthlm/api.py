@@ -114,7 +114,8 @@ class LLM:
         '512MB') or a fraction of all expert bytes (0.25, '25%'); `moe_profile`: seed the expert policy from
         the model's moe_profile.json (`hearth moe-profile`) when there is one; `mmproj`: a GGUF model's image /
         audio towers, llama.cpp's mmproj file (default: the one beside the model file, if any); `draft`: speculative
-        decoding for the engine's requests, "lookup" (prompt lookup; lossless) or None (off); a request's
+        decoding for the engine's requests, "lookup" (prompt lookup; lossless), the folder of a Gemma 4 -assistant
+        drafter, "auto" (the -assistant drafter stored beside the model, else lookup) or None (off); a request's
         SamplingParams.speculative overrides it."""
         make_drafter(draft)  # an unknown name fails here, before the weights load
         self.draft = draft
@@ -134,6 +135,8 @@ class LLM:
         self.model = load_model(gguf or path, self.dtype, self.device, spec, budget, prior)
         self.quant = spec.name if spec else stored_quant(path) or ("gguf" if path.suffix == ".gguf" else None)
         self.config = self.model.config
+        if isinstance(draft, (str, Path)) and draft not in ("lookup", "off"):
+            self.draft = make_drafter(draft, self)  # a drafter folder or "auto": loaded and checked against the model
         if gguf is not None:
             from .gguf_tokenizer import tokenizer_from_gguf
 

@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace):
 
 
 def _draft(args: argparse.Namespace) -> str | None:
-    """--draft as LLM's `draft`: "lookup", or None for "off"."""
+    """--draft as LLM's `draft`: "auto", "lookup", a drafter folder, or None for "off"."""
     value = getattr(args, "draft", "off")
     return None if value == "off" else value
 
@@ -295,9 +295,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--quant", default=None, help=QUANT_HELP)
     p.add_argument(
-        "--draft", choices=DRAFT_CHOICES, default="off",
-        help="speculative decoding: 'lookup' drafts from the prompt and the reply so far (same output, faster when "
-        "the reply quotes its context); default off",
+        "--draft", type=_draft_choice, default="off", metavar="auto|lookup|off|MODEL",
+        help="speculative decoding (same output, faster): 'lookup' drafts from the prompt and the reply so far "
+        "(pays when the reply quotes its context); MODEL, a Gemma 4 -assistant drafter (a folder or a stored "
+        "name); 'auto', the model's -assistant drafter when it is in the store, else lookup; default off",
     )  # fmt: skip
     _expert_options(p)
 
@@ -307,7 +308,23 @@ def _expert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-moe-profile", action="store_true", help="ignore the model's moe_profile.json")
 
 
-DRAFT_CHOICES = ("lookup", "off")  # engine/speculative.py's names (not imported here: it pulls in torch)
+DRAFT_CHOICES = ("auto", "lookup", "off")  # engine/speculative.py's names (not imported here: it pulls in torch)
+
+
+def _draft_choice(value: str) -> str:
+    """--draft: a name, or a drafter model (a folder, or a name in the store) as its folder."""
+    if value in DRAFT_CHOICES:
+        return value
+    from .store import ModelNotFoundError, resolve
+
+    try:
+        return str(resolve(value))
+    except ModelNotFoundError as e:
+        names = ", ".join(repr(c) for c in DRAFT_CHOICES)
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {value!r}: choose {names}, or a drafter model ({e})"
+        ) from None
+
 
 BUDGET_HELP = (
     "MoE models: keep experts in the checkpoint and at most this much of them in memory: bytes (6GB, 512MB) or a "

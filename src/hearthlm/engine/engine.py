@@ -107,7 +107,8 @@ class Engine:
         """max_running: the most requests that run (decode or prefill) at once; past it, and past what the KV
         cache holds, requests wait in order. None: what the KV cache holds, at most MAX_RUNNING.
         draft: speculative decoding for requests that do not say (SamplingParams.speculative): "lookup" (prompt
-        lookup), None / "off", or a Drafter; default: the LLM's `draft`. adaptive: its draft-length policy."""
+        lookup), None / "off", "auto" or a Gemma 4 -assistant drafter folder (engine/mtp.py), or a Drafter;
+        default: the LLM's `draft`. adaptive: its draft-length policy."""
         for name, value in [("block_size", block_size), ("prefill_chunk", prefill_chunk)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
@@ -132,7 +133,9 @@ class Engine:
         self._prompt_tokens = self._generated_tokens = 0
         self._guide_state: Guides | None = None
         self._guides_lock = threading.Lock()
-        self.drafter = make_drafter(getattr(llm, "draft", None) if draft is _FROM_LLM else draft)
+        self.drafter = make_drafter(getattr(llm, "draft", None) if draft is _FROM_LLM else draft, llm)
+        if callable(getattr(self.drafter, "bind", None)):  # a model drafter reads this engine's KV cache
+            self.drafter = self.drafter.bind(self.cache)
         self.adaptive = adaptive or Adaptive()
         self._lookup: Drafter | None = None  # for requests that ask to draft on an engine that does not
         self._drafted = self._accepted = self._draft_steps = 0

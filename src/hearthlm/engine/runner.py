@@ -57,7 +57,10 @@ def run_paged(
     else:
         cache.begin(positions, starts, [s.tables for s in seqs], spans=splice.spans)
         h = model(ids, batch, splice)
-    return model.logits(h[:, -1]) if logits else None
+    if not logits:
+        return None
+    keep_hidden(seqs, [p + n - 1 for p in starts], h[:, -1:])
+    return model.logits(h[:, -1])
 
 
 def run_verify(
@@ -89,14 +92,17 @@ def _verify_rows(model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], dra
     n, device = len(rows), model.device
     k = -(-n // cpu.MAX_ROWS) if n <= FUSED_DECODE_ROWS else 1
     cuts = [i * n // k for i in range(k + 1)]
-    logits = []
+    logits, hidden = [], []
     for a, b in zip(cuts, cuts[1:]):  # in order: a position's K/V is written no later than the rows reading it
         part = rows[a:b]
         ids = torch.tensor([[t] for _, _, t in part], device=device)
         positions = torch.tensor([[p] for _, p, _ in part], device=device)
         cache.begin(positions, [p for _, p, _ in part], [s.tables for s, _, _ in part])
-        logits.append(model.logits(model(ids, Batch(positions=positions, cache=cache, outputs=1))[:, -1]))
-    return list(torch.cat(logits).split([len(d) + 1 for d in drafts]))
+        hidden.append(model(ids, Batch(positions=positions, cache=cache, outputs=1))[:, -1])
+        logits.append(model.logits(hidden[-1]))
+    sizes = [len(d) + 1 for d in drafts]
+    keep_hidden(seqs, [s.num_computed for s in seqs], torch.cat(hidden).split(sizes))
+    return list(torch.cat(logits).split(sizes))
 
 
 @torch.inference_mode()
@@ -109,7 +115,16 @@ def _verify_wide(model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], dra
     positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)[None, :]
     cache.begin(positions, starts, [s.tables for s in seqs])
     h = model(ids, Batch(positions=positions, cache=cache, outputs=T))
+    keep_hidden(seqs, starts, h[:, -T:])
     return model.logits(h[:, -T:])
+
+
+def keep_hidden(seqs: list[Sequence], firsts: list[int], hidden) -> None:
+    """Keep each sequence's hidden states [n, H] of positions firsts[i]... (Sequence.hidden) when its drafter reads
+    them (engine/mtp.py)."""
+    for seq, first, rows in zip(seqs, firsts, hidden):
+        if seq.spec is not None and getattr(seq.spec.drafter, "reads_hidden", False):
+            seq.hidden = (first, rows)
 
 
 # Decode batches of up to this many rows run on CPU as forwards of at most cpu.MAX_ROWS rows: there the fused decode

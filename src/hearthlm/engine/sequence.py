@@ -38,6 +38,9 @@ class Sequence:
     media: MediaPrompt | None = None  # image / audio items of the prompt and where their soft tokens sit
     spec: SpecState | None = None  # speculative decoding: this sequence drafts (engine/speculative.py)
     draft: list[int] = field(default_factory=list)  # the draft proposed for the next step, verified with it
+    # (first position, target hidden states [n, H] from there) of the last forward that sampled from this sequence,
+    # kept for drafters that read them (engine/mtp.py)
+    hidden: tuple[int, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -27,28 +28,43 @@ if TYPE_CHECKING:
 
 __all__ = ["DRAFT_CHOICES", "Adaptive", "Drafter", "SpecState", "judge", "make_drafter"]
 
-DRAFT_CHOICES = ("lookup", "off")  # what `draft=` and `--draft` take by name (None means "off")
+DRAFT_CHOICES = ("auto", "lookup", "off")  # what `draft=` and `--draft` take by name (None means "off"), or a folder
 
 
 class Drafter(Protocol):
     """Proposes draft tokens. `propose` gets the sequences that may draft this step and, for each, the most tokens
     it may propose (>= 1); it returns a list of at most that many token ids per sequence (empty: no draft).
-    Per-sequence state goes in `seq.spec.state`, which lives as long as the sequence."""
+    Per-sequence state goes in `seq.spec.state`, which lives as long as the sequence. Optional: `bind(cache)`
+    returns the drafter an engine with this paged KV cache uses; `reads_hidden` asks the runner to keep each
+    sequence's target hidden states (Sequence.hidden)."""
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]: ...
 
 
-def make_drafter(draft: str | Drafter | None) -> Drafter | None:
-    """The drafter `draft` names: "lookup" (prompt lookup), None or "off" (no drafting), or a Drafter itself."""
+def make_drafter(draft: str | Path | Drafter | None, llm: Any = None) -> Drafter | None:
+    """The drafter `draft` names: "lookup" (prompt lookup), None or "off" (no drafting), a Drafter itself, or a
+    model drafter for `llm`: the folder of a Gemma 4 -assistant checkpoint, or "auto" (the -assistant drafter
+    stored beside the model, else prompt lookup). Without `llm` a folder or "auto" is only checked (None)."""
     if draft is None or draft == "off":
         return None
     if draft == "lookup":
         from .lookup import PromptLookup
 
         return PromptLookup()
-    if isinstance(draft, str) or not callable(getattr(draft, "propose", None)):
-        choices = ", ".join(repr(c) for c in DRAFT_CHOICES)
-        raise ValueError(f"unknown draft {draft!r}: choose one of {choices}, None (off), or an object with propose()")
+    if isinstance(draft, (str, Path)):
+        if draft != "auto" and not Path(draft).expanduser().is_dir():
+            choices = ", ".join(repr(c) for c in DRAFT_CHOICES)
+            raise ValueError(
+                f"unknown draft {draft!r}: choose one of {choices}, None (off), the folder of a drafter checkpoint "
+                "(e.g. gemma-4-E2B-it-assistant), or an object with propose()"
+            )
+        if llm is None:
+            return None
+        from .mtp import mtp_drafter
+
+        return mtp_drafter(draft, llm) or make_drafter("lookup")
+    if not callable(getattr(draft, "propose", None)):
+        raise ValueError(f"unknown draft {draft!r}: give a name, a drafter folder, or an object with propose()")
     return draft
 
 
