@@ -718,6 +718,9 @@ class ModelRun:
     copy_gb_s: list[float] = field(default_factory=list)
 
     def sample_bandwidth(self) -> None:
+        if on_gpu():
+            self.read_gb_s += [gpu_bandwidth() for _ in range(3)]
+            return
         bw = measure_bandwidth(reps=5)
         self.read_gb_s += bw["read"].samples
         self.copy_gb_s += bw["copy"].samples
@@ -774,10 +777,34 @@ def paused(progress: Progress) -> Iterator[None]:
         progress.start()
 
 
+def on_gpu() -> bool:
+    return (os.environ.get("HEARTHLM_DEVICE") or "cpu").startswith("cuda")
+
+
+def gpu_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """The GPU's memory bandwidth in GB/s from a device-to-device copy, counting bytes read and written (a
+    stream that only reads moves about as much): the roofline of a decode step that reads every weight once."""
+    n = int(gib * 2**30) // 2
+    src, dst = torch.empty(n, dtype=torch.bfloat16, device="cuda"), torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 4 * n / statistics.median(times) / 1e9
+
+
 def load_engine(row: Row, bench: Bench) -> Engine:
     def load() -> Engine:
         engine = LOADERS[row.engine](bench.folder, row.dtype)
         engine.decode(bench.decode_ids[:8], 4)  # first calls pay one-time kernel and allocator setup
+        if on_gpu():  # and a GPU's: its clocks ramp up, and each new shape picks its kernels on first use
+            engine.prefill(bench.prefill_ids)
+            engine.decode(bench.decode_ids, bench.args.new_tokens)
         return engine
 
     with paused(bench.progress):
@@ -798,10 +825,10 @@ def measure_once(row: Row, bench: Bench) -> RunSample:
         prefill = len(bench.prefill_ids) / engine.prefill(bench.prefill_ids)
     # This VM's bandwidth drifts by a third within minutes (its neighbours' load), so each decode
     # run gets its own roofline from quick samples taken just before and just after it.
-    before = read_bandwidth(gib=0.5, reps=3).median
+    before = gpu_bandwidth() if on_gpu() else read_bandwidth(gib=0.5, reps=3).median
     with foreign_load(load):
         decode, row.tokens = engine.decode(bench.decode_ids, bench.args.new_tokens)
-    bandwidth = (before + read_bandwidth(gib=0.5, reps=3).median) / 2
+    bandwidth = (before + (gpu_bandwidth() if on_gpu() else read_bandwidth(gib=0.5, reps=3).median)) / 2
     return RunSample(decode, prefill, bandwidth, max(load))
 
 

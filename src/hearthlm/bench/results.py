@@ -124,8 +124,8 @@ def quality(reference, candidate, token_ids: list[int]) -> Quality:
             f"quality() needs two [T, vocab] logits for T = {len(token_ids)} >= 2 tokens; "
             f"got {tuple(reference.shape)} and {tuple(candidate.shape)}"
         )
-    ref = torch.log_softmax(reference.float(), dim=-1)  # [T, vocab]
-    cand = torch.log_softmax(candidate.float(), dim=-1)
+    ref = torch.log_softmax(reference.float().cpu(), dim=-1)  # [T, vocab]; the two may come from different devices
+    cand = torch.log_softmax(candidate.float().cpu(), dim=-1)
     kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0)  # [T]
     top1 = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
     nxt = torch.tensor(token_ids[1:]).unsqueeze(-1)

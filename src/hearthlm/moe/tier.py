@@ -160,7 +160,8 @@ def _fill(dst: Weight, pieces: list[Weight], ckpt=None) -> Weight:
 
 
 class HostTier:
-    """Experts held in (pinned) host memory in their final format, for a model on a GPU. Untested here."""
+    """Experts held in (pinned) host memory in their final format, for a model on a GPU (checked on CUDA by
+    benchmarks/cuda_check.sh, which runs tests/test_moe_budget.py there)."""
 
     def __init__(self, gate_up: Weight, down: Weight, device: torch.device):
         self.stacks = tuple(_pin(w) for w in (gate_up, down))
