@@ -188,3 +188,32 @@ def test_gemma4_per_layer_config_as_transformers_saves_it(tmp_path, layers):
     for i, spec in enumerate(cfg.layers):
         full = config.layer_types[i] == "full_attention"
         assert (spec.head_dim, spec.num_kv_heads, spec.k_eq_v) == ((32, 1, True) if full else (16, 2, False))
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "sees no CUDA GPU"), ("cuda:0", "sees no CUDA GPU"), ("tpu", "use cpu, cuda or cuda:N"),
+     ("warp-drive", "unknown device 'warp-drive'")],
+)  # fmt: skip
+def test_a_device_this_machine_lacks_is_refused_before_loading(device, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        LLM(None, device=device)
+    monkeypatch.setenv("HEARTHLM_DEVICE", device)  # the environment's choice is checked the same way
+    with pytest.raises(ValueError, match=message):
+        LLM(None)
+
+
+def test_cli_device_error_names_the_fix(monkeypatch, capsys):
+    from hearthlm.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["run", "Hi", "--device", "cuda", "--max-tokens", "2"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+
+
+def test_a_gpu_index_past_the_last_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:3' does not exist: this machine has 1 CUDA GPU"):
+        LLM(None, device="cuda:3")
