@@ -143,14 +143,24 @@ def _tower_outputs(llm: LLM, media) -> list[torch.Tensor]:
     return images + towers.encode_audio([audio_features(load_audio(str(media["wav"])))])
 
 
+def _tower_weights(llm: LLM) -> dict[str, torch.Tensor]:
+    tower, proj = llm.media_encoder.towers._get("vision")
+    return {f"tower.{n}": p for n, p in tower.named_parameters()} | {f"proj.{n}": p for n, p in proj.named_parameters()}
+
+
 def test_quantized_models_keep_their_towers_in_their_precision(av, media, tmp_path):
     folder, _ = av
-    base = _tower_outputs(LLM(folder, dtype="float32"), media)
+    plain = LLM(folder, dtype="float32")
+    base = _tower_outputs(plain, media)
+    weights = _tower_weights(plain)
+    # as stored: the linear layers' bf16 weights kept, the rest float32 (the float32 towers compute with both)
+    assert {w.dtype for w in weights.values()} == {torch.float32, torch.bfloat16}
     for quant in ("int8", "int4"):
         llm = LLM(folder, dtype="float32", quant=quant)
         assert all(torch.equal(a, b) for a, b in zip(_tower_outputs(llm, media), base))
-        tower, proj = llm.media_encoder.towers._get("vision")
-        assert {p.dtype for p in [*tower.parameters(), *proj.parameters()]} == {torch.float32}
+        mine = _tower_weights(llm)
+        assert mine.keys() == weights.keys()
+        assert all(mine[k].dtype == w.dtype and torch.equal(mine[k], w) for k, w in weights.items())
     out = tmp_path / "int8"
     result = hearth("quantize", str(folder), "--to", "int8", "-o", str(out))
     assert result.returncode == 0, result.stderr

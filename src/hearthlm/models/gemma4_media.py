@@ -1,8 +1,8 @@
 """Parts that Gemma 4's vision and audio towers share: the clipped linear layer, a scale-free RMSNorm, and the
 projection of a tower's output into the text model's width (`embed_vision` / `embed_audio`).
 
-Tower weights load in their own dtype and run in float32 on CPU (as the text model's activations do) and in
-the model dtype elsewhere, except float16: its range is too small for the patch embedding and the pooler's
+Towers run in float32 on CPU (as the text model's activations do), their linear layers' bf16 / fp16 weights kept
+as stored (layers.linear computes with them in float32), and in the model dtype elsewhere, except float16: its range is too small for the patch embedding and the pooler's
 sqrt(width) scale (a known source of `<unused>` garbage after an image in other runtimes).
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..layers.linear import linear
 
 
 def tower_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -52,7 +54,7 @@ class ClippedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clipped:
             x = x.clamp(self.input_min.item(), self.input_max.item())
-        y = F.linear(x, self.weight.to(x.dtype))
+        y = linear(x, self.weight)
         return y.clamp(self.output_min.item(), self.output_max.item()) if self.clipped else y
 
     def names(self, ours: str, theirs: str) -> dict[str, str]:
@@ -72,7 +74,7 @@ class Projection(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms(x, self.eps), self.weight.to(x.dtype))
+        return linear(rms(x, self.eps), self.weight)
 
 
 def mirrored_names(module: nn.Module, prefix: str) -> dict[str, str]:

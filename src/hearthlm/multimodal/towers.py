@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..models.gemma4_audio import AudioTower
-from ..models.gemma4_media import Projection, tower_dtype
+from ..models.gemma4_media import ClippedLinear, Projection, tower_dtype
 from ..models.gemma4_vision import VisionTower
 from ..weights.mmproj import MmprojCheckpoint
 from ..weights.safetensors import Checkpoint, CheckpointError
@@ -121,4 +121,13 @@ def _fill(
             )
         owner, _, attr = ours.rpartition(".")
         target = module.get_submodule(owner) if owner else module
-        setattr(target, attr, nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False))
+        keep = _keeps_half(target, tensor, dtype, device)
+        tensor = tensor.to(device=device, dtype=tensor.dtype if keep else dtype, copy=True)
+        setattr(target, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _keeps_half(owner: nn.Module, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """A float32 tower on the CPU keeps its linear layers' bf16 / fp16 weights as stored: layers.linear computes with
+    them in float32 (the AMX-BF16 GEMM where the CPU has it, an exact upcast otherwise), in half the memory."""
+    half = tensor.dtype in (torch.bfloat16, torch.float16) and tensor.dim() == 2
+    return half and dtype == torch.float32 and device.type == "cpu" and isinstance(owner, (ClippedLinear, Projection))
