@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -379,3 +380,12 @@ def test_a_bad_download_timeout_is_a_clear_error(hub, monkeypatch, value):
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", value)
     with pytest.raises(store.PullError, match=f"HF_HUB_DOWNLOAD_TIMEOUT='{value}': give the whole seconds"):
         store.pull(REPO, progress=False)
+
+
+def test_pulled_files_are_owner_only(hub):
+    """Another user who can read a checkpoint can tell from its page cache which experts ran (docs/privacy.md)."""
+    folder = store.pull(REPO, progress=False, text_only=True)
+    for d in (folder, store.store_root()):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    for f in folder.iterdir():
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f.name

@@ -19,7 +19,8 @@ from .engine.runner import forward_tokens
 from .engine.sampler import SamplingParams
 from .engine.speculative import Drafter, make_drafter
 from .kernels import cpu
-from .moe import MoEStats, parse_budget, profile
+from .moe import MoEStats, options, parse_budget, profile
+from .moe.options import PrivacyOptions
 from .multimodal.prompt import MediaOptions, MediaPrompt, expand, media_parts, preprocess
 from .multimodal.spec import default_image_tokens, media_spec
 from .quant.quantize import parse_quant
@@ -109,6 +110,7 @@ class LLM:
         moe_profile: bool = True,
         mmproj: str | Path | None = None,
         draft: str | Drafter | None = None,
+        privacy: PrivacyOptions | None = None,
     ):
         """`expert_budget`: keep MoE experts in the checkpoint and at most this many in memory: bytes ('6GB',
         '512MB') or a fraction of all expert bytes (0.25, '25%'); `moe_profile`: seed the expert policy from
@@ -116,11 +118,14 @@ class LLM:
         audio towers, llama.cpp's mmproj file (default: the one beside the model file, if any); `draft`: speculative
         decoding for the engine's requests, "lookup" (prompt lookup; lossless), the folder of a Gemma 4 -assistant
         drafter, "auto" (the -assistant drafter stored beside the model, else lookup) or None (off); a request's
-        SamplingParams.speculative overrides it."""
+        SamplingParams.speculative overrides it; `privacy`: the routing-privacy switches under an
+        expert budget (moe/options.py; None: none; `hearth run/serve` pass PrivacyOptions(), whose private reads
+        are "auto"). `privacy_note` then says what was chosen."""
         make_drafter(draft)  # an unknown name fails here, before the weights load
         self.draft = draft
         spec = parse_quant(quant) if quant is not None else None
         budget = parse_budget(expert_budget) if expert_budget is not None else None
+        options.check(privacy, budget)  # a switch with no pool to act on fails before the load
         path = resolve(model)  # None: the built-in demo; HF id / short name: its folder in the store
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -133,6 +138,8 @@ class LLM:
         gguf = GGUFFile(path) if path.suffix == ".gguf" else None  # read once: weights and tokenizer
         prior = profile.load_prior(path) if budget is not None and moe_profile else None
         self.model = load_model(gguf or path, self.dtype, self.device, spec, budget, prior)
+        self.privacy = privacy if budget is not None else None
+        self.privacy_note = options.apply(self.model, privacy, path) if self.privacy is not None else None
         self.quant = spec.name if spec else stored_quant(path) or ("gguf" if path.suffix == ".gguf" else None)
         self.config = self.model.config
         if isinstance(draft, (str, Path)) and draft not in ("lookup", "off"):

@@ -26,7 +26,10 @@ def _load(args: argparse.Namespace):
         mmproj=getattr(args, "mmproj", None),
         draft=_draft(args),
         device=args.device,
+        privacy=_privacy(args),
     )  # fmt: skip  (the loader shows its own progress bar)
+    if llm.privacy_note:
+        _err().print(f"[dim]{llm.privacy_note}[/dim]")
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: `hearth {args.command}` needs one to read text")
     return llm
@@ -306,6 +309,27 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _expert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
     p.add_argument("--no-moe-profile", action="store_true", help="ignore the model's moe_profile.json")
+    p.add_argument(
+        "--private-reads", choices=("auto", "on", "off"), default="auto",
+        help="with --expert-budget: read cold experts into private memory, keeping them out of the page cache, "
+        "where other processes could see which experts ran (docs/privacy.md); auto (default): on when other "
+        "users can read the checkpoint",
+    )  # fmt: skip
+    p.add_argument(
+        "--fixed-shape", action="store_true",
+        help="with --expert-budget: every MoE layer reads the same number of experts per token (padded with "
+        "decoys), so that I/O counters and timing do not follow the routing; costs decode speed",
+    )  # fmt: skip
+
+
+def _privacy(args: argparse.Namespace):
+    """The routing-privacy switches of run/chat/serve as LLM's `privacy`, refused now if they need a budget that
+    is not given (a server that loads models on first use would fail only then)."""
+    from .moe.options import PrivacyOptions, check
+
+    options = PrivacyOptions(args.private_reads, args.fixed_shape, getattr(args, "isolate_clients", False))
+    check(options, args.expert_budget)
+    return options
 
 
 DRAFT_CHOICES = ("auto", "lookup", "off")  # engine/speculative.py's names (not imported here: it pulls in torch)
@@ -430,7 +454,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
         expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
         max_memory=args.max_memory, image_tokens=args.image_tokens, draft=_draft(args), device=args.device,
-        **web,
+        privacy=_privacy(args), **web,
     )  # fmt: skip
     return 0
 
@@ -600,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--image-tokens", type=int, default=None, choices=(70, 140, 280, 560, 1120),
         help="soft tokens per image when a request does not say (default 280); more reads small text better",
+    )  # fmt: skip
+    serve.add_argument(
+        "--isolate-clients", action="store_true",
+        help="with --expert-budget: one client's requests never share the expert pool with another's (clients told "
+        "apart by their bearer token, else their address; docs/privacy.md); costs batching across clients",
     )  # fmt: skip
     _model_options(serve)
     serve.set_defaults(func=_serve)

@@ -89,6 +89,35 @@ def folder_name(repo_id: str) -> str:
     return repo_id.replace("/", "--")
 
 
+# -- permissions: what the store creates, only its owner can read (docs/privacy.md: another user who can read a
+# checkpoint can tell from its page cache which experts a budgeted run used) ----------------------------------
+
+
+def private_dir(path: Path) -> Path:
+    """`path` and its missing parents, created owner-only (0700); an existing folder keeps its mode (the user's
+    choice: the load-time check in moe/options.py warns when it lets others read a checkpoint)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in missing:
+        os.chmod(p, 0o700)
+    return path
+
+
+def _owner_only(file: str, flags: int) -> int:
+    """open()'s opener for files the store writes: created 0600 (mode at creation: no moment when others can
+    open it)."""
+    return os.open(file, flags, 0o600)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, created owner-only, then moved in place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", opener=_owner_only) as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)  # an old .tmp left by a crash kept its mode
+    os.replace(tmp, path)
+
+
 @dataclass
 class ModelEntry:
     """One model `list_models` knows: built-in, pulled, or a folder/.gguf placed in the store by hand."""
@@ -251,11 +280,8 @@ def copy(source: str, destination: str) -> ModelEntry:
     target = found[0].meta.get("alias_of", found[0].name)
     aliases = _read_aliases()
     aliases[dest] = target
-    root = store_root()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{ALIASES}.tmp"
-    tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / ALIASES)
+    root = private_dir(store_root())
+    write_private(root / ALIASES, json.dumps(aliases, indent=2, sort_keys=True) + "\n")
     return next(e for e in _aliases(models) if e.name == dest)
 
 
@@ -587,7 +613,7 @@ def _resume(hub: _Hub, t: _Transfer, part: Path, advance: Callable[[int], None])
     done = part.stat().st_size if part.exists() else 0
     if t.size is not None and done > t.size:  # not ours to continue: start over
         done = 0
-    with open(part, "r+b" if done else "wb") as out:
+    with open(part, "r+b" if done else "wb", opener=_owner_only) as out:
         out.truncate(done)
         if done < len(t.head):  # a partial header of ours: write it again
             out.truncate(0)
@@ -619,7 +645,7 @@ def _download(hub: _Hub, t: _Transfer, folder: Path, advance: Callable[[int], No
     A dropped connection that made progress is retried at once; `retries` failures in a row give up."""
     http = _http()
     part = _part_path(folder, t)
-    part.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(part.parent)
     failures = 0
     while True:
         before = part.stat().st_size if part.exists() else 0
@@ -747,9 +773,7 @@ def _connect(repo_id: str, revision: str | None) -> tuple[_Hub, dict[str, tuple[
 
 
 def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    tmp = folder / f"{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, folder / META)
+    write_private(folder / META, json.dumps(meta, indent=2) + "\n")
 
 
 def pull(
@@ -777,12 +801,12 @@ def pull(
     with _hub_errors(repo_id, revision):
         weights, index = _plan_weights(hub, files, folder, text_only)  # before any write: a bad repo leaves nothing
     transfers = small + weights
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     meta = _read_meta(folder) or {}
     meta.update(repo_id=repo_id, revision=revision or "main", commit=hub.commit, complete=False, text_only=text_only)
     meta.setdefault("files", {})
     if index is not None:
-        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_private(folder / INDEX, json.dumps(index, indent=2) + "\n")
         meta["files"][INDEX] = {"blob": files[INDEX][0]} | ({"text_only": True} if text_only else {})
     _write_meta(folder, meta)
     _check_space(folder, transfers)

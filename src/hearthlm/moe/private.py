@@ -22,12 +22,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .options import readable_by_others  # noqa: F401  (the rule `--private-reads auto` applies)
 from .tier import CheckpointTier, empty_like
 
 PAGE = mmap.PAGESIZE
@@ -75,11 +75,6 @@ def merge(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
         else:
             out.append([path, start, n])
     return [tuple(r) for r in out]
-
-
-def readable_by_others(path: str | Path) -> bool:
-    """Whether users other than the owner may read the file (group or other read bit)."""
-    return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
 
 
 class PrivateReads:

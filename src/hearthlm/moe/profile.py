@@ -57,8 +57,10 @@ class Recorder:
 
 
 def write(model: Path, data: dict) -> Path:
+    from ..store import write_private
+
     path = profile_path(model)
-    path.write_text(json.dumps(data) + "\n")
+    write_private(path, json.dumps(data) + "\n")  # which experts the profiled prompts used: owner-only
     return path
 
 

@@ -25,11 +25,15 @@ def model_name(model: str | None, path: Path) -> str:
 def load(model: str | None = None, dtype: str | None = None, quant: str | None = None,
          max_running: int | None = None, kv_blocks: int | None = None, expert_budget: str | None = None,
          moe_profile: bool = True, background: bool = True, stepper=None, name: str | None = None, metrics=None,
-         image_tokens: int | None = None, draft: str | None = None, device: str | None = None):  # fmt: skip
+         image_tokens: int | None = None, draft: str | None = None, device: str | None = None,
+         privacy=None):  # fmt: skip
     """Load `model` and start its engine (`background=False`: the caller runs `engine.run()`; `stepper`: the
     thread shared with other models' engines); returns the ServedModel the app serves, listed as `name`.
     `image_tokens`: the default soft-token budget per image; `draft`: speculative decoding ("lookup" or None),
-    which a request's `speculative` field overrides; `device`: cpu or cuda[:N] (default: HEARTHLM_DEVICE, else cpu)."""
+    which a request's `speculative` field overrides; `device`: cpu or cuda[:N] (default: HEARTHLM_DEVICE, else cpu);
+    `privacy`: the routing-privacy switches (moe/options.PrivacyOptions)."""
+    from rich.console import Console
+
     from ..api import LLM
     from ..engine.async_engine import AsyncEngine
     from ..engine.engine import Engine
@@ -37,9 +41,11 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     from .metrics import Metrics
 
     llm = LLM(model, dtype=dtype, device=device, quant=quant, expert_budget=expert_budget, moe_profile=moe_profile,
-              draft=draft)  # fmt: skip
+              draft=draft, privacy=privacy)  # fmt: skip
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
+    if llm.privacy_note:
+        Console(stderr=True, highlight=False).print(f"{name or model_name(model, llm.path)}: {llm.privacy_note}")
     engine = AsyncEngine(Engine(llm, max_running=max_running, kv_blocks=kv_blocks), background, stepper)
     served = ServedModel(llm, engine, name or model_name(model, llm.path), metrics or Metrics())
     served.image_tokens = image_tokens
@@ -64,7 +70,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
           kv_blocks: int | None = None, log_level: str = "info", expert_budget: str | None = None,
           moe_profile: bool = True, keep_alive: str | None = None, max_memory: str | None = None,
           allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
-          image_tokens: int | None = None, draft: str | None = None, device: str | None = None) -> None:  # fmt: skip
+          image_tokens: int | None = None, draft: str | None = None, device: str | None = None,
+          privacy=None) -> None:  # fmt: skip
     """Serve `model`, pinned, or (None) every model in the store, each loaded on first use, until interrupted.
     Bound to a loopback address, it answers requests addressed to loopback names and `allowed_hosts` only (DNS
     rebinding); bound elsewhere, any Host unless `allowed_hosts` names them. `cors_origins`: web origins allowed to
@@ -81,7 +88,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
     stepper, metrics = Stepper(), Metrics()
     options = dict(dtype=dtype, quant=quant, max_running=max_running, kv_blocks=kv_blocks, expert_budget=expert_budget,
                    moe_profile=moe_profile, stepper=stepper, metrics=metrics, image_tokens=image_tokens,
-                   draft=draft, device=device)  # fmt: skip
+                   draft=draft, device=device, privacy=privacy)  # fmt: skip
     if model is not None:
         served = Models(pinned=load(model, **options))
         what = served.pinned.name
