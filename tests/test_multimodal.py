@@ -6,7 +6,7 @@
 - dense31b: 31B-like (dense, k = v), clipped and standardising vision tower, bidirectional image spans.
 
 Tolerances: tower outputs and logits (reference tower outputs spliced) max |diff| <= 1e-4 in fp32; logits end to
-end with our towers <= 1e-3 (why: test_logits_for_messages_match_transformers); greedy tokens identical;
+end with our towers <= 2.5e-4 (why: test_logits_for_messages_match_transformers); greedy tokens identical;
 image patches bit-identical to transformers' PIL image processor; log-mel features within 1e-5 (its FFT runs in
 float32 like ours, in another order).
 """
@@ -32,7 +32,7 @@ from hearthlm.multimodal.audio import audio_features, load_audio
 from hearthlm.multimodal.image import BUDGETS, image_patches, open_image
 
 TOL = 1e-4
-E2E_TOL = 1e-3  # logits with our own towers: see test_logits_for_messages_match_transformers
+E2E_TOL = 2.5e-4  # logits with our own towers: see test_logits_for_messages_match_transformers
 VOCAB = 288  # the byte-level test tokenizer has 279 tokens
 SPECIALS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<|image|>", "<image|>", "<|audio>",
@@ -143,6 +143,9 @@ def variant(tmp_path_factory):
             # Read back: perturb also re-drew buffers the checkpoint does not store (the audio logit cap, timescales).
             ref = tf.Gemma4ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
             ref.config._attn_implementation = "eager"
+            # transformers' default attention for the vision tower, as ours runs it: eager's separate matmul and
+            # softmax put the two towers 6x further apart (5.7e-6 against 9.5e-7), all of it float32 rounding
+            ref.config.vision_config._attn_implementation = "sdpa"
             tok = _tokenizer()
             tok.save_pretrained(folder)
             proc = _Processor(
@@ -238,9 +241,10 @@ def _reference_features(ref, inputs) -> list[torch.Tensor]:
 def test_logits_for_messages_match_transformers(name, variant):
     """Two checks. The splice and the text model: the reference towers' outputs in our prompt, logits within TOL.
     End to end with our towers: within E2E_TOL. Our tower outputs differ from the reference's by fp32 rounding
-    (~4e-6, test_towers_match_transformers), and these tiny random models amplify a perturbation of their inputs
-    about 100-fold (measured on the e2b variant: the reference's own logits move by 1.8e-4 when its image features
-    get N(0, 1e-6) noise), so 1e-4 end to end would test rounding luck rather than the implementation."""
+    (vision ~1e-6, audio ~3e-6, test_towers_match_transformers), and these tiny random models amplify a perturbation
+    of their inputs about 100-fold (the e2b reference's own logits move by 1.8e-4 when its image features get
+    N(0, 1e-6) noise). Measured end to end on e2b: 9.1e-5 here, 8.0e-5 with ATen's AVX2 kernels and 1.2e-4 with its
+    scalar ones (ATEN_CPU_CAPABILITY), so 1e-4 would test which kernels the machine picks, not the implementation."""
     ref, proc, llm = variant(name)
     messages, images, clips = _messages(name)
     inputs = _reference_inputs(proc, messages, images, clips)
