@@ -1,0 +1,134 @@
+"""Launchers and the distributed entry point.
+
+    python -m hearthlm.distributed.run MODEL --prompt TEXT --max-tokens N --tp 2     # starts 2 local ranks
+    torchrun --nproc-per-node 2 -m hearthlm.distributed.run MODEL --prompt TEXT     # torchrun starts them
+
+Every rank runs the same program: it loads the model, keeps its share (tensor_parallel.py) and makes the same
+engine calls in the same order, so the collectives inside the forward pair up; rank 0 prints. `launch` is what
+`--tp N` (here and in `hearth run`) uses: N copies of a command with torchrun's environment, loopback
+rendezvous, and the cores shared among them. A rank that exits with an error stops the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from . import mesh as meshes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """torchrun's variables for one local rank, and its share of the cores (unless HEARTHLM_THREADS is set)."""
+    from ..kernels.cpu import physical_cores
+
+    env = dict(os.environ)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.setdefault("HEARTHLM_THREADS", str(max(1, physical_cores() // world)))
+    return env
+
+
+def launch(world: int, argv: list[str], quiet: bool = True) -> int:
+    """Run `argv` as `world` local ranks and wait; returns 0, or the exit code of the first rank that failed
+    (the others are then stopped: they would wait for it in their next collective). `quiet`: ranks other
+    than 0 print nothing to stdout."""
+    port = free_port()
+    out = subprocess.DEVNULL if quiet else None
+    procs = [subprocess.Popen(argv, env=rank_env(r, world, port), stdout=None if r == 0 else out) for r in range(world)]
+    try:
+        return _wait(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def _wait(procs: list[subprocess.Popen]) -> int:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            rank, code = failed[0]
+            print(f"error: rank {rank} of {len(procs)} exited with code {code}; stopping the others", file=sys.stderr)
+            return code
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.05)
+
+
+def relaunch(world: int, module: str, args: list[str]) -> int:
+    """`python -m module args` as `world` local ranks (the --tp path of this entry and of `hearth run`)."""
+    return launch(world, [sys.executable, "-m", module, *args])
+
+
+def strip_tp(argv: list[str]) -> list[str]:
+    """argv without its --tp option (the ranks started for it must not start ranks again)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--tp":
+            skip = True
+        elif not a.startswith("--tp="):
+            out.append(a)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hearthlm.distributed.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="a checkpoint folder, .gguf file or pulled model name")
+    p.add_argument("--prompt", default=None, help="text, completed as is (no chat template)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--quant", default=None)
+    p.add_argument("--tp", type=int, default=1, help="start this many local ranks (without torchrun)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.tp > 1 and not meshes.launched():
+        return relaunch(args.tp, "hearthlm.distributed.run", strip_tp(argv))
+    from ..api import LLM, SamplingParams
+    from .tensor_parallel import shard_llm
+
+    mesh = meshes.init() if meshes.launched() else meshes.Mesh(0, 1)
+    llm = LLM(args.model, dtype=args.dtype, quant=args.quant, device=str(mesh.device()))
+    shard_llm(llm, mesh)
+    if args.prompt_ids is not None:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise ValueError("give --prompt TEXT or --prompt-ids 1,2,3")
+    seed = mesh.shared_int(args.seed)  # every rank must draw the same tokens
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=seed, ignore_eos=True)
+    start = time.perf_counter()
+    out = llm.generate(prompt, params)[0]
+    seconds = time.perf_counter() - start
+    if mesh.first:
+        print(out.text if llm.tokenizer is not None else "", flush=True)
+        print(f"tokens: {out.token_ids}", flush=True)
+        print(f"ranks: {mesh.world}  {len(out.token_ids)} tokens in {seconds:.2f} s", file=sys.stderr)
+    meshes.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Tensor parallelism for the dense families (Llama, Mistral, Qwen2/3, Gemma 3, Gemma 4's dense text model):
+each rank loads the model, then keeps its share of every large matrix and drops the rest.
+
+What is split, for rank r of N:
+- attention: query heads in N runs; K/V heads in N runs too, or, with fewer K/V heads than ranks, each rank
+  keeps the one K/V head its query heads read (replicated over N / Hkv ranks). qkv is column-split (its rows),
+  o_proj row-split (its input columns), and one all-reduce sums o_proj's partial outputs;
+- gated MLP: gate and up column-split, down row-split, one all-reduce;
+- embedding and LM head: vocabulary rows in N runs; a token's row comes from the rank that holds it (the
+  others add zeros in an all-reduce); the logits are all-gathered, and Gemma's final softcap applies after;
+- everything else (norms, RoPE, Gemma 4's per-layer embeddings and layer scalars) stays whole on every rank:
+  it is small, and it reads the full hidden state that every rank holds after each all-reduce.
+
+The model keeps its forward: o_proj and down become RowParallelLinear, embed becomes VocabParallelEmbedding,
+and the model's config becomes the rank's (its heads, K/V heads, MLP width), so the engine sizes each rank's
+paged KV cache for that rank's K/V heads only. The fused CPU decode step (layers/decode_step.py) runs a whole
+layer in one call, with no place for the all-reduces, so sharded layers take the module path.
+
+Loading is simple and wasteful: every rank reads the whole checkpoint first (memory-mapped, so float files
+cost page cache more than memory), then frees what it does not keep. Loading only a rank's slices is the next
+step (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers.attention import Attention
+from ..layers.embedding import lookup
+from ..layers.linear import Linear, linear
+from ..layers.mlp import GatedMLP
+from ..models.base import CausalLM
+from ..quant.tensor import QuantTensor
+from .mesh import Mesh
+from .shards import column_unit, even, set_weight, take_cols, take_rows, weight_of
+
+if TYPE_CHECKING:
+    from ..api import LLM
+
+CANDIDATES = (2, 3, 4, 6, 8)  # rank counts suggested when the asked one cannot split the model
+
+
+class TensorParallelError(ValueError):
+    """The model cannot be split over the asked number of ranks; the message names counts that work."""
+
+
+def head_ranges(heads: int, kv_heads: int, world: int, rank: int) -> tuple[int, int, int, int]:
+    """Rank `rank`'s query heads [q0, q1) and K/V heads [k0, k1). With fewer K/V heads than ranks, each rank
+    keeps the single K/V head its query heads share (world must then be a multiple of kv_heads)."""
+    q0, q1 = even(heads, world, rank)
+    if kv_heads % world == 0:
+        k0, k1 = even(kv_heads, world, rank)
+    else:
+        k0 = rank // (world // kv_heads)
+        k1 = k0 + 1
+    return q0, q1, k0, k1
+
+
+def vocab_range(vocab: int, world: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s vocabulary rows: runs of ceil(vocab / world), the last one possibly shorter."""
+    chunk = -(-vocab // world)
+    return min(vocab, rank * chunk), min(vocab, (rank + 1) * chunk)
+
+
+def problems(model: CausalLM, world: int) -> list[str]:
+    """Why `model` cannot be split over `world` ranks (empty: it can)."""
+    cfg, found = model.config, []
+    if cfg.vocab_size < world:
+        found.append(f"its vocabulary ({cfg.vocab_size}) is smaller than the rank count")
+    if not isinstance(model.embed.weight, (torch.Tensor, QuantTensor)):
+        found.append(f"its embedding table is kept as {type(model.embed.weight).__name__}, which is not split")
+    for i, layer in enumerate(model.layers):
+        found += [f"layer {i}: {p}" for p in _layer_problems(layer, world)]
+    return found
+
+
+def _layer_problems(layer: nn.Module, world: int) -> list[str]:
+    attn, mlp, found = layer.attn, layer.mlp, []
+    if not isinstance(mlp, GatedMLP) or hasattr(layer, "experts"):
+        return ["routed experts: expert parallelism is not implemented yet; run MoE models on one rank"]
+    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    if H % world:
+        found.append(f"{H} attention heads do not divide among {world} ranks")
+    elif Hkv % world and world % Hkv:
+        found.append(f"{Hkv} K/V heads neither divide among {world} ranks nor replicate evenly over them")
+    elif (unit := column_unit(weight_of(attn.o_proj))) > 1 and (H // world * D) % unit:
+        found.append(f"o_proj's {H * D} input columns split {world} ways cut its quantization groups of {unit}")
+    inter = weight_of(mlp.down).shape[-1]
+    if inter % world:
+        found.append(f"the MLP width {inter} does not divide among {world} ranks")
+    elif (unit := column_unit(weight_of(mlp.down))) > 1 and (inter // world) % unit:
+        found.append(f"the MLP's down projection ({inter} columns) split {world} ways cuts its groups of {unit}")
+    return found
+
+
+def check(model: CausalLM, world: int) -> None:
+    """Refuse a split that cannot be made, naming the problem and the rank counts that work."""
+    found = problems(model, world)
+    if not found:
+        return
+    works = [1] + [n for n in CANDIDATES if n != world and not problems(model, n)]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    raise TensorParallelError(
+        f"{model.config.architecture} cannot be split over {world} ranks: {found[0]}{more}; "
+        f"rank counts that work: {', '.join(map(str, works))}"
+    )
+
+
+class RowParallelLinear(nn.Module):
+    """A Linear whose input columns are split over the ranks: each computes a partial sum, an all-reduce
+    adds them, then the (unsplit) bias is added once."""
+
+    def __init__(self, full: Linear, start: int, end: int, mesh: Mesh, name: str):
+        super().__init__()
+        self.part = Linear(0, 0)
+        set_weight(self.part, "weight", take_cols(weight_of(full), start, end, name))
+        self.bias = full._parameters.get("bias")
+        self.mesh = mesh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mesh.all_reduce(self.part(x).contiguous())
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, end) of the token table; the others' rows arrive through an all-reduce (they add zeros)."""
+
+    def __init__(self, table: torch.Tensor | QuantTensor, start: int, end: int, mesh: Mesh):
+        super().__init__()
+        set_weight(self, "weight", take_rows(table, [(start, end)]))
+        self.start, self.end, self.mesh = start, end, mesh
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mine = (ids >= self.start) & (ids < self.end)
+        local = torch.where(mine, ids - self.start, 0)
+        rows = lookup(self.weight, local).float()  # float32 for the sum: exact, one term is non-zero
+        rows = self.mesh.all_reduce(rows.masked_fill(~mine[..., None], 0).contiguous())
+        return rows.to(self.weight.dtype) if isinstance(self.weight, torch.Tensor) else rows
+
+
+def parallel_logits(self: CausalLM, hidden: torch.Tensor) -> torch.Tensor:
+    """CausalLM.logits over a vocabulary split: each rank's share, padded to one width, gathered, softcapped."""
+    mesh, vocab = self.tp_mesh, self.config.vocab_size
+    weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+    local = linear(self.norm(hidden), weight).float()
+    chunk = -(-vocab // mesh.world)
+    if local.shape[-1] < chunk:
+        local = torch.nn.functional.pad(local, (0, chunk - local.shape[-1]))
+    logits = mesh.all_gather(local, dim=-1)[..., :vocab]
+    cap = self.config.final_softcap
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _shard_attention(attn: Attention, mesh: Mesh, name: str) -> None:
+    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q0, q1, k0, k1 = head_ranges(H, Hkv, mesh.world, mesh.rank)
+    rows = [(q0 * D, q1 * D)]  # qkv's rows: [q heads | k heads | v heads], v absent for k=v or KV-shared layers
+    if not attn.shared:
+        for base in (H * D,) if attn.k_eq_v else (H * D, (H + Hkv) * D):
+            rows.append((base + k0 * D, base + k1 * D))
+    set_weight(attn.qkv, "weight", take_rows(weight_of(attn.qkv), rows))
+    if attn.qkv.bias is not None:
+        set_weight(attn.qkv, "bias", take_rows(attn.qkv.bias, rows))
+    attn.o_proj = RowParallelLinear(attn.o_proj, q0 * D, q1 * D, mesh, f"{name}.o_proj")
+    attn.num_heads, attn.num_kv_heads = q1 - q0, k1 - k0
+
+
+def _shard_mlp(mlp: GatedMLP, mesh: Mesh, name: str) -> None:
+    inter = weight_of(mlp.down).shape[-1]
+    lo, hi = even(inter, mesh.world, mesh.rank)
+    rows = [(lo, hi), (inter + lo, inter + hi)]  # gate_up's rows: [gate | up]
+    set_weight(mlp.gate_up, "weight", take_rows(weight_of(mlp.gate_up), rows))
+    if mlp.gate_up.bias is not None:
+        set_weight(mlp.gate_up, "bias", take_rows(mlp.gate_up.bias, rows))
+    mlp.down = RowParallelLinear(mlp.down, lo, hi, mesh, f"{name}.down")
+
+
+def rank_config(cfg: ModelConfig, world: int, rank: int) -> ModelConfig:
+    """The config as this rank's modules see it: its query heads, K/V heads and MLP width."""
+    layers = []
+    for spec in cfg.layers:
+        _, _, k0, k1 = head_ranges(cfg.num_heads, spec.num_kv_heads, world, rank)
+        layers.append(
+            dataclasses.replace(spec, num_kv_heads=k1 - k0, intermediate_size=spec.intermediate_size // world)
+        )
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // world, layers=layers)
+
+
+def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
+    """Keep rank `mesh.rank`'s share of a loaded model (in place) and wire in the collectives."""
+    check(model, mesh.world)
+    if mesh.world == 1:
+        return model
+    for i, layer in enumerate(model.layers):
+        _shard_attention(layer.attn, mesh, f"layers.{i}.attn")
+        _shard_mlp(layer.mlp, mesh, f"layers.{i}.mlp")
+        layer.__dict__["_decode_step"] = None  # the fused step has no place for the all-reduces
+    start, end = vocab_range(model.config.vocab_size, mesh.world, mesh.rank)
+    model.embed = VocabParallelEmbedding(model.embed.weight, start, end, mesh)
+    if model.lm_head is not None:
+        set_weight(model.lm_head, "weight", take_rows(model.lm_head.weight, [(start, end)]))
+    model.tp_mesh = mesh
+    model.logits = types.MethodType(parallel_logits, model)
+    model.config = rank_config(model.config, mesh.world, mesh.rank)
+    return model
+
+
+def shard_llm(llm: LLM, mesh: Mesh) -> LLM:
+    """Tensor-parallel `llm` for this rank: its model sharded, its config (and so its engine's KV cache) the
+    rank's. Every rank must then make the same calls (generate, logits, ...) in the same order."""
+    if llm.model.config.pooling is not None:
+        raise TensorParallelError(f"{llm.path.name} is an embedding model: tensor parallelism runs generative models")
+    shard_model(llm.model, mesh)
+    llm.config = llm.model.config
+    llm._engine = None  # an engine made before would hold a full-size cache
+    return llm
