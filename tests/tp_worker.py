@@ -1,0 +1,59 @@
+"""One rank of tests/test_tensor_parallel.py: loads each checkpoint it is given, shards it over the ranks and
+records what the test compares with one process. Run as `python tests/tp_worker.py OUT NAME=FOLDER[:QUANT] ...`
+under hearthlm.distributed.run.launch; rank 0 saves OUT/NAME.pt."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from hearthlm import LLM, SamplingParams
+from hearthlm.distributed import mesh as meshes
+from hearthlm.distributed.tensor_parallel import shard_llm
+from hearthlm.engine.kv_cache import ContiguousKVCache
+from hearthlm.engine.runner import forward_tokens
+
+PROMPT = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41]  # longer than the tiny models' sliding windows (8)
+OTHER = [2, 4, 8, 16, 32, 64]
+
+
+def cached_decode(llm: LLM, ids: list[int], prefill: int) -> torch.Tensor:
+    """Logits of positions prefill-1 .. T-1: a prefill of `prefill` tokens, then one token per step."""
+    cache = ContiguousKVCache(llm.config.layers, 1, len(ids), llm.dtype, llm.device)
+    out = []
+    for lo, hi in [(0, prefill)] + [(p, p + 1) for p in range(prefill, len(ids))]:
+        h = forward_tokens(llm.model, cache, torch.tensor([ids[lo:hi]]), torch.tensor([lo]))
+        out.append(llm.model.logits(h[:, -1])[0])
+    return torch.stack(out)
+
+
+def record(llm: LLM) -> dict:
+    """Everything the test compares: full logits, a batch, cached decode, and the engine's tokens."""
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, seed=5, ignore_eos=True)
+    return {
+        "logits": llm.logits(PROMPT),
+        "batch": llm.logits([PROMPT[:6], OTHER]),
+        "decode": cached_decode(llm, PROMPT, 7),
+        "greedy": [c.token_ids for c in llm.generate([PROMPT, OTHER], greedy)],  # two rows, continuous batching
+        "sampled": llm.generate(PROMPT, sampled)[0].token_ids,
+    }
+
+
+def main(out: Path, specs: list[str]) -> None:
+    mesh = meshes.init()
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        folder, _, quant = rest.partition(":")
+        llm = shard_llm(LLM(folder, dtype="float32", quant=quant or None), mesh)
+        result = record(llm)
+        result["kv_heads"] = [s.num_kv_heads for s in llm.config.layers]
+        if mesh.first:
+            torch.save(result, out / f"{name}.pt")
+    meshes.close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
