@@ -16,7 +16,9 @@ def _err() -> Console:
 
 def _load(args: argparse.Namespace):
     from .api import LLM
+    from .distributed.run import join_ranks
 
+    mesh = join_ranks(args.device)  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -25,9 +27,14 @@ def _load(args: argparse.Namespace):
         moe_profile=not args.no_moe_profile,
         mmproj=getattr(args, "mmproj", None),
         draft=_draft(args),
-        device=args.device,
+        device=args.device if mesh is None else str(mesh.device(args.device)),
         privacy=_privacy(args),
     )  # fmt: skip  (the loader shows its own progress bar)
+    if mesh is not None:
+        from .distributed.tensor_parallel import shard_llm
+
+        shard_llm(llm, mesh)
+        args.seed = mesh.shared_int(args.seed)  # every rank must sample the same tokens
     if llm.privacy_note:
         _err().print(f"[dim]{llm.privacy_note}[/dim]")
     if llm.tokenizer is None:
@@ -121,6 +128,10 @@ def _run(args: argparse.Namespace) -> int:
         chat = f"`hearth chat {args.model}`" if args.model else "`hearth chat`"
         raise ValueError(f"give a prompt: `hearth run [MODEL] PROMPT` (or pipe it in), or talk with {chat}")
     media = _media_parts(args.image, args.audio)  # a missing file is reported before the model loads
+    if args.tp > 1:
+        from .distributed.run import run_ranks
+
+        return run_ranks(args.tp, args.argv, args.prompt)
     llm = _load(args)
     params = _params(args)
     start = time.perf_counter()
@@ -576,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--audio", action="append", metavar="FILE", help="an audio clip for the model to hear (WAV, FLAC, MP3); repeat "
         "for several",
     )  # fmt: skip
+    run.add_argument(
+        "--tp", type=int, default=1, metavar="N",
+        help="tensor parallelism: split the model over N local processes (dense models; docs/distributed.md)",
+    )  # fmt: skip
     _generation_options(run)
     run.set_defaults(func=_run)
     chat = sub.add_parser("chat", help="talk to a model, turn by turn")
@@ -721,6 +736,7 @@ def _threads_option(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what `--tp N` starts again as N ranks
     try:
         if getattr(args, "threads", None) is not None:
             from .kernels.cpu import set_threads
