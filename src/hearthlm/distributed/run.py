@@ -16,7 +16,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from . import mesh as meshes
 
@@ -41,30 +43,42 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
 def launch(world: int, argv: list[str], quiet: bool = True) -> int:
     """Run `argv` as `world` local ranks and wait; returns 0, or the exit code of the first rank that failed
     (the others are then stopped: they would wait for it in their next collective). `quiet`: ranks other
-    than 0 print nothing to stdout."""
+    than 0 print nothing to stdout, and their stderr shows only if they fail."""
     port = free_port()
-    out = subprocess.DEVNULL if quiet else None
-    procs = [subprocess.Popen(argv, env=rank_env(r, world, port), stdout=None if r == 0 else out) for r in range(world)]
-    try:
-        return _wait(procs)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait()
+    with tempfile.TemporaryDirectory(prefix="hearthlm-ranks-") as logs:
+        errs = [None] + [open(Path(logs) / f"rank{r}.err", "w+") for r in range(1, world)]  # noqa: SIM115
+        out = subprocess.DEVNULL if quiet else None
+        procs = [
+            subprocess.Popen(argv, env=rank_env(r, world, port), stdout=None if r == 0 else out, stderr=errs[r])
+            for r in range(world)
+        ]
+        try:
+            rank, code = _wait(procs)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+        if code and rank > 0:  # rank 0 printed its own errors; show the failed rank's
+            errs[rank].seek(0)
+            sys.stderr.write(errs[rank].read()[-4000:])
+        for f in errs[1:]:
+            f.close()
+    if code:
+        print(f"error: rank {rank} of {world} exited with code {code}; the other ranks were stopped", file=sys.stderr)
+    return code
 
 
-def _wait(procs: list[subprocess.Popen]) -> int:
+def _wait(procs: list[subprocess.Popen]) -> tuple[int, int]:
+    """(rank, exit code) of the first rank that failed, else (0, 0) once all have ended."""
     while True:
         codes = [p.poll() for p in procs]
         failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
-            rank, code = failed[0]
-            print(f"error: rank {rank} of {len(procs)} exited with code {code}; stopping the others", file=sys.stderr)
-            return code
+            return failed[0]
         if all(c == 0 for c in codes):
-            return 0
+            return 0, 0
         time.sleep(0.05)
 
 
@@ -132,3 +146,23 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_ranks(world: int, argv: list[str], prompt: str | None) -> int:
+    """`hearth run ... --tp N`: the same command as N local ranks. A prompt read from stdin is passed on the
+    command line, since only one process could read it."""
+    args = strip_tp(argv)
+    if prompt is not None and prompt not in args:
+        args.append(prompt)
+    return relaunch(world, "hearthlm.cli", args)
+
+
+def join_ranks(device: str | None) -> meshes.Mesh | None:
+    """In a process started as a rank: join the group (None otherwise). Ranks other than 0 print nothing to
+    stdout: the reply is rank 0's to print."""
+    if not meshes.launched():
+        return None
+    mesh = meshes.init(device)
+    if not mesh.first:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return mesh
