@@ -32,7 +32,8 @@ from rich.filesize import decimal as human_size
 DEMO_DIR = Path(__file__).parent / "demo"  # the built-in models shipped in the package, one folder each
 DEMO_MODEL = "hearth-demo"  # what `resolve(None)` gives: no model named
 DEMO_ALIASES = {"demo": "hearth-demo"}
-BUILTIN_NAMES = ("hearth-demo", "hearth-demo-moe", "hearth-demo-vision")
+BUILTIN_NAMES = ("hearth-demo", "hearth-demo-moe", "hearth-demo-vision", "hearth-demo-assistant")
+DRAFT_SUFFIX = "-assistant"  # a model's MTP drafter repo: google/gemma-4-E2B-it -> google/gemma-4-E2B-it-assistant
 
 META = "hearth.json"  # per-model metadata, written by `pull`
 ALIASES = "aliases.json"  # in the store's root: each name `copy` made, and the name of the model it stands for
@@ -155,7 +156,9 @@ class ModelEntry:
 
     def inputs(self) -> str:
         """What the model takes: "text", "text, image, audio"; towers its config describes but the folder lacks
-        (a `--text-only` pull) are named as missing."""
+        (a `--text-only` pull) are named as missing; a speculative-decoding drafter takes none of its own."""
+        if self.path.is_dir() and _read_config(self.path).get("model_type") == "gemma4_assistant":
+            return "none: a drafter for --draft"
         declared, present = towers(self.path)
         takes = ", ".join(["text", *(k for k in ("image", "audio") if k in present)])
         missing = [k for k in ("image", "audio") if k in declared - present]
@@ -828,6 +831,26 @@ def pull(
     _write_meta(folder, meta)
     shutil.rmtree(folder / PARTIAL, ignore_errors=True)
     return folder
+
+
+def draft_repo(repo_id: str) -> str:
+    """The repo of `repo_id`'s speculative-decoding drafter, as Google names Gemma 4's MTP drafters."""
+    return repo_id.rstrip("/") + DRAFT_SUFFIX
+
+
+def pull_draft(repo_id: str, revision: str | None = None, **options) -> Path:
+    """Pull `repo_id`'s drafter (draft_repo) into the store beside it, where `--draft auto` finds it. `revision`
+    is the drafter repo's own (default: main). A model without a drafter repo is a PullError that says so."""
+    drafter = draft_repo(repo_id)
+    try:
+        return pull(drafter, revision, **options)
+    except PullError as e:
+        if "was not found" not in str(e):
+            raise
+        raise PullError(
+            f"{repo_id} has no drafter on the Hub ({drafter} was not found): MTP drafters exist for Gemma 4 "
+            f"(google/gemma-4-*-it); pull without --with-draft and use `--draft lookup` (prompt lookup) instead"
+        ) from None
 
 
 def _kept(folder: Path, files: dict[str, Any], index: dict | None, text_only: bool) -> set[str]:

@@ -14,13 +14,15 @@ only set the speed; the output is the target's either way.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from ..models.base import CausalLM
-from ..models.gemma4_assistant import Gemma4Assistant, TargetKV, load_assistant
+from ..models.gemma4_assistant import Gemma4Assistant, PagedKV, TargetKV, load_assistant
+from ..store import DRAFT_SUFFIX, META
 from .paged_cache import PagedKVCache
 from .sequence import Sequence
 
@@ -99,23 +101,24 @@ class MTPDrafter:
             out[i] = draft[: ks[i]]
         return out
 
-    def _kv(self, kind: str, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The target's K, V [b, Hkv, S, D] of the layer `kind` reads, over each sequence's positions it sees
-        (up to the last computed), and the mask [b, 1, 1, S] of the padding (None: none)."""
+    def _kv(self, kind: str, seqs: list[Sequence]) -> PagedKV:
+        """The target's K/V of the layer `kind` reads, in its paged cache: each sequence's positions it sees (up to
+        the last computed) as slots, padded to the longest with a masked repeat."""
         layer = self.layers[kind]
         window = self.target.config.layers[layer].sliding_window
         spans = [self._span(s, window, kind) for s in seqs]
         S = max(hi - lo for lo, hi in spans)
-        bs, device = self.cache.block_size, self.target.device
-        pos = torch.tensor([[min(lo + j, hi - 1) for j in range(S)] for lo, hi in spans])  # padding repeats a key
-        tables = [s.tables[window] for s in seqs]
-        slots = torch.tensor([[tables[r][p // bs] * bs + p % bs for p in row] for r, row in enumerate(pos.tolist())])
-        K, V = self.cache.k[layer], self.cache.v[layer]  # [Hkv, slots, D]
-        flat = slots.reshape(-1).to(device)
-        keys = K.index_select(1, flat).view(K.shape[0], len(seqs), S, -1).transpose(0, 1)
-        values = V.index_select(1, flat).view(V.shape[0], len(seqs), S, -1).transpose(0, 1)
-        valid = torch.tensor([[lo + j < hi for j in range(S)] for lo, hi in spans], device=device)
-        return keys, values, None if bool(valid.all()) else valid[:, None, None]
+        bs, device, ar = self.cache.block_size, self.target.device, torch.arange(S)
+        slots, valid = [], []
+        for seq, (lo, hi) in zip(seqs, spans):
+            first = lo // bs
+            blocks = torch.tensor(seq.tables[window][first : (hi - 1) // bs + 1])
+            pos = (lo + ar).clamp(max=hi - 1)  # padding repeats the last key (masked)
+            slots.append(blocks[pos // bs - first] * bs + pos % bs)
+            valid.append(lo + ar < hi)
+        mask = torch.stack(valid)
+        mask = None if bool(mask.all()) else mask.to(device)
+        return PagedKV(self.cache.k[layer], self.cache.v[layer], torch.cat(slots).to(device), S, mask)
 
     def _span(self, seq: Sequence, window: int | None, kind: str) -> tuple[int, int]:
         """[lo, hi): the positions whose K/V the drafter reads for `seq` (hi: its computed positions)."""
@@ -142,14 +145,21 @@ def _hidden_row(seq: Sequence) -> torch.Tensor | None:
 
 
 def find_assistant(target: Path) -> Path | None:
-    """The -assistant drafter stored beside a target folder ("<name>-assistant", as `hearth pull` names
-    google/gemma-4-E2B-it-assistant beside google/gemma-4-E2B-it), or None."""
+    """The -assistant drafter stored beside a target folder ("<name>-assistant", as `hearth pull --with-draft`
+    puts google/gemma-4-E2B-it-assistant beside google/gemma-4-E2B-it, and as the demo ships
+    hearth-demo-assistant beside hearth-demo), or None. A drafter whose pull did not finish is skipped, with a
+    warning that says how to finish it."""
     target = Path(target)
     if not target.is_dir():
         return None
-    want = f"{target.name}-assistant".lower()
+    want = f"{target.name}{DRAFT_SUFFIX}".lower()
     for folder in target.parent.iterdir():
         if folder.name.lower() == want and (folder / "config.json").is_file():
+            meta = folder / META
+            if meta.is_file() and not json.loads(meta.read_text()).get("complete", True):
+                repo = json.loads(meta.read_text()).get("repo_id", folder.name)
+                log.warning("the pull of the drafter %s did not finish: run `hearth pull %s` again", repo, repo)
+                return None
             return folder
     return None
 

@@ -99,19 +99,46 @@ class CentroidHead(nn.Module):
         return out.scatter_(1, ids, picked)
 
 
-class TargetKV:
-    """The KV store of a drafter step: layer type -> the target's K, V [B, Hkv, S, D] and key mask [B, 1, 1, S]
-    (None: every key); read only."""
+@dataclass
+class PagedKV:
+    """The target's K/V of one layer as its paged cache holds them: K, V [Hkv, slots, D], the slots each row
+    reads [b * S] (padding repeats a slot), and the key mask [b, S] (None: every key)."""
 
-    def __init__(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], types: tuple[str, ...]):
-        self.kv, self.types = kv, types
+    K: torch.Tensor
+    V: torch.Tensor
+    slots: torch.Tensor
+    S: int
+    mask: torch.Tensor | None
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """K, V [b, Hkv, S, D] and the mask [b, 1, 1, S]."""
+        b = self.slots.numel() // self.S
+        keys = self.K.index_select(1, self.slots).view(self.K.shape[0], b, self.S, -1).transpose(0, 1)
+        values = self.V.index_select(1, self.slots).view(self.V.shape[0], b, self.S, -1).transpose(0, 1)
+        return keys, values, None if self.mask is None else self.mask[:, None, None]
+
+
+class TargetKV:
+    """The KV store of a drafter step, read only: layer type -> the target's K, V [B, Hkv, S, D] and key mask
+    [B, 1, 1, S] (None: every key), or a PagedKV. On the CPU the fused decode step (layers/decode_step.py) reads
+    a PagedKV's slots in place, one kernel call per drafter layer; elsewhere its rows are gathered once."""
+
+    def __init__(self, kv: dict[str, tuple | PagedKV], types: tuple[str, ...]):
+        self.kv, self.types = dict(kv), types
 
     def attend(self, layer: int, q: torch.Tensor, k, v, scale: float) -> torch.Tensor:
-        keys, values, mask = self.kv[self.types[layer]]
+        kind = self.types[layer]
+        if isinstance(self.kv[kind], PagedKV):
+            self.kv[kind] = self.kv[kind].gather()
+        keys, values, mask = self.kv[kind]
         return attend_cached(q, keys, values, mask, False, scale)
 
-    def decode_slots(self, layer: int) -> None:
-        return None  # the fused decode step reads a paged cache; these layers run module by module
+    def decode_slots(self, layer: int) -> tuple | None:
+        """See attention.KVStore.decode_slots: a PagedKV on the CPU; None (module by module) otherwise."""
+        paged = self.kv[self.types[layer]]
+        if not isinstance(paged, PagedKV) or paged.K.device.type != "cpu":
+            return None
+        return paged.K, paged.V, None, paged.slots, 0, paged.S, paged.mask
 
 
 class Gemma4Assistant(Gemma4Model):
@@ -125,16 +152,17 @@ class Gemma4Assistant(Gemma4Model):
         self.post_projection = Linear(hidden, back, bias=False)
         self.head = CentroidHead(hidden, ac.text.vocab_size, ac.num_centroids, ac.top_k) if ac.ordered else None
 
-    def step(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, batch: Batch, project: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, 2 * target hidden] (target embedding, target hidden state) -> logits [B, V] float32 and the next
-        step's hidden state [B, target hidden]; `batch` holds the query positions and a TargetKV."""
+        step's hidden state [B, target hidden] (None unless `project`); `batch` holds the query positions and a
+        TargetKV."""
         h = self.pre_projection(x.to(self.compute_dtype))[:, None]
         for layer in self.layers:
             h = layer(h, batch, None)
         h = self.norm(h[:, 0])
         table = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = self.head(h, table) if self.head is not None else linear(h, table).float()
-        return logits, self.post_projection(h)
+        return logits, self.post_projection(h) if project else None
 
     def draft(
         self, target: CausalLM, last: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: TargetKV, k: int
@@ -145,9 +173,9 @@ class Gemma4Assistant(Gemma4Model):
         self.prepare(batch)
         scale = rounded(target.config.hidden_size**0.5, target.dtype)
         out = []
-        for _ in range(k):
+        for i in range(k):
             x = torch.cat([target.embed_tokens(last) * scale, hidden.to(target.compute_dtype)], dim=-1)
-            logits, hidden = self.step(x, batch)
+            logits, hidden = self.step(x, batch, project=i < k - 1)  # the last step's state is never read
             last = logits.argmax(-1)
             out.append(last)
         return torch.stack(out, dim=1)
