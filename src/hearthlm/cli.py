@@ -414,6 +414,7 @@ def _pull(args: argparse.Namespace) -> int:
     err = Console(stderr=True, soft_wrap=True)
     try:
         folder = store.pull(args.id, args.revision, console=err, text_only=args.text_only)
+        drafter = store.pull_draft(args.id, console=err) if args.with_draft else None
     except KeyboardInterrupt:
         err.print(f"interrupted: run `hearth pull {args.id}` again to resume", highlight=False)
         raise
@@ -422,7 +423,9 @@ def _pull(args: argparse.Namespace) -> int:
     err.print(
         f"pulled {args.id} ({store.human_size(entry.size())}, input: {entry.inputs()}) into {folder}", highlight=False
     )
-    err.print(f"run it: hearth run {short} PROMPT", highlight=False)
+    if drafter is not None:
+        err.print(f"pulled its drafter {store.draft_repo(args.id)} into {drafter}", highlight=False)
+    err.print(f"run it: hearth run {short} PROMPT" + (" --draft auto" if drafter else ""), highlight=False)
     return 0
 
 
@@ -557,7 +560,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench.plot_check()  # before minutes of measuring, not after
     result = bench.bench(
         args.models or None, args.dtype, args.quant, args.prompt_len, args.gen_len, args.runs, args.vs or [],
-        args.device, args.bandwidth, progress=True, expert_budget=args.expert_budget,
+        args.device, args.bandwidth, progress=True, expert_budget=args.expert_budget, draft=args.draft,
     )  # fmt: skip
     if args.json:
         sys.stdout.write(result.to_json() + "\n")
@@ -655,6 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the vision and audio towers behind (their tensors are cut out of shared files): a smaller "
         "download that takes text only",
     )  # fmt: skip
+    pull.add_argument(
+        "--with-draft", action="store_true",
+        help="also pull the model's speculative-decoding drafter, ID-assistant (Gemma 4's MTP drafters, e.g. "
+        "google/gemma-4-E2B-it-assistant), which `--draft auto` then uses",
+    )  # fmt: skip
     pull.set_defaults(func=_pull)
     quant = sub.add_parser("quantize", help="write a quantized copy of a model that loads without quantizing again")
     quant.add_argument("model", help=model_help.split(";")[0])
@@ -719,6 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the result rows as JSON")
     b.add_argument("--plot", metavar="FILE", default=None, help="write a PNG bar chart (needs matplotlib)")
     b.add_argument("--expert-budget", default=None, metavar="BUDGET", help=BUDGET_HELP)
+    b.add_argument(
+        "--draft", type=_draft_choice, default=None, metavar="auto|lookup|MODEL",
+        help="also measure hearthlm with speculative decoding by this drafter: a row with it beside the row without",
+    )  # fmt: skip
     b.set_defaults(func=_bench)
     for p in (run, chat, serve):
         p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: HEARTHLM_DEVICE, else cpu)")

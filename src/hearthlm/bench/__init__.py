@@ -66,10 +66,12 @@ class _Variant:
     engine: str
     dtype: str
     quant: str | None
+    draft: str | None = None  # hearthlm's speculative decoding drafter (LLM's `draft`), None: off
 
 
-def _variants(dtypes: list[str], quants: list[str | None], vs: list[str]) -> list[_Variant]:
-    out = [_Variant("hearthlm", d, q) for d in dtypes for q in quants]
+def _variants(dtypes: list[str], quants: list[str | None], vs: list[str], draft: str | None = None) -> list[_Variant]:
+    drafts = [None] if draft is None else [None, draft]
+    out = [_Variant("hearthlm", d, q, x) for d in dtypes for q in quants for x in drafts]
     return out + [_Variant(e, d, None) for e in vs for d in dtypes]
 
 
@@ -120,7 +122,15 @@ def _row(spec: dict, worker: Worker, samples: list[dict], name: str, bandwidth: 
         roofline_fraction=decode.median / roofline if roofline else None,
         expert_budget=spec.get("expert_budget"),
         moe=_moe_medians(samples),
+        draft=spec.get("draft"),
+        acceptance=_acceptance(samples),
     )
+
+
+def _acceptance(samples: list[dict]) -> float | None:
+    """Accepted / drafted tokens over the counted runs (None: nothing drafted)."""
+    drafted = sum(s.get("drafted", 0) for s in samples)
+    return sum(s.get("accepted", 0) for s in samples) / drafted if drafted else None
 
 
 def _moe_medians(samples: list[dict]) -> dict | None:
@@ -149,7 +159,7 @@ def _bench_model(
         raise BenchError(f"{path.name}: --prompt-len + --gen-len = {prompt_len + gen_len} is over its context")
     prompt = synthetic_prompt(cfg.vocab_size, prompt_len)
     base = {"path": str(path), "prompt": prompt, "gen_len": gen_len, "device": device}
-    specs = [base | {"engine": v.engine, "dtype": v.dtype, "quant": v.quant} for v in variants]
+    specs = [base | {"engine": v.engine, "dtype": v.dtype, "quant": v.quant, "draft": v.draft} for v in variants]
     for spec in specs:
         if spec["engine"] == "hearthlm" and expert_budget is not None and cfg.num_experts:
             spec["expert_budget"] = expert_budget
@@ -198,7 +208,11 @@ def _ratios(rows: list[Row]) -> list[Ratio]:
     for other in rows:
         if other.engine == "hearthlm":
             continue
-        same = [r for r in rows if r.engine == "hearthlm" and r.path == other.path and r.dtype == other.dtype]
+        same = [
+            r
+            for r in rows
+            if r.engine == "hearthlm" and r.path == other.path and r.dtype == other.dtype and not r.draft
+        ]
         ours = next((r for r in same if r.quant is None), same[0] if same else None)
         if ours is None:
             continue
@@ -248,10 +262,13 @@ def bench(
     bandwidth: float | None = None,
     progress: bool = False,
     expert_budget: str | None = None,
+    draft: str | None = None,
 ) -> Result:
     """Benchmark each model (names as `LLM` takes them; none: the demo model) in each dtype and quantization
     with hearthlm, and with each engine in `vs` on the same weights. See the module docstring for the method.
-    `expert_budget`: hearthlm runs MoE models under it, and reports hit rate and bytes fetched per token."""
+    `expert_budget`: hearthlm runs MoE models under it, and reports hit rate and bytes fetched per token.
+    `draft`: hearthlm also runs with this speculative-decoding drafter (LLM's `draft`: "auto", "lookup", a drafter
+    folder), a row beside each row without it, with the acceptance rate."""
     import torch
 
     from .. import store
@@ -269,7 +286,13 @@ def bench(
         for e in vs:
             ENGINES[e].check(path)
     names = [str(resolve_dtype(d, torch.device(device))).removeprefix("torch.") for d in (dtypes or [None])]
-    variants = _variants(list(dict.fromkeys(names)), list(dict.fromkeys(quants or [None])), vs)
+    if draft in ("off", ""):
+        draft = None
+    if draft is not None:
+        from ..engine.speculative import make_drafter
+
+        make_drafter(draft)  # an unknown name fails here, not in a worker
+    variants = _variants(list(dict.fromkeys(names)), list(dict.fromkeys(quants or [None])), vs, draft)
     machine, bw = _machine(device, bandwidth)
     rows: list[Row] = []
     with _progress(progress, len(paths) * len(variants) * runs) as step:
@@ -278,6 +301,8 @@ def bench(
     settings = {"prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "vs": vs, "device": device, "seed": SEED}
     if expert_budget is not None:
         settings["expert_budget"] = expert_budget
+    if draft is not None:
+        settings["draft"] = draft
     return Result(rows, _ratios(rows), settings, machine)
 
 

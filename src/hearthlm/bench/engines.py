@@ -64,7 +64,7 @@ class HearthlmEngine:
         self.spec = spec
         self.llm = LLM(
             spec["path"], dtype=spec["dtype"], device=spec["device"], quant=spec["quant"],
-            expert_budget=spec.get("expert_budget"),
+            expert_budget=spec.get("expert_budget"), draft=spec.get("draft"),
         )  # fmt: skip
         # Every run repeats one prompt: without this the prefix cache would serve it, and no run but the first
         # would prefill.
@@ -78,13 +78,21 @@ class HearthlmEngine:
         if pool is not None:
             pool.reset_stats()  # counters of this run only
         stamps: list[float] = []
+        before = self.llm.engine().stats()
         start = time.perf_counter()
         out = self.llm.generate(
             [ids],
             SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
             on_token=lambda i, t: stamps.append(time.perf_counter()),
         )
+        after = self.llm.engine().stats()
+        self.drafted = after.drafted_tokens - before.drafted_tokens
+        self.accepted = after.accepted_tokens - before.accepted_tokens
         return start, stamps, len(out[0].token_ids)
+
+    def draft(self) -> dict:
+        """Draft tokens verified and accepted in the last run (speculative decoding)."""
+        return {"drafted": self.drafted, "accepted": self.accepted} if self.spec.get("draft") else {}
 
     def moe(self, seconds: float) -> dict | None:
         """Expert-pool figures of the last run (under an expert budget)."""
@@ -327,7 +335,8 @@ def _worker() -> int:
                     "tokens": n,
                 }
                 moe = engine.moe(stamps[-1] - begin) if hasattr(engine, "moe") else None
-                reply(sample | ({"moe": moe} if moe else {}))
+                draft = engine.draft() if hasattr(engine, "draft") else {}
+                reply(sample | ({"moe": moe} if moe else {}) | draft)
             elif cmd == "memory":
                 reply({"peak": _memory_peak(spec["device"]) - baseline})
             elif cmd == "quality":

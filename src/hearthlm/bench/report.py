@@ -18,7 +18,24 @@ def _format(r: Row) -> str:
         fmt = "gguf" if r.engine != "hearthlm" else f"gguf ({r.dtype})"
     else:
         fmt = r.quant or r.dtype
-    return fmt + (f", experts {r.expert_budget}" if r.expert_budget else "")
+    fmt += f", experts {r.expert_budget}" if r.expert_budget else ""
+    return fmt + (f", draft {_draft_name(r.draft)}" if r.draft else "")
+
+
+def _draft_name(draft: str) -> str:
+    return Path(draft).name if "/" in draft else draft
+
+
+def _off(r: Row, rows: list[Row]) -> Row | None:
+    """The row without drafting that row `r` (with drafting) compares with."""
+    return next(
+        (
+            o
+            for o in rows
+            if not o.draft and (o.path, o.engine, o.dtype, o.quant) == (r.path, r.engine, r.dtype, r.quant)
+        ),
+        None,
+    )
 
 
 def table(result: Result):
@@ -36,6 +53,8 @@ def table(result: Result):
     columns += ["PEAK MEM", "FIT EST."] + (["KL", "TOP-1"] if quality else [])
     moe = any(r.moe for r in result.rows)
     columns += ["EXPERT HITS", "FETCHED/TOK", "FETCH TIME"] if moe else []
+    draft = any(r.draft for r in result.rows)
+    columns += ["ACCEPTED", "DECODE VS OFF"] if draft else []
     for c in columns:
         t.add_column(c, no_wrap=True, justify="left" if c in ("MODEL", "ENGINE", "FORMAT") else "right")
     for r in result.rows:
@@ -52,11 +71,14 @@ def table(result: Result):
             cells += (
                 [f"{m['hit_rate']:.1%}", f"{m['mb_per_token']:.2f} MB", f"{m['fetch_share']:.0%}"] if m else [""] * 3
             )
+        if draft:
+            cells += _draft_cells(r, result.rows)
         t.add_row(*cells)
     for x in result.ratios:
         mem = f"{x.peak_memory:.2f}×" if x.peak_memory else "—"
         cells = [x.model, f"hearthlm / {x.versus}", x.dtype, f"{x.ttft:.2f}×", f"{x.prefill:.2f}×"]
         cells += [f"{x.decode:.2f}×", "", "", mem, ""] + (["", ""] if quality else []) + ([""] * 3 if moe else [])
+        cells += ["", ""] if draft else []
         t.add_row(*cells, style="bold")
     t.caption = (
         "TTFT: prefill + first token. Decode: tokens after the first / time after the first. ROOFLINE: decode as a "
@@ -69,8 +91,22 @@ def table(result: Result):
             if moe
             else ""
         )
+        + (
+            " ACCEPTED: draft tokens the model kept / drafted (speculative decoding; the output is the same); DECODE "
+            "VS OFF: decode tok/s with the drafter / without it."
+            if draft
+            else ""
+        )
     )
     return t
+
+
+def _draft_cells(r: Row, rows: list[Row]) -> list[str]:
+    off = _off(r, rows) if r.draft else None
+    if off is None:
+        return ["", ""]
+    accepted = f"{r.acceptance:.0%}" if r.acceptance is not None else "none drafted"
+    return [accepted, f"{r.decode_tok_s.median / off.decode_tok_s.median:.2f}×"]
 
 
 def plot_check() -> None:

@@ -75,6 +75,8 @@ class Row:
     quality: Quality | None = None
     expert_budget: str | None = None
     moe: dict | None = None  # under an expert budget: medians of hit_rate, mb_per_token, fetch_share per run
+    draft: str | None = None  # speculative decoding's drafter ("auto", "lookup", a folder); None: off
+    acceptance: float | None = None  # accepted / drafted tokens over the counted runs
 
 
 @dataclass
