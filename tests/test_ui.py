@@ -484,6 +484,37 @@ def test_a_server_that_went_away(browser, demo):
     shot(browser, "server-gone")
 
 
+def test_settings_reach_the_server_and_the_schema_holds(browser):
+    """System prompt, temperature, max tokens and a JSON schema set on the page go out in the request, and the real
+    engine's reply (the demo model, constrained) is JSON that matches the schema; a broken schema is explained."""
+    import jsonschema
+
+    app = Recorder(create_app(load(None)))
+    server = LiveServer(app)
+    verse = {"type": "string", "maxLength": 40}
+    schema = {"type": "object", "properties": {"verse": verse}, "required": ["verse"], "additionalProperties": False}
+    try:
+        open_page(browser, server)
+        new_chat(browser)
+        for field, value in (("system", "Answer in JSON."), ("temperature", "0"), ("max-tokens", "80")):
+            setting(browser, field, value)
+        setting(browser, "schema", json.dumps(schema))
+        text = send(browser, "Give me a verse.").find_element(By.CLASS_NAME, "content").text
+        body = app.bodies[-1]
+        assert body["messages"][0] == {"role": "system", "content": "Answer in JSON."}
+        assert body["temperature"] == 0 and body["max_tokens"] == 80
+        assert body["response_format"]["json_schema"]["schema"] == schema
+        jsonschema.validate(json.loads(text), schema)
+        setting(browser, "schema", "{not json")
+        error = send(browser, "again").find_element(By.CLASS_NAME, "error").text
+        assert "The JSON schema is not valid JSON" in error and len(app.bodies) == 1  # refused before sending
+    finally:
+        setting(browser, "schema", "")
+        setting(browser, "system", "")
+        setting(browser, "temperature", "0.7")
+        server.stop()
+
+
 # -- images and audio ---------------------------------------------------------------------------------------
 class Recorder:
     """An ASGI wrapper that keeps the JSON body of each /v1/chat/completions request."""
