@@ -93,3 +93,10 @@ def test_refused_splits_name_counts_that_work(loaded, checkpoint):
     moe = LLM(checkpoint("qwen3_moe")[1], dtype="float32")
     with pytest.raises(TensorParallelError, match="expert parallelism is not implemented"):
         shard_model(moe.model, Mesh(0, 2))
+
+
+def test_a_failing_rank_stops_the_others(capfd):
+    # Rank 1 fails at once; rank 0 would otherwise wait 60 s (as in a collective with a dead peer).
+    code = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"
+    assert launch(2, [sys.executable, "-c", code]) == 3
+    assert "rank 1 of 2 exited with code 3" in capfd.readouterr().err
