@@ -29,6 +29,7 @@ def _copy(mode: int) -> tuple[Path, Path]:
     root = Path(tempfile.mkdtemp(prefix="hearth-switches-", dir="/var/tmp"))
     dst = root / "moe"
     shutil.copytree(DEMO, dst)
+    os.sync()  # dirty pages cannot be dropped: written back first
     for path in (root, dst, *dst.iterdir()):
         os.chmod(path, mode if path.is_dir() else mode & 0o666)
     return root, dst
@@ -159,3 +160,131 @@ def test_store_folders_and_files_are_created_owner_only(tmp_path):
 def test_moe_profile_is_written_owner_only(own_copy):
     path = profile.write(own_copy, {"model": "m", "tokens": 1, "top_k": 2, "layers": {}})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+# -- client isolation (A3) ------------------------------------------------------------------------------------
+A_IDS = [2, 10, 20, 30, 40, 50, 60, 70, 80, 90]  # the victim's prompt
+B_IDS = [2, 700, 800, 900, 1000]  # the attacker's probe
+
+
+def _engine(isolate: bool):
+    from hearthlm.engine.engine import Engine
+
+    llm = LLM(DEMO, expert_budget="25%", moe_profile=False, privacy=PrivacyOptions(isolate_clients=isolate))
+    return Engine(llm, max_running=4)
+
+
+def _drive(engine, batches: list[list[tuple[str, list[int]]]]) -> dict[str, list[tuple[int, int]]]:
+    """Submit each batch of (client, prompt) at once and step until it is done; -> per client, the pool's
+    (hits, misses) of each step that ran its sequences. Asserts that no step mixes clients."""
+    from hearthlm import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    pool, seen = engine.llm.model.expert_pool, {}
+    schedule = engine.scheduler.schedule
+    for b, batch in enumerate(batches):
+        for i, (client, ids) in enumerate(batch):
+            engine.add_request(f"{b}-{i}", ids, params, client=client)
+        while engine.has_unfinished():
+            work = []
+            engine.scheduler.schedule = lambda: work.extend(schedule()) or work  # noqa: B023
+            before = pool.snapshot()
+            engine.step()
+            after = pool.snapshot()
+            owners = {w.seq.client for w in work}
+            assert len(owners) <= 1 or engine.scheduler.on_switch is None, owners
+            for c in owners:
+                seen.setdefault(c, []).append((after.hits - before.hits, after.misses - before.misses))
+    return seen
+
+
+def test_isolated_clients_see_the_same_pool_whatever_the_other_ran():
+    alone = _drive(_engine(True), [[("B", B_IDS)]])["B"]
+    after = _drive(_engine(True), [[("A", A_IDS)], [("B", B_IDS)]])["B"]
+    together = _drive(_engine(True), [[("A", A_IDS), ("B", B_IDS)]])["B"]  # one batch: run one client at a time
+    assert after == alone and together == alone
+
+
+def test_without_isolation_the_victim_changes_the_probe_hits():
+    """The channel the isolation closes: on a shared pool, the probe's hits follow what ran before it."""
+    alone = _drive(_engine(False), [[("B", B_IDS)]])["B"]
+    after = _drive(_engine(False), [[("A", A_IDS)], [("B", B_IDS)]])["B"]
+    assert after != alone
+
+
+def test_isolation_keeps_outputs_and_needs_a_budget():
+    from hearthlm import SamplingParams
+    from hearthlm.engine.engine import Engine
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = [c.token_ids for c in LLM(DEMO).generate([A_IDS, B_IDS], params)]
+    engine = _engine(True)
+    for i, (client, ids) in enumerate((("A", A_IDS), ("B", B_IDS))):
+        engine.add_request(str(i), ids, params, client=client)
+    got: dict[str, list[int]] = {"0": [], "1": []}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+    assert [got["0"], got["1"]] == want
+    with pytest.raises(ValueError, match="expert budget"):
+        Engine(LLM(DEMO), isolate_clients=True)
+
+
+def test_client_identity_trusts_keys_and_peers_not_forwarding_headers():
+    from hearthlm.server import clients
+
+    def scope(headers: dict[bytes, bytes], peer: str = "10.0.0.1"):
+        return {"headers": list(headers.items()), "client": (peer, 5000)}
+
+    a, b = scope({b"authorization": b"Bearer k1"}), scope({b"authorization": b"Bearer k2"})
+    assert clients.identity(a) != clients.identity(b) and "k1" not in clients.identity(a)
+    assert clients.identity(scope({b"x-api-key": b"k1"})) == clients.identity(a)
+    assert clients.identity(scope({})) == "addr:10.0.0.1"
+    assert clients.identity(scope({b"x-forwarded-for": b"1.2.3.4"})) == "addr:10.0.0.1"
+
+
+def test_server_passes_each_key_as_a_client_to_the_engine():
+    import sys
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serving import LiveServer
+
+    from hearthlm.server import load
+    from hearthlm.server.app import create_app
+
+    served = load(str(DEMO), expert_budget="25%", privacy=PrivacyOptions(isolate_clients=True))
+    engine, asked = served.engine.engine, []
+    add = engine.add_request
+    engine.add_request = lambda *a, client=None, **kw: asked.append(client) or add(*a, client=client, **kw)
+    server = LiveServer(create_app(served, api_key="k1,k2"))
+    try:
+        body = {"model": served.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        for key in ("k1", "k2", "k1", "k3"):
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == (401 if key == "k3" else 200), r.text
+    finally:
+        server.stop()
+    assert len(asked) == 3 and asked[0] == asked[2] != asked[1] and all(c.startswith("key:") for c in asked)
+
+
+# -- private reads: O_DIRECT, or buffered reads and drops ----------------------------------------------------
+@pytest.mark.parametrize("direct", [True, False])
+def test_private_reads_direct_or_buffered_keep_outputs_and_cache_nothing(shared_copy, monkeypatch, direct):
+    from hearthlm.privacy import probe
+
+    path = str(shared_copy / "model.safetensors")
+    pages = [off for r in probe.expert_ranges(path).values() for off in probe.probe_offsets(r)]
+    monkeypatch.setenv("HEARTHLM_NO_DIRECT", "0" if direct else "1")
+    fd = os.open(path, os.O_RDONLY)
+    probe.drop(fd)  # as A1 does before a request (pages that the load maps stay whatever the prompt)
+    os.close(fd)
+    llm = LLM(shared_copy, expert_budget="25%", moe_profile=False, privacy=PrivacyOptions("on"))
+    reads = next(iter(llm.model.expert_pool.tiers.values())).private
+    assert reads.direct == direct
+    got = [llm.logits(IDS), llm.logits(IDS[::-1])]
+    assert not any(probe.resident(path, pages))
+    plain = LLM(shared_copy, expert_budget="25%", moe_profile=False)  # after: its mapping would hold pages
+    assert torch.equal(got[0], plain.logits(IDS)) and torch.equal(got[1], plain.logits(IDS[::-1]))

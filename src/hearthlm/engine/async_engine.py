@@ -100,10 +100,16 @@ class AsyncEngine:
         return await future
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, request_id: str | None = None, media=None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        media=None,
+        client: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs until the finished one. Invalid input raises before the first output.
-        If the consumer stops iterating (aclose, cancellation, a dropped client), the request is aborted."""
+        If the consumer stops iterating (aclose, cancellation, a dropped client), the request is aborted.
+        `client`: who asked (server/clients.py), for an engine that isolates clients."""
         if self._stopped:
             raise RuntimeError("AsyncEngine is shut down")
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
@@ -116,7 +122,7 @@ class AsyncEngine:
         try:
             if params.constrained:  # compiling a grammar can take a while: not on the event loop
                 await asyncio.to_thread(self.engine.prepare, params)
-            self.engine.add_request(rid, prompt, params, media)
+            self.engine.add_request(rid, prompt, params, media, client=client)
             self._wake.set()
             while True:
                 item = await queue.get()

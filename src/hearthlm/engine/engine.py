@@ -103,12 +103,14 @@ class Engine:
         prefix_caching: bool = True,
         draft: str | Drafter | None = _FROM_LLM,  # type: ignore[assignment]
         adaptive: Adaptive | None = None,
+        isolate_clients: bool | None = None,
     ):
         """max_running: the most requests that run (decode or prefill) at once; past it, and past what the KV
         cache holds, requests wait in order. None: what the KV cache holds, at most MAX_RUNNING.
         draft: speculative decoding for requests that do not say (SamplingParams.speculative): "lookup" (prompt
         lookup), None / "off", "auto" or a Gemma 4 -assistant drafter folder (engine/mtp.py), or a Drafter;
-        default: the LLM's `draft`. adaptive: its draft-length policy."""
+        default: the LLM's `draft`. adaptive: its draft-length policy. isolate_clients: one client's requests per
+        step, the expert pool reset when the client changes (scheduler.py; default: the LLM's privacy options)."""
         for name, value in [("block_size", block_size), ("prefill_chunk", prefill_chunk)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
@@ -125,6 +127,7 @@ class Engine:
         # Every running sequence holds at least one block of each pool.
         self.max_running = max_running or min(MAX_RUNNING, *sizes.values())
         self.scheduler = Scheduler(self.blocks, self.max_running, prefill_chunk)
+        self._isolate(llm, isolate_clients)
         self._lock = threading.RLock()  # held by step() and abort()
         self._inbox_lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -141,6 +144,19 @@ class Engine:
         self._drafted = self._accepted = self._draft_steps = 0
         on_cpu = llm.model.device.type == "cpu" and cpu.available()
         self._row_cap = cpu.MAX_ROWS if on_cpu and self.adaptive.fit_rows else None  # see _fit_rows
+
+    def _isolate(self, llm: LLM, isolate: bool | None) -> None:
+        """Client isolation (A3, docs/privacy.md): the scheduler gives the steps to one client at a time, and the
+        expert pool goes back to its state at load whenever the client changes."""
+        if isolate is None:
+            isolate = bool(getattr(getattr(llm, "privacy", None), "isolate_clients", False))
+        pool = getattr(llm.model, "expert_pool", None)
+        if isolate and pool is None:
+            raise ValueError("isolate_clients acts on the expert pool, which exists only under an expert budget")
+        if isolate:
+            from ..moe.private import reset
+
+            self.scheduler.isolate(lambda: reset(pool))
 
     def _pool_sizes(self, running: int, kv_blocks: int | None) -> dict[int | None, int]:
         bs, layers = self.block_size, self.config.layers
@@ -164,10 +180,16 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt: list[int], params: SamplingParams, media: MediaPrompt | None = None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        media: MediaPrompt | None = None,
+        client: str | None = None,
     ) -> None:
         """Queue a request; invalid input raises ValueError (ContextLengthError for a too-long prompt) now.
-        `media`: the prompt's images / audio (LLM.media_prompt; `prompt` is its ids), encoded when first needed."""
+        `media`: the prompt's images / audio (LLM.media_prompt; `prompt` is its ids), encoded when first needed;
+        `client`: who asked, for an engine that isolates clients (`isolate_clients`)."""
         prompt = self._validate(request_id, prompt, params)
         if media is not None and media.ids != prompt:
             raise ValueError("add_request: `media` belongs to another prompt (pass media.ids as the prompt)")
@@ -182,6 +204,7 @@ class Engine:
         drafter = self._drafter_for(params)
         seq.spec = SpecState(drafter, self.adaptive) if drafter is not None else None
         seq.media = media if media is not None and media.spans else None
+        seq.client = client
         with self._inbox_lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
@@ -287,6 +310,7 @@ class Engine:
         with self._lock:
             self._take_inbox()
             outputs, self._outbox = self._outbox, []
+            self.scheduler.pick_client()
             self._propose()
             work = self.scheduler.schedule()
             for w, pool in self.blocks.pools.items():
@@ -347,7 +371,7 @@ class Engine:
         """Ask each drafter for drafts for its running sequences that decode next (seq.draft; the scheduler
         verifies a draft where its slots are free)."""
         by_drafter: dict[int, list[tuple[Sequence, int]]] = {}
-        for seq in self.scheduler.running:
+        for seq in filter(self.scheduler.eligible, self.scheduler.running):
             seq.draft = []
             if seq.spec is not None and seq.pending == 1 and (k := seq.spec.budget(seq)) > 0:
                 by_drafter.setdefault(id(seq.spec.drafter), []).append((seq, k))

@@ -6,11 +6,18 @@ with more pending tokens (a prompt, or a preempted sequence's prompt + output) p
 `prefill_chunk` tokens per step in total, so long prompts never stall the decodes. New requests join
 between steps while there is room. When a pool runs out of blocks the youngest running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+
+Isolated clients (`isolate`, `hearth serve --isolate-clients`): a step computes the sequences of one client
+only, and the client changes only between steps, when the current one has no work left or has had TURN steps
+while another waits (the client whose last turn is oldest goes next). Then `on_switch` runs: the engine puts the
+expert pool back to its state at load, so no client's hits, misses or step times depend on another's routing.
+Cost: no batching across clients, and each change of client starts from a cold pool.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -24,6 +31,9 @@ class Work:
     draft: list[int] = field(default_factory=list)  # speculative: the n - 1 drafted tokens after the last token
 
 
+TURN = 32  # steps a client keeps the engine while another waits: a switch costs a cold expert pool
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_running: int, prefill_chunk: int):
         self.blocks = blocks
@@ -34,6 +44,36 @@ class Scheduler:
         self.preemptions = 0
         self.prefix_hit_tokens = 0
         self._admitted = 0
+        self.on_switch: Callable[[], None] | None = None  # set: clients isolated (see the module docstring)
+        self.client: str | None = None  # whose sequences run, when isolated
+        self.turn = 0  # steps of the current client's turn
+        self._last_turn: dict[str | None, int] = {}  # client -> the step its latest turn began
+        self._steps = 0
+
+    def isolate(self, on_switch: Callable[[], None]) -> None:
+        """Run one client's sequences per step; `on_switch()` between two clients' steps."""
+        self.on_switch = on_switch
+
+    def eligible(self, seq: Sequence) -> bool:
+        """Whether `seq` may compute in the coming step."""
+        return self.on_switch is None or seq.client == self.client
+
+    def pick_client(self) -> None:
+        """Before each step of an isolating scheduler: keep the client, or hand the engine to the next one."""
+        if self.on_switch is None:
+            return
+        self._steps += 1
+        clients = list(dict.fromkeys(s.client for s in [*self.running, *self.waiting]))
+        if self.client in clients and (self.turn < TURN or clients == [self.client]):
+            self.turn += 1
+            return
+        others = [c for c in clients if c != self.client]
+        if not others:
+            return
+        nxt = min(others, key=lambda c: self._last_turn.get(c, -1))  # stable: ties go to the oldest work
+        self.client, self.turn = nxt, 1
+        self._last_turn[nxt] = self._steps
+        self.on_switch()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -44,6 +84,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if not self.eligible(seq):
+                i += 1
+                continue
             n = self._chunk(seq, budget)
             draft, seq.draft = seq.draft, []
             if draft and seq.pending == 1 and self.blocks.allocate(seq, seq.num_computed + 1 + len(draft)):
@@ -53,9 +96,8 @@ class Scheduler:
                 budget -= n if seq.pending > 1 else 0
             if i < len(self.running) and self.running[i] is seq:
                 i += 1
-        while self.waiting and len(self.running) < self.max_running and budget > 0:
-            seq = self.waiting[0]
-            if not self._admit(seq, budget):
+        for seq in [s for s in self.waiting if self.eligible(s)]:  # in order; isolated: the client's own
+            if len(self.running) >= self.max_running or budget <= 0 or not self._admit(seq, budget):
                 break
             n = self._chunk(seq, budget)
             work.append(Work(seq, n))
@@ -89,7 +131,7 @@ class Scheduler:
             self.blocks.free(seq)
             seq.num_computed = seq.registered = 0
             return False
-        self.waiting.popleft()
+        self.waiting.remove(seq)
         self.running.append(seq)
         self._admitted += 1
         seq.order = self._admitted

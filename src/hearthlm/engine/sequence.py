@@ -41,6 +41,7 @@ class Sequence:
     # (first position, target hidden states [n, H] from there) of the last forward that sampled from this sequence,
     # kept for drafters that read them (engine/mtp.py)
     hidden: tuple[int, torch.Tensor] | None = None
+    client: str | None = None  # who asked (server/clients.py): an isolating scheduler runs one client at a time
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

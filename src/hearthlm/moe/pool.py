@@ -71,6 +71,7 @@ class ExpertPool:
         self.fixed_shape = False  # moe/private.py: pad each step's reads with decoys to a routing-free count
         self.decoy: tuple[Weight, Weight] | None = None  # where decoys are read to (and thrown away)
         self.decoy_rng = np.random.default_rng()
+        self.start: list[Key] = []  # what the pool holds after the load (install; moe/private.reset goes back)
         self.stats = MoEStats(slots=count, expert_bytes=self.expert_bytes)
         self.set_policy(policy)
 
@@ -304,7 +305,8 @@ def install(
         del module.gate_up, module.down  # the slow tier holds them
         module.source = LayerExperts(pool, layer)
     if len(pool.slots) == cfg.num_experts * len(tiers):  # a budget that holds them all: fill it now
-        pool.warm([(layer, e) for layer in pool.layers for e in range(cfg.num_experts)])
+        pool.start = [(layer, e) for layer in pool.layers for e in range(cfg.num_experts)]
     elif prior:
-        pool.warm(sorted(prior, key=prior.get, reverse=True))
+        pool.start = sorted(prior, key=prior.get, reverse=True)
+    pool.warm(pool.start)
     return pool

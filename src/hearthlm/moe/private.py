@@ -1,17 +1,18 @@
 """Routing-privacy switches on an expert pool (issue 23; hearthlm/privacy measures what each one closes).
 
-- Private reads (`PrivateReads`): every expert read goes into process-private memory (pread on a descriptor
-  of our own with readahead off, never computed from the shared mapping) and the file's pages under it are dropped from the page cache right after
-  (posix_fadvise DONTNEED, whole pages rounded outwards, so the page an expert shares with its neighbour goes
-  too). Another process timing reads of the checkpoint then finds every expert cold, used or not. At enable
+- Private reads (`PrivateReads`): every expert read goes into process-private memory, never computed from the
+  shared mapping: with O_DIRECT where the file system takes it (no page of the file is cached at all), else a
+  pread with readahead off after which the file's expert pages are dropped from the page cache (posix_fadvise
+  DONTNEED, whole pages rounded outwards, so the page an expert shares with its neighbour goes too). Another
+  process timing reads of the checkpoint then finds every expert cold, used or not. At enable
   time every expert's pages are dropped, including those readahead pulled in while the dense weights loaded,
   and the checkpoint's mappings are set MADV_RANDOM, so that faults on what stays mapped (a tied embedding
   table) no longer read the experts around it.
 - Fixed-shape fetching (`ExpertPool.fixed_shape`): each MoE layer step reads the same number of experts from
   the slow tier, min(experts, top_k x tokens), its misses padded with decoys drawn uniformly from the others,
   so bytes read and fetch time depend on the token count alone, not on routing or on what the pool holds.
-- `clear(pool)`: empty every slot, so that the next client starts from the same state whatever ran before
-  (pool isolation between requests for a server that runs them one at a time).
+- `clear(pool)`: empty every slot; `reset(pool)`: back to the state after the load (slots, policy, warm start),
+  which the engine does when the client changes under `--isolate-clients` (engine/scheduler.py).
 
 Where the pages lie in the file comes from /proc/self/maps (the mapping that holds each view), so any
 memory-mapped checkpoint works without the tier knowing its format. Linux only, as posix_fadvise is.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from .options import readable_by_others  # noqa: F401  (the rule `--private-read
 from .tier import CheckpointTier, empty_like
 
 PAGE = mmap.PAGESIZE
+ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers in whole logical blocks (4096 covers 512 too)
 MADV_RANDOM = getattr(mmap, "MADV_RANDOM", 1)
 
 
@@ -78,7 +81,12 @@ def merge(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
 
 
 class PrivateReads:
-    """Reads of one pool's experts into private memory, their file pages dropped after each read."""
+    """Reads of one pool's experts into private memory, never through the page cache.
+
+    Where the file system takes O_DIRECT (ext4, xfs, btrfs; not tmpfs), each read goes from the disk to an
+    aligned private buffer and on into the slot: no page of the file is cached, so there is nothing to drop after
+    it. Elsewhere a buffered pread with readahead off, then every expert page of the file dropped (the read's own
+    readahead may have cached neighbours)."""
 
     def __init__(self, pool):
         tiers = pool.tiers.values()
@@ -92,20 +100,40 @@ class PrivateReads:
         ranges = file_ranges(memory)
         self.where = dict(zip(memory, ranges))  # (address, length) of a view -> (path, offset, length)
         self.spans = merge(ranges)
+        self.largest = max(n for _, _, n in ranges)
+        self.direct = all(_direct_ok(path) for path, _, _ in self.spans)
+        self.local = threading.local()  # each thread's aligned bounce buffer (the fetch thread reads too)
+        self.copied = False  # a read went through the mapping (a dtype change): its pages need dropping
         no_read_around({path for path, _, _ in self.spans})
 
     def read_into(self, view, dst) -> bool:
-        """copy_weight's reader: the bytes under `view` into `dst` with one pread on our own descriptor, whose
-        readahead is off (an asynchronous readahead still in flight when the pages are dropped would cache the
+        """copy_weight's reader: the bytes under `view` into `dst`, read on our own descriptor (O_DIRECT, else
+        readahead off: an asynchronous readahead still in flight when the pages are dropped would cache the
         neighbours after the drop). False where the bytes do not run as stored (a dtype change)."""
         where = self.where.get((view.data_ptr(), view.numel() * view.element_size()))
         if where is None or dst.dtype != view.dtype or dst.shape != view.shape or not dst.is_contiguous():
+            self.copied = True
             return False
         path, offset, n = where
-        buf = memoryview(dst.view(-1).view(torch.uint8).numpy())
-        if os.preadv(self._fd(path), [buf], offset) != n:
+        out = dst.view(-1).view(torch.uint8)
+        if self.direct:
+            out.copy_(self._read_direct(path, offset, n))
+        elif os.preadv(self._fd(path), [memoryview(out.numpy())], offset) != n:
             raise ValueError(f"{path}: short read at byte {offset}: the file changed or is truncated")
         return True
+
+    def _read_direct(self, path: str, offset: int, n: int) -> torch.Tensor:
+        """Bytes [offset, offset + n) of the file through O_DIRECT: whole aligned blocks into this thread's
+        page-aligned buffer; -> a view of the asked bytes in it."""
+        first = offset // ALIGN * ALIGN
+        size = -(-(offset + n) // ALIGN) * ALIGN - first
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = mmap.mmap(-1, -(-(self.largest + 2 * ALIGN) // PAGE) * PAGE)
+        got = os.preadv(self._fd(path), [memoryview(buf)[:size]], first)
+        if got < offset + n - first:
+            raise ValueError(f"{path}: short read at byte {offset}: the file changed or is truncated")
+        return torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=offset - first)
 
     def release_view(self, view) -> None:
         self.ckpt.release_view(view)
@@ -117,26 +145,59 @@ class PrivateReads:
         return slot
 
     def drop(self, tier: CheckpointTier, e: int) -> None:
-        """Take expert e's pages out of this process, and every expert page out of the page cache: the read's
-        own readahead may have cached its neighbours'."""
-        for view in tier.views(e):
-            for t in _parts(view):
-                tier.ckpt.release_view(t)  # mapped pages are not dropped from the page cache: unmap first
+        """After a read of expert e: with O_DIRECT nothing is cached, unless a piece was copied from the mapping;
+        otherwise take its pages out of this process and every expert page out of the page cache."""
+        if not self.direct or self.copied:  # once a piece was copied from the mapping, always (rare: a dtype change)
+            self.evict(tier, [e])
+
+    def evict(self, tier: CheckpointTier, experts: list[int]) -> None:
+        """Take these experts' pages out of this process, then every expert page of the file out of the page
+        cache (at enable time: what the load's readahead and earlier runs cached)."""
+        for e in experts:
+            for view in tier.views(e):
+                for t in _parts(view):
+                    tier.ckpt.release_view(t)  # mapped pages are not dropped from the page cache: unmap first
         for path, start, n in self.spans:
             first = start // PAGE * PAGE
             last = -(-(start + n) // PAGE) * PAGE
-            os.posix_fadvise(self._fd(path), first, last - first, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._buffered_fd(path), first, last - first, os.POSIX_FADV_DONTNEED)
 
     def _fd(self, path: str) -> int:
+        if not self.direct:
+            return self._buffered_fd(path)
         if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(self.fds[path], 0, 0, os.POSIX_FADV_RANDOM)  # read what is asked, nothing around
+            self.fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
         return self.fds[path]
+
+    def _buffered_fd(self, path: str) -> int:
+        key = path + "\0buffered"  # fadvise goes through a descriptor without O_DIRECT
+        if key not in self.fds:
+            self.fds[key] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(self.fds[key], 0, 0, os.POSIX_FADV_RANDOM)  # read what is asked, nothing around
+        return self.fds[key]
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def _direct_ok(path: str) -> bool:
+    """Whether the file system under `path` takes O_DIRECT reads (HEARTHLM_NO_DIRECT=1 turns them off)."""
+    if os.environ.get("HEARTHLM_NO_DIRECT") == "1" or not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        buf = mmap.mmap(-1, PAGE)
+        os.preadv(fd, [memoryview(buf)[:ALIGN]], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _parts(w) -> list:
@@ -159,8 +220,7 @@ def private_reads(pool, on: bool = True) -> None:
     reads = PrivateReads(pool)
     for tier in tiers:
         tier._in_place, tier.in_place, tier.private = tier.in_place, False, reads
-        for e in range(pool.num_experts):
-            reads.drop(tier, e)
+        reads.evict(tier, list(range(pool.num_experts)))
 
 
 def fixed_shape(pool, on: bool = True, seed: int | None = None) -> None:
@@ -170,6 +230,15 @@ def fixed_shape(pool, on: bool = True, seed: int | None = None) -> None:
     pool.decoy_rng = np.random.default_rng(seed)
     if on and pool.decoy is None:
         pool.decoy = tuple(empty_like(w, 1)[0] for w in pool.slots[0])
+
+
+def reset(pool) -> None:
+    """Back to the pool's state after the load: empty, the policy as it was bound (its profile prior, no history),
+    then the same warm start. What runs next finds the same slots and scores whatever ran before (client
+    isolation, engine/scheduler.py). Costs the warm start's reads (none without a profile)."""
+    clear(pool)
+    pool.set_policy(pool.policy)  # bind() rebuilds the policy's state from its prior
+    pool.warm(pool.start)
 
 
 def clear(pool) -> None:

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ..api import ContextLengthError
-from . import anthropic, embeddings, llama_server, ollama, openai, responses, schema
+from . import anthropic, clients, embeddings, llama_server, ollama, openai, responses, schema
 from .errors import APIError, anthropic_body, ollama_body, openai_body, validation_error
 from .generation import ServedModel
 from .guard import LOOPBACK_NAMES, MAX_BODY, HostPolicy, check_json, read_body, replay
@@ -73,13 +73,16 @@ class Gate:
         return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
 
     def _authorized(self, scope) -> bool:
+        """The request carries one of the keys (`api_key`: one, or several separated by commas: one per client,
+        which --isolate-clients tells apart)."""
         headers = dict(scope.get("headers") or [])
+        keys = [k.strip() for k in self.api_key.split(",") if k.strip()]
         key = headers.get(b"x-api-key")  # Anthropic's header, on its routes
         if key is not None and _is_anthropic(scope["path"]):
-            return secrets.compare_digest(key.strip(), self.api_key.encode())
+            return any(secrets.compare_digest(key.strip(), k.encode()) for k in keys)
         given = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = given.partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+        return scheme.lower() == "bearer" and any(secrets.compare_digest(token.strip(), k) for k in keys)
 
     async def _admit(self, scope, receive):
         """Refuse (APIError) a request from the wrong host or page, without the key, or with a bad body; else the
@@ -110,6 +113,7 @@ class Gate:
             await send(message)
 
         held = self.models.hold()  # the models this request names stay loaded until it ends
+        client = clients.enter(scope)  # who asks: --isolate-clients keeps clients apart in the expert pool
         try:
             try:
                 receive = await self._admit(scope, receive)
@@ -117,6 +121,7 @@ class Gate:
                 return await error_json(path, e)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
+            clients.leave(client)
             named = self.models.holding()
             self.models.release(held)
             self.metrics.request(self._route(path), status[0], named[0] if named else "")

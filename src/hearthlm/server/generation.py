@@ -22,6 +22,7 @@ from ..chat_formats import Delta, ReplyParser, detect
 from ..chat_formats.grammar import tool_grammar
 from ..chat_formats.parser import held_back
 from ..engine.guided import lark_literal
+from . import clients
 from .errors import APIError
 from .media import has_media
 
@@ -286,7 +287,7 @@ class ServedModel:
                            "inputs to /v1/embeddings or /api/embed", "model")  # fmt: skip
         t0 = time.perf_counter() if t0 is None else t0
         media = {"media": prompt.media} if prompt.media is not None else {}
-        gen = self.engine.generate(prompt.ids, params, **media)
+        gen = self.engine.generate(prompt.ids, params, client=clients.current(), **media)
         try:
             first = await anext(gen, None)
         except ContextLengthError as e:
