@@ -612,7 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=int, default=11434, help="default 11434, Ollama's, so Ollama clients need no setting"
     )
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $HEARTH_API_KEY)")
+    serve.add_argument(
+        "--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' (default: $HEARTH_API_KEY); KEY1,KEY2,...: one key per client, "
+        "which --isolate-clients keeps apart",
+    )  # fmt: skip
     serve.add_argument(
         "--allowed-hosts", type=_names, default=None, metavar="NAMES",
         help="Host names the server answers besides localhost, 127.0.0.1 and [::1] (comma list; '*': any), e.g. "
