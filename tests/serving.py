@@ -90,7 +90,7 @@ class ScriptedEngine:
     params: list = field(default_factory=list)
     running: int = 0
 
-    async def generate(self, prompt_ids, params, request_id=None):
+    async def generate(self, prompt_ids, params, request_id=None, client=None):
         text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         self.prompts.append(text)
         self.params.append(params)

@@ -339,7 +339,7 @@ def test_api_key(demo):
 
 
 class _Broken(ScriptedEngine):
-    async def generate(self, prompt_ids, params, request_id=None):
+    async def generate(self, prompt_ids, params, request_id=None, client=None):
         if params.max_tokens == 7:
             raise RuntimeError("boom before the first token")
         async for out in super().generate(prompt_ids, params, request_id):

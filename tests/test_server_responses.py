@@ -211,7 +211,7 @@ def test_stream_equals_whole_on_the_real_engine(client):
 
 
 class _Failing(ScriptedEngine):
-    async def generate(self, prompt_ids, params, request_id=None):
+    async def generate(self, prompt_ids, params, request_id=None, client=None):
         async for out in super().generate(prompt_ids, params, request_id):
             yield out
             raise RuntimeError("boom mid-stream")

@@ -290,7 +290,7 @@ def test_json_modes_reach_the_engine_as_constraints(gemma):
 
 
 class _Broken(ScriptedEngine):
-    async def generate(self, prompt_ids, params, request_id=None):
+    async def generate(self, prompt_ids, params, request_id=None, client=None):
         if params.max_tokens == 7:
             raise RuntimeError("boom before the first token")
         async for out in super().generate(prompt_ids, params, request_id):

@@ -193,7 +193,7 @@ def slow(multi, monkeypatch):
     monkeypatch.setattr(
         engine,
         "add_request",
-        lambda rid, ids, p, *media: add(rid, ids, dataclasses.replace(p, ignore_eos=True), *media),
+        lambda rid, ids, p, *media, **kw: add(rid, ids, dataclasses.replace(p, ignore_eos=True), *media, **kw),
     )
     return slow_step
 
