@@ -329,27 +329,24 @@ def test_cli_serve(monkeypatch):
     assert cli.main(["serve", "--port", "8123", "--quant", "int8"]) == 0
     args, kwargs = got["args"]
     assert args[:6] == (None, "127.0.0.1", 8123, "from-env", None, "int8") and args[7] is None
-    assert kwargs == {
+    defaults = {
         "expert_budget": None,
         "moe_profile": True,
         "keep_alive": None,
         "max_memory": None,
         "image_tokens": None,
         "draft": None,
+        "device": None,
     }
+    assert {k: kwargs.get(k, "missing") for k in defaults} == defaults
     got.clear()
     assert cli.main(["serve", "some/model", "--api-key", "k", "--host", "0.0.0.0", "--expert-budget", "25%"]) == 0
     assert got["args"][0][:4] == ("some/model", "0.0.0.0", 11434, "k")
-    assert got["args"][1] == {
-        "expert_budget": "25%",
-        "moe_profile": True,
-        "keep_alive": None,
-        "max_memory": None,
-        "image_tokens": None,
-        "draft": None,
-    }
+    assert {k: got["args"][1].get(k, "missing") for k in defaults} == defaults | {"expert_budget": "25%"}
     got.clear()
     assert cli.main(["serve", "--draft", "lookup"]) == 0 and got["args"][1]["draft"] == "lookup"
+    got.clear()
+    assert cli.main(["serve", "--device", "cuda:1"]) == 0 and got["args"][1]["device"] == "cuda:1"
     got.clear()
     assert cli.main(["serve", "--keep-alive", "10m", "--max-memory", "12GB"]) == 0
     assert got["args"][1]["keep_alive"] == "10m" and got["args"][1]["max_memory"] == "12GB"
