@@ -23,6 +23,7 @@ from .moe import MoEStats, options, parse_budget, profile
 from .moe.options import PrivacyOptions
 from .multimodal.prompt import MediaOptions, MediaPrompt, expand, media_parts, preprocess
 from .multimodal.spec import default_image_tokens, media_spec
+from .multimodal.towers import tower_quant
 from .quant.quantize import parse_quant
 from .store import resolve
 from .tokenizer import Tokenizer
@@ -111,6 +112,7 @@ class LLM:
         mmproj: str | Path | None = None,
         draft: str | Drafter | None = None,
         privacy: PrivacyOptions | None = None,
+        quant_towers: bool = False,
     ):
         """`expert_budget`: keep MoE experts in the checkpoint and at most this many in memory: bytes ('6GB',
         '512MB') or a fraction of all expert bytes (0.25, '25%'); `moe_profile`: seed the expert policy from
@@ -120,7 +122,9 @@ class LLM:
         drafter, "auto" (the -assistant drafter stored beside the model, else lookup) or None (off); a request's
         SamplingParams.speculative overrides it; `privacy`: the routing-privacy switches under an
         expert budget (moe/options.py; None: none; `hearth run/serve` pass PrivacyOptions(), whose private reads
-        are "auto"). `privacy_note` then says what was chosen."""
+        are "auto"). `privacy_note` then says what was chosen; `quant_towers`: quantize the vision / audio towers' linear
+        layers too, in the text model's format (`quant`, or that of a folder `hearth quantize` wrote; without it the
+        towers keep their precision); `tower_quant` then names it."""
         make_drafter(draft)  # an unknown name fails here, before the weights load
         self.draft = draft
         spec = parse_quant(quant) if quant is not None else None
@@ -136,6 +140,11 @@ class LLM:
         if self.device.type == "cpu":
             cpu.available()  # build the CPU kernels now (first run only), not inside the first token
         gguf = GGUFFile(path) if path.suffix == ".gguf" else None  # read once: weights and tokenizer
+        # Image / audio input (Gemma 4 checkpoints with towers); the towers load on first use.
+        self.media_spec = media_spec(path, Path(mmproj) if mmproj is not None else None)
+        # bad combinations of quant_towers fail here, before the weights load
+        self.tower_quant = tower_quant(quant_towers, path, self.media_spec, spec)
+        self._media_encoder = None
         prior = profile.load_prior(path) if budget is not None and moe_profile else None
         self.model = load_model(gguf or path, self.dtype, self.device, spec, budget, prior)
         self.privacy = privacy if budget is not None else None
@@ -153,9 +162,6 @@ class LLM:
             self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
         if not self.can_generate:
             self._embedder = Embedder(self.model, self.tokenizer, path)  # its heads: a broken folder fails at load
-        # Image / audio input (Gemma 4 checkpoints with towers); the towers load on first use.
-        self.media_spec = media_spec(path, Path(mmproj) if mmproj is not None else None)
-        self._media_encoder = None
 
     def moe_stats(self) -> MoEStats | None:
         """Expert-residency totals since load (aggregate counters only), None without an expert budget."""
@@ -206,7 +212,7 @@ class LLM:
             from .multimodal.encoder import MediaEncoder
             from .multimodal.towers import Towers
 
-            self._media_encoder = MediaEncoder(Towers(self.media_spec, self.dtype, self.device))
+            self._media_encoder = MediaEncoder(Towers(self.media_spec, self.dtype, self.device, self.tower_quant))
         return self._media_encoder
 
     def media_prompt(

@@ -29,6 +29,7 @@ def _load(args: argparse.Namespace):
         draft=_draft(args),
         device=args.device if mesh is None else str(mesh.device(args.device)),
         privacy=_privacy(args),
+        quant_towers=args.quant_towers,
     )  # fmt: skip  (the loader shows its own progress bar)
     if mesh is not None:
         from .distributed.tensor_parallel import shard_llm
@@ -308,6 +309,7 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--quant", default=None, help=QUANT_HELP)
+    p.add_argument("--quant-towers", action="store_true", help=QUANT_TOWERS_HELP)
     p.add_argument(
         "--draft", type=_draft_choice, default="off", metavar="auto|lookup|off|MODEL",
         help="speculative decoding (same output, faster): 'lookup' drafts from the prompt and the reply so far "
@@ -366,17 +368,21 @@ BUDGET_HELP = (
     "share of all expert bytes (0.25, 25%%)"
 )
 QUANT_HELP = "quantize the weights while loading: int8, int4 (int4-g32 / -g64 / -g128 set the group size)"
+QUANT_TOWERS_HELP = (
+    "quantize the image / audio towers' linear layers too, in the --quant format (default: the towers keep their "
+    "precision; docs/multimodal.md measures what quantized towers lose)"
+)
 
 
 def _quantize(args: argparse.Namespace) -> int:
     from .api import LLM
     from .weights.export import write_quantized
 
-    llm = LLM(args.model, dtype=args.dtype, quant=args.to)
+    llm = LLM(args.model, dtype=args.dtype, quant=args.to, quant_towers=args.quant_towers)
     out = Path(args.output)
     if out.exists() and out.resolve() == llm.path.resolve():
         raise ValueError(f"{out}: write the quantized checkpoint to a new folder, not over its source")
-    _staged(out, lambda folder: write_quantized(llm.model, llm.path, folder, llm.quant))
+    _staged(out, lambda folder: write_quantized(llm.model, llm.path, folder, llm.quant, llm.tower_quant))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e9
     _err().print(f"wrote {out} ({llm.quant}, {size:.2f} GB); run it with `hearth run {out}`")
     return 0
@@ -468,7 +474,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
         expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
         max_memory=args.max_memory, image_tokens=args.image_tokens, draft=_draft(args), device=args.device,
-        privacy=_privacy(args), **web,
+        privacy=_privacy(args), quant_towers=args.quant_towers, **web,
     )  # fmt: skip
     return 0
 
@@ -673,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--to", required=True, help="int8, int4, int4-g32, int4-g64 or int4-g128")
     quant.add_argument("-o", "--output", required=True, help="the folder to write")
     quant.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="of the float tensors")
+    quant.add_argument("--quant-towers", action="store_true", help=QUANT_TOWERS_HELP.replace("--quant", "--to"))
     quant.set_defaults(func=_quantize)
     prof = sub.add_parser("moe-profile", help="record which experts an MoE model uses, to seed --expert-budget")
     prof.add_argument("model", nargs="?", help=model_help)

@@ -26,12 +26,13 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
          max_running: int | None = None, kv_blocks: int | None = None, expert_budget: str | None = None,
          moe_profile: bool = True, background: bool = True, stepper=None, name: str | None = None, metrics=None,
          image_tokens: int | None = None, draft: str | None = None, device: str | None = None,
-         privacy=None):  # fmt: skip
+         privacy=None, quant_towers: bool = False):  # fmt: skip
     """Load `model` and start its engine (`background=False`: the caller runs `engine.run()`; `stepper`: the
     thread shared with other models' engines); returns the ServedModel the app serves, listed as `name`.
     `image_tokens`: the default soft-token budget per image; `draft`: speculative decoding ("lookup" or None),
     which a request's `speculative` field overrides; `device`: cpu or cuda[:N] (default: HEARTHLM_DEVICE, else cpu);
-    `privacy`: the routing-privacy switches (moe/options.PrivacyOptions)."""
+    `privacy`: the routing-privacy switches (moe/options.PrivacyOptions); `quant_towers`: quantize its image / audio
+    towers too (LLM's quant_towers)."""
     from rich.console import Console
 
     from ..api import LLM
@@ -41,7 +42,7 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     from .metrics import Metrics
 
     llm = LLM(model, dtype=dtype, device=device, quant=quant, expert_budget=expert_budget, moe_profile=moe_profile,
-              draft=draft, privacy=privacy)  # fmt: skip
+              draft=draft, privacy=privacy, quant_towers=quant_towers)  # fmt: skip
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
     if llm.privacy_note:
@@ -71,15 +72,17 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
           moe_profile: bool = True, keep_alive: str | None = None, max_memory: str | None = None,
           allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
           image_tokens: int | None = None, draft: str | None = None, device: str | None = None,
-          privacy=None) -> None:  # fmt: skip
+          privacy=None, quant_towers: bool = False) -> None:  # fmt: skip
     """Serve `model`, pinned, or (None) every model in the store, each loaded on first use, until interrupted.
     Bound to a loopback address, it answers requests addressed to loopback names and `allowed_hosts` only (DNS
     rebinding); bound elsewhere, any Host unless `allowed_hosts` names them. `cors_origins`: web origins allowed to
-    call it from a browser. SIGTERM or Ctrl-C: open requests get GRACE seconds to finish; a second one stops now."""
+    call it from a browser. `quant_towers`: quantize the towers of the models that have them (a pinned model without
+    towers is refused). SIGTERM or Ctrl-C: open requests get GRACE seconds to finish; a second one stops now."""
     import uvicorn
     from rich.console import Console
 
     from ..engine.async_engine import Stepper
+    from ..store import towers as store_towers
     from .app import create_app
     from .guard import LOOPBACK_NAMES, is_loopback
     from .metrics import Metrics
@@ -90,11 +93,14 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
                    moe_profile=moe_profile, stepper=stepper, metrics=metrics, image_tokens=image_tokens,
                    draft=draft, device=device, privacy=privacy)  # fmt: skip
     if model is not None:
-        served = Models(pinned=load(model, **options))
+        served = Models(pinned=load(model, quant_towers=quant_towers, **options))
         what = served.pinned.name
     else:
         wait = keep_alive_seconds(keep_alive)
-        served = Models(lambda path, name: load(str(path), name=name, **options), budget=memory_budget(max_memory),
+        # models with no towers of their own to quantize (text-only, GGUF + mmproj) load as they are
+        towers = lambda path: quant_towers and path.suffix != ".gguf" and bool(store_towers(path)[0])  # noqa: E731
+        served = Models(lambda path, name: load(str(path), name=name, quant_towers=towers(path), **options),
+                        budget=memory_budget(max_memory),
                         keep_alive=DEFAULT_KEEP_ALIVE if wait is None else wait)  # fmt: skip
         what = f"{len(served.servable())} models (each loads on first use; `hearth list` shows them)"
     url = f"http://{host}:{port}"

@@ -338,6 +338,12 @@ class _OwnNames:
                 self.ckpt.release(part)
 
 
+def stored_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor | QuantTensor:
+    """Tensor `name` of a folder `hearth quantize` wrote: a float one as stored, a quantized one rebuilt from its
+    NAME.qdata / NAME.scales (/ NAME.mins) parts (the towers read theirs this way: multimodal/towers.py)."""
+    return _OwnNames(ckpt).get(name)
+
+
 def _build(ckpt: Checkpoint, source: Source) -> torch.Tensor | QuantTensor | RowConcat:
     if isinstance(source, str):
         return ckpt.get(source)
