@@ -1,11 +1,13 @@
 """Routing-privacy figures for docs/privacy.md (issue 23): each attacker's accuracy with and without each
 mitigation, each mitigation's decode cost, and router noise's privacy/quality curve.
 
-    python benchmarks/privacy.py [--per-topic 15] [--pad-mb 19] [--parts audit,a3,noise,cost]
+    python benchmarks/privacy.py [--per-topic 15] [--pad-mb 19] [--parts audit,a3,noise,cost,io]
 
 A1, A2 and A4 run on the demo MoE with its experts zero-padded to --pad-mb MB each (page-cache behaviour of a
 real model); A3 and the router-noise curve on the demo itself; the cost of each switch is decode tokens/s at a
-25% expert budget on the padded copy, page cache warm (the file fits in memory), the median of --runs.
+25% expert budget on the padded copy, page cache warm (the file fits in memory), each set in its own process,
+interleaved over --rounds, the median of all runs; `io`: bytes a load and a run read from disk against what they
+need (/proc/self/io), page cache off and on.
 Results go to benchmarks/results/privacy-<time>.json and to the terminal.
 """
 
@@ -23,29 +25,90 @@ from rich.progress import Progress
 from hearthlm import LLM, SamplingParams
 from hearthlm.privacy import audit, pad_experts, report
 from hearthlm.privacy.curve import noise_curve
-from hearthlm.privacy.victim import apply
 from hearthlm.store import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = [None, "private_reads", "fixed_shape", "private_reads,fixed_shape"]
 
 
-def decode_speed(model: Path, mitigations: str | None, runs: int, tokens: int = 32) -> float:
-    """Median decode tokens/s of one prompt at a 25% expert budget with these switches."""
-    from hearthlm.privacy import parse_mitigations
+# Switch sets timed by --parts cost: (name, LLM privacy options, environment). Private reads use O_DIRECT where the
+# file system takes it; "buffered" forces the older pread + page drop path for comparison.
+COST_SETS = {
+    "none": ("off", False, {}),
+    "private_reads": ("on", False, {}),
+    "private_reads_buffered": ("on", False, {"HEARTHLM_NO_DIRECT": "1"}),
+    "fixed_shape": ("off", True, {}),
+    "private_reads,fixed_shape": ("on", True, {}),
+}
 
-    llm = LLM(model, expert_budget="25%", moe_profile=False)
-    apply(llm, parse_mitigations(mitigations))
+
+def decode_speed(model: Path, name: str, runs: int, tokens: int = 16) -> list[float]:
+    """Decode tokens/s of one prompt at a 25% expert budget with the switch set `name` (COST_SETS), each of `runs`
+    runs after a warm-up (which also caches the pages a page-cache run reads)."""
+    from hearthlm.moe.options import PrivacyOptions
+
+    reads, fixed, _ = COST_SETS[name]
+    llm = LLM(model, expert_budget="25%", moe_profile=False, privacy=PrivacyOptions(reads, fixed))
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.generate("And it came to pass", params)
     speeds = []
-    for i in range(runs + 1):
-        llm.generate("And it came to pass", SamplingParams(max_tokens=1, temperature=0))
+    for _ in range(runs):
         start = time.perf_counter()
         llm.generate("And it came to pass", params)
-        elapsed = time.perf_counter() - start
-        if i:  # the first is a warm-up
-            speeds.append(tokens / elapsed)
-    return statistics.median(speeds)
+        speeds.append(tokens / (time.perf_counter() - start))
+    return speeds
+
+
+def cost(model: Path, names: list[str], rounds: int, runs: int) -> dict:
+    """Each switch set in a process of its own (private reads empty the file's page cache, which would slow a
+    page-cache run in the same process), the sets interleaved round by round so that the machine's load falls on
+    all alike; -> per set the median tokens/s and every run, with the load average before and after."""
+    import os
+    import subprocess
+    import sys
+
+    out: dict = {"load_before": os.getloadavg(), "runs": {n: [] for n in names}}
+    for _ in range(rounds):
+        for name in names:
+            env = os.environ | COST_SETS[name][2]
+            cmd = [sys.executable, __file__, "--one-cost", name, "--runs", str(runs), "--model", str(model)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            out["runs"][name] += json.loads(done.stdout.strip().splitlines()[-1])
+    out["load_after"] = os.getloadavg()
+    out["median"] = {n: statistics.median(v) for n, v in out["runs"].items()}
+    return out
+
+
+def io_read(model: Path, private: str, tokens: int = 4) -> dict:
+    """What a load and a run really read from disk (/proc/self/io read_bytes, the file's pages dropped first)
+    against what they need: the dense weights, and the experts the pool fetched (misses x expert bytes)."""
+    import os
+
+    from hearthlm.moe.options import PrivacyOptions
+    from hearthlm.privacy import probe
+
+    path = model / "model.safetensors"
+    ranges = probe.expert_ranges(str(path))
+    expert_bytes = sum(b - a for r in ranges.values() for a, b in r)
+    fd = os.open(path, os.O_RDONLY)
+    probe.drop(fd)
+    os.close(fd)
+    before = _read_bytes()
+    llm = LLM(model, expert_budget="25%", moe_profile=False, privacy=PrivacyOptions(private))
+    loaded = _read_bytes()
+    llm.generate("And it came to pass", SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    ran = _read_bytes()
+    stats = llm.moe_stats()
+    return {"private_reads": private, "load_read": loaded - before, "load_needed": path.stat().st_size - expert_bytes,
+            "run_read": ran - loaded, "run_needed": stats.bytes_fetched, "misses": stats.misses,
+            "tokens": tokens}  # fmt: skip
+
+
+def _read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError("no read_bytes in /proc/self/io")
 
 
 def random_moe(folder: Path) -> Path:
@@ -76,8 +139,15 @@ def main() -> None:
     ap.add_argument("--per-topic", type=int, default=15)
     ap.add_argument("--pad-mb", type=float, default=19.0)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--parts", default="audit,a3,noise,cost")
+    ap.add_argument("--parts", default="audit,a3,noise,cost,io")
+    ap.add_argument("--sets", default="none,private_reads,private_reads_buffered", help="--parts cost: COST_SETS names")
+    ap.add_argument("--rounds", type=int, default=3, help="--parts cost: interleaved rounds of every set")
+    ap.add_argument("--one-cost", default=None, help=argparse.SUPPRESS)  # a child of --parts cost
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_cost:
+        print(json.dumps(decode_speed(Path(args.model), args.one_cost, args.runs)))
+        return
     parts = set(args.parts.split(","))
     demo = resolve("hearth-demo-moe")
     padded = pad_experts(demo, Path("/var/tmp/hearthlm-privacy") / f"hearth-demo-moe-{args.pad_mb:g}mb", args.pad_mb)
@@ -115,9 +185,23 @@ def main() -> None:
         out["random_a4"] = {"accuracy": score.accuracy, "ci95": list(score.ci), "n": score.n}
         console.print(f"random 26B-A4B-shaped router, A4: {score}")
     if "cost" in parts:
-        out["cost"] = {m or "none": decode_speed(padded, m, args.runs) for m in SETS}
+        out["cost"] = cost(padded, args.sets.split(","), args.rounds, args.runs)
         console.print(out["cost"])
+    if "io" in parts:
+        out["io"] = [_child_io(padded, mode) for mode in ("off", "on")]
+        console.print(out["io"])
     print(_save(out))
+
+
+def _child_io(model: Path, private: str) -> dict:
+    """io_read in a fresh process: /proc/self/io counts the whole process."""
+    import subprocess
+    import sys
+
+    code = f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import privacy; "
+    code += f"print(json.dumps(privacy.io_read(privacy.Path({str(model)!r}), {private!r})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _cpu() -> str:

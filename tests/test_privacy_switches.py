@@ -288,3 +288,27 @@ def test_private_reads_direct_or_buffered_keep_outputs_and_cache_nothing(shared_
     assert not any(probe.resident(path, pages))
     plain = LLM(shared_copy, expert_budget="25%", moe_profile=False)  # after: its mapping would hold pages
     assert torch.equal(got[0], plain.logits(IDS)) and torch.equal(got[1], plain.logits(IDS[::-1]))
+
+
+# -- read what you need ---------------------------------------------------------------------------------------
+def test_a_budgeted_load_reads_the_dense_weights_not_the_experts(shared_copy):
+    """/proc/self/io of a fresh process: readahead around the dense tensors no longer pulls in expert pages."""
+    import subprocess
+    import sys
+
+    from hearthlm.privacy import probe
+
+    path = shared_copy / "model.safetensors"
+    experts = sum(b - a for r in probe.expert_ranges(str(path)).values() for a, b in r)
+    dense = path.stat().st_size - experts
+    fd = os.open(path, os.O_RDONLY)
+    probe.drop(fd)
+    os.close(fd)
+    code = (
+        "import pathlib; from hearthlm import LLM; io = lambda: int(pathlib.Path('/proc/self/io').read_text()"
+        ".split('read_bytes:')[1].split()[0]); before = io(); "
+        f"LLM({str(shared_copy)!r}, expert_budget='25%', moe_profile=False); print(io() - before)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    read = int(done.stdout.split()[-1])
+    assert read < dense + 2 * 2**20 and read < (dense + experts) * 0.6, (read, dense, experts)

@@ -24,6 +24,7 @@ import ctypes
 import mmap
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from .tier import CheckpointTier, empty_like
 PAGE = mmap.PAGESIZE
 ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers in whole logical blocks (4096 covers 512 too)
 MADV_RANDOM = getattr(mmap, "MADV_RANDOM", 1)
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 def file_maps() -> list[tuple[int, int, int, str]]:
@@ -104,6 +106,8 @@ class PrivateReads:
         self.direct = all(_direct_ok(path) for path, _, _ in self.spans)
         self.local = threading.local()  # each thread's aligned bounce buffer (the fetch thread reads too)
         self.copied = False  # a read went through the mapping (a dtype change): its pages need dropping
+        self.ring: dict[tuple[int, int, int], mmap.mmap] = {}  # read()'s two reused buffers per weight part
+        self.turn = 0
         no_read_around({path for path, _, _ in self.spans})
 
     def read_into(self, view, dst) -> bool:
@@ -122,12 +126,12 @@ class PrivateReads:
             raise ValueError(f"{path}: short read at byte {offset}: the file changed or is truncated")
         return True
 
-    def _read_direct(self, path: str, offset: int, n: int) -> torch.Tensor:
-        """Bytes [offset, offset + n) of the file through O_DIRECT: whole aligned blocks into this thread's
-        page-aligned buffer; -> a view of the asked bytes in it."""
+    def _read_direct(self, path: str, offset: int, n: int, buf: mmap.mmap | None = None) -> torch.Tensor:
+        """Bytes [offset, offset + n) of the file through O_DIRECT: whole aligned blocks into `buf` (page-aligned;
+        default this thread's bounce buffer); -> a view of the asked bytes in it."""
         first = offset // ALIGN * ALIGN
         size = -(-(offset + n) // ALIGN) * ALIGN - first
-        buf = getattr(self.local, "buf", None)
+        buf = buf if buf is not None else getattr(self.local, "buf", None)
         if buf is None:
             buf = self.local.buf = mmap.mmap(-1, -(-(self.largest + 2 * ALIGN) // PAGE) * PAGE)
         got = os.preadv(self._fd(path), [memoryview(buf)[:size]], first)
@@ -139,10 +143,40 @@ class PrivateReads:
         self.ckpt.release_view(view)
 
     def read(self, tier: CheckpointTier, e: int):
-        """Expert e in new private buffers of the slot format (a miss not worth a slot)."""
+        """Expert e in private memory (a miss not worth a slot). With O_DIRECT and an expert stored as it runs, the
+        read lands in one of two reused buffers and the weights are views of it (no copy, no fresh pages): the
+        layer uses one expert at a time, so the expert before the one being read is done with. Else new buffers
+        of the slot format, filled by load()."""
+        views = tier.views(e)
+        if self.direct and tier._in_place and all(self._aligned(t) for w in views for t in _parts(w)):
+            self.turn ^= 1
+            return tuple(self._in_ring(w, i) for i, w in enumerate(views))
         slot = tuple(empty_like(w, 1)[0] for w in self.template)
         tier.load(e, slot)  # load() drops the pages
         return slot
+
+    def _aligned(self, t: torch.Tensor) -> bool:
+        """Whether a view of part `t` in a buffer lands on its element size (its file offset is a multiple)."""
+        where = self.where.get((t.data_ptr(), t.numel() * t.element_size()))
+        return where is not None and where[1] % t.element_size() == 0
+
+    def _in_ring(self, view, i: int):
+        """`view` (a tensor or QuantTensor of the mapping) read into ring buffers (turn, i, part)."""
+        from ..quant.tensor import QuantTensor
+
+        parts = []
+        for j, t in enumerate(_parts(view)):
+            path, offset, n = self.where[(t.data_ptr(), t.numel() * t.element_size())]
+            key = (self.turn, i, j)
+            if key not in self.ring:
+                self.ring[key] = mmap.mmap(-1, -(-(self.largest + 2 * ALIGN) // PAGE) * PAGE)
+            raw = self._read_direct(path, offset, n, self.ring[key])
+            parts.append(raw.view(t.dtype).view(t.shape))
+        if isinstance(view, QuantTensor):
+            it = iter(parts)
+            q, sc = next(it), next(it)
+            return QuantTensor(q, sc, next(it) if view.mins is not None else None, view.bits, view.group)
+        return parts[0]
 
     def drop(self, tier: CheckpointTier, e: int) -> None:
         """After a read of expert e: with O_DIRECT nothing is cached, unless a piece was copied from the mapping;
@@ -221,6 +255,53 @@ def private_reads(pool, on: bool = True) -> None:
     for tier in tiers:
         tier._in_place, tier.in_place, tier.private = tier.in_place, False, reads
         reads.evict(tier, list(range(pool.num_experts)))
+    for attempt in range(20):  # a readahead still in flight caches its pages after the drop: drop again
+        if not any(cached(path, start, n) for path, start, n in reads.spans):
+            break
+        if attempt == 1:  # still cached: a large folio that an expert page shares with a mapped dense page
+            unmap_clean({path for path, _, _ in reads.spans})
+        time.sleep(0.01)
+        reads.evict(tiers[0], [])
+
+
+def unmap_clean(paths: set[str]) -> None:
+    """Unmap every page of this process's mappings of `paths` where none holds a private copy (smaps: no
+    anonymous pages), so that the page cache can drop them; the dense weights fault back in from the file, the
+    same bytes, one page at a time (MADV_RANDOM). A mapping with private copies is left alone: unmapping would
+    lose them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for lo, hi, path in _clean_maps(paths):
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), f"madvise(MADV_DONTNEED) on {path} failed")
+
+
+def _clean_maps(paths: set[str]) -> list[tuple[int, int, str]]:
+    out, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            current = (lo, hi, parts[5]) if len(parts) == 6 and parts[5] in paths else None
+        elif current is not None and parts[0] == "Anonymous:" and int(parts[1]) == 0:
+            out.append(current)
+    return out
+
+
+def cached(path: str, start: int, n: int) -> bool:
+    """Whether any whole page of bytes [start, start + n) of the file is in the page cache (mincore on a mapping
+    of our own, which touches no page)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    first, last = -(-start // PAGE) * PAGE, (start + n) // PAGE * PAGE
+    if last <= first:
+        return False
+    vec = (ctypes.c_ubyte * ((last - first) // PAGE))()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), last - first, access=mmap.ACCESS_COPY, offset=first) as m:
+        anchor = ctypes.c_char.from_buffer(m)  # the mapping's address
+        ok = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(last - first), vec) == 0
+        del anchor
+    if not ok:
+        raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
+    return any(v & 1 for v in vec)
 
 
 def fixed_shape(pool, on: bool = True, seed: int | None = None) -> None:

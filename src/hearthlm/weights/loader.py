@@ -138,6 +138,8 @@ def load_model(
         if not budgeted:
             raise BudgetError(f"{path}: {cfg.architecture} has no experts: an expert budget does not apply")
         _check_budgeted(ckpt, mapping, params, budgeted, path)
+    if budgeted and hasattr(ckpt, "read_only"):  # readahead around the dense tensors would read experts too
+        ckpt.read_only([n for name, s in mapping.items() if name not in budgeted for n in names_in(s)])
     console = Console(stderr=True)
     verb = f"loading {path.name}" + (f" as {quant.name}" if quant else "")
     with Progress(console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
@@ -170,6 +172,8 @@ def load_model(
                     ckpt.release(part)
             progress.advance(task)
     model.dtype = dtype
+    if budgeted and hasattr(ckpt, "read_only"):
+        ckpt.read_around()  # the experts run from the mapping (in place) read best with the default readahead
     if budgeted:
         if quant is not None and path.suffix != ".gguf":
             warnings.warn(

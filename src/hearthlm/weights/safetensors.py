@@ -175,6 +175,23 @@ class SafetensorsFile:
         if last > first:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
+    def read_only(self, names: list[str]) -> None:
+        """No readahead around a page fault on this mapping (MADV_RANDOM), and these tensors read ahead whole
+        (MADV_WILLNEED): a load that needs only them reads only them, not the experts stored between them."""
+        if self._mmap is None or not hasattr(mmap, "MADV_RANDOM"):
+            return
+        self._mmap.madvise(mmap.MADV_RANDOM)
+        for name in names:
+            start, end = (self._data_start + o for o in self.entries[name]["data_offsets"])
+            first = start // mmap.PAGESIZE * mmap.PAGESIZE
+            if end > first:
+                self._mmap.madvise(mmap.MADV_WILLNEED, first, end - first)
+
+    def read_around(self) -> None:
+        """Readahead as the kernel does it by default again (MADV_NORMAL), after read_only."""
+        if self._mmap is not None and hasattr(mmap, "MADV_NORMAL"):
+            self._mmap.madvise(mmap.MADV_NORMAL)
+
     def _offset(self, view: torch.Tensor) -> int | None:
         """Where a contiguous view of this file's mapping starts in the file; None if it is not one."""
         if self._mmap is None or not view.is_contiguous():
@@ -316,6 +333,18 @@ class Checkpoint:
         """See SafetensorsFile.release_view."""
         for f in self._files.values():
             f.release_view(view)
+
+    def read_only(self, names: list[str]) -> None:
+        """See SafetensorsFile.read_only (an expert budget's load: the dense tensors, not the experts)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._where[name], []).append(name)
+        for path in dict.fromkeys(self._where.values()):
+            self._file(path).read_only(by_file.get(path, []))
+
+    def read_around(self) -> None:
+        for f in self._files.values():
+            f.read_around()
 
     def get(self, name: str) -> torch.Tensor:
         path = self._where.get(name)
