@@ -375,6 +375,30 @@ def test_cli_pull_list_rm(hub, monkeypatch, capsys):
     assert code == 2 and "hearth pull acme/unpulled" in err
 
 
+def test_cli_pull_with_draft_puts_the_drafter_beside_the_model(hub, monkeypatch, capsys):
+    from hearthlm.engine.mtp import find_assistant
+
+    monkeypatch.setenv("COLUMNS", "250")
+    drafter = Path(store.__file__).parent / "demo" / "hearth-demo-assistant"
+    hub.add(
+        REPO + "-assistant",
+        {f.name: f.read_bytes() for f in drafter.iterdir() if f.suffix in (".json", ".safetensors")},
+    )
+    code = main(["pull", REPO, "--with-draft"])
+    _, err = capsys.readouterr()
+    assert code == 0 and f"pulled its drafter {REPO}-assistant" in err and "--draft auto" in err, err
+    folder = store.store_root() / "google--gemma-4-Tiny-it"
+    assert find_assistant(folder) == store.store_root() / "google--gemma-4-Tiny-it-assistant"
+    assert (find_assistant(folder) / "model.safetensors").read_bytes() == (drafter / "model.safetensors").read_bytes()
+    assert main(["list"]) == 0
+    listed = capsys.readouterr()[0]
+    assert re.search(r"google/gemma-4-Tiny-it-assistant .*none: a drafter for --draft", listed), listed
+    code = main(["pull", SINGLE, "--with-draft"])
+    _, err = capsys.readouterr()
+    assert code == 2 and f"{SINGLE} has no drafter on the Hub ({SINGLE}-assistant was not found)" in err
+    assert "--draft lookup" in err
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "2.5"])
 def test_a_bad_download_timeout_is_a_clear_error(hub, monkeypatch, value):
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", value)

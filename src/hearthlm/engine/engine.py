@@ -376,10 +376,23 @@ class Engine:
             if seq.spec is not None and seq.pending == 1 and (k := seq.spec.budget(seq)) > 0:
                 by_drafter.setdefault(id(seq.spec.drafter), []).append((seq, k))
         for rows in by_drafter.values():
+            if getattr(rows[0][0].spec.drafter, "reads_hidden", False):
+                rows = self._share_rows(rows)
             seqs, ks = [s for s, _ in rows], [k for _, k in rows]
-            for seq, k, draft in zip(seqs, ks, seqs[0].spec.drafter.propose(seqs, ks)):
+            for seq, k, draft in zip(seqs, ks, seqs[0].spec.drafter.propose(seqs, ks) if seqs else []):
                 seq.draft = list(draft[:k])
         self._fit_rows()
+
+    def _share_rows(self, rows: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """A model drafter's budgets on CPU: the step's free rows (see _fit_rows) shared evenly. A model's draft
+        tokens are worth less the further out they are, and drafting tokens that _fit_rows then trims is wasted
+        work (a model drafter's, unlike prompt lookup's, costs a forward per token)."""
+        if self._row_cap is None:
+            return rows
+        free = max(0, self._row_cap - sum(1 for s in self.scheduler.running if s.pending == 1))
+        share, extra = divmod(free, len(rows))
+        shared = [(seq, min(k, share + (i < extra))) for i, (seq, k) in enumerate(rows)]
+        return [(seq, k) for seq, k in shared if k > 0]
 
     def _fit_rows(self) -> None:
         """On CPU a verify step is fastest as one fused decode forward (at most cpu.MAX_ROWS rows, one per position):
