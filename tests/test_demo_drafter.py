@@ -68,6 +68,11 @@ def test_cli_run_draft_auto_gives_the_same_text(demo):
     assert result.stdout == expected + "\n" and "prompt lookup" not in result.stderr
 
 
+def test_running_the_drafter_alone_says_what_it_is():
+    with pytest.raises(ValueError, match="a speculative-decoding drafter.*--draft"):
+        LLM("hearth-demo-assistant")
+
+
 def test_auto_finds_a_pulled_drafter_and_skips_an_unfinished_one(tmp_path, caplog):
     target = shutil.copytree(DEMO, tmp_path / "google--gemma-4-tiny-it")
     assert find_assistant(target) is None

@@ -47,6 +47,11 @@ def resolve(hf: dict[str, Any], where: str) -> tuple[type, str, dict[str, Any]]:
     """-> (model class, architecture name, the text model's config dict)."""
     archs = [a for a in hf.get("architectures") or [] if a in ARCHITECTURES]
     arch = archs[0] if archs else MODEL_TYPES.get(hf.get("model_type", ""))
+    if arch is None and hf.get("model_type") == "gemma4_assistant":
+        raise ConfigError(
+            f"{where}: a speculative-decoding drafter (Gemma 4 MTP), not a model to run on its own: give it as "
+            "--draft (or LLM(draft=...)) to the model it was made for, or use --draft auto beside it"
+        )
     if arch is None:
         named = hf.get("architectures") or hf.get("model_type") or "nothing"
         raise ConfigError(
