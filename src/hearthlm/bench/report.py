@@ -80,25 +80,28 @@ def table(result: Result):
         cells += [f"{x.decode:.2f}×", "", "", mem, ""] + (["", ""] if quality else []) + ([""] * 3 if moe else [])
         cells += ["", ""] if draft else []
         t.add_row(*cells, style="bold")
-    t.caption = (
+    t.caption = _caption(moe, draft)
+    return t
+
+
+def _caption(moe: bool, draft: bool) -> str:
+    text = (
         "TTFT: prefill + first token. Decode: tokens after the first / time after the first. ROOFLINE: decode as a "
         "share of bandwidth / bytes per token. PEAK MEM: peak RSS over the imports (VRAM on CUDA); FIT EST.: "
         "`hearth fit`'s estimate of it. Ratios > 1: hearthlm's figure is higher (better for tok/s, worse for TTFT "
         "and memory)."
-        + (
+    )
+    if moe:
+        text += (
             " EXPERT HITS: share of expert uses served from the pool; FETCHED/TOK: expert bytes read from the slow tier "
             "per token (prompt included); FETCH TIME: share of the run spent waiting on them."
-            if moe
-            else ""
         )
-        + (
+    if draft:
+        text += (
             " ACCEPTED: draft tokens the model kept / drafted (speculative decoding; the output is the same); DECODE "
             "VS OFF: decode tok/s with the drafter / without it."
-            if draft
-            else ""
         )
-    )
-    return t
+    return text
 
 
 def _draft_cells(r: Row, rows: list[Row]) -> list[str]:
