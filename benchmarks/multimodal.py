@@ -7,22 +7,33 @@ full pattern and its share of KV-shared layers) with E2B's vision tower (768 wid
 bfloat16, written once under /tmp/hearthlm-bench-checkpoints. One image per prompt, its size chosen to fill the
 token budget; a short text question around it.
 
-Figures (medians of `--runs` after a warm-up):
-- encode: the vision tower and its projection on one image (hearthlm: float32 on CPU, as the towers run there);
+Figures (medians of `--runs` after a warm-up), for hearthlm and then llama.cpp on the same pixels and prompt text:
+- encode: the vision tower and its projection on one image (hearthlm: float32 on CPU, as the towers run there;
+  llama.cpp: mtmd_encode_chunk with the F32 mmproj);
 - prefill: prompt tokens / time of the text model over the whole prompt, the image's embeddings already encoded
-  (hearthlm: the engine with prefix caching off; llama.cpp: mtmd_helper_eval_chunks minus its encode time);
-- peak RSS growth while encoding (the tower's activations).
+  (hearthlm: the engine with prefix caching off; llama.cpp: the steps of mtmd_helper_eval_chunks timed apart,
+  mtmd_helper_eval_chunk_single for the text chunks and mtmd_helper_decode_image_chunk for the encoded image; the
+  warm-up runs mtmd_helper_eval_chunks itself);
+- peak RSS growth while encoding (hearthlm: the tower's activations; llama.cpp reserves its compute buffer when
+  mtmd_init_from_file warms up, so its growth during an encode is near zero: not the same quantity).
+A `ratio` line gives hearthlm / llama.cpp: above 1 for encode ms is slower, above 1 for prefill is faster.
 
-llama.cpp's side is not measured yet: llama-cpp-python 0.3.36 ships libmtmd built from a llama.cpp that reads
-`gemma4v` / `gemma4a` projectors (llama_cpp.mtmd_cpp), and tests/test_multimodal_files.py writes mmproj files as
-its converter does; what is missing is this script writing the E2B-size text GGUF and driving mtmd_encode_chunk /
-mtmd_helper_eval_chunks through ctypes.
+llama.cpp's side (`--no-llama-cpp` leaves it out): llama-cpp-python 0.3.36, whose libmtmd reads `gemma4v`
+projectors. Beside the checkpoint the script writes, once, the text model as a GGUF (`--gguf-type`, bf16 by default
+as hearthlm runs it; tests/gguf_files.py's Gemma 4 layout, the test tokenizer's vocabulary padded to E2B's 262144)
+and the vision tower as an F32 mmproj (tests/test_multimodal_files.py's writer, llama.cpp's converter's layout).
+mtmd gets image_min_tokens = image_max_tokens = the budget; it then makes as many image tokens as hearthlm (256 at
+280, 1089 at 1120: both resize to multiples of 48 px under the budget), which the script checks and reports if not.
+The text model runs with n_batch 2048 (a whole prompt in one batch), no flash attention, `--threads` threads.
+
+Measured (--layers 10 --runs 2, 2 threads, on the 2-core VM shared with other jobs): see docs/multimodal.md, Speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,6 +47,7 @@ from hearthlm import LLM, SamplingParams
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test tokenizer (byte-level, Gemma 4's special tokens)
 OUT = Path("/tmp/hearthlm-bench-checkpoints")
+_QUIET = None  # set with llama_cpp: a log callback that drops mtmd's per-image messages, kept alive here
 SIDES = {70: 432, 140: 576, 280: 864, 560: 1152, 1120: 1632}  # a square image of this side fills the budget
 
 
@@ -73,6 +85,66 @@ def build(layers: int) -> Path:
     model.save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
     return folder
+
+
+def write_ggufs(folder: Path, text_type: str = "bf16") -> tuple[Path, Path]:
+    """The checkpoint as llama.cpp takes it, written once beside it: the text model as a BF16 or F16 GGUF (as
+    tests/gguf_files.py writes Gemma 4, the test tokenizer's vocabulary padded to E2B's) and the vision tower as an
+    F32 mmproj (tests/test_multimodal_files.py's writer, llama.cpp's converter's layout; F32 as hearthlm runs it)."""
+    text, mmproj = folder / f"{folder.name}-{text_type}.gguf", folder / f"mmproj-{folder.name}-f32.gguf"
+    if not text.exists():
+        _text_gguf(folder, text, text_type)
+    if not mmproj.exists():
+        _mmproj_gguf(folder, mmproj)
+    return text, mmproj
+
+
+def _text_gguf(folder: Path, path: Path, text_type: str) -> None:
+    import gguf
+    from gguf_files import write_gguf
+    from safetensors import safe_open
+    from test_multimodal import SPECIALS
+
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg["text_config"] | {"eos_token_id": 1, "tie_word_embeddings": True}
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["!!"]  # one merge: the file needs one
+    tokens += [f"<unused{i}>" for i in range(len(tokens), text["vocab_size"])]
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+        w.add_token_merges(["! !"])
+        w.add_bos_token_id(2)
+        w.add_pad_token_id(0)
+        w.add_add_bos_token(False)
+
+    def state():
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            for k in f.keys():
+                if k.startswith("model.language_model."):
+                    yield k.replace("model.language_model.", "model."), f.get_tensor(k).float().numpy()
+
+    tmp = path.with_suffix(".part")
+    write_gguf(tmp, "Gemma4ForCausalLM", text, state(), gguf.GGMLQuantizationType[text_type.upper()], metadata)
+    tmp.rename(path)
+
+
+def _mmproj_gguf(folder: Path, path: Path) -> None:
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from safetensors import safe_open
+    from test_multimodal_files import _write_mmproj
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("model.vision_tower.", "model.embed_vision."))}
+    ref = SimpleNamespace(config=tf.Gemma4Config.from_pretrained(folder), state_dict=lambda: state)
+    tmp = path.with_suffix(".part")
+    _write_mmproj(ref, tmp, vision=True, audio=False)
+    tmp.rename(path)
 
 
 def image(budget: int) -> np.ndarray:
@@ -124,6 +196,9 @@ def hearthlm_figures(folder: Path, budget: int, runs: int) -> dict:
     tokens = len(prompt.ids)
     return {
         "engine": "hearthlm",
+        "text_weights": "bf16",
+        "ids": prompt.ids,
+        "image_start": prompt.spans[0].start,
         "image_tokens": prompt.spans[0].length,
         "prompt_tokens": tokens,
         "encode_ms": 1000 * statistics.median(encode),
@@ -132,24 +207,169 @@ def hearthlm_figures(folder: Path, budget: int, runs: int) -> dict:
     }
 
 
+def _mtmd_prompt(folder: Path, ids: list[int], start: int, length: int, marker: bytes) -> bytes:
+    """hearthlm's prompt as text with llama.cpp's media marker where `<|image>` + soft tokens + `<image|>` stand
+    (mtmd writes those itself for gemma4v)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.id_to_token(ids[start - 1]) == "<|image>" and tok.id_to_token(ids[start + length]) == "<image|>"
+    before = tok.decode(ids[: start - 1], skip_special_tokens=False)
+    after = tok.decode(ids[start + length + 1 :], skip_special_tokens=False)
+    return before.encode() + marker + after.encode()
+
+
+def _mtmd_chunks(mtmd, ctx, text: bytes, bitmap):
+    import ctypes
+
+    chunks = mtmd.mtmd_input_chunks_init()
+    inp = mtmd.mtmd_input_text(text, len(text), False, True)  # no BOS added: the prompt has it; specials parsed
+    bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+    rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), bitmaps, 1)
+    if rc != 0:
+        raise RuntimeError(f"mtmd_tokenize failed ({rc})")
+    return chunks, [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+
+
+def _mtmd_run(mtmd, ctx, lctx, parts: list, n_batch: int) -> tuple[float, float, int]:
+    """The steps of mtmd_helper_eval_chunks, timed apart: -> (encode s, prefill s without encode, peak RSS growth)."""
+    import ctypes
+
+    import llama_cpp
+
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
+    n_past, encode, prefill, peak = ctypes.c_int32(0), 0.0, 0.0, 0
+    for i, chunk in enumerate(parts):
+        last = i == len(parts) - 1
+        if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            start = time.perf_counter()
+            rc = mtmd.mtmd_helper_eval_chunk_single(ctx, lctx, chunk, n_past, 0, n_batch, last, ctypes.byref(n_past))
+            prefill += time.perf_counter() - start
+        else:
+            _reset_peak()
+            before = _status("VmRSS")
+            start = time.perf_counter()
+            rc = mtmd.mtmd_encode_chunk(ctx, chunk)
+            encode += time.perf_counter() - start
+            peak = max(peak, _status("VmHWM") - before)
+            embd = mtmd.mtmd_get_output_embd(ctx)
+            start = time.perf_counter()
+            rc = rc or mtmd.mtmd_helper_decode_image_chunk(
+                ctx,
+                lctx,
+                chunk,
+                embd,
+                n_past,
+                0,
+                n_batch,
+                ctypes.byref(n_past),
+                mtmd.mtmd_helper_post_decode_callback(),
+                None,
+            )
+            prefill += time.perf_counter() - start
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp failed on chunk {i} ({rc})")
+    return encode, prefill, peak
+
+
+def llamacpp_figures(folder: Path, hearth: dict, budget: int, runs: int, threads: int, text_type: str) -> dict:
+    """The same figures with llama.cpp (llama-cpp-python) and its mtmd library through ctypes: the text GGUF,
+    the F32 mmproj, the same RGB pixels and prompt text, image_min_tokens = image_max_tokens = the budget."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    global _QUIET
+    _QUIET = _QUIET or llama_cpp.llama_log_callback(lambda level, text, data: None)
+    text_path, mmproj = write_ggufs(folder, text_type)
+    mtmd.mtmd_helper_log_set(_QUIET, None)
+    n_batch = 2048
+    llm = llama_cpp.Llama(str(text_path), n_ctx=4096, n_batch=n_batch, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)  # fmt: skip
+    lctx = llm._ctx.ctx
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.n_threads = False, False, threads
+    params.image_min_tokens = params.image_max_tokens = budget
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    if not ctx:
+        raise RuntimeError(f"mtmd_init_from_file failed on {mmproj}")
+    pixels = np.ascontiguousarray(image(budget))
+    data = (ctypes.c_uint8 * pixels.size).from_buffer_copy(pixels.tobytes())
+    bitmap = mtmd.mtmd_bitmap_init(pixels.shape[1], pixels.shape[0], data)
+    text = _mtmd_prompt(
+        folder, hearth["ids"], hearth["image_start"], hearth["image_tokens"], mtmd.mtmd_default_marker()
+    )
+    chunks, parts = _mtmd_chunks(mtmd, ctx, text, bitmap)
+    images = [p for p in parts if mtmd.mtmd_input_chunk_get_type(p) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+    new_n_past = ctypes.c_int32(0)  # warm-up through the helper itself
+    if mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, n_batch, True, ctypes.byref(new_n_past)) != 0:
+        raise RuntimeError("mtmd_helper_eval_chunks failed")
+    timed = [_mtmd_run(mtmd, ctx, lctx, parts, n_batch) for _ in range(runs)]
+    tokens = mtmd.mtmd_helper_get_n_tokens(chunks)
+    row = {
+        "engine": "llama.cpp",
+        "text_weights": text_type,
+        "image_tokens": sum(mtmd.mtmd_input_chunk_get_n_tokens(p) for p in images),
+        "prompt_tokens": tokens,
+        "encode_ms": 1000 * statistics.median(t[0] for t in timed),
+        "prefill_tok_s": tokens / statistics.median(t[1] for t in timed),
+        "encode_peak_rss_mb": max(t[2] for t in timed) / 1e6,
+    }
+    mtmd.mtmd_input_chunks_free(chunks)
+    mtmd.mtmd_bitmap_free(bitmap)
+    mtmd.mtmd_free(ctx)
+    llm.close()
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    """Both engines per budget, and hearthlm / llama.cpp for encode time (lower is better) and prefill speed."""
+    print(f"{'engine':10} {'img tok':>7} {'prompt':>7} {'encode ms':>10} {'prefill tok/s':>14} {'encode peak MB':>15}")
+    for r in rows:
+        peak = f"{r['encode_peak_rss_mb']:.0f}" if r.get("encode_peak_rss_mb") is not None else "—"
+        print(f"{r['engine']:10} {r['image_tokens']:7d} {r['prompt_tokens']:7d} {r['encode_ms']:10.0f} "
+              f"{r['prefill_tok_s']:14.1f} {peak:>15}")  # fmt: skip
+        if r["engine"] == "llama.cpp":
+            h = next(x for x in rows if x["engine"] == "hearthlm" and x["budget"] == r["budget"])
+            print(f"{'ratio':10} {'':7} {'':7} {h['encode_ms'] / r['encode_ms']:9.2f}x "
+                  f"{h['prefill_tok_s'] / r['prefill_tok_s']:13.2f}x   (hearthlm / llama.cpp)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=35)
     ap.add_argument("--budgets", default="280,1120")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--gguf-type", choices=("bf16", "f16"), default="bf16", help="llama.cpp's text weights")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="hearthlm's figures only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = build(args.layers)
     print(f"{folder.name}: E2B text model ({args.layers} layers) + vision tower, bf16, {args.threads} threads")
+    load = [round(x, 2) for x in os.getloadavg()]
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
-        rows.append(hearthlm_figures(folder, budget, args.runs))
-    print(f"{'engine':10} {'img tok':>7} {'prompt':>7} {'encode ms':>10} {'prefill tok/s':>14} {'encode peak MB':>15}")
-    for r in rows:
-        peak = f"{r['encode_peak_rss_mb']:.0f}" if r.get("encode_peak_rss_mb") is not None else "—"
-        print(f"{r['engine']:10} {r['image_tokens']:7d} {r['prompt_tokens']:7d} {r['encode_ms']:10.0f} "
-              f"{r['prefill_tok_s']:14.1f} {peak:>15}")  # fmt: skip
+        hearth = hearthlm_figures(folder, budget, args.runs) | {"budget": budget}
+        rows.append(hearth)
+        if not args.no_llama_cpp:
+            rows.append(
+                llamacpp_figures(folder, hearth, budget, args.runs, args.threads, args.gguf_type) | {"budget": budget}
+            )
+            if rows[-1]["image_tokens"] != hearth["image_tokens"]:
+                print(f"budget {budget}: llama.cpp made {rows[-1]['image_tokens']} image tokens, "
+                      f"hearthlm {hearth['image_tokens']}")  # fmt: skip
+        hearth.pop("ids")
+    load = [load, [round(x, 2) for x in os.getloadavg()]]
+    print_table(rows)
+    print(f"load average (1, 5, 15 min) at start / end: {load[0]} / {load[1]}")
+    out = ROOT / "benchmarks/results" / f"multimodal-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    meta = {"command": " ".join(["python", "benchmarks/multimodal.py", *sys.argv[1:]]), "load_average": load,
+            "cpus": os.cpu_count(), "threads": args.threads, "layers": args.layers,
+            "gguf_type": args.gguf_type}  # fmt: skip
+    out.write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
