@@ -26,7 +26,12 @@ mtmd gets image_min_tokens = image_max_tokens = the budget; it then makes as man
 280, 1089 at 1120: both resize to multiples of 48 px under the budget), which the script checks and reports if not.
 The text model runs with n_batch 2048 (a whole prompt in one batch), no flash attention, `--threads` threads.
 
-Measured (--layers 10 --runs 2, 2 threads, on the 2-core VM shared with other jobs): see docs/multimodal.md, Speed.
+Measured with `--layers 10 --runs 2`, 2 threads, on the 2-core VM shared with other jobs (docs/multimodal.md, Speed):
+    budget  engine     img tok  prompt  encode   prefill    load avg
+    280     hearthlm   256      285     26.1 s   54.8 t/s   7.4 -> 8.7 (one run, both engines)
+    280     llama.cpp  256      285     24.8 s   15.3 t/s
+    1120    hearthlm   1089     1118    139.2 s  111.8 t/s  8.6 -> 2.7: the load fell during llama.cpp's part,
+    1120    llama.cpp  1089     1118    57.2 s   151.8 t/s  so this pair favours llama.cpp; rerun it on a quiet machine
 """
 
 from __future__ import annotations
