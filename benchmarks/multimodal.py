@@ -26,12 +26,12 @@ mtmd gets image_min_tokens = image_max_tokens = the budget; it then makes as man
 280, 1089 at 1120: both resize to multiples of 48 px under the budget), which the script checks and reports if not.
 The text model runs with n_batch 2048 (a whole prompt in one batch), no flash attention, `--threads` threads.
 
-Measured with `--layers 10 --runs 2`, 2 threads, on the 2-core VM shared with other jobs (docs/multimodal.md, Speed):
-    budget  engine     img tok  prompt  encode   prefill    load avg
-    280     hearthlm   256      285     26.1 s   54.8 t/s   7.4 -> 8.7 (one run, both engines)
-    280     llama.cpp  256      285     24.8 s   15.3 t/s
-    1120    hearthlm   1089     1118    139.2 s  111.8 t/s  8.6 -> 2.7: the load fell during llama.cpp's part,
-    1120    llama.cpp  1089     1118    57.2 s   151.8 t/s  so this pair favours llama.cpp; rerun it on a quiet machine
+Measured with `--layers 10 --runs 2`, 2 threads, on a quiet 2-core VM (load 0.7-2.0; docs/multimodal.md, Speed):
+    budget  engine     img tok  prompt  encode   prefill
+    280     hearthlm   256      285     3.3 s    1071 t/s
+    280     llama.cpp  256      285     4.9 s    162 t/s
+    1120    hearthlm   1089     1118    30.5 s   957 t/s
+    1120    llama.cpp  1089     1118    51.9 s   164 t/s
 """
 
 from __future__ import annotations
