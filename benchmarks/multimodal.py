@@ -108,23 +108,11 @@ def _text_gguf(folder: Path, path: Path, text_type: str) -> None:
     import gguf
     from gguf_files import write_gguf
     from safetensors import safe_open
-    from test_multimodal import SPECIALS
+    from test_multimodal_files import byte_vocab_metadata
 
     cfg = json.loads((folder / "config.json").read_text())
     text = cfg["text_config"] | {"eos_token_id": 1, "tie_word_embeddings": True}
-    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["!!"]  # one merge: the file needs one
-    tokens += [f"<unused{i}>" for i in range(len(tokens), text["vocab_size"])]
-
-    def metadata(w: gguf.GGUFWriter) -> None:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-        w.add_token_merges(["! !"])
-        w.add_bos_token_id(2)
-        w.add_pad_token_id(0)
-        w.add_add_bos_token(False)
+    metadata = byte_vocab_metadata(folder, text["vocab_size"], chat_template=False)
 
     def state():
         with safe_open(folder / "model.safetensors", "pt") as f:

@@ -35,20 +35,24 @@ from hearthlm.weights.mmproj import find_mmproj
 GREEDY = ("--temperature", "0", "--max-tokens", "6", "--dtype", "float32")
 
 
-@pytest.fixture(scope="module")
-def av(tmp_path_factory) -> tuple[Path, tf.Gemma4ForConditionalGeneration]:
-    """A tiny E2B-like checkpoint with both towers, its towers stored in bfloat16 (so that 'their precision' is
-    not float32 by accident)."""
+def save_tiny_av(folder: Path) -> tf.Gemma4ForConditionalGeneration:
+    """Saves a tiny E2B-like checkpoint with both towers in `folder`, its towers stored in bfloat16 (so that 'their
+    precision' is not float32 by accident); returns the transformers model."""
     config = tf.Gemma4Config(**VARIANTS["e2b"], **IDS)
     torch.manual_seed(0)
     ref = tf.Gemma4ForConditionalGeneration(config).eval()
     for name, p in ref.named_parameters():
         if "language_model" not in name:
             p.data = p.data.bfloat16()
-    folder = tmp_path_factory.mktemp("av") / "tiny-av"
     ref.save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
-    return folder, ref
+    return ref
+
+
+@pytest.fixture(scope="module")
+def av(tmp_path_factory) -> tuple[Path, tf.Gemma4ForConditionalGeneration]:
+    folder = tmp_path_factory.mktemp("av") / "tiny-av"
+    return folder, save_tiny_av(folder)
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +280,14 @@ def _write_mmproj(ref: tf.Gemma4ForConditionalGeneration, path: Path, vision: bo
     return path
 
 
-def _text_gguf(folder: Path, ref, path: Path) -> Path:
-    """The text model as a GGUF, with the test tokenizer's byte-level vocabulary and chat template."""
+def byte_vocab_metadata(folder: Path, vocab_size: int, chat_template: bool = True):
+    """A GGUF writer's tokenizer metadata for the test tokenizer saved in `folder` (byte-level, Gemma 4's special
+    tokens), padded to `vocab_size` with unused tokens; with the folder's chat template unless `chat_template` is off."""
     tok = json.loads((folder / "tokenizer.json").read_text())
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab]
     tokens += ["!!"]  # one merge: the file needs a merge list (the prompts here never hold "!!")
-    tokens += [f"<unused{i}>" for i in range(len(tokens), ref.config.text_config.vocab_size)]
+    tokens += [f"<unused{i}>" for i in range(len(tokens), vocab_size)]
 
     def metadata(w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model("gpt2")
@@ -293,8 +298,15 @@ def _text_gguf(folder: Path, ref, path: Path) -> Path:
         w.add_bos_token_id(2)
         w.add_pad_token_id(0)
         w.add_add_bos_token(False)
-        w.add_chat_template((folder / "chat_template.jinja").read_text())
+        if chat_template:
+            w.add_chat_template((folder / "chat_template.jinja").read_text())
 
+    return metadata
+
+
+def _text_gguf(folder: Path, ref, path: Path) -> Path:
+    """The text model as a GGUF, with the test tokenizer's byte-level vocabulary and chat template."""
+    metadata = byte_vocab_metadata(folder, ref.config.text_config.vocab_size)
     state = [
         (n.replace("model.language_model.", "model."), t.detach().float().numpy())
         for n, t in ref.state_dict().items()

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import transformers as tf
 from PIL import Image
 from safetensors import safe_open
-from test_multimodal import IDS, VARIANTS, _tokenizer
+from test_multimodal_files import save_tiny_av
 
 from hearthlm import LLM
 from hearthlm.models.gemma4_media import ClippedLinear, Projection
@@ -31,14 +30,8 @@ from hearthlm.quant.tensor import QuantTensor
 @pytest.fixture(scope="module")
 def av(tmp_path_factory) -> Path:
     """A tiny E2B-like checkpoint with both towers stored in bfloat16."""
-    torch.manual_seed(0)
-    ref = tf.Gemma4ForConditionalGeneration(tf.Gemma4Config(**VARIANTS["e2b"], **IDS)).eval()
-    for name, p in ref.named_parameters():
-        if "language_model" not in name:
-            p.data = p.data.bfloat16()
     folder = tmp_path_factory.mktemp("av") / "tiny-av"
-    ref.save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    save_tiny_av(folder)
     return folder
 
 
