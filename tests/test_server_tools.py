@@ -322,6 +322,7 @@ def test_engine_failures_never_leak_a_traceback(demo):
 
 def test_cli_serve(monkeypatch):
     from hearthlm import cli, server
+    from hearthlm.moe.options import PrivacyOptions
 
     got = {}
     monkeypatch.setattr(server, "serve", lambda *a, **kw: got.setdefault("args", (a, kw)))
@@ -337,12 +338,14 @@ def test_cli_serve(monkeypatch):
         "image_tokens": None,
         "draft": None,
         "device": None,
+        "privacy": PrivacyOptions(),
+        "quant_towers": False,
     }
-    assert {k: kwargs.get(k, "missing") for k in defaults} == defaults
+    assert kwargs == defaults
     got.clear()
     assert cli.main(["serve", "some/model", "--api-key", "k", "--host", "0.0.0.0", "--expert-budget", "25%"]) == 0
     assert got["args"][0][:4] == ("some/model", "0.0.0.0", 11434, "k")
-    assert {k: got["args"][1].get(k, "missing") for k in defaults} == defaults | {"expert_budget": "25%"}
+    assert got["args"][1] == defaults | {"expert_budget": "25%"}
     got.clear()
     assert cli.main(["serve", "--draft", "lookup"]) == 0 and got["args"][1]["draft"] == "lookup"
     got.clear()
