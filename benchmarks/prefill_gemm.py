@@ -5,8 +5,10 @@ the paths a prefill can take on this machine, in one process, alternating rounds
 
 - tiles:   dequantize a tile of weights to float32 and multiply with PyTorch (the AVX2 path, HEARTHLM_ISA=avx2);
 - gemm:    the integer GEMM on AVX-512 VNNI (kernels/gemm_avx512.cpp), x rounded to int8 per block of 32;
-- and for 16-bit weights: float32 (weights converted per call, the AVX2 and AVX-512 path), hearthlm's AMX-BF16
-  GEMM (the AMX path), and oneDNN's bf16 GEMM for reference (it rounds x and y to bf16; prefill does not use it).
+- and for 16-bit weights: float32 (weights converted per call: the AVX2 path, and AVX-512 CPUs without BF16),
+  hearthlm's bf16 GEMM on AMX-BF16 ("amx bf16", the AMX path) and on AVX512-BF16 ("avx512 bf16": the AVX-512 path
+  on CPUs with it, and on AMX CPUs capped to it), and oneDNN's bf16 GEMM for reference (it rounds x and y to bf16;
+  prefill does not use it).
 
 Figures are GOP/s (2 operations per multiply-add) and the speedup over the tiles path; medians of --rounds.
 
@@ -99,8 +101,14 @@ def cases(rows: int) -> dict[str, dict[str, callable]]:
     out["bf16"] = {
         "tiles": lambda: [F.linear(x[w.shape[1]], w.float()) for w in halves],  # float32, converted per call
     }
-    if cpu.amx_bf16():  # ours: float32 sums, x kept to 16 bits (what prefill runs)
-        out["bf16"]["amx bf16"] = lambda: [cpu.bf16_gemm(x[w.shape[1]], w) for w in halves]
+
+    def ours():  # float32 sums, x kept to 16 bits
+        return [cpu.bf16_gemm(x[w.shape[1]], w) for w in halves]
+
+    if cpu.amx_bf16():  # what prefill runs on the AMX path
+        out["bf16"]["amx bf16"] = ours
+    if with_isa("avx512", cpu.bf16_gemm_path)() == "avx512_bf16":  # ... and on the AVX-512 path
+        out["bf16"]["avx512 bf16"] = with_isa("avx512", ours)
     if cpu.native_bf16():  # oneDNN's, for reference: rounds x and the output to bf16, so prefill does not use it
         out["bf16"]["onednn"] = lambda: [F.linear(x[w.shape[1]].bfloat16(), w).float() for w in halves]
     return out
@@ -124,12 +132,12 @@ def main() -> None:
             for key in order:
                 times[key].append(seconds(table[key[0]][key[1]]))
                 progress.advance(task)
-    print(f"\n{'format':32} {'path':10} {'GOP/s':>8} {'vs tiles':>9}")
+    print(f"\n{'format':32} {'path':12} {'GOP/s':>8} {'vs tiles':>9}")
     for fmt, paths in table.items():
         base = statistics.median(times[(fmt, "tiles")])
         for path in paths:
             t = statistics.median(times[(fmt, path)])
-            print(f"{fmt:32} {path:10} {ops / t / 1e9:8.0f} {base / t:8.2f}x")
+            print(f"{fmt:32} {path:12} {ops / t / 1e9:8.0f} {base / t:8.2f}x")
     print(f"\n(one round: {Path(__file__).name} ran each format's four products once per path)")
 
 

@@ -138,11 +138,25 @@ def test_built_kernels_load_despite_a_stale_build_lock(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
-@pytest.mark.parametrize("shape", [(40, 100, 256), (17, 33, 64), (64, 32, 32)])  # row, column and K tails
-def test_bf16_gemm_is_the_float32_product(shape, kernel_path):
-    """bf16 weights on AMX: float32 sums and x carried to 16 bits, so the float32 path's numbers to float32
-    rounding, bias included."""
-    kernel_path("amx")
+# Where bf16_gemm runs on each kernel path that has it: the AMX tile unit, or AVX512-BF16 dot products.
+BF16_GEMMS = {"amx": "amx", "avx512": "avx512_bf16"}
+
+
+@pytest.fixture(params=list(BF16_GEMMS))
+def bf16_gemm_path(request, kernel_path):
+    """Runs a test on each of bf16_gemm's paths where this CPU has it (AVX512-BF16 also on AMX machines, capped
+    by HEARTHLM_ISA=avx512)."""
+    kernel_path(request.param)
+    if cpu.bf16_gemm_path() != BF16_GEMMS[request.param]:
+        pytest.skip(f"this CPU has no {BF16_GEMMS[request.param]} (bf16_gemm on the {request.param} path)")
+    return request.param
+
+
+# Row tails of the AMX (16) and AVX512-BF16 (6) tiles, column tails of their panels (32, 64), the shortest K.
+@pytest.mark.parametrize("shape", [(40, 100, 256), (17, 33, 64), (64, 32, 32), (1, 64, 96), (13, 130, 64)])
+def test_bf16_gemm_is_the_float32_product(shape, bf16_gemm_path):
+    """bf16 weights on AMX or AVX512-BF16: float32 sums and x carried to 16 bits, so the float32 path's numbers
+    to float32 rounding, bias included."""
     M, N, K = shape
     g = torch.Generator().manual_seed(M)
     x, w, b = (
@@ -151,19 +165,83 @@ def test_bf16_gemm_is_the_float32_product(shape, kernel_path):
         torch.randn(N, generator=g),
     )
     exact = x.double() @ w.double().T + b.double()
+    # Per element: x's lost bits (below 2^-16 of it), float32 sums of 2K products (hi and lo) and the bias.
+    bound = (x.double().abs() @ w.double().abs().T) * (2**-16 + 2 * K * 2**-24) + b.double().abs() * 2**-23
     for y in (cpu.bf16_gemm(x, w, b), linear(x, w, b)):
         assert y.dtype == torch.float32 and y.shape == (M, N)
         assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
+        assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_bf16_gemm_rows_alone_and_in_a_batch(bf16_gemm_path):
+    """A row's result does not depend on the rows around it (tile position, row tails), and leading dimensions of
+    x are kept."""
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(2, 23, 128, generator=g), (torch.randn(70, 128, generator=g) * 0.05).bfloat16()
+    batch = cpu.bf16_gemm(x, w)
+    assert batch.shape == (2, 23, 70)
+    for i in (0, 5, 6, 22):
+        assert torch.allclose(cpu.bf16_gemm(x[1, i : i + 1], w)[0], batch[1, i], rtol=0, atol=1e-5)
+    assert torch.allclose(cpu.bf16_gemm(x.bfloat16(), w), cpu.bf16_gemm(x.bfloat16().float(), w), rtol=0, atol=0)
+
+
+def test_bf16_gemm_rejects_bad_inputs(bf16_gemm_path):
+    x, w = torch.randn(4, 64), torch.randn(8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="W must be a contiguous 2-D bfloat16"):
+        cpu.bf16_gemm(x, w.float())
+    with pytest.raises(RuntimeError, match="W must be a contiguous 2-D bfloat16"):
+        cpu.bf16_gemm(x, torch.randn(64, 8).bfloat16().T)
+    with pytest.raises(RuntimeError, match="x's last dim must be K"):
+        cpu.bf16_gemm(torch.randn(4, 32), w)
+    with pytest.raises(RuntimeError, match="a multiple of 32"):
+        cpu.bf16_gemm(torch.randn(4, 48), torch.randn(8, 48).bfloat16())
+    with pytest.raises(RuntimeError, match="bias must be 1-D with N"):
+        cpu.bf16_gemm(x, w, torch.randn(9))
+    with pytest.raises(RuntimeError, match="x must be a floating-point"):
+        cpu.bf16_gemm(torch.ones(4, 64, dtype=torch.int32), w)
 
 
 def test_bf16_prefill_rows_agree_with_decode_rows(kernel_path):
-    """Whatever path a prompt's length picks (the GEMV up to 32 rows, the AMX GEMM or float32 beyond), a row's
-    result is the same to float32 rounding: a text embedded alone and in a batch gives the same vector."""
+    """Whatever path a prompt's length picks (the GEMV up to 32 rows, the AMX or AVX512-BF16 GEMM or float32
+    beyond), a row's result is the same to float32 rounding: a text embedded alone and in a batch gives the same
+    vector."""
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(48, 256, generator=g), (torch.randn(64, 256, generator=g) * 0.02).bfloat16()
     alone = linear(x[:3], w)
-    for path in ("amx", "avx2"):
-        if path == "amx" and not cpu.amx_bf16():
+    native = cpu.isa()
+    for path in [p for p in ("amx", "avx512", "avx2") if cpu.ISAS.index(p) >= cpu.ISAS.index(native)]:
+        if path in BF16_GEMMS and not cpu.gemm_available():
             continue
         kernel_path(path)
         assert torch.allclose(linear(x, w)[:3], alone, rtol=0, atol=1e-5)  # oneDNN bf16 was 2e-4 off
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_bias"])
+def test_bf16_model_prefill_is_the_float32_path(checkpoint, name, bf16_gemm_path, kernel_path, monkeypatch):
+    """A bf16 checkpoint's 40-token prefill (past the GEMV's 32 rows) multiplies its weights with bf16_gemm: each
+    product is the float32 one (weights converted) to 2^-16 of x, and the logits are those of the float32 path
+    (HEARTHLM_ISA=avx2) within what these random nets make of float32 rounding. (Noise of 2^-22 on the float32
+    path's products moves them by 2e-4 to 6e-4; rounding x and y to bf16 as oneDNN does, by 1.4e-2.)"""
+    from checkpoints import VOCAB
+
+    from hearthlm import LLM
+
+    llm = LLM(checkpoint(name)[1], dtype="bfloat16")
+    ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    real, rows, errors = cpu.bf16_gemm, [], []
+
+    def checked(x, w, b=None):
+        y = real(x, w, b)
+        ref = torch.nn.functional.linear(x.float(), w.float(), b)
+        rows.append(x.numel() // x.shape[-1])
+        errors.append(((y - ref).abs().max() / ref.abs().max()).item())
+        return y
+
+    monkeypatch.setattr(cpu, "bf16_gemm", checked)
+    got = llm.logits(ids)
+    assert rows and max(rows) == 40 and max(errors) <= 2e-5
+    kernel_path("avx2")
+    rows.clear()
+    expected = llm.logits(ids)
+    assert not rows
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 2e-3

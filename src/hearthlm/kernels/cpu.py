@@ -4,7 +4,8 @@ GEMV and a row dequantizer for quantized weights (quant_cpu.cpp); a whole decode
 them (decoder_cpu.cpp).
 
 On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
-weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8. `isa()` says which of the paths run
+weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8, and a GEMM for bf16 weights with
+float32 sums (bf16_gemm: AMX-BF16, else AVX512-BF16 where the CPU has it). `isa()` says which of the paths run
 here: "amx", "avx512", "avx2" or "torch".
 HEARTHLM_ISA=avx2 or =torch caps it below what the CPU has (tests check the narrower paths on wide machines
 that way); HEARTHLM_KERNELS=0 is the same as HEARTHLM_ISA=torch.
@@ -36,9 +37,11 @@ _AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
 _NEEDS = {"amx": _AVX512 | {"amx_tile", "amx_int8", "amx_bf16"}, "avx512": _AVX512, "avx2": _AVX2}
 _CFLAGS = {
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-    # The AMX code sits beside the VNNI code in one extension; it only runs where isa() is "amx".
+    # The AMX and AVX512-BF16 code sits beside the VNNI code in one extension; the AMX code only runs where isa() is
+    # "amx", the AVX512-BF16 code only where the CPU has avx512_bf16 (bf16_gemm_path() checks), so the extension
+    # still loads and runs its integer GEMM on AVX-512 CPUs without them.
     "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-    + ["-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp"],
+    + ["-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp"],
 }
 
 
@@ -180,8 +183,23 @@ def native_bf16() -> bool:
 
 
 def amx_bf16() -> bool:
-    """Whether bf16_gemm (AMX-BF16) runs here."""
+    """Whether bf16_gemm runs on AMX-BF16 here (isa() "amx")."""
     return gemm_available() and _amx()
+
+
+def bf16_gemm_path() -> str | None:
+    """Where bf16_gemm runs under the current HEARTHLM_ISA cap: "amx" (AMX-BF16, isa() "amx"), "avx512_bf16"
+    (VDPBF16PS: isa() "avx512", or "amx" capped to it, on a CPU with AVX512-BF16), or None (not here)."""
+    if not gemm_available():
+        return None
+    if _amx():
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in cpu_flags() and _load_avx512().avx512_bf16_available() else None
+
+
+def bf16_gemm_available() -> bool:
+    """Whether bf16_gemm runs here (on AMX-BF16 or AVX512-BF16; see bf16_gemm_path)."""
+    return bf16_gemm_path() is not None
 
 
 def gemm_available() -> bool:
@@ -198,9 +216,10 @@ def _amx() -> bool:
 
 
 def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight.T + bias for a contiguous bfloat16 weight [N, K] (K a multiple of 32) on the AMX tile
-    unit (isa() "amx"): float32 [..., N], the float32 path's numbers (x kept to 16 bits, float32 sums)."""
-    return _load_avx512().bf16_gemm(x, weight, bias)
+    """x [..., K] @ weight.T + bias for a contiguous bfloat16 weight [N, K] (K a multiple of 32) -> float32
+    [..., N], the float32 path's numbers (x kept to 16 bits, float32 sums): on the AMX tile unit where isa() is
+    "amx", else with AVX512-BF16 dot products. Call it only where bf16_gemm_available()."""
+    return _load_avx512().bf16_gemm(x, weight, bias, _amx())
 
 
 def quant_gemm(

@@ -406,23 +406,24 @@ void configure_bf16_tiles() {
   _tile_loadconfig(&c);
 }
 
-// The panel of output columns n0..n0+31 (zero past N): [K / 2][32][2] bf16, lane j of row t = W[n0 + j][2t, 2t + 1].
+// The panel of output columns n0..n0+C-1 (zero past N): [K / 2][C][2] bf16, lane j of row t = W[n0 + j][2t, 2t + 1].
+template <int C>
 void pack_bf16_panel(const uint16_t* W, int64_t N, int64_t K, int64_t n0, std::vector<uint16_t>& panel) {
-  panel.resize(K * kCols);
+  panel.resize(K * C);
   const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(2 * K)));
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < C / 16; ++h) {
     const int64_t first = n0 + 16 * h, left = std::max<int64_t>(0, std::min<int64_t>(16, N - first));
     const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
     const uint16_t* base = W + std::min(first, N - 1) * K;
     for (int64_t t = 0; t < K / 2; ++t) {
       const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, stride, base + 2 * t, 1);
-      _mm512_storeu_si512(panel.data() + t * 2 * kCols + 32 * h, v);
+      _mm512_storeu_si512(panel.data() + t * 2 * C + 32 * h, v);
     }
   }
 }
 
-void bf16_panel(const uint16_t* hi, const uint16_t* lo, int64_t M, int64_t K, const std::vector<uint16_t>& panel,
+void bf16_panel_amx(const uint16_t* hi, const uint16_t* lo, int64_t M, int64_t K, const std::vector<uint16_t>& panel,
                 float* y, int64_t N, int64_t n0, const float* bias) {
   alignas(64) float out[2][256];
   const int64_t cols = std::min<int64_t>(kCols, N - n0);
@@ -452,40 +453,136 @@ void bf16_panel(const uint16_t* hi, const uint16_t* lo, int64_t M, int64_t K, co
   }
 }
 
+// x's two bf16 halves and the rest of one product, shared by both paths.
+struct Bf16Gemm {
+  const uint16_t *hi, *lo;  // [M rounded up to 16][K] each (the AMX path reads whole tiles; the padding is zero)
+  const uint16_t* W;        // [N][K]
+  const float* bias;        // [N] or null
+  float* y;                 // [M][N]
+  int64_t M, N, K;
+};
+
+// OpenMP threads for `panels` panels: no more than there are panels.
+int panel_threads(int64_t panels) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels)));
+}
+
+void bf16_gemm_amx(const Bf16Gemm& g) {
+  const int64_t panels = (g.N + kCols - 1) / kCols;
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(panel_threads(panels))
+  {
+    std::vector<uint16_t> panel;
+    configure_bf16_tiles();
+    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+      pack_bf16_panel<kCols>(g.W, g.N, g.K, i * kCols, panel);
+      bf16_panel_amx(g.hi, g.lo, g.M, g.K, panel, g.y, g.N, i * kCols, g.bias);
+    }
+    _tile_release();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 weights on AVX512-BF16, for CPUs that have it but no AMX (Zen 4, Cooper Lake), or AMX capped away by
+// HEARTHLM_ISA=avx512. VDPBF16PS multiplies 16 lanes of bf16 pairs (exactly: 8-bit by 8-bit mantissas) and adds
+// both products to 16 float32 sums, so with the same hi/lo halves of x it gives the AMX path's numbers.
+// - Panels of kBf16Cols output columns in the AMX layout, [K / 2][kBf16Cols][2] bf16: one 64-byte load is 16
+//   columns' next pair of k. A panel (256 KB at K = 2048) stays in L2 while every row of x passes over it.
+// - The micro-kernel keeps an R x kBf16Cols block of y in R x 4 zmm registers over all of K. Per pair of k it
+//   loads the panel's 4 vectors once and, per row, broadcasts the row's hi pair and lo pair (one 32-bit word
+//   each) to all lanes; both add into the same sums: 8 VDPBF16PS per row and pair of k, 4 loads per 8R.
+constexpr int kBf16Cols = 64;
+constexpr int kBf16Rows = 6;  // 6 x 4 sums + 4 panel vectors + 2 broadcasts: 30 of the 32 zmm registers
+
+inline __m512bh broadcast_pair(const uint16_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, 4);
+  return (__m512bh)_mm512_set1_epi32(word);
+}
+
+// y[m0 : m0 + R, n0 : n0 + cols] (+ bias) from one packed panel.
+template <int R>
+void bf16_tile_avx512(const Bf16Gemm& g, int64_t m0, const uint16_t* panel, int64_t n0, int64_t cols) {
+  constexpr int V = kBf16Cols / 16;
+  const int64_t K = g.K;
+  const uint16_t *hi = g.hi + m0 * K, *lo = g.lo + m0 * K;
+  __m512 acc[R][V];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t t = 0; t < K / 2; ++t) {
+    __m512bh w[V];
+    for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(panel + 2 * (t * kBf16Cols + 16 * v));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh h = broadcast_pair(hi + r * K + 2 * t), l = broadcast_pair(lo + r * K + 2 * t);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][v], h, w[v]), l, w[v]);
+    }
+  }
+  for (int v = 0; v < V && 16 * v < cols; ++v) {
+    const int64_t left = std::min<int64_t>(16, cols - 16 * v);
+    const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 b = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n0 + 16 * v) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(g.y + (m0 + r) * g.N + n0 + 16 * v, mask, _mm512_add_ps(acc[r][v], b));
+  }
+}
+
+// The last M % kBf16Rows rows: the tile of exactly that many.
+template <int R>
+void bf16_rest_avx512(const Bf16Gemm& g, int64_t m0, const uint16_t* panel, int64_t n0, int64_t cols) {
+  if constexpr (R > 0) {
+    if (g.M - m0 == R)
+      bf16_tile_avx512<R>(g, m0, panel, n0, cols);
+    else
+      bf16_rest_avx512<R - 1>(g, m0, panel, n0, cols);
+  }
+}
+
+void bf16_gemm_avx512(const Bf16Gemm& g) {
+  const int64_t panels = (g.N + kBf16Cols - 1) / kBf16Cols;
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(panel_threads(panels))
+  {
+    std::vector<uint16_t> panel;
+    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+      const int64_t n0 = i * kBf16Cols, cols = std::min<int64_t>(kBf16Cols, g.N - n0);
+      pack_bf16_panel<kBf16Cols>(g.W, g.N, g.K, n0, panel);
+      int64_t m = 0;
+      for (; m + kBf16Rows <= g.M; m += kBf16Rows) bf16_tile_avx512<kBf16Rows>(g, m, panel.data(), n0, cols);
+      bf16_rest_avx512<kBf16Rows - 1>(g, m, panel.data(), n0, cols);
+    }
+  }
+}
+
 }  // namespace
 
-torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(amx_permitted(), "bf16_gemm: the AMX tile unit cannot be used here");
+bool avx512_bf16_available() { return __builtin_cpu_supports("avx512bf16"); }
+
+torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias, bool amx) {
+  TORCH_CHECK(!amx || amx_permitted(), "bf16_gemm: the AMX tile unit cannot be used here");
+  TORCH_CHECK(amx || avx512_bf16_available(), "bf16_gemm: this CPU has no AVX512-BF16 instructions");
   TORCH_CHECK(W.scalar_type() == torch::kBFloat16 && W.dim() == 2 && W.is_contiguous(),
               "bf16_gemm: W must be a contiguous 2-D bfloat16 tensor");
   const int64_t N = W.size(0), K = W.size(1);
-  TORCH_CHECK(x.size(-1) == K && K % 32 == 0, "bf16_gemm: x's last dim must be K, a multiple of 32");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && K % 32 == 0, "bf16_gemm: x's last dim must be K (", K,
+              "), a multiple of 32");
+  TORCH_CHECK(x.is_floating_point(), "bf16_gemm: x must be a floating-point tensor");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "bf16_gemm: bias must be 1-D with N (", N,
+              ") elements");
   const auto xf = x.reshape({-1, K}).to(torch::kFloat32);
   const int64_t M = xf.size(0), padded = (M + 15) / 16 * 16;
   auto halves = torch::zeros({2, padded, K}, xf.options().dtype(torch::kBFloat16));
   halves[0].narrow(0, 0, M).copy_(xf);
   halves[1].narrow(0, 0, M).copy_(xf - halves[0].narrow(0, 0, M).to(torch::kFloat32));
-  const auto* hi = reinterpret_cast<const uint16_t*>(halves.data_ptr());
-  const uint16_t* lo = hi + padded * K;
   auto y = torch::empty({M, N}, xf.options());
   c10::optional<torch::Tensor> b;
   if (bias) b = bias->to(torch::kFloat32).contiguous();
-  const float* bp = b ? b->data_ptr<float>() : nullptr;
-  const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr());
-  float* yp = y.data_ptr<float>();
-  const int64_t panels = (N + kCols - 1) / kCols;
-  std::atomic<int64_t> next{0};
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), panels));
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<uint16_t> panel;
-    configure_bf16_tiles();
-    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
-      pack_bf16_panel(w, N, K, i * kCols, panel);
-      bf16_panel(hi, lo, M, K, panel, yp, N, i * kCols, bp);
-    }
-    _tile_release();
-  }
+  const auto* hi = reinterpret_cast<const uint16_t*>(halves.data_ptr());
+  const Bf16Gemm g{hi, hi + padded * K, reinterpret_cast<const uint16_t*>(W.data_ptr()),
+                   b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+  if (amx)
+    bf16_gemm_amx(g);
+  else
+    bf16_gemm_avx512(g);
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape);

@@ -7,8 +7,9 @@ half-precision CPU GEMMs without AVX-512 run several times slower than fp32 (ben
 transformers bf16 prefills at 28 tokens/s where fp32 does 208), and because oneDNN's bf16 GEMM, 5x faster on CPUs
 with AMX, rounds x and its output to bfloat16: a prompt's numbers would then depend on how many rows it has
 (an embedding on its own and in a batch differed by 2e-4), and the demo model lost KL 8e-5 by it. On CPUs with
-AMX, bf16 weights take hearthlm's own AMX-BF16 GEMM instead (kernels/gemm_avx512.cpp bf16_gemm: float32 sums, x
-kept to 16 bits), which gives the float32 path's numbers about twice as fast. Off the CPU: F.linear."""
+AMX-BF16 or AVX512-BF16, bf16 weights take hearthlm's own bf16 GEMM instead (kernels/gemm_avx512.cpp bf16_gemm,
+on the tile unit or with VDPBF16PS: float32 sums, x kept to 16 bits), which gives the float32 path's numbers
+without converting the weight per call. Off the CPU: F.linear."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def linear(
         if bias is not None and not fused:
             y += bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    if weight.dtype == torch.bfloat16 and K % 32 == 0 and weight.is_contiguous() and cpu.amx_bf16():
+    if weight.dtype == torch.bfloat16 and K % 32 == 0 and weight.is_contiguous() and cpu.bf16_gemm_available():
         fused = bias is not None and bias.dtype == torch.float32
         y = cpu.bf16_gemm(x, weight, bias if fused else None)
         return (y if bias is None or fused else y + bias).to(x.dtype)
