@@ -621,3 +621,28 @@ def test_a_failing_row_ends_its_request_alone(loaded, monkeypatch):
     assert last.finished and last.finish_reason == "error" and "a sampler fault" in last.error
     assert [t for o in outs["good"] for t in o.token_ids] == llm.generate([ids(9, seed=1)], good)[0].token_ids
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_resident_kv_bytes_count_the_blocks_written(loaded):
+    """The KV pools are reserved but take memory only where a block has been written: stats() reports those
+    bytes (what the cache adds to RSS), counted from the config here. The prefix cache keeps a finished request's
+    blocks, so an unrelated prompt writes fresh ones, and the same prompt again reuses them."""
+    _, llm = loaded("llama")
+    engine = Engine(llm, block_size=4)
+    layers = [s for s in engine.config.layers if s.kv_source is None]
+    block = sum(2 * s.num_kv_heads * 4 * s.head_dim * 4 for s in layers)  # K and V, 4 positions, float32
+    assert engine.stats().kv_bytes_resident == 0
+    assert engine.stats().kv_bytes_reserved == engine.stats().kv_blocks_total * block
+    a, b = ids(42, seed=70), ids(42, seed=71)  # 42 + 12 generated: 54 positions, 14 blocks of 4
+    run(engine, {"a": (a, GREEDY)})
+    assert engine.stats().kv_bytes_resident == 14 * block
+    # a's 13 full blocks stay cached (53 positions computed: the last token is sampled, never fed); its partial
+    # 14th is free, and b takes it before 13 fresh ones
+    run(engine, {"b": (b, GREEDY)})
+    assert engine.stats().kv_bytes_resident == 27 * block and engine.stats().kv_blocks_used == 0
+    first = engine.stats().prefix_hit_tokens
+    # a again: its 10 full prompt blocks are found; blocks 10-13 are written anew, into b's freed partial block
+    # and 3 fresh ones
+    run(engine, {"a2": (a, GREEDY)})
+    assert engine.stats().prefix_hit_tokens - first == 40
+    assert engine.stats().kv_bytes_resident == 30 * block

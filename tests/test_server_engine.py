@@ -196,7 +196,8 @@ def test_prefix_cache_hit_and_metrics(client, server, served):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in (
         "hearth_requests", "hearth_prompt_tokens", "hearth_generation_tokens", "hearth_requests_waiting",
-        "hearth_requests_running", "hearth_kv_blocks_used", "hearth_kv_blocks_total",
+        "hearth_requests_running", "hearth_kv_blocks_used", "hearth_kv_blocks_total", "hearth_kv_bytes_resident",
+        "hearth_kv_bytes_reserved",
         "hearth_time_to_first_token_seconds", "hearth_time_per_output_token_seconds",
         "hearth_prefix_cache_hit_tokens",
     ):  # fmt: skip
@@ -206,6 +207,7 @@ def test_prefix_cache_hit_and_metrics(client, server, served):
     assert values[("hearth_requests_total", (*model, ("route", "/v1/chat/completions"), ("status", "200")))] >= 2
     assert values[("hearth_prefix_cache_hit_tokens_total", ())] > 0
     assert values[("hearth_kv_blocks_used", ())] == 0 and values[("hearth_kv_blocks_total", ())] > 0
+    assert 0 < values[("hearth_kv_bytes_resident", ())] < values[("hearth_kv_bytes_reserved", ())]
     assert values[("hearth_time_to_first_token_seconds_count", model)] > 0
     assert values[("hearth_generation_tokens_total", model)] > 0
     assert httpx.get(server.url + "/health").json()["status"] == "ok"

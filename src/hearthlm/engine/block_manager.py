@@ -191,6 +191,11 @@ class BlockManager:
         seq.num_computed = length
         seq.registered = n
 
+    def touched(self) -> dict[int | None, int]:
+        """Per pool, the blocks ever handed out. Blocks go out lowest id first and freed ones are reused before
+        new ones, so this is the pool's high-water mark: the part of its memory that has been written."""
+        return {w: p.high for w, p in self.pools.items()}
+
     def stats(self) -> tuple[int, int]:
         """(blocks in all pools, blocks referenced by sequences)."""
         return sum(p.num_blocks for p in self.pools.values()), sum(p.num_used() for p in self.pools.values())

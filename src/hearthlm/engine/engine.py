@@ -87,6 +87,8 @@ class EngineStats:
     drafted_tokens: int = 0  # speculative decoding: draft tokens verified
     accepted_tokens: int = 0  # of those, kept
     draft_steps: int = 0  # verify forwards' rows (one per sequence and step that had a draft)
+    kv_bytes_reserved: int = 0  # the KV pools' size; memory the OS gives only once a block is first written
+    kv_bytes_resident: int = 0  # the blocks written at least once: what the KV cache adds to the process's RSS
 
 
 class Engine:
@@ -289,6 +291,7 @@ class Engine:
     def stats(self) -> EngineStats:
         total, used = self.blocks.stats()
         s = self.scheduler
+        per_block = {w: self.cache.block_bytes(w) for w in self.blocks.pools}
         return EngineStats(
             waiting=len(s.waiting) + len(self._inbox),
             running=len(s.running),
@@ -302,6 +305,8 @@ class Engine:
             drafted_tokens=self._drafted,
             accepted_tokens=self._accepted,
             draft_steps=self._draft_steps,
+            kv_bytes_reserved=sum(p.num_blocks * per_block[w] for w, p in self.blocks.pools.items()),
+            kv_bytes_resident=sum(n * per_block[w] for w, n in self.blocks.touched().items()),
         )
 
     # -- the step ----------------------------------------------------------------------------------

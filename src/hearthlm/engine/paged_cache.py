@@ -58,6 +58,14 @@ class PagedKVCache:
         self.steps: dict[int | None, _Step] = {}
         self._step_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def block_bytes(self, window: int | None) -> int:
+        """Bytes one block of `window`'s pool takes, K and V of every layer that stores its own."""
+        return sum(
+            2 * t.shape[0] * self.block_size * t.shape[2] * t.element_size()
+            for i, t in self.k.items()
+            if self.window[i] == window
+        )
+
     @staticmethod
     def pool_windows(layers: list[LayerSpec]) -> list[int | None]:
         """The windows that need a block pool: those of layers storing their own K/V."""

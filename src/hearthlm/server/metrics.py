@@ -137,6 +137,14 @@ class Metrics:
                 "hearth_requests_running": ("Requests being decoded.", stats.running),
                 "hearth_kv_blocks_used": ("KV cache blocks in use.", stats.kv_blocks_used),
                 "hearth_kv_blocks_total": ("KV cache blocks in all.", stats.kv_blocks_total),
+                "hearth_kv_bytes_reserved": (
+                    "KV cache size in bytes; a block takes memory only once it is first written.",
+                    getattr(stats, "kv_bytes_reserved", 0),
+                ),
+                "hearth_kv_bytes_resident": (
+                    "KV cache bytes written at least once: what the cache adds to resident memory.",
+                    getattr(stats, "kv_bytes_resident", 0),
+                ),
             }
             for name, (help_, value) in gauges.items():
                 series(name, "gauge", help_, [f"{name} {value}"])
