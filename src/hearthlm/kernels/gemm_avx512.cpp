@@ -480,8 +480,13 @@ void bf16_panel_amx(const uint16_t* hi, const uint16_t* lo, int64_t M, int64_t K
 }
 
 // x's two bf16 halves and the rest of one product, shared by both paths.
+// x's halves, as each path reads them (bf16_gemm lays them out):
+// - AMX: two matrices [M rounded up to 16][K] (the tile unit reads whole tiles; the padding is zero);
+// - AVX512-BF16: one [M][K / 2][2][2], per pair of k the hi pair then the lo pair, so that a row's two
+//   broadcasts come from one 8-byte piece and a tile of rows reads R streams, not 2R.
 struct Bf16Gemm {
-  const uint16_t *hi, *lo;  // [M rounded up to 16][K] each (the AMX path reads whole tiles; the padding is zero)
+  const uint16_t *hi, *lo;  // the first pair of row 0 of each half
+  int64_t row, pair;        // their strides, in bf16 elements: from one row of x to the next, one pair of k to the next
   const uint16_t* W;        // [N][K]
   const float* bias;        // [N] or null
   float* y;                 // [M][N]
@@ -530,16 +535,15 @@ inline __m512bh broadcast_pair(const uint16_t* p) {
 template <int R>
 void bf16_tile_avx512(const Bf16Gemm& g, int64_t m0, const uint16_t* panel, int64_t n0, int64_t cols) {
   constexpr int V = kBf16Cols / 16;
-  const int64_t K = g.K;
-  const uint16_t *hi = g.hi + m0 * K, *lo = g.lo + m0 * K;
+  const uint16_t *hi = g.hi + m0 * g.row, *lo = g.lo + m0 * g.row;
   __m512 acc[R][V];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
-  for (int64_t t = 0; t < K / 2; ++t) {
+  for (int64_t t = 0; t < g.K / 2; ++t) {
     __m512bh w[V];
     for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(panel + 2 * (t * kBf16Cols + 16 * v));
     for (int r = 0; r < R; ++r) {
-      const __m512bh h = broadcast_pair(hi + r * K + 2 * t), l = broadcast_pair(lo + r * K + 2 * t);
+      const __m512bh h = broadcast_pair(hi + r * g.row + t * g.pair), l = broadcast_pair(lo + r * g.row + t * g.pair);
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][v], h, w[v]), l, w[v]);
     }
   }
@@ -594,17 +598,25 @@ torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor W, c10::optional<torch::T
   TORCH_CHECK(x.is_floating_point(), "bf16_gemm: x must be a floating-point tensor");
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "bf16_gemm: bias must be 1-D with N (", N,
               ") elements");
-  const auto xf = x.reshape({-1, K}).to(torch::kFloat32);
-  const int64_t M = xf.size(0), padded = (M + 15) / 16 * 16;
-  auto halves = torch::zeros({2, padded, K}, xf.options().dtype(torch::kBFloat16));
-  halves[0].narrow(0, 0, M).copy_(xf);
-  halves[1].narrow(0, 0, M).copy_(xf - halves[0].narrow(0, 0, M).to(torch::kFloat32));
+  const auto xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  const int64_t M = xf.size(0);
+  const auto hi = xf.to(torch::kBFloat16), lo = (xf - hi.to(torch::kFloat32)).to(torch::kBFloat16);
+  torch::Tensor halves;  // the layouts of Bf16Gemm
+  if (amx) {
+    halves = torch::zeros({2, (M + 15) / 16 * 16, K}, hi.options());
+    halves[0].narrow(0, 0, M).copy_(hi);
+    halves[1].narrow(0, 0, M).copy_(lo);
+  } else {
+    halves = torch::stack({hi.view({M, K / 2, 2}), lo.view({M, K / 2, 2})}, 2);  // [M][K / 2][hi, lo][2]
+  }
+  const auto* h = reinterpret_cast<const uint16_t*>(halves.data_ptr());
   auto y = torch::empty({M, N}, xf.options());
   c10::optional<torch::Tensor> b;
   if (bias) b = bias->to(torch::kFloat32).contiguous();
-  const auto* hi = reinterpret_cast<const uint16_t*>(halves.data_ptr());
-  const Bf16Gemm g{hi, hi + padded * K, reinterpret_cast<const uint16_t*>(W.data_ptr()),
-                   b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+  const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr());
+  const float* bp = b ? b->data_ptr<float>() : nullptr;
+  const Bf16Gemm g = amx ? Bf16Gemm{h, h + halves.stride(0), K, 2, w, bp, y.data_ptr<float>(), M, N, K}
+                         : Bf16Gemm{h, h + 2, 2 * K, 4, w, bp, y.data_ptr<float>(), M, N, K};
   if (amx)
     bf16_gemm_amx(g);
   else
