@@ -175,7 +175,7 @@ def test_bf16_gemm_is_the_float32_product(shape, bf16_gemm_path):
 
 def test_bf16_gemm_rows_alone_and_in_a_batch(bf16_gemm_path):
     """A row's result does not depend on the rows around it (tile position, row tails), and leading dimensions of
-    x are kept."""
+    x are kept, whatever its dtype and strides."""
     g = torch.Generator().manual_seed(9)
     x, w = torch.randn(2, 23, 128, generator=g), (torch.randn(70, 128, generator=g) * 0.05).bfloat16()
     batch = cpu.bf16_gemm(x, w)
@@ -183,6 +183,8 @@ def test_bf16_gemm_rows_alone_and_in_a_batch(bf16_gemm_path):
     for i in (0, 5, 6, 22):
         assert torch.allclose(cpu.bf16_gemm(x[1, i : i + 1], w)[0], batch[1, i], rtol=0, atol=1e-5)
     assert torch.allclose(cpu.bf16_gemm(x.bfloat16(), w), cpu.bf16_gemm(x.bfloat16().float(), w), rtol=0, atol=0)
+    strided = x.transpose(0, 1)  # [23, 2, 128], not contiguous
+    assert torch.equal(cpu.bf16_gemm(strided, w), batch.transpose(0, 1))
 
 
 def test_bf16_gemm_rejects_bad_inputs(bf16_gemm_path):
