@@ -6,6 +6,50 @@
 
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "threadpool.h"
+
+namespace {
+
+// Test hook for the thread pool (tests/test_threadpool.py): `jobs` jobs of n chunks in a row, each chunk busy for
+// `work_us`. Returns how often each chunk ran ([jobs, n] int32), how many threads ran chunks, and whether every
+// nested job (one per chunk, if `nested`) ran on its chunk's thread. Chunk `throw_at` of the last job throws.
+std::tuple<torch::Tensor, int64_t, bool> pool_check(int64_t n, int64_t jobs, double work_us, bool nested,
+                                                    int64_t throw_at) {
+  std::vector<std::atomic<int>> runs(n * jobs);
+  std::set<std::thread::id> ids;
+  std::mutex ids_lock;
+  std::atomic<bool> inline_nested{true};
+  for (int64_t j = 0; j < jobs; ++j)
+    hearth::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        TORCH_CHECK(!(j == jobs - 1 && c == throw_at), "pool_check: chunk ", c, " throws");
+        const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double, std::micro>(work_us);
+        while (std::chrono::steady_clock::now() < until) {
+        }
+        const auto me = std::this_thread::get_id();
+        if (nested)
+          hearth::parallel_for(0, 64, 1, [&](int64_t, int64_t) {
+            if (std::this_thread::get_id() != me) inline_nested = false;
+          });
+        runs[j * n + c]++;
+        std::lock_guard<std::mutex> hold(ids_lock);
+        ids.insert(me);
+      }
+    });
+  auto out = torch::empty({jobs, n}, torch::kInt32);
+  for (int64_t i = 0; i < n * jobs; ++i) out.data_ptr<int32_t>()[i] = runs[i].load();
+  return {out, static_cast<int64_t>(ids.size()), inline_nested.load()};
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The long kernels let other Python threads run meanwhile (the server's event loop streams tokens while the
   // engine thread computes); the short ones keep the GIL, whose hand-back would cost more than they do.
@@ -18,6 +62,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_store", &kv_store, "write K/V rows into cache slots");
   m.def("act_mul", &act_mul, "act(gate) * up");
   m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
+  m.def("pool_check", &pool_check, "test hook for the thread pool", release);
   m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]", release);
 
   py::class_<DecodeLinear>(m, "DecodeLinear")

@@ -1,7 +1,8 @@
 """CPU kernels in C++ (AVX2/FMA/F16C), compiled on first use into one extension: a batch-1..8 GEMV, decode
 attention over the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a
 GEMV and a row dequantizer for quantized weights (quant_cpu.cpp); a whole decoder layer's decode step chaining
-them (decoder_cpu.cpp).
+them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into chunks taken from
+a shared counter, so a core that another process takes delays one chunk, not the whole kernel.
 
 On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
 weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8, and a GEMM for bf16 weights with
@@ -87,8 +88,9 @@ def physical_cores() -> int:
 
 def set_threads(count: int | str | None = None) -> int:
     """Run PyTorch and hearthlm's kernels on `count` threads, else HEARTHLM_THREADS, else the physical cores.
-    Both share PyTorch's one OpenMP pool (the kernels link torch's libgomp and ask it for its thread count), so
-    they never compete with a second pool for the same cores. Returns the count set."""
+    PyTorch's ops run on its OpenMP pool; the decode kernels run on hearthlm's own pool (threadpool.cpp), which
+    reads this same count (torch.get_num_threads) at each call, and whose idle threads sleep after a short spin
+    (HEARTHLM_POOL_SPIN_US) so that the two pools do not hold the cores from each other. Returns the count set."""
     where = "--threads" if count is not None else "HEARTHLM_THREADS"
     value = count if count is not None else os.environ.get("HEARTHLM_THREADS")
     if value is None or value == "":
@@ -157,7 +159,7 @@ def _import(name: str, library: Path):
     return module
 
 
-SOURCES = ("gemv_cpu.cpp", "quant_cpu.cpp", "decoder_cpu.cpp", "bindings_cpu.cpp")
+SOURCES = ("threadpool.cpp", "gemv_cpu.cpp", "quant_cpu.cpp", "decoder_cpu.cpp", "bindings_cpu.cpp")
 SOURCES_AVX512 = ("gemm_avx512.cpp", "bindings_avx512.cpp")
 
 

@@ -3,11 +3,11 @@
 // Decode is bound by how fast weights stream from memory. PyTorch's stock kernels reach only about
 // half of the machine's read bandwidth at M = 1 (and much less for bf16 without AVX-512), so this
 // kernel reads each weight row once, converts fp16/bf16 to fp32 in registers, and accumulates for all
-// M input rows at once. Rows of W are split across threads with at::parallel_for.
+// M input rows at once. Rows of W are split across threads by hearthlm's pool (threadpool.h).
 #include "cpu_kernels.h"
+#include "threadpool.h"
 
 #include <torch/types.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -95,7 +95,7 @@ void run_rows(const float* x, const T* W, float* y, int64_t K, int64_t N) {
   constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // R * M accumulators + R weights in 16 registers
   // Blocks of 16 rows; at least 2 blocks' worth of work per thread task keeps overhead low.
   const int64_t block = 16;
-  at::parallel_for(0, (N + block - 1) / block, 8, [&](int64_t b0, int64_t b1) {
+  hearth::parallel_for(0, (N + block - 1) / block, 8, [&](int64_t b0, int64_t b1) {
     if constexpr (M == 1)
       single_row_kernel<T>(x, W, y, K, b0 * block, std::min(N, b1 * block));
     else
@@ -216,7 +216,7 @@ template <typename T, typename At>
 void decode_attention_impl(const float* q, const T* k, const T* v, const bool* mask, float* out, int64_t B,
                            int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, At at) {
   const int64_t group = Hq / Hkv;
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+  hearth::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq, kv = h / group;

@@ -15,9 +15,9 @@
 // dequant_rows matches the PyTorch reference bit for bit: q * s is exact in float32 (at most 8 + 11
 // significant bits), so q * s + m rounds once whether or not the compiler fuses it into an FMA.
 #include "cpu_kernels.h"
+#include "threadpool.h"
 
 #include <torch/types.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -425,7 +425,7 @@ void gemv_rows(const GemvArgs& a) {
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * a.row_bytes));
   constexpr int64_t most_rows = std::max(tile_rows<M, R>(), tile_rows<M, 1>());  // (R = 1 takes the last rows)
   const int64_t dd_floats = most_rows * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>();
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     std::vector<Floats8> dd(dd_floats / 8);
     gemv_tile<BITS, HALF, M, R>(a, u0 * unit, std::min(a.N, u1 * unit), reinterpret_cast<float*>(dd.data()));
   });
@@ -590,7 +590,7 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
   const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
   float* o = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / K);  // >= 16K elements per task
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+  hearth::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = ip[r];
       const at::Half* mrow = mn ? mn + n * ng : nullptr;
