@@ -340,6 +340,7 @@ def test_cli_serve(monkeypatch):
         "device": None,
         "privacy": PrivacyOptions(),
         "quant_towers": False,
+        "mesh": None,  # --tp's rank group (rank 0 of `hearth serve MODEL --tp N`)
     }
     assert kwargs == defaults
     got.clear()

@@ -467,15 +467,33 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from . import server
+    from .distributed.mesh import launched
 
+    mesh = None
+    if args.tp > 1 or launched():  # `--tp N`, or one of the ranks it (or torchrun) started
+        from .distributed import follow, run
+
+        follow.check_serve(args.model, _draft(args), args.expert_budget)
+        if not launched():
+            return run.serve_ranks(args.tp, args.argv)
+        mesh = run.join_ranks(args.device)
+        if not mesh.first:
+            return follow.serve_follower(mesh, args.model, args.dtype, args.quant, args.max_running, args.kv_blocks,
+                                         args.device)  # fmt: skip
     key = args.api_key or os.environ.get("HEARTH_API_KEY") or None
     web = {k: v for k, v in (("allowed_hosts", args.allowed_hosts), ("cors_origins", args.cors_origins)) if v}
-    server.serve(
-        args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
-        expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
-        max_memory=args.max_memory, image_tokens=args.image_tokens, draft=_draft(args), device=args.device,
-        privacy=_privacy(args), quant_towers=args.quant_towers, **web,
-    )  # fmt: skip
+    try:
+        server.serve(
+            args.model, args.host, args.port, key, args.dtype, args.quant, args.max_running, args.kv_blocks,
+            expert_budget=args.expert_budget, moe_profile=not args.no_moe_profile, keep_alive=args.keep_alive,
+            max_memory=args.max_memory, image_tokens=args.image_tokens, draft=_draft(args), device=args.device,
+            privacy=_privacy(args), quant_towers=args.quant_towers, mesh=mesh, **web,
+        )  # fmt: skip
+    finally:
+        if mesh is not None:  # a process group left open aborts the interpreter at exit
+            from .distributed.mesh import close
+
+            close()
     return 0
 
 
@@ -657,6 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--isolate-clients", action="store_true",
         help="with --expert-budget: one client's requests never share the expert pool with another's (clients told "
         "apart by their bearer token, else their address; docs/privacy.md); costs batching across clients",
+    )  # fmt: skip
+    serve.add_argument(
+        "--tp", type=int, default=1, metavar="N",
+        help="tensor parallelism: split the model over N local processes, rank 0 serving HTTP (needs MODEL; dense "
+        "models; docs/distributed.md)",
     )  # fmt: skip
     _model_options(serve)
     serve.set_defaults(func=_serve)

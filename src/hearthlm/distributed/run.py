@@ -7,16 +7,20 @@ Every rank runs the same program: it loads the model, keeps its share (tensor_pa
 engine calls in the same order, so the collectives inside the forward pair up; rank 0 prints. `launch` is what
 `--tp N` (here and in `hearth run`) uses: N copies of a command with torchrun's environment, loopback
 rendezvous, and the cores shared among them. A rank that exits with an error stops the others.
+`hearth serve MODEL --tp N` starts its ranks with serve_ranks: there rank 0 serves and the others follow its
+engine (follow.py) instead of running the same program.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,38 +44,72 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     return env
 
 
-def launch(world: int, argv: list[str], quiet: bool = True) -> int:
+def launch(world: int, argv: list[str], quiet: bool = True, serving: bool = False) -> int:
     """Run `argv` as `world` local ranks and wait; returns 0, or the exit code of the first rank that failed
     (the others are then stopped: they would wait for it in their next collective). `quiet`: ranks other
-    than 0 print nothing to stdout, and their stderr shows only if they fail."""
+    than 0 print nothing to stdout, and their stderr shows only if they fail. `serving`: the ranks of a server
+    (serve_ranks), in a session of their own: SIGTERM and SIGINT to the launcher go to rank 0 alone, which stops
+    the others itself."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="hearthlm-ranks-") as logs:
         errs = [None] + [open(Path(logs) / f"rank{r}.err", "w+") for r in range(1, world)]  # noqa: SIM115
         out = subprocess.DEVNULL if quiet else None
         procs = [
-            subprocess.Popen(argv, env=rank_env(r, world, port), stdout=None if r == 0 else out, stderr=errs[r])
+            subprocess.Popen(
+                argv,
+                env=rank_env(r, world, port),
+                stdout=None if r == 0 else out,
+                stderr=errs[r],
+                start_new_session=serving,
+            )  # fmt: skip
             for r in range(world)
         ]
+        before = _forward_signals(procs[0]) if serving else {}
         try:
             rank, code = _wait(procs)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                p.wait()
+            _stop(procs)
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
         if code and rank > 0:  # rank 0 printed its own errors; show the failed rank's
             errs[rank].seek(0)
             sys.stderr.write(errs[rank].read()[-4000:])
         for f in errs[1:]:
             f.close()
     if code:
-        print(f"error: rank {rank} of {world} exited with code {code}; the other ranks were stopped", file=sys.stderr)
-    return code
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        print(f"error: rank {rank} of {world} {how}; the other ranks were stopped", file=sys.stderr)
+    return code if code >= 0 else 128 - code
 
 
-def _wait(procs: list[subprocess.Popen]) -> tuple[int, int]:
-    """(rank, exit code) of the first rank that failed, else (0, 0) once all have ended."""
+def _forward_signals(first: subprocess.Popen) -> dict:
+    """SIGTERM and SIGINT to this process go on to rank 0 (a server's ranks run in their own session, away from
+    the terminal's Ctrl-C); the handlers they replace are returned."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    forward = lambda signum, frame: first.poll() is None and first.send_signal(signum)  # noqa: E731
+    return {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 60.0) -> None:
+    """Terminate the ranks still running; kill those that are still there after `grace` seconds (a server's rank
+    0 lets its open requests finish first)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _wait(procs: list[subprocess.Popen], linger: float = 30.0) -> tuple[int, int]:
+    """(rank, exit code) of the first rank that failed, else (0, 0) once all have ended. Ranks still running
+    `linger` seconds after rank 0 ended well count as failed (code 1): rank 0 told them to stop."""
+    ended = None
     while True:
         codes = [p.poll() for p in procs]
         failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
@@ -79,6 +117,12 @@ def _wait(procs: list[subprocess.Popen]) -> tuple[int, int]:
             return failed[0]
         if all(c == 0 for c in codes):
             return 0, 0
+        if codes[0] == 0:
+            ended = ended or time.monotonic()
+            if time.monotonic() - ended > linger:
+                rank = next(r for r, c in enumerate(codes) if c is None)
+                print(f"error: rank {rank} did not stop within {linger:.0f} s after rank 0 ended", file=sys.stderr)
+                return rank, 1
         time.sleep(0.05)
 
 
@@ -155,6 +199,12 @@ def run_ranks(world: int, argv: list[str], prompt: str | None) -> int:
     if prompt is not None and prompt not in args:
         args.append(prompt)
     return relaunch(world, "hearthlm.cli", args)
+
+
+def serve_ranks(world: int, argv: list[str]) -> int:
+    """`hearth serve MODEL ... --tp N`: the same command as N local ranks; rank 0 serves HTTP, the others follow
+    its engine (follow.py). SIGTERM or Ctrl-C to this process stops rank 0, which stops the others."""
+    return launch(world, [sys.executable, "-m", "hearthlm.cli", *strip_tp(argv)], serving=True)
 
 
 def join_ranks(device: str | None) -> meshes.Mesh | None:

@@ -26,13 +26,14 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
          max_running: int | None = None, kv_blocks: int | None = None, expert_budget: str | None = None,
          moe_profile: bool = True, background: bool = True, stepper=None, name: str | None = None, metrics=None,
          image_tokens: int | None = None, draft: str | None = None, device: str | None = None,
-         privacy=None, quant_towers: bool = False):  # fmt: skip
+         privacy=None, quant_towers: bool = False, mesh=None):  # fmt: skip
     """Load `model` and start its engine (`background=False`: the caller runs `engine.run()`; `stepper`: the
     thread shared with other models' engines); returns the ServedModel the app serves, listed as `name`.
     `image_tokens`: the default soft-token budget per image; `draft`: speculative decoding ("lookup" or None),
     which a request's `speculative` field overrides; `device`: cpu or cuda[:N] (default: HEARTHLM_DEVICE, else cpu);
     `privacy`: the routing-privacy switches (moe/options.PrivacyOptions); `quant_towers`: quantize its image / audio
-    towers too (LLM's quant_towers)."""
+    towers too (LLM's quant_towers); `mesh`: rank 0 of a tensor-parallel group (distributed/mesh.py), whose engine's
+    forwards the other ranks follow (distributed/follow.py)."""
     from rich.console import Console
 
     from ..api import LLM
@@ -41,15 +42,28 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     from .generation import ServedModel
     from .metrics import Metrics
 
+    if mesh is not None:
+        device = str(mesh.device(device))
     llm = LLM(model, dtype=dtype, device=device, quant=quant, expert_budget=expert_budget, moe_profile=moe_profile,
               draft=draft, privacy=privacy, quant_towers=quant_towers)  # fmt: skip
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
+    if mesh is not None:
+        from ..distributed.tensor_parallel import shard_llm
+
+        shard_llm(llm, mesh)
     if llm.privacy_note:
         Console(stderr=True, highlight=False).print(f"{name or model_name(model, llm.path)}: {llm.privacy_note}")
-    engine = AsyncEngine(Engine(llm, max_running=max_running, kv_blocks=kv_blocks), background, stepper)
+    core = Engine(llm, max_running=max_running, kv_blocks=kv_blocks)
+    leader = None
+    if mesh is not None:
+        from ..distributed.follow import lead
+
+        leader = lead(core)
+    engine = AsyncEngine(core, background, stepper)
     served = ServedModel(llm, engine, name or model_name(model, llm.path), metrics or Metrics())
     served.image_tokens = image_tokens
+    served.leader = leader  # stops the other ranks when the server ends
     return served
 
 
@@ -72,12 +86,13 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
           moe_profile: bool = True, keep_alive: str | None = None, max_memory: str | None = None,
           allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
           image_tokens: int | None = None, draft: str | None = None, device: str | None = None,
-          privacy=None, quant_towers: bool = False) -> None:  # fmt: skip
+          privacy=None, quant_towers: bool = False, mesh=None) -> None:  # fmt: skip
     """Serve `model`, pinned, or (None) every model in the store, each loaded on first use, until interrupted.
     Bound to a loopback address, it answers requests addressed to loopback names and `allowed_hosts` only (DNS
     rebinding); bound elsewhere, any Host unless `allowed_hosts` names them. `cors_origins`: web origins allowed to
     call it from a browser. `quant_towers`: quantize the towers of the models that have them (a pinned model without
-    towers is refused). SIGTERM or Ctrl-C: open requests get GRACE seconds to finish; a second one stops now."""
+    towers is refused). `mesh`: serve as rank 0 of `hearth serve MODEL --tp N` (distributed/follow.py). SIGTERM or
+    Ctrl-C: open requests get GRACE seconds to finish; a second one stops now."""
     import uvicorn
     from rich.console import Console
 
@@ -93,8 +108,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
                    moe_profile=moe_profile, stepper=stepper, metrics=metrics, image_tokens=image_tokens,
                    draft=draft, device=device, privacy=privacy)  # fmt: skip
     if model is not None:
-        served = Models(pinned=load(model, quant_towers=quant_towers, **options))
-        what = served.pinned.name
+        served = Models(pinned=load(model, quant_towers=quant_towers, mesh=mesh, **options))
+        what = served.pinned.name + (f" over {mesh.world} ranks" if mesh is not None else "")
     else:
         wait = keep_alive_seconds(keep_alive)
         # models with no towers of their own to quantize (text-only, GGUF + mmproj) load as they are
@@ -143,5 +158,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT
         thread.join()
         ending.cancel()
         served.shutdown()
+        if mesh is not None:
+            served.pinned.leader.stop()
     if not server.started:
         raise SystemExit(f"hearth serve: could not start the HTTP server on {host}:{port} (see the error above)")
