@@ -4,9 +4,10 @@
   and ReLU, then a linear layer: 4x fewer frames (one token per 40 ms of 10 ms frames).
 - Conformer layers: half-step feed-forward, local self-attention, a light causal depthwise convolution,
   another half-step feed-forward, a final norm; values are clamped to `gradient_clipping` around each norm.
-- Local attention: each frame attends to itself and the `attention_context_left - 1` frames before it (none
+- Local attention: each frame attends to itself and the `attention_context_left - 2` frames before it (none
   after, with the released configs), with a learned per-dimension query scale, a relative-position term from
-  sinusoids of the distance, and a tanh logit cap.
+  sinusoids of the distance, and a tanh logit cap; computed in the reference's blocks of
+  `attention_chunk_size` queries, so that it rounds as the reference does.
 - An output projection with bias.
 Clips run as one padded batch; `lengths` masks the padding out of the convolutions and attention, so a clip's
 result does not depend on what it is batched with.
@@ -38,6 +39,7 @@ class AudioSpec:
     residual_weight: float = 0.5
     context_left: int = 13
     context_right: int = 0
+    chunk: int = 12
     logit_cap: float = 50.0
     invalid_logit: float = -1.0e9
     clipped: bool = True
@@ -57,6 +59,7 @@ class AudioSpec:
             residual_weight=d.get("residual_weight", 0.5),
             context_left=d.get("attention_context_left", 13),
             context_right=d.get("attention_context_right", 0),
+            chunk=d.get("attention_chunk_size", 12),
             logit_cap=d.get("attention_logit_cap", 50.0),
             invalid_logit=d.get("attention_invalid_logits_value", -1.0e9),
             clipped=bool(d.get("use_clipped_linears", True)),
@@ -75,6 +78,11 @@ class AudioSpec:
         """Frames each frame attends to: itself and window - 1 before it."""
         return self.context_left - 1
 
+    @property
+    def context(self) -> int:
+        """Keys per block of `chunk` queries in the reference's blocked attention."""
+        return self.chunk + self.context_left - 1
+
 
 def _clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
     limit = min(limit, torch.finfo(x.dtype).max)
@@ -92,7 +100,9 @@ class Subsample(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C, T, F], keep [B, T] -> [B, C', T/2, F/2], keep [B, T/2]"""
         x = self.conv(x * keep[:, None, :, None].to(x.dtype))
-        return F.relu(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)), keep[:, ::2]
+        # Contiguous, as the reference leaves it: a channels-last input would send the next convolution down
+        # another algorithm, with other rounding.
+        return F.relu(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()), keep[:, ::2]
 
 
 class SubsampleProjection(nn.Module):
@@ -135,32 +145,64 @@ class LocalAttention(nn.Module):
         self.per_dim_scale = nn.Parameter(torch.zeros(self.head_dim), requires_grad=False)
 
     def distances(self, device: torch.device) -> torch.Tensor:
-        """Sinusoids of the query-key distance: [window, hidden], row d for distance d ([sin | cos])."""
+        """Sinusoids of the query-key distance: [context // 2 + 1, hidden], row r for distance context // 2 - r
+        ([sin | cos])."""
         n = self.s.hidden // 2
         inv = torch.exp(torch.arange(n, device=device) * -(math.log(10_000.0) / max(n - 1, 1)))
-        t = torch.arange(self.s.window, device=device)[:, None] * inv[None, :]
+        t = torch.arange(self.s.context // 2, -1, -1, device=device)[:, None] * inv[None, :]
         return torch.cat((t.sin(), t.cos()), dim=-1)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H]; keep [B, T] (False on padding) -> [B, T, H]"""
+        """x [B, T, H]; keep [B, T] (False on padding) -> [B, T, H]
+
+        The reference's blocked order of operations: queries in blocks of `chunk` frames, each block against a
+        context of `context` keys (its own frames and the `context_left - 1` before them), the relative-position
+        term for all distances then shifted into place, the softmax over the whole context with the keys outside
+        the window masked. Computing only the window's keys gives other float32 rounding (softmax and matmul
+        reductions of another length), which the text model amplifies past the parity bound."""
         B, T, _ = x.shape
-        W, Hh, D = self.s.window, self.s.heads, self.head_dim
+        C, Hh, D = self.s.chunk, self.s.heads, self.head_dim
+        N = -(-T // C)  # blocks
         q = self.q_proj(x).float().view(B, T, Hh, D) * (D**-0.5 / math.log(2)) * F.softplus(self.per_dim_scale)
         k = self.k_proj(x).float().view(B, T, Hh, D) * (math.log(1 + math.e) / math.log(2))
         v = self.v_proj(x).float().view(B, T, Hh, D)
-        # Key w of frame t's window is frame t - (W - 1) + w, at distance W - 1 - w.
-        k_win = F.pad(k, (0, 0, 0, 0, W - 1, 0)).unfold(1, W, 1)  # [B, T, Hh, D, W]
-        v_win = F.pad(v, (0, 0, 0, 0, W - 1, 0)).unfold(1, W, 1)
-        rel = self.relative_k_proj(self.distances(x.device).to(x.dtype)).float().view(W, Hh, D)
-        content = torch.einsum("bthd,bthdw->bthw", q, k_win)
-        position = torch.einsum("bthd,whd->bthw", q, rel.flip(0))
+        q = F.pad(q, (0, 0, 0, 0, 0, N * C - T)).reshape(B, N, C, Hh, D).permute(0, 3, 1, 2, 4)  # [B, Hh, N, C, D]
+        k, v = (self._context(t).permute(0, 3, 1, 2, 4) for t in (k, v))  # [B, Hh, N, S, D]
+        rel = self.relative_k_proj(self.distances(x.device).to(x.dtype)).view(-1, Hh, D).float()  # [R, Hh, D]
+        content = q @ k.transpose(-1, -2)  # [B, Hh, N, C, S]
+        position = (q.reshape(B, Hh, N * C, D) @ rel.permute(1, 2, 0)).view(B, Hh, N, C, -1)
+        scores = content + self._shift(position)
         cap = self.s.logit_cap
-        scores = torch.tanh((content + position) / cap) * cap
-        key_ok = F.pad(keep, (W - 1, 0)).unfold(1, W, 1)[:, :, None, :]  # [B, T, 1, W]
-        scores = scores.masked_fill(~key_ok, self.s.invalid_logit)
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.einsum("bthw,bthdw->bthd", probs, v_win).reshape(B, T, -1)
+        scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~self._allowed(keep, N), self.s.invalid_logit)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        out = (probs @ v).permute(0, 2, 3, 1, 4).reshape(B, N * C, -1)[:, :T]
         return self.post(out.to(x.dtype))
+
+    def _context(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, Hh, D] -> each block's keys [B, N, S, Hh, D]: its C frames and the S - C before them."""
+        C, S = self.s.chunk, self.s.context
+        t = F.pad(t, (0, 0, 0, 0, S - C, C - 1))
+        return t.unfold(1, S, C).movedim(-1, 2).contiguous()
+
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Hh, N, C, R] scores per distance (column r: distance R - 1 - r) -> [B, Hh, N, C, S] per key of
+        the block's context (the relative shift of Transformer-XL, appendix B); zeros where no distance fits."""
+        B, Hh, N, C, R = x.shape
+        S = self.s.context
+        x = F.pad(x, (0, S + 1 - R)).view(B, Hh, N, C * (S + 1))[..., : C * S]
+        return x.view(B, Hh, N, C, S)
+
+    def _allowed(self, keep: torch.Tensor, N: int) -> torch.Tensor:
+        """[B, 1, N, C, S]: query c of block n may read key s of its context (a real frame, 0 to window - 1
+        frames before the query)."""
+        C, S = self.s.chunk, self.s.context
+        B, T = keep.shape
+        key = torch.arange(N, device=keep.device)[:, None] * C + torch.arange(S, device=keep.device) - (S - C)
+        query = torch.arange(N, device=keep.device)[:, None] * C + torch.arange(C, device=keep.device)  # [N, C]
+        dist = query[:, :, None] - key[:, None, :]  # [N, C, S]
+        real = F.pad(keep, (0, N * C + S - T))[:, key.clamp(min=0)] & (key >= 0) & (key < T)  # [B, N, S]
+        return ((dist >= 0) & (dist < self.s.window))[None, None] & real[:, None, :, None, :]
 
 
 class LightConv(nn.Module):

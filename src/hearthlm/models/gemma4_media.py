@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.linear import linear
+from ..quant.tensor import QuantTensor
 
 
 def tower_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -25,6 +26,15 @@ def tower_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 def rms(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm computed in float32 (x * (mean(x^2) + eps)^-1/2, times `weight` when given), cast back."""
     return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor | QuantTensor) -> torch.Tensor:
+    """x @ weight.T: F.linear when the weight is in x's dtype, the reference's kernel whatever the row count
+    (layers.linear's few-row CPU kernel sums in another order); layers.linear for stored half-precision or
+    quantized weights."""
+    if isinstance(weight, torch.Tensor) and weight.dtype == x.dtype:
+        return F.linear(x, weight)
+    return linear(x, weight)
 
 
 class Norm(nn.Module):
@@ -54,7 +64,7 @@ class ClippedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clipped:
             x = x.clamp(self.input_min.item(), self.input_max.item())
-        y = linear(x, self.weight)
+        y = dense(x, self.weight)
         return y.clamp(self.output_min.item(), self.output_max.item()) if self.clipped else y
 
     def names(self, ours: str, theirs: str) -> dict[str, str]:
@@ -74,7 +84,7 @@ class Projection(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(rms(x, self.eps), self.weight)
+        return dense(rms(x, self.eps), self.weight)
 
 
 def mirrored_names(module: nn.Module, prefix: str) -> dict[str, str]:

@@ -144,10 +144,9 @@ class VisionTower(nn.Module):
         k = self.s.pool
         cols = int(xy[:, 0].max()) // k + 1
         token = xy[:, 0] // k + cols * (xy[:, 1] // k)  # pooled cell of every patch, row-major
-        n = h.shape[0] // (k * k)
-        out = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device)
-        out.index_add_(0, token, h.float() / (k * k))
-        out = out * self.s.hidden**0.5
+        # The average as the reference takes it, a product with 1 / k^2 weights: a sum of h / k^2 rounds otherwise.
+        weights = F.one_hot(token, h.shape[0] // (k * k)).float() / (k * k)  # [P, tokens]
+        out = (weights.T @ h.float()) * self.s.hidden**0.5
         if self.s.standardize:
             out = (out - self.std_bias.float()) * self.std_scale.float()
         return out

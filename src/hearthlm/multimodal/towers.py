@@ -73,14 +73,16 @@ class Towers:
         if not images:
             return []
         tower, proj = self._get("vision")
-        P = max(im.patches.shape[0] for im in images)
+        # Padded to a multiple of 64 patches, as the reference's fixed budget * 9 mostly is: attention's vectorised
+        # softmax rounds the last partial vector of keys otherwise, and a real patch there rounds differently.
+        P = -(-max(im.patches.shape[0] for im in images) // 64) * 64
         pixels = torch.zeros(len(images), P, images[0].patches.shape[1])
         xy = torch.full((len(images), P, 2), -1, dtype=torch.long)
         for i, im in enumerate(images):
             n = im.patches.shape[0]
             pixels[i, :n], xy[i, :n] = torch.from_numpy(im.patches), torch.from_numpy(im.positions)
         pooled = tower(pixels.to(self.device), xy.to(self.device), self.dtype)
-        return [proj(p.to(self.dtype)) for p in pooled]
+        return _project(proj, [p.to(self.dtype) for p in pooled])
 
     @torch.inference_mode()
     def encode_audio(self, clips: list[AudioClip]) -> list[torch.Tensor]:
@@ -93,7 +95,13 @@ class Towers:
         for i, c in enumerate(clips):
             feats[i, : c.features.shape[0]] = torch.from_numpy(c.features)
         out = tower(feats.to(self.device), [c.features.shape[0] for c in clips], self.dtype)
-        return [proj(o) for o in out]
+        return _project(proj, out)
+
+
+def _project(proj: Projection, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every item's tower output through the projection as one matrix, as the reference projects its padded
+    batch: a matrix of a few rows goes down another GEMM kernel, with other rounding."""
+    return list(proj(torch.cat(outputs)).split([o.shape[0] for o in outputs]))
 
 
 def tower_quant(want: bool, path: Path, media: MediaSpec | None, quant: QuantSpec | None) -> QuantSpec | None:
