@@ -196,6 +196,33 @@ def test_fit_counts_towers_as_transformers_builds_them(name):
         assert "audio" not in m.towers
 
 
+def _held(llm: LLM) -> int:
+    """Bytes of the loaded towers and projections: parameters, and the quantized weights' buffers."""
+    modules = [m for kind in ("vision", "audio") for m in llm.media_encoder.towers._get(kind)]
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fit_prices_quantized_towers_as_loaded(av, fmt, capsys):
+    """--quant-towers: the towers' linear weights in the text model's format, priced as `LLM(quant_towers=True)`
+    holds them (a few weights too narrow to quantize stay as stored); without it, as stored."""
+    from hearthlm import cli
+
+    folder, _ = av
+    m = fit.load(str(folder))
+    e = fit.estimate(m, fmt, context=64, images=1, audio_clips=1, quant_towers=True)
+    assert e.towers == _held(LLM(folder, dtype="float32", quant=fmt, quant_towers=True))
+    assert e.towers < fit.estimate(m, fmt, context=64, images=1, audio_clips=1).towers
+    assert (
+        fit.estimate(m, "bf16", context=64, images=1, quant_towers=True).towers
+        == fit.estimate(m, "bf16", context=64, images=1).towers
+    )  # the towers take a quantized text model's format only
+    assert cli.main(["fit", str(folder), "--ram", "64", "--vram", "0", "--bandwidth", "40", "--images", "1",
+                 "--quant-towers", "--json", "--context", "64"]) == 0  # fmt: skip
+    rows = {r["format"]: r for r in json.loads(capsys.readouterr().out)["estimates"]}
+    assert rows[fmt]["towers"] == fit.estimate(m, fmt, context=64, images=1, quant_towers=True).towers
+
+
 def test_fit_adds_tower_memory_and_image_token_kv(av):
     folder, _ = av
     m = fit.load(str(folder))
@@ -203,10 +230,10 @@ def test_fit_adds_tower_memory_and_image_token_kv(av):
     e = fit.estimate(m, "bf16", context=64, images=2, image_tokens=70, audio_clips=1)
     assert e.media_tokens == 2 * 72 + 752  # within the tiny model's 1024 positions
     assert e.media_kv == fit.kv_cache_bytes(m.config, 64 + e.media_tokens) - fit.kv_cache_bytes(m.config, 64) > 0
-    assert e.towers == 4 * (m.towers["image"].params + m.towers["audio"].params)  # float32 on CPU
+    assert e.towers == _held(LLM(folder, dtype="float32"))  # bf16 linear weights kept as stored, the rest float32
     assert e.ram - plain.ram > e.towers + e.media_kv
     int4 = fit.estimate(m, "int4", context=64, images=2, image_tokens=70, audio_clips=1)
-    assert int4.towers == e.towers  # never quantized
+    assert int4.towers == e.towers  # quantized models keep their towers in their precision by default
     with pytest.raises(ValueError, match="no audio tower"):
         fit.estimate(fit.known_model("gemma-4-31B"), audio_clips=1)
     rows = fit.fit(None, None, 4096, 1, ("bf16",), images=1, audio_clips=1)

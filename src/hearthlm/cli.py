@@ -503,7 +503,7 @@ def _fit(args: argparse.Namespace) -> int:
     machine = fit.detect(args.ram, args.vram, args.bandwidth)
     estimates = fit.fit(
         args.models or None, machine, args.context, args.concurrency, images=args.images,
-        image_tokens=args.image_tokens, audio_clips=args.audio_clips,
+        image_tokens=args.image_tokens, audio_clips=args.audio_clips, quant_towers=args.quant_towers,
     )  # fmt: skip
     if args.json:
         sys.stdout.write(fit.to_json(estimates, machine) + "\n")
@@ -745,6 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-tokens", type=int, default=280, choices=(70, 140, 280, 560, 1120), help="soft tokens per image"
     )
     fit.add_argument("--audio-clips", type=int, default=0, help="30-second audio clips per sequence (the audio tower)")
+    fit.add_argument(
+        "--quant-towers", action="store_true", help="price the towers' linear layers in int8 / int4 in those formats"
+    )
     fit.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
     fit.add_argument("--json", action="store_true", help="print the estimates as JSON")
     fit.set_defaults(func=_fit)

@@ -29,8 +29,12 @@ loader drops their source pages, so the peak is the weights plus one copy's sour
 
 Images and audio (Gemma 4 checkpoints with towers; `images` / `audio_clips` per sequence): the towers and their
 projections are counted from vision_config / audio_config (their modules built on the meta device, as the text
-model's), held as multimodal/towers.py holds them (float32 on CPU, the model dtype on a GPU, never quantized),
-plus one batch of tower activations (every image of a sequence encoded together). Each image adds
+model's), held as multimodal/towers.py holds them: on CPU the linear layers' weights (the clipped ones and the
+projections) in their stored dtype (bf16 / fp16 kept, read from the checkpoint's tower tensors or the config's
+dtype) and everything else in float32; on a GPU all in the model dtype. With `quant_towers` (`--quant-towers`, int8
+and int4 formats only, as `LLM(quant_towers=True)` allows) those linear weights whose input width allows it take the
+format's bytes; a folder `hearth quantize --quant-towers` wrote holds them quantized whatever is asked. Plus one batch
+of tower activations (every image of a sequence encoded together). Each image adds
 `image_tokens` + 2 positions to the sequence, each clip up to 752: their K/V is the cache grown by those positions
 (`media_kv`). Text-only use loads no tower, so with no images or clips nothing is added.
 
@@ -121,6 +125,7 @@ class Model:
     file_dtype_bytes: int = 2
     source: str = "config"  # "known" | a folder path
     towers: dict[str, TowerSize] = field(default_factory=dict)  # "image" / "audio": the tower that reads it
+    towers_quant: str | None = None  # the format a quantized folder stores its towers' linear weights in
 
     def count(self, *roles: str) -> int:
         return sum(t.numel for t in self.tensors if not roles or t.role in roles)
@@ -145,12 +150,36 @@ class TowerSize:
     params: int
     activation_per_input: int  # bytes per patch (vision) or per 10-ms feature frame (audio)
     inputs_per_token: int  # patches per soft token (pool^2) or frames per audio token (4)
+    linear: tuple[tuple[int, int], ...] = ()  # [out, in] of the clipped linear layers' and the projection's weights
+    stored_bytes: int = 2  # bytes per weight of those as the checkpoint stores them
+
+    def weight_bytes(self, quant: str | None = None, gpu_bytes: int | None = None) -> int:
+        """Bytes held (multimodal/towers.py): on CPU (`gpu_bytes` None) the linear weights as stored if half
+        precision, else float32, the rest float32; on a GPU everything in `gpu_bytes` per parameter. `quant`
+        ("int8" / "int4"): the linear weights whose input width allows it in that format instead."""
+        from .quant.quantize import parse_quant
+
+        spec = parse_quant(quant) if quant else None
+        linear = sum(n * k for n, k in self.linear)
+        held = (self.params - linear) * (gpu_bytes or 4)
+        for n, k in self.linear:
+            if spec is not None and k % 32 == 0 and (spec.group is None or k % spec.group == 0):
+                held += n * k + 2 * n if spec.bits == 8 else n * k // 2 + 4 * (n * k // spec.group)
+            else:
+                held += n * k * (gpu_bytes or (self.stored_bytes if self.stored_bytes == 2 else 4))
+        return held
 
 
-def _towers(hf: dict[str, Any]) -> dict[str, TowerSize]:
-    """The towers a multimodal config describes (vision_config, audio_config), counted on the meta device."""
+def _towers(hf: dict[str, Any], stored_bytes: int = 2) -> dict[str, TowerSize]:
+    """The towers a multimodal config describes (vision_config, audio_config), counted on the meta device;
+    `stored_bytes`: bytes per weight of their linear layers in the checkpoint."""
     from .models.gemma4_audio import AudioSpec, AudioTower
+    from .models.gemma4_media import ClippedLinear
     from .models.gemma4_vision import VisionSpec, VisionTower
+
+    def linear(tower: torch.nn.Module, width: int) -> tuple[tuple[int, int], ...]:
+        shapes = [tuple(m.weight.shape) for m in tower.modules() if isinstance(m, ClippedLinear)]
+        return (*shapes, (text["hidden_size"], width))  # the projection into the text width
 
     out: dict[str, TowerSize] = {}
     if hf.get("model_type") not in ("gemma4", "gemma4_text") or not isinstance(hf.get("text_config", hf), dict):
@@ -159,14 +188,16 @@ def _towers(hf: dict[str, Any]) -> dict[str, TowerSize]:
     with torch.device("meta"):
         if isinstance(hf.get("vision_config"), dict):
             v = VisionSpec.from_hf(hf["vision_config"])
-            n = sum(p.numel() for p in VisionTower(v).parameters()) + v.hidden * text["hidden_size"]
+            tower = VisionTower(v)
+            n = sum(p.numel() for p in tower.parameters()) + v.hidden * text["hidden_size"]
             act = 4 * (6 * v.hidden + 3 * v.intermediate + 3 * v.heads * v.head_dim)
-            out["image"] = TowerSize(n, act, v.pool**2)
+            out["image"] = TowerSize(n, act, v.pool**2, linear(tower, v.hidden), stored_bytes)
         if isinstance(hf.get("audio_config"), dict):
             a = AudioSpec.from_hf(hf["audio_config"])
-            n = sum(p.numel() for p in AudioTower(a).parameters()) + a.out_dims * text["hidden_size"]
+            tower = AudioTower(a)
+            n = sum(p.numel() for p in tower.parameters()) + a.out_dims * text["hidden_size"]
             act = 4 * (a.channels[0] * 64 + 12 * a.hidden)  # the first convolution's map, then 4x fewer frames
-            out["audio"] = TowerSize(n, act, 4)
+            out["audio"] = TowerSize(n, act, 4, linear(tower, a.out_dims), stored_bytes)
     return out
 
 
@@ -182,7 +213,9 @@ def _role(name: str, shape: tuple[int, ...]) -> str:
     return "matrix" if len(shape) >= 2 else "vector"
 
 
-def model_from_hf(name: str, hf: dict[str, Any], where: str, file_dtype_bytes: int | None = None) -> Model:
+def model_from_hf(
+    name: str, hf: dict[str, Any], where: str, file_dtype_bytes: int | None = None, tower_bytes: int | None = None
+) -> Model:
     """Build the family's module on the meta device from a config.json dict and list its tensors."""
     from .weights.mapping import Cat, Stack
 
@@ -200,21 +233,38 @@ def model_from_hf(name: str, hf: dict[str, Any], where: str, file_dtype_bytes: i
     if file_dtype_bytes is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
         file_dtype_bytes = _DTYPE_BYTES.get(dtype, 2)
-    return Model(name, cfg, tensors, file_dtype_bytes, towers=_towers(hf))
+    quant = hf.get("quantization_config")
+    towers_quant = quant.get("towers") if isinstance(quant, dict) else None  # `hearth quantize --quant-towers`
+    towers = _towers(hf, tower_bytes or file_dtype_bytes)
+    return Model(name, cfg, tensors, file_dtype_bytes, towers=towers, towers_quant=towers_quant)
 
 
 def _file_dtype_bytes(folder: Path) -> int | None:
     """The dtype of the first tensor of a safetensors file in `folder` (the config's dtype may be absent)."""
-    import struct
-
     for path in sorted(folder.glob("*.safetensors"))[:1]:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for entry in header.values():
+        for entry in _header(path).values():
             return _DTYPE_BYTES.get(entry["dtype"])
     return None
+
+
+def _tower_dtype_bytes(folder: Path) -> int | None:
+    """The dtype of the towers' linear weights in `folder`'s safetensors files (a checkpoint may store its towers
+    in another dtype than its text model), None when it has none."""
+    for path in sorted(folder.glob("*.safetensors")):
+        for name, entry in _header(path).items():
+            if "_tower." in name and name.endswith(".linear.weight"):
+                return _DTYPE_BYTES.get(entry["dtype"])
+    return None
+
+
+def _header(path: Path) -> dict[str, Any]:
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
 
 
 def known_model(name: str) -> Model | None:
@@ -247,7 +297,7 @@ def load(name: str | Path) -> Model:
         m = model_from_hf(path.name, hf_config(GGUFFile(path)), str(path), file_dtype_bytes=2)
     else:
         hf = read_json(path / "config.json")
-        m = model_from_hf(path.name, hf, str(path / "config.json"), _file_dtype_bytes(path))
+        m = model_from_hf(path.name, hf, str(path / "config.json"), _file_dtype_bytes(path), _tower_dtype_bytes(path))
     m.source = str(path)
     return m
 
@@ -391,10 +441,16 @@ AUDIO_TOKENS = 750  # the most soft tokens one clip takes (30 s); the estimate a
 
 
 def media(
-    m: Model, images: int = 0, image_tokens: int = 280, audio_clips: int = 0, bytes_per_param: int = 4
+    m: Model,
+    images: int = 0,
+    image_tokens: int = 280,
+    audio_clips: int = 0,
+    quant: str | None = None,
+    gpu_bytes: int | None = None,
 ) -> tuple[int, int, int]:
-    """What images and audio clips per sequence add: (positions in the sequence, tower weight bytes at
-    `bytes_per_param`, tower activation bytes in float32). A ValueError when the model has no tower for them."""
+    """What images and audio clips per sequence add: (positions in the sequence, tower weight bytes as held on CPU,
+    or on a GPU at `gpu_bytes` per parameter, their linear weights in `quant` when given (TowerSize.weight_bytes),
+    tower activation bytes in float32). A ValueError when the model has no tower for them."""
     asked = {"image": images, "audio": audio_clips}
     for kind, n in asked.items():
         if n < 0:
@@ -404,7 +460,7 @@ def media(
     per_item = {"image": image_tokens, "audio": AUDIO_TOKENS}
     tokens = sum(n * (per_item[k] + 2) for k, n in asked.items())  # each item between its begin/end markers
     used = [k for k, n in asked.items() if n]
-    weights = sum(m.towers[k].params * bytes_per_param for k in used)
+    weights = sum(m.towers[k].weight_bytes(quant, gpu_bytes) for k in used)
     act = sum(asked[k] * per_item[k] * m.towers[k].inputs_per_token * m.towers[k].activation_per_input for k in used)
     return tokens, weights, act
 
@@ -418,13 +474,16 @@ def estimate(
     images: int = 0,
     image_tokens: int = 280,
     audio_clips: int = 0,
+    quant_towers: bool = False,
 ) -> Estimate:
     """Memory and bytes per token of model `m` in format `fmt` (no machine involved: see `judge`); `images` and
-    `audio_clips` per sequence add their tower memory and the K/V of their soft tokens (`image_tokens` each)."""
+    `audio_clips` per sequence add their tower memory and the K/V of their soft tokens (`image_tokens` each), the
+    towers' linear weights in `fmt` with `quant_towers` when `fmt` is int8 or int4 (as LLM(quant_towers=True))."""
     cfg = m.config
-    media_tokens, towers_cpu, tower_act = media(m, images, image_tokens, audio_clips)  # float32 on CPU
+    tq = m.towers_quant or (fmt if quant_towers and fmt in ("int8", "int4") else None)
+    media_tokens, towers_cpu, tower_act = media(m, images, image_tokens, audio_clips, tq)
     on_gpu = 4 if fmt in ("fp32", "fp16") else 2  # the model dtype on a GPU; float16 overflows: float32
-    towers_gpu = media(m, images, image_tokens, audio_clips, on_gpu)[1]
+    towers_gpu = media(m, images, image_tokens, audio_clips, tq, on_gpu)[1]
     text_context = min(context, cfg.max_position)
     context = min(context + media_tokens, cfg.max_position)
     sizes = {t.name: tensor_bytes(m, t, fmt) for t in m.tensors}
@@ -617,9 +676,11 @@ def fit(
     images: int = 0,
     image_tokens: int = 280,
     audio_clips: int = 0,
+    quant_towers: bool = False,
 ) -> list[Estimate]:
     """Estimates for each model (default: every known model) in each format, judged against `machine`; with
-    `images` / `audio_clips` per sequence, the known models without such a tower are left out."""
+    `images` / `audio_clips` per sequence, the known models without such a tower are left out; `quant_towers`:
+    see `estimate`."""
     if context < 1 or concurrency < 1:
         raise ValueError(f"--context and --concurrency must be at least 1 (got {context} and {concurrency})")
     models = [load(n) for n in names] if names else [known_model(n) for n in KNOWN_MODELS]
@@ -629,8 +690,9 @@ def fit(
     for m in models:
         for fmt in formats:
             e = estimate(
-                m, fmt, context, concurrency, images=images, image_tokens=image_tokens, audio_clips=audio_clips
-            )
+                m, fmt, context, concurrency, images=images, image_tokens=image_tokens, audio_clips=audio_clips,
+                quant_towers=quant_towers,
+            )  # fmt: skip
             out.append(judge(e, machine) if machine is not None else e)
     return out
 
@@ -687,7 +749,8 @@ def table(estimates: list[Estimate], machine: Machine | None):
         "RAM/VRAM include the KV cache, activations and the runtime; on a GPU the PLE table stays in host memory. "
         + (
             f"Images and audio: {first.media_tokens} positions per sequence (their K/V {_gb(first.media_kv)}), the "
-            "towers unquantized (float32 on CPU) and one batch of their activations. "
+            "towers as held (linear weights as stored, or in int8 / int4 with --quant-towers; the rest float32 on "
+            "CPU) and one batch of their activations. "
             if first is not None and first.media_tokens
             else ""
         )
