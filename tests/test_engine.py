@@ -275,21 +275,6 @@ def test_past_max_running_requests_wait_in_order(loaded):
         assert got[rid] == alone(llm, prompt, p)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 9, 20, 32, 40])
-def test_decode_groups_split_wide_batches_evenly(rows, loaded):
-    from hearthlm.engine.runner import FUSED_DECODE_ROWS, decode_groups
-    from hearthlm.kernels import cpu
-
-    _, llm = loaded("qwen2")
-    seqs = list(range(rows))
-    groups = decode_groups(llm.model, seqs)
-    assert [s for g in groups for s in g] == seqs
-    if cpu.available() and cpu.MAX_ROWS < rows <= FUSED_DECODE_ROWS:
-        assert max(map(len, groups)) <= cpu.MAX_ROWS and max(map(len, groups)) - min(map(len, groups)) <= 1
-    else:
-        assert len(groups) == 1
-
-
 def test_batched_greedy_logprobs_equal_the_log_softmax(loaded):
     # 12 greedy rows with logprobs (picked and scored in one batched op) beside a penalized and a sampled row
     # (scored row by row): each row's tokens equal its run alone, and its logprobs the model's log-softmax.

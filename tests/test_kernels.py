@@ -26,6 +26,22 @@ def test_gemv_matches_matmul(dtype, rows, shape):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not cpu.available(), reason="this CPU has no AVX2/FMA/F16C: the kernels are never built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [9, 12, 17, 32, 41])
+def test_wide_gemv_is_its_even_slices(dtype, rows):
+    """Past MAX_ROWS rows the GEMV runs even slices of at most MAX_ROWS rows (a fused decode step of up to
+    MAX_DECODE_ROWS rows): bit for bit what separate calls on those slices give, bias included."""
+    g = torch.Generator().manual_seed(rows)
+    x, W, bias = torch.randn(rows, 200, generator=g), torch.randn(70, 200, generator=g).to(dtype), torch.randn(70)
+    k = -(-rows // cpu.MAX_ROWS)
+    slices = [(i * rows // k, (i + 1) * rows // k) for i in range(k)]
+    assert max(hi - lo for lo, hi in slices) <= cpu.MAX_ROWS
+    want = torch.cat([cpu.gemv(x[lo:hi], W, bias) for lo, hi in slices])
+    assert torch.equal(cpu.gemv(x, W, bias), want)
+    assert torch.equal(cpu.gemv(x.view(1, rows, 200), W, bias), want.view(1, rows, 70))
+
+
 @pytest.mark.parametrize("rows", [1, 7, 9, 40])  # both sides of the kernel's row limit
 @pytest.mark.parametrize("path", ["avx512", "avx2"])  # 40 rows: the bf16 GEMM (oneDNN) or float32
 def test_linear_dispatch_matches_f_linear(rows, path, kernel_path):

@@ -21,7 +21,7 @@ from .detokenize import TextStream
 from .errors import ContextLengthError
 from .guided import Guides
 from .paged_cache import PagedKVCache
-from .runner import decode_groups, run_paged, run_verify
+from .runner import run_paged, run_verify
 from .sampler import SamplingParams, TokenLogprob, greedy_rows, logprob_of, logprob_rows, penalize, pick
 from .scheduler import Scheduler, Work
 from .sequence import Sequence
@@ -345,17 +345,13 @@ class Engine:
         """Forward every scheduled chunk; the sequences whose next token is due and their logits [n, V]."""
         model, due, rows = self.llm.model, [], []
         decode = [w.seq for w in work if w.n == 1]
-        for group in decode_groups(model, decode):
-            wants = [s.pending == 1 for s in group]
-            logits = run_paged(model, self.cache, group, 1, True)
-            for seq in group:
+        if decode:  # one forward: on CPU the fused decode step takes up to cpu.MAX_DECODE_ROWS rows whole
+            wants = [s.pending == 1 for s in decode]
+            logits = run_paged(model, self.cache, decode, 1, True)
+            for seq in decode:
                 seq.num_computed += 1
-            if all(wants):
-                due += group
-                rows.append(logits)
-            else:
-                due += [s for s, want in zip(group, wants) if want]
-                rows.append(logits[torch.tensor(wants)])
+            due += [s for s, want in zip(decode, wants) if want]
+            rows.append(logits if all(wants) else logits[torch.tensor(wants)])
         self._encode_media([w for w in work if w.n > 1 and w.seq.media is not None])
         for w in work:
             if w.n > 1 and not w.draft:

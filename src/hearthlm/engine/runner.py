@@ -90,7 +90,7 @@ def run_verify(
 def _verify_rows(model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], drafts: list[list[int]]):
     rows = [(s, s.num_computed + j, t) for s, d in zip(seqs, drafts) for j, t in enumerate([s.tokens[-1], *d])]
     n, device = len(rows), model.device
-    k = -(-n // cpu.MAX_ROWS) if n <= FUSED_DECODE_ROWS else 1
+    k = -(-n // cpu.MAX_DECODE_ROWS)  # forwards the fused decode step takes whole
     cuts = [i * n // k for i in range(k + 1)]
     logits, hidden = [], []
     for a, b in zip(cuts, cuts[1:]):  # in order: a position's K/V is written no later than the rows reading it
@@ -125,20 +125,3 @@ def keep_hidden(seqs: list[Sequence], firsts: list[int], hidden) -> None:
     for seq, first, rows in zip(seqs, firsts, hidden):
         if seq.spec is not None and getattr(seq.spec.drafter, "reads_hidden", False):
             seq.hidden = (first, rows)
-
-
-# Decode batches of up to this many rows run on CPU as forwards of at most cpu.MAX_ROWS rows: there the fused decode
-# step (layers/decode_step.py) runs each layer in one kernel call, where a wider forward runs module by module.
-FUSED_DECODE_ROWS = 32
-
-
-def decode_groups(model: CausalLM, seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Split the decode rows of a step into the forwards that run them fastest: several forwards of at most
-    cpu.MAX_ROWS rows (as even as possible) on CPU up to FUSED_DECODE_ROWS rows, else one. Every row's result
-    is its own, whatever rows share its forward."""
-    n = len(seqs)
-    if n <= cpu.MAX_ROWS or n > FUSED_DECODE_ROWS or model.device.type != "cpu" or not cpu.available():
-        return [seqs] if seqs else []
-    k = -(-n // cpu.MAX_ROWS)
-    cuts = [i * n // k for i in range(k + 1)]
-    return [seqs[a:b] for a, b in zip(cuts, cuts[1:])]

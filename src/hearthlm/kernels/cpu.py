@@ -29,7 +29,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-MAX_ROWS = 8  # the kernel serves up to this many input rows (decode batches)
+MAX_ROWS = 8  # one pass of the GEMV kernels holds this many input rows in registers
+# A fused decode step takes batches up to this many rows in one forward; the GEMV kernels run more rows than
+# MAX_ROWS as even slices of at most MAX_ROWS (cpu_kernels.h by_slices), so a row's result is the same as when
+# the engine ran such a batch as separate forwards, and the Python around the kernels runs once per step.
+MAX_DECODE_ROWS = 32
 
 
 ISAS = ("amx", "avx512", "avx2", "torch")  # widest first
@@ -241,8 +245,8 @@ def quant_gemm(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] of at most MAX_ROWS rows (any float dtype), weight [N, K] contiguous, bias float32 [N] or
-    None -> x @ weight.T + bias, float32 [..., N]."""
+    """x [..., K] (any float dtype; more than MAX_ROWS rows run as even slices of at most MAX_ROWS), weight [N, K]
+    contiguous, bias float32 [N] or None -> x @ weight.T + bias, float32 [..., N]."""
     return _load().gemv(x, weight, bias)
 
 
@@ -292,8 +296,9 @@ def quant_gemv(
     group: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] of at most MAX_ROWS rows (any float dtype), the QuantTensor parts of a 2-D weight W [N, K]
-    (contiguous), bias float32 [N] or None -> x @ W.T + bias, float32 [..., N].
+    """x [..., K] (any float dtype; more than MAX_ROWS rows run as even slices of at most MAX_ROWS), the
+    QuantTensor parts of a 2-D weight W [N, K] (contiguous), bias float32 [N] or None -> x @ W.T + bias, float32
+    [..., N].
 
     x is rounded to int8 per block of 32 elements inside (one scale per block, as llama.cpp's Q8_0), so the
     result is W . x^ where each element of x^ is off by at most 1/254 of its block's largest |x|.

@@ -5,7 +5,15 @@
 
 #include <torch/types.h>
 
+#include <functional>
 #include <string>
+
+// A kernel pass holds at most kPassRows input rows in registers. Wider inputs (a decode batch of up to
+// cpu.MAX_DECODE_ROWS rows, in one fused forward) run as even slices of at most kPassRows rows: slice i of k is rows
+// [i * M / k, (i + 1) * M / k), the cuts the engine used when it ran such a batch as separate forwards, so each
+// row's result is what it was then. `pass` computes one slice's [rows, N] output.
+constexpr int64_t kPassRows = 8;
+torch::Tensor by_slices(const torch::Tensor& x, const std::function<torch::Tensor(const torch::Tensor&)>& pass);
 
 // Float weights (gemv_cpu.cpp). Shapes and dtypes are documented at each definition.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias);

@@ -120,8 +120,16 @@ void dispatch(const float* x, const T* W, float* y, int64_t M, int64_t K, int64_
 
 }  // namespace
 
-// x [..., K] (any float dtype, at most 8 rows), W [N, K] contiguous (fp32 / fp16 / bf16), bias float32 [N] or
-// None -> x @ W^T + bias, float32 [..., N]; the reshape and conversions here, not as separate Python calls.
+torch::Tensor by_slices(const torch::Tensor& x, const std::function<torch::Tensor(const torch::Tensor&)>& pass) {
+  const int64_t M = x.size(0), k = (M + kPassRows - 1) / kPassRows;
+  std::vector<torch::Tensor> outs;
+  for (int64_t i = 0; i < k; ++i) outs.push_back(pass(x.narrow(0, i * M / k, (i + 1) * M / k - i * M / k)));
+  return torch::cat(outs);
+}
+
+// x [..., K] (any float dtype; more than 8 rows run in slices, see by_slices), W [N, K] contiguous (fp32 / fp16 /
+// bf16), bias float32 [N] or None -> x @ W^T + bias, float32 [..., N]; the reshape and conversions here, not as
+// separate Python calls.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(W.dim() == 2 && W.is_contiguous(), "gemv: W must be a contiguous 2-D tensor");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == W.size(1), "gemv: x must be [..., K] with K = W.size(1)");
@@ -132,6 +140,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor
   out_shape.back() = N;
   auto xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   const int64_t M = xf.size(0);
+  if (M > kPassRows) return by_slices(xf, [&](const torch::Tensor& s) { return gemv(s, W, bias); }).view(out_shape);
   auto y = torch::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();

@@ -28,8 +28,6 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -473,9 +471,10 @@ int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor
 
 }  // namespace
 
-// x [..., K] (any float dtype, at most 8 rows), W the QuantTensor parts of a 2-D weight [N, K], bias float32 [N]
-// or None -> x @ W^T + bias, float32 [..., N], with x rounded to int8 per block of 32 (see the header). The
-// reshape and conversions happen here, not as separate calls from Python: decode makes ~100 of these a token.
+// x [..., K] (any float dtype; more than 8 rows run in slices, see by_slices), W the QuantTensor parts of a 2-D
+// weight [N, K], bias float32 [N] or None -> x @ W^T + bias, float32 [..., N], with x rounded to int8 per block
+// of 32 (see the header). The reshape and conversions happen here, not as separate calls from Python: decode makes
+// ~100 of these a token.
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                          int64_t bits, int64_t group, c10::optional<torch::Tensor> bias) {
   const int64_t K = check_weight("quant_gemv", qdata, scales, mins, bits, group);
@@ -487,9 +486,11 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   x = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "quant_gemv: x must have 1..", kMaxRows, " rows, got ",
-              x.size(0));
+  TORCH_CHECK(x.size(0) >= 1, "quant_gemv: x has no rows");
   const int64_t M = x.size(0);
+  if (M > kPassRows)
+    return by_slices(x, [&](const torch::Tensor& s) { return quant_gemv(s, qdata, scales, mins, bits, group, bias); })
+        .view(out_shape);
   const bool half = group == 16;
   auto y = torch::empty({M, N}, x.options());
   if (N == 0) return y;

@@ -5,7 +5,7 @@ At decode a small model spends as much time between kernels as in them: run modu
 layer makes about twenty Python-level calls per token, each a few microseconds. The fused step chains the same
 kernels on the same values, so it changes no result (tests/test_decode_step.py checks bit equality); it only
 drops the Python in between. It applies where the module-by-module path runs those kernels anyway: CPU,
-float32 activations, one new token per row, at most cpu.MAX_ROWS rows, a cache that can name the step's slots
+float32 activations, one new token per row, at most cpu.MAX_DECODE_ROWS rows, a cache that can name the step's slots
 (the paged one), and weights the GEMV kernels read. Anything else (other devices, prefill, MoE layers) takes
 the module path.
 """
@@ -113,7 +113,7 @@ def compile_layer(layer: nn.Module):
 def step(layer: nn.Module, x: torch.Tensor, batch: Batch, ple: torch.Tensor | None = None) -> torch.Tensor | None:
     """The layer's output for decode input x [B, 1, hidden] (and its per-layer input ple [B, 1, P], Gemma 4) in
     one kernel call, or None: run it module by module."""
-    if x.dtype != torch.float32 or x.shape[0] > cpu.MAX_ROWS or x.device.type != "cpu":
+    if x.dtype != torch.float32 or x.shape[0] > cpu.MAX_DECODE_ROWS or x.device.type != "cpu":
         return None
     fused = layer.__dict__.get("_decode_step", False)
     if fused is False:  # built on first use, after loading has put every weight in its final form
