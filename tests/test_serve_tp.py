@@ -30,20 +30,35 @@ from hearthlm.distributed.follow import Forward, Leader, Stop, follow
 from hearthlm.engine.engine import Engine
 from hearthlm.engine.sampler import SamplingParams
 
-SAFETY = 300  # seconds: a net for a hung child on a loaded machine, never an expectation of speed
+SAFETY = 180  # seconds: a net for a hung child on a loaded machine, never an expectation of speed
 CHATS = ["Tell me a story.", "What is the sea?", "Name a colour.", "Who are you?"]
 WORDS = ["w5 w17 w33 w8", "w40 w41", "w9 w9 w9 w9 w9 w70", "w3"]
 FP32 = ["--dtype", "float32"]  # bf16 partial sums, added by an all-reduce, round otherwise than one matmul
 
 
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Ranks:
     """`hearth serve MODEL --tp 2` as a child process on a free loopback port."""
 
-    def __init__(self, model: str, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, model: str, log: Path, torchrun: bool = False):
+        self.port = _port()
         cmd = [sys.executable, "-m", "hearthlm.cli", "serve", model, "--tp", "2", "--port", str(self.port), *FP32]
+        if torchrun:
+            run = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(_port()),
+            ]
+            cmd = [*run, *cmd[1:5], *cmd[7:]]  # without --tp: torchrun starts the ranks
         self.log = log
         with open(log, "w") as err:  # a file, not a pipe: a full pipe would block the server
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
@@ -61,17 +76,17 @@ class Ranks:
         except httpx.TransportError:
             return False
 
-    def follower(self) -> int:
-        """The pid of rank 1 (a child of the launcher whose environment says RANK=1)."""
+    def rank(self, rank: int = 1) -> int:
+        """The pid of a rank (a child of the launcher whose environment says RANK=rank)."""
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != self.proc.pid:
                     continue
-                if b"RANK=1\0" in (stat.parent / "environ").read_bytes():
+                if f"\0RANK={rank}\0".encode() in b"\0" + (stat.parent / "environ").read_bytes():
                     return int(stat.parent.name)
             except (OSError, ValueError):
                 continue
-        raise AssertionError("no rank 1 among the launcher's children")
+        raise AssertionError(f"no rank {rank} among the launcher's children")
 
     def err(self) -> str:
         return self.log.read_text()
@@ -169,6 +184,18 @@ def test_llama_completions_match_one_process(llama_tp, llama_one, words):
         assert _at_once([partial(_complete, llama_tp.client, words.name, p, stream) for p in WORDS]) == one
 
 
+def test_torchrun_ranks_serve_and_stop_cleanly(words, llama_one, tmp_path):
+    """`torchrun --nproc-per-node 2 -m hearthlm.cli serve MODEL`: the same replies; SIGTERM to rank 0 stops all."""
+    ranks = Ranks(str(words), tmp_path / "err.log", torchrun=True)
+    try:
+        assert _complete(ranks.client, words.name, WORDS[0], False) == _complete(llama_one, words.name, WORDS[0], False)
+        os.kill(ranks.rank(0), signal.SIGTERM)
+        assert ranks.proc.wait(timeout=SAFETY) == 0, ranks.err()
+    finally:
+        if ranks.proc.poll() is None:
+            ranks.proc.kill()
+
+
 def test_what_is_not_mirrored_is_refused_with_400(demo_tp):
     r = httpx.post(demo_tp.url + "/v1/embeddings", json={"model": "hearth-demo", "input": "hi"}, timeout=SAFETY)
     assert r.status_code == 400 and "not available with --tp" in r.json()["error"]["message"]
@@ -192,7 +219,7 @@ def test_options_that_cannot_be_mirrored_are_refused_before_any_rank_starts(args
 
 
 def test_sigterm_stops_every_rank_and_exits_0(demo_tp):
-    follower = demo_tp.follower()
+    follower = demo_tp.rank(1)
     body = {"model": "hearth-demo", "prompt": "hi", "stream": True, "max_tokens": 40, "ignore_eos": True}
     with httpx.stream("POST", demo_tp.url + "/v1/completions", json=body, timeout=SAFETY) as r:
         lines = r.iter_lines()
@@ -213,7 +240,7 @@ def test_a_killed_follower_ends_the_server_with_an_error(llama_tp, words):
     with httpx.stream("POST", llama_tp.url + "/v1/completions", json=body, timeout=SAFETY) as r:
         lines = r.iter_lines()
         next(lines)
-        os.kill(llama_tp.follower(), signal.SIGKILL)
+        os.kill(llama_tp.rank(1), signal.SIGKILL)
         start = time.monotonic()
         try:
             list(lines)
