@@ -1,6 +1,7 @@
-"""What a quantized vision tower loses (`--quant-towers`): answers, tower outputs, logits, encode time, memory.
+"""What a quantized vision or audio tower loses (`--quant-towers`): answers, tower outputs, logits, encode time, memory.
 
-    python benchmarks/tower_quant.py [--per-case 100] [--layers 10] [--runs 3] [--threads 2] [--only demo|e2b]
+    python benchmarks/tower_quant.py [--per-case 100] [--layers 10] [--runs 3] [--threads 2] [--only demo|e2b|audio]
+                                     [--audio FILE ...]
 
 Towers compared: float (as stored: the linear layers' bf16 weights, computed in float32 on CPU), int8 and int4
 (the default int4-g32), quantized as `--quant-towers` does it. The text model is the same in every column of a
@@ -19,12 +20,21 @@ comparison, so what moves is the tower's doing.
    its output about as much as quantizing does), and trained weights have outlier channels that random ones lack.
    Its memory and time figures stand.
 3. Encode time (one image, median of `--runs` after a warm-up) and the tower's memory (tower + projection tensors).
+4. `--only audio` (not run by default): E2B's audio tower (1024 wide, 12 conformer layers) with a text model cut to
+   `--audio-layers`, random bf16 weights (N(0, 0.02) as benchmarks/multimodal.py draws them), on decoded audio: WAV
+   files written here and decoded as any input is (load_audio: libsndfile, resampled to 16 kHz), a 4-second
+   speech-like clip (a voiced source at a gliding pitch through moving vowel formants, with pauses) and a 2-second
+   chirp in noise, or `--audio FILE ...` (any recording). The same figures as part 2 on the audio soft tokens and the
+   next-token distributions from the clip on, and the same kind of control (every log-mel feature + 1e-4). There is no
+   trained audio demo: the figures bound what the weight rounding does to a random tower, not what a trained one
+   loses.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import random
@@ -33,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hearthlm import LLM, SamplingParams
@@ -209,19 +220,137 @@ def run_e2b(layers: int, runs: int) -> None:
           f"rel err {err['rel']:.2e}, cos mean {err['cos_mean']:.6f}, cos min {err['cos_min']:.6f}")  # fmt: skip
 
 
+# -- 4. E2B's audio tower, random weights --------------------------------------------------------------------------
+def build_audio(layers: int) -> Path:
+    """E2B's text model (cut to `layers`) with its audio tower, random bf16 weights, saved as a checkpoint folder."""
+    import transformers as tf
+    from multimodal import OUT
+    from test_multimodal import IDS, _tokenizer
+
+    folder = OUT / f"gemma4-e2b-audio-L{layers}"
+    if (folder / "config.json").exists():
+        return folder
+    hf = json.loads((ROOT / "src/hearthlm/known_models/gemma-4-E2B.json").read_text())
+    audio = hf.pop("audio_config")
+    hf.pop("vision_config", None)
+    shared = hf["num_kv_shared_layers"] * layers // hf["num_hidden_layers"]
+    text = hf | {"num_hidden_layers": layers, "layer_types": hf["layer_types"][:layers], "num_kv_shared_layers": shared}
+    config = tf.Gemma4Config(text_config=text, audio_config=audio, vision_config=None, **IDS)
+    with torch.device("meta"):
+        model = tf.Gemma4ForConditionalGeneration(config)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    model.tie_weights()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # norms, scalars
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        for name, b in model.named_buffers():
+            b.fill_(-1e30 if name.endswith("_min") else 1e30 if name.endswith("_max") else 1.0)
+    model.save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
+def audio_files(out: Path) -> list[Path]:
+    """Two clips written as 16-bit WAV at 22.05 kHz (so that decoding resamples): speech-like, and a chirp in noise."""
+    import soundfile
+
+    rate, rng = 22_050, np.random.default_rng(0)
+    t = np.arange(4 * rate) / rate
+    pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)  # Hz, gliding
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    source = sum(np.sin(k * phase) / k for k in range(1, 30))  # a voiced, buzz-like source
+    speech = np.zeros_like(t)
+    for f1, f2 in ((700, 1200), (300, 2300), (500, 900)):  # moving vowels: two formant resonances each
+        for f, bw in ((f1 + 80 * np.sin(2 * np.pi * 1.3 * t), 90), (f2, 120)):
+            speech += source * np.cos(2 * np.pi * f * t) * np.exp(-bw / 1000)
+    speech *= (np.sin(2 * np.pi * 2.5 * t) > -0.3) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))  # syllables, pauses
+    speech = 0.3 * speech / np.abs(speech).max() + 0.003 * rng.standard_normal(t.size)
+    t2 = np.arange(2 * rate) / rate
+    chirp = 0.2 * np.sin(2 * np.pi * (200 * t2 + 900 * t2**2)) + 0.02 * rng.standard_normal(t2.size)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "speech-like.wav", out / "chirp.wav"]
+    for path, x in zip(paths, (speech, chirp)):
+        soundfile.write(path, x.astype(np.float32), rate, subtype="PCM_16")
+    return paths
+
+
+def audio_figures(folder: Path, fmt: str, prompts: list[list[dict]], runs: int) -> dict:
+    """Part 2's figures for one audio tower format on a fresh load."""
+    llm = LLM(folder, dtype="bfloat16")
+    llm.media_encoder.towers = towers = Towers(
+        llm.media_spec, llm.dtype, llm.device, parse_quant(fmt) if fmt != "float" else None
+    )
+    media = [llm.media_prompt(m) for m in prompts]
+    llm.media_encoder.encode(media)
+    tokens = [mp.embeddings[mp.spans[0].key].float() for mp in media]
+    logits = [llm.logits(messages=m) for m in prompts]
+    clip = media[0].items[0]
+    towers.encode_audio([clip])  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        towers.encode_audio([clip])
+        times.append(time.perf_counter() - start)
+    return {"tokens": tokens, "logits": logits, "starts": [mp.spans[0].start for mp in media],
+            "ms": 1000 * statistics.median(times), "bytes": tower_bytes(towers),
+            "lengths": [len(mp.ids) for mp in media], "clip_tokens": [mp.items[0].tokens for mp in media]}  # fmt: skip
+
+
+def run_audio(layers: int, runs: int, files: list[str]) -> None:
+    folder = build_audio(layers)
+    paths = [Path(f) for f in files] or audio_files(folder / "clips")
+    question = {"type": "text", "text": "Transcribe this."}
+    prompts = [[{"role": "user", "content": [{"type": "audio", "audio": str(p)}, question]}] for p in paths]
+    ref = None
+    for fmt in FORMATS:
+        start = time.perf_counter()
+        got = audio_figures(folder, fmt, prompts, runs)
+        if ref is None:
+            ref = got
+            clips = ", ".join(f"{p.name} {n} audio tokens" for p, n in zip(paths, got["clip_tokens"]))
+            print(f"\n{folder.name}: E2B audio tower + {layers}-layer text model, random bf16 weights; {clips}")
+            print(f"{'towers':6} {'max|d|':>8} {'mean|d|':>8} {'rel err':>8} {'cos mean':>9} {'cos min':>9} "
+                  f"{'KL mean':>9} {'KL max':>9} {'top1 agree':>10} {'tower MB':>17} {'encode ms':>9}")  # fmt: skip
+        err = soft_token_error(torch.cat(ref["tokens"]), torch.cat(got["tokens"]))
+        pairs = zip(ref["logits"], got["logits"], ref["starts"])
+        kl, agree = (torch.cat(x) for x in zip(*(kl_after_image(r, g, s) for r, g, s in pairs)))
+        size, linear = got["bytes"]
+        print(f"{fmt:6} {err['max']:8.2e} {err['mean']:8.2e} {err['rel']:8.2e} {err['cos_mean']:9.6f} "
+              f"{err['cos_min']:9.6f} {kl.mean().item():9.2e} {kl.max().item():9.2e} {agree.float().mean().item():10.3f} "
+              f"{size / 1e6:6.1f} ({linear / 1e6:5.1f} lin) {got['ms']:9.0f}  ({time.perf_counter() - start:.0f} s, "
+              f"load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    llm = LLM(folder, dtype="bfloat16")
+    clip = llm.media_prompt(prompts[0]).items[0]
+    towers = llm.media_encoder.towers
+    base = towers.encode_audio([clip])[0].float()
+    err = soft_token_error(base, towers.encode_audio([dataclasses.replace(clip, features=clip.features + 1e-4)])[0])
+    print(f"control: float tower, every log-mel feature + 1e-4: max|d| {err['max']:.2e}, mean|d| {err['mean']:.2e}, "
+          f"rel err {err['rel']:.2e}, cos mean {err['cos_mean']:.6f}, cos min {err['cos_min']:.6f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-case", type=int, default=100, help="demo pictures per question kind (the card used 100)")
     ap.add_argument("--layers", type=int, default=10, help="layers of the E2B text model (benchmarks/multimodal.py)")
     ap.add_argument("--runs", type=int, default=3, help="timed E2B encodes per tower (median reported)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--only", choices=("demo", "e2b"), default=None)
+    ap.add_argument("--only", choices=("demo", "e2b", "audio"), default=None)
+    ap.add_argument(
+        "--audio-layers", type=int, default=10, help="layers of the text model beside the audio tower (10+)"
+    )
+    ap.add_argument("--audio", nargs="*", default=[], metavar="FILE", help="clips for --only audio (default: made)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start")
-    if args.only != "e2b":
+    if args.only == "audio":
+        run_audio(args.audio_layers, args.runs, args.audio)
+    if args.only in (None, "demo"):
         run_demo(args.per_case)
-    if args.only != "demo":
+    if args.only in (None, "e2b"):
         run_e2b(args.layers, args.runs)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
