@@ -98,6 +98,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+def _tokenizer(path: Path, gguf: GGUFFile | None) -> Tokenizer | None:
+    """The model's tokenizer: from a GGUF file's metadata, or a folder's tokenizer.json; None if it has none."""
+    if gguf is not None:
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        meta = gguf.metadata
+        return tokenizer_from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
+    return Tokenizer(path) if (path / "tokenizer.json").exists() else None
+
+
 class LLM:
     """A loaded model: `LLM("path/to/checkpoint")`, then `.generate(...)`, `.chat(...)` or `.logits(...)`."""
 
@@ -153,13 +163,7 @@ class LLM:
         self.config = self.model.config
         if isinstance(draft, (str, Path)) and draft not in ("lookup", "off"):
             self.draft = make_drafter(draft, self)  # a drafter folder or "auto": loaded and checked against the model
-        if gguf is not None:
-            from .gguf_tokenizer import tokenizer_from_gguf
-
-            meta = gguf.metadata
-            self.tokenizer = tokenizer_from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
-        else:
-            self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+        self.tokenizer = _tokenizer(path, gguf)
         if not self.can_generate:
             self._embedder = Embedder(self.model, self.tokenizer, path)  # its heads: a broken folder fails at load
 
