@@ -147,8 +147,9 @@ class LLM:
         self._engine: Engine | None = None
         self._embedder: Embedder | None = None
         self._calls = itertools.count()
-        if self.device.type == "cpu":
-            cpu.available()  # build the CPU kernels now (first run only), not inside the first token
+        if self.device.type == "cpu":  # build the CPU kernels now (first run only), not inside the first prompt
+            cpu.available()
+            cpu.gemm_available()  # the AVX-512 GEMM's extension, where the CPU takes it
         gguf = GGUFFile(path) if path.suffix == ".gguf" else None  # read once: weights and tokenizer
         # Image / audio input (Gemma 4 checkpoints with towers); the towers load on first use.
         self.media_spec = media_spec(path, Path(mmproj) if mmproj is not None else None)
