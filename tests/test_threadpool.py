@@ -1,6 +1,7 @@
 """hearthlm's thread pool for its CPU kernels (kernels/threadpool.cpp), through its test hook pool_check: every chunk
 runs exactly once, job after job, at 1 to 4 threads; nested jobs run inline; a chunk's exception reaches the caller;
-the kernels give the same bits at every thread count; a forked child gets a pool of its own."""
+the kernels give the same bits at every thread count; a forked child gets a pool of its own; PyTorch's OpenMP
+threads get a short spin."""
 
 from __future__ import annotations
 
@@ -89,3 +90,19 @@ print(os.waitstatus_to_exitcode(status))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ)
     assert out.returncode == 0, out.stderr  # and the parent exits with its workers asleep, without a hang
     assert out.stdout.strip() == "0"
+
+
+def test_pytorchs_threads_spin_briefly_unless_the_user_says_otherwise():
+    # hearthlm sets GOMP_SPINCOUNT before torch loads, so libgomp's idle threads free their core within ~0.3 ms.
+    code = "import hearthlm, os, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "10000"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env | {"OMP_WAIT_POLICY": "ACTIVE"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "None"

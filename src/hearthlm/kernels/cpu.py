@@ -164,7 +164,7 @@ def _import(name: str, library: Path):
 
 
 SOURCES = ("threadpool.cpp", "gemv_cpu.cpp", "quant_cpu.cpp", "decoder_cpu.cpp", "bindings_cpu.cpp")
-SOURCES_AVX512 = ("gemm_avx512.cpp", "bindings_avx512.cpp")
+SOURCES_AVX512 = ("threadpool.cpp", "gemm_avx512.cpp", "bindings_avx512.cpp")
 
 
 @functools.cache

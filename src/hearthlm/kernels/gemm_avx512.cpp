@@ -14,16 +14,15 @@
 //       y += d_x * (s * I + c) + m * (d_x * sum x^)        c = -128 * s * (sum of the unit's weight integers)
 //   where c undoes the +128 of x, s and m are the weight group's scale and min, and the integer of a
 //   symmetric 4-bit weight is q - 8. So y = W . x^ exactly, up to float32 rounding: the same bound as the GEMV.
-// - Panels are handed to threads from a shared counter, so a core that another process slows takes fewer of
-//   them instead of holding up the whole product.
+// - Panels are handed out in pieces by hearthlm's thread pool (threadpool.h), from a shared counter, so a core that
+//   another process slows takes fewer of them instead of holding up the whole product.
 #include "gemm_avx512.h"
 
 #include <immintrin.h>
-#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <ATen/Parallel.h>
+#include "threadpool.h"
 
 #include <algorithm>
 #include <atomic>
@@ -84,7 +83,7 @@ void quantize(const float* x, int64_t M, int64_t K, int64_t unit, int bias, Acti
   a.q.assign(padded * K, bias);               // x^ = 0 and never stored
   a.d.assign(padded * a.U, 0.0f);
   a.sum.assign(padded * a.U, 0.0f);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  hearth::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_row(x + m * K, K, unit, bias, a.q.data() + m * K, a.d.data() + m * a.U, a.sum.data() + m * a.U);
   });
@@ -359,14 +358,11 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   const float* bp = b ? b->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t panels = (N + kCols - 1) / kCols;
-  std::atomic<int64_t> next{0};
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), panels));
-#pragma omp parallel num_threads(threads)
-  {
+  hearth::parallel_for(0, panels, 1, [&](int64_t i0, int64_t i1) {
     Panel p;
     alignas(64) int32_t sums[2][256];
-    if (amx) configure_tiles(unit);  // tile configuration is per thread
-    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+    if (amx) configure_tiles(unit);  // tile configuration is per thread: set for each piece
+    for (int64_t i = i0; i < i1; ++i) {
       const int64_t n0 = i * kCols, cols = std::min<int64_t>(kCols, N - n0);
       pack_panel(w, n0, unit, p);
       if (amx && w.mins)
@@ -379,7 +375,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
         panel_rows<false>(a, p, yp, N, n0, cols, bp);
     }
     if (amx) _tile_release();
-  }
+  }, panels);
   return y.view([&] {
     auto shape = x.sizes().vec();
     shape.back() = N;
@@ -493,24 +489,17 @@ struct Bf16Gemm {
   int64_t M, N, K;
 };
 
-// OpenMP threads for `panels` panels: no more than there are panels.
-int panel_threads(int64_t panels) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels)));
-}
-
 void bf16_gemm_amx(const Bf16Gemm& g) {
   const int64_t panels = (g.N + kCols - 1) / kCols;
-  std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(panel_threads(panels))
-  {
+  hearth::parallel_for(0, panels, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint16_t> panel;
-    configure_bf16_tiles();
-    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+    configure_bf16_tiles();  // per thread: set for each piece
+    for (int64_t i = i0; i < i1; ++i) {
       pack_bf16_panel<kCols>(g.W, g.N, g.K, i * kCols, panel);
       bf16_panel_amx(g.hi, g.lo, g.M, g.K, panel, g.y, g.N, i * kCols, g.bias);
     }
     _tile_release();
-  }
+  }, panels);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -569,18 +558,16 @@ void bf16_rest_avx512(const Bf16Gemm& g, int64_t m0, const uint16_t* panel, int6
 
 void bf16_gemm_avx512(const Bf16Gemm& g) {
   const int64_t panels = (g.N + kBf16Cols - 1) / kBf16Cols;
-  std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(panel_threads(panels))
-  {
+  hearth::parallel_for(0, panels, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint16_t> panel;
-    for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+    for (int64_t i = i0; i < i1; ++i) {
       const int64_t n0 = i * kBf16Cols, cols = std::min<int64_t>(kBf16Cols, g.N - n0);
       pack_bf16_panel<kBf16Cols>(g.W, g.N, g.K, n0, panel);
       int64_t m = 0;
       for (; m + kBf16Rows <= g.M; m += kBf16Rows) bf16_tile_avx512<kBf16Rows>(g, m, panel.data(), n0, cols);
       bf16_rest_avx512<kBf16Rows - 1>(g, m, panel.data(), n0, cols);
     }
-  }
+  }, panels);
 }
 
 }  // namespace

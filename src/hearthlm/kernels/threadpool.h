@@ -22,15 +22,16 @@ void run_chunks(int64_t n, void (*fn)(void*, int64_t), void* ctx);
 int threads();
 
 // f(b0, b1) over consecutive pieces of [begin, end) of at least `grain` items each (the last may be shorter),
-// like at::parallel_for, but with several pieces per thread (up to 4 x threads()) taken from the pool's counter,
-// so a core that another process takes gives its share to the others. f must not depend on where the pieces
-// split (every kernel here computes an output row in one piece).
+// like at::parallel_for, but with several pieces per thread (up to `max_pieces`, by default 4 x threads()) taken
+// from the pool's counter, so a core that another process takes gives its share to the others. f must not depend
+// on where the pieces split (every kernel here computes an output row, or a GEMM panel, in one piece).
 template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t max_pieces = 0) {
   const int64_t range = end - begin;
   if (range <= 0) return;
-  const int64_t pieces = std::min<int64_t>(range / std::max<int64_t>(grain, 1), 4 * static_cast<int64_t>(threads()));
-  if (pieces <= 1) return f(begin, end);
+  const int64_t most = std::min<int64_t>(max_pieces > 0 ? max_pieces : 4 * static_cast<int64_t>(threads()), 65535);
+  const int64_t pieces = std::min<int64_t>(range / std::max<int64_t>(grain, 1), most);
+  if (pieces <= 1 || threads() == 1) return f(begin, end);  // one call: per-piece setup (scratch) once
   struct Job {
     const F& f;
     int64_t begin, end, step;
