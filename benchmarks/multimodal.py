@@ -56,24 +56,26 @@ _QUIET = None  # set with llama_cpp: a log callback that drops mtmd's per-image 
 SIDES = {70: 432, 140: 576, 280: 864, 560: 1152, 1120: 1632}  # a square image of this side fills the budget
 
 
-def build(layers: int) -> Path:
-    """E2B's text model (cut to `layers`) with its vision tower, random weights, saved as a checkpoint folder."""
+def build(layers: int, tower: str = "vision") -> Path:
+    """E2B's text model (cut to `layers`) with its vision or audio tower (`tower`), random weights, saved as a
+    checkpoint folder."""
     import transformers as tf
     from test_multimodal import IDS, _tokenizer
 
-    folder = OUT / f"gemma4-e2b-vision-L{layers}"
+    folder = OUT / f"gemma4-e2b-{tower}-L{layers}"
     if (folder / "config.json").exists():
         return folder
     hf = json.loads((ROOT / "src/hearthlm/known_models/gemma-4-E2B.json").read_text())
-    vision = hf.pop("vision_config")
-    hf.pop("audio_config", None)
+    other = "audio" if tower == "vision" else "vision"
+    towers = {f"{tower}_config": hf.pop(f"{tower}_config")} | ({"vision_config": None} if tower == "audio" else {})
+    hf.pop(f"{other}_config", None)
     shared = hf["num_kv_shared_layers"] * layers // hf["num_hidden_layers"]
     text = hf | {
         "num_hidden_layers": layers,
         "layer_types": hf["layer_types"][:layers],
         "num_kv_shared_layers": shared,
     }
-    config = tf.Gemma4Config(text_config=text, vision_config=vision, **IDS)
+    config = tf.Gemma4Config(text_config=text, **towers, **IDS)
     with torch.device("meta"):
         model = tf.Gemma4ForConditionalGeneration(config)
     model = model.to(torch.bfloat16).to_empty(device="cpu")  # never float32 whole: 18 GB at E2B's size

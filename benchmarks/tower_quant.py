@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -191,6 +190,22 @@ def pixel_sensitivity(folder: Path, prompts: list[list[dict]]) -> dict:
     return soft_token_error(ref, towers.encode_images([moved])[0].float())
 
 
+HEADER = (f"{'towers':6} {'max|d|':>8} {'mean|d|':>8} {'rel err':>8} {'cos mean':>9} {'cos min':>9} "
+          f"{'KL mean':>9} {'KL max':>9} {'top1 agree':>10} {'tower MB':>17} {'encode ms':>9}")  # fmt: skip
+
+
+def print_row(fmt: str, ref: dict, got: dict, start: float) -> None:
+    """One format's row: its tower outputs and next-token distributions against the float towers' (`ref`)."""
+    err = soft_token_error(torch.cat(ref["tokens"]), torch.cat(got["tokens"]))
+    pairs = zip(ref["logits"], got["logits"], ref["starts"])
+    kl, agree = (torch.cat(x) for x in zip(*(kl_after_image(r, g, s) for r, g, s in pairs)))
+    size, linear = got["bytes"]
+    print(f"{fmt:6} {err['max']:8.2e} {err['mean']:8.2e} {err['rel']:8.2e} {err['cos_mean']:9.6f} "
+          f"{err['cos_min']:9.6f} {kl.mean().item():9.2e} {kl.max().item():9.2e} {agree.float().mean().item():10.3f} "
+          f"{size / 1e6:6.1f} ({linear / 1e6:5.1f} lin) {got['ms']:9.0f}  ({time.perf_counter() - start:.0f} s, "
+          f"load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+
+
 def run_e2b(layers: int, runs: int) -> None:
     from multimodal import build
 
@@ -205,55 +220,14 @@ def run_e2b(layers: int, runs: int) -> None:
                 f"\n{folder.name}: E2B vision tower + {layers}-layer text model, random bf16 weights; "
                 f"{len(prompts)} image prompts ({', '.join(map(str, got['lengths']))} tokens), 280-token budget"
             )
-            print(f"{'towers':6} {'max|d|':>8} {'mean|d|':>8} {'rel err':>8} {'cos mean':>9} {'cos min':>9} "
-                  f"{'KL mean':>9} {'KL max':>9} {'top1 agree':>10} {'tower MB':>17} {'encode ms':>9}")  # fmt: skip
-        err = soft_token_error(torch.cat(ref["tokens"]), torch.cat(got["tokens"]))
-        pairs = zip(ref["logits"], got["logits"], ref["starts"])
-        kl, agree = (torch.cat(x) for x in zip(*(kl_after_image(r, g, s) for r, g, s in pairs)))
-        size, linear = got["bytes"]
-        print(f"{fmt:6} {err['max']:8.2e} {err['mean']:8.2e} {err['rel']:8.2e} {err['cos_mean']:9.6f} "
-              f"{err['cos_min']:9.6f} {kl.mean().item():9.2e} {kl.max().item():9.2e} {agree.float().mean().item():10.3f} "
-              f"{size / 1e6:6.1f} ({linear / 1e6:5.1f} lin) {got['ms']:9.0f}  ({time.perf_counter() - start:.0f} s, "
-              f"load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+            print(HEADER)
+        print_row(fmt, ref, got, start)
     err = pixel_sensitivity(folder, prompts)
     print(f"control: float tower, every pixel + 1e-4: max|d| {err['max']:.2e}, mean|d| {err['mean']:.2e}, "
           f"rel err {err['rel']:.2e}, cos mean {err['cos_mean']:.6f}, cos min {err['cos_min']:.6f}")  # fmt: skip
 
 
 # -- 4. E2B's audio tower, random weights --------------------------------------------------------------------------
-def build_audio(layers: int) -> Path:
-    """E2B's text model (cut to `layers`) with its audio tower, random bf16 weights, saved as a checkpoint folder."""
-    import transformers as tf
-    from multimodal import OUT
-    from test_multimodal import IDS, _tokenizer
-
-    folder = OUT / f"gemma4-e2b-audio-L{layers}"
-    if (folder / "config.json").exists():
-        return folder
-    hf = json.loads((ROOT / "src/hearthlm/known_models/gemma-4-E2B.json").read_text())
-    audio = hf.pop("audio_config")
-    hf.pop("vision_config", None)
-    shared = hf["num_kv_shared_layers"] * layers // hf["num_hidden_layers"]
-    text = hf | {"num_hidden_layers": layers, "layer_types": hf["layer_types"][:layers], "num_kv_shared_layers": shared}
-    config = tf.Gemma4Config(text_config=text, audio_config=audio, vision_config=None, **IDS)
-    with torch.device("meta"):
-        model = tf.Gemma4ForConditionalGeneration(config)
-    model = model.to(torch.bfloat16).to_empty(device="cpu")
-    model.tie_weights()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:  # norms, scalars
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-        for name, b in model.named_buffers():
-            b.fill_(-1e30 if name.endswith("_min") else 1e30 if name.endswith("_max") else 1.0)
-    model.save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
-    return folder
-
-
 def audio_files(out: Path) -> list[Path]:
     """Two clips written as 16-bit WAV at 22.05 kHz (so that decoding resamples): speech-like, and a chirp in noise."""
     import soundfile
@@ -301,7 +275,9 @@ def audio_figures(folder: Path, fmt: str, prompts: list[list[dict]], runs: int) 
 
 
 def run_audio(layers: int, runs: int, files: list[str]) -> None:
-    folder = build_audio(layers)
+    from multimodal import build
+
+    folder = build(layers, "audio")
     paths = [Path(f) for f in files] or audio_files(folder / "clips")
     question = {"type": "text", "text": "Transcribe this."}
     prompts = [[{"role": "user", "content": [{"type": "audio", "audio": str(p)}, question]}] for p in paths]
@@ -313,16 +289,8 @@ def run_audio(layers: int, runs: int, files: list[str]) -> None:
             ref = got
             clips = ", ".join(f"{p.name} {n} audio tokens" for p, n in zip(paths, got["clip_tokens"]))
             print(f"\n{folder.name}: E2B audio tower + {layers}-layer text model, random bf16 weights; {clips}")
-            print(f"{'towers':6} {'max|d|':>8} {'mean|d|':>8} {'rel err':>8} {'cos mean':>9} {'cos min':>9} "
-                  f"{'KL mean':>9} {'KL max':>9} {'top1 agree':>10} {'tower MB':>17} {'encode ms':>9}")  # fmt: skip
-        err = soft_token_error(torch.cat(ref["tokens"]), torch.cat(got["tokens"]))
-        pairs = zip(ref["logits"], got["logits"], ref["starts"])
-        kl, agree = (torch.cat(x) for x in zip(*(kl_after_image(r, g, s) for r, g, s in pairs)))
-        size, linear = got["bytes"]
-        print(f"{fmt:6} {err['max']:8.2e} {err['mean']:8.2e} {err['rel']:8.2e} {err['cos_mean']:9.6f} "
-              f"{err['cos_min']:9.6f} {kl.mean().item():9.2e} {kl.max().item():9.2e} {agree.float().mean().item():10.3f} "
-              f"{size / 1e6:6.1f} ({linear / 1e6:5.1f} lin) {got['ms']:9.0f}  ({time.perf_counter() - start:.0f} s, "
-              f"load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+            print(HEADER)
+        print_row(fmt, ref, got, start)
     llm = LLM(folder, dtype="bfloat16")
     clip = llm.media_prompt(prompts[0]).items[0]
     towers = llm.media_encoder.towers
