@@ -258,11 +258,11 @@ def _tower_dtype_bytes(folder: Path) -> int | None:
 
 
 def _header(path: Path) -> dict[str, Any]:
-    import struct
+    """A safetensors file's tensor entries, read and checked as the loader reads them."""
+    from .weights.safetensors import _read_header
 
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        _, header = _read_header(f, path, os.path.getsize(path))
     header.pop("__metadata__", None)
     return header
 
