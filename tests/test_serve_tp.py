@@ -218,6 +218,15 @@ def test_options_that_cannot_be_mirrored_are_refused_before_any_rank_starts(args
     assert message in capsys.readouterr().err.replace("\n", "")
 
 
+@pytest.mark.parametrize("command", ["run", "serve"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_rank_count_below_one_is_refused(command, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "hearth-demo", *(["hi"] if command == "run" else []), "--tp", value])
+    assert e.value.code == 2
+    assert "is not a number of ranks: give a whole number, 1 or more" in capsys.readouterr().err
+
+
 def test_sigterm_stops_every_rank_and_exits_0(demo_tp):
     follower = demo_tp.rank(1)
     body = {"model": "hearth-demo", "prompt": "hi", "stream": True, "max_tokens": 40, "ignore_eos": True}

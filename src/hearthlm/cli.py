@@ -541,6 +541,17 @@ def _moe_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks(text: str) -> int:
+    """--tp's value: a whole number of ranks, 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ranks: give a whole number, 1 or more")
+    return n
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -615,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for several",
     )  # fmt: skip
     run.add_argument(
-        "--tp", type=int, default=1, metavar="N",
+        "--tp", type=_ranks, default=1, metavar="N",
         help="tensor parallelism: split the model over N local processes (dense models; docs/distributed.md)",
     )  # fmt: skip
     _generation_options(run)
@@ -677,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         "apart by their bearer token, else their address; docs/privacy.md); costs batching across clients",
     )  # fmt: skip
     serve.add_argument(
-        "--tp", type=int, default=1, metavar="N",
+        "--tp", type=_ranks, default=1, metavar="N",
         help="tensor parallelism: split the model over N local processes, rank 0 serving HTTP (needs MODEL; dense "
         "models; docs/distributed.md)",
     )  # fmt: skip
