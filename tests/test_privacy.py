@@ -110,6 +110,7 @@ def test_parse_mitigations():
         "noise": 2.0,
     }
     assert parse_mitigations(None) == {}
+    assert parse_mitigations("defaults") == {"defaults": True}
     with pytest.raises(ValueError, match="unknown mitigation"):
         parse_mitigations("magic")
     with pytest.raises(ValueError, match="needs a scale"):
@@ -141,7 +142,32 @@ def test_a1_probe_process_drops_and_times(demo_copy):
     finally:
         worker.close()
     assert len(reply["ns"]) == 48 and all(len(t) == 8 and min(t) > 0 for t in reply["ns"])
-    assert a1_features(reply["ns"]).shape == (48,)
+    assert a1_features(reply).shape == (48,)
+
+
+def test_a1_learns_nothing_from_an_owner_only_checkpoint(demo_copy):
+    """The default for pulled models (0600 in a 0700 folder): the A1 process, user nobody, cannot open the file,
+    so it can neither drop its pages nor time them. (Not root: the file is made unreadable to its owner too.)"""
+    path = demo_copy / "model.safetensors"
+    pages = expert_pages(demo_copy)
+    os.chmod(demo_copy, 0o700)
+    os.chmod(path, 0o600 if os.geteuid() == 0 else 0)
+    fd = os.open(path, os.O_RDONLY) if os.geteuid() == 0 else None
+    worker = Worker("hearthlm.privacy.probe", str(path), True, probe.__file__)
+    try:
+        if fd is not None:
+            os.pread(fd, path.stat().st_size, 0)  # the owner's run cached every page
+        assert "denied" in worker.ask({"op": "drop"})
+        if fd is not None:
+            assert all(probe.resident(str(path), pages))  # the drop did nothing
+        reply = worker.ask({"op": "probe"})
+    finally:
+        worker.close()
+        if fd is not None:
+            os.close(fd)
+        os.chmod(path, 0o644)
+    assert "Permission denied" in reply["denied"] and "ns" not in reply
+    assert a1_features(reply).tolist() == [0.0]  # the same observation whatever the victim asked
 
 
 def test_routing_recorder_and_a4_features():
@@ -245,3 +271,31 @@ def test_cli_audit_runs_end_to_end(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["attacker"] for r in rows] == ["A2", "A4"]
     assert all(r["n"] == 6 and r["chance"] == pytest.approx(1 / 3) for r in rows)
+
+
+def test_defaults_mean_the_cli_defaults():
+    from hearthlm.moe.options import PrivacyOptions
+    from hearthlm.privacy.victim import privacy_options
+
+    assert privacy_options({}) is None and privacy_options({"private_reads": True}) is None
+    assert privacy_options({"defaults": True}) == PrivacyOptions("auto", fixed_shape=False)
+    assert privacy_options({"defaults": True, "fixed_shape": True}) == PrivacyOptions("auto", fixed_shape=True)
+
+
+def test_audit_of_the_defaults_on_an_owner_only_copy(demo_copy):
+    """The audit's "defaults" row on a checkpoint stored as `hearth pull` stores it: A1 is refused the file, and
+    with --evict every request's load reads its dense weights from disk again (the counters A2 reads show it)."""
+    from hearthlm.privacy.audit import observe_processes
+
+    os.chmod(demo_copy, 0o700)
+    os.chmod(demo_copy / "model.safetensors", 0o600 if os.geteuid() == 0 else 0o000)
+    prompts = topics.load(per_topic=2)[1][:3]
+    try:
+        if os.geteuid() != 0:  # the victim is this user: let it read, the prober (also this user) then can too
+            pytest.skip("needs root: the victim must read the file while user nobody may not")
+        obs = observe_processes(demo_copy, prompts, "25%", {"defaults": True}, 1, {"A1", "A2", "A4"}, evict=True)
+    finally:
+        os.chmod(demo_copy / "model.safetensors", 0o644)
+    assert all(row.tolist() == [0.0] for row in obs.rows["A1"])
+    assert all(row[0] > np.log1p(1e6) for row in obs.rows["A2"])  # > 1 MB read from disk per request
+    assert len(obs.labels) == 3

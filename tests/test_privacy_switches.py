@@ -312,3 +312,52 @@ def test_a_budgeted_load_reads_the_dense_weights_not_the_experts(shared_copy):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     read = int(done.stdout.split()[-1])
     assert read < dense + 2 * 2**20 and read < (dense + experts) * 0.6, (read, dense, experts)
+
+
+def test_isolated_clients_find_only_their_own_prefixes():
+    """The prefix cache is a cross-client channel too (a hit shortens time to first token and tells one client that
+    another sent the same prefix); an isolating engine keys each client's blocks apart."""
+    from hearthlm import SamplingParams
+
+    prompt = list(range(100, 100 + 3 * 16 + 5))  # three full blocks and a bit
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    def hits(engine, client: str) -> int:
+        before = engine.stats().prefix_hit_tokens
+        engine.add_request(f"{client}-{before}", prompt, params, client=client)
+        while engine.has_unfinished():
+            engine.step()
+        return engine.stats().prefix_hit_tokens - before
+
+    isolated = _engine(True)
+    assert hits(isolated, "A") == 0
+    assert hits(isolated, "B") == 0  # the same prompt from another client: its own blocks, computed again
+    assert hits(isolated, "A") >= 3 * isolated.block_size  # the client's own prefix still hits
+    shared = _engine(False)
+    assert hits(shared, "A") == 0 and hits(shared, "B") >= 3 * shared.block_size
+
+
+def test_metrics_leave_out_the_pool_counters_when_clients_are_isolated():
+    """/metrics' expert-pool counters move with every client's routing: under isolation they would be a channel
+    around it, so they go; the engine's own series stay."""
+    import sys
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serving import LiveServer
+
+    from hearthlm.server import load
+    from hearthlm.server.app import create_app
+
+    for isolate in (False, True):
+        served = load(str(DEMO), expert_budget="25%", privacy=PrivacyOptions(isolate_clients=isolate))
+        server = LiveServer(create_app(served))
+        try:
+            body = {"model": served.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+            text = httpx.get(server.url + "/metrics", timeout=60).text
+        finally:
+            server.stop()
+        assert ("hearth_moe_expert_misses_total" in text) is not isolate
+        assert "hearth_kv_bytes_resident" in text

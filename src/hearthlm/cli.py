@@ -567,14 +567,19 @@ def _privacy_audit(args: argparse.Namespace) -> int:
     model = args.model or "hearth-demo-moe"
     if args.pad_experts:
         src = resolve(model)
-        model = pad_experts(src, Path(args.pad_dir) / f"{src.name}-{args.pad_experts:g}mb", args.pad_experts)
-        _err().print(f"auditing {model}: {src.name} with its experts zero-padded to {args.pad_experts:g} MB each")
+        name = f"{src.name}-{args.pad_experts:g}mb" + "-owner" * args.owner_only
+        model = pad_experts(src, Path(args.pad_dir) / name, args.pad_experts, args.owner_only)
+        mode = "only its owner" if args.owner_only else "every user"
+        _err().print(
+            f"auditing {model}: {src.name} with its experts zero-padded to {args.pad_experts:g} MB each, "
+            f"readable by {mode}"
+        )
     results = []
     with Progress(console=_err(), transient=True) as progress:
         for mitigations in args.mitigations or [None]:
             results += audit(
                 model, args.expert_budget, mitigations, tuple(args.attackers), args.topics, args.per_topic,
-                args.max_tokens, progress,
+                args.max_tokens, progress, args.evict,
             )  # fmt: skip
     if args.json:
         print(json.dumps(report.rows(results), indent=1))
@@ -727,8 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("model", nargs="?", help=model_help.replace("the demo model", "the demo MoE model"))
     pa.add_argument("--expert-budget", default="25%", metavar="BUDGET", help=BUDGET_HELP + " (default 25%%)")
     pa.add_argument("--mitigations", action="append", metavar="LIST",
-                    help="switches to audit with, e.g. private_reads,fixed_shape or isolate or noise=2; repeat the "
-                         "option to compare several sets (default: none)")  # fmt: skip
+                    help="switches to audit with, e.g. private_reads,fixed_shape or isolate or noise=2, or defaults "
+                         "(what `hearth run --expert-budget` does unasked); repeat the option to compare several "
+                         "sets (default: none)")  # fmt: skip
     pa.add_argument("--attackers", type=lambda t: t.upper().split(","), default=["A1", "A2", "A3", "A4"],
                     help="a comma list of A1-A4 (default: all)")  # fmt: skip
     pa.add_argument("--topics", default=None, help='a JSON file {"topics": {name: [prompt, ...]}} (default: built in)')
@@ -737,6 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--pad-experts", type=float, default=None, metavar="MB",
                     help="audit a copy with experts zero-padded to MB each (realistic page-cache behaviour)")  # fmt: skip
     pa.add_argument("--pad-dir", default="/var/tmp/hearthlm-privacy", help="where the padded copy goes")
+    pa.add_argument("--owner-only", action="store_true",
+                    help="make the padded copy readable by its owner only (0600 in a 0700 folder), as `hearth pull` "
+                         "stores models (default: readable by every user, the setting A1 needs)")  # fmt: skip
+    pa.add_argument("--evict", action="store_true",
+                    help="empty the page cache of the checkpoint before each request, as memory pressure on a "
+                         "file larger than the free memory would (the worst case for A2)")  # fmt: skip
     pa.add_argument("--json", action="store_true", help="print the results as JSON")
     pa.set_defaults(func=_privacy_audit)
     sub.add_parser("list", help="list the models on this machine").set_defaults(func=_list)

@@ -144,7 +144,7 @@ class BlockManager:
         bs = self.block_size
         while len(seq.hashes) < n:
             i = len(seq.hashes)
-            h = hashlib.blake2b(seq.hashes[-1] if seq.hashes else b"", digest_size=16)
+            h = hashlib.blake2b(seq.hashes[-1] if seq.hashes else seq.cache_salt, digest_size=16)
             h.update(np.asarray(seq.tokens[i * bs : (i + 1) * bs], dtype=np.int64).tobytes())
             if seq.media is not None:  # the same placeholder ids with another image must not match
                 h.update(seq.media.block_key(i * bs, (i + 1) * bs))

@@ -148,10 +148,12 @@ class Engine:
         self._row_cap = cpu.MAX_ROWS if on_cpu and self.adaptive.fit_rows else None  # see _fit_rows
 
     def _isolate(self, llm: LLM, isolate: bool | None) -> None:
-        """Client isolation (A3, docs/privacy.md): the scheduler gives the steps to one client at a time, and the
-        expert pool goes back to its state at load whenever the client changes."""
+        """Client isolation (A3, docs/privacy.md): the scheduler gives the steps to one client at a time, the
+        expert pool goes back to its state at load whenever the client changes, and each client's prompts find
+        only its own blocks in the prefix cache (a hit would tell one client another's prompt)."""
         if isolate is None:
             isolate = bool(getattr(getattr(llm, "privacy", None), "isolate_clients", False))
+        self.isolating = isolate
         pool = getattr(llm.model, "expert_pool", None)
         if isolate and pool is None:
             raise ValueError("isolate_clients acts on the expert pool, which exists only under an expert budget")
@@ -207,6 +209,8 @@ class Engine:
         seq.spec = SpecState(drafter, self.adaptive) if drafter is not None else None
         seq.media = media if media is not None and media.spans else None
         seq.client = client
+        if self.isolating:
+            seq.cache_salt = (client or "").encode()
         with self._inbox_lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")

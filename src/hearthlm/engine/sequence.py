@@ -42,6 +42,7 @@ class Sequence:
     # kept for drafters that read them (engine/mtp.py)
     hidden: tuple[int, torch.Tensor] | None = None
     client: str | None = None  # who asked (server/clients.py): an isolating scheduler runs one client at a time
+    cache_salt: bytes = b""  # seeds the prefix-cache keys: an isolating engine gives each client its own
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

@@ -9,6 +9,7 @@ it sends one fixed probe prompt per topic and times them; the pool they share is
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .classify import Score, cross_validate
 from .observers import Worker
 
 ATTACKERS = ("A1", "A2", "A3", "A4")
-MITIGATIONS = ("private_reads", "fixed_shape", "isolate", "noise")
+MITIGATIONS = ("defaults", "private_reads", "fixed_shape", "isolate", "noise")
 
 
 @dataclass
@@ -39,7 +40,9 @@ class Observations:
 
 
 def parse_mitigations(spec: str | None) -> dict:
-    """'private_reads,fixed_shape,noise=2' -> {"private_reads": True, "fixed_shape": True, "noise": 2.0}."""
+    """'private_reads,fixed_shape,noise=2' -> {"private_reads": True, "fixed_shape": True, "noise": 2.0}.
+    "defaults": what `hearth run --expert-budget` does unasked (`--private-reads auto`: private reads only where
+    another user can read the checkpoint)."""
     out: dict = {}
     for item in filter(None, (s.strip() for s in (spec or "").split(","))):
         name, _, value = item.partition("=")
@@ -60,8 +63,10 @@ def observe_processes(
     max_tokens: int,
     attackers: set[str],
     tick: Callable[[], None] = lambda: None,
+    evict: bool = False,
 ) -> Observations:
-    """A1, A2 and A4 on one victim process per audit, one fresh load per prompt."""
+    """A1, A2 and A4 on one victim process per audit, one fresh load per prompt. `evict`: the file's pages leave
+    the page cache before each request whether or not A1 can drop them (see `audit`)."""
     obs = Observations()
     victim = Worker("hearthlm.privacy.victim", str(model))
     prober = None
@@ -72,12 +77,14 @@ def observe_processes(
         for p in prompts:
             if prober is not None:
                 prober.ask({"op": "drop"})
+            if evict:
+                _evict(model / "model.safetensors")
             before, start = observers.proc_counters(victim.pid), time.perf_counter()
             reply = victim.ask({**request, "prompt": p.text})
             seconds = time.perf_counter() - start
             after = observers.proc_counters(victim.pid)
             if prober is not None:
-                obs.add("A1", observers.a1_features(prober.ask({"op": "probe"})["ns"]))
+                obs.add("A1", observers.a1_features(prober.ask({"op": "probe"})))
             obs.add("A2", observers.a2_features(before, after, seconds))
             obs.add("A4", observers.a4_features(reply["routing"]))
             obs.labels.append(p.label)
@@ -87,6 +94,15 @@ def observe_processes(
         if prober is not None:
             prober.close()
     return obs
+
+
+def _evict(path: Path) -> None:
+    """Drop the file's cached pages (the auditor's own access, standing in for memory pressure)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        probe.drop(fd)
+    finally:
+        os.close(fd)
 
 
 def observe_client(
@@ -101,9 +117,9 @@ def observe_client(
     """A3: the victim's request, then the attacker's probe requests on the same model, timed."""
     from ..api import LLM, SamplingParams
     from ..moe import private
-    from .victim import apply
+    from .victim import apply, privacy_options
 
-    llm = LLM(model, expert_budget=budget, moe_profile=False)
+    llm = LLM(model, expert_budget=budget, moe_profile=False, privacy=privacy_options(mitigations))
     noise = apply(llm, mitigations)
     victim = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     one = SamplingParams(max_tokens=1, temperature=0)
@@ -143,9 +159,14 @@ def audit(
     per_topic: int | None = None,
     max_tokens: int = 8,
     progress=None,
+    evict: bool = False,
 ) -> list[Result]:
     """Run the audit on `model` with one set of mitigations ('private_reads,fixed_shape', 'noise=2', ...) and
-    return each attacker's held-out accuracy. `progress`: a rich Progress to report on."""
+    return each attacker's held-out accuracy. `progress`: a rich Progress to report on.
+
+    `evict`: before each request the checkpoint's pages leave the page cache even where A1 cannot drop them (an
+    owner-only file): what memory pressure does to a file larger than the free memory, or what an attacker who
+    fills memory could force. The auditor drops them itself; the row is labelled "+evict"."""
     from ..store import resolve
 
     path = resolve(model)
@@ -157,12 +178,12 @@ def audit(
     switches = parse_mitigations(mitigations)
     names, prompts = topics.load(topic_file, per_topic)
     probes = [next(p.text for p in prompts if p.label == c) for c in range(len(names))]
-    label = mitigations or "none"
+    label = (mitigations or "none") + " +evict" * evict
     task = progress.add_task(f"audit ({label})", total=len(prompts) * (1 + ("A3" in attackers))) if progress else None
     tick = (lambda: progress.advance(task)) if progress else (lambda: None)
     results = []
     if {"A1", "A2", "A4"} & set(attackers):
-        obs = observe_processes(path, prompts, budget, switches, max_tokens, set(attackers), tick)
+        obs = observe_processes(path, prompts, budget, switches, max_tokens, set(attackers), tick, evict)
         results += [Result(label, a, obs.score(a)) for a in ("A1", "A2", "A4") if a in attackers]
     if "A3" in attackers:
         obs = observe_client(path, prompts, probes, budget, switches, max_tokens, tick)

@@ -103,9 +103,12 @@ def proc_counters(pid: int) -> np.ndarray:
     return np.array([int(io["read_bytes"]), int(io["rchar"]), int(io["syscr"]), int(stat[11]) + int(stat[12])])
 
 
-def a1_features(ns: list[list[int]]) -> np.ndarray:
-    """Per expert, the median log10 read time of its probed pages (cached ~3, from disk ~4.7)."""
-    return np.array([np.median(np.log10(np.maximum(1, t))) if t else 0.0 for t in ns])
+def a1_features(reply: dict) -> np.ndarray:
+    """Per expert, the median log10 read time of its probed pages (cached ~3, from disk ~4.7). A prober that
+    may not read the file ({"denied": ...}) observed nothing: one constant feature."""
+    if "denied" in reply:
+        return np.zeros(1)
+    return np.array([np.median(np.log10(np.maximum(1, t))) if t else 0.0 for t in reply["ns"]])
 
 
 def a2_features(before: np.ndarray, after: np.ndarray, seconds: float) -> np.ndarray:

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 COPY = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-def pad_experts(src: Path, dst: Path, expert_mb: float = 19.0) -> Path:
+def pad_experts(src: Path, dst: Path, expert_mb: float = 19.0, owner_only: bool = False) -> Path:
     """Write `src` to `dst` with each expert (gate_up + down) padded to about `expert_mb` MB; files are made
-    readable by everyone (0644), as a shared model directory would be: the A1 setting. Reuses `dst` if done."""
+    readable by everyone (0644), as a shared model directory would be: the A1 setting. `owner_only`: 0600 files
+    in a 0700 folder instead, as `hearth pull` stores a model. Reuses `dst` if done."""
     cfg = json.loads((src / "config.json").read_text())
     hidden, inter = cfg["hidden_size"], cfg.get("moe_intermediate_size")
     if not cfg.get("enable_moe_block") or inter is None:
@@ -46,9 +47,9 @@ def pad_experts(src: Path, dst: Path, expert_mb: float = 19.0) -> Path:
     for name in COPY:
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
-    for path in [dst, *dst.iterdir()]:
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
     stamp.write_text(json.dumps({"source": str(src), "intermediate": target}))
+    for path in [dst, *dst.iterdir()]:
+        os.chmod(path, (0o700 if path.is_dir() else 0o600) if owner_only else (0o755 if path.is_dir() else 0o644))
     return dst
 
 

@@ -8,6 +8,8 @@ Started as user `nobody` when the audit runs as root, so it holds no privilege o
 
 Run as `python -m hearthlm.privacy.probe FILE`; it answers JSON lines on stdin:
   {"op": "drop"} -> {"ok": true};  {"op": "probe"} -> {"ns": [[read ns, ...] per expert], "experts": [[l, e]...]}
+Where the file is not readable to it (an owner-only checkpoint, as `hearth pull` stores models), the attacker
+learns nothing from it: it answers every op with {"denied": "<why>"} and the audit records that.
 `resident()` is the owner's variant (mincore on its own mapping), used by tests as ground truth.
 """
 
@@ -90,7 +92,12 @@ def resident(path: str, offsets: list[int]) -> list[bool]:
 
 
 def serve(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError as e:  # A1 needs to read the file; without that its attack cannot start
+        for _ in sys.stdin:
+            print(json.dumps({"denied": f"{e.strerror}: {path}"}), flush=True)
+        return
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around the attacker's own reads
     experts = expert_ranges(path)
     offsets = {k: probe_offsets(v) for k, v in experts.items()}

@@ -47,11 +47,13 @@ class RoutingRecorder:
 
 def apply(llm, mitigations: dict):
     """Turn on the switches named in `mitigations` (private_reads, fixed_shape: bools; noise: a scale);
-    -> what must be closed after the request."""
+    -> what must be closed after the request. "defaults" is applied at load (`privacy_options`), not here."""
     from ..moe import private
     from ..moe.noise import RouterNoise
 
     pool = getattr(llm.model, "expert_pool", None)
+    if mitigations.get("defaults"):
+        mitigations = {k: v for k, v in mitigations.items() if k not in ("private_reads", "fixed_shape")}
     needs_pool = [k for k in ("private_reads", "fixed_shape") if mitigations.get(k)]
     if needs_pool and pool is None:
         raise ValueError(f"{', '.join(needs_pool)} act on an expert pool: load the model with an expert budget")
@@ -63,11 +65,22 @@ def apply(llm, mitigations: dict):
     return RouterNoise(llm.model, scale) if scale else None
 
 
+def privacy_options(mitigations: dict):
+    """LLM's `privacy` for "defaults" (the CLI's: private reads auto, with fixed-shape if also named), else None."""
+    from ..moe.options import PrivacyOptions
+
+    if not mitigations.get("defaults"):
+        return None
+    reads = "on" if mitigations.get("private_reads") else "auto"
+    return PrivacyOptions(reads, fixed_shape=bool(mitigations.get("fixed_shape")))
+
+
 def answer(model: str, request: dict) -> dict:
     from ..api import LLM, SamplingParams
 
-    llm = LLM(model, expert_budget=request.get("budget"), moe_profile=False)
-    noise = apply(llm, request.get("mitigations") or {})
+    mitigations = request.get("mitigations") or {}
+    llm = LLM(model, expert_budget=request.get("budget"), moe_profile=False, privacy=privacy_options(mitigations))
+    noise = apply(llm, mitigations)
     recorder = RoutingRecorder(llm.model)
     params = SamplingParams(max_tokens=int(request["max_tokens"]), temperature=0, ignore_eos=True)
     if request.get("chat") and llm.tokenizer is not None and llm.tokenizer.has_chat_template:

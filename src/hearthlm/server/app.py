@@ -179,6 +179,8 @@ def create_app(served: ServedModel | Models, api_key: str | None = None, metrics
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         moe = next((m for s in models.loaded() if (m := s.model.llm.moe_stats()) is not None), None)
+        if any(getattr(s.model.llm.privacy, "isolate_clients", False) for s in models.loaded()):
+            moe = None  # the pool's counters move with every client's routing: no channel around the isolation
         text = counters.render(_engine_stats(models), moe)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
