@@ -63,7 +63,7 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     engine = AsyncEngine(core, background, stepper)
     served = ServedModel(llm, engine, name or model_name(model, llm.path), metrics or Metrics())
     served.image_tokens = image_tokens
-    served.leader = leader  # stops the other ranks when the server ends
+    served.leader = leader
     return served
 
 

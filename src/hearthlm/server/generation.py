@@ -178,6 +178,7 @@ class ServedModel:
         self.fingerprint = f"hearthlm-{__version__}"
         self.digest = hashlib.sha256(f"{llm.path.resolve()}:{llm.path.stat().st_mtime_ns}".encode()).hexdigest()
         self.image_tokens: int | None = None  # the server's default soft-token budget per image (None: the model's)
+        self.leader = None  # under --tp: distributed/follow.py's Leader, which stops the other ranks at the end
 
     def check_name(self, name: str | None) -> None:
         """404 unless `name` names this model (an Ollama-style ':latest' tag is accepted)."""
