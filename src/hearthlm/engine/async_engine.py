@@ -181,11 +181,15 @@ class AsyncEngine:
         except Exception as e:  # a bug or an out-of-memory: fail every open request, keep serving
             self._fail_all(e)
             return True
-        for out in outputs:
-            with self._lock:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._lock:
+            for out in outputs:
                 target = self._streams.get(out.request_id)
-            if target is not None:  # a request that failed alone gets its error; the others go on
-                self._deliver(*target, RuntimeError(f"generation failed: {out.error}") if out.error else out)
+                if target is not None:  # a request that failed alone gets its error; the others go on
+                    item = RuntimeError(f"generation failed: {out.error}") if out.error else out
+                    by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per request
+            self._deliver_all(loop, items)
         return True
 
     @staticmethod
@@ -205,6 +209,17 @@ class AsyncEngine:
         for rid, (loop, queue) in streams.items():
             self.engine.abort(rid)
             self._deliver(loop, queue, RuntimeError(f"engine step failed: {error!r}"))
+
+    @staticmethod
+    def _deliver_all(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+        def put() -> None:
+            for queue, item in items:
+                queue.put_nowait(item)
+
+        try:
+            loop.call_soon_threadsafe(put)
+        except RuntimeError:  # the consumers' loop is closed
+            pass
 
     @staticmethod
     def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
