@@ -235,3 +235,32 @@ def test_gguf_load_peak_stays_near_the_bytes_held(llama_bf16, tmp_path, qtype):
     peak, steady = got["VmHWM"] - got["base"], got["VmRSS"] - got["base"]
     print(f"{qtype}: file tensors {held / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, steady {steady / 1e6:.0f} MB")
     assert peak < 1.10 * held + fit.LOAD_OVERHEAD and steady < 1.10 * held + fit.LOAD_OVERHEAD
+
+
+def test_tp_prices_what_a_sharded_rank_holds(llama_bf16):
+    """`fit --tp N` splits the model with the tensor-parallel code itself; its figures are what rank 0 of a real
+    split holds: parameter bytes, K/V heads, and the whole checkpoint's load peak."""
+    from hearthlm import LLM
+    from hearthlm.distributed.mesh import Mesh
+    from hearthlm.distributed.tensor_parallel import shard_model
+
+    whole = fit.estimate(fit.load(llama_bf16), "bf16", context=64)
+    for world in (2, 4):
+        rank = fit.fit([str(llama_bf16)], context=64, formats=("bf16",), tp=world)[0]
+        model = shard_model(LLM(llama_bf16, dtype="bfloat16").model, Mesh(rank=0, world=world))
+        held = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        assert rank.weights == held < whole.weights
+        assert rank.kv_cache * world == whole.kv_cache  # 4 K/V heads split evenly
+        assert rank.load_peak == whole.load_peak and rank.tp == world
+        assert any("per rank of" in n for n in rank.notes)
+
+
+def test_tp_refuses_a_split_that_cannot_be_made(llama_bf16, capsys):
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks.*rank counts that work: 1, 2, 4"):
+        fit.fit([str(llama_bf16)], formats=("bf16",), tp=3)
+    assert main(["fit", "gemma-4-26B-A4B", "--tp", "2", "--bandwidth", "30"]) == 2
+    assert "expert parallelism is not implemented" in capsys.readouterr().err
+    assert main(["fit", "gemma-4-E2B", "--tp", "0", "--bandwidth", "30"]) == 2
+    assert "--tp must be at least 1" in capsys.readouterr().err
+    names = {e.model for e in fit.fit(None, formats=("bf16",), tp=2)}
+    assert "gemma-4-E2B" in names and "gemma-4-26B-A4B" not in names  # known MoE models are left out

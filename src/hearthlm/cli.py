@@ -503,7 +503,7 @@ def _fit(args: argparse.Namespace) -> int:
     machine = fit.detect(args.ram, args.vram, args.bandwidth)
     estimates = fit.fit(
         args.models or None, machine, args.context, args.concurrency, images=args.images,
-        image_tokens=args.image_tokens, audio_clips=args.audio_clips, quant_towers=args.quant_towers,
+        image_tokens=args.image_tokens, audio_clips=args.audio_clips, quant_towers=args.quant_towers, tp=args.tp,
     )  # fmt: skip
     if args.json:
         sys.stdout.write(fit.to_json(estimates, machine) + "\n")
@@ -772,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quant-towers", action="store_true", help="price the towers' linear layers in int8 / int4 in those formats"
     )
     fit.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
+    fit.add_argument("--tp", type=int, default=1, metavar="N",
+                     help="per rank of `hearth serve --tp N` (--ram, --vram: one rank's machine)")  # fmt: skip
     fit.add_argument("--json", action="store_true", help="print the estimates as JSON")
     fit.set_defaults(func=_fit)
     b = sub.add_parser("bench", help="measure prefill and decode speed, time to first token and peak memory")

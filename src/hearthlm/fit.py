@@ -214,9 +214,16 @@ def _role(name: str, shape: tuple[int, ...]) -> str:
 
 
 def model_from_hf(
-    name: str, hf: dict[str, Any], where: str, file_dtype_bytes: int | None = None, tower_bytes: int | None = None
+    name: str,
+    hf: dict[str, Any],
+    where: str,
+    file_dtype_bytes: int | None = None,
+    tower_bytes: int | None = None,
+    tp: int = 1,
 ) -> Model:
-    """Build the family's module on the meta device from a config.json dict and list its tensors."""
+    """Build the family's module on the meta device from a config.json dict and list its tensors. `tp` > 1: what
+    one rank of `--tp` holds, split by the tensor-parallel code itself (rank 0, whose share is the largest);
+    a model that cannot be split raises its TensorParallelError."""
     from .weights.mapping import Cat, Stack
 
     cls, arch, text = resolve_family(hf, where)
@@ -224,9 +231,14 @@ def model_from_hf(
     with torch.device("meta"):
         module = cls(cfg)
     sources = module.weight_map("")
+    if tp > 1:
+        from .distributed.mesh import Mesh
+        from .distributed.tensor_parallel import shard_model
+
+        cfg = shard_model(module, Mesh(rank=0, world=tp)).config  # slices only: no collective runs here
     tensors = []
     for pname, p in module.named_parameters():
-        parts = sources.get(pname)
+        parts = sources.get(pname.replace(".part.", "."))  # a row-parallel projection keeps its weight in .part
         fused = isinstance(parts, (Cat, Stack)) and len(parts.parts) > 1
         layer = int(pname.split(".")[1]) if pname.startswith("layers.") else None
         tensors.append(Tensor(pname, tuple(p.shape), _role(pname, tuple(p.shape)), layer, fused))
@@ -267,26 +279,27 @@ def _header(path: Path) -> dict[str, Any]:
     return header
 
 
-def known_model(name: str) -> Model | None:
-    """A shipped config by known name or HF id (case-insensitive), else None."""
+def known_model(name: str, tp: int = 1) -> Model | None:
+    """A shipped config by known name or HF id (case-insensitive), else None; `tp`: see model_from_hf."""
     key = name.lower()
     for known, repo in KNOWN_MODELS.items():
         if key in (known.lower(), repo.lower(), repo.lower().rsplit("/", 1)[1]):
             path = KNOWN_DIR / f"{known}.json"
-            m = model_from_hf(known, read_json(path), str(path))
+            m = model_from_hf(known, read_json(path), str(path), tp=tp)
             m.source = "known"
             return m
     return None
 
 
-def load(name: str | Path) -> Model:
-    """A model by name: a folder, a pulled model or the demo (store.resolve), else a known model."""
+def load(name: str | Path, tp: int = 1) -> Model:
+    """A model by name: a folder, a pulled model or the demo (store.resolve), else a known model; `tp` > 1: one
+    rank's share under `--tp` (model_from_hf)."""
     from . import store
 
     try:
         path = store.resolve(name)
     except store.ModelNotFoundError as e:
-        found = known_model(str(name))
+        found = known_model(str(name), tp)
         if found is None:
             raise store.ModelNotFoundError(f"{e}; `hearth fit` also knows: {', '.join(KNOWN_MODELS)}") from None
         return found
@@ -294,10 +307,11 @@ def load(name: str | Path) -> Model:
         from .weights.gguf import GGUFFile
         from .weights.gguf_model import hf_config
 
-        m = model_from_hf(path.name, hf_config(GGUFFile(path)), str(path), file_dtype_bytes=2)
+        m = model_from_hf(path.name, hf_config(GGUFFile(path)), str(path), file_dtype_bytes=2, tp=tp)
     else:
         hf = read_json(path / "config.json")
-        m = model_from_hf(path.name, hf, str(path / "config.json"), _file_dtype_bytes(path), _tower_dtype_bytes(path))
+        where = str(path / "config.json")
+        m = model_from_hf(path.name, hf, where, _file_dtype_bytes(path), _tower_dtype_bytes(path), tp)
     m.source = str(path)
     return m
 
@@ -435,6 +449,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     media_tokens: int = 0  # positions the images and clips of one sequence add to the context
     media_kv: int = 0  # part of kv_cache: the K/V of those positions, all sequences
+    tp: int = 1  # > 1: the figures are one rank's of `hearth serve --tp tp` (fit's `tp`)
 
 
 AUDIO_TOKENS = 750  # the most soft tokens one clip takes (30 s); the estimate assumes clips that long
@@ -677,24 +692,56 @@ def fit(
     image_tokens: int = 280,
     audio_clips: int = 0,
     quant_towers: bool = False,
+    tp: int = 1,
 ) -> list[Estimate]:
     """Estimates for each model (default: every known model) in each format, judged against `machine`; with
     `images` / `audio_clips` per sequence, the known models without such a tower are left out; `quant_towers`:
-    see `estimate`."""
+    see `estimate`. `tp` > 1: per rank of `hearth serve --tp N` (the largest share; `machine` is one rank's);
+    named models that cannot be split raise, known ones are left out."""
     if context < 1 or concurrency < 1:
         raise ValueError(f"--context and --concurrency must be at least 1 (got {context} and {concurrency})")
-    models = [load(n) for n in names] if names else [known_model(n) for n in KNOWN_MODELS]
+    if tp < 1:
+        raise ValueError(f"--tp must be at least 1 (got {tp})")
+    models = [load(n, tp) for n in names] if names else _known_splittable(tp)
     if not names:
         models = [m for m in models if (not images or "image" in m.towers) and (not audio_clips or "audio" in m.towers)]
     out = []
     for m in models:
+        whole = load(m.name if m.source == "known" else m.source) if tp > 1 else m
         for fmt in formats:
             e = estimate(
                 m, fmt, context, concurrency, images=images, image_tokens=image_tokens, audio_clips=audio_clips,
                 quant_towers=quant_towers,
             )  # fmt: skip
+            if tp > 1:
+                _per_rank(e, whole, fmt, context, concurrency, tp)
             out.append(judge(e, machine) if machine is not None else e)
     return out
+
+
+def _known_splittable(tp: int) -> list[Model]:
+    from .distributed.tensor_parallel import TensorParallelError
+
+    out = []
+    for name in KNOWN_MODELS:
+        try:
+            out.append(known_model(name, tp))
+        except TensorParallelError:
+            continue  # an MoE model, or heads that do not divide: not servable with this --tp
+    return out
+
+
+def _per_rank(e: Estimate, whole: Model, fmt: str, context: int, concurrency: int, tp: int) -> None:
+    """Mark `e` as one rank's and give it the load peak a rank really has: each loads the whole checkpoint first
+    and then keeps its share (distributed/tensor_parallel.py)."""
+    e.tp = tp
+    if e.load_peak is not None:
+        e.load_peak = estimate(whole, fmt, context, concurrency).load_peak
+    e.notes.append(
+        f"per rank of {tp}: each rank holds this (ranks on one machine share its memory: {tp}x this); while "
+        "loading, each reads the whole checkpoint before keeping its share; the all-reduces' traffic is not in the "
+        "decode speed"
+    )
 
 
 def to_json(estimates: list[Estimate], machine: Machine | None) -> str:
@@ -725,6 +772,8 @@ def table(estimates: list[Estimate], machine: Machine | None):
         title = f"RAM {_gb(machine.ram)}{bw}; {gpus}"
     moe = any(e.weights_active_experts for e in estimates)
     towers = any(e.towers for e in estimates)
+    if first is not None and first.tp > 1:
+        title = f"per rank of --tp {first.tp}" + (f"; each rank: {title}" if title else "")
     t = Table(title=title, box=None, header_style="bold")
     columns = ["MODEL", "FORMAT", "WEIGHTS"] + (["ACTIVE EXPERTS ONLY"] if moe else []) + (["TOWERS"] if towers else [])
     columns += [f"KV ({where})", "RAM (CPU)", "VRAM (GPU)", "FITS RAM", "FITS VRAM", "DECODE TOK/S"]
