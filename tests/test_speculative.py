@@ -335,7 +335,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     from hearthlm.engine.sequence import Sequence
     from hearthlm.engine.speculative import SpecState
 
-    lookup = PromptLookup(max_ngram=3)
+    lookup = PromptLookup(max_ngram=3, min_ngram=1)
     seq = Sequence("r", [1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 7, 2, 3], SamplingParams(), None, None, 100)
     seq.spec = SpecState(lookup, Adaptive())
     assert lookup.propose([seq], [3]) == [[4, 6, 7]]  # "2 3" last seen before "4 6 7"
@@ -347,6 +347,18 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert lookup.propose([seq], [4]) == [[7, 7, 7, 7]]
     with pytest.raises(ValueError, match="min_ngram"):
         PromptLookup(max_ngram=1, min_ngram=2)
+
+
+def test_prompt_lookup_needs_two_matching_tokens_by_default():
+    from hearthlm.engine.sequence import Sequence
+    from hearthlm.engine.speculative import SpecState
+
+    lookup = PromptLookup()
+    seq = Sequence("r", [5, 1, 2, 9, 8, 1], SamplingParams(), None, None, 100)
+    seq.spec = SpecState(lookup, Adaptive())
+    assert lookup.propose([seq], [2]) == [[]]  # only "1" recurs: no draft
+    seq.tokens += [2]
+    assert lookup.propose([seq], [2]) == [[9, 8]]  # "1 2" did occur: what followed it
 
 
 # -- entry points ---------------------------------------------------------------------------------------------
