@@ -21,9 +21,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -444,6 +446,246 @@ void gemv_dispatch(const GemvArgs& a, int64_t M) {
   TORCH_CHECK(false, "quant_gemv: M must be in 1..8, got ", M);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The AVX-512 VNNI path. The extension is compiled for AVX2, so these functions carry the AVX-512 target
+// themselves, and quant_gemv calls them only after set_quant_gemv_isa("avx512") found the CPU able.
+//
+// One "step" is 64 bytes of a weight row: 4 blocks of 4-bit nibbles or 2 blocks of 8-bit weights. vpdpbusd
+// multiplies unsigned bytes by signed bytes and adds each 4 products into a 32-bit lane, so a step takes one or
+// two instructions per row of x, and each of its 16 lanes belongs to one block (and one unit):
+// - 4-bit: the nibbles (0..15) go in as they are. The low nibbles of a step are elements 0..15 of its 4 blocks,
+//   the high nibbles elements 16..31, so x is laid out per step as [first halves of its 4 blocks][second
+//   halves]; lane i of both products belongs to block 4j + i / 4.
+// - 8-bit: the weights are signed, so they go in as w + 128 (w ^ 0x80); the 128 * sum(x^) that adds is taken
+//   off with the offsets. Lane i belongs to block 2j + i / 8.
+// The offsets (-8 * scale for symmetric 4-bit, -128 * scale for 8-bit, plus a group's min) multiply x^'s sum
+// per group, once per weight row. Each (weight row, x row) pair runs the same instructions in the same order
+// whatever the number of x rows, so a row's result does not depend on the rows beside it.
+#define HEARTH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+struct alignas(64) Lanes16 {
+  int32_t v[16];
+};
+
+// What all weight rows of a call share: x in the step layout, x's scale per lane, x^'s sums per group, and per
+// step the groups its lanes take: 8 fp16 values from group base[j] on (gmask keeps the load inside the row),
+// spread to lanes by perm (4-bit, group 16: perm[2j] for the low nibbles, perm[2j + 1] for the high ones).
+struct VnniPlan {
+  int64_t steps = 0, ng = 0, ngp = 0, xstride = 0, row_bytes = 0;
+  // 64-byte aligned, so that no 512-bit load of them straddles two cache lines.
+  std::vector<Lanes16> xq;     // [M][xstride] int8
+  std::vector<Lanes16> xd;     // [M][steps * 16] floats
+  std::vector<Lanes16> xsg;    // [M][ngp] floats, zero past ng
+  std::vector<int64_t> base;   // [steps]
+  std::vector<__mmask8> gmask; // [steps]
+  std::vector<Lanes16> perm;   // [steps] or [2 * steps]
+};
+
+// The unit of lane i of step j (hi: the high nibbles of 4-bit), clamped to the row.
+int64_t lane_unit(int bits, bool half, int64_t nb, int64_t j, int i, int hi) {
+  const int64_t block = std::min(bits == 4 ? 4 * j + i / 4 : 2 * j + i / 8, nb - 1);
+  if (!half) return block;
+  return 2 * block + (bits == 4 ? hi : (i / 4) % 2);
+}
+
+void plan_vnni(const QuantizedX& qx, int bits, int64_t group, int64_t row_bytes, VnniPlan& p) {
+  const bool half = group == 16;
+  const int64_t M = qx.M, K = qx.K, nb = qx.nb, upg = half ? 1 : group / 32;
+  p.row_bytes = row_bytes;
+  p.steps = (row_bytes + 63) / 64;
+  p.ng = K / group;
+  p.ngp = (p.ng + 15) / 16 * 16;
+  p.xstride = p.steps * (bits == 4 ? 128 : 64);
+  p.xq.assign(M * p.xstride / 64, Lanes16{});
+  p.xd.assign(M * p.steps, Lanes16{});
+  p.xsg.assign(M * p.ngp / 16, Lanes16{});
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* src = qx.q.data() + m * K;
+    int8_t* dst = reinterpret_cast<int8_t*>(p.xq.data()) + m * p.xstride;
+    float* xd = reinterpret_cast<float*>(p.xd.data()) + m * p.steps * 16;
+    float* xsg = reinterpret_cast<float*>(p.xsg.data()) + m * p.ngp;
+    const float* d = qx.d.data() + m * qx.nu_pad;
+    const float* s = qx.sum.data() + m * qx.nu_pad;
+    for (int64_t b = 0; b < nb; ++b) {
+      if (bits == 4) {
+        int8_t* o = dst + (b / 4) * 128 + (b % 4) * 16;
+        std::memcpy(o, src + 32 * b, 16);
+        std::memcpy(o + 64, src + 32 * b + 16, 16);
+      } else {
+        std::memcpy(dst + 32 * b, src + 32 * b, 32);
+      }
+      const int per = bits == 4 ? 4 : 8;  // lanes per block
+      const int64_t lane0 = bits == 4 ? (b / 4) * 16 + (b % 4) * 4 : b * 8;
+      for (int i = 0; i < per; ++i) xd[lane0 + i] = d[half ? 2 * b : b];
+    }
+    for (int64_t u = 0; u < qx.nu; ++u) xsg[u / upg] += s[u];  // units of a group in order
+  }
+  p.base.resize(p.steps);
+  p.gmask.resize(p.steps);
+  const int nperm = bits == 4 && half ? 2 : 1;
+  p.perm.resize(p.steps * nperm);
+  for (int64_t j = 0; j < p.steps; ++j) {
+    const int64_t base = lane_unit(bits, half, nb, j, 0, 0) / upg;
+    p.base[j] = base;
+    p.gmask[j] = static_cast<__mmask8>((1u << std::min<int64_t>(8, p.ng - base)) - 1);
+    for (int h = 0; h < nperm; ++h)
+      for (int i = 0; i < 16; ++i)
+        p.perm[j * nperm + h].v[i] = static_cast<int32_t>(lane_unit(bits, half, nb, j, i, h) / upg - base);
+  }
+}
+
+struct VnniArgs {
+  const VnniPlan* p;
+  const uint8_t* q;
+  const at::Half* scales;
+  const at::Half* mins;  // or null
+  float offset;          // the offset per unit of scale: -8 (symmetric 4-bit), -128 (8-bit) or 0
+  float* y;
+  int64_t N;
+};
+
+// One step of one weight row for M rows of x: acc[m] += (integer dot products per lane) * x scale * w scale.
+template <int BITS, bool HALF, int M>
+HEARTH_VNNI inline void vnni_step(const VnniArgs& a, const uint8_t* w, const at::Half* s, int64_t j,
+                                  __mmask64 wmask, __m512 (&acc)[M]) {
+  const VnniPlan& p = *a.p;
+  const __m512i v = wmask == ~__mmask64(0) ? _mm512_loadu_si512(w + 64 * j) : _mm512_maskz_loadu_epi8(wmask, w + 64 * j);
+  const __m512 g = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(p.gmask[j], s + p.base[j])));
+  constexpr int NP = BITS == 4 && HALF ? 2 : 1;
+  const __m512 ws = _mm512_permutexvar_ps(_mm512_load_si512(p.perm[NP * j].v), g);
+  const int8_t* xq = reinterpret_cast<const int8_t*>(p.xq.data()) + j * (BITS == 4 ? 128 : 64);
+  const float* xd = reinterpret_cast<const float*>(p.xd.data()) + 16 * j;
+  const int64_t xds = p.steps * 16;
+  const __m512i zero = _mm512_setzero_si512();
+  if constexpr (BITS == 4) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    if constexpr (HALF) {  // the low and high nibbles are different units: a scale each
+      const __m512 wsh = _mm512_permutexvar_ps(_mm512_load_si512(p.perm[2 * j + 1].v), g);
+      for (int m = 0; m < M; ++m) {
+        const __m512i il = _mm512_dpbusd_epi32(zero, lo, _mm512_load_si512(xq + m * p.xstride));
+        const __m512i ih = _mm512_dpbusd_epi32(zero, hi, _mm512_load_si512(xq + m * p.xstride + 64));
+        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), ws, _mm512_mul_ps(_mm512_cvtepi32_ps(ih), wsh));
+        acc[m] = _mm512_fmadd_ps(t, _mm512_load_ps(xd + m * xds), acc[m]);
+      }
+    } else {  // both halves of a block in one lane: |sum| <= 32 * 15 * 127
+      for (int m = 0; m < M; ++m) {
+        __m512i i = _mm512_dpbusd_epi32(zero, lo, _mm512_load_si512(xq + m * p.xstride));
+        i = _mm512_dpbusd_epi32(i, hi, _mm512_load_si512(xq + m * p.xstride + 64));
+        const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_load_ps(xd + m * xds));
+        acc[m] = _mm512_fmadd_ps(t, ws, acc[m]);
+      }
+    }
+  } else {
+    const __m512i wu = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
+    for (int m = 0; m < M; ++m) {
+      const __m512i i = _mm512_dpbusd_epi32(zero, wu, _mm512_load_si512(xq + m * p.xstride));
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_load_ps(xd + m * xds));
+      acc[m] = _mm512_fmadd_ps(t, ws, acc[m]);
+    }
+  }
+}
+
+// The offset terms of weight row n for M rows of x, 16 partial sums each: sum over groups of (min + offset *
+// scale) * sum(x^). They start the accumulators, so that a row takes one horizontal sum at the end.
+template <int M>
+HEARTH_VNNI inline void vnni_offsets(const VnniArgs& a, int64_t n, __m512 (&acc)[M]) {
+  const VnniPlan& p = *a.p;
+  const at::Half* s = a.scales + n * p.ng;
+  const at::Half* mn = a.mins ? a.mins + n * p.ng : nullptr;
+  const __m512 c = _mm512_set1_ps(a.offset);
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.ng; g += 16) {
+    const __mmask16 k = p.ng - g >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.ng - g)) - 1);
+    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s + g));
+    const __m512 off = mn ? _mm512_fmadd_ps(sv, c, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + g)))
+                          : _mm512_mul_ps(sv, c);
+    const float* xs = reinterpret_cast<const float*>(a.p->xsg.data()) + g;
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_load_ps(xs + m * p.ngp), acc[m]);
+  }
+}
+
+// y[:, n0:n1], one weight row at a time: a single sequential stream, which the prefetchers follow best.
+template <int BITS, bool HALF, int M>
+HEARTH_VNNI void vnni_rows(const VnniArgs& a, int64_t n0, int64_t n1) {
+  const VnniPlan& p = *a.p;
+  const int64_t steps = p.steps, rem = p.row_bytes - 64 * (steps - 1);
+  const __mmask64 full = ~__mmask64(0), last = rem == 64 ? full : (__mmask64(1) << rem) - 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = a.q + n * p.row_bytes;
+    const at::Half* s = a.scales + n * p.ng;
+    // Two sets of accumulators (even and odd steps), so that the FMAs do not wait on each other's latency.
+    __m512 acc0[M], acc1[M];
+    vnni_offsets<M>(a, n, acc0);
+    for (int m = 0; m < M; ++m) acc1[m] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 < steps; j += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + 2048), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + 2112), _MM_HINT_T0);
+      vnni_step<BITS, HALF, M>(a, w, s, j, full, acc0);
+      vnni_step<BITS, HALF, M>(a, w, s, j + 1, full, acc1);
+    }
+    for (; j < steps; ++j)  // the last one or two steps, the last one masked to the row
+      j & 1 ? vnni_step<BITS, HALF, M>(a, w, s, j, j == steps - 1 ? last : full, acc1)
+            : vnni_step<BITS, HALF, M>(a, w, s, j, j == steps - 1 ? last : full, acc0);
+    for (int m = 0; m < M; ++m) a.y[m * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+  }
+}
+
+template <int BITS, bool HALF, int M>
+void vnni_parallel(const VnniArgs& a) {
+  const int64_t unit = 16;  // as gemv_rows: whole units of 16 rows, at least 64 KB of weights per task
+  const int64_t units = (a.N + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * a.p->row_bytes));
+  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    vnni_rows<BITS, HALF, M>(a, u0 * unit, std::min(a.N, u1 * unit));
+  });
+}
+
+template <int BITS, bool HALF>
+void vnni_dispatch(const VnniArgs& a, int64_t M) {
+  switch (M) {
+    case 1: return vnni_parallel<BITS, HALF, 1>(a);
+    case 2: return vnni_parallel<BITS, HALF, 2>(a);
+    case 3: return vnni_parallel<BITS, HALF, 3>(a);
+    case 4: return vnni_parallel<BITS, HALF, 4>(a);
+    case 5: return vnni_parallel<BITS, HALF, 5>(a);
+    case 6: return vnni_parallel<BITS, HALF, 6>(a);
+    case 7: return vnni_parallel<BITS, HALF, 7>(a);
+    case 8: return vnni_parallel<BITS, HALF, 8>(a);
+  }
+  TORCH_CHECK(false, "quant_gemv: M must be in 1..8, got ", M);
+}
+
+void quant_gemv_vnni(const QuantizedX& qx, const uint8_t* q, int64_t row_bytes, const at::Half* scales,
+                     const at::Half* mins, int bits, int64_t group, float* y, int64_t N) {
+  VnniPlan p;
+  plan_vnni(qx, bits, group, row_bytes, p);
+  VnniArgs a;
+  a.p = &p;
+  a.q = q;
+  a.scales = scales;
+  a.mins = mins;
+  a.offset = bits == 8 ? -128.0f : (mins ? 0.0f : -8.0f);
+  a.y = y;
+  a.N = N;
+  const bool half = group == 16;
+  if (bits == 4)
+    half ? vnni_dispatch<4, true>(a, qx.M) : vnni_dispatch<4, false>(a, qx.M);
+  else
+    half ? vnni_dispatch<8, true>(a, qx.M) : vnni_dispatch<8, false>(a, qx.M);
+}
+
+// Which path quant_gemv takes: set from Python at load (kernels/cpu.py, after HEARTHLM_ISA), AVX2 until then.
+std::atomic<bool> use_vnni{false};
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
 // Checks the QuantTensor parts of one 2-D weight; returns K.
 int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
@@ -495,6 +737,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   auto y = torch::empty({M, N}, x.options());
   if (N == 0) return y;
   QuantizedX qx;
+  if (use_vnni.load(std::memory_order_relaxed)) {  // x in natural order; plan_vnni lays it out per step
+    quantize_x(x.data_ptr<float>(), M, K, false, half, qx);
+    quant_gemv_vnni(qx, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1), scales.data_ptr<at::Half>(),
+                    mins.has_value() ? mins->data_ptr<at::Half>() : nullptr, static_cast<int>(bits), group,
+                    y.data_ptr<float>(), N);
+    if (bias.has_value()) y.add_(*bias);
+    return y.view(out_shape);
+  }
   quantize_x(x.data_ptr<float>(), M, K, bits == 4, half, qx);
   GemvArgs a;
   a.x = &qx;
@@ -603,3 +853,12 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
   });
   return out;
 }
+
+// The path of quant_gemv: "avx512" (VNNI, where the CPU has it) or "avx2".
+void set_quant_gemv_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "set_quant_gemv_isa: \"avx512\" or \"avx2\", got \"", isa, "\"");
+  TORCH_CHECK(isa == "avx2" || cpu_has_vnni(), "set_quant_gemv_isa: this CPU lacks AVX-512 F/BW/VL/DQ + VNNI");
+  use_vnni = isa == "avx512";
+}
+
+std::string quant_gemv_isa() { return use_vnni ? "avx512" : "avx2"; }
