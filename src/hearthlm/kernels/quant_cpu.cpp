@@ -458,54 +458,59 @@ void gemv_dispatch(const GemvArgs& a, int64_t M) {
 //   halves]; lane i of both products belongs to block 4j + i / 4.
 // - 8-bit: the weights are signed, so they go in as w + 128 (w ^ 0x80); the 128 * sum(x^) that adds is taken
 //   off with the offsets. Lane i belongs to block 2j + i / 8.
-// The offsets (-8 * scale for symmetric 4-bit, -128 * scale for 8-bit, plus a group's min) multiply x^'s sum
-// per group, once per weight row. Each (weight row, x row) pair runs the same instructions in the same order
-// whatever the number of x rows, so a row's result does not depend on the rows beside it.
+// Scales are handled per chunk of 16 units (the steps that cover them): the 16 weight scales times x's 16 unit
+// scales make one vector per row of x, and each step picks its lanes from it with a fixed permutation, so a
+// step costs no scale loads. The offsets (-8 * scale for symmetric 4-bit, -128 * scale for 8-bit, plus a
+// group's min) multiply x^'s sum per group, once per weight row. Each (weight row, x row) pair runs the same
+// instructions in the same order whatever the number of x rows, so a row's result does not depend on the rows
+// beside it.
 #define HEARTH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
 struct alignas(64) Lanes16 {
   int32_t v[16];
 };
 
-// What all weight rows of a call share: x in the step layout, x's scale per lane, x^'s sums per group, and per
-// step the groups its lanes take: 8 fp16 values from group base[j] on (gmask keeps the load inside the row),
-// spread to lanes by perm (4-bit, group 16: perm[2j] for the low nibbles, perm[2j + 1] for the high ones).
+// Steps per chunk of 16 units: 8-bit 2 units a step (4 for group 16), 4-bit 4 units (8 for group 16).
+template <int BITS, bool HALF>
+constexpr int steps_per_chunk() { return BITS == 8 ? (HALF ? 4 : 8) : (HALF ? 2 : 4); }
+
+// The unit (within its chunk) of lane i of the chunk's step k; hi: the high nibbles of 4-bit.
+int lane_unit(int bits, bool half, int k, int i, int hi) {
+  if (bits == 4) return half ? 2 * (4 * k + i / 4) + hi : 4 * k + i / 4;
+  return half ? 4 * k + i / 4 : 2 * k + i / 8;
+}
+
+// What all weight rows of a call share: x in the step layout, x's scale per unit, x^'s sums per group, and per
+// chunk the groups of its units: 16 fp16 values from group base[c] on (gmask keeps the load inside the row),
+// spread to units by perm.
 struct VnniPlan {
-  int64_t steps = 0, ng = 0, ngp = 0, xstride = 0, row_bytes = 0;
+  int64_t steps = 0, chunks = 0, ng = 0, ngp = 0, xstride = 0, row_bytes = 0;
   // 64-byte aligned, so that no 512-bit load of them straddles two cache lines.
   std::vector<Lanes16> xq;     // [M][xstride] int8
-  std::vector<Lanes16> xd;     // [M][steps * 16] floats
+  std::vector<Lanes16> xd;     // [M][chunks * 16] floats, zero past the last unit
   std::vector<Lanes16> xsg;    // [M][ngp] floats, zero past ng
-  std::vector<int64_t> base;   // [steps]
-  std::vector<__mmask8> gmask; // [steps]
-  std::vector<Lanes16> perm;   // [steps] or [2 * steps]
+  std::vector<int64_t> base;   // [chunks]
+  std::vector<__mmask16> gmask;
+  std::vector<Lanes16> perm;   // [chunks]
 };
-
-// The unit of lane i of step j (hi: the high nibbles of 4-bit), clamped to the row.
-int64_t lane_unit(int bits, bool half, int64_t nb, int64_t j, int i, int hi) {
-  const int64_t block = std::min(bits == 4 ? 4 * j + i / 4 : 2 * j + i / 8, nb - 1);
-  if (!half) return block;
-  return 2 * block + (bits == 4 ? hi : (i / 4) % 2);
-}
 
 void plan_vnni(const QuantizedX& qx, int bits, int64_t group, int64_t row_bytes, VnniPlan& p) {
   const bool half = group == 16;
-  const int64_t M = qx.M, K = qx.K, nb = qx.nb, upg = half ? 1 : group / 32;
+  const int64_t M = qx.M, K = qx.K, nb = qx.nb, nu = qx.nu, upg = half ? 1 : group / 32;
   p.row_bytes = row_bytes;
   p.steps = (row_bytes + 63) / 64;
+  p.chunks = (nu + 15) / 16;
   p.ng = K / group;
   p.ngp = (p.ng + 15) / 16 * 16;
   p.xstride = p.steps * (bits == 4 ? 128 : 64);
   p.xq.assign(M * p.xstride / 64, Lanes16{});
-  p.xd.assign(M * p.steps, Lanes16{});
+  p.xd.assign(M * p.chunks, Lanes16{});
   p.xsg.assign(M * p.ngp / 16, Lanes16{});
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* src = qx.q.data() + m * K;
     int8_t* dst = reinterpret_cast<int8_t*>(p.xq.data()) + m * p.xstride;
-    float* xd = reinterpret_cast<float*>(p.xd.data()) + m * p.steps * 16;
+    float* xd = reinterpret_cast<float*>(p.xd.data()) + m * p.chunks * 16;
     float* xsg = reinterpret_cast<float*>(p.xsg.data()) + m * p.ngp;
-    const float* d = qx.d.data() + m * qx.nu_pad;
-    const float* s = qx.sum.data() + m * qx.nu_pad;
     for (int64_t b = 0; b < nb; ++b) {
       if (bits == 4) {
         int8_t* o = dst + (b / 4) * 128 + (b % 4) * 16;
@@ -514,23 +519,19 @@ void plan_vnni(const QuantizedX& qx, int bits, int64_t group, int64_t row_bytes,
       } else {
         std::memcpy(dst + 32 * b, src + 32 * b, 32);
       }
-      const int per = bits == 4 ? 4 : 8;  // lanes per block
-      const int64_t lane0 = bits == 4 ? (b / 4) * 16 + (b % 4) * 4 : b * 8;
-      for (int i = 0; i < per; ++i) xd[lane0 + i] = d[half ? 2 * b : b];
     }
-    for (int64_t u = 0; u < qx.nu; ++u) xsg[u / upg] += s[u];  // units of a group in order
+    std::memcpy(xd, qx.d.data() + m * qx.nu_pad, nu * sizeof(float));
+    const float* s = qx.sum.data() + m * qx.nu_pad;
+    for (int64_t u = 0; u < nu; ++u) xsg[u / upg] += s[u];  // the units of a group in order
   }
-  p.base.resize(p.steps);
-  p.gmask.resize(p.steps);
-  const int nperm = bits == 4 && half ? 2 : 1;
-  p.perm.resize(p.steps * nperm);
-  for (int64_t j = 0; j < p.steps; ++j) {
-    const int64_t base = lane_unit(bits, half, nb, j, 0, 0) / upg;
-    p.base[j] = base;
-    p.gmask[j] = static_cast<__mmask8>((1u << std::min<int64_t>(8, p.ng - base)) - 1);
-    for (int h = 0; h < nperm; ++h)
-      for (int i = 0; i < 16; ++i)
-        p.perm[j * nperm + h].v[i] = static_cast<int32_t>(lane_unit(bits, half, nb, j, i, h) / upg - base);
+  p.base.resize(p.chunks);
+  p.gmask.resize(p.chunks);
+  p.perm.resize(p.chunks);
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    const int64_t base = 16 * c / upg;
+    p.base[c] = base;
+    p.gmask[c] = static_cast<__mmask16>((1u << std::min<int64_t>(16, p.ng - base)) - 1);
+    for (int u = 0; u < 16; ++u) p.perm[c].v[u] = static_cast<int32_t>(std::min(16 * c + u, nu - 1) / upg - base);
   }
 }
 
@@ -544,50 +545,57 @@ struct VnniArgs {
   int64_t N;
 };
 
-// One step of one weight row for M rows of x: acc[m] += (integer dot products per lane) * x scale * w scale.
+// The lane -> unit permutations of a chunk's steps (idx[2k + hi]).
+template <int BITS, bool HALF>
+struct StepIndex {
+  __m512i idx[2 * steps_per_chunk<BITS, HALF>()];
+  HEARTH_VNNI StepIndex() {
+    for (int k = 0; k < steps_per_chunk<BITS, HALF>(); ++k)
+      for (int hi = 0; hi < 2; ++hi) {
+        Lanes16 l;
+        for (int i = 0; i < 16; ++i) l.v[i] = lane_unit(BITS, HALF, k, i, hi);
+        idx[2 * k + hi] = _mm512_load_si512(l.v);
+      }
+  }
+};
+
+// Step j (the chunk's step k) of one weight row w for M rows of x: acc[m] += (integer dot products per lane) *
+// D[m] (weight scale times x scale per unit of the chunk) picked to the lanes.
 template <int BITS, bool HALF, int M>
-HEARTH_VNNI inline void vnni_step(const VnniArgs& a, const uint8_t* w, const at::Half* s, int64_t j,
-                                  __mmask64 wmask, __m512 (&acc)[M]) {
-  const VnniPlan& p = *a.p;
+HEARTH_VNNI inline void vnni_step(const VnniPlan& p, const uint8_t* w, int64_t j, int k, __mmask64 wmask,
+                                  const StepIndex<BITS, HALF>& si, const __m512 (&D)[M], __m512 (&acc)[M]) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + 2048), _MM_HINT_T0);
   const __m512i v = wmask == ~__mmask64(0) ? _mm512_loadu_si512(w + 64 * j) : _mm512_maskz_loadu_epi8(wmask, w + 64 * j);
-  const __m512 g = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(p.gmask[j], s + p.base[j])));
-  constexpr int NP = BITS == 4 && HALF ? 2 : 1;
-  const __m512 ws = _mm512_permutexvar_ps(_mm512_load_si512(p.perm[NP * j].v), g);
   const int8_t* xq = reinterpret_cast<const int8_t*>(p.xq.data()) + j * (BITS == 4 ? 128 : 64);
-  const float* xd = reinterpret_cast<const float*>(p.xd.data()) + 16 * j;
-  const int64_t xds = p.steps * 16;
   const __m512i zero = _mm512_setzero_si512();
+  const __m512i lanes = si.idx[2 * k];
   if constexpr (BITS == 4) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    if constexpr (HALF) {  // the low and high nibbles are different units: a scale each
-      const __m512 wsh = _mm512_permutexvar_ps(_mm512_load_si512(p.perm[2 * j + 1].v), g);
-      for (int m = 0; m < M; ++m) {
-        const __m512i il = _mm512_dpbusd_epi32(zero, lo, _mm512_load_si512(xq + m * p.xstride));
-        const __m512i ih = _mm512_dpbusd_epi32(zero, hi, _mm512_load_si512(xq + m * p.xstride + 64));
-        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), ws, _mm512_mul_ps(_mm512_cvtepi32_ps(ih), wsh));
-        acc[m] = _mm512_fmadd_ps(t, _mm512_load_ps(xd + m * xds), acc[m]);
-      }
-    } else {  // both halves of a block in one lane: |sum| <= 32 * 15 * 127
-      for (int m = 0; m < M; ++m) {
-        __m512i i = _mm512_dpbusd_epi32(zero, lo, _mm512_load_si512(xq + m * p.xstride));
-        i = _mm512_dpbusd_epi32(i, hi, _mm512_load_si512(xq + m * p.xstride + 64));
-        const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_load_ps(xd + m * xds));
-        acc[m] = _mm512_fmadd_ps(t, ws, acc[m]);
+    for (int m = 0; m < M; ++m) {
+      const __m512i xl = _mm512_load_si512(xq + m * p.xstride), xh = _mm512_load_si512(xq + m * p.xstride + 64);
+      if constexpr (HALF) {  // the low and high nibbles are different units: a scale each
+        const __m512i il = _mm512_dpbusd_epi32(zero, lo, xl), ih = _mm512_dpbusd_epi32(zero, hi, xh);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), _mm512_permutexvar_ps(lanes, D[m]), acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih), _mm512_permutexvar_ps(si.idx[2 * k + 1], D[m]), acc[m]);
+      } else {  // both halves of a block in one lane: |sum| <= 32 * 15 * 127
+        const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl), hi, xh);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_permutexvar_ps(lanes, D[m]), acc[m]);
       }
     }
   } else {
     const __m512i wu = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
     for (int m = 0; m < M; ++m) {
       const __m512i i = _mm512_dpbusd_epi32(zero, wu, _mm512_load_si512(xq + m * p.xstride));
-      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_load_ps(xd + m * xds));
-      acc[m] = _mm512_fmadd_ps(t, ws, acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_permutexvar_ps(lanes, D[m]), acc[m]);
     }
   }
 }
 
 // The offset terms of weight row n for M rows of x, 16 partial sums each: sum over groups of (min + offset *
-// scale) * sum(x^). They start the accumulators, so that a row takes one horizontal sum at the end.
+// scale) * sum(x^). They are added to the dot products' partial sums lane by lane, so that a row takes one
+// horizontal sum; not folded into the FMAs, whose single rounding of (dot - offset) would leave a residue where
+// the two cancel exactly (a weight of 8 in symmetric 4-bit is an exact 0).
 template <int M>
 HEARTH_VNNI inline void vnni_offsets(const VnniArgs& a, int64_t n, __m512 (&acc)[M]) {
   const VnniPlan& p = *a.p;
@@ -600,7 +608,7 @@ HEARTH_VNNI inline void vnni_offsets(const VnniArgs& a, int64_t n, __m512 (&acc)
     const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s + g));
     const __m512 off = mn ? _mm512_fmadd_ps(sv, c, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + g)))
                           : _mm512_mul_ps(sv, c);
-    const float* xs = reinterpret_cast<const float*>(a.p->xsg.data()) + g;
+    const float* xs = reinterpret_cast<const float*>(p.xsg.data()) + g;
     for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_load_ps(xs + m * p.ngp), acc[m]);
   }
 }
@@ -608,27 +616,38 @@ HEARTH_VNNI inline void vnni_offsets(const VnniArgs& a, int64_t n, __m512 (&acc)
 // y[:, n0:n1], one weight row at a time: a single sequential stream, which the prefetchers follow best.
 template <int BITS, bool HALF, int M>
 HEARTH_VNNI void vnni_rows(const VnniArgs& a, int64_t n0, int64_t n1) {
+  constexpr int S = steps_per_chunk<BITS, HALF>();
   const VnniPlan& p = *a.p;
+  const StepIndex<BITS, HALF> si;
   const int64_t steps = p.steps, rem = p.row_bytes - 64 * (steps - 1);
   const __mmask64 full = ~__mmask64(0), last = rem == 64 ? full : (__mmask64(1) << rem) - 1;
+  const float* xd = reinterpret_cast<const float*>(p.xd.data());
+  const int64_t xds = p.chunks * 16;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = a.q + n * p.row_bytes;
     const at::Half* s = a.scales + n * p.ng;
     // Two sets of accumulators (even and odd steps), so that the FMAs do not wait on each other's latency.
-    __m512 acc0[M], acc1[M];
-    vnni_offsets<M>(a, n, acc0);
-    for (int m = 0; m < M; ++m) acc1[m] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 2 < steps; j += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + 2048), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + 2112), _MM_HINT_T0);
-      vnni_step<BITS, HALF, M>(a, w, s, j, full, acc0);
-      vnni_step<BITS, HALF, M>(a, w, s, j + 1, full, acc1);
+    __m512 acc0[M], acc1[M], D[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      const __m512 g16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(p.gmask[c], s + p.base[c]));
+      const __m512 ws = _mm512_permutexvar_ps(_mm512_load_si512(p.perm[c].v), g16);
+      for (int m = 0; m < M; ++m) D[m] = _mm512_mul_ps(ws, _mm512_load_ps(xd + m * xds + 16 * c));
+      const int64_t j0 = c * S;
+      if (j0 + S < steps) {  // a whole chunk, before the last step
+        for (int k = 0; k < S; k += 2) {
+          vnni_step<BITS, HALF, M>(p, w, j0 + k, k, full, si, D, acc0);
+          vnni_step<BITS, HALF, M>(p, w, j0 + k + 1, k + 1, full, si, D, acc1);
+        }
+      } else {  // the chunk with the last step, masked to the row
+        for (int k = 0; k < S && j0 + k < steps; ++k)
+          vnni_step<BITS, HALF, M>(p, w, j0 + k, k, j0 + k == steps - 1 ? last : full, si, D, k & 1 ? acc1 : acc0);
+      }
     }
-    for (; j < steps; ++j)  // the last one or two steps, the last one masked to the row
-      j & 1 ? vnni_step<BITS, HALF, M>(a, w, s, j, j == steps - 1 ? last : full, acc1)
-            : vnni_step<BITS, HALF, M>(a, w, s, j, j == steps - 1 ? last : full, acc0);
-    for (int m = 0; m < M; ++m) a.y[m * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+    __m512 corr[M];
+    vnni_offsets<M>(a, n, corr);
+    for (int m = 0; m < M; ++m)
+      a.y[m * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[m], acc1[m]), corr[m]));
   }
 }
 
