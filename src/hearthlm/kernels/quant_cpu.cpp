@@ -485,6 +485,7 @@ int lane_unit(int bits, bool half, int k, int i, int hi) {
 // spread to units by perm.
 struct VnniPlan {
   int64_t steps = 0, chunks = 0, ng = 0, ngp = 0, xstride = 0, row_bytes = 0;
+  int64_t prefetch = 0;  // bytes ahead: a row at least (as gemv_tile), so the next row starts warm
   // 64-byte aligned, so that no 512-bit load of them straddles two cache lines.
   std::vector<Lanes16> xq;     // [M][xstride] int8
   std::vector<Lanes16> xd;     // [M][chunks * 16] floats, zero past the last unit
@@ -498,6 +499,7 @@ void plan_vnni(const QuantizedX& qx, int bits, int64_t group, int64_t row_bytes,
   const bool half = group == 16;
   const int64_t M = qx.M, K = qx.K, nb = qx.nb, nu = qx.nu, upg = half ? 1 : group / 32;
   p.row_bytes = row_bytes;
+  p.prefetch = std::max<int64_t>(row_bytes, 2048);
   p.steps = (row_bytes + 63) / 64;
   p.chunks = (nu + 15) / 16;
   p.ng = K / group;
@@ -564,7 +566,7 @@ struct StepIndex {
 template <int BITS, bool HALF, int M>
 HEARTH_VNNI inline void vnni_step(const VnniPlan& p, const uint8_t* w, int64_t j, int k, __mmask64 wmask,
                                   const StepIndex<BITS, HALF>& si, const __m512 (&D)[M], __m512 (&acc)[M]) {
-  _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + 2048), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + p.prefetch), _MM_HINT_T0);
   const __m512i v = wmask == ~__mmask64(0) ? _mm512_loadu_si512(w + 64 * j) : _mm512_maskz_loadu_epi8(wmask, w + 64 * j);
   const int8_t* xq = reinterpret_cast<const int8_t*>(p.xq.data()) + j * (BITS == 4 ? 128 : 64);
   const __m512i zero = _mm512_setzero_si512();
@@ -626,6 +628,13 @@ HEARTH_VNNI void vnni_rows(const VnniArgs& a, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = a.q + n * p.row_bytes;
     const at::Half* s = a.scales + n * p.ng;
+    // The next row's scales and mins: short streams of their own that the prefetchers do not see coming, and
+    // the chunks would wait for each of their cache lines in turn in the middle of the row's stream.
+    for (const at::Half* t : {a.scales, a.mins}) {
+      if (!t) continue;
+      const char* next = reinterpret_cast<const char*>(t + (n + 1) * p.ng);
+      for (int64_t off = 0; off < 2 * p.ng; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    }
     // Two sets of accumulators (even and odd steps), so that the FMAs do not wait on each other's latency.
     __m512 acc0[M], acc1[M], D[M];
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
