@@ -1,6 +1,7 @@
 // Kernels for quantized weights (the QuantTensor layout of quant/tensor.py) on x86 CPUs with AVX2 + FMA +
 // F16C: a batch-1..8 GEMV straight from the packed integers, and a row dequantizer for embedding lookups
-// and prefill tiles.
+// and prefill tiles. On CPUs with AVX-512 VNNI the GEMV runs a second path (quant_gemv_vnni, below), with the
+// same rounding of x and the same result up to float32 rounding; set_quant_gemv_isa picks it.
 //
 // Decode reads every weight once per token, so it runs at the speed weights stream from memory. int4 weights
 // are a quarter of bf16's bytes, but that only pays if the arithmetic keeps up, and converting every weight
