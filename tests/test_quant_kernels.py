@@ -16,6 +16,17 @@ from hearthlm.quant.tensor import dequantize, pack_int4
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
 
+PATHS = cpu.quant_gemv_paths() if cpu.available() else ["avx2"]
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def quant_path(request):
+    """Every test runs on each quant_gemv path this CPU can take (AVX-512 VNNI and AVX2 on a VNNI machine)."""
+    before = cpu.quant_gemv_isa()
+    cpu.set_quant_gemv_isa(request.param)
+    yield request.param
+    cpu.set_quant_gemv_isa(before)
+
 # (K, group): groups of 16, 32, 64, 128, 96 (a multiple of 32 that is not a power of two) and K (one per row);
 # K = 96 has an odd number of blocks (the unpaired last block of the 4-bit kernel) and a partial chunk.
 LAYOUTS = [(96, 16), (96, 32), (96, 96), (384, 96), (640, 16), (640, 32), (640, 64), (640, 128), (640, 640)]
@@ -84,6 +95,41 @@ def test_wide_quant_gemv_is_its_even_slices(bits, rows):
     cuts = [i * rows // k for i in range(k + 1)]
     want = torch.cat([cpu.quant_gemv(x[a:b], q, s, m, bits, group, bias) for a, b in zip(cuts, cuts[1:])])
     assert torch.equal(cpu.quant_gemv(x, q, s, m, bits, group, bias), want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [False, True])
+@pytest.mark.parametrize("layout", [(96, 16), (96, 32), (640, 16), (640, 128), (640, 640)], ids=lambda t: f"K{t[0]}-g{t[1]}")
+def test_quant_gemv_row_is_the_same_alone_and_in_a_batch(bits, mins, layout, quant_path):
+    """A row's result does not depend on the rows beside it (the engine's batched decode equals each request
+    alone): bit for bit the same alone and at every place in batches of 2..8."""
+    if quant_path == "avx2":
+        pytest.skip("the AVX2 path splits its accumulators by the number of rows (its float sums differ)")
+    K, group = layout
+    q, s, m = _weights(37, K, bits, group, mins, seed=K + group + 1)
+    x = torch.randn(cpu.MAX_ROWS, K, generator=torch.Generator().manual_seed(K))
+    alone = torch.cat([cpu.quant_gemv(x[i : i + 1], q, s, m, bits, group) for i in range(cpu.MAX_ROWS)])
+    for M in range(2, cpu.MAX_ROWS + 1):
+        for start in range(0, cpu.MAX_ROWS - M + 1):
+            assert torch.equal(cpu.quant_gemv(x[start : start + M], q, s, m, bits, group), alone[start : start + M])
+
+
+def test_quant_gemv_path_follows_hearthlm_isa():
+    """The AVX-512 path is chosen at load where isa() allows it; HEARTHLM_ISA=avx2 keeps the AVX2 code."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from hearthlm.kernels import cpu; print(cpu.quant_gemv_isa())"
+    uncapped = "avx512" if cpu._NEEDS["avx512"] <= cpu.cpu_flags() else "avx2"  # (this process may be capped)
+    for cap in ("avx2", None):
+        env = {k: v for k, v in os.environ.items() if k != "HEARTHLM_ISA"}
+        if cap:
+            env["HEARTHLM_ISA"] = cap
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == (cap or uncapped)
+    with pytest.raises(ValueError, match="does not run here"):
+        cpu.set_quant_gemv_isa("amx")
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -169,7 +169,10 @@ SOURCES_AVX512 = ("threadpool.cpp", "gemm_avx512.cpp", "bindings_avx512.cpp")
 
 @functools.cache
 def _load():
-    return _build("hearthlm_cpu", SOURCES)
+    module = _build("hearthlm_cpu", SOURCES)
+    if module is not None:  # the quantized GEMV's path follows isa(), so HEARTHLM_ISA=avx2 keeps it on AVX2
+        module.set_quant_gemv_isa("avx512" if _at_least("avx512") else "avx2")
+    return module
 
 
 @functools.cache
@@ -304,6 +307,24 @@ def quant_gemv(
     result is W . x^ where each element of x^ is off by at most 1/254 of its block's largest |x|.
     """
     return _load().quant_gemv(x, qdata, scales, mins, bits, group, bias)
+
+
+def quant_gemv_isa() -> str:
+    """The instructions quant_gemv (and the fused decoder layer's quantized projections) run on now: "avx512"
+    (AVX-512 VNNI, chosen at load where isa() is "avx512" or wider) or "avx2"."""
+    return _load().quant_gemv_isa()
+
+
+def quant_gemv_paths() -> list[str]:
+    """The quant_gemv paths that may run here under the HEARTHLM_ISA cap, widest first (tests check each)."""
+    return ["avx512", "avx2"] if _at_least("avx512") else ["avx2"]
+
+
+def set_quant_gemv_isa(path: str) -> None:
+    """Switch quant_gemv (process-wide, DecodeLinear included) to one of quant_gemv_paths(): a test hook."""
+    if path not in quant_gemv_paths():
+        raise ValueError(f"quant_gemv path {path!r} does not run here; use one of {quant_gemv_paths()}")
+    _load().set_quant_gemv_isa(path)
 
 
 def dequant_rows(

@@ -1,6 +1,7 @@
 // Kernels for quantized weights (the QuantTensor layout of quant/tensor.py) on x86 CPUs with AVX2 + FMA +
 // F16C: a batch-1..8 GEMV straight from the packed integers, and a row dequantizer for embedding lookups
-// and prefill tiles.
+// and prefill tiles. On CPUs with AVX-512 VNNI the GEMV runs a second path (quant_gemv_vnni, below), with the
+// same rounding of x and the same result up to float32 rounding; set_quant_gemv_isa picks it.
 //
 // Decode reads every weight once per token, so it runs at the speed weights stream from memory. int4 weights
 // are a quarter of bf16's bytes, but that only pays if the arithmetic keeps up, and converting every weight
@@ -21,9 +22,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -444,6 +447,274 @@ void gemv_dispatch(const GemvArgs& a, int64_t M) {
   TORCH_CHECK(false, "quant_gemv: M must be in 1..8, got ", M);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The AVX-512 VNNI path. The extension is compiled for AVX2, so these functions carry the AVX-512 target
+// themselves, and quant_gemv calls them only after set_quant_gemv_isa("avx512") found the CPU able.
+//
+// One "step" is 64 bytes of a weight row: 4 blocks of 4-bit nibbles or 2 blocks of 8-bit weights. vpdpbusd
+// multiplies unsigned bytes by signed bytes and adds each 4 products into a 32-bit lane, so a step takes one or
+// two instructions per row of x, and each of its 16 lanes belongs to one block (and one unit):
+// - 4-bit: the nibbles (0..15) go in as they are. The low nibbles of a step are elements 0..15 of its 4 blocks,
+//   the high nibbles elements 16..31, so x is laid out per step as [first halves of its 4 blocks][second
+//   halves]; lane i of both products belongs to block 4j + i / 4.
+// - 8-bit: the weights are signed, so they go in as w + 128 (w ^ 0x80); the 128 * sum(x^) that adds is taken
+//   off with the offsets. Lane i belongs to block 2j + i / 8.
+// Scales are handled per chunk of 16 units (the steps that cover them): the 16 weight scales times x's 16 unit
+// scales make one vector per row of x, and each step picks its lanes from it with a fixed permutation, so a
+// step costs no scale loads. The offsets (-8 * scale for symmetric 4-bit, -128 * scale for 8-bit, plus a
+// group's min) multiply x^'s sum per group, once per weight row. Each (weight row, x row) pair runs the same
+// instructions in the same order whatever the number of x rows, so a row's result does not depend on the rows
+// beside it.
+#define HEARTH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+struct alignas(64) Lanes16 {
+  int32_t v[16];
+};
+
+// Steps per chunk of 16 units: 8-bit 2 units a step (4 for group 16), 4-bit 4 units (8 for group 16).
+template <int BITS, bool HALF>
+constexpr int steps_per_chunk() { return BITS == 8 ? (HALF ? 4 : 8) : (HALF ? 2 : 4); }
+
+// The unit (within its chunk) of lane i of the chunk's step k; hi: the high nibbles of 4-bit.
+int lane_unit(int bits, bool half, int k, int i, int hi) {
+  if (bits == 4) return half ? 2 * (4 * k + i / 4) + hi : 4 * k + i / 4;
+  return half ? 4 * k + i / 4 : 2 * k + i / 8;
+}
+
+// What all weight rows of a call share: x in the step layout, x's scale per unit, x^'s sums per group, and per
+// chunk the groups of its units: 16 fp16 values from group base[c] on (gmask keeps the load inside the row),
+// spread to units by perm.
+struct VnniPlan {
+  int64_t steps = 0, chunks = 0, ng = 0, ngp = 0, xstride = 0, row_bytes = 0;
+  int64_t prefetch = 0;  // bytes ahead: a row at least (as gemv_tile), so the next row starts warm
+  // 64-byte aligned, so that no 512-bit load of them straddles two cache lines.
+  std::vector<Lanes16> xq;     // [M][xstride] int8
+  std::vector<Lanes16> xd;     // [M][chunks * 16] floats, zero past the last unit
+  std::vector<Lanes16> xsg;    // [M][ngp] floats, zero past ng
+  std::vector<int64_t> base;   // [chunks]
+  std::vector<__mmask16> gmask;
+  std::vector<Lanes16> perm;   // [chunks]
+};
+
+void plan_vnni(const QuantizedX& qx, int bits, int64_t group, int64_t row_bytes, VnniPlan& p) {
+  const bool half = group == 16;
+  const int64_t M = qx.M, K = qx.K, nb = qx.nb, nu = qx.nu, upg = half ? 1 : group / 32;
+  p.row_bytes = row_bytes;
+  p.prefetch = std::max<int64_t>(row_bytes, 2048);
+  p.steps = (row_bytes + 63) / 64;
+  p.chunks = (nu + 15) / 16;
+  p.ng = K / group;
+  p.ngp = (p.ng + 15) / 16 * 16;
+  p.xstride = p.steps * (bits == 4 ? 128 : 64);
+  p.xq.assign(M * p.xstride / 64, Lanes16{});
+  p.xd.assign(M * p.chunks, Lanes16{});
+  p.xsg.assign(M * p.ngp / 16, Lanes16{});
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* src = qx.q.data() + m * K;
+    int8_t* dst = reinterpret_cast<int8_t*>(p.xq.data()) + m * p.xstride;
+    float* xd = reinterpret_cast<float*>(p.xd.data()) + m * p.chunks * 16;
+    float* xsg = reinterpret_cast<float*>(p.xsg.data()) + m * p.ngp;
+    for (int64_t b = 0; b < nb; ++b) {
+      if (bits == 4) {
+        int8_t* o = dst + (b / 4) * 128 + (b % 4) * 16;
+        std::memcpy(o, src + 32 * b, 16);
+        std::memcpy(o + 64, src + 32 * b + 16, 16);
+      } else {
+        std::memcpy(dst + 32 * b, src + 32 * b, 32);
+      }
+    }
+    std::memcpy(xd, qx.d.data() + m * qx.nu_pad, nu * sizeof(float));
+    const float* s = qx.sum.data() + m * qx.nu_pad;
+    for (int64_t u = 0; u < nu; ++u) xsg[u / upg] += s[u];  // the units of a group in order
+  }
+  p.base.resize(p.chunks);
+  p.gmask.resize(p.chunks);
+  p.perm.resize(p.chunks);
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    const int64_t base = 16 * c / upg;
+    p.base[c] = base;
+    p.gmask[c] = static_cast<__mmask16>((1u << std::min<int64_t>(16, p.ng - base)) - 1);
+    for (int u = 0; u < 16; ++u) p.perm[c].v[u] = static_cast<int32_t>(std::min(16 * c + u, nu - 1) / upg - base);
+  }
+}
+
+struct VnniArgs {
+  const VnniPlan* p;
+  const uint8_t* q;
+  const at::Half* scales;
+  const at::Half* mins;  // or null
+  float offset;          // the offset per unit of scale: -8 (symmetric 4-bit), -128 (8-bit) or 0
+  float* y;
+  int64_t N;
+};
+
+// The lane -> unit permutations of a chunk's steps (idx[2k + hi]).
+template <int BITS, bool HALF>
+struct StepIndex {
+  __m512i idx[2 * steps_per_chunk<BITS, HALF>()];
+  HEARTH_VNNI StepIndex() {
+    for (int k = 0; k < steps_per_chunk<BITS, HALF>(); ++k)
+      for (int hi = 0; hi < 2; ++hi) {
+        Lanes16 l;
+        for (int i = 0; i < 16; ++i) l.v[i] = lane_unit(BITS, HALF, k, i, hi);
+        idx[2 * k + hi] = _mm512_load_si512(l.v);
+      }
+  }
+};
+
+// Step j (the chunk's step k) of one weight row w for M rows of x: acc[m] += (integer dot products per lane) *
+// D[m] (weight scale times x scale per unit of the chunk) picked to the lanes.
+template <int BITS, bool HALF, int M>
+HEARTH_VNNI inline void vnni_step(const VnniPlan& p, const uint8_t* w, int64_t j, int k, __mmask64 wmask,
+                                  const StepIndex<BITS, HALF>& si, const __m512 (&D)[M], __m512 (&acc)[M]) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + 64 * j + p.prefetch), _MM_HINT_T0);
+  const __m512i v = wmask == ~__mmask64(0) ? _mm512_loadu_si512(w + 64 * j) : _mm512_maskz_loadu_epi8(wmask, w + 64 * j);
+  const int8_t* xq = reinterpret_cast<const int8_t*>(p.xq.data()) + j * (BITS == 4 ? 128 : 64);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i lanes = si.idx[2 * k];
+  if constexpr (BITS == 4) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    for (int m = 0; m < M; ++m) {
+      const __m512i xl = _mm512_load_si512(xq + m * p.xstride), xh = _mm512_load_si512(xq + m * p.xstride + 64);
+      if constexpr (HALF) {  // the low and high nibbles are different units: a scale each
+        const __m512i il = _mm512_dpbusd_epi32(zero, lo, xl), ih = _mm512_dpbusd_epi32(zero, hi, xh);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), _mm512_permutexvar_ps(lanes, D[m]), acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih), _mm512_permutexvar_ps(si.idx[2 * k + 1], D[m]), acc[m]);
+      } else {  // both halves of a block in one lane: |sum| <= 32 * 15 * 127
+        const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl), hi, xh);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_permutexvar_ps(lanes, D[m]), acc[m]);
+      }
+    }
+  } else {
+    const __m512i wu = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
+    for (int m = 0; m < M; ++m) {
+      const __m512i i = _mm512_dpbusd_epi32(zero, wu, _mm512_load_si512(xq + m * p.xstride));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_permutexvar_ps(lanes, D[m]), acc[m]);
+    }
+  }
+}
+
+// The offset terms of weight row n for M rows of x, 16 partial sums each: sum over groups of (min + offset *
+// scale) * sum(x^). They are added to the dot products' partial sums lane by lane, so that a row takes one
+// horizontal sum; not folded into the FMAs, whose single rounding of (dot - offset) would leave a residue where
+// the two cancel exactly (a weight of 8 in symmetric 4-bit is an exact 0).
+template <int M>
+HEARTH_VNNI inline void vnni_offsets(const VnniArgs& a, int64_t n, __m512 (&acc)[M]) {
+  const VnniPlan& p = *a.p;
+  const at::Half* s = a.scales + n * p.ng;
+  const at::Half* mn = a.mins ? a.mins + n * p.ng : nullptr;
+  const __m512 c = _mm512_set1_ps(a.offset);
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.ng; g += 16) {
+    const __mmask16 k = p.ng - g >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.ng - g)) - 1);
+    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s + g));
+    const __m512 off = mn ? _mm512_fmadd_ps(sv, c, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + g)))
+                          : _mm512_mul_ps(sv, c);
+    const float* xs = reinterpret_cast<const float*>(p.xsg.data()) + g;
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(off, _mm512_load_ps(xs + m * p.ngp), acc[m]);
+  }
+}
+
+// y[:, n0:n1], one weight row at a time: a single sequential stream, which the prefetchers follow best.
+template <int BITS, bool HALF, int M>
+HEARTH_VNNI void vnni_rows(const VnniArgs& a, int64_t n0, int64_t n1) {
+  constexpr int S = steps_per_chunk<BITS, HALF>();
+  const VnniPlan& p = *a.p;
+  const StepIndex<BITS, HALF> si;
+  const int64_t steps = p.steps, rem = p.row_bytes - 64 * (steps - 1);
+  const __mmask64 full = ~__mmask64(0), last = rem == 64 ? full : (__mmask64(1) << rem) - 1;
+  const float* xd = reinterpret_cast<const float*>(p.xd.data());
+  const int64_t xds = p.chunks * 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = a.q + n * p.row_bytes;
+    const at::Half* s = a.scales + n * p.ng;
+    // The next row's scales and mins: short streams of their own that the prefetchers do not see coming, and
+    // the chunks would wait for each of their cache lines in turn in the middle of the row's stream.
+    for (const at::Half* t : {a.scales, a.mins}) {
+      if (!t) continue;
+      const char* next = reinterpret_cast<const char*>(t + (n + 1) * p.ng);
+      for (int64_t off = 0; off < 2 * p.ng; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    }
+    // Two sets of accumulators (even and odd steps), so that the FMAs do not wait on each other's latency.
+    __m512 acc0[M], acc1[M], D[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      const __m512 g16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(p.gmask[c], s + p.base[c]));
+      const __m512 ws = _mm512_permutexvar_ps(_mm512_load_si512(p.perm[c].v), g16);
+      for (int m = 0; m < M; ++m) D[m] = _mm512_mul_ps(ws, _mm512_load_ps(xd + m * xds + 16 * c));
+      const int64_t j0 = c * S;
+      if (j0 + S < steps) {  // a whole chunk, before the last step
+        for (int k = 0; k < S; k += 2) {
+          vnni_step<BITS, HALF, M>(p, w, j0 + k, k, full, si, D, acc0);
+          vnni_step<BITS, HALF, M>(p, w, j0 + k + 1, k + 1, full, si, D, acc1);
+        }
+      } else {  // the chunk with the last step, masked to the row
+        for (int k = 0; k < S && j0 + k < steps; ++k)
+          vnni_step<BITS, HALF, M>(p, w, j0 + k, k, j0 + k == steps - 1 ? last : full, si, D, k & 1 ? acc1 : acc0);
+      }
+    }
+    __m512 corr[M];
+    vnni_offsets<M>(a, n, corr);
+    for (int m = 0; m < M; ++m)
+      a.y[m * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[m], acc1[m]), corr[m]));
+  }
+}
+
+template <int BITS, bool HALF, int M>
+void vnni_parallel(const VnniArgs& a) {
+  const int64_t unit = 16;  // as gemv_rows: whole units of 16 rows, at least 64 KB of weights per task
+  const int64_t units = (a.N + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * a.p->row_bytes));
+  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    vnni_rows<BITS, HALF, M>(a, u0 * unit, std::min(a.N, u1 * unit));
+  });
+}
+
+template <int BITS, bool HALF>
+void vnni_dispatch(const VnniArgs& a, int64_t M) {
+  switch (M) {
+    case 1: return vnni_parallel<BITS, HALF, 1>(a);
+    case 2: return vnni_parallel<BITS, HALF, 2>(a);
+    case 3: return vnni_parallel<BITS, HALF, 3>(a);
+    case 4: return vnni_parallel<BITS, HALF, 4>(a);
+    case 5: return vnni_parallel<BITS, HALF, 5>(a);
+    case 6: return vnni_parallel<BITS, HALF, 6>(a);
+    case 7: return vnni_parallel<BITS, HALF, 7>(a);
+    case 8: return vnni_parallel<BITS, HALF, 8>(a);
+  }
+  TORCH_CHECK(false, "quant_gemv: M must be in 1..8, got ", M);
+}
+
+void quant_gemv_vnni(const QuantizedX& qx, const uint8_t* q, int64_t row_bytes, const at::Half* scales,
+                     const at::Half* mins, int bits, int64_t group, float* y, int64_t N) {
+  VnniPlan p;
+  plan_vnni(qx, bits, group, row_bytes, p);
+  VnniArgs a;
+  a.p = &p;
+  a.q = q;
+  a.scales = scales;
+  a.mins = mins;
+  a.offset = bits == 8 ? -128.0f : (mins ? 0.0f : -8.0f);
+  a.y = y;
+  a.N = N;
+  const bool half = group == 16;
+  if (bits == 4)
+    half ? vnni_dispatch<4, true>(a, qx.M) : vnni_dispatch<4, false>(a, qx.M);
+  else
+    half ? vnni_dispatch<8, true>(a, qx.M) : vnni_dispatch<8, false>(a, qx.M);
+}
+
+// Which path quant_gemv takes: set from Python at load (kernels/cpu.py, after HEARTHLM_ISA), AVX2 until then.
+std::atomic<bool> use_vnni{false};
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
 // Checks the QuantTensor parts of one 2-D weight; returns K.
 int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
@@ -495,6 +766,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   auto y = torch::empty({M, N}, x.options());
   if (N == 0) return y;
   QuantizedX qx;
+  if (use_vnni.load(std::memory_order_relaxed)) {  // x in natural order; plan_vnni lays it out per step
+    quantize_x(x.data_ptr<float>(), M, K, false, half, qx);
+    quant_gemv_vnni(qx, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1), scales.data_ptr<at::Half>(),
+                    mins.has_value() ? mins->data_ptr<at::Half>() : nullptr, static_cast<int>(bits), group,
+                    y.data_ptr<float>(), N);
+    if (bias.has_value()) y.add_(*bias);
+    return y.view(out_shape);
+  }
   quantize_x(x.data_ptr<float>(), M, K, bits == 4, half, qx);
   GemvArgs a;
   a.x = &qx;
@@ -603,3 +882,12 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
   });
   return out;
 }
+
+// The path of quant_gemv: "avx512" (VNNI, where the CPU has it) or "avx2".
+void set_quant_gemv_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "set_quant_gemv_isa: \"avx512\" or \"avx2\", got \"", isa, "\"");
+  TORCH_CHECK(isa == "avx2" || cpu_has_vnni(), "set_quant_gemv_isa: this CPU lacks AVX-512 F/BW/VL/DQ + VNNI");
+  use_vnni = isa == "avx512";
+}
+
+std::string quant_gemv_isa() { return use_vnni ? "avx512" : "avx2"; }
