@@ -22,7 +22,7 @@ from hearthlm.layers.attention import Batch
 from hearthlm.layers.embedding import rounded
 from hearthlm.models.gemma4_assistant import TargetKV, load_assistant
 
-KEEP_DRAFTING = Adaptive(min_accepted=0.0, fit_rows=False)  # a random drafter is rarely right: never pause it
+KEEP_DRAFTING = Adaptive(row_cost=0.0, try_cost=0.0, fit_rows=False)  # a random drafter is rarely right: never pause it
 
 
 def _drafter_text(**over) -> dict:

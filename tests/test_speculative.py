@@ -21,7 +21,7 @@ from hearthlm.engine.lookup import PromptLookup
 from hearthlm.engine.sampler import filter_logits, penalize
 from hearthlm.engine.speculative import Adaptive
 
-NEVER_PAUSE = Adaptive(min_accepted=0.0, fit_rows=False)  # for drafters whose acceptance is set by the test
+NEVER_PAUSE = Adaptive(row_cost=0.0, try_cost=0.0, fit_rows=False)  # for drafters whose acceptance is set by the test
 
 
 def repeating(seed: int, n: int = 10, times: int = 3) -> list[int]:
@@ -305,19 +305,45 @@ def test_eos_inside_an_accepted_run_ends_the_request(loaded):
     assert engine.stats().kv_blocks_used == 0
 
 
-# -- adaptive: drafts that never pay pause themselves -----------------------------------------------------------
-def test_rejected_drafts_pause_drafting(loaded):
+# -- adaptive: drafts that never pay stop themselves --------------------------------------------------------------
+def test_rejected_drafts_stop_drafting(loaded):
+    """Every draft rejected: the verified rows cost at most the starting credit, one try's overshoot and `earn`
+    per plain step, so the slowdown is bounded by about `earn` (the benchmark's worst case measures it)."""
     _, llm = loaded("llama")
     prompt = repeating(6)
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     expected = plain(llm, [prompt], params)
     wrong = [t for t in range(3, VOCAB) if t not in expected[0]][0]
-    engine = llm.engine(draft=Fixed([wrong] * 8))
+    policy = Adaptive()
+    engine = llm.engine(draft=Fixed([wrong] * 8), adaptive=policy)
     assert [c.token_ids for c in llm.generate([prompt], params)] == expected
     stats = engine.stats()
-    assert stats.accepted_tokens == 0
-    # 4 tries fill the window, then one probe after pauses of 16, 32, 64 and 128 tokens
-    assert stats.draft_steps <= 8
+    assert stats.accepted_tokens == 0 and stats.draft_steps >= 2
+    spent = stats.draft_steps * policy.try_cost + stats.drafted_tokens * policy.row_cost  # batch 1: one row a try
+    assert spent <= policy.start + policy.cost(policy.k_start, 1, 0) + policy.earn * 200
+    one_try = policy.cost(1, 1, 0)
+    assert stats.draft_steps <= (policy.start + 200 * policy.earn) / one_try + 2  # then one try per ~25 tokens
+
+
+def test_drafts_that_pay_keep_drafting(loaded):
+    """Half the drafted tokens kept (two of every four): that pays, so the credit never runs out."""
+    _, llm = loaded("llama")
+    prompt = repeating(6)
+    params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
+    expected = plain(llm, [prompt], params)[0]
+
+    class Half:
+        def propose(self, seqs, ks):
+            out = []
+            for seq in seqs:
+                right = expected[len(seq.output) : len(seq.output) + 2]
+                out.append(right + [t for t in range(3, VOCAB) if t not in right][:2])
+            return out
+
+    engine = llm.engine(draft=Half(), adaptive=Adaptive(k_start=4, k_max=4, fit_rows=False))
+    assert llm.generate([prompt], params)[0].token_ids == expected
+    stats = engine.stats()
+    assert stats.accepted_tokens >= 2 * stats.draft_steps - 2 and stats.draft_steps >= 90 // 3 - 2
 
 
 def test_draft_length_grows_with_acceptance(loaded):

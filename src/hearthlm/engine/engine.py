@@ -130,6 +130,7 @@ class Engine:
         self.max_running = max_running or min(MAX_RUNNING, *sizes.values())
         self.scheduler = Scheduler(self.blocks, self.max_running, prefill_chunk)
         self._isolate(llm, isolate_clients)
+        self._rows_per_try = 1.0  # decode rows of the last verify step per sequence that drafted in it
         self._lock = threading.RLock()  # held by step() and abort()
         self._inbox_lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -334,6 +335,8 @@ class Engine:
                 tokens = greedy_rows(logits, [s.params for s in due], [s.guide for s in due])
                 logprobs = logprob_rows(logits, tokens, [s.params.logprobs for s in due])
                 outputs += [self._advance_alone(*row) for row in zip(due, logits, tokens, logprobs)]
+            # what each drafting sequence's try costs in tokens (speculative.Adaptive): this step's rows share it
+            self._rows_per_try = len(verified) / max(1, sum(1 for _, _, draft in verified if draft))
             outputs += [self._verify_alone(*row) for row in verified]
             self.scheduler.after_step(work)
             return outputs
@@ -451,7 +454,7 @@ class Engine:
             if reason is not None or not ok:
                 break
         if draft:
-            seq.spec.record(seq, len(draft), kept)
+            seq.spec.record(seq, len(draft), kept, self._rows_per_try)
             self._drafted, self._accepted, self._draft_steps = (
                 self._drafted + len(draft), self._accepted + kept, self._draft_steps + 1
             )  # fmt: skip

@@ -8,14 +8,13 @@ and on rejection samples from p with t removed (speculative sampling for a draft
 every emitted token has exactly the target's distribution. The engine walks the positions in order, so
 penalties, grammars, stop strings and max_tokens see each kept token before the next one is judged.
 
-Adaptive: each sequence's draft length follows its acceptance, and drafting pauses for a sequence whose recent
-drafts are mostly rejected, with a pause that doubles each time a probe fails (see Adaptive).
+Adaptive: each sequence's draft length follows its acceptance, and a credit account (see Adaptive) stops drafting
+for a sequence while its drafts cost more than they save.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,33 +69,48 @@ def make_drafter(draft: str | Path | Drafter | None, llm: Any = None) -> Drafter
 
 @dataclass(frozen=True)
 class Adaptive:
-    """How the draft length and the on/off switch follow acceptance. Measured on the demo model on CPU
-    (docs/speculative.md): a step costs about 1.1 ms plus 0.25 ms per extra row, so one accepted token in four
-    drafted pays at batch 1, while four concurrent requests already fill most of a fused forward's 8 rows."""
+    """How the draft length and the on/off switch follow acceptance: a credit account per sequence, in tokens.
+
+    A try (one verified draft) earns 1 per accepted token and pays what it slowed the step by, in tokens of the
+    step's rows: `try_cost` of a plain step for leaving the one-row path, shared by the sequences that drafted in
+    that step but paid for every decode row in it, plus `row_cost` (and the drafter's own `cost_per_token`, if it
+    has one) per drafted token. While the credit is negative the sequence decodes plainly, and each plain step
+    earns back `earn`. So drafting continues while it pays on balance, stops within a try or two when it does
+    not, and a sequence whose every draft is rejected spends at most `start` plus about `earn` per plain step:
+    the worst case's slowdown. The credit is capped at `cap`, so a good stretch cannot pay for a long bad one.
+
+    The costs were measured on the demo model on CPU (docs/speculative.md): at batch 1 a step of two rows costs
+    1.47 plain steps; at batch 4 one extra row costs 0.42 of the step (1.7 tokens) and four extra rows 0.37.
+    Drafting at batch 4 pays there only on long accepted runs. `row_cost=0` with `try_cost=0` never stops
+    drafting (tests, benchmarks)."""
 
     k_max: int = 8  # the most tokens drafted per step
     k_start: int = 3
-    window: int = 4  # tries whose mean accepted length decides the switch
-    min_accepted: float = 0.5  # below this mean over the window, drafting pauses
-    pause: int = 16  # tokens decoded plainly after the first failed window; doubles after each failed probe
-    max_pause: int = 512
+    try_cost: float = 0.4  # a verify step's cost over a plain one, in plain steps, before its extra rows
+    row_cost: float = 0.1  # each drafted token's row, in plain steps
+    earn: float = 0.01  # credit a plain step earns back: the worst case's slowdown, about
+    start: float = 2.0  # credit a sequence starts with
+    cap: float = 4.0  # the most credit kept
     fit_rows: bool = True  # on CPU, trim drafts so that a step's rows fit one fused decode forward (Engine._fit_rows)
 
     def __post_init__(self) -> None:
-        if not (1 <= self.k_start <= self.k_max and self.window >= 1 and 1 <= self.pause <= self.max_pause):
+        ok = 1 <= self.k_start <= self.k_max and min(self.row_cost, self.try_cost) >= 0 and self.earn > 0
+        if not (ok and 0 <= self.start <= self.cap):
             raise ValueError(f"Adaptive: inconsistent settings {self}")
+
+    def cost(self, drafted: int, rows_per_try: float, drafter_cost: float) -> float:
+        """A try's cost in tokens: `rows_per_try` decode rows of its step per sequence that drafted in it."""
+        return self.try_cost * rows_per_try + (self.row_cost + drafter_cost) * drafted
 
 
 @dataclass
 class SpecState:
-    """One sequence's drafting: its drafter, current draft length, recent acceptance and pause, its totals."""
+    """One sequence's drafting: its drafter, current draft length, credit (see Adaptive) and totals."""
 
     drafter: Drafter
     policy: Adaptive
     k: int = 0
-    recent: deque = field(default_factory=deque)  # accepted tokens of the last `window` tries
-    paused_until: int = 0  # no drafting until the output has this many tokens
-    pause: int = 0
+    credit: float | None = None
     tries: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -104,29 +118,26 @@ class SpecState:
 
     def __post_init__(self) -> None:
         self.k = self.k or self.policy.k_start
-        self.pause = self.pause or self.policy.pause
-        self.recent = deque(self.recent, maxlen=self.policy.window)
+        self.credit = self.policy.start if self.credit is None else self.credit
 
     def budget(self, seq: Sequence) -> int:
-        """Tokens `seq` may draft now: 0 while paused; never past max_tokens (one token of each step is the
-        target's own) nor past the sequence's length limit (every drafted position needs a KV slot)."""
-        if len(seq.output) < self.paused_until:
+        """Tokens `seq` may draft now: 0 while its credit is negative (this plain step earns some back); never past
+        max_tokens (one token of each step is the target's own) nor past the sequence's length limit (every
+        drafted position needs a KV slot)."""
+        if self.credit < 0:
+            self.credit += self.policy.earn
             return 0
         return max(0, min(self.k, seq.params.max_tokens - len(seq.output) - 1, seq.max_len - len(seq.tokens)))
 
-    def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
-        """One verified draft of `drafted` tokens kept `accepted` of them: adapt k, pause if drafting does not pay."""
+    def record(self, seq: Sequence, drafted: int, accepted: int, rows_per_try: float = 1.0) -> None:
+        """One verified draft of `drafted` tokens kept `accepted` of them, in a step with `rows_per_try` decode rows
+        per drafting sequence: adapt k, settle the credit."""
         p = self.policy
         self.tries, self.drafted, self.accepted = self.tries + 1, self.drafted + drafted, self.accepted + accepted
         self.k = min(p.k_max, self.k + 2) if accepted == drafted else max(1, accepted + 1)
-        self.recent.append(accepted)
-        if len(self.recent) < p.window:
-            return
-        if sum(self.recent) / len(self.recent) < p.min_accepted:
-            self.paused_until = len(seq.output) + self.pause
-            self.pause = min(p.max_pause, 2 * self.pause)
-        else:
-            self.pause = p.pause
+        free = p.row_cost == p.try_cost == 0  # "never stop" (tests): the drafter's cost does not count either
+        cost = 0.0 if free else p.cost(drafted, rows_per_try, getattr(self.drafter, "cost_per_token", 0.0))
+        self.credit = min(p.cap, self.credit + accepted - cost)
 
 
 def judge(logits: torch.Tensor, draft: int, p: SamplingParams, g: torch.Generator | None) -> int:
