@@ -89,7 +89,7 @@ class Adaptive:
     try_cost: float = 0.4  # a verify step's cost over a plain one, in plain steps, before its extra rows
     row_cost: float = 0.1  # each drafted token's row, in plain steps
     earn: float = 0.01  # credit a plain step earns back: the worst case's slowdown, about
-    start: float = 2.0  # credit a sequence starts with
+    start: float = 3.0  # credit a sequence starts with: about six failed one-token tries
     cap: float = 4.0  # the most credit kept
     fit_rows: bool = True  # on CPU, trim drafts so that a step's rows fit one fused decode forward (Engine._fit_rows)
 
