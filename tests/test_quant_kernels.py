@@ -27,6 +27,7 @@ def quant_path(request):
     yield request.param
     cpu.set_quant_gemv_isa(before)
 
+
 # (K, group): groups of 16, 32, 64, 128, 96 (a multiple of 32 that is not a power of two) and K (one per row);
 # K = 96 has an odd number of blocks (the unpaired last block of the 4-bit kernel) and a partial chunk.
 LAYOUTS = [(96, 16), (96, 32), (96, 96), (384, 96), (640, 16), (640, 32), (640, 64), (640, 128), (640, 640)]
@@ -99,7 +100,9 @@ def test_wide_quant_gemv_is_its_even_slices(bits, rows):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("mins", [False, True])
-@pytest.mark.parametrize("layout", [(96, 16), (96, 32), (640, 16), (640, 128), (640, 640)], ids=lambda t: f"K{t[0]}-g{t[1]}")
+@pytest.mark.parametrize(
+    "layout", [(96, 16), (96, 32), (640, 16), (640, 128), (640, 640)], ids=lambda t: f"K{t[0]}-g{t[1]}"
+)
 def test_quant_gemv_row_is_the_same_alone_and_in_a_batch(bits, mins, layout, quant_path):
     """A row's result does not depend on the rows beside it (the engine's batched decode equals each request
     alone): bit for bit the same alone and at every place in batches of 2..8."""
