@@ -17,7 +17,8 @@ Decode tok/s: tokens after each request's first / time after the last request's 
 speedup: the median over runs of each run's rate / drafting off's in the same run. Acceptance: accepted / drafted
 tokens; mean accepted: accepted tokens per verify step (each step also emits one token of the model's own).
 Every configuration runs on one prompt group right after the others (so a change in the machine's load hits
-them alike), and the figures are medians over runs; other work on the machine moves them, so compare figures
+them alike), each run starting the round at another configuration (so that none always runs first), and the
+figures are medians over runs; other work on the machine moves them, so compare figures
 of one run only. A results file (JSON) records the machine and the command.
 """
 
@@ -225,12 +226,13 @@ def main() -> None:
     groups = {b: [prompts[i : i + b] for i in range(0, len(prompts), b)] for b in (1, 4)}
     with Progress(console=Console(stderr=True)) as bar:
         task = bar.add_task("speculative", total=args.runs * len(table) * sum(len(g) for g in groups.values()))
-        for _ in range(args.runs):
+        for r in range(args.runs):
+            order = list(table)[r % len(table) :] + list(table)[: r % len(table)]  # each run starts elsewhere
             for batch, parts in groups.items():
                 done: dict[str, list[Run]] = {c: [] for c in table}
                 for part in parts:  # every configuration on one prompt group, back to back: load drifts less
-                    for name, setting in table.items():
-                        done[name].append(measure(llm, part, args.new_tokens, *setting))
+                    for name in order:
+                        done[name].append(measure(llm, part, args.new_tokens, *table[name]))
                         bar.advance(task)
                 for name, parts_done in done.items():
                     runs[(name, batch)].append(combine(parts_done))
