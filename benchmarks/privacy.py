@@ -53,7 +53,7 @@ COST_SETS = {
     "private_reads": ("on", False, {}, "shared"),
     "private_reads_buffered": ("on", False, {"HEARTHLM_NO_DIRECT": "1"}, "shared"),
     "fixed_shape": ("off", True, {}, "shared"),
-    "private_reads,fixed_shape": ("on", True, {}, "shared"),
+    "private_reads+fixed_shape": ("on", True, {}, "shared"),
 }
 
 
@@ -224,7 +224,7 @@ def main() -> None:
 
 # audit rows (their mitigations label) -> the COST_SETS name that timed the same switches on the same copy
 COST_OF = {"none": "none", "private_reads": "private_reads", "fixed_shape": "fixed_shape",
-           "private_reads,fixed_shape": "private_reads,fixed_shape", "shared file: defaults": "defaults_shared",
+           "private_reads,fixed_shape": "private_reads+fixed_shape", "shared file: defaults": "defaults_shared",
            "owner file: defaults": "defaults_owner"}  # fmt: skip
 
 
