@@ -105,16 +105,20 @@ def test_wide_quant_gemv_is_its_even_slices(bits, rows):
 )
 def test_quant_gemv_row_is_the_same_alone_and_in_a_batch(bits, mins, layout, quant_path):
     """A row's result does not depend on the rows beside it (the engine's batched decode equals each request
-    alone): bit for bit the same alone and at every place in batches of 2..8."""
-    if quant_path == "avx2":
-        pytest.skip("the AVX2 path splits its accumulators by the number of rows (its float sums differ)")
+    alone): on the VNNI path bit for bit the same alone and at every place in batches of 2..8. The AVX2 path splits
+    its accumulators by the number of rows, so there only the float rounding of the sums may differ (its integer
+    sums are exact): within 2e-6 of the row's magnitude."""
     K, group = layout
     q, s, m = _weights(37, K, bits, group, mins, seed=K + group + 1)
     x = torch.randn(cpu.MAX_ROWS, K, generator=torch.Generator().manual_seed(K))
     alone = torch.cat([cpu.quant_gemv(x[i : i + 1], q, s, m, bits, group) for i in range(cpu.MAX_ROWS)])
     for M in range(2, cpu.MAX_ROWS + 1):
         for start in range(0, cpu.MAX_ROWS - M + 1):
-            assert torch.equal(cpu.quant_gemv(x[start : start + M], q, s, m, bits, group), alone[start : start + M])
+            got, want = cpu.quant_gemv(x[start : start + M], q, s, m, bits, group), alone[start : start + M]
+            if quant_path == "avx2":
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+            else:
+                assert torch.equal(got, want)
 
 
 def test_quant_gemv_path_follows_hearthlm_isa():
