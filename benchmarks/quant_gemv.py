@@ -53,6 +53,15 @@ def _copies(nbytes: int) -> int:
     return max(1, -(-STREAM_BYTES // nbytes))
 
 
+def weight_copies(N: int, K: int, bits: int, group: int, mins: bool, g: torch.Generator) -> tuple[list, int]:
+    """Enough copies of one random quantized weight's parts to overflow the last-level cache (see _copies), and
+    the bytes of one copy."""
+    first = _quant_parts(N, K, bits, group, mins, g)
+    nbytes = sum(t.numel() * t.element_size() for t in first if t is not None)
+    copies = [tuple(t.clone() if t is not None else None for t in first) for _ in range(_copies(nbytes) - 1)]
+    return [first, *copies], nbytes
+
+
 def _time_calls(fns: list, calls: int) -> float:
     """Median seconds per call, each call on the next weight copy, after a warm-up pass over all copies."""
     for f in fns:
@@ -84,11 +93,7 @@ def main() -> None:
         cases = []
         for label, bits, group, mins in FORMATS:
             group = group or K
-            first = _quant_parts(N, K, bits, group, mins, g)
-            nbytes = sum(t.numel() * t.element_size() for t in first if t is not None)
-            parts = [first] + [
-                tuple(t.clone() if t is not None else None for t in first) for _ in range(_copies(nbytes) - 1)
-            ]
+            parts, nbytes = weight_copies(N, K, bits, group, mins, g)
             fns = [lambda p=p, b=bits, gr=group, x=x: cpu.quant_gemv(x, *p, b, gr) for p in parts]
             cases.append((label, nbytes, fns))
         if cpu.available():

@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from quant_gemv import FORMATS, SHAPES, _copies, _quant_parts
+from quant_gemv import FORMATS, SHAPES, weight_copies
 
 from hearthlm.kernels import cpu
 
@@ -47,11 +47,7 @@ def main() -> None:
         x = torch.randn(args.rows, K, generator=g)
         for label, bits, group, mins in FORMATS:
             group = group or K
-            first = _quant_parts(N, K, bits, group, mins, g)
-            nbytes = sum(t.numel() * t.element_size() for t in first if t is not None)
-            parts = [first] + [
-                tuple(t.clone() if t is not None else None for t in first) for _ in range(_copies(nbytes) - 1)
-            ]
+            parts, nbytes = weight_copies(N, K, bits, group, mins, g)
             times: dict[str, list[float]] = {p: [] for p in paths}
             ratios = []
             for r in range(args.rounds):
