@@ -99,7 +99,6 @@ def cost(models: dict[str, Path], names: list[str], rounds: int, runs: int) -> d
 def io_read(model: Path, private: str, tokens: int = 4) -> dict:
     """What a load and a run really read from disk (/proc/self/io read_bytes, the file's pages dropped first)
     against what they need: the dense weights, and the experts the pool fetched (misses x expert bytes)."""
-    import os
 
     from hearthlm.moe.options import PrivacyOptions
     from hearthlm.privacy import probe
@@ -107,9 +106,7 @@ def io_read(model: Path, private: str, tokens: int = 4) -> dict:
     path = model / "model.safetensors"
     ranges = probe.expert_ranges(str(path))
     expert_bytes = sum(b - a for r in ranges.values() for a, b in r)
-    fd = os.open(path, os.O_RDONLY)
-    probe.drop(fd)
-    os.close(fd)
+    probe.drop_path(path)
     before = _read_bytes()
     llm = LLM(model, expert_budget="25%", moe_profile=False, privacy=PrivacyOptions(private))
     loaded = _read_bytes()

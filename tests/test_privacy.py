@@ -50,11 +50,7 @@ def expert_pages(folder) -> list[int]:
 
 
 def drop_all(folder) -> None:
-    fd = os.open(folder / "model.safetensors", os.O_RDONLY)
-    try:
-        probe.drop(fd)
-    finally:
-        os.close(fd)
+    probe.drop_path(folder / "model.safetensors")
 
 
 # -- the classifier ---------------------------------------------------------------------------------------

@@ -278,9 +278,7 @@ def test_private_reads_direct_or_buffered_keep_outputs_and_cache_nothing(shared_
     path = str(shared_copy / "model.safetensors")
     pages = [off for r in probe.expert_ranges(path).values() for off in probe.probe_offsets(r)]
     monkeypatch.setenv("HEARTHLM_NO_DIRECT", "0" if direct else "1")
-    fd = os.open(path, os.O_RDONLY)
-    probe.drop(fd)  # as A1 does before a request (pages that the load maps stay whatever the prompt)
-    os.close(fd)
+    probe.drop_path(path)  # as A1 does before a request (pages that the load maps stay whatever the prompt)
     llm = LLM(shared_copy, expert_budget="25%", moe_profile=False, privacy=PrivacyOptions("on"))
     reads = next(iter(llm.model.expert_pool.tiers.values())).private
     assert reads.direct == direct
@@ -301,9 +299,7 @@ def test_a_budgeted_load_reads_the_dense_weights_not_the_experts(shared_copy):
     path = shared_copy / "model.safetensors"
     experts = sum(b - a for r in probe.expert_ranges(str(path)).values() for a, b in r)
     dense = path.stat().st_size - experts
-    fd = os.open(path, os.O_RDONLY)
-    probe.drop(fd)
-    os.close(fd)
+    probe.drop_path(path)
     code = (
         "import pathlib; from hearthlm import LLM; io = lambda: int(pathlib.Path('/proc/self/io').read_text()"
         ".split('read_bytes:')[1].split()[0]); before = io(); "

@@ -9,7 +9,6 @@ it sends one fixed probe prompt per topic and times them; the pool they share is
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,8 +76,8 @@ def observe_processes(
         for p in prompts:
             if prober is not None:
                 prober.ask({"op": "drop"})
-            if evict:
-                _evict(model / "model.safetensors")
+            if evict:  # the auditor's own access, standing in for memory pressure
+                probe.drop_path(model / "model.safetensors")
             before, start = observers.proc_counters(victim.pid), time.perf_counter()
             reply = victim.ask({**request, "prompt": p.text})
             seconds = time.perf_counter() - start
@@ -94,15 +93,6 @@ def observe_processes(
         if prober is not None:
             prober.close()
     return obs
-
-
-def _evict(path: Path) -> None:
-    """Drop the file's cached pages (the auditor's own access, standing in for memory pressure)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        probe.drop(fd)
-    finally:
-        os.close(fd)
 
 
 def observe_client(

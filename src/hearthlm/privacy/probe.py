@@ -68,6 +68,15 @@ def drop(fd: int) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def drop_path(path: str | os.PathLike) -> None:
+    """drop() for a file by name: its unmapped pages leave the page cache (any reader may ask)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop(fd)
+    finally:
+        os.close(fd)
+
+
 def timed_reads(fd: int, offsets: list[int]) -> list[int]:
     """Nanoseconds of a one-byte pread at each offset."""
     out = []
