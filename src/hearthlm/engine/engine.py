@@ -130,7 +130,6 @@ class Engine:
         self.max_running = max_running or min(MAX_RUNNING, *sizes.values())
         self.scheduler = Scheduler(self.blocks, self.max_running, prefill_chunk)
         self._isolate(llm, isolate_clients)
-        self._rows_per_try = 1.0  # decode rows of the last verify step per sequence that drafted in it
         self._lock = threading.RLock()  # held by step() and abort()
         self._inbox_lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -336,8 +335,8 @@ class Engine:
                 logprobs = logprob_rows(logits, tokens, [s.params.logprobs for s in due])
                 outputs += [self._advance_alone(*row) for row in zip(due, logits, tokens, logprobs)]
             # what each drafting sequence's try costs in tokens (speculative.Adaptive): this step's rows share it
-            self._rows_per_try = len(verified) / max(1, sum(1 for _, _, draft in verified if draft))
-            outputs += [self._verify_alone(*row) for row in verified]
+            share = len(verified) / max(1, sum(1 for _, _, draft in verified if draft))
+            outputs += [self._verify_alone(*row, share) for row in verified]
             self.scheduler.after_step(work)
             return outputs
 
@@ -428,10 +427,10 @@ class Engine:
         logits = run_verify(self.llm.model, self.cache, [w.seq for w in work], [w.draft for w in work])
         return [(w.seq, row, w.draft) for w, row in zip(work, logits)]
 
-    def _verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> RequestOutput:
+    def _verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int], share: float) -> RequestOutput:
         """Walk the verified positions in order: keep draft tokens while the target agrees (judge), then emit
         the target's own token; each kept token passes the same checks as a decoded one. Then roll the KV back
-        to the kept tokens."""
+        to the kept tokens. `share`: the step's decode rows per sequence that drafted in it (the try's cost)."""
         p, start, taken = seq.params, seq.num_computed, _Taken(seq.params.logprobs is not None)
         plain = p.temperature == 0 and not p.penalized and seq.guide is None
         targets = logits.argmax(-1).tolist() if plain else None
@@ -454,7 +453,7 @@ class Engine:
             if reason is not None or not ok:
                 break
         if draft:
-            seq.spec.record(seq, len(draft), kept, self._rows_per_try)
+            seq.spec.record(seq, len(draft), kept, share)
             self._drafted, self._accepted, self._draft_steps = (
                 self._drafted + len(draft), self._accepted + kept, self._draft_steps + 1
             )  # fmt: skip
@@ -462,10 +461,10 @@ class Engine:
             self.blocks.truncate(seq)
         return self._close(seq, reason, taken)
 
-    def _verify_alone(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> RequestOutput:
+    def _verify_alone(self, seq: Sequence, logits: torch.Tensor, draft: list[int], share: float) -> RequestOutput:
         """_verify, where a failure ends this request alone (as _advance_alone)."""
         try:
-            return self._verify(seq, logits, draft)
+            return self._verify(seq, logits, draft, share)
         except Exception as e:
             return self._failed(seq, e)
 
