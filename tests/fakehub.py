@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,14 @@ def _blob(data: bytes) -> tuple[str, bool]:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), False
 
 
+class _Server(ThreadingHTTPServer):
+    """Stays quiet when a client hangs up: socketserver would print that traceback to the stderr the tests read."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeHub:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
@@ -50,7 +59,7 @@ class FakeHub:
         self.release = threading.Event()
         self.sent: Counter[str] = Counter()
         self.log: list[tuple[str, str, str | None]] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
