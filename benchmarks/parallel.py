@@ -59,7 +59,7 @@ def measure(folder: str, prompt: int, decode: int) -> None:
 
 def traffic(hidden: int, layers: int, vocab: int, world: int) -> dict[str, float]:
     """Bytes per token (float32): what each rank sends into the collectives, and what it reads of the weights."""
-    reduce = (2 * layers + 1) * hidden * 4  # o_proj and down per layer, and the embedding
+    reduce = (2 * layers + 1) * hidden * 8  # o_proj and down per layer, and the embedding, summed in float64
     gather = vocab // world * 4 * (world - 1)  # the other ranks' logits
     inter = hidden * 11 // 4 // 64 * 64
     kv = max(1, hidden // 256) * 64

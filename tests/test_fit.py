@@ -258,9 +258,17 @@ def test_tp_prices_what_a_sharded_rank_holds(llama_bf16):
 def test_tp_refuses_a_split_that_cannot_be_made(llama_bf16, capsys):
     with pytest.raises(ValueError, match="cannot be split over 3 ranks.*rank counts that work: 1, 2, 4"):
         fit.fit([str(llama_bf16)], formats=("bf16",), tp=3)
-    assert main(["fit", "gemma-4-26B-A4B", "--tp", "2", "--bandwidth", "30"]) == 2
-    assert "expert parallelism is not implemented" in capsys.readouterr().err
+    assert main(["fit", "gemma-4-26B-A4B", "--tp", "3", "--bandwidth", "30"]) == 2
+    assert "experts' width 704 does not divide among 3 ranks" in capsys.readouterr().err
     assert main(["fit", "gemma-4-E2B", "--tp", "0", "--bandwidth", "30"]) == 2
     assert "--tp must be at least 1" in capsys.readouterr().err
-    names = {e.model for e in fit.fit(None, formats=("bf16",), tp=2)}
-    assert "gemma-4-E2B" in names and "gemma-4-26B-A4B" not in names  # known MoE models are left out
+    names = {e.model for e in fit.fit(None, formats=("bf16",), tp=8)}  # Qwen2.5-7B: 28 heads; the rest divide by 8
+    assert "gemma-4-26B-A4B" in names and "Qwen2.5-7B-Instruct" not in names  # models that cannot split are left out
+
+
+def test_tp_splits_the_experts_of_an_moe_model():
+    """Under --tp each of 26B-A4B's 128 experts keeps half its width on a rank: a rank holds half the model, plus
+    what every rank keeps whole (norms, the router)."""
+    whole = fit.fit(["gemma-4-26B-A4B"], formats=("bf16",))[0]
+    rank = fit.fit(["gemma-4-26B-A4B"], formats=("bf16",), tp=2)[0]
+    assert whole.weights / 2 < rank.weights < whole.weights / 2 * 1.001

@@ -5,6 +5,7 @@ cannot be mirrored is refused with a clear error; SIGTERM stops every rank; a ki
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -45,9 +46,9 @@ def _port() -> int:
 class Ranks:
     """`hearth serve MODEL --tp 2` as a child process on a free loopback port."""
 
-    def __init__(self, model: str, log: Path, torchrun: bool = False):
+    def __init__(self, model: str, log: Path, torchrun: bool = False, split: str = "--tp"):
         self.port = _port()
-        cmd = [sys.executable, "-m", "hearthlm.cli", "serve", model, "--tp", "2", "--port", str(self.port), *FP32]
+        cmd = [sys.executable, "-m", "hearthlm.cli", "serve", model, split, "2", "--port", str(self.port), *FP32]
         if torchrun:
             run = [
                 sys.executable,
@@ -125,14 +126,22 @@ def llama_tp(words, tmp_path_factory):
 
 def _one(model: str):
     """One process serving `model` (float32), in this process: the reference."""
+    with _served(model) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _served(model: str):
     from hearthlm.server import load
     from hearthlm.server.app import create_app
 
     served = load(model, dtype="float32")
     server = LiveServer(create_app(served))
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    server.stop()
-    served.engine.shutdown()
+    try:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    finally:
+        server.stop()
+        served.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +154,8 @@ def llama_one(words):
     yield from _one(str(words))
 
 
-def _chat(client, prompt: str, stream: bool) -> tuple[str, list[str] | None]:
-    kw = dict(model="hearth-demo", messages=[{"role": "user", "content": prompt}], max_tokens=10, temperature=0)
+def _chat(client, prompt: str, stream: bool, model: str = "hearth-demo") -> tuple[str, list[str] | None]:
+    kw = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=10, temperature=0)
     if stream:
         chunks = client.chat.completions.create(stream=True, **kw)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), None
@@ -176,6 +185,21 @@ def test_chat_and_completions_match_one_process(demo_tp, demo_one):
         one = [_complete(demo_one, "hearth-demo", p, stream) for p in CHATS]
         assert _at_once([partial(_complete, demo_tp.client, "hearth-demo", p, stream) for p in CHATS]) == one
     assert all(text for text, _ in one)
+
+
+@pytest.mark.parametrize("split", ["--ep", "--tp"])
+def test_moe_demo_split_two_ways_matches_one_process(split, tmp_path):
+    """The demo MoE (8 experts, top-2, beside a dense MLP): experts divided among the ranks, or each one's width
+    split, answers 4 chats at once as one process answers them one by one."""
+    model = "hearth-demo-moe"
+    ranks = Ranks(model, tmp_path / "err.log", split=split)
+    try:
+        got = [_at_once([partial(_chat, ranks.client, p, stream, model) for p in CHATS]) for stream in (False, True)]
+    finally:
+        assert ranks.stop() == 0, ranks.err()
+    with _served(model) as one:
+        assert got == [[_chat(one, p, stream, model) for p in CHATS] for stream in (False, True)]
+    assert all(text for text, _ in got[0])
 
 
 def test_llama_completions_match_one_process(llama_tp, llama_one, words):

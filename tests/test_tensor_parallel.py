@@ -1,6 +1,6 @@
-"""Tensor parallelism over 2 gloo ranks on this machine gives what one process gives: logits within 1e-5
-(fp32), a batch, cached decode after a prefill, and the engine's greedy and seeded tokens; and a split that
-cannot be made is refused with the rank counts that work."""
+"""Tensor and expert parallelism over 2 and 4 gloo ranks on this machine give what one process gives: logits
+within 1e-5 (fp32), a batch, cached decode after a prefill, and the engine's greedy and seeded tokens; and a split
+that cannot be made is refused with the rank counts that work."""
 
 from __future__ import annotations
 
@@ -22,6 +22,20 @@ from hearthlm.distributed.tensor_parallel import TensorParallelError, head_range
 # layers) is replicated on both ranks; Gemma 4 dense brings PLE, KV-shared layers and k=v.
 FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "gemma3_bias", "gemma4_dense", "gemma4_plain"]
 QUANTS = ["int8", "int4-g32"]  # on `wide`: an MLP of 128, so each rank's 64 columns keep whole groups
+# Routed experts split by width ("tp") or divided among the ranks ("ep"): Gemma 4's beside a dense MLP, Qwen3-MoE
+# with a dense layer between, Mixtral; and Mixtral's int8 experts, whose 48 columns split in whole groups of 32
+# only as whole experts.
+MOE = [f"{n}-{way}" for n in ("gemma4_all", "qwen3_moe", "mixtral") for way in ("tp", "ep")] + ["mixtral-int8-ep"]
+# On 4 ranks: 1 K/V head replicated 4 times (mistral), 2 replicated twice (llama), Gemma 3 and 4, and experts both
+# ways (Qwen3-MoE's 6 experts do not divide by 4, so it splits by width).
+FOUR = ["llama", "mistral", "gemma3", "gemma4_dense", "gemma4_all-tp", "gemma4_all-ep", "mixtral-ep", "qwen3_moe-tp"]
+
+
+def _spec(name: str, checkpoint) -> str:
+    """tp_worker's NAME=FOLDER:QUANT:EXPERTS for a case named FAMILY[-QUANT]-WAY (or just FAMILY)."""
+    family, *rest = name.split("-")
+    quant = rest[0] if len(rest) == 2 else ""
+    return f"{name}={checkpoint(family)[1]}:{quant}:{rest[-1] if rest else ''}"
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +51,17 @@ def wide(tmp_path_factory) -> Path:
 def ranks(checkpoint, wide, tmp_path_factory) -> Path:
     """Run every case on 2 ranks at once (one start-up for all): their results, saved by rank 0."""
     out = tmp_path_factory.mktemp("tp")
-    specs = [f"{n}={checkpoint(n)[1]}" for n in FAMILIES] + [f"{q}={wide}:{q}" for q in QUANTS]
+    specs = [_spec(n, checkpoint) for n in FAMILIES + MOE] + [f"{q}={wide}:{q}" for q in QUANTS]
     worker = Path(__file__).with_name("tp_worker.py")
     assert launch(2, [sys.executable, str(worker), str(out), *specs]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def four(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp4")
+    worker = Path(__file__).with_name("tp_worker.py")
+    assert launch(4, [sys.executable, str(worker), str(out), *[_spec(n, checkpoint) for n in FOUR]]) == 0
     return out
 
 
@@ -68,6 +90,29 @@ def test_two_ranks_match_one_process(name, ranks, loaded):
     _compare(tp, record(llm), llm)
     if name in ("mistral", "gemma4_dense"):
         assert 1 in tp["kv_heads"]  # a single K/V head, replicated on both ranks
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_experts_split_two_ways_match_one_process(name, ranks, loaded, checkpoint):
+    family, *rest = name.split("-")
+    if len(rest) == 2:  # quantized: the greedy tokens are a fair demand only with a margin (see below)
+        llm = LLM(checkpoint(family)[1], dtype="float32", quant=rest[0])
+        assert greedy_margin(llm) > 0.02, "the checkpoint has a near-tie"
+    else:
+        llm = loaded(family)[1]
+    tp = torch.load(ranks / f"{name}.pt")
+    _compare(tp, record(llm), llm)
+    experts, width = llm.config.num_experts, llm.config.moe_intermediate_size
+    assert tp["experts"] == ({(experts // 2, width)} if rest[-1] == "ep" else {(experts, width // 2)})
+
+
+@pytest.mark.parametrize("name", FOUR)
+def test_four_ranks_match_one_process(name, four, loaded):
+    tp = torch.load(four / f"{name}.pt")
+    llm = loaded(name.split("-")[0])[1]
+    _compare(tp, record(llm), llm)
+    if name == "mistral":
+        assert set(tp["kv_heads"]) == {1}  # its one K/V head on each of the 4 ranks
 
 
 def greedy_margin(llm: LLM) -> float:
@@ -106,8 +151,11 @@ def test_refused_splits_name_counts_that_work(loaded, checkpoint):
     with pytest.raises(TensorParallelError, match=r"down projection \(96 columns\).*groups of 32.*work: 1$"):
         shard_model(int8.model, Mesh(0, 2))
     moe = LLM(checkpoint("qwen3_moe")[1], dtype="float32")
-    with pytest.raises(TensorParallelError, match="expert parallelism is not implemented"):
-        shard_model(moe.model, Mesh(0, 2))
+    with pytest.raises(TensorParallelError, match=r"layer 0: 6 experts do not divide among 4 ranks.*work: 1, 2$"):
+        shard_model(moe.model, Mesh(0, 4, experts="ep"))
+    budget = LLM(checkpoint("qwen3_moe")[1], dtype="float32", expert_budget="50%")
+    with pytest.raises(TensorParallelError, match="under an expert budget.*drop --expert-budget"):
+        shard_model(budget.model, Mesh(0, 2, experts="ep"))
 
 
 def test_a_failing_rank_stops_the_others(capfd):

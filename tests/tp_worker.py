@@ -1,9 +1,10 @@
 """One rank of tests/test_tensor_parallel.py: loads each checkpoint it is given, shards it over the ranks and
-records what the test compares with one process. Run as `python tests/tp_worker.py OUT NAME=FOLDER[:QUANT] ...`
+records what the test compares with one process. Run as `python tests/tp_worker.py OUT NAME=FOLDER[:QUANT[:EXPERTS]] ...`
 under hearthlm.distributed.run.launch; rank 0 saves OUT/NAME.pt."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hearthlm.distributed import mesh as meshes
 from hearthlm.distributed.tensor_parallel import shard_llm
 from hearthlm.engine.kv_cache import ContiguousKVCache
 from hearthlm.engine.runner import forward_tokens
+from hearthlm.layers.moe import Experts
 
 PROMPT = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41]  # longer than the tiny models' sliding windows (8)
 OTHER = [2, 4, 8, 16, 32, 64]
@@ -46,10 +48,13 @@ def main(out: Path, specs: list[str]) -> None:
     mesh = meshes.init()
     for spec in specs:
         name, _, rest = spec.partition("=")
-        folder, _, quant = rest.partition(":")
-        llm = shard_llm(LLM(folder, dtype="float32", quant=quant or None), mesh)
+        folder, quant, experts = (rest.split(":") + ["", ""])[:3]
+        split = dataclasses.replace(mesh, experts=experts or "tp")
+        llm = shard_llm(LLM(folder, dtype="float32", quant=quant or None), split)
         result = record(llm)
         result["kv_heads"] = [s.num_kv_heads for s in llm.config.layers]
+        # this rank's experts per MoE layer: (how many, their width)
+        result["experts"] = {(m.num_experts, m.down.shape[-1]) for m in llm.model.modules() if isinstance(m, Experts)}
         if mesh.first:
             torch.save(result, out / f"{name}.pt")
     meshes.close()

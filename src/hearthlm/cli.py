@@ -18,7 +18,7 @@ def _load(args: argparse.Namespace):
     from .api import LLM
     from .distributed.run import join_ranks
 
-    mesh = join_ranks(args.device)  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
+    mesh = join_ranks(args.device, _split(args)[1])  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -129,10 +129,13 @@ def _run(args: argparse.Namespace) -> int:
         chat = f"`hearth chat {args.model}`" if args.model else "`hearth chat`"
         raise ValueError(f"give a prompt: `hearth run [MODEL] PROMPT` (or pipe it in), or talk with {chat}")
     media = _media_parts(args.image, args.audio)  # a missing file is reported before the model loads
-    if args.tp > 1:
+    from .distributed.mesh import launched
+
+    ranks = _split(args)[0]
+    if ranks > 1 and not launched():  # a rank it started has --ep N too
         from .distributed.run import run_ranks
 
-        return run_ranks(args.tp, args.argv, args.prompt)
+        return run_ranks(ranks, args.argv, args.prompt)
     llm = _load(args)
     params = _params(args)
     start = time.perf_counter()
@@ -470,13 +473,14 @@ def _serve(args: argparse.Namespace) -> int:
     from .distributed.mesh import launched
 
     mesh = None
-    if args.tp > 1 or launched():  # `--tp N`, or one of the ranks it (or torchrun) started
+    ranks, experts = _split(args)
+    if ranks > 1 or launched():  # `--tp N` / `--ep N`, or one of the ranks it (or torchrun) started
         from .distributed import follow, run
 
         follow.check_serve(args.model, _draft(args), args.expert_budget)
         if not launched():
-            return run.serve_ranks(args.tp, args.argv)
-        mesh = run.join_ranks(args.device)
+            return run.serve_ranks(ranks, args.argv)
+        mesh = run.join_ranks(args.device, experts)
         if not mesh.first:
             return follow.serve_follower(mesh, args.model, args.dtype, args.quant, args.max_running, args.kv_blocks,
                                          args.device)  # fmt: skip
@@ -539,6 +543,13 @@ def _moe_profile(args: argparse.Namespace) -> int:
     out = profile.write(llm.path, recorder.to_json(llm.path.name))
     _err().print(f"wrote {out} ({recorder.tokens} tokens); budgeted runs of this model now start from it")
     return 0
+
+
+def _split(args: argparse.Namespace) -> tuple[int, str]:
+    """(ranks, how routed experts split) from --tp N / --ep N."""
+    from .distributed.run import split_of
+
+    return split_of(getattr(args, "tp", 1), getattr(args, "ep", 1))
 
 
 def _ranks(text: str) -> int:
@@ -632,7 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument(
         "--tp", type=_ranks, default=1, metavar="N",
-        help="tensor parallelism: split the model over N local processes (dense models; docs/distributed.md)",
+        help="tensor parallelism: split the model over N local processes, each expert of an MoE model by its width "
+        "(docs/distributed.md)",
+    )  # fmt: skip
+    run.add_argument(
+        "--ep", type=_ranks, default=1, metavar="N",
+        help="expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
     )  # fmt: skip
     _generation_options(run)
     run.set_defaults(func=_run)
@@ -694,8 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--tp", type=_ranks, default=1, metavar="N",
-        help="tensor parallelism: split the model over N local processes, rank 0 serving HTTP (needs MODEL; dense "
-        "models; docs/distributed.md)",
+        help="tensor parallelism: split the model over N local processes, rank 0 serving HTTP (needs MODEL; each "
+        "expert of an MoE model split by its width; docs/distributed.md)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--ep", type=_ranks, default=1, metavar="N",
+        help="expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
     )  # fmt: skip
     _model_options(serve)
     serve.set_defaults(func=_serve)

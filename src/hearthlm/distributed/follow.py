@@ -186,4 +186,6 @@ def check_serve(model: str | None, draft: str | None, expert_budget: str | None)
     if draft is not None:
         raise ValueError(f"--draft is {REFUSED} yet: speculative verification is not mirrored to the other ranks")
     if expert_budget is not None:
-        raise ValueError(f"--expert-budget is {REFUSED}: MoE models are not split over ranks yet")
+        raise ValueError(
+            f"--expert-budget is {REFUSED} yet: the experts split over ranks are held whole in memory; drop the budget"
+        )

@@ -131,8 +131,20 @@ def relaunch(world: int, module: str, args: list[str]) -> int:
     return launch(world, [sys.executable, "-m", module, *args])
 
 
+def split_of(tp: int, ep: int) -> tuple[int, str]:
+    """(how many ranks, how routed experts split) from --tp N and --ep N. --ep N splits attention and dense MLPs
+    as --tp N does and divides the routed experts among the ranks; --tp N splits each expert's width."""
+    if tp > 1 and ep > 1:
+        raise ValueError(
+            "give --tp N or --ep N, not both: --ep N splits attention as --tp N does and divides the experts among "
+            "the same N ranks"
+        )
+    return (ep, "ep") if ep > 1 else (tp, "tp")
+
+
 def strip_tp(argv: list[str]) -> list[str]:
-    """argv without its --tp option (the ranks started for it must not start ranks again)."""
+    """argv without its --tp option (the ranks started for it must not start ranks again). --ep stays: the ranks
+    read how to split the experts from it, and a started rank never starts ranks (`launched()`)."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -155,18 +167,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--quant", default=None)
     p.add_argument("--tp", type=int, default=1, help="start this many local ranks (without torchrun)")
+    p.add_argument("--ep", type=int, default=1, help="as --tp, with routed experts divided among the ranks")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    if args.tp > 1 and not meshes.launched():
-        return relaunch(args.tp, "hearthlm.distributed.run", strip_tp(argv))
+    ranks, experts = split_of(args.tp, args.ep)
+    if ranks > 1 and not meshes.launched():
+        return relaunch(ranks, "hearthlm.distributed.run", strip_tp(argv))
     from ..api import LLM, SamplingParams
     from .tensor_parallel import shard_llm
 
-    mesh = meshes.init() if meshes.launched() else meshes.Mesh(0, 1)
+    mesh = meshes.init(experts=experts) if meshes.launched() else meshes.Mesh(0, 1, experts=experts)
     llm = LLM(args.model, dtype=args.dtype, quant=args.quant, device=str(mesh.device()))
     shard_llm(llm, mesh)
     if args.prompt_ids is not None:
@@ -207,12 +221,12 @@ def serve_ranks(world: int, argv: list[str]) -> int:
     return launch(world, [sys.executable, "-m", "hearthlm.cli", *strip_tp(argv)], serving=True)
 
 
-def join_ranks(device: str | None) -> meshes.Mesh | None:
-    """In a process started as a rank: join the group (None otherwise). Ranks other than 0 print nothing to
-    stdout: the reply is rank 0's to print."""
+def join_ranks(device: str | None, experts: str = "tp") -> meshes.Mesh | None:
+    """In a process started as a rank: join the group (None otherwise); `experts` as in Mesh. Ranks other than 0
+    print nothing to stdout: the reply is rank 0's to print."""
     if not meshes.launched():
         return None
-    mesh = meshes.init(device)
+    mesh = meshes.init(device, experts)
     if not mesh.first:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     return mesh

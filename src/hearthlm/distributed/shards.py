@@ -81,6 +81,13 @@ def take_cols(w: Weight, start: int, end: int, name: str) -> Weight:
     return QuantTensor(qdata, w.scales[:, g0:g1].contiguous(), mins, w.bits, end - start if per_row else w.group)
 
 
+def combine_stack(parts: list[Weight]) -> Weight:
+    """Matrices of one format stacked into [len(parts), out, in]: a share of the experts, or each one's slice."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.stack(parts)
+    return combine(parts, stack=True)
+
+
 def _copy(q: QuantTensor) -> QuantTensor:
     mins = None if q.mins is None else q.mins.clone()
     return QuantTensor(q.qdata.clone(), q.scales.clone(), mins, q.bits, q.group)

@@ -1,5 +1,6 @@
-"""Tensor parallelism for the dense families (Llama, Mistral, Qwen2/3, Gemma 3, Gemma 4's dense text model):
-each rank loads the model, then keeps its share of every large matrix and drops the rest.
+"""Tensor parallelism for every family (Llama, Mistral, Qwen2/3, Gemma 3, Gemma 4, and the MoE models: Mixtral,
+Qwen3-MoE, Gemma 4 26B-A4B): each rank loads the model, then keeps its share of every large matrix and drops the
+rest.
 
 What is split, for rank r of N:
 - attention: query heads in N runs; K/V heads in N runs too, or, with fewer K/V heads than ranks, each rank
@@ -8,6 +9,8 @@ What is split, for rank r of N:
 - gated MLP: gate and up column-split, down row-split, one all-reduce;
 - embedding and LM head: vocabulary rows in N runs; a token's row comes from the rank that holds it (the
   others add zeros in an all-reduce); the logits are all-gathered, and Gemma's final softcap applies after;
+- routed experts: each one's width split like a dense MLP, or the experts divided among the ranks (Mesh.experts;
+  experts.py), and one all-reduce; the router runs whole on every rank;
 - everything else (norms, RoPE, Gemma 4's per-layer embeddings and layer scalars) stays whole on every rank:
   it is small, and it reads the full hidden state that every rank holds after each all-reduce.
 
@@ -35,8 +38,11 @@ from ..layers.attention import Attention
 from ..layers.embedding import lookup
 from ..layers.linear import Linear, linear
 from ..layers.mlp import GatedMLP
+from ..layers.moe import Experts, SparseMoE
 from ..models.base import CausalLM
 from ..quant.tensor import QuantTensor
+from .experts import MODES, shard_experts
+from .experts import problems as experts_problems
 from .mesh import Mesh
 from .shards import column_unit, even, set_weight, take_cols, take_rows, weight_of
 
@@ -68,22 +74,31 @@ def vocab_range(vocab: int, world: int, rank: int) -> tuple[int, int]:
     return min(vocab, rank * chunk), min(vocab, (rank + 1) * chunk)
 
 
-def problems(model: CausalLM, world: int) -> list[str]:
-    """Why `model` cannot be split over `world` ranks (empty: it can)."""
+def problems(model: CausalLM, world: int, experts: str = "tp") -> list[str]:
+    """Why `model` cannot be split over `world` ranks (empty: it can); `experts`: how routed experts split
+    ("tp": each expert's width, "ep": the experts themselves; distributed/experts.py)."""
     cfg, found = model.config, []
     if cfg.vocab_size < world:
         found.append(f"its vocabulary ({cfg.vocab_size}) is smaller than the rank count")
     if not isinstance(model.embed.weight, (torch.Tensor, QuantTensor)):
         found.append(f"its embedding table is kept as {type(model.embed.weight).__name__}, which is not split")
     for i, layer in enumerate(model.layers):
-        found += [f"layer {i}: {p}" for p in _layer_problems(layer, world)]
+        found += [f"layer {i}: {p}" for p in _layer_problems(layer, world, experts)]
     return found
 
 
-def _layer_problems(layer: nn.Module, world: int) -> list[str]:
+def _routed(layer: nn.Module) -> tuple[nn.Module, Experts] | None:
+    """(the module that holds them, the Experts) of a layer with routed experts: a SparseMoE in place of the MLP
+    (Mixtral, Qwen3-MoE), or experts beside the dense MLP (Gemma 4)."""
+    owner = layer.mlp if isinstance(layer.mlp, SparseMoE) else layer
+    found = getattr(owner, "experts", None)
+    return (owner, found) if isinstance(found, Experts) else None
+
+
+def _layer_problems(layer: nn.Module, world: int, experts: str) -> list[str]:
     attn, mlp, found = layer.attn, layer.mlp, []
-    if not isinstance(mlp, GatedMLP) or hasattr(layer, "experts"):
-        return ["routed experts: expert parallelism is not implemented yet; run MoE models on one rank"]
+    if (routed := _routed(layer)) is not None:
+        found += experts_problems(routed[1], world, experts)
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     if H % world:
         found.append(f"{H} attention heads do not divide among {world} ranks")
@@ -91,6 +106,8 @@ def _layer_problems(layer: nn.Module, world: int) -> list[str]:
         found.append(f"{Hkv} K/V heads neither divide among {world} ranks nor replicate evenly over them")
     elif (unit := column_unit(weight_of(attn.o_proj))) > 1 and (H // world * D) % unit:
         found.append(f"o_proj's {H * D} input columns split {world} ways cut its quantization groups of {unit}")
+    if not isinstance(mlp, GatedMLP):
+        return found
     inter = weight_of(mlp.down).shape[-1]
     if inter % world:
         found.append(f"the MLP width {inter} does not divide among {world} ranks")
@@ -99,12 +116,14 @@ def _layer_problems(layer: nn.Module, world: int) -> list[str]:
     return found
 
 
-def check(model: CausalLM, world: int) -> None:
+def check(model: CausalLM, world: int, experts: str = "tp") -> None:
     """Refuse a split that cannot be made, naming the problem and the rank counts that work."""
-    found = problems(model, world)
+    if experts not in MODES:
+        raise ValueError(f"experts split {experts!r}: give one of {', '.join(MODES)}")
+    found = problems(model, world, experts)
     if not found:
         return
-    works = [1] + [n for n in CANDIDATES if n != world and not problems(model, n)]
+    works = [1] + [n for n in CANDIDATES if n != world and not problems(model, n, experts)]
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     raise TensorParallelError(
         f"{model.config.architecture} cannot be split over {world} ranks: {found[0]}{more}; "
@@ -181,25 +200,33 @@ def _shard_mlp(mlp: GatedMLP, mesh: Mesh, name: str) -> None:
     mlp.down = RowParallelLinear(mlp.down, lo, hi, mesh, f"{name}.down")
 
 
-def rank_config(cfg: ModelConfig, world: int, rank: int) -> ModelConfig:
-    """The config as this rank's modules see it: its query heads, K/V heads and MLP width."""
+def rank_config(cfg: ModelConfig, world: int, rank: int, experts: str = "tp") -> ModelConfig:
+    """The config as this rank's modules see it: its query heads, K/V heads, MLP width and, when each expert is
+    split, the experts' width (the router still picks among all experts)."""
     layers = []
     for spec in cfg.layers:
         _, _, k0, k1 = head_ranges(cfg.num_heads, spec.num_kv_heads, world, rank)
         layers.append(
             dataclasses.replace(spec, num_kv_heads=k1 - k0, intermediate_size=spec.intermediate_size // world)
         )
-    return dataclasses.replace(cfg, num_heads=cfg.num_heads // world, layers=layers)
+    moe_width = cfg.moe_intermediate_size // world if experts == "tp" else cfg.moe_intermediate_size
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // world, layers=layers, moe_intermediate_size=moe_width)
 
 
 def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
-    """Keep rank `mesh.rank`'s share of a loaded model (in place) and wire in the collectives."""
-    check(model, mesh.world)
+    """Keep rank `mesh.rank`'s share of a loaded model (in place) and wire in the collectives; routed experts
+    split as `mesh.experts` says."""
+    experts = mesh.experts
+    check(model, mesh.world, experts)
     if mesh.world == 1:
         return model
     for i, layer in enumerate(model.layers):
         _shard_attention(layer.attn, mesh, f"layers.{i}.attn")
-        _shard_mlp(layer.mlp, mesh, f"layers.{i}.mlp")
+        if isinstance(layer.mlp, GatedMLP):
+            _shard_mlp(layer.mlp, mesh, f"layers.{i}.mlp")
+        if (routed := _routed(layer)) is not None:
+            owner, module = routed
+            owner.experts = shard_experts(module, mesh, experts, f"layers.{i}.experts")
         layer.__dict__["_decode_step"] = None  # the fused step has no place for the all-reduces
     start, end = vocab_range(model.config.vocab_size, mesh.world, mesh.rank)
     model.embed = VocabParallelEmbedding(model.embed.weight, start, end, mesh)
@@ -207,7 +234,7 @@ def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
         set_weight(model.lm_head, "weight", take_rows(model.lm_head.weight, [(start, end)]))
     model.tp_mesh = mesh
     model.logits = types.MethodType(parallel_logits, model)
-    model.config = rank_config(model.config, mesh.world, mesh.rank)
+    model.config = rank_config(model.config, mesh.world, mesh.rank, experts)
     return model
 
 

@@ -21,24 +21,28 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
         activation(act)  # an unknown name fails here, at build time
         self.act = act
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # the experts this module holds: ids [first, first + num_experts)
+        self.first = 0  # > 0 on a rank that holds a later share of the experts (distributed/experts.py)
         self.source = None  # moe.pool.LayerExperts when the experts live in a slow tier (an expert budget)
 
     def weights(self, active: list[int], counts: list[int]):
-        """(gate_up, down) of each expert in `active`, in order; `counts`: the tokens routed to each."""
+        """(gate_up, down) of each expert in `active` (ids of this module's own experts), in order; `counts`: the
+        tokens routed to each."""
         if self.source is not None:
-            return self.source.weights(active, counts)
+            return self.source.weights([self.first + e for e in active], counts)
         return ((self.gate_up[e], self.down[e]) for e in active)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; index, weight [N, K] (expert ids and their mixing weights) -> [N, H]."""
+        """x [N, H]; index, weight [N, K] (expert ids and their mixing weights) -> [N, H]: the sum over the
+        experts this module holds (all of them, except under expert parallelism)."""
         top_k = index.shape[1]
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        every = torch.bincount(flat, minlength=self.first + self.num_experts).tolist()
+        counts = every[self.first : self.first + self.num_experts]
         active = [e for e, c in enumerate(counts) if c]
         out = torch.zeros_like(x)
-        start = 0
+        start = sum(every[: self.first])  # the picks of earlier experts come first in `order`
         for expert, (gate_up, down) in zip(active, self.weights(active, [counts[e] for e in active])):
             count = counts[expert]
             picks = order[start : start + count]

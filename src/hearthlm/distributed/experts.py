@@ -1,0 +1,78 @@
+"""Routed experts over several ranks, two ways. The router runs whole on every rank: after each all-reduce every
+rank holds the full hidden state, so every rank computes the same routing and needs no message to learn it.
+
+- **Expert parallelism** (`--ep N`): rank r of N holds experts [r E/N, (r+1) E/N) whole. It runs the tokens routed
+  to its own experts and adds zeros for the rest; one all-reduce per MoE block sums the ranks' parts. Because
+  every rank already holds every token, that all-reduce is both the send (a token reaches the rank of its
+  expert) and the return (the expert's output reaches every rank): one message where a dispatch with sharded
+  activations would need two all-to-alls.
+- **Tensor parallelism** (`--tp N`): every rank holds every expert, each at 1/N of its width (the same column
+  split as a dense MLP: gate and up by output rows, down by input columns), and one all-reduce sums them.
+
+Expert parallelism reads whole experts, so a rank reads only the experts its tokens picked among its own; tensor
+parallelism has every rank read a slice of each picked expert. Both give every rank the same bytes to hold.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.moe import Experts
+from .mesh import Mesh
+from .shards import Weight, column_unit, combine_stack, even, set_weight, take_cols, take_rows
+
+MODES = ("tp", "ep")
+
+
+class SummedExperts(nn.Module):
+    """A rank's part of a layer's experts (a share of the experts, or of each expert's width) and the all-reduce
+    that adds the other ranks' parts: what the model's `experts` was, with the same call."""
+
+    def __init__(self, experts: Experts, mesh: Mesh):
+        super().__init__()
+        self.part = experts
+        self.mesh = mesh
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.mesh.all_reduce(self.part(x, index, weight).contiguous())
+
+
+def problems(experts: Experts, world: int, mode: str) -> list[str]:
+    """Why this layer's experts cannot be split `mode`-wise over `world` ranks (empty: they can)."""
+    if experts.source is not None:
+        return ["its experts are under an expert budget, which does not run split over ranks yet; drop --expert-budget"]
+    if mode == "ep":
+        n = experts.num_experts
+        return [] if n % world == 0 else [f"{n} experts do not divide among {world} ranks"]
+    width = experts.down.shape[-1]
+    if width % world:
+        return [f"the experts' width {width} does not divide among {world} ranks"]
+    if (unit := column_unit(experts.down)) > 1 and (width // world) % unit:
+        return [f"the experts' down projection ({width} columns) split {world} ways cuts its groups of {unit}"]
+    return []
+
+
+def shard_experts(experts: Experts, mesh: Mesh, mode: str, name: str) -> SummedExperts:
+    """Keep rank `mesh.rank`'s part of `experts` (in place) and wrap it in the all-reduce."""
+    if mode == "ep":
+        first, end = even(experts.num_experts, mesh.world, mesh.rank)
+        for attr in ("gate_up", "down"):
+            set_weight(experts, attr, _stack_slice(getattr(experts, attr), first, end))
+        experts.first, experts.num_experts = first, end - first
+    else:
+        width = experts.down.shape[-1]
+        lo, hi = even(width, mesh.world, mesh.rank)
+        rows = [(lo, hi), (width + lo, width + hi)]  # each expert's gate_up rows: [gate | up]
+        count = experts.num_experts
+        set_weight(experts, "gate_up", combine_stack([take_rows(experts.gate_up[e], rows) for e in range(count)]))
+        downs = [take_cols(experts.down[e], lo, hi, f"{name}.down[{e}]") for e in range(count)]
+        set_weight(experts, "down", combine_stack(downs))
+    return SummedExperts(experts, mesh)
+
+
+def _stack_slice(w: Weight, start: int, end: int) -> Weight:
+    """Matrices [start, end) of a stack [E, out, in], as a copy (the full stack can then be freed)."""
+    if isinstance(w, torch.Tensor):
+        return w[start:end].clone()
+    return combine_stack([w[e] for e in range(start, end)])
