@@ -1,11 +1,12 @@
-"""Tensor parallelism on this machine: prefill and decode tokens/s at 1 and 2 ranks (gloo, CPU), and the
-bytes the ranks exchange per token next to the bytes of weights each rank reads per token.
+"""Tensor and expert parallelism on this machine: prefill and decode tokens/s at 1 and 2 ranks (gloo, CPU), and
+the bytes the ranks exchange per token next to the bytes of weights each rank reads per token.
 
-    python benchmarks/parallel.py [--hidden 1024 --layers 8 --prompt 256 --decode 64]
+    python benchmarks/parallel.py [--hidden 1024 --layers 8 --prompt 256 --decode 64] [--experts 8]
 
-Builds a random Llama-shaped checkpoint (float32) in a temporary folder, then runs the same measurement as
-one process and as 2 ranks (hearthlm.distributed.run.launch). On a machine with 2 cores the 2 ranks share
-them (one thread each), so this shows the cost of the collectives, not scaling.
+Builds a random Llama-shaped checkpoint (float32; with --experts E, Mixtral-shaped: E experts, top-2) in a
+temporary folder, then runs the same measurement as one process and as 2 ranks (hearthlm.distributed.run.launch):
+--tp 2, and for experts also --ep 2. On a machine with 2 cores the 2 ranks share them (one thread each), so this
+shows the cost of the collectives, not scaling.
 """
 
 from __future__ import annotations
@@ -21,25 +22,31 @@ from pathlib import Path
 
 import torch
 
+TOP_K = 2  # experts per token in the Mixtral-shaped model
 
-def build(folder: Path, hidden: int, layers: int) -> None:
+
+def build(folder: Path, hidden: int, layers: int, experts: int) -> None:
     import transformers as tf
 
-    cfg = tf.LlamaConfig(
+    shape = dict(
         vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64, num_hidden_layers=layers,
         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), max_position_embeddings=4096,
     )  # fmt: skip
     torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    if experts:
+        cfg = tf.MixtralConfig(**shape, num_local_experts=experts, num_experts_per_tok=TOP_K)
+        tf.MixtralForCausalLM(cfg).save_pretrained(folder)
+    else:
+        tf.LlamaForCausalLM(tf.LlamaConfig(**shape)).save_pretrained(folder)
 
 
-def measure(folder: str, prompt: int, decode: int) -> None:
+def measure(folder: str, prompt: int, decode: int, split: str) -> None:
     """One rank's part (or the single process): prefill and decode timings, printed as JSON by rank 0."""
     from hearthlm import LLM, SamplingParams
     from hearthlm.distributed import mesh as meshes
     from hearthlm.distributed.tensor_parallel import shard_llm
 
-    mesh = meshes.init() if meshes.launched() else meshes.Mesh(0, 1)
+    mesh = meshes.init(experts=split) if meshes.launched() else meshes.Mesh(0, 1)
     llm = shard_llm(LLM(folder, dtype="float32"), mesh)
     ids = [(i * 7919) % 31000 + 100 for i in range(prompt)]
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -53,17 +60,20 @@ def measure(folder: str, prompt: int, decode: int) -> None:
     if mesh.first:
         prefill_s, total_s = t1 - t0, t2 - t1
         decode_s = max(total_s - prefill_s, 1e-9)
-        print(json.dumps({"ranks": mesh.world, "prefill_tps": prompt / prefill_s, "decode_tps": decode / decode_s}))
+        tps = {"prefill_tps": prompt / prefill_s, "decode_tps": decode / decode_s}
+        print(json.dumps({"ranks": mesh.world, "split": split if mesh.world > 1 else None, **tps}))
     meshes.close()
 
 
-def traffic(hidden: int, layers: int, vocab: int, world: int) -> dict[str, float]:
-    """Bytes per token (float32): what each rank sends into the collectives, and what it reads of the weights."""
+def traffic(hidden: int, layers: int, vocab: int, world: int, experts: int) -> dict[str, float]:
+    """Bytes per token (float32): what each rank sends into the collectives, and what it reads of the weights
+    (for experts, the top-2 an average token picks: a rank of --ep reads the picked experts it holds, on average
+    the same 1/world as a rank of --tp, which reads a slice of each)."""
     reduce = (2 * layers + 1) * hidden * 8  # o_proj and down per layer, and the embedding, summed in float64
     gather = vocab // world * 4 * (world - 1)  # the other ranks' logits
     inter = hidden * 11 // 4 // 64 * 64
     kv = max(1, hidden // 256) * 64
-    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * inter
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * inter * (TOP_K if experts else 1)
     weights = (layers * per_layer + vocab * hidden) * 4 / world  # tied-free Llama: head read per token
     # A ring all-reduce moves 2 (N - 1) / N of the tensor per rank.
     return {"exchanged": reduce * 2 * (world - 1) / world + gather, "weights_read": weights}
@@ -75,24 +85,26 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--experts", type=int, default=0, help="a Mixtral-shaped model with this many experts (top-2)")
+    p.add_argument("--split", default="tp", help=argparse.SUPPRESS)  # a rank's part: how experts split
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # a rank's part
     a = p.parse_args()
     if a.measure:
-        return measure(a.measure, a.prompt, a.decode)
+        return measure(a.measure, a.prompt, a.decode, a.split)
     from hearthlm.distributed.run import launch
 
     with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp), a.hidden, a.layers)
+        build(Path(tmp), a.hidden, a.layers, a.experts)
         cmd = [sys.executable, __file__, "--measure", tmp, "--prompt", str(a.prompt), "--decode", str(a.decode)]
+        shape = f"Mixtral-shaped, {a.experts} experts top-{TOP_K}" if a.experts else "Llama-shaped"
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-        print(f"# Llama-shaped, hidden {a.hidden}, {a.layers} layers, vocab 32000, fp32; {' '.join(sys.argv)}")
-        for world in (1, 2):
+        print(f"# {shape}, hidden {a.hidden}, {a.layers} layers, vocab 32000, fp32; {' '.join(sys.argv)}")
+        runs = [(1, "tp"), (2, "tp")] + [(2, "ep")] * bool(a.experts)
+        for world, split in runs:
             if world == 1:
                 os.environ.setdefault("HEARTHLM_THREADS", str(os.cpu_count()))
-                launch(1, cmd)
-            else:
-                launch(world, cmd)
-            t = traffic(a.hidden, a.layers, 32000, world)
+            launch(world, [*cmd, "--split", split])
+            t = traffic(a.hidden, a.layers, 32000, world, a.experts)
             print(f"# {world} rank(s): {t['exchanged'] / 1e3:.1f} kB exchanged per token per rank, "
                   f"{t['weights_read'] / 1e6:.1f} MB of weights read per token per rank")  # fmt: skip
 

@@ -46,9 +46,10 @@ def _port() -> int:
 class Ranks:
     """`hearth serve MODEL --tp 2` as a child process on a free loopback port."""
 
-    def __init__(self, model: str, log: Path, torchrun: bool = False, split: str = "--tp"):
+    def __init__(self, model: str, log: Path, torchrun: bool = False, split: str = "--tp", extra: tuple = ()):
         self.port = _port()
         cmd = [sys.executable, "-m", "hearthlm.cli", "serve", model, split, "2", "--port", str(self.port), *FP32]
+        cmd += extra
         if torchrun:
             run = [
                 sys.executable,
@@ -187,12 +188,13 @@ def test_chat_and_completions_match_one_process(demo_tp, demo_one):
     assert all(text for text, _ in one)
 
 
-@pytest.mark.parametrize("split", ["--ep", "--tp"])
+@pytest.mark.parametrize("split", ["--ep", "--tp", "--ep --expert-budget 50%"])
 def test_moe_demo_split_two_ways_matches_one_process(split, tmp_path):
     """The demo MoE (8 experts, top-2, beside a dense MLP): experts divided among the ranks, or each one's width
-    split, answers 4 chats at once as one process answers them one by one."""
+    split, answers 4 chats at once as one process answers them one by one; so does each rank's pool of half
+    its own experts under a budget."""
     model = "hearth-demo-moe"
-    ranks = Ranks(model, tmp_path / "err.log", split=split)
+    ranks = Ranks(model, tmp_path / "err.log", split=split.split()[0], extra=tuple(split.split()[1:]))
     try:
         got = [_at_once([partial(_chat, ranks.client, p, stream, model) for p in CHATS]) for stream in (False, True)]
     finally:
@@ -234,7 +236,11 @@ def test_what_is_not_mirrored_is_refused_with_400(demo_tp):
     [
         (["serve", "--tp", "2"], "needs a MODEL"),
         (["serve", "hearth-demo", "--tp", "2", "--draft", "lookup"], "--draft is not available with --tp"),
-        (["serve", "hearth-demo", "--tp", "2", "--expert-budget", "50%"], "--expert-budget is not available"),
+        (
+            ["serve", "hearth-demo-moe", "--tp", "2", "--expert-budget", "50%"],
+            "--expert-budget is not available with --tp: its pool reads whole experts",
+        ),
+        (["serve", "hearth-demo-moe", "--tp", "2", "--ep", "2"], "give --tp N or --ep N, not both"),
     ],
 )
 def test_options_that_cannot_be_mirrored_are_refused_before_any_rank_starts(args, message, capsys):

@@ -26,13 +26,18 @@ QUANTS = ["int8", "int4-g32"]  # on `wide`: an MLP of 128, so each rank's 64 col
 # with a dense layer between, Mixtral; and Mixtral's int8 experts, whose 48 columns split in whole groups of 32
 # only as whole experts.
 MOE = [f"{n}-{way}" for n in ("gemma4_all", "qwen3_moe", "mixtral") for way in ("tp", "ep")] + ["mixtral-int8-ep"]
+# Under --ep with an expert budget each rank's pool serves its own experts: a budget of 50% is half of those.
+BUDGETED = {"gemma4_all-ep-budget": "50%", "qwen3_moe-ep-budget": "34%"}
 # On 4 ranks: 1 K/V head replicated 4 times (mistral), 2 replicated twice (llama), Gemma 3 and 4, and experts both
 # ways (Qwen3-MoE's 6 experts do not divide by 4, so it splits by width).
 FOUR = ["llama", "mistral", "gemma3", "gemma4_dense", "gemma4_all-tp", "gemma4_all-ep", "mixtral-ep", "qwen3_moe-tp"]
 
 
 def _spec(name: str, checkpoint) -> str:
-    """tp_worker's NAME=FOLDER:QUANT:EXPERTS for a case named FAMILY[-QUANT]-WAY (or just FAMILY)."""
+    """tp_worker's NAME=FOLDER:QUANT:EXPERTS[:BUDGET] for a case named FAMILY[-QUANT]-WAY (or just FAMILY), or
+    one of BUDGETED."""
+    if name in BUDGETED:
+        return f"{name}={checkpoint(name.split('-')[0])[1]}::ep:{BUDGETED[name]}"
     family, *rest = name.split("-")
     quant = rest[0] if len(rest) == 2 else ""
     return f"{name}={checkpoint(family)[1]}:{quant}:{rest[-1] if rest else ''}"
@@ -51,7 +56,7 @@ def wide(tmp_path_factory) -> Path:
 def ranks(checkpoint, wide, tmp_path_factory) -> Path:
     """Run every case on 2 ranks at once (one start-up for all): their results, saved by rank 0."""
     out = tmp_path_factory.mktemp("tp")
-    specs = [_spec(n, checkpoint) for n in FAMILIES + MOE] + [f"{q}={wide}:{q}" for q in QUANTS]
+    specs = [_spec(n, checkpoint) for n in FAMILIES + MOE + list(BUDGETED)] + [f"{q}={wide}:{q}" for q in QUANTS]
     worker = Path(__file__).with_name("tp_worker.py")
     assert launch(2, [sys.executable, str(worker), str(out), *specs]) == 0
     return out
@@ -106,6 +111,20 @@ def test_experts_split_two_ways_match_one_process(name, ranks, loaded, checkpoin
     assert tp["experts"] == ({(experts // 2, width)} if rest[-1] == "ep" else {(experts, width // 2)})
 
 
+@pytest.mark.parametrize("name", BUDGETED)
+def test_experts_divided_under_a_budget_match_one_process(name, ranks, loaded):
+    """Rank 0's pool serves experts [0, E/2) alone, with the budget's share of those as slots, and never holds
+    another rank's; the tokens and logits are one process's without a budget."""
+    llm = loaded(name.split("-")[0])[1]
+    tp = torch.load(ranks / f"{name}.pt")
+    _compare(tp, record(llm), llm)
+    half = llm.config.num_experts // 2
+    layers = sum(s.moe for s in llm.config.layers)
+    assert tp["pool"]["owned"] == list(range(half))
+    assert tp["pool"]["slots"] == int(float(BUDGETED[name][:-1]) / 100 * half * layers)
+    assert tp["pool"]["held"] and tp["pool"]["held"] <= set(range(half))
+
+
 @pytest.mark.parametrize("name", FOUR)
 def test_four_ranks_match_one_process(name, four, loaded):
     tp = torch.load(four / f"{name}.pt")
@@ -154,8 +173,10 @@ def test_refused_splits_name_counts_that_work(loaded, checkpoint):
     with pytest.raises(TensorParallelError, match=r"layer 0: 6 experts do not divide among 4 ranks.*work: 1, 2$"):
         shard_model(moe.model, Mesh(0, 4, experts="ep"))
     budget = LLM(checkpoint("qwen3_moe")[1], dtype="float32", expert_budget="50%")
-    with pytest.raises(TensorParallelError, match="under an expert budget.*drop --expert-budget"):
-        shard_model(budget.model, Mesh(0, 2, experts="ep"))
+    with pytest.raises(TensorParallelError, match="under an expert budget, whose pool reads whole experts.*--ep N"):
+        shard_model(budget.model, Mesh(0, 2))
+    with pytest.raises(ValueError, match="pool was not loaded for rank 0's share: use rank_budget"):
+        shard_model(budget.model, Mesh(0, 2, experts="ep"))  # loaded with a pool over all the experts
 
 
 def test_a_failing_rank_stops_the_others(capfd):

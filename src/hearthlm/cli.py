@@ -16,6 +16,7 @@ def _err() -> Console:
 
 def _load(args: argparse.Namespace):
     from .api import LLM
+    from .distributed.experts import rank_budget
     from .distributed.run import join_ranks
 
     mesh = join_ranks(args.device, _split(args)[1])  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
@@ -23,7 +24,7 @@ def _load(args: argparse.Namespace):
         args.model,
         dtype=args.dtype,
         quant=args.quant,
-        expert_budget=args.expert_budget,
+        expert_budget=rank_budget(args.expert_budget, mesh),
         moe_profile=not args.no_moe_profile,
         mmproj=getattr(args, "mmproj", None),
         draft=_draft(args),
@@ -477,13 +478,13 @@ def _serve(args: argparse.Namespace) -> int:
     if ranks > 1 or launched():  # `--tp N` / `--ep N`, or one of the ranks it (or torchrun) started
         from .distributed import follow, run
 
-        follow.check_serve(args.model, _draft(args), args.expert_budget)
+        follow.check_serve(args.model, _draft(args), args.expert_budget, experts)
         if not launched():
             return run.serve_ranks(ranks, args.argv)
         mesh = run.join_ranks(args.device, experts)
         if not mesh.first:
             return follow.serve_follower(mesh, args.model, args.dtype, args.quant, args.max_running, args.kv_blocks,
-                                         args.device)  # fmt: skip
+                                         args.device, args.expert_budget, _privacy(args))  # fmt: skip
     key = args.api_key or os.environ.get("HEARTH_API_KEY") or None
     web = {k: v for k, v in (("allowed_hosts", args.allowed_hosts), ("cors_origins", args.cors_origins)) if v}
     try:

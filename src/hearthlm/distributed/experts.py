@@ -11,14 +11,21 @@ rank holds the full hidden state, so every rank computes the same routing and ne
 
 Expert parallelism reads whole experts, so a rank reads only the experts its tokens picked among its own; tensor
 parallelism has every rank read a slice of each picked expert. Both give every rank the same bytes to hold.
+
+Under an expert budget (`--expert-budget`) each rank of `--ep` loads with `rank_budget`: its pool serves its own
+experts alone, and the budget counts those (25% means a quarter of the rank's experts). Width splits under a
+budget are refused: the pool reads whole experts.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 from ..layers.moe import Experts
+from ..moe.budget import Budget, parse_budget
 from .mesh import Mesh
 from .shards import Weight, column_unit, combine_stack, even, set_weight, take_cols, take_rows
 
@@ -40,8 +47,8 @@ class SummedExperts(nn.Module):
 
 def problems(experts: Experts, world: int, mode: str) -> list[str]:
     """Why this layer's experts cannot be split `mode`-wise over `world` ranks (empty: they can)."""
-    if experts.source is not None:
-        return ["its experts are under an expert budget, which does not run split over ranks yet; drop --expert-budget"]
+    if experts.source is not None and mode != "ep":
+        return ["its experts are under an expert budget, whose pool reads whole experts: split them with --ep N"]
     if mode == "ep":
         n = experts.num_experts
         return [] if n % world == 0 else [f"{n} experts do not divide among {world} ranks"]
@@ -55,20 +62,38 @@ def problems(experts: Experts, world: int, mode: str) -> list[str]:
 
 def shard_experts(experts: Experts, mesh: Mesh, mode: str, name: str) -> SummedExperts:
     """Keep rank `mesh.rank`'s part of `experts` (in place) and wrap it in the all-reduce."""
-    if mode == "ep":
-        first, end = even(experts.num_experts, mesh.world, mesh.rank)
+    (_divide if mode == "ep" else _narrow)(experts, mesh, name)
+    return SummedExperts(experts, mesh)
+
+
+def _divide(experts: Experts, mesh: Mesh, name: str) -> None:
+    """Keep the rank's run of the experts, whole."""
+    first, end = even(experts.num_experts, mesh.world, mesh.rank)
+    if experts.source is not None:  # under a budget: the pool, loaded with rank_budget, serves these alone
+        if experts.source.pool.owned != range(first, end):
+            raise ValueError(f"{name}: the expert pool was not loaded for rank {mesh.rank}'s share: use rank_budget")
+    else:
         for attr in ("gate_up", "down"):
             set_weight(experts, attr, _stack_slice(getattr(experts, attr), first, end))
-        experts.first, experts.num_experts = first, end - first
-    else:
-        width = experts.down.shape[-1]
-        lo, hi = even(width, mesh.world, mesh.rank)
-        rows = [(lo, hi), (width + lo, width + hi)]  # each expert's gate_up rows: [gate | up]
-        count = experts.num_experts
-        set_weight(experts, "gate_up", combine_stack([take_rows(experts.gate_up[e], rows) for e in range(count)]))
-        downs = [take_cols(experts.down[e], lo, hi, f"{name}.down[{e}]") for e in range(count)]
-        set_weight(experts, "down", combine_stack(downs))
-    return SummedExperts(experts, mesh)
+    experts.first, experts.num_experts = first, end - first
+
+
+def _narrow(experts: Experts, mesh: Mesh, name: str) -> None:
+    """Keep the rank's slice of every expert's width: gate and up rows, down columns."""
+    width = experts.down.shape[-1]
+    lo, hi = even(width, mesh.world, mesh.rank)
+    rows = [(lo, hi), (width + lo, width + hi)]  # each expert's gate_up rows: [gate | up]
+    count = experts.num_experts
+    set_weight(experts, "gate_up", combine_stack([take_rows(experts.gate_up[e], rows) for e in range(count)]))
+    downs = [take_cols(experts.down[e], lo, hi, f"{name}.down[{e}]") for e in range(count)]
+    set_weight(experts, "down", combine_stack(downs))
+
+
+def rank_budget(budget: str | float | Budget | None, mesh: Mesh | None) -> Budget | str | float | None:
+    """The expert budget a rank loads with: under --ep, the same budget over the rank's share of the experts."""
+    if budget is None or mesh is None or mesh.experts != "ep":
+        return budget
+    return dataclasses.replace(parse_budget(budget), share=(mesh.rank, mesh.world))
 
 
 def _stack_slice(w: Weight, start: int, end: int) -> Weight:

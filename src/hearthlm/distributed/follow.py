@@ -158,16 +158,19 @@ def follow(engine: Engine, channel: Channel) -> None:
 
 
 def serve_follower(mesh: Mesh, model: str, dtype: str | None = None, quant: str | None = None,
-                   max_running: int | None = None, kv_blocks: int | None = None, device: str | None = None) -> int:  # fmt: skip
+                   max_running: int | None = None, kv_blocks: int | None = None, device: str | None = None,
+                   expert_budget: str | None = None, privacy=None) -> int:  # fmt: skip
     """A rank other than 0 of `hearth serve --tp N`: load and shard the model as rank 0 does (server.load), build
     the same Engine, then follow. Ctrl-C is rank 0's to handle: it stops the followers when it ends."""
     from ..api import LLM
     from ..engine.engine import Engine
+    from .experts import rank_budget
     from .mesh import close
     from .tensor_parallel import shard_llm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    llm = LLM(model, dtype=dtype, quant=quant, device=str(mesh.device(device)))
+    budget = rank_budget(expert_budget, mesh)  # under --ep: a pool of its own experts
+    llm = LLM(model, dtype=dtype, quant=quant, device=str(mesh.device(device)), expert_budget=budget, privacy=privacy)
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
     shard_llm(llm, mesh)
@@ -177,7 +180,7 @@ def serve_follower(mesh: Mesh, model: str, dtype: str | None = None, quant: str 
     return 0
 
 
-def check_serve(model: str | None, draft: str | None, expert_budget: str | None) -> None:
+def check_serve(model: str | None, draft: str | None, expert_budget: str | None, experts: str = "tp") -> None:
     """Refuse, before any rank starts, what `hearth serve --tp` cannot mirror yet."""
     if model is None:
         raise ValueError(
@@ -185,7 +188,8 @@ def check_serve(model: str | None, draft: str | None, expert_budget: str | None)
         )
     if draft is not None:
         raise ValueError(f"--draft is {REFUSED} yet: speculative verification is not mirrored to the other ranks")
-    if expert_budget is not None:
+    if expert_budget is not None and experts != "ep":
         raise ValueError(
-            f"--expert-budget is {REFUSED} yet: the experts split over ranks are held whole in memory; drop the budget"
+            f"--expert-budget is {REFUSED}: its pool reads whole experts; divide the experts among the ranks with "
+            "--ep N instead"
         )

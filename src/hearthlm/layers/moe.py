@@ -25,11 +25,11 @@ class Experts(nn.Module):
         self.first = 0  # > 0 on a rank that holds a later share of the experts (distributed/experts.py)
         self.source = None  # moe.pool.LayerExperts when the experts live in a slow tier (an expert budget)
 
-    def weights(self, active: list[int], counts: list[int]):
+    def weights(self, active: list[int], counts: list[int], tokens: int):
         """(gate_up, down) of each expert in `active` (ids of this module's own experts), in order; `counts`: the
-        tokens routed to each."""
+        tokens routed to each, of the step's `tokens`."""
         if self.source is not None:
-            return self.source.weights([self.first + e for e in active], counts)
+            return self.source.weights([self.first + e for e in active], counts, tokens)
         return ((self.gate_up[e], self.down[e]) for e in active)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class Experts(nn.Module):
         active = [e for e, c in enumerate(counts) if c]
         out = torch.zeros_like(x)
         start = sum(every[: self.first])  # the picks of earlier experts come first in `order`
-        for expert, (gate_up, down) in zip(active, self.weights(active, [counts[e] for e in active])):
+        for expert, (gate_up, down) in zip(active, self.weights(active, [counts[e] for e in active], x.shape[0])):
             count = counts[expert]
             picks = order[start : start + count]
             start += count

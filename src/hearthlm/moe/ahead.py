@@ -27,7 +27,7 @@ class Ahead:
         for name, module in model.named_modules():
             if isinstance(module, Experts):
                 layer = int(re.search(r"(?:^|\.)layers\.(\d+)\.", name)[1])
-                routers[layer] = model.get_submodule(name.rpartition(".")[0]).router  # the Experts' sibling
+                routers[layer] = _router(model, name)
         self.pool, self.top_k = pool, model.config.experts_per_token
         layers = sorted(routers)
         following = dict(zip(layers, layers[1:])) if prefetch else {}
@@ -37,16 +37,17 @@ class Ahead:
         pool.start_thread()
 
     def _hook(self, layer: int, following: int | None, routers: dict[int, torch.nn.Module]):
-        experts = self.pool.num_experts
+        experts, owned = self.pool.num_experts, self.pool.owned  # the pool serves `owned` (all but under --ep)
 
         def hook(module, args, output) -> None:
             counts = torch.bincount(output[0].reshape(-1), minlength=experts).tolist()
-            active = [e for e, c in enumerate(counts) if c]
-            self.pool.announce(layer, active, [counts[e] for e in active])
+            active = [e for e in owned if counts[e]]
+            self.pool.announce(layer, active, [counts[e] for e in active], output[0].shape[0])
             if following is not None:
                 index, _ = routers[following].forward(args[0])  # .forward: not its own hook
-                top = torch.topk(torch.bincount(index.reshape(-1), minlength=experts), self.top_k)
-                predicted = sorted(e for e, c in zip(top.indices.tolist(), top.values.tolist()) if c)
+                counted = torch.bincount(index.reshape(-1), minlength=experts)[owned.start : owned.stop]
+                top = torch.topk(counted, min(self.top_k, len(owned)))
+                predicted = sorted(owned.start + e for e, c in zip(top.indices.tolist(), top.values.tolist()) if c)
                 self.pool.forecast(following, predicted, [(layer, e) for e in active])
 
         return hook
@@ -55,6 +56,15 @@ class Ahead:
         for h in self.hooks:
             h.remove()
         self.pool.stop_thread()
+
+
+def _router(model: torch.nn.Module, experts: str) -> torch.nn.Module:
+    """The router of the Experts module named `experts`: its sibling, or a sibling of the module that wraps it
+    on a rank of a split model (distributed/experts.py)."""
+    owner = experts.rpartition(".")[0]
+    while not hasattr(model.get_submodule(owner), "router"):
+        owner = owner.rpartition(".")[0]
+    return model.get_submodule(owner).router
 
 
 def enable(model: torch.nn.Module, prefetch: bool = False) -> Ahead:

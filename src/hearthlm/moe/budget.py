@@ -18,10 +18,21 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
-    """Exactly one of `bytes` and `fraction` (of all expert bytes, in (0, 1]) is set."""
+    """Exactly one of `bytes` and `fraction` (of all expert bytes, in (0, 1]) is set. `share` = (rank, ranks):
+    this process holds only rank `rank`'s run of each layer's experts, ranks dividing them evenly (expert
+    parallelism, distributed/experts.py), and the budget counts those alone."""
 
     bytes: int | None = None
     fraction: float | None = None
+    share: tuple[int, int] = (0, 1)
+
+    def owned(self, experts: int) -> range:
+        """The experts of a layer, of `experts`, that this process holds."""
+        rank, ranks = self.share
+        if experts % ranks:
+            raise BudgetError(f"{experts} experts do not divide among {ranks} ranks")
+        part = experts // ranks
+        return range(rank * part, (rank + 1) * part)
 
     def resolve(self, total: int) -> int:
         """The budget in bytes, for experts that take `total` bytes in all."""

@@ -31,7 +31,7 @@ class LRU:
         self.last = np.full((len(rows), experts), -1.0)
         self.clock = 0
 
-    def visit(self, row: int, active: list[int], counts: list[int]) -> None:
+    def visit(self, row: int, active: list[int], counts: list[int], tokens: int | None = None) -> None:
         self.clock += row == 0
         self.last[row, active] = self.clock
 
@@ -62,10 +62,11 @@ class NextUse:
                 self.uses[rows[layer], e] = count
                 self.tokens[rows[layer]] = steady
 
-    def visit(self, row: int, active: list[int], counts: list[int]) -> None:
+    def visit(self, row: int, active: list[int], counts: list[int], tokens: int | None = None) -> None:
+        """`tokens`: the visit's tokens, by default sum(counts) / top_k (every expert of the row counted)."""
         self.repeats = self.decay * self.repeats + self.latest[row, active].sum()
         self.repeatable = self.decay * self.repeatable + self.latest[row].sum()
-        tokens = sum(counts) / self.top_k
+        tokens = sum(counts) / self.top_k if tokens is None else tokens
         d = self.decay**tokens
         self.uses[row] *= d
         self.uses[row, active] += counts

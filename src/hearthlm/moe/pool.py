@@ -40,6 +40,7 @@ class ExpertPool:
         policy: LRU | NextUse,
         device,
     ):
+        self.owned = budget.owned(num_experts)  # the experts of each layer this pool serves (all but under --ep)
         self.tiers, self.layers = tiers, sorted(tiers)
         self.row = {layer: i for i, layer in enumerate(self.layers)}  # position in the forward pass
         self.num_experts, self.top_k = num_experts, top_k
@@ -47,11 +48,11 @@ class ExpertPool:
         for layer in self.layers[1:]:
             _same_format(template, tiers[layer].read(0), layer)
         self.expert_bytes = sum(nbytes(w) for w in template)
-        total = self.expert_bytes * num_experts * len(tiers)
+        total = self.expert_bytes * len(self.owned) * len(tiers)
         given = budget.resolve(total)
-        count = min(given // self.expert_bytes, num_experts * len(tiers))
-        if count < top_k:
-            need = top_k * self.expert_bytes
+        count = min(given // self.expert_bytes, len(self.owned) * len(tiers))
+        if count < min(top_k, len(self.owned)):
+            need = min(top_k, len(self.owned)) * self.expert_bytes
             raise BudgetError(
                 f"expert budget {budget}{f' ({human_bytes(given)})' if budget.fraction else ''} holds {count} "
                 f"expert(s); one layer's top-{top_k} "
@@ -88,12 +89,15 @@ class ExpertPool:
     def reset_stats(self) -> None:
         self.stats = MoEStats(slots=len(self.slots), expert_bytes=self.expert_bytes)
 
-    def experts(self, layer: int, active: list[int], counts: list[int]) -> Iterator[tuple[Weight, Weight]]:
-        """(gate_up, down) of each expert in `active` (ascending; `counts`: the tokens routed to each), valid
-        while the caller uses it."""
+    def experts(
+        self, layer: int, active: list[int], counts: list[int], tokens: int | None = None
+    ) -> Iterator[tuple[Weight, Weight]]:
+        """(gate_up, down) of each expert in `active` (ascending; `counts`: the tokens routed to each; `tokens`:
+        the step's tokens, by default sum(counts) / top_k, which undercounts where the pool serves some of the
+        experts), valid while the caller uses it."""
         planned, self.planned = self.planned, None
         assert planned is None or planned[:2] == (layer, active), "an announced step that did not run"
-        ahead = planned[2] if planned else self._start(layer, active, counts)
+        ahead = planned[2] if planned else self._start(layer, active, counts, tokens)
         for e in active:
             slot = self.where.get((layer, e))
             if slot is not None:
@@ -108,19 +112,22 @@ class ExpertPool:
                 self.stats.fetch_seconds += time.perf_counter() - start
                 yield weights
 
-    def announce(self, layer: int, active: list[int], counts: list[int]) -> None:
+    def announce(self, layer: int, active: list[int], counts: list[int], tokens: int | None = None) -> None:
         """`layer`'s routing before its experts run (its router's output; ahead.py): the step starts now, so
         that the fetch thread reads its misses while the layer computes what comes between."""
-        self.planned = (layer, active, self._start(layer, active, counts))
+        self.planned = (layer, active, self._start(layer, active, counts, tokens))
 
-    def _start(self, layer: int, active: list[int], counts: list[int]) -> dict[int, tuple[Future, int]]:
+    def _start(
+        self, layer: int, active: list[int], counts: list[int], tokens: int | None
+    ) -> dict[int, tuple[Future, int]]:
         """Count the step, give its misses slots or not, and start their reads where a fetch thread runs;
         -> the misses read into scratch buffers (expert -> (read, buffer))."""
         s = self.stats
+        tokens = sum(counts) // self.top_k if tokens is None else tokens
         if layer == self.layers[0]:
-            s.tokens += sum(counts) // self.top_k
+            s.tokens += tokens
         row = self.row[layer]
-        self.policy.visit(row, active, counts)
+        self.policy.visit(row, active, counts, tokens)
         self._settle_prefetch(layer, active)
         misses = [e for e in active if (layer, e) not in self.where]
         s.hits += len(active) - len(misses)
@@ -130,7 +137,7 @@ class ExpertPool:
         placed = dict(self._place(row, misses, keep))
         s.transient += len(misses) - len(placed)
         if self.fixed_shape:
-            self._decoys(layer, misses, sum(counts) // self.top_k)
+            self._decoys(layer, misses, tokens)
         # Misses without a slot are read ahead into scratch buffers, unless they run from the mapping in place
         # (a read into a buffer costs more than computing from the page cache).
         scratch = iter(range(0 if getattr(self.tiers[layer], "in_place", False) else len(self.scratch)))
@@ -145,8 +152,8 @@ class ExpertPool:
     def _decoys(self, layer: int, misses: list[int], tokens: int) -> None:
         """Read decoys, experts drawn uniformly from those this step does not read, until the step has read
         min(experts, top_k x tokens): what it reads no longer depends on its routing or on the pool."""
-        target = min(self.num_experts, self.top_k * max(1, tokens))
-        others = np.setdiff1d(np.arange(self.num_experts), misses)
+        target = min(len(self.owned), self.top_k * max(1, tokens))
+        others = np.setdiff1d(np.arange(self.owned.start, self.owned.stop), misses)
         picks = self.decoy_rng.choice(others, size=max(0, target - len(misses)), replace=False)
         start = time.perf_counter()
         for e in picks.tolist():
@@ -278,8 +285,10 @@ class LayerExperts:
     def __init__(self, pool: ExpertPool, layer: int):
         self.pool, self.layer = pool, layer
 
-    def weights(self, active: list[int], counts: list[int]) -> Iterator[tuple[Weight, Weight]]:
-        return self.pool.experts(self.layer, active, counts)
+    def weights(
+        self, active: list[int], counts: list[int], tokens: int | None = None
+    ) -> Iterator[tuple[Weight, Weight]]:
+        return self.pool.experts(self.layer, active, counts, tokens)
 
 
 def install(
@@ -299,13 +308,14 @@ def install(
             layer = int(re.search(r"(?:^|\.)layers\.(\d+)\.", name)[1])
             tiers[layer], modules[layer] = read(name), module
     cfg = model.config
-    prior = {k: v for k, v in (prior or {}).items() if k[0] in tiers and k[1] < cfg.num_experts}
+    owned = budget.owned(cfg.num_experts)
+    prior = {k: v for k, v in (prior or {}).items() if k[0] in tiers and k[1] in owned}
     pool = ExpertPool(tiers, cfg.num_experts, cfg.experts_per_token, budget, NextUse(prior=prior), device)
     for layer, module in modules.items():
         del module.gate_up, module.down  # the slow tier holds them
         module.source = LayerExperts(pool, layer)
-    if len(pool.slots) == cfg.num_experts * len(tiers):  # a budget that holds them all: fill it now
-        pool.start = [(layer, e) for layer in pool.layers for e in range(cfg.num_experts)]
+    if len(pool.slots) == len(owned) * len(tiers):  # a budget that holds them all: fill it now
+        pool.start = [(layer, e) for layer in pool.layers for e in owned]
     elif prior:
         pool.start = sorted(prior, key=prior.get, reverse=True)
     pool.warm(pool.start)

@@ -97,7 +97,7 @@ class PrivateReads:
         self.template = pool.slots[0]  # one slot: the format every read takes
         self.ckpt = next(iter(tiers)).ckpt
         self.fds: dict[str, int] = {}
-        views = [t for tier in tiers for e in range(pool.num_experts) for w in tier.views(e) for t in _parts(w)]
+        views = [t for tier in tiers for e in pool.owned for w in tier.views(e) for t in _parts(w)]
         memory = [(v.data_ptr(), v.numel() * v.element_size()) for v in views]
         ranges = file_ranges(memory)
         self.where = dict(zip(memory, ranges))  # (address, length) of a view -> (path, offset, length)
@@ -254,7 +254,7 @@ def private_reads(pool, on: bool = True) -> None:
     reads = PrivateReads(pool)
     for tier in tiers:
         tier._in_place, tier.in_place, tier.private = tier.in_place, False, reads
-        reads.evict(tier, list(range(pool.num_experts)))
+        reads.evict(tier, list(pool.owned))
     for attempt in range(20):  # a readahead still in flight caches its pages after the drop: drop again
         if not any(cached(path, start, n) for path, start, n in reads.spans):
             break

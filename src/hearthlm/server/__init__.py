@@ -43,7 +43,9 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     from .metrics import Metrics
 
     if mesh is not None:
-        device = str(mesh.device(device))
+        from ..distributed.experts import rank_budget
+
+        device, expert_budget = str(mesh.device(device)), rank_budget(expert_budget, mesh)
     llm = LLM(model, dtype=dtype, device=device, quant=quant, expert_budget=expert_budget, moe_profile=moe_profile,
               draft=draft, privacy=privacy, quant_towers=quant_towers)  # fmt: skip
     if llm.tokenizer is None:
