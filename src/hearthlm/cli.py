@@ -32,9 +32,10 @@ def _load(args: argparse.Namespace):
         quant_towers=args.quant_towers,
     )  # fmt: skip  (the loader shows its own progress bar)
     if mesh is not None:
+        from .distributed.pipeline import split_llm
         from .distributed.tensor_parallel import shard_llm
 
-        shard_llm(llm, mesh)
+        (split_llm if getattr(args, "pp", 1) > 1 else shard_llm)(llm, mesh)  # --pp N: layers; else --tp's split
         args.seed = mesh.shared_int(args.seed)  # every rank must sample the same tokens
     if llm.privacy_note:
         _err().print(f"[dim]{llm.privacy_note}[/dim]")
@@ -129,10 +130,14 @@ def _run(args: argparse.Namespace) -> int:
         chat = f"`hearth chat {args.model}`" if args.model else "`hearth chat`"
         raise ValueError(f"give a prompt: `hearth run [MODEL] PROMPT` (or pipe it in), or talk with {chat}")
     media = _media_parts(args.image, args.audio)  # a missing file is reported before the model loads
-    if args.tp > 1:
+    if args.tp > 1 or args.pp > 1:
+        from .distributed.mesh import launched
         from .distributed.run import run_ranks
 
-        return run_ranks(args.tp, args.argv, args.prompt)
+        if args.tp > 1 and args.pp > 1:
+            raise ValueError("--tp and --pp together are not available yet: split by one of them")
+        if args.tp > 1 or not launched():  # the ranks keep --pp, which tells them how to split
+            return run_ranks(max(args.tp, args.pp), args.argv, args.prompt)
     llm = _load(args)
     params = _params(args)
     start = time.perf_counter()
@@ -469,6 +474,8 @@ def _serve(args: argparse.Namespace) -> int:
     from . import server
     from .distributed.mesh import launched
 
+    if args.pp > 1:
+        raise ValueError("`hearth serve --pp` is not available yet: serve with --tp N, or run a prompt with --pp N")
     mesh = None
     if args.tp > 1 or launched():  # `--tp N`, or one of the ranks it (or torchrun) started
         from .distributed import follow, run
@@ -634,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tp", type=_ranks, default=1, metavar="N",
         help="tensor parallelism: split the model over N local processes (dense models; docs/distributed.md)",
     )  # fmt: skip
+    run.add_argument(
+        "--pp", type=_ranks, default=1, metavar="N",
+        help="pipeline parallelism: split the layers over N local processes (docs/distributed.md)",
+    )  # fmt: skip
     _generation_options(run)
     run.set_defaults(func=_run)
     chat = sub.add_parser("chat", help="talk to a model, turn by turn")
@@ -697,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor parallelism: split the model over N local processes, rank 0 serving HTTP (needs MODEL; dense "
         "models; docs/distributed.md)",
     )  # fmt: skip
+    serve.add_argument("--pp", type=_ranks, default=1, metavar="N", help="pipeline parallelism: not available yet")
     _model_options(serve)
     serve.set_defaults(func=_serve)
     pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (with its vision and audio towers)")

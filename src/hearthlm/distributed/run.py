@@ -155,20 +155,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--quant", default=None)
     p.add_argument("--tp", type=int, default=1, help="start this many local ranks (without torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="split the layers over this many local ranks (pipeline.py)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    if args.tp > 1 and not meshes.launched():
-        return relaunch(args.tp, "hearthlm.distributed.run", strip_tp(argv))
+    if args.tp > 1 and args.pp > 1:
+        raise ValueError("--tp and --pp together are not available yet: split by one of them")
+    if max(args.tp, args.pp) > 1 and not meshes.launched():  # the ranks keep --pp: it tells them how to split
+        return relaunch(max(args.tp, args.pp), "hearthlm.distributed.run", strip_tp(argv))
     from ..api import LLM, SamplingParams
+    from .pipeline import split_llm
     from .tensor_parallel import shard_llm
 
     mesh = meshes.init() if meshes.launched() else meshes.Mesh(0, 1)
     llm = LLM(args.model, dtype=args.dtype, quant=args.quant, device=str(mesh.device()))
-    shard_llm(llm, mesh)
+    (split_llm if args.pp > 1 else shard_llm)(llm, mesh)
     if args.prompt_ids is not None:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
     elif args.prompt is not None:
