@@ -1,11 +1,12 @@
-"""Tensor parallelism on this machine: prefill and decode tokens/s at 1 and 2 ranks (gloo, CPU), and the
-bytes the ranks exchange per token next to the bytes of weights each rank reads per token.
+"""Tensor and pipeline parallelism on this machine: prefill and decode tokens/s at 1 rank, 2 ranks with --tp and
+2 ranks with --pp (gloo, CPU), and the bytes the ranks exchange per token next to the bytes of weights each rank
+reads per token.
 
     python benchmarks/parallel.py [--hidden 1024 --layers 8 --prompt 256 --decode 64]
 
 Builds a random Llama-shaped checkpoint (float32) in a temporary folder, then runs the same measurement as
-one process and as 2 ranks (hearthlm.distributed.run.launch). On a machine with 2 cores the 2 ranks share
-them (one thread each), so this shows the cost of the collectives, not scaling.
+one process and as 2 ranks of each kind (hearthlm.distributed.run.launch). On a machine with 2 cores the 2 ranks
+share them (one thread each), so this shows the cost of the exchanges, not scaling.
 """
 
 from __future__ import annotations
@@ -33,18 +34,21 @@ def build(folder: Path, hidden: int, layers: int) -> None:
     tf.LlamaForCausalLM(cfg).save_pretrained(folder)
 
 
-def measure(folder: str, prompt: int, decode: int) -> None:
+def measure(folder: str, prompt: int, decode: int, split: str) -> None:
     """One rank's part (or the single process): prefill and decode timings, printed as JSON by rank 0."""
     from hearthlm import LLM, SamplingParams
     from hearthlm.distributed import mesh as meshes
+    from hearthlm.distributed.pipeline import split_llm
     from hearthlm.distributed.tensor_parallel import shard_llm
 
     mesh = meshes.init() if meshes.launched() else meshes.Mesh(0, 1)
-    llm = shard_llm(LLM(folder, dtype="float32"), mesh)
+    llm = (split_llm if split == "pp" else shard_llm)(LLM(folder, dtype="float32"), mesh)
     ids = [(i * 7919) % 31000 + 100 for i in range(prompt)]
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     many = SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True)
-    llm.generate(ids[:16], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
+    llm.engine(prefix_caching=False)  # the second run computes its prompt again instead of finding it cached
+    warm = [t + 1 for t in ids]  # warm up at full length: the cache's blocks are touched (zeroed) once here
+    llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     t0 = time.perf_counter()
     llm.generate(ids, one)
     t1 = time.perf_counter()
@@ -53,17 +57,25 @@ def measure(folder: str, prompt: int, decode: int) -> None:
     if mesh.first:
         prefill_s, total_s = t1 - t0, t2 - t1
         decode_s = max(total_s - prefill_s, 1e-9)
-        print(json.dumps({"ranks": mesh.world, "prefill_tps": prompt / prefill_s, "decode_tps": decode / decode_s}))
+        tps = {"prefill_tps": prompt / prefill_s, "decode_tps": decode / decode_s}
+        print(json.dumps({"ranks": mesh.world, "split": split} | tps))
     meshes.close()
 
 
-def traffic(hidden: int, layers: int, vocab: int, world: int) -> dict[str, float]:
-    """Bytes per token (float32): what each rank sends into the collectives, and what it reads of the weights."""
+def traffic(hidden: int, layers: int, vocab: int, world: int, split: str = "tp") -> dict[str, float]:
+    """Bytes per token (float32): what each rank sends into the collectives, and what it reads of the weights.
+    --pp: one hidden vector per cut between stages, and the last stage's broadcast of the final one (counted for
+    the whole group, not per rank); each rank reads its layers and the whole LM head."""
     reduce = (2 * layers + 1) * hidden * 4  # o_proj and down per layer, and the embedding
     gather = vocab // world * 4 * (world - 1)  # the other ranks' logits
     inter = hidden * 11 // 4 // 64 * 64
     kv = max(1, hidden // 256) * 64
     per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * inter
+    if split == "pp":
+        return {
+            "exchanged": 2 * (world - 1) * hidden * 4,
+            "weights_read": (layers * per_layer / world + vocab * hidden) * 4,
+        }
     weights = (layers * per_layer + vocab * hidden) * 4 / world  # tied-free Llama: head read per token
     # A ring all-reduce moves 2 (N - 1) / N of the tensor per rank.
     return {"exchanged": reduce * 2 * (world - 1) / world + gather, "weights_read": weights}
@@ -76,9 +88,10 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # a rank's part
+    p.add_argument("--split", default="tp", help=argparse.SUPPRESS)  # a rank's part: tp or pp
     a = p.parse_args()
     if a.measure:
-        return measure(a.measure, a.prompt, a.decode)
+        return measure(a.measure, a.prompt, a.decode, a.split)
     from hearthlm.distributed.run import launch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,14 +99,15 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--measure", tmp, "--prompt", str(a.prompt), "--decode", str(a.decode)]
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
         print(f"# Llama-shaped, hidden {a.hidden}, {a.layers} layers, vocab 32000, fp32; {' '.join(sys.argv)}")
-        for world in (1, 2):
+        for world, split in ((1, "tp"), (2, "tp"), (2, "pp")):
             if world == 1:
                 os.environ.setdefault("HEARTHLM_THREADS", str(os.cpu_count()))
                 launch(1, cmd)
             else:
-                launch(world, cmd)
-            t = traffic(a.hidden, a.layers, 32000, world)
-            print(f"# {world} rank(s): {t['exchanged'] / 1e3:.1f} kB exchanged per token per rank, "
+                launch(world, [*cmd, "--split", split])
+            t = traffic(a.hidden, a.layers, 32000, world, split)
+            per = "per token per rank" if split == "tp" else "per token, all ranks"
+            print(f"# {world} rank(s) --{split}: {t['exchanged'] / 1e3:.1f} kB exchanged {per}, "
                   f"{t['weights_read'] / 1e6:.1f} MB of weights read per token per rank")  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from hearthlm.distributed.mesh import Mesh
 from hearthlm.distributed.pipeline import PipelineError, allowed_cuts, split_model, stage_bounds
 from hearthlm.distributed.run import launch
 
-TWO = ["llama", "qwen3", "gemma3", "gemma4_dense"]  # the shared tiny checkpoints (3 or 6 layers)
+TWO = ["llama", "qwen3", "gemma3", "gemma4_dense", "qwen3_moe", "gemma4_all"]  # shared tiny checkpoints: 3 or 6 layers
 # Deeper ones for 4 ranks: 6 Llama layers; 9 Gemma 4 layers whose last 3 read the caches of layers 4 and 5 (so the
 # cuts that work are 1-4), with PLE and k=v.
 SSF = ["sliding_attention", "sliding_attention", "full_attention"]

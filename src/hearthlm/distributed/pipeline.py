@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import LayerSpec
 from ..models.base import CausalLM
 from .mesh import Mesh
 
@@ -63,21 +64,26 @@ def layer_bytes(layer: nn.Module) -> int:
 
 
 def stage_bounds(model: CausalLM, world: int) -> list[tuple[int, int]]:
-    """Each rank's layers [a, b), in rank order, balanced by weight bytes; refused when the model has fewer
-    allowed cuts than world - 1."""
+    """Each rank's layers [a, b), in rank order, balanced by weight bytes (the least sum of squared stage bytes);
+    refused when the model has fewer allowed cuts than world - 1."""
     cuts = allowed_cuts(model)
     if world - 1 > len(cuts):
         raise PipelineError(_refusal(model, world, cuts))
     sizes = [layer_bytes(layer) for layer in model.layers]
     before = [sum(sizes[:c]) for c in range(len(sizes) + 1)]  # bytes of layers [0, c)
-    chosen: list[int] = []
-    for r in range(1, world):
-        left = world - 1 - r  # cuts still to place after this one
-        usable = [c for c in cuts if c > (chosen[-1] if chosen else 0)]
-        usable = usable[: len(usable) - left]
-        target = before[-1] * r / world
-        chosen.append(min(usable, key=lambda c: abs(before[c] - target)))
-    edges = [0, *chosen, len(sizes)]
+    best: dict[int, tuple[int, list[int]]] = {0: (0, [0])}  # stages so far ending at layer c: (cost, their edges)
+    for r in range(world):
+        ends = [len(sizes)] if r == world - 1 else cuts
+        best = {
+            end: min(
+                (cost + (before[end] - before[start]) ** 2, [*edges, end])
+                for start, (cost, edges) in best.items()
+                if start < end
+            )
+            for end in ends
+            if any(start < end for start in best)
+        }
+    edges = best[len(sizes)][1]
     return list(zip(edges, edges[1:]))
 
 
@@ -94,7 +100,7 @@ def _refusal(model: CausalLM, world: int, cuts: list[int]) -> str:
     )
 
 
-def stage_config_layers(model: CausalLM, start: int, end: int) -> list:
+def stage_layer_specs(model: CausalLM, start: int, end: int) -> list[LayerSpec]:
     """The layer specs this rank's KV cache is built from: the other ranks' layers get no K/V heads (no cache)."""
     return [
         spec if start <= i < end else dataclasses.replace(spec, num_kv_heads=0)
@@ -154,7 +160,7 @@ def split_model(model: CausalLM, mesh: Mesh) -> CausalLM:
     if mesh.rank < mesh.world - 1:
         model.layers[end - 1].register_forward_hook(_send(mesh.rank))
     model.pp_mesh, model.pp_stage = mesh, (start, end)
-    model.kv_layers = stage_config_layers(model, start, end)
+    model.kv_layers = stage_layer_specs(model, start, end)
     model.forward = types.MethodType(pipelined_forward, model)
     return model
 
