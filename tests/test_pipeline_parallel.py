@@ -5,6 +5,7 @@ for its own layers only; and a split that cannot be made is refused with the ran
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import transformers as tf
 from checkpoints import _GEMMA4_E2B_31B_FEATURES, _decoder, _gemma4_text, perturb, save
 from pp_worker import PROMPT, record
 
-from hearthlm import LLM
+from hearthlm import LLM, SamplingParams
+from hearthlm.cli import main
 from hearthlm.distributed.mesh import Mesh
 from hearthlm.distributed.pipeline import PipelineError, allowed_cuts, split_model, stage_bounds
 from hearthlm.distributed.run import launch
@@ -116,3 +118,37 @@ def test_refused_splits_name_counts_that_work(loaded):
         split_model(loaded("llama")[1].model, Mesh(0, 4))
     with pytest.raises(PipelineError, match=r"KV-shared layer \(3-5\).*rank counts that work: 1, 2$"):
         split_model(loaded("gemma4_dense")[1].model, Mesh(0, 3))
+
+
+def test_a_rank_frees_the_other_stages(deep):
+    llm = LLM(deep["llama_deep"], dtype="float32")
+    whole = {n for n, _ in llm.model.named_parameters()}
+    split_model(llm.model, Mesh(1, 2))  # rank 1 of 2: layers 3-5; no collective runs until a forward
+    kept = {n for n, _ in llm.model.named_parameters()}
+    assert kept == {n for n in whole if not n.startswith(("layers.0.", "layers.1.", "layers.2."))}
+    assert [s.num_kv_heads for s in llm.model.kv_layers] == [0, 0, 0, 2, 2, 2]
+    assert [s.num_kv_heads for s in llm.config.layers] == [2] * 6  # the engine sizes its pools from the whole model
+
+
+def test_hearth_run_pp_prints_what_one_process_prints():
+    prompt, options = "The capital of France is", ["--raw", "--temperature", "0", "--max-tokens", "12"]
+    expected = LLM(dtype="float32").generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0].text
+    cmd = [sys.executable, "-m", "hearthlm.cli", "run", prompt, *options, "--dtype", "float32", "--pp", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    cmd[-1] = "4"  # the ranks split by layers: the demo's 6 layers, the last 2 KV-shared, make at most 3 stages
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "cannot be split into 4 pipeline stages" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "hearth-demo", "hi", "--tp", "2", "--pp", "2"], "--tp and --pp together are not available yet"),
+        (["serve", "hearth-demo", "--pp", "2"], "`hearth serve --pp` is not available yet"),
+    ],
+)
+def test_options_refused_before_any_rank_starts(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err.replace("\n", "")
