@@ -1,6 +1,7 @@
 """Launchers and the distributed entry point.
 
     python -m hearthlm.distributed.run MODEL --prompt TEXT --max-tokens N --tp 2     # starts 2 local ranks
+    python -m hearthlm.distributed.run MODEL --prompt TEXT --max-tokens N --pp 2     # layers split over 2 (pipeline.py)
     torchrun --nproc-per-node 2 -m hearthlm.distributed.run MODEL --prompt TEXT     # torchrun starts them
 
 Every rank runs the same program: it loads the model, keeps its share (tensor_parallel.py) and makes the same
