@@ -1,12 +1,13 @@
-"""Tensor and expert parallelism on this machine: prefill and decode tokens/s at 1 and 2 ranks (gloo, CPU), and
-the bytes the ranks exchange per token next to the bytes of weights each rank reads per token.
+"""Tensor, expert and pipeline parallelism on this machine: prefill and decode tokens/s at 1 rank and at 2 ranks
+of each kind (gloo, CPU), and the bytes the ranks exchange per token next to the bytes of weights each rank reads
+per token.
 
     python benchmarks/parallel.py [--hidden 1024 --layers 8 --prompt 256 --decode 64] [--experts 8]
 
 Builds a random Llama-shaped checkpoint (float32; with --experts E, Mixtral-shaped: E experts, top-2) in a
 temporary folder, then runs the same measurement as one process and as 2 ranks (hearthlm.distributed.run.launch):
---tp 2, and for experts also --ep 2. On a machine with 2 cores the 2 ranks share them (one thread each), so this
-shows the cost of the collectives, not scaling.
+--tp 2 and --pp 2, and for experts also --ep 2. On a machine with 2 cores the 2 ranks share them (one thread
+each), so this shows the cost of the exchanges, not scaling.
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ def measure(folder: str, prompt: int, decode: int, split: str) -> None:
     """One rank's part (or the single process): prefill and decode timings, printed as JSON by rank 0."""
     from hearthlm import LLM, SamplingParams
     from hearthlm.distributed import mesh as meshes
+    from hearthlm.distributed.pipeline import split_llm
+    from hearthlm.distributed.run import experts_of
     from hearthlm.distributed.tensor_parallel import shard_llm
 
-    mesh = meshes.init(experts=split) if meshes.launched() else meshes.Mesh(0, 1)
-    llm = shard_llm(LLM(folder, dtype="float32"), mesh)
+    mesh = meshes.init(experts=experts_of(split)) if meshes.launched() else meshes.Mesh(0, 1)
+    llm = (split_llm if split == "pp" else shard_llm)(LLM(folder, dtype="float32"), mesh)
     ids = [(i * 7919) % 31000 + 100 for i in range(prompt)]
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     many = SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True)
-    llm.generate(ids[:16], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
+    llm.engine(prefix_caching=False)  # the second run computes its prompt again instead of finding it cached
+    warm = [t + 1 for t in ids]  # warm up at full length: the cache's blocks are touched (zeroed) once here
+    llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     t0 = time.perf_counter()
     llm.generate(ids, one)
     t1 = time.perf_counter()
@@ -65,15 +70,22 @@ def measure(folder: str, prompt: int, decode: int, split: str) -> None:
     meshes.close()
 
 
-def traffic(hidden: int, layers: int, vocab: int, world: int, experts: int) -> dict[str, float]:
+def traffic(hidden: int, layers: int, vocab: int, world: int, split: str, experts: int) -> dict[str, float]:
     """Bytes per token (float32): what each rank sends into the collectives, and what it reads of the weights
     (for experts, the top-2 an average token picks: a rank of --ep reads the picked experts it holds, on average
-    the same 1/world as a rank of --tp, which reads a slice of each)."""
+    the same 1/world as a rank of --tp, which reads a slice of each). --pp: one hidden vector per cut between
+    stages, and the last stage's broadcast of the final one (counted for the whole group, not per rank); each rank
+    reads its layers and the whole LM head."""
     reduce = (2 * layers + 1) * hidden * 8  # o_proj and down per layer, and the embedding, summed in float64
     gather = vocab // world * 4 * (world - 1)  # the other ranks' logits
     inter = hidden * 11 // 4 // 64 * 64
     kv = max(1, hidden // 256) * 64
     per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * inter * (TOP_K if experts else 1)
+    if split == "pp":
+        return {
+            "exchanged": 2 * (world - 1) * hidden * 4,
+            "weights_read": (layers * per_layer / world + vocab * hidden) * 4,
+        }
     weights = (layers * per_layer + vocab * hidden) * 4 / world  # tied-free Llama: head read per token
     # A ring all-reduce moves 2 (N - 1) / N of the tensor per rank.
     return {"exchanged": reduce * 2 * (world - 1) / world + gather, "weights_read": weights}
@@ -86,8 +98,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--experts", type=int, default=0, help="a Mixtral-shaped model with this many experts (top-2)")
-    p.add_argument("--split", default="tp", help=argparse.SUPPRESS)  # a rank's part: how experts split
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # a rank's part
+    p.add_argument("--split", default="tp", help=argparse.SUPPRESS)  # a rank's part: tp, ep or pp
     a = p.parse_args()
     if a.measure:
         return measure(a.measure, a.prompt, a.decode, a.split)
@@ -99,13 +111,14 @@ def main() -> None:
         shape = f"Mixtral-shaped, {a.experts} experts top-{TOP_K}" if a.experts else "Llama-shaped"
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
         print(f"# {shape}, hidden {a.hidden}, {a.layers} layers, vocab 32000, fp32; {' '.join(sys.argv)}")
-        runs = [(1, "tp"), (2, "tp")] + [(2, "ep")] * bool(a.experts)
+        runs = [(1, "tp"), (2, "tp"), (2, "pp")] + [(2, "ep")] * bool(a.experts)
         for world, split in runs:
             if world == 1:
                 os.environ.setdefault("HEARTHLM_THREADS", str(os.cpu_count()))
             launch(world, [*cmd, "--split", split])
-            t = traffic(a.hidden, a.layers, 32000, world, a.experts)
-            print(f"# {world} rank(s): {t['exchanged'] / 1e3:.1f} kB exchanged per token per rank, "
+            t = traffic(a.hidden, a.layers, 32000, world, split, a.experts)
+            per = "per token, all ranks" if split == "pp" else "per token per rank"
+            print(f"# {world} rank(s) --{split}: {t['exchanged'] / 1e3:.1f} kB exchanged {per}, "
                   f"{t['weights_read'] / 1e6:.1f} MB of weights read per token per rank")  # fmt: skip
 
 

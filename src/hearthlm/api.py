@@ -14,7 +14,7 @@ from .chat_formats import detect
 from .embeddings.embedder import Embedder
 from .engine.engine import Engine
 from .engine.errors import ContextLengthError
-from .engine.kv_cache import ContiguousKVCache
+from .engine.kv_cache import ContiguousKVCache, cache_layers
 from .engine.runner import forward_tokens
 from .engine.sampler import SamplingParams
 from .engine.speculative import Drafter, make_drafter
@@ -350,7 +350,7 @@ class LLM:
             raise ValueError("logits() takes one sequence or a batch of sequences of equal length")
         ids = torch.tensor(rows, device=self.device)
         B, T = ids.shape
-        cache = ContiguousKVCache(self.config.layers, B, T, self.dtype, self.device)
+        cache = ContiguousKVCache(cache_layers(self.model, self.config.layers), B, T, self.dtype, self.device)
         h = forward_tokens(self.model, cache, ids, torch.zeros(B, dtype=torch.long, device=self.device))
         out = self.model.logits(h)
         return out[0] if single else out
@@ -358,7 +358,7 @@ class LLM:
     def _media_logits(self, prompt: MediaPrompt) -> torch.Tensor:
         T = len(prompt.ids)
         ids = torch.tensor([prompt.ids], device=self.device)
-        cache = ContiguousKVCache(self.config.layers, 1, T, self.dtype, self.device)
+        cache = ContiguousKVCache(cache_layers(self.model, self.config.layers), 1, T, self.dtype, self.device)
         start = torch.zeros(1, dtype=torch.long, device=self.device)
         h = forward_tokens(self.model, cache, ids, start, splice=self._splice(prompt, 0, T))
         return self.model.logits(h)[0]

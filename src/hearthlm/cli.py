@@ -17,9 +17,10 @@ def _err() -> Console:
 def _load(args: argparse.Namespace):
     from .api import LLM
     from .distributed.experts import rank_budget
-    from .distributed.run import join_ranks
+    from .distributed.run import experts_of, join_ranks
 
-    mesh = join_ranks(args.device, _split(args)[1])  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
+    how = _split(args)[1]
+    mesh = join_ranks(args.device, experts_of(how))  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -33,9 +34,10 @@ def _load(args: argparse.Namespace):
         quant_towers=args.quant_towers,
     )  # fmt: skip  (the loader shows its own progress bar)
     if mesh is not None:
+        from .distributed.pipeline import split_llm
         from .distributed.tensor_parallel import shard_llm
 
-        shard_llm(llm, mesh)
+        (split_llm if how == "pp" else shard_llm)(llm, mesh)  # --pp N: layers; else --tp's split
         args.seed = mesh.shared_int(args.seed)  # every rank must sample the same tokens
     if llm.privacy_note:
         _err().print(f"[dim]{llm.privacy_note}[/dim]")
@@ -133,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     from .distributed.mesh import launched
 
     ranks = _split(args)[0]
-    if ranks > 1 and not launched():  # a rank it started has --ep N too
+    if ranks > 1 and not launched():  # the ranks it starts keep --ep / --pp, which tell them how to split
         from .distributed.run import run_ranks
 
         return run_ranks(ranks, args.argv, args.prompt)
@@ -472,9 +474,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import server
     from .distributed.mesh import launched
+    from .distributed.run import experts_of
 
     mesh = None
-    ranks, experts = _split(args)
+    ranks, how = _split(args)
+    if how == "pp":
+        raise ValueError("`hearth serve --pp` is not available yet: serve with --tp N, or run a prompt with --pp N")
+    experts = experts_of(how)
     if ranks > 1 or launched():  # `--tp N` / `--ep N`, or one of the ranks it (or torchrun) started
         from .distributed import follow, run
 
@@ -547,10 +553,10 @@ def _moe_profile(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> tuple[int, str]:
-    """(ranks, how routed experts split) from --tp N / --ep N."""
+    """(ranks, how the model splits: "tp", "ep" or "pp") from --tp N / --ep N / --pp N."""
     from .distributed.run import split_of
 
-    return split_of(getattr(args, "tp", 1), getattr(args, "ep", 1))
+    return split_of(getattr(args, "tp", 1), getattr(args, "ep", 1), getattr(args, "pp", 1))
 
 
 def _ranks(text: str) -> int:
@@ -651,6 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ep", type=_ranks, default=1, metavar="N",
         help="expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
     )  # fmt: skip
+    run.add_argument(
+        "--pp", type=_ranks, default=1, metavar="N",
+        help="pipeline parallelism: split the layers over N local processes (docs/distributed.md)",
+    )  # fmt: skip
     _generation_options(run)
     run.set_defaults(func=_run)
     chat = sub.add_parser("chat", help="talk to a model, turn by turn")
@@ -718,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ep", type=_ranks, default=1, metavar="N",
         help="expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
     )  # fmt: skip
+    serve.add_argument("--pp", type=_ranks, default=1, metavar="N", help="pipeline parallelism: not available yet")
     _model_options(serve)
     serve.set_defaults(func=_serve)
     pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (with its vision and audio towers)")

@@ -1,6 +1,7 @@
 """Launchers and the distributed entry point.
 
     python -m hearthlm.distributed.run MODEL --prompt TEXT --max-tokens N --tp 2     # starts 2 local ranks
+    python -m hearthlm.distributed.run MODEL --prompt TEXT --max-tokens N --pp 2     # layers split over 2 (pipeline.py)
     torchrun --nproc-per-node 2 -m hearthlm.distributed.run MODEL --prompt TEXT     # torchrun starts them
 
 Every rank runs the same program: it loads the model, keeps its share (tensor_parallel.py) and makes the same
@@ -131,15 +132,22 @@ def relaunch(world: int, module: str, args: list[str]) -> int:
     return launch(world, [sys.executable, "-m", module, *args])
 
 
-def split_of(tp: int, ep: int) -> tuple[int, str]:
-    """(how many ranks, how routed experts split) from --tp N and --ep N. --ep N splits attention and dense MLPs
-    as --tp N does and divides the routed experts among the ranks; --tp N splits each expert's width."""
-    if tp > 1 and ep > 1:
+def split_of(tp: int, ep: int, pp: int = 1) -> tuple[int, str]:
+    """(how many ranks, how the model splits: "tp", "ep" or "pp") from --tp N, --ep N and --pp N. --ep N splits
+    attention and dense MLPs as --tp N does and divides the routed experts among the ranks; --tp N splits each
+    expert's width; --pp N splits the layers (pipeline.py)."""
+    asked = [(n, how) for n, how in ((tp, "tp"), (ep, "ep"), (pp, "pp")) if n > 1]
+    if len(asked) > 1:
         raise ValueError(
-            "give --tp N or --ep N, not both: --ep N splits attention as --tp N does and divides the experts among "
-            "the same N ranks"
+            f"give one of --tp N, --ep N and --pp N, not {' and '.join('--' + how for _, how in asked)}: --ep N "
+            "already splits attention as --tp N does, and --tp with --pp is not available yet"
         )
-    return (ep, "ep") if ep > 1 else (tp, "tp")
+    return asked[0] if asked else (1, "tp")
+
+
+def experts_of(how: str) -> str:
+    """Mesh.experts for a split: how a tensor-parallel split treats routed experts ("tp" where it does not apply)."""
+    return "ep" if how == "ep" else "tp"
 
 
 def strip_tp(argv: list[str]) -> list[str]:
@@ -168,21 +176,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None)
     p.add_argument("--tp", type=int, default=1, help="start this many local ranks (without torchrun)")
     p.add_argument("--ep", type=int, default=1, help="as --tp, with routed experts divided among the ranks")
+    p.add_argument("--pp", type=int, default=1, help="split the layers over this many local ranks (pipeline.py)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    ranks, experts = split_of(args.tp, args.ep)
-    if ranks > 1 and not meshes.launched():
+    ranks, how = split_of(args.tp, args.ep, args.pp)
+    if ranks > 1 and not meshes.launched():  # the ranks keep --ep / --pp: they tell them how to split
         return relaunch(ranks, "hearthlm.distributed.run", strip_tp(argv))
     from ..api import LLM, SamplingParams
+    from .pipeline import split_llm
     from .tensor_parallel import shard_llm
 
+    experts = experts_of(how)
     mesh = meshes.init(experts=experts) if meshes.launched() else meshes.Mesh(0, 1, experts=experts)
     llm = LLM(args.model, dtype=args.dtype, quant=args.quant, device=str(mesh.device()))
-    shard_llm(llm, mesh)
+    (split_llm if how == "pp" else shard_llm)(llm, mesh)
     if args.prompt_ids is not None:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
     elif args.prompt is not None:

@@ -20,6 +20,7 @@ from .block_manager import BlockManager
 from .detokenize import TextStream
 from .errors import ContextLengthError
 from .guided import Guides
+from .kv_cache import cache_layers
 from .paged_cache import PagedKVCache
 from .runner import run_paged, run_verify
 from .sampler import SamplingParams, TokenLogprob, greedy_rows, logprob_of, logprob_rows, penalize, pick
@@ -124,7 +125,7 @@ class Engine:
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.context = self.config.max_position
         sizes = self._pool_sizes(max_running or MAX_RUNNING, kv_blocks)
-        self.cache = PagedKVCache(self.config.layers, sizes, block_size, llm.dtype, llm.device)
+        self.cache = PagedKVCache(cache_layers(llm.model, self.config.layers), sizes, block_size, llm.dtype, llm.device)
         self.blocks = BlockManager(sizes, block_size, prefix_caching)
         # Every running sequence holds at least one block of each pool.
         self.max_running = max_running or min(MAX_RUNNING, *sizes.values())

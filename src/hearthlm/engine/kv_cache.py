@@ -22,6 +22,12 @@ def slots(window: int | None, max_len: int) -> int:
     return min(window, max_len) if window else max_len
 
 
+def cache_layers(model, layers: list[LayerSpec]) -> list[LayerSpec]:
+    """The layer specs to build a KV cache from: `layers` (the config's), or a pipeline rank's own
+    (distributed/pipeline.py), where the layers that other ranks run have no K/V heads and so no buffers."""
+    return getattr(model, "kv_layers", layers)
+
+
 def buffer_shapes(layers: list[LayerSpec], batch: int, max_len: int) -> dict[int, tuple[int, int, int, int]]:
     """The shape of the K buffer (and of the V buffer) of every layer that stores its own K/V; KV-shared
     layers store nothing. `hearth fit` sizes the cache from this too."""

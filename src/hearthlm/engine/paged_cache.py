@@ -6,7 +6,7 @@ the decode kernels read them). A forward first writes the step's K/V into their 
 each row's readable slots (its whole past for full attention, the last window for sliding layers) with a
 mask built from the absolute positions. Decode on CPU reads those slots in place; otherwise they are
 gathered into a [b, Hkv, S, D] tensor (a view when one row's slots are one run). KV-shared layers store
-nothing and attend over their source layer's slots.
+nothing and attend over their source layer's slots, as do the layers another pipeline rank runs (no K/V heads).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class PagedKVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         for i, spec in enumerate(layers):
-            if spec.kv_source is None:
+            if spec.kv_source is None and spec.num_kv_heads:  # none: another pipeline rank's layer
                 shape = (spec.num_kv_heads, pool_sizes[spec.sliding_window] * block_size, spec.head_dim)
                 # Untouched memory costs nothing until used; blocks are zeroed when first handed out.
                 self.k[i] = torch.empty(shape, dtype=dtype, device=device)
