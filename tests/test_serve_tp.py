@@ -240,7 +240,7 @@ def test_what_is_not_mirrored_is_refused_with_400(demo_tp):
             ["serve", "hearth-demo-moe", "--tp", "2", "--expert-budget", "50%"],
             "--expert-budget is not available with --tp: its pool reads whole experts",
         ),
-        (["serve", "hearth-demo-moe", "--tp", "2", "--ep", "2"], "give --tp N or --ep N, not both"),
+        (["serve", "hearth-demo-moe", "--tp", "2", "--ep", "2"], "give one of --tp N, --ep N and --pp N, not --tp and --ep"),
     ],
 )
 def test_options_that_cannot_be_mirrored_are_refused_before_any_rank_starts(args, message, capsys):
