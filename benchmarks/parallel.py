@@ -45,12 +45,10 @@ def measure(folder: str, prompt: int, decode: int, split: str) -> None:
     """One rank's part (or the single process): prefill and decode timings, printed as JSON by rank 0."""
     from hearthlm import LLM, SamplingParams
     from hearthlm.distributed import mesh as meshes
-    from hearthlm.distributed.pipeline import split_llm
-    from hearthlm.distributed.run import experts_of
     from hearthlm.distributed.tensor_parallel import shard_llm
 
-    mesh = meshes.init(experts=experts_of(split)) if meshes.launched() else meshes.Mesh(0, 1)
-    llm = (split_llm if split == "pp" else shard_llm)(LLM(folder, dtype="float32"), mesh)
+    mesh = meshes.init(split=split) if meshes.launched() else meshes.Mesh(0, 1)
+    llm = shard_llm(LLM(folder, dtype="float32"), mesh)
     ids = [(i * 7919) % 31000 + 100 for i in range(prompt)]
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     many = SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True)

@@ -145,8 +145,15 @@ def test_hearth_run_pp_prints_what_one_process_prints():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "hearth-demo", "hi", "--tp", "2", "--pp", "2"], "give one of --tp N, --ep N and --pp N, not --tp and --pp"),
-        (["serve", "hearth-demo", "--pp", "2"], "`hearth serve --pp` is not available yet"),
+        (
+            ["run", "hearth-demo", "hi", "--tp", "2", "--pp", "2"],
+            "give one of --tp N, --ep N and --pp N, not --tp and --pp",
+        ),
+        (
+            ["serve", "hearth-demo-moe", "--pp", "2", "--expert-budget", "50%"],
+            "--expert-budget is not available with --pp",
+        ),
+        (["serve", "--pp", "2"], "hearth serve --pp N needs a MODEL"),
     ],
 )
 def test_options_refused_before_any_rank_starts(args, message, capsys):

@@ -204,6 +204,19 @@ def test_moe_demo_split_two_ways_matches_one_process(split, tmp_path):
     assert all(text for text, _ in got[0])
 
 
+def test_pipeline_stages_serve_what_one_process_serves(demo_one, tmp_path):
+    """`hearth serve hearth-demo --pp 2`: layers 0-3 on rank 0, the KV-shared 4-5 with their source on rank 1."""
+    ranks = Ranks("hearth-demo", tmp_path / "err.log", split="--pp")
+    try:
+        for stream in (False, True):
+            one = [_chat(demo_one, p, stream) for p in CHATS]
+            assert _at_once([partial(_chat, ranks.client, p, stream) for p in CHATS]) == one
+            one = [_complete(demo_one, "hearth-demo", p, stream) for p in CHATS]
+            assert _at_once([partial(_complete, ranks.client, "hearth-demo", p, stream) for p in CHATS]) == one
+    finally:
+        assert ranks.stop() == 0, ranks.err()
+
+
 def test_llama_completions_match_one_process(llama_tp, llama_one, words):
     for stream in (False, True):
         one = [_complete(llama_one, words.name, p, stream) for p in WORDS]
@@ -240,7 +253,10 @@ def test_what_is_not_mirrored_is_refused_with_400(demo_tp):
             ["serve", "hearth-demo-moe", "--tp", "2", "--expert-budget", "50%"],
             "--expert-budget is not available with --tp: its pool reads whole experts",
         ),
-        (["serve", "hearth-demo-moe", "--tp", "2", "--ep", "2"], "give one of --tp N, --ep N and --pp N, not --tp and --ep"),
+        (
+            ["serve", "hearth-demo-moe", "--tp", "2", "--ep", "2"],
+            "give one of --tp N, --ep N and --pp N, not --tp and --ep",
+        ),
     ],
 )
 def test_options_that_cannot_be_mirrored_are_refused_before_any_rank_starts(args, message, capsys):

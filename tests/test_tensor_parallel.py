@@ -171,12 +171,12 @@ def test_refused_splits_name_counts_that_work(loaded, checkpoint):
         shard_model(int8.model, Mesh(0, 2))
     moe = LLM(checkpoint("qwen3_moe")[1], dtype="float32")
     with pytest.raises(TensorParallelError, match=r"layer 0: 6 experts do not divide among 4 ranks.*work: 1, 2$"):
-        shard_model(moe.model, Mesh(0, 4, experts="ep"))
+        shard_model(moe.model, Mesh(0, 4, split="ep"))
     budget = LLM(checkpoint("qwen3_moe")[1], dtype="float32", expert_budget="50%")
     with pytest.raises(TensorParallelError, match="under an expert budget, whose pool reads whole experts.*--ep N"):
         shard_model(budget.model, Mesh(0, 2))
     with pytest.raises(ValueError, match="pool was not loaded for rank 0's share: use rank_budget"):
-        shard_model(budget.model, Mesh(0, 2, experts="ep"))  # loaded with a pool over all the experts
+        shard_model(budget.model, Mesh(0, 2, split="ep"))  # loaded with a pool over all the experts
 
 
 def test_a_failing_rank_stops_the_others(capfd):

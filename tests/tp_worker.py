@@ -55,7 +55,7 @@ def main(out: Path, specs: list[str]) -> None:
     for spec in specs:
         name, _, rest = spec.partition("=")
         folder, quant, experts, budget = (rest.split(":") + ["", "", ""])[:4]
-        split = dataclasses.replace(mesh, experts=experts or "tp")
+        split = dataclasses.replace(mesh, split=experts or "tp")
         budget = rank_budget(budget or None, split)  # under ep: a pool of the rank's own experts
         llm = shard_llm(LLM(folder, dtype="float32", quant=quant or None, expert_budget=budget), split)
         result = record(llm)

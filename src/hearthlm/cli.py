@@ -17,10 +17,10 @@ def _err() -> Console:
 def _load(args: argparse.Namespace):
     from .api import LLM
     from .distributed.experts import rank_budget
-    from .distributed.run import experts_of, join_ranks
+    from .distributed.run import join_ranks
 
     how = _split(args)[1]
-    mesh = join_ranks(args.device, experts_of(how))  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
+    mesh = join_ranks(args.device, how)  # a rank of `hearth run --tp N` (or of torchrun): None otherwise
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -34,10 +34,9 @@ def _load(args: argparse.Namespace):
         quant_towers=args.quant_towers,
     )  # fmt: skip  (the loader shows its own progress bar)
     if mesh is not None:
-        from .distributed.pipeline import split_llm
         from .distributed.tensor_parallel import shard_llm
 
-        (split_llm if how == "pp" else shard_llm)(llm, mesh)  # --pp N: layers; else --tp's split
+        shard_llm(llm, mesh)  # its stage of layers (--pp N), or its slices (--tp N / --ep N)
         args.seed = mesh.shared_int(args.seed)  # every rank must sample the same tokens
     if llm.privacy_note:
         _err().print(f"[dim]{llm.privacy_note}[/dim]")
@@ -474,20 +473,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import server
     from .distributed.mesh import launched
-    from .distributed.run import experts_of
 
     mesh = None
     ranks, how = _split(args)
-    if how == "pp":
-        raise ValueError("`hearth serve --pp` is not available yet: serve with --tp N, or run a prompt with --pp N")
-    experts = experts_of(how)
-    if ranks > 1 or launched():  # `--tp N` / `--ep N`, or one of the ranks it (or torchrun) started
+    if ranks > 1 or launched():  # `--tp N` / `--ep N` / `--pp N`, or one of the ranks it (or torchrun) started
         from .distributed import follow, run
 
-        follow.check_serve(args.model, _draft(args), args.expert_budget, experts)
+        follow.check_serve(args.model, _draft(args), args.expert_budget, how)
         if not launched():
             return run.serve_ranks(ranks, args.argv)
-        mesh = run.join_ranks(args.device, experts)
+        mesh = run.join_ranks(args.device, how)
         if not mesh.first:
             return follow.serve_follower(mesh, args.model, args.dtype, args.quant, args.max_running, args.kv_blocks,
                                          args.device, args.expert_budget, _privacy(args))  # fmt: skip
@@ -728,7 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ep", type=_ranks, default=1, metavar="N",
         help="expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
     )  # fmt: skip
-    serve.add_argument("--pp", type=_ranks, default=1, metavar="N", help="pipeline parallelism: not available yet")
+    serve.add_argument(
+        "--pp", type=_ranks, default=1, metavar="N",
+        help="pipeline parallelism: split the layers over N local processes, rank 0 serving HTTP (docs/distributed.md)",
+    )  # fmt: skip
     _model_options(serve)
     serve.set_defaults(func=_serve)
     pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (with its vision and audio towers)")

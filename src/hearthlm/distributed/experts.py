@@ -91,7 +91,7 @@ def _narrow(experts: Experts, mesh: Mesh, name: str) -> None:
 
 def rank_budget(budget: str | float | Budget | None, mesh: Mesh | None) -> Budget | str | float | None:
     """The expert budget a rank loads with: under --ep, the same budget over the rank's share of the experts."""
-    if budget is None or mesh is None or mesh.experts != "ep":
+    if budget is None or mesh is None or mesh.split != "ep":
         return budget
     return dataclasses.replace(parse_budget(budget), share=(mesh.rank, mesh.world))
 

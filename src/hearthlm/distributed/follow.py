@@ -1,11 +1,13 @@
-"""Serving under tensor parallelism: rank 0 runs the server and the engine, the other ranks follow it.
+"""Serving a model split over ranks (--tp, --ep or --pp): rank 0 runs the server and the engine, the other ranks
+follow it.
 
 Only rank 0 receives HTTP requests, schedules and samples. The others (followers) load the same model, keep
-their share (tensor_parallel.py) and build the same Engine, so that their paged KV cache has the same pools for
+their share (tensor_parallel.py, pipeline.py) and build the same Engine, so that their paged KV cache has the same pools for
 their K/V heads, but they never schedule. Rank 0 mirrors to them what touches a rank's cache or runs a
 collective, at the runner level: the blocks the cache zeroes, the cache's `begin` and the model's forward (one
 message per forward), and whether `model.logits(h[:, -1])` follows. Followers run the same forward on their own
-cache and model; its all-reduces pair with rank 0's, and the hidden state is the same on every rank after them.
+cache and model; its all-reduces (or a pipeline's sends and broadcast) pair with rank 0's, and the hidden state is
+the same on every rank after them.
 
 The engine keeps its code: `Leader` wraps rank 0's cache and model in place. What it cannot mirror is refused:
 a forward outside the paged engine step (embeddings, scoring), media spans and speculative verification.
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from ..engine.engine import Engine
 
 IDLE = timedelta(days=365)  # how long a follower waits for rank 0's next message (an idle server)
-REFUSED = "not available with --tp"
+REFUSED = "not available with --tp, --ep or --pp"
 
 
 @dataclass
@@ -180,16 +182,18 @@ def serve_follower(mesh: Mesh, model: str, dtype: str | None = None, quant: str 
     return 0
 
 
-def check_serve(model: str | None, draft: str | None, expert_budget: str | None, experts: str = "tp") -> None:
+def check_serve(model: str | None, draft: str | None, expert_budget: str | None, split: str = "tp") -> None:
     """Refuse, before any rank starts, what `hearth serve --tp` cannot mirror yet."""
     if model is None:
         raise ValueError(
-            "hearth serve --tp N needs a MODEL: a tensor-parallel server serves one model, loaded at start"
+            f"hearth serve --{split} N needs a MODEL: a server split over ranks serves one model, loaded at start"
         )
     if draft is not None:
         raise ValueError(f"--draft is {REFUSED} yet: speculative verification is not mirrored to the other ranks")
-    if expert_budget is not None and experts != "ep":
+    if expert_budget is not None and split == "pp":
+        raise ValueError("--expert-budget is not available with --pp yet: divide the experts among ranks with --ep N")
+    if expert_budget is not None and split != "ep":
         raise ValueError(
-            f"--expert-budget is {REFUSED}: its pool reads whole experts; divide the experts among the ranks with "
+            "--expert-budget is not available with --tp: its pool reads whole experts; divide the experts among the ranks with "
             "--ep N instead"
         )

@@ -29,13 +29,14 @@ def launched() -> bool:
 
 @dataclass(frozen=True)
 class Mesh:
-    """This process's place in the tensor-parallel group: rank `rank` of `world`; `experts`: how routed experts
-    split over the group ("tp": each expert's width, "ep": the experts themselves; distributed/experts.py)."""
+    """This process's place in the group that splits one model: rank `rank` of `world`; `split`: how the model is
+    split ("tp": inside each layer, routed experts by their width; "ep": the same with the experts divided among
+    the ranks (experts.py); "pp": by layers (pipeline.py))."""
 
     rank: int
     world: int
     local_rank: int = 0
-    experts: str = "tp"
+    split: str = "tp"
 
     @property
     def first(self) -> bool:
@@ -79,9 +80,9 @@ class Mesh:
         return torch.device("cuda", self.local_rank)
 
 
-def init(device: str | None = None, experts: str = "tp") -> Mesh:
+def init(device: str | None = None, split: str = "tp") -> Mesh:
     """Join the process group described by the environment (once per process) and return this rank's Mesh;
-    `experts` as in Mesh."""
+    `split` as in Mesh."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(
@@ -89,7 +90,7 @@ def init(device: str | None = None, experts: str = "tp") -> Mesh:
             "`torchrun --nproc-per-node N -m hearthlm.distributed.run ...` or pass --tp N"
         )
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
-    mesh = Mesh(rank, world, local, experts)
+    mesh = Mesh(rank, world, local, split)
     if not dist.is_initialized():
         cuda = mesh.device(device).type == "cuda"
         if cuda:

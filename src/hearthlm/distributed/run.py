@@ -145,11 +145,6 @@ def split_of(tp: int, ep: int, pp: int = 1) -> tuple[int, str]:
     return asked[0] if asked else (1, "tp")
 
 
-def experts_of(how: str) -> str:
-    """Mesh.experts for a split: how a tensor-parallel split treats routed experts ("tp" where it does not apply)."""
-    return "ep" if how == "ep" else "tp"
-
-
 def strip_tp(argv: list[str]) -> list[str]:
     """argv without its --tp option (the ranks started for it must not start ranks again). --ep stays: the ranks
     read how to split the experts from it, and a started rank never starts ranks (`launched()`)."""
@@ -187,13 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if ranks > 1 and not meshes.launched():  # the ranks keep --ep / --pp: they tell them how to split
         return relaunch(ranks, "hearthlm.distributed.run", strip_tp(argv))
     from ..api import LLM, SamplingParams
-    from .pipeline import split_llm
     from .tensor_parallel import shard_llm
 
-    experts = experts_of(how)
-    mesh = meshes.init(experts=experts) if meshes.launched() else meshes.Mesh(0, 1, experts=experts)
+    mesh = meshes.init(split=how) if meshes.launched() else meshes.Mesh(0, 1, split=how)
     llm = LLM(args.model, dtype=args.dtype, quant=args.quant, device=str(mesh.device()))
-    (split_llm if how == "pp" else shard_llm)(llm, mesh)
+    shard_llm(llm, mesh)
     if args.prompt_ids is not None:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
     elif args.prompt is not None:
@@ -232,12 +225,12 @@ def serve_ranks(world: int, argv: list[str]) -> int:
     return launch(world, [sys.executable, "-m", "hearthlm.cli", *strip_tp(argv)], serving=True)
 
 
-def join_ranks(device: str | None, experts: str = "tp") -> meshes.Mesh | None:
-    """In a process started as a rank: join the group (None otherwise); `experts` as in Mesh. Ranks other than 0
+def join_ranks(device: str | None, split: str = "tp") -> meshes.Mesh | None:
+    """In a process started as a rank: join the group (None otherwise); `split` as in Mesh. Ranks other than 0
     print nothing to stdout: the reply is rank 0's to print."""
     if not meshes.launched():
         return None
-    mesh = meshes.init(device, experts)
+    mesh = meshes.init(device, split)
     if not mesh.first:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     return mesh

@@ -215,8 +215,8 @@ def rank_config(cfg: ModelConfig, world: int, rank: int, experts: str = "tp") ->
 
 def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
     """Keep rank `mesh.rank`'s share of a loaded model (in place) and wire in the collectives; routed experts
-    split as `mesh.experts` says."""
-    experts = mesh.experts
+    split as `mesh.split` says ("ep": divided among the ranks; else each one by its width)."""
+    experts = "ep" if mesh.split == "ep" else "tp"
     check(model, mesh.world, experts)
     if mesh.world == 1:
         return model
@@ -239,6 +239,17 @@ def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
 
 
 def shard_llm(llm: LLM, mesh: Mesh) -> LLM:
+    """This rank's share of `llm`, as `mesh.split` says: its stage of layers under "pp" (pipeline.py), else its
+    slices (tensor_parallel_llm). Every rank must then make the same calls (generate, logits, ...) in the same
+    order."""
+    if mesh.split == "pp":
+        from .pipeline import split_llm
+
+        return split_llm(llm, mesh)
+    return tensor_parallel_llm(llm, mesh)
+
+
+def tensor_parallel_llm(llm: LLM, mesh: Mesh) -> LLM:
     """Tensor-parallel `llm` for this rank: its model sharded, its config (and so its engine's KV cache) the
     rank's. Every rank must then make the same calls (generate, logits, ...) in the same order."""
     if llm.model.config.pooling is not None:
