@@ -4,6 +4,8 @@ that cannot be made is refused with the rank counts that work."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -177,6 +179,52 @@ def test_refused_splits_name_counts_that_work(loaded, checkpoint):
         shard_model(budget.model, Mesh(0, 2))
     with pytest.raises(ValueError, match="pool was not loaded for rank 0's share: use rank_budget"):
         shard_model(budget.model, Mesh(0, 2, split="ep"))  # loaded with a pool over all the experts
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("family", "split"), [("mixtral", ["--ep", "2"]), ("llama", ["--pp", "2"])])
+def test_two_hosts_under_torchrun_give_one_process_tokens(family, split, checkpoint):
+    """`torchrun --nnodes 2` as two hosts would start it (one torchrun per node, static rendezvous at node 0's
+    address), here both on loopback: the tokens of one process, whether the experts or the layers are divided."""
+    port, folder = _port(), str(checkpoint(family)[1])
+    run = [sys.executable, "-m", "hearthlm.distributed.run", folder, "--prompt-ids", "3,5,7,11,13", "--max-tokens", "8"]
+    run += ["--dtype", "float32"]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *run[1:],
+                *split,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    one = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    tokens = [line for line in one.stdout.splitlines() if line.startswith("tokens:")]
+    assert tokens and [line for line in outs[0][0].splitlines() if line.startswith("tokens:")] == tokens
+    assert "ranks: 2" in outs[0][1]
 
 
 def test_a_failing_rank_stops_the_others(capfd):
