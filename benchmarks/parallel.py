@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -45,10 +46,10 @@ def measure(folder: str, prompt: int, decode: int, split: str) -> None:
     """One rank's part (or the single process): prefill and decode timings, printed as JSON by rank 0."""
     from hearthlm import LLM, SamplingParams
     from hearthlm.distributed import mesh as meshes
-    from hearthlm.distributed.tensor_parallel import shard_llm
 
     mesh = meshes.init(split=split) if meshes.launched() else meshes.Mesh(0, 1)
-    llm = shard_llm(LLM(folder, dtype="float32"), mesh)
+    llm = LLM(folder, dtype="float32", mesh=mesh if mesh.world > 1 else None)
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     ids = [(i * 7919) % 31000 + 100 for i in range(prompt)]
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     many = SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True)
@@ -64,6 +65,7 @@ def measure(folder: str, prompt: int, decode: int, split: str) -> None:
         prefill_s, total_s = t1 - t0, t2 - t1
         decode_s = max(total_s - prefill_s, 1e-9)
         tps = {"prefill_tps": prompt / prefill_s, "decode_tps": decode / decode_s}
+        tps["rank0_load_peak_mib"] = round(load_peak)
         print(json.dumps({"ranks": mesh.world, "split": split if mesh.world > 1 else None, **tps}))
     meshes.close()
 

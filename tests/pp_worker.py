@@ -13,7 +13,6 @@ import torch
 
 from hearthlm import LLM, SamplingParams
 from hearthlm.distributed import mesh as meshes
-from hearthlm.distributed.pipeline import split_llm
 from hearthlm.engine.kv_cache import ContiguousKVCache, cache_layers
 from hearthlm.engine.runner import forward_tokens
 
@@ -49,10 +48,10 @@ def record(llm: LLM) -> dict:
 
 
 def main(out: Path, specs: list[str]) -> None:
-    mesh = meshes.init()
+    mesh = meshes.init(split="pp")
     for spec in specs:
         name, _, folder = spec.partition("=")
-        llm = split_llm(LLM(folder, dtype="float32"), mesh)
+        llm = LLM(folder, dtype="float32", mesh=mesh)  # reads only its stage's layers
         result = record(llm)
         mine = {"stage": list(llm.model.pp_stage), "cached": result["cached"], "paged": result["paged"]}
         (out / f"{name}.rank{mesh.rank}.json").write_text(json.dumps(mine))

@@ -232,3 +232,45 @@ def test_a_failing_rank_stops_the_others(capfd):
     code = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"
     assert launch(2, [sys.executable, "-c", code]) == 3
     assert "rank 1 of 2 exited with code 3" in capfd.readouterr().err
+
+
+def _spy_loads(monkeypatch) -> list[tuple[str, list[int]]]:
+    """Every parameter the loader fills, with the layers that were filled whole (not split yet) at that moment."""
+    from hearthlm.distributed.tensor_parallel import RowParallelLinear
+    from hearthlm.weights import loader
+
+    seen, real = [], loader._load_param
+
+    def spy(model, ckpt, name, *args):
+        whole = [
+            i
+            for i, layer in enumerate(model.layers)
+            if hasattr(layer, "attn") and not layer.attn.qkv.weight.is_meta
+            if not isinstance(layer.attn.o_proj, RowParallelLinear)
+        ]
+        seen.append((name, whole))
+        return real(model, ckpt, name, *args)
+
+    monkeypatch.setattr(loader, "_load_param", spy)
+    return seen
+
+
+@pytest.mark.parametrize("split", ["tp", "ep"])
+def test_a_rank_splits_each_layer_before_the_next_loads(split, checkpoint, monkeypatch):
+    """LLM(mesh=...) splits layer i as soon as it is filled: no two layers are ever whole at once, and what the
+    rank keeps is what splitting the whole model after the load keeps."""
+    seen = _spy_loads(monkeypatch)
+    folder = checkpoint("gemma4_all")[1]
+    llm = LLM(folder, dtype="float32", mesh=Mesh(0, 2, split=split))
+    assert seen and max(len(whole) for _, whole in seen) <= 1
+    after = shard_model(LLM(folder, dtype="float32").model, Mesh(0, 2, split=split))
+    mine, theirs = llm.model.state_dict(), after.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_pipeline_rank_reads_only_its_stage(checkpoint, monkeypatch):
+    seen = _spy_loads(monkeypatch)
+    llm = LLM(checkpoint("llama")[1], dtype="float32", mesh=Mesh(1, 2, split="pp"))  # the second stage
+    start, end = llm.model.pp_stage
+    layers = {int(name.split(".")[1]) for name, _ in seen if name.startswith("layers.")}
+    assert start > 0 and layers == set(range(start, end)) and any(not name.startswith("layers.") for name, _ in seen)

@@ -12,8 +12,6 @@ import torch
 
 from hearthlm import LLM, SamplingParams
 from hearthlm.distributed import mesh as meshes
-from hearthlm.distributed.experts import rank_budget
-from hearthlm.distributed.tensor_parallel import shard_llm
 from hearthlm.engine.kv_cache import ContiguousKVCache
 from hearthlm.engine.runner import forward_tokens
 from hearthlm.layers.moe import Experts
@@ -56,8 +54,7 @@ def main(out: Path, specs: list[str]) -> None:
         name, _, rest = spec.partition("=")
         folder, quant, experts, budget = (rest.split(":") + ["", "", ""])[:4]
         split = dataclasses.replace(mesh, split=experts or "tp")
-        budget = rank_budget(budget or None, split)  # under ep: a pool of the rank's own experts
-        llm = shard_llm(LLM(folder, dtype="float32", quant=quant or None, expert_budget=budget), split)
+        llm = LLM(folder, dtype="float32", quant=quant or None, expert_budget=budget or None, mesh=split)
         result = record(llm)
         result["kv_heads"] = [s.num_kv_heads for s in llm.config.layers]
         # this rank's experts per MoE layer: (how many, their width)

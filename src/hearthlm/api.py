@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .chat_formats import detect
+from .distributed.mesh import Mesh
 from .embeddings.embedder import Embedder
 from .engine.engine import Engine
 from .engine.errors import ContextLengthError
@@ -123,6 +124,7 @@ class LLM:
         draft: str | Drafter | None = None,
         privacy: PrivacyOptions | None = None,
         quant_towers: bool = False,
+        mesh: Mesh | None = None,
     ):
         """`expert_budget`: keep MoE experts in the checkpoint and at most this many in memory: bytes ('6GB',
         '512MB') or a fraction of all expert bytes (0.25, '25%'); `moe_profile`: seed the expert policy from
@@ -134,7 +136,9 @@ class LLM:
         expert budget (moe/options.py; None: none; `hearth run/serve` pass PrivacyOptions(), whose private reads
         are "auto"). `privacy_note` then says what was chosen; `quant_towers`: quantize the vision / audio towers' linear
         layers too, in the text model's format (`quant`, or that of a folder `hearth quantize` wrote; without it the
-        towers keep their precision); `tower_quant` then names it."""
+        towers keep their precision); `tower_quant` then names it; `mesh`: load as one rank of a model split over
+        several processes (distributed/): only the rank's share is kept, layer by layer as it loads, and every rank
+        must then make the same calls in the same order."""
         make_drafter(draft)  # an unknown name fails here, before the weights load
         self.draft = draft
         spec = parse_quant(quant) if quant is not None else None
@@ -157,11 +161,21 @@ class LLM:
         self.tower_quant = tower_quant(quant_towers, path, self.media_spec, spec)
         self._media_encoder = None
         prior = profile.load_prior(path) if budget is not None and moe_profile else None
-        self.model = load_model(gguf or path, self.dtype, self.device, spec, budget, prior)
+        share = None
+        if mesh is not None:
+            from .distributed.experts import rank_budget
+            from .distributed.tensor_parallel import rank_load
+
+            budget, share = rank_budget(budget, mesh), rank_load(mesh)
+        self.model = load_model(gguf or path, self.dtype, self.device, spec, budget, prior, share)
         self.privacy = privacy if budget is not None else None
         self.privacy_note = options.apply(self.model, privacy, path) if self.privacy is not None else None
         self.quant = spec.name if spec else stored_quant(path) or ("gguf" if path.suffix == ".gguf" else None)
         self.config = self.model.config
+        if mesh is not None:
+            from .distributed.tensor_parallel import shard_llm
+
+            shard_llm(self, mesh)  # the embedding, head and what waited for the whole model
         if isinstance(draft, (str, Path)) and draft not in ("lookup", "off"):
             self.draft = make_drafter(draft, self)  # a drafter folder or "auto": loaded and checked against the model
         self.tokenizer = _tokenizer(path, gguf)

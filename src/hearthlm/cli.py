@@ -16,7 +16,6 @@ def _err() -> Console:
 
 def _load(args: argparse.Namespace):
     from .api import LLM
-    from .distributed.experts import rank_budget
     from .distributed.run import join_ranks
 
     how = _split(args)[1]
@@ -25,18 +24,16 @@ def _load(args: argparse.Namespace):
         args.model,
         dtype=args.dtype,
         quant=args.quant,
-        expert_budget=rank_budget(args.expert_budget, mesh),
+        expert_budget=args.expert_budget,
         moe_profile=not args.no_moe_profile,
         mmproj=getattr(args, "mmproj", None),
         draft=_draft(args),
         device=args.device if mesh is None else str(mesh.device(args.device)),
         privacy=_privacy(args),
         quant_towers=args.quant_towers,
+        mesh=mesh,  # its stage of layers (--pp N), or its slices (--tp N / --ep N)
     )  # fmt: skip  (the loader shows its own progress bar)
     if mesh is not None:
-        from .distributed.tensor_parallel import shard_llm
-
-        shard_llm(llm, mesh)  # its stage of layers (--pp N), or its slices (--tp N / --ep N)
         args.seed = mesh.shared_int(args.seed)  # every rank must sample the same tokens
     if llm.privacy_note:
         _err().print(f"[dim]{llm.privacy_note}[/dim]")

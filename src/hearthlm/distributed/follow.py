@@ -166,16 +166,13 @@ def serve_follower(mesh: Mesh, model: str, dtype: str | None = None, quant: str 
     the same Engine, then follow. Ctrl-C is rank 0's to handle: it stops the followers when it ends."""
     from ..api import LLM
     from ..engine.engine import Engine
-    from .experts import rank_budget
     from .mesh import close
-    from .tensor_parallel import shard_llm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    budget = rank_budget(expert_budget, mesh)  # under --ep: a pool of its own experts
-    llm = LLM(model, dtype=dtype, quant=quant, device=str(mesh.device(device)), expert_budget=budget, privacy=privacy)
+    llm = LLM(model, dtype=dtype, quant=quant, device=str(mesh.device(device)), expert_budget=expert_budget,
+              privacy=privacy, mesh=mesh)  # fmt: skip
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
-    shard_llm(llm, mesh)
     engine = Engine(llm, max_running=max_running, kv_blocks=kv_blocks, draft=None)
     follow(engine, Channel())
     close()

@@ -143,12 +143,41 @@ def pipelined_forward(self: CausalLM, ids: torch.Tensor, batch, *args) -> torch.
     return h
 
 
+class PipelineLoad:
+    """How a rank of --pp loads (weights/loader.py's RankLoad): the stages are cut on the model's shapes before
+    any read, the rank reads only its own layers' parameters (and the embedding, norm and head), and the other
+    layers become Skipped as the loader passes them."""
+
+    copies = False  # its layers may run from the mapped file as loaded
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def plan(self, model: CausalLM) -> None:
+        model.pp_bounds = stage_bounds(model, self.mesh.world)  # split_model keeps these
+        self.start, self.end = model.pp_bounds[self.mesh.rank]
+
+    def wanted(self, name: str) -> bool:
+        layer = name.split(".")[1] if name.startswith("layers.") else None
+        return layer is None or self.start <= int(layer) < self.end
+
+    def layer_done(self, model: CausalLM, layer: int) -> None:
+        if not self.start <= layer < self.end:
+            model.layers[layer] = Skipped()
+
+    def finish(self, model: CausalLM) -> None:
+        split_model(model, self.mesh)
+
+
 def split_model(model: CausalLM, mesh: Mesh) -> CausalLM:
     """Keep rank `mesh.rank`'s stage of a loaded model (in place): the other layers become Skipped, the stage's
-    first layer receives from the rank before and its last layer sends to the rank after."""
+    first layer receives from the rank before and its last layer sends to the rank after. A model that
+    PipelineLoad loaded keeps the stages it was cut into then."""
+    if getattr(model, "pp_mesh", None) is not None:
+        return model  # split already, as it loaded (PipelineLoad)
     if hasattr(model, "tp_mesh"):
         raise PipelineError("this model is already split by tensor parallelism: use --tp or --pp, not both")
-    bounds = stage_bounds(model, mesh.world)
+    bounds = getattr(model, "pp_bounds", None) or stage_bounds(model, mesh.world)
     if mesh.world == 1:
         return model
     start, end = bounds[mesh.rank]

@@ -182,11 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     if ranks > 1 and not meshes.launched():  # the ranks keep --ep / --pp: they tell them how to split
         return relaunch(ranks, "hearthlm.distributed.run", strip_tp(argv))
     from ..api import LLM, SamplingParams
-    from .tensor_parallel import shard_llm
 
     mesh = meshes.init(split=how) if meshes.launched() else meshes.Mesh(0, 1, split=how)
-    llm = LLM(args.model, dtype=args.dtype, quant=args.quant, device=str(mesh.device()))
-    shard_llm(llm, mesh)
+    llm = LLM(args.model, dtype=args.dtype, quant=args.quant, device=str(mesh.device()), mesh=mesh)
     if args.prompt_ids is not None:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
     elif args.prompt is not None:

@@ -96,17 +96,21 @@ def _routed(layer: nn.Module) -> tuple[nn.Module, Experts] | None:
 
 
 def _layer_problems(layer: nn.Module, world: int, experts: str) -> list[str]:
+    """The problems of the parts of `layer` not split yet (a rank that loads layer by layer splits each part as
+    soon as it is filled)."""
     attn, mlp, found = layer.attn, layer.mlp, []
     if (routed := _routed(layer)) is not None:
         found += experts_problems(routed[1], world, experts)
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    if H % world:
+    if isinstance(attn.o_proj, RowParallelLinear):
+        pass
+    elif H % world:
         found.append(f"{H} attention heads do not divide among {world} ranks")
     elif Hkv % world and world % Hkv:
         found.append(f"{Hkv} K/V heads neither divide among {world} ranks nor replicate evenly over them")
     elif (unit := column_unit(weight_of(attn.o_proj))) > 1 and (H // world * D) % unit:
         found.append(f"o_proj's {H * D} input columns split {world} ways cut its quantization groups of {unit}")
-    if not isinstance(mlp, GatedMLP):
+    if not isinstance(mlp, GatedMLP) or isinstance(mlp.down, RowParallelLinear):
         return found
     inter = weight_of(mlp.down).shape[-1]
     if inter % world:
@@ -216,18 +220,14 @@ def rank_config(cfg: ModelConfig, world: int, rank: int, experts: str = "tp") ->
 def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
     """Keep rank `mesh.rank`'s share of a loaded model (in place) and wire in the collectives; routed experts
     split as `mesh.split` says ("ep": divided among the ranks; else each one by its width)."""
+    if getattr(model, "tp_mesh", None) is not None:
+        return model  # split already, as it loaded (TensorParallelLoad)
     experts = "ep" if mesh.split == "ep" else "tp"
     check(model, mesh.world, experts)
     if mesh.world == 1:
         return model
     for i, layer in enumerate(model.layers):
-        _shard_attention(layer.attn, mesh, f"layers.{i}.attn")
-        if isinstance(layer.mlp, GatedMLP):
-            _shard_mlp(layer.mlp, mesh, f"layers.{i}.mlp")
-        if (routed := _routed(layer)) is not None:
-            owner, module = routed
-            owner.experts = shard_experts(module, mesh, experts, f"layers.{i}.experts")
-        layer.__dict__["_decode_step"] = None  # the fused step has no place for the all-reduces
+        shard_layer(layer, mesh, i)
     start, end = vocab_range(model.config.vocab_size, mesh.world, mesh.rank)
     model.embed = VocabParallelEmbedding(model.embed.weight, start, end, mesh)
     if model.lm_head is not None:
@@ -236,6 +236,64 @@ def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
     model.logits = types.MethodType(parallel_logits, model)
     model.config = rank_config(model.config, mesh.world, mesh.rank, experts)
     return model
+
+
+def shard_layer(layer: nn.Module, mesh: Mesh, index: int, experts: bool = True) -> None:
+    """Keep the rank's share of each part of decoder layer `index` that is not split yet: attention, the dense
+    MLP and, with `experts`, routed experts."""
+    name = f"layers.{index}"
+    if not isinstance(layer.attn.o_proj, RowParallelLinear):
+        _shard_attention(layer.attn, mesh, f"{name}.attn")
+    if isinstance(layer.mlp, GatedMLP) and not isinstance(layer.mlp.down, RowParallelLinear):
+        _shard_mlp(layer.mlp, mesh, f"{name}.mlp")
+    routed = _routed(layer)
+    if routed is not None and experts:
+        owner, module = routed
+        owner.experts = shard_experts(module, mesh, "ep" if mesh.split == "ep" else "tp", f"{name}.experts")
+    layer.__dict__["_decode_step"] = None  # the fused step has no place for the all-reduces
+
+
+class TensorParallelLoad:
+    """How a rank of --tp / --ep loads (weights/loader.py's RankLoad): it reads every parameter, and splits each
+    decoder layer as soon as it is filled, so that it holds at most one whole layer beside its share. The
+    embedding table and an untied head load whole and split at the end (shard_model). Experts under a budget
+    split at the end too, once their pool exists."""
+
+    copies = True  # the slices it keeps are copies: the loader drops each layer's file pages after it
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def plan(self, model: CausalLM) -> None:
+        check(model, self.mesh.world, "ep" if self.mesh.split == "ep" else "tp")  # the shapes, before any read
+
+    def wanted(self, name: str) -> bool:
+        return True
+
+    def layer_done(self, model: CausalLM, layer: int) -> None:
+        world, experts = self.mesh.world, "ep" if self.mesh.split == "ep" else "tp"
+        found = _layer_problems(model.layers[layer], world, experts)
+        if found:  # quantization groups, seen only once the layer is filled
+            works = [1] + [n for n in CANDIDATES if n != world and not _layer_problems(model.layers[layer], n, experts)]
+            raise TensorParallelError(
+                f"{model.config.architecture} cannot be split over {world} ranks: layer {layer}: {found[0]}; rank "
+                f"counts that work for this layer: {', '.join(map(str, works))}"
+            )
+        routed = _routed(model.layers[layer])
+        budgeted = routed is not None and routed[1].down.is_meta  # left to a pool that does not exist yet
+        shard_layer(model.layers[layer], self.mesh, layer, experts=not budgeted)
+
+    def finish(self, model: CausalLM) -> None:
+        shard_model(model, self.mesh)  # the embedding, head and experts under a budget
+
+
+def rank_load(mesh: Mesh):
+    """What a rank of `mesh` loads, layer by layer (weights/loader.py's RankLoad)."""
+    if mesh.split == "pp":
+        from .pipeline import PipelineLoad
+
+        return PipelineLoad(mesh)
+    return TensorParallelLoad(mesh)
 
 
 def shard_llm(llm: LLM, mesh: Mesh) -> LLM:

@@ -43,17 +43,11 @@ def load(model: str | None = None, dtype: str | None = None, quant: str | None =
     from .metrics import Metrics
 
     if mesh is not None:
-        from ..distributed.experts import rank_budget
-
-        device, expert_budget = str(mesh.device(device)), rank_budget(expert_budget, mesh)
+        device = str(mesh.device(device))
     llm = LLM(model, dtype=dtype, device=device, quant=quant, expert_budget=expert_budget, moe_profile=moe_profile,
-              draft=draft, privacy=privacy, quant_towers=quant_towers)  # fmt: skip
+              draft=draft, privacy=privacy, quant_towers=quant_towers, mesh=mesh)  # fmt: skip
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json: the server needs one to read text")
-    if mesh is not None:
-        from ..distributed.tensor_parallel import shard_llm
-
-        shard_llm(llm, mesh)
     if llm.privacy_note:
         Console(stderr=True, highlight=False).print(f"{name or model_name(model, llm.path)}: {llm.privacy_note}")
     core = Engine(llm, max_running=max_running, kv_blocks=kv_blocks)

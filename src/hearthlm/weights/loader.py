@@ -18,7 +18,9 @@ import ctypes
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from rich.console import Console
@@ -99,10 +101,12 @@ def load_model(
     quant: QuantSpec | None = None,
     expert_budget: Budget | None = None,
     expert_prior: dict[tuple[int, int], float] | None = None,
+    rank: RankLoad | None = None,
 ) -> CausalLM:
     """`source`: a checkpoint folder, a .gguf file, or a GGUF file already opened (its metadata also holds the
     tokenizer); `quant`: quantize float matrices while loading; `expert_budget`: leave the experts in the
-    checkpoint and keep that many in a pool (moe/); `expert_prior`: usage counts that seed its policy."""
+    checkpoint and keep that many in a pool (moe/); `expert_prior`: usage counts that seed its policy; `rank`:
+    one rank of a model split over several (distributed/), which loads what it keeps, layer by layer."""
     path = source.path if isinstance(source, GGUFFile) else source
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(pickle_advice(str(path)))
@@ -120,6 +124,8 @@ def load_model(
         ckpt = Checkpoint(path) if stored is None else _OwnNames(Checkpoint(path))
     with torch.device("meta"):
         model = cls(cfg)
+    if rank is not None:
+        rank.plan(model)
     if stored is not None:
         mapping: dict[str, Source] = {name: name for name, _ in model.named_parameters()}
     else:
@@ -140,37 +146,8 @@ def load_model(
         _check_budgeted(ckpt, mapping, params, budgeted, path)
     if budgeted and hasattr(ckpt, "read_only"):  # readahead around the dense tensors would read experts too
         ckpt.read_only([n for name, s in mapping.items() if name not in budgeted for n in names_in(s)])
-    console = Console(stderr=True)
     verb = f"loading {path.name}" + (f" as {quant.name}" if quant else "")
-    with Progress(console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(verb, total=len(mapping))
-        for name, source in mapping.items():
-            if name in budgeted:  # left in the checkpoint: the pool reads them when they are needed
-                progress.advance(task)
-                continue
-            if name in keep and isinstance(source, str):
-                tensor = ckpt.table(source)  # left where the file has it (a GGUF block type: rows dequantized as read)
-            else:
-                tensor = _build(ckpt, source)
-            expected = tuple(params[name].shape)
-            if tuple(tensor.shape) != expected:
-                raise CheckpointError(
-                    f"{path}: {_describe(ckpt, source)} has shape {tuple(tensor.shape)}, "
-                    f"but the config implies {expected} for {name}: the config and the weights disagree"
-                )
-            built = tensor
-            if isinstance(tensor, torch.Tensor):
-                if name in plan and quantizable(tensor, plan[name]):
-                    tensor = quantize(tensor, plan[name])
-                elif name not in keep or tensor.device != device:
-                    tensor = tensor.to(device=device, dtype=tensor.dtype if name in keep else dtype)
-            if tensor.device != device:
-                tensor = tensor.to(device)
-            _set_param(model, name, tensor)
-            if not isinstance(source, str) or not _same_storage(tensor, built):
-                for part in names_in(source):  # copied (fused, converted or moved): free the file's pages
-                    ckpt.release(part)
-            progress.advance(task)
+    _fill(model, ckpt, mapping, _Target(path, dtype, device, plan, keep), budgeted, rank, verb)
     model.dtype = dtype
     if budgeted and hasattr(ckpt, "read_only"):
         ckpt.read_around()  # the experts run from the mapping (in place) read best with the default readahead
@@ -197,7 +174,96 @@ def load_model(
     for module in model.modules():  # let layers prepare derived state (e.g. float32 norm weights)
         if hasattr(module, "after_load"):
             module.after_load()
+    if rank is not None:
+        rank.finish(model)
+        if rank.copies:  # the embedding and head were split last: their file pages go too
+            for part in used:
+                ckpt.release(part)
+            _trim_heap()
     return model.eval()
+
+
+class RankLoad(Protocol):
+    """What one rank of a split model loads (distributed/): `plan` sees the model on the meta device first,
+    `wanted` says which parameters to read at all, `layer_done` runs once layer i is filled (to keep the rank's
+    share of it and free the rest before the next layer loads), `finish` once everything is. `copies`: what the
+    rank keeps is a copy, so the file's pages of a layer can go once layer_done has run."""
+
+    copies: bool
+
+    def plan(self, model: CausalLM) -> None: ...
+    def wanted(self, name: str) -> bool: ...
+    def layer_done(self, model: CausalLM, layer: int) -> None: ...
+    def finish(self, model: CausalLM) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where parameters go: the checkpoint's path (for errors), the dtype and device, the quantization plan,
+    and the names kept in their stored dtype."""
+
+    path: Path
+    dtype: torch.dtype
+    device: torch.device
+    plan: dict[str, QuantSpec]
+    keep: set[str]
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def _layer(name: str) -> int | None:
+    found = _LAYER.match(name)
+    return int(found[1]) if found else None
+
+
+def _fill(model, ckpt, mapping: dict[str, Source], to: _Target, skip: set[str], rank: RankLoad | None, verb: str):
+    """Fill every mapped parameter of `model` (with a progress bar), but those in `skip` (left in the checkpoint)
+    and those `rank` does not want; `rank.layer_done(model, i)` after layer i's last one."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    last = {_layer(name): name for name in mapping}
+    names = {}  # layer -> the checkpoint tensors its parameters came from
+    for name, source in mapping.items():
+        names.setdefault(_layer(name), []).extend(names_in(source))
+    with Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task(verb, total=len(mapping))
+        for name, source in mapping.items():
+            if name not in skip and (rank is None or rank.wanted(name)):
+                _load_param(model, ckpt, name, source, shapes[name], to)
+            progress.advance(task)
+            layer = _layer(name)
+            if rank is not None and layer is not None and last[layer] == name:
+                rank.layer_done(model, layer)
+                if rank.copies:  # the rank's share is a copy: the layer's file pages and freed copies can go
+                    for part in names[layer]:
+                        ckpt.release(part)
+                    _trim_heap()
+
+
+def _load_param(model, ckpt, name: str, source: Source, expected: tuple[int, ...], to: _Target) -> None:
+    """Build parameter `name` from its source, check its shape, convert or quantize it, and free the file's pages
+    of what was copied."""
+    if name in to.keep and isinstance(source, str):
+        tensor = ckpt.table(source)  # left where the file has it (a GGUF block type: rows dequantized as read)
+    else:
+        tensor = _build(ckpt, source)
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(
+            f"{to.path}: {_describe(ckpt, source)} has shape {tuple(tensor.shape)}, "
+            f"but the config implies {expected} for {name}: the config and the weights disagree"
+        )
+    built = tensor
+    if isinstance(tensor, torch.Tensor):
+        if name in to.plan and quantizable(tensor, to.plan[name]):
+            tensor = quantize(tensor, to.plan[name])
+        elif name not in to.keep or tensor.device != to.device:
+            tensor = tensor.to(device=to.device, dtype=tensor.dtype if name in to.keep else to.dtype)
+    if tensor.device != to.device:
+        tensor = tensor.to(to.device)
+    _set_param(model, name, tensor)
+    if not isinstance(source, str) or not _same_storage(tensor, built):
+        for part in names_in(source):  # copied (fused, converted or moved): free the file's pages
+            ckpt.release(part)
 
 
 def _config(cls: type[CausalLM], text: dict, arch: str, where: str) -> ModelConfig:
