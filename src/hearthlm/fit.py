@@ -714,7 +714,7 @@ def fit(
                 quant_towers=quant_towers,
             )  # fmt: skip
             if tp > 1:
-                _per_rank(e, whole, fmt, context, concurrency, tp)
+                _per_rank(e, whole, fmt, tp)
             out.append(judge(e, machine) if machine is not None else e)
     return out
 
@@ -731,16 +731,20 @@ def _known_splittable(tp: int) -> list[Model]:
     return out
 
 
-def _per_rank(e: Estimate, whole: Model, fmt: str, context: int, concurrency: int, tp: int) -> None:
-    """Mark `e` as one rank's and give it the load peak a rank really has: each loads the whole checkpoint first
-    and then keeps its share (distributed/tensor_parallel.py)."""
+def _per_rank(e: Estimate, whole: Model, fmt: str, tp: int) -> None:
+    """Mark `e` as one rank's and give it the load peak a rank really has: it loads layer by layer and splits each
+    as soon as it is filled (distributed/tensor_parallel.py), so beside its share it holds one whole layer, the
+    largest, at most."""
     e.tp = tp
     if e.load_peak is not None:
-        e.load_peak = estimate(whole, fmt, context, concurrency).load_peak
+        layers: dict[int, float] = {}
+        for t in whole.tensors:
+            if t.layer is not None:
+                layers[t.layer] = layers.get(t.layer, 0) + tensor_bytes(whole, t, fmt)
+        e.load_peak += int(max(layers.values(), default=0))
     e.notes.append(
         f"per rank of {tp}: each rank holds this (ranks on one machine share its memory: {tp}x this); while "
-        "loading, each reads the whole checkpoint before keeping its share; the all-reduces' traffic is not in the "
-        "decode speed"
+        "loading, one whole layer more; the all-reduces' traffic is not in the decode speed"
     )
 
 

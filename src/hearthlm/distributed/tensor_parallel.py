@@ -19,9 +19,8 @@ and the model's config becomes the rank's (its heads, K/V heads, MLP width), so 
 paged KV cache for that rank's K/V heads only. The fused CPU decode step (layers/decode_step.py) runs a whole
 layer in one call, with no place for the all-reduces, so sharded layers take the module path.
 
-Loading is simple and wasteful: every rank reads the whole checkpoint first (memory-mapped, so float files
-cost page cache more than memory), then frees what it does not keep. Loading only a rank's slices is the next
-step (docs/distributed.md).
+Loading: `LLM(mesh=...)` loads layer by layer (TensorParallelLoad), splitting each layer as soon as it is filled,
+so a rank holds its share and at most one whole layer; `shard_llm` splits a model already loaded whole.
 """
 
 from __future__ import annotations
