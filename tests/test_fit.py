@@ -274,3 +274,34 @@ def test_tp_splits_the_experts_of_an_moe_model():
     whole = fit.fit(["gemma-4-26B-A4B"], formats=("bf16",))[0]
     rank = fit.fit(["gemma-4-26B-A4B"], formats=("bf16",), tp=2)[0]
     assert whole.weights / 2 < rank.weights < whole.weights / 2 * 1.001
+
+
+def _held(model) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def test_pp_prices_the_largest_stage_and_the_whole_read(llama_bf16):
+    """`fit --pp 2`: the weights and KV cache of the stage that holds the most, as real ranks load them; a token
+    still reads the whole model (the stages run one after another)."""
+    from hearthlm import LLM
+    from hearthlm.distributed.mesh import Mesh
+
+    whole = fit.estimate(fit.load(llama_bf16), "bf16", context=64)
+    rank = fit.fit([str(llama_bf16)], context=64, formats=("bf16",), tp=2, split="pp")[0]
+    stages = [LLM(llama_bf16, dtype="bfloat16", mesh=Mesh(r, 2, split="pp")) for r in range(2)]
+    assert rank.weights == max(_held(s.model) for s in stages) < whole.weights
+    layers = [len(range(*s.model.pp_stage)) for s in stages]
+    assert rank.kv_cache == whole.kv_cache * max(layers) // sum(layers)  # its own layers' K/V only
+    assert rank.bytes_per_token == whole.bytes_per_token and rank.split == "pp" and rank.load_peak < whole.load_peak
+    assert main(["fit", str(llama_bf16), "--pp", "2", "--bandwidth", "30"]) == 0
+
+
+def test_ep_prices_a_share_of_the_experts(checkpoint):
+    """`fit --ep 2` on Qwen3-MoE: rank 0 holds half the experts whole, as a real rank of --ep loads them."""
+    from hearthlm import LLM
+    from hearthlm.distributed.mesh import Mesh
+
+    folder = checkpoint("qwen3_moe")[1]
+    rank = fit.fit([str(folder)], context=64, formats=("fp32",), tp=2, split="ep")[0]
+    real = LLM(folder, dtype="float32", mesh=Mesh(0, 2, split="ep"))
+    assert rank.weights == _held(real.model) and rank.split == "ep"

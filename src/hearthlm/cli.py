@@ -503,10 +503,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from . import fit
 
+    low = [flag for flag in ("tp", "ep", "pp") if getattr(args, flag) < 1]
+    if low:
+        raise ValueError(f"--{low[0]} must be at least 1 (got {getattr(args, low[0])})")
+    ranks, how = _split(args)
     machine = fit.detect(args.ram, args.vram, args.bandwidth)
     estimates = fit.fit(
         args.models or None, machine, args.context, args.concurrency, images=args.images,
-        image_tokens=args.image_tokens, audio_clips=args.audio_clips, quant_towers=args.quant_towers, tp=args.tp,
+        image_tokens=args.image_tokens, audio_clips=args.audio_clips, quant_towers=args.quant_towers, tp=ranks,
+        split=how,
     )  # fmt: skip
     if args.json:
         sys.stdout.write(fit.to_json(estimates, machine) + "\n")
@@ -801,6 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bandwidth", type=float, default=None, help="memory read bandwidth in GB/s (default: measured)")
     fit.add_argument("--tp", type=int, default=1, metavar="N",
                      help="per rank of `hearth serve --tp N` (--ram, --vram: one rank's machine)")  # fmt: skip
+    fit.add_argument("--ep", type=int, default=1, metavar="N", help="per rank of `hearth serve --ep N`")
+    fit.add_argument("--pp", type=int, default=1, metavar="N", help="per rank of `hearth serve --pp N`")
     fit.add_argument("--json", action="store_true", help="print the estimates as JSON")
     fit.set_defaults(func=_fit)
     b = sub.add_parser("bench", help="measure prefill and decode speed, time to first token and peak memory")

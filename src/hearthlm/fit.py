@@ -46,6 +46,7 @@ are negligible). Bandwidth is measured once per machine (about a second) and cac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -220,10 +221,11 @@ def model_from_hf(
     file_dtype_bytes: int | None = None,
     tower_bytes: int | None = None,
     tp: int = 1,
+    split: str = "tp",
 ) -> Model:
     """Build the family's module on the meta device from a config.json dict and list its tensors. `tp` > 1: what
-    one rank of `--tp` holds, split by the tensor-parallel code itself (rank 0, whose share is the largest);
-    a model that cannot be split raises its TensorParallelError."""
+    the largest rank of `--{split} tp` holds, split by the distributed code itself; a model that cannot be split
+    raises its TensorParallelError or PipelineError."""
     from .weights.mapping import Cat, Stack
 
     cls, arch, text = resolve_family(hf, where)
@@ -232,10 +234,7 @@ def model_from_hf(
         module = cls(cfg)
     sources = module.weight_map("")
     if tp > 1:
-        from .distributed.mesh import Mesh
-        from .distributed.tensor_parallel import shard_model
-
-        cfg = shard_model(module, Mesh(rank=0, world=tp)).config  # slices only: no collective runs here
+        cfg = _rank_share(module, tp, split)
     tensors = []
     for pname, p in module.named_parameters():
         parts = sources.get(pname.replace(".part.", "."))  # a row-parallel projection keeps its weight in .part
@@ -249,6 +248,22 @@ def model_from_hf(
     towers_quant = quant.get("towers") if isinstance(quant, dict) else None  # `hearth quantize --quant-towers`
     towers = _towers(hf, tower_bytes or file_dtype_bytes)
     return Model(name, cfg, tensors, file_dtype_bytes, towers=towers, towers_quant=towers_quant)
+
+
+def _rank_share(module, ranks: int, split: str):
+    """Split the meta `module` as its largest rank keeps it (no collective runs here); -> that rank's config."""
+    from .distributed.mesh import Mesh
+
+    if split != "pp":  # rank 0: the largest share of the vocabulary
+        from .distributed.tensor_parallel import shard_model
+
+        return shard_model(module, Mesh(rank=0, world=ranks, split=split)).config
+    from .distributed.pipeline import layer_bytes, split_model, stage_bounds
+
+    stages = stage_bounds(module, ranks)
+    rank = max(range(ranks), key=lambda r: sum(layer_bytes(module.layers[i]) for i in range(*stages[r])))
+    split_model(module, Mesh(rank=rank, world=ranks, split="pp"))
+    return dataclasses.replace(module.config, layers=module.kv_layers)  # its KV cache: its own layers'
 
 
 def _file_dtype_bytes(folder: Path) -> int | None:
@@ -279,27 +294,27 @@ def _header(path: Path) -> dict[str, Any]:
     return header
 
 
-def known_model(name: str, tp: int = 1) -> Model | None:
-    """A shipped config by known name or HF id (case-insensitive), else None; `tp`: see model_from_hf."""
+def known_model(name: str, tp: int = 1, split: str = "tp") -> Model | None:
+    """A shipped config by known name or HF id (case-insensitive), else None; `tp`, `split`: see model_from_hf."""
     key = name.lower()
     for known, repo in KNOWN_MODELS.items():
         if key in (known.lower(), repo.lower(), repo.lower().rsplit("/", 1)[1]):
             path = KNOWN_DIR / f"{known}.json"
-            m = model_from_hf(known, read_json(path), str(path), tp=tp)
+            m = model_from_hf(known, read_json(path), str(path), tp=tp, split=split)
             m.source = "known"
             return m
     return None
 
 
-def load(name: str | Path, tp: int = 1) -> Model:
+def load(name: str | Path, tp: int = 1, split: str = "tp") -> Model:
     """A model by name: a folder, a pulled model or the demo (store.resolve), else a known model; `tp` > 1: one
-    rank's share under `--tp` (model_from_hf)."""
+    rank's share under `--{split} tp` (model_from_hf)."""
     from . import store
 
     try:
         path = store.resolve(name)
     except store.ModelNotFoundError as e:
-        found = known_model(str(name), tp)
+        found = known_model(str(name), tp, split)
         if found is None:
             raise store.ModelNotFoundError(f"{e}; `hearth fit` also knows: {', '.join(KNOWN_MODELS)}") from None
         return found
@@ -307,11 +322,11 @@ def load(name: str | Path, tp: int = 1) -> Model:
         from .weights.gguf import GGUFFile
         from .weights.gguf_model import hf_config
 
-        m = model_from_hf(path.name, hf_config(GGUFFile(path)), str(path), file_dtype_bytes=2, tp=tp)
+        m = model_from_hf(path.name, hf_config(GGUFFile(path)), str(path), file_dtype_bytes=2, tp=tp, split=split)
     else:
         hf = read_json(path / "config.json")
         where = str(path / "config.json")
-        m = model_from_hf(path.name, hf, where, _file_dtype_bytes(path), _tower_dtype_bytes(path), tp)
+        m = model_from_hf(path.name, hf, where, _file_dtype_bytes(path), _tower_dtype_bytes(path), tp, split)
     m.source = str(path)
     return m
 
@@ -449,7 +464,8 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     media_tokens: int = 0  # positions the images and clips of one sequence add to the context
     media_kv: int = 0  # part of kv_cache: the K/V of those positions, all sequences
-    tp: int = 1  # > 1: the figures are one rank's of `hearth serve --tp tp` (fit's `tp`)
+    tp: int = 1  # > 1: the figures are one rank's of `hearth serve --{split} tp` (fit's `tp`)
+    split: str = "tp"  # how the ranks split the model: tp, ep or pp
 
 
 AUDIO_TOKENS = 750  # the most soft tokens one clip takes (30 s); the estimate assumes clips that long
@@ -693,16 +709,17 @@ def fit(
     audio_clips: int = 0,
     quant_towers: bool = False,
     tp: int = 1,
+    split: str = "tp",
 ) -> list[Estimate]:
     """Estimates for each model (default: every known model) in each format, judged against `machine`; with
     `images` / `audio_clips` per sequence, the known models without such a tower are left out; `quant_towers`:
-    see `estimate`. `tp` > 1: per rank of `hearth serve --tp N` (the largest share; `machine` is one rank's);
-    named models that cannot be split raise, known ones are left out."""
+    see `estimate`. `tp` > 1: per rank of `hearth serve --{split} tp` (the largest share; `machine` is one
+    rank's); named models that cannot be split raise, known ones are left out."""
     if context < 1 or concurrency < 1:
         raise ValueError(f"--context and --concurrency must be at least 1 (got {context} and {concurrency})")
     if tp < 1:
         raise ValueError(f"--tp must be at least 1 (got {tp})")
-    models = [load(n, tp) for n in names] if names else _known_splittable(tp)
+    models = [load(n, tp, split) for n in names] if names else _known_splittable(tp, split)
     if not names:
         models = [m for m in models if (not images or "image" in m.towers) and (not audio_clips or "audio" in m.towers)]
     out = []
@@ -714,37 +731,43 @@ def fit(
                 quant_towers=quant_towers,
             )  # fmt: skip
             if tp > 1:
-                _per_rank(e, whole, fmt, tp)
+                _per_rank(e, whole, fmt, tp, split, (context, concurrency))
             out.append(judge(e, machine) if machine is not None else e)
     return out
 
 
-def _known_splittable(tp: int) -> list[Model]:
+def _known_splittable(tp: int, split: str) -> list[Model]:
+    from .distributed.pipeline import PipelineError
     from .distributed.tensor_parallel import TensorParallelError
 
     out = []
     for name in KNOWN_MODELS:
         try:
-            out.append(known_model(name, tp))
-        except TensorParallelError:
-            continue  # an MoE model, or heads that do not divide: not servable with this --tp
+            out.append(known_model(name, tp, split))
+        except (TensorParallelError, PipelineError):
+            continue  # heads, widths or layers that do not divide: not servable this way
     return out
 
 
-def _per_rank(e: Estimate, whole: Model, fmt: str, tp: int) -> None:
-    """Mark `e` as one rank's and give it the load peak a rank really has: it loads layer by layer and splits each
-    as soon as it is filled (distributed/tensor_parallel.py), so beside its share it holds one whole layer, the
-    largest, at most."""
-    e.tp = tp
-    if e.load_peak is not None:
+def _per_rank(e: Estimate, whole: Model, fmt: str, tp: int, split: str, load: tuple[int, int]) -> None:
+    """Mark `e` as one rank's and give it the load peak a rank really has: under --tp / --ep it loads layer by
+    layer and splits each as soon as it is filled (distributed/tensor_parallel.py), so beside its share it holds
+    one whole layer, the largest, at most; under --pp it reads its own layers only. Under --pp the stages run one
+    after another for each token, so a token reads what the whole model reads (`load`: context, concurrency)."""
+    e.tp, e.split = tp, split
+    if split == "pp":
+        e.bytes_per_token = estimate(whole, fmt, *load).bytes_per_token
+    if e.load_peak is not None and split != "pp":
         layers: dict[int, float] = {}
         for t in whole.tensors:
             if t.layer is not None:
                 layers[t.layer] = layers.get(t.layer, 0) + tensor_bytes(whole, t, fmt)
         e.load_peak += int(max(layers.values(), default=0))
+    during = "loading, one whole layer more" if split != "pp" else "loading, no more: it reads its own layers"
+    traffic = "the all-reduces'" if split != "pp" else "the hidden states sent between stages and their"
     e.notes.append(
-        f"per rank of {tp}: each rank holds this (ranks on one machine share its memory: {tp}x this); while "
-        "loading, one whole layer more; the all-reduces' traffic is not in the decode speed"
+        f"per rank of {tp} (--{split}, the largest share): each rank holds this (ranks on one machine share its "
+        f"memory: {tp}x this); while {during}; {traffic} traffic is not in the decode speed"
     )
 
 
@@ -777,7 +800,7 @@ def table(estimates: list[Estimate], machine: Machine | None):
     moe = any(e.weights_active_experts for e in estimates)
     towers = any(e.towers for e in estimates)
     if first is not None and first.tp > 1:
-        title = f"per rank of --tp {first.tp}" + (f"; each rank: {title}" if title else "")
+        title = f"per rank of --{first.split} {first.tp}" + (f"; each rank: {title}" if title else "")
     t = Table(title=title, box=None, header_style="bold")
     columns = ["MODEL", "FORMAT", "WEIGHTS"] + (["ACTIVE EXPERTS ONLY"] if moe else []) + (["TOWERS"] if towers else [])
     columns += [f"KV ({where})", "RAM (CPU)", "VRAM (GPU)", "FITS RAM", "FITS VRAM", "DECODE TOK/S"]
