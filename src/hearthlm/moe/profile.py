@@ -34,7 +34,7 @@ class Recorder:
         for name, module in model.named_modules():
             if isinstance(module, Experts):
                 layer = int(re.search(r"(?:^|\.)layers\.(\d+)\.", name)[1])
-                self.counts[layer] = torch.zeros(module.num_experts, dtype=torch.long)
+                self.counts[layer] = torch.zeros(model.config.num_experts, dtype=torch.long)  # the router's ids
                 self.hooks.append(module.register_forward_pre_hook(self._hook(layer)))
         self.first = min(self.counts) if self.counts else None
 

@@ -28,7 +28,7 @@ class RoutingRecorder:
         self.hooks = []
         for module in model.modules():
             if isinstance(module, Experts):
-                counts = torch.zeros(module.num_experts, dtype=torch.long)
+                counts = torch.zeros(model.config.num_experts, dtype=torch.long)  # the router's ids, all ranks' too
                 self.counts.append(counts)
                 self.hooks.append(module.register_forward_pre_hook(self._hook(counts)))
 
