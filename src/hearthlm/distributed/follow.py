@@ -146,6 +146,7 @@ def lead(engine: Engine) -> Leader:
 def follow(engine: Engine, channel: Channel) -> None:
     """A follower's loop: repeat rank 0's forwards on this rank's cache and model until told to stop."""
     cache, model, device = engine.cache, engine.llm.model, engine.llm.device
+    gathers = getattr(model, "tp_mesh", None) is not None  # a pipeline's logits need no other rank: skip them
     while True:
         message = channel.receive()
         if isinstance(message, Stop):
@@ -155,7 +156,7 @@ def follow(engine: Engine, channel: Channel) -> None:
         positions, ids = message.positions.to(device), message.ids.to(device)
         cache.begin(positions, message.starts, message.tables, spans=message.spans)
         h = model(ids, Batch(positions=positions, cache=cache, outputs=message.outputs))
-        if message.logits:
+        if message.logits and gathers:
             model.logits(h[:, -1])  # its all-gather pairs with rank 0's; the result is rank 0's to use
 
 
