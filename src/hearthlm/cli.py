@@ -549,6 +549,18 @@ def _moe_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_options(p: argparse.ArgumentParser, serving: str) -> None:
+    """--tp N, --ep N and --pp N of `run` and `serve` (`serving`: what the help adds for a server)."""
+    helps = {
+        "tp": f"tensor parallelism: split the model over N local processes{serving}; each expert of an MoE model is "
+        "split by its width (docs/distributed.md)",
+        "ep": "expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
+        "pp": f"pipeline parallelism: split the layers over N local processes{serving} (docs/distributed.md)",
+    }
+    for flag, text in helps.items():
+        p.add_argument(f"--{flag}", type=_ranks, default=1, metavar="N", help=text)
+
+
 def _split(args: argparse.Namespace) -> tuple[int, str]:
     """(ranks, how the model splits: "tp", "ep" or "pp") from --tp N / --ep N / --pp N."""
     from .distributed.run import split_of
@@ -645,19 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--audio", action="append", metavar="FILE", help="an audio clip for the model to hear (WAV, FLAC, MP3); repeat "
         "for several",
     )  # fmt: skip
-    run.add_argument(
-        "--tp", type=_ranks, default=1, metavar="N",
-        help="tensor parallelism: split the model over N local processes, each expert of an MoE model by its width "
-        "(docs/distributed.md)",
-    )  # fmt: skip
-    run.add_argument(
-        "--ep", type=_ranks, default=1, metavar="N",
-        help="expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
-    )  # fmt: skip
-    run.add_argument(
-        "--pp", type=_ranks, default=1, metavar="N",
-        help="pipeline parallelism: split the layers over N local processes (docs/distributed.md)",
-    )  # fmt: skip
+    _split_options(run, "")
     _generation_options(run)
     run.set_defaults(func=_run)
     chat = sub.add_parser("chat", help="talk to a model, turn by turn")
@@ -716,19 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --expert-budget: one client's requests never share the expert pool with another's (clients told "
         "apart by their bearer token, else their address; docs/privacy.md); costs batching across clients",
     )  # fmt: skip
-    serve.add_argument(
-        "--tp", type=_ranks, default=1, metavar="N",
-        help="tensor parallelism: split the model over N local processes, rank 0 serving HTTP (needs MODEL; each "
-        "expert of an MoE model split by its width; docs/distributed.md)",
-    )  # fmt: skip
-    serve.add_argument(
-        "--ep", type=_ranks, default=1, metavar="N",
-        help="expert parallelism: as --tp N, with an MoE model's experts divided among the N processes",
-    )  # fmt: skip
-    serve.add_argument(
-        "--pp", type=_ranks, default=1, metavar="N",
-        help="pipeline parallelism: split the layers over N local processes, rank 0 serving HTTP (docs/distributed.md)",
-    )  # fmt: skip
+    _split_options(serve, ", rank 0 serving HTTP (needs MODEL)")
     _model_options(serve)
     serve.set_defaults(func=_serve)
     pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (with its vision and audio towers)")

@@ -42,6 +42,11 @@ class Mesh:
     def first(self) -> bool:
         return self.rank == 0
 
+    @property
+    def experts(self) -> str:
+        """How a split inside the layers treats routed experts: "ep" divides them, "tp" splits each one's width."""
+        return "ep" if self.split == "ep" else "tp"
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over the ranks, in place (it must be contiguous); returns it. The sum runs one type wider
         (float64 for float32, float32 for 16-bit) and is rounded once at the end. In `t`'s own type, each of the

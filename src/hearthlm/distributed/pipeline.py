@@ -157,9 +157,8 @@ class PipelineLoad:
         model.pp_bounds = stage_bounds(model, self.mesh.world)  # split_model keeps these
         self.start, self.end = model.pp_bounds[self.mesh.rank]
 
-    def wanted(self, name: str) -> bool:
-        layer = name.split(".")[1] if name.startswith("layers.") else None
-        return layer is None or self.start <= int(layer) < self.end
+    def wanted(self, layer: int | None) -> bool:
+        return layer is None or self.start <= layer < self.end
 
     def layer_done(self, model: CausalLM, layer: int) -> None:
         if not self.start <= layer < self.end:

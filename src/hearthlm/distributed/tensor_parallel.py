@@ -100,15 +100,8 @@ def _layer_problems(layer: nn.Module, world: int, experts: str) -> list[str]:
     attn, mlp, found = layer.attn, layer.mlp, []
     if (routed := _routed(layer)) is not None:
         found += experts_problems(routed[1], world, experts)
-    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    if isinstance(attn.o_proj, RowParallelLinear):
-        pass
-    elif H % world:
-        found.append(f"{H} attention heads do not divide among {world} ranks")
-    elif Hkv % world and world % Hkv:
-        found.append(f"{Hkv} K/V heads neither divide among {world} ranks nor replicate evenly over them")
-    elif (unit := column_unit(weight_of(attn.o_proj))) > 1 and (H // world * D) % unit:
-        found.append(f"o_proj's {H * D} input columns split {world} ways cut its quantization groups of {unit}")
+    if not isinstance(attn.o_proj, RowParallelLinear):  # not split yet
+        found += _attention_problems(attn, world)
     if not isinstance(mlp, GatedMLP) or isinstance(mlp.down, RowParallelLinear):
         return found
     inter = weight_of(mlp.down).shape[-1]
@@ -119,18 +112,35 @@ def _layer_problems(layer: nn.Module, world: int, experts: str) -> list[str]:
     return found
 
 
+def _attention_problems(attn: Attention, world: int) -> list[str]:
+    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    if H % world:
+        return [f"{H} attention heads do not divide among {world} ranks"]
+    if Hkv % world and world % Hkv:
+        return [f"{Hkv} K/V heads neither divide among {world} ranks nor replicate evenly over them"]
+    if (unit := column_unit(weight_of(attn.o_proj))) > 1 and (H // world * D) % unit:
+        return [f"o_proj's {H * D} input columns split {world} ways cut its quantization groups of {unit}"]
+    return []
+
+
 def check(model: CausalLM, world: int, experts: str = "tp") -> None:
     """Refuse a split that cannot be made, naming the problem and the rank counts that work."""
     if experts not in MODES:
         raise ValueError(f"experts split {experts!r}: give one of {', '.join(MODES)}")
-    found = problems(model, world, experts)
+    _refuse(model, world, lambda n: problems(model, n, experts))
+
+
+def _refuse(model: CausalLM, world: int, problems_at, where: str = "", scope: str = "") -> None:
+    """Raise TensorParallelError with the first of `problems_at(world)` and the rank counts with none (nothing
+    when there are none); `where` prefixes the problem, `scope` says what the counts that work cover."""
+    found = problems_at(world)
     if not found:
         return
-    works = [1] + [n for n in CANDIDATES if n != world and not problems(model, n, experts)]
+    works = [1] + [n for n in CANDIDATES if n != world and not problems_at(n)]
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     raise TensorParallelError(
-        f"{model.config.architecture} cannot be split over {world} ranks: {found[0]}{more}; "
-        f"rank counts that work: {', '.join(map(str, works))}"
+        f"{model.config.architecture} cannot be split over {world} ranks: {where}{found[0]}{more}; "
+        f"rank counts that work{scope}: {', '.join(map(str, works))}"
     )
 
 
@@ -221,7 +231,7 @@ def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
     split as `mesh.split` says ("ep": divided among the ranks; else each one by its width)."""
     if getattr(model, "tp_mesh", None) is not None:
         return model  # split already, as it loaded (TensorParallelLoad)
-    experts = "ep" if mesh.split == "ep" else "tp"
+    experts = mesh.experts
     check(model, mesh.world, experts)
     if mesh.world == 1:
         return model
@@ -248,7 +258,7 @@ def shard_layer(layer: nn.Module, mesh: Mesh, index: int, experts: bool = True) 
     routed = _routed(layer)
     if routed is not None and experts:
         owner, module = routed
-        owner.experts = shard_experts(module, mesh, "ep" if mesh.split == "ep" else "tp", f"{name}.experts")
+        owner.experts = shard_experts(module, mesh, mesh.experts, f"{name}.experts")
     layer.__dict__["_decode_step"] = None  # the fused step has no place for the all-reduces
 
 
@@ -264,20 +274,15 @@ class TensorParallelLoad:
         self.mesh = mesh
 
     def plan(self, model: CausalLM) -> None:
-        check(model, self.mesh.world, "ep" if self.mesh.split == "ep" else "tp")  # the shapes, before any read
+        check(model, self.mesh.world, self.mesh.experts)  # the shapes, before any read
 
-    def wanted(self, name: str) -> bool:
+    def wanted(self, layer: int | None) -> bool:
         return True
 
     def layer_done(self, model: CausalLM, layer: int) -> None:
-        world, experts = self.mesh.world, "ep" if self.mesh.split == "ep" else "tp"
-        found = _layer_problems(model.layers[layer], world, experts)
-        if found:  # quantization groups, seen only once the layer is filled
-            works = [1] + [n for n in CANDIDATES if n != world and not _layer_problems(model.layers[layer], n, experts)]
-            raise TensorParallelError(
-                f"{model.config.architecture} cannot be split over {world} ranks: layer {layer}: {found[0]}; rank "
-                f"counts that work for this layer: {', '.join(map(str, works))}"
-            )
+        # quantization groups, seen only once the layer is filled
+        _refuse(model, self.mesh.world, lambda n: _layer_problems(model.layers[layer], n, self.mesh.experts),
+                f"layer {layer}: ", " for this layer")  # fmt: skip
         routed = _routed(model.layers[layer])
         budgeted = routed is not None and routed[1].down.is_meta  # left to a pool that does not exist yet
         shard_layer(model.layers[layer], self.mesh, layer, experts=not budgeted)

@@ -177,22 +177,20 @@ def load_model(
     if rank is not None:
         rank.finish(model)
         if rank.copies:  # the embedding and head were split last: their file pages go too
-            for part in used:
-                ckpt.release(part)
-            _trim_heap()
+            _drop(ckpt, used)
     return model.eval()
 
 
 class RankLoad(Protocol):
     """What one rank of a split model loads (distributed/): `plan` sees the model on the meta device first,
-    `wanted` says which parameters to read at all, `layer_done` runs once layer i is filled (to keep the rank's
+    `wanted` says whether to read the parameters of decoder layer i at all (None: those outside the layers), `layer_done` runs once layer i is filled (to keep the rank's
     share of it and free the rest before the next layer loads), `finish` once everything is. `copies`: what the
     rank keeps is a copy, so the file's pages of a layer can go once layer_done has run."""
 
     copies: bool
 
     def plan(self, model: CausalLM) -> None: ...
-    def wanted(self, name: str) -> bool: ...
+    def wanted(self, layer: int | None) -> bool: ...
     def layer_done(self, model: CausalLM, layer: int) -> None: ...
     def finish(self, model: CausalLM) -> None: ...
 
@@ -221,23 +219,26 @@ def _fill(model, ckpt, mapping: dict[str, Source], to: _Target, skip: set[str], 
     """Fill every mapped parameter of `model` (with a progress bar), but those in `skip` (left in the checkpoint)
     and those `rank` does not want; `rank.layer_done(model, i)` after layer i's last one."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    last = {_layer(name): name for name in mapping}
-    names = {}  # layer -> the checkpoint tensors its parameters came from
-    for name, source in mapping.items():
-        names.setdefault(_layer(name), []).extend(names_in(source))
+    layer_of = {name: _layer(name) for name in mapping}
+    last = {layer: name for name, layer in layer_of.items()}
     with Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task(verb, total=len(mapping))
         for name, source in mapping.items():
-            if name not in skip and (rank is None or rank.wanted(name)):
+            layer = layer_of[name]
+            if name not in skip and (rank is None or rank.wanted(layer)):
                 _load_param(model, ckpt, name, source, shapes[name], to)
             progress.advance(task)
-            layer = _layer(name)
             if rank is not None and layer is not None and last[layer] == name:
                 rank.layer_done(model, layer)
                 if rank.copies:  # the rank's share is a copy: the layer's file pages and freed copies can go
-                    for part in names[layer]:
-                        ckpt.release(part)
-                    _trim_heap()
+                    _drop(ckpt, [n for m, s in mapping.items() if layer_of[m] == layer for n in names_in(s)])
+
+
+def _drop(ckpt, names) -> None:
+    """Drop the file pages of checkpoint tensors `names` (copied already) and give freed heap back to the OS."""
+    for name in names:
+        ckpt.release(name)
+    _trim_heap()
 
 
 def _load_param(model, ckpt, name: str, source: Source, expected: tuple[int, ...], to: _Target) -> None:
