@@ -184,6 +184,19 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # fmt: skip
             norm_topk_prob=False,
         ),
     ),
+    # Deeper ones for 4 pipeline stages: 6 Llama layers; 9 Gemma 4 layers whose last 3 read the caches of layers
+    # 4 and 5 (so the cuts that work are 1-4), with PLE and k=v.
+    "llama_deep": ("LlamaConfig", "LlamaForCausalLM", _decoder(num_hidden_layers=6, tie_word_embeddings=True)),
+    "gemma4_deep": (
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        _gemma4_text(
+            **_GEMMA4_E2B_31B_FEATURES
+            | {"layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 3},
+            num_hidden_layers=9,
+            hidden_size_per_layer_input=32,
+        ),
+    ),
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from checkpoints import _GEMMA4_E2B_31B_FEATURES, _decoder, _gemma4_text, perturb, save
-from pp_worker import PROMPT, record
+from split_checks import compare, record
 
 from hearthlm import LLM, SamplingParams
 from hearthlm.cli import main
@@ -22,38 +20,12 @@ from hearthlm.distributed.pipeline import PipelineError, allowed_cuts, split_mod
 from hearthlm.distributed.run import launch
 
 TWO = ["llama", "qwen3", "gemma3", "gemma4_dense", "qwen3_moe", "gemma4_all"]  # shared tiny checkpoints: 3 or 6 layers
-# Deeper ones for 4 ranks: 6 Llama layers; 9 Gemma 4 layers whose last 3 read the caches of layers 4 and 5 (so the
-# cuts that work are 1-4), with PLE and k=v.
-SSF = ["sliding_attention", "sliding_attention", "full_attention"]
-DEEP = {
-    "llama_deep": ("LlamaConfig", "LlamaForCausalLM", _decoder(num_hidden_layers=6, tie_word_embeddings=True)),
-    "gemma4_deep": (
-        "Gemma4TextConfig",
-        "Gemma4ForCausalLM",
-        _gemma4_text(
-            **_GEMMA4_E2B_31B_FEATURES | {"layer_types": SSF * 3},
-            num_hidden_layers=9,
-            hidden_size_per_layer_input=32,
-        ),
-    ),
-}
-FOUR = ["gemma3", "llama_deep", "gemma4_deep"]
+FOUR = ["gemma3", "llama_deep", "gemma4_deep"]  # llama_deep, gemma4_deep: tests/checkpoints.py
 
 
 @pytest.fixture(scope="module")
-def deep(tmp_path_factory) -> dict[str, Path]:
-    folders = {}
-    for name, (config_cls, model_cls, kwargs) in DEEP.items():
-        torch.manual_seed(0)
-        model = getattr(tf, model_cls)(getattr(tf, config_cls)(**kwargs)).eval()
-        perturb(model, seed=sum(map(ord, name)))
-        folders[name] = save(model, tmp_path_factory.mktemp(name))
-    return folders
-
-
-@pytest.fixture(scope="module")
-def folders(checkpoint, deep) -> dict[str, Path]:
-    return {n: checkpoint(n)[1] for n in TWO} | deep
+def folders(checkpoint) -> dict[str, Path]:
+    return {n: checkpoint(n)[1] for n in TWO + FOUR}
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +37,6 @@ def ranks(folders, tmp_path_factory) -> dict[int, Path]:
         specs = [f"{n}={folders[n]}" for n in names]
         assert launch(world, [sys.executable, str(worker), str(out[world]), *specs]) == 0
     return out
-
-
-def _bound(llm: LLM, one: dict) -> float:
-    """1e-5, or one process's own spread where it is wider: a row alone vs in a batch, cached decode vs a full
-    forward (gemma3, embeddings scaled by 8 and 1 + w norms, reaches 3.1e-5 here)."""
-    alone = (one["batch"][0] - llm.logits(PROMPT[:6])).abs().max().item()
-    return max(1e-5, alone, (one["decode"] - one["logits"][6:]).abs().max().item())
-
-
-def _compare(pp: dict, one: dict, llm: LLM) -> None:
-    bound = _bound(llm, one)
-    for key in ("logits", "batch", "decode"):
-        assert pp[key].shape == one[key].shape, key
-        diff = (pp[key] - one[key]).abs().max().item()
-        assert diff <= bound, f"{key}: max abs diff {diff:.2e} > {bound:.1e}"
-    assert pp["greedy"] == one["greedy"]
-    assert pp["sampled"] == one["sampled"]
 
 
 def _check_stages(out: Path, name: str, world: int, llm: LLM) -> None:
@@ -98,18 +53,18 @@ def _check_stages(out: Path, name: str, world: int, llm: LLM) -> None:
 @pytest.mark.parametrize(("world", "name"), [(2, n) for n in TWO] + [(4, n) for n in FOUR])
 def test_ranks_match_one_process(world, name, ranks, folders):
     llm = LLM(folders[name], dtype="float32")
-    _compare(torch.load(ranks[world] / f"{name}.pt"), record(llm), llm)
+    compare(torch.load(ranks[world] / f"{name}.pt"), record(llm), llm)
     _check_stages(ranks[world], name, world, llm)
 
 
-def test_cuts_keep_kv_shared_layers_with_their_source(loaded, deep):
+def test_cuts_keep_kv_shared_layers_with_their_source(loaded, checkpoint):
     gemma4 = loaded("gemma4_dense")[1].model  # layers 3-5 read the caches of layers 1 and 2
     assert allowed_cuts(gemma4) == [1]
     assert stage_bounds(gemma4, 2) == [(0, 1), (1, 6)]
-    deep4 = LLM(deep["gemma4_deep"], dtype="float32").model  # layers 6-8 read layers 4 and 5
+    deep4 = LLM(checkpoint("gemma4_deep")[1], dtype="float32").model  # layers 6-8 read layers 4 and 5
     assert allowed_cuts(deep4) == [1, 2, 3, 4]
     assert stage_bounds(deep4, 4) == [(0, 2), (2, 3), (3, 4), (4, 9)]  # the last stage holds 5 of 9
-    llama = LLM(deep["llama_deep"], dtype="float32").model  # equal layers: equal stages
+    llama = LLM(checkpoint("llama_deep")[1], dtype="float32").model  # equal layers: equal stages
     assert stage_bounds(llama, 2) == [(0, 3), (3, 6)] and stage_bounds(llama, 3) == [(0, 2), (2, 4), (4, 6)]
 
 
@@ -120,8 +75,8 @@ def test_refused_splits_name_counts_that_work(loaded):
         split_model(loaded("gemma4_dense")[1].model, Mesh(0, 3))
 
 
-def test_a_rank_frees_the_other_stages(deep):
-    llm = LLM(deep["llama_deep"], dtype="float32")
+def test_a_rank_frees_the_other_stages(checkpoint):
+    llm = LLM(checkpoint("llama_deep")[1], dtype="float32")
     whole = {n for n, _ in llm.model.named_parameters()}
     split_model(llm.model, Mesh(1, 2))  # rank 1 of 2: layers 3-5; no collective runs until a forward
     kept = {n for n, _ in llm.model.named_parameters()}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from checkpoints import _decoder, perturb, save
-from tp_worker import OTHER, PROMPT, record
+from split_checks import OTHER, PROMPT, compare, record
 
 from hearthlm import LLM, SamplingParams
 from hearthlm.distributed.mesh import Mesh
@@ -72,29 +72,11 @@ def four(checkpoint, tmp_path_factory) -> Path:
     return out
 
 
-def _floor(llm: LLM, one: dict) -> float:
-    """How far one process is from itself: a row alone vs in a batch, cached decode vs a full forward. On
-    gemma3 (embeddings scaled by 8, 1 + w norms) these reach 3.1e-5 and 1.5e-5 here; elsewhere under 7e-6."""
-    alone = (one["batch"][0] - llm.logits(PROMPT[:6])).abs().max().item()
-    return max(alone, (one["decode"] - one["logits"][6:]).abs().max().item())
-
-
-def _compare(tp: dict, one: dict, llm: LLM) -> None:
-    """Within 1e-5 of one process, or within one process's own spread where that is wider (gemma3's batch)."""
-    bound = max(1e-5, _floor(llm, one))
-    for key in ("logits", "batch", "decode"):
-        assert tp[key].shape == one[key].shape, key
-        diff = (tp[key] - one[key]).abs().max().item()
-        assert diff <= bound, f"{key}: max abs diff {diff:.2e} > {bound:.1e}"
-    assert tp["greedy"] == one["greedy"]
-    assert tp["sampled"] == one["sampled"]
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_ranks_match_one_process(name, ranks, loaded):
     tp = torch.load(ranks / f"{name}.pt")
     llm = loaded(name)[1]
-    _compare(tp, record(llm), llm)
+    compare(tp, record(llm), llm)
     if name in ("mistral", "gemma4_dense"):
         assert 1 in tp["kv_heads"]  # a single K/V head, replicated on both ranks
 
@@ -108,7 +90,7 @@ def test_experts_split_two_ways_match_one_process(name, ranks, loaded, checkpoin
     else:
         llm = loaded(family)[1]
     tp = torch.load(ranks / f"{name}.pt")
-    _compare(tp, record(llm), llm)
+    compare(tp, record(llm), llm)
     experts, width = llm.config.num_experts, llm.config.moe_intermediate_size
     assert tp["experts"] == ({(experts // 2, width)} if rest[-1] == "ep" else {(experts, width // 2)})
 
@@ -119,7 +101,7 @@ def test_experts_divided_under_a_budget_match_one_process(name, ranks, loaded):
     another rank's; the tokens and logits are one process's without a budget."""
     llm = loaded(name.split("-")[0])[1]
     tp = torch.load(ranks / f"{name}.pt")
-    _compare(tp, record(llm), llm)
+    compare(tp, record(llm), llm)
     half = llm.config.num_experts // 2
     layers = sum(s.moe for s in llm.config.layers)
     assert tp["pool"]["owned"] == list(range(half))
@@ -131,7 +113,7 @@ def test_experts_divided_under_a_budget_match_one_process(name, ranks, loaded):
 def test_four_ranks_match_one_process(name, four, loaded):
     tp = torch.load(four / f"{name}.pt")
     llm = loaded(name.split("-")[0])[1]
-    _compare(tp, record(llm), llm)
+    compare(tp, record(llm), llm)
     if name == "mistral":
         assert set(tp["kv_heads"]) == {1}  # its one K/V head on each of the 4 ranks
 
@@ -154,7 +136,7 @@ def test_quantized_split_on_group_boundaries(quant, ranks, wide):
     checkpoint must leave every greedy step a margin above that for equal tokens to be a fair demand."""
     llm = LLM(wide, dtype="float32", quant=quant)
     assert greedy_margin(llm) > 0.02, "the checkpoint has a near-tie: draw another (perturb's seed)"
-    _compare(torch.load(ranks / f"{quant}.pt"), record(llm), llm)
+    compare(torch.load(ranks / f"{quant}.pt"), record(llm), llm)
 
 
 def test_head_ranges_replicate_kv_heads():
