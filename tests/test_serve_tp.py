@@ -265,10 +265,11 @@ def test_options_that_cannot_be_mirrored_are_refused_before_any_rank_starts(args
 
 
 @pytest.mark.parametrize("command", ["run", "serve"])
+@pytest.mark.parametrize("flag", ["--tp", "--ep", "--pp"])
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
-def test_a_rank_count_below_one_is_refused(command, value, capsys):
+def test_a_rank_count_below_one_is_refused(command, flag, value, capsys):
     with pytest.raises(SystemExit) as e:
-        main([command, "hearth-demo", *(["hi"] if command == "run" else []), "--tp", value])
+        main([command, "hearth-demo", *(["hi"] if command == "run" else []), flag, value])
     assert e.value.code == 2
     assert "is not a number of ranks: give a whole number, 1 or more" in capsys.readouterr().err
 
