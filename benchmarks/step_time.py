@@ -1,6 +1,6 @@
 """Time of one engine step at several batch sizes: the per-step cost the serving engine pays, without HTTP.
 
-    python benchmarks/step_time.py [--model hearth-demo] [--threads 2] [--batches 1,4,16] [--tokens 128]
+    python benchmarks/step_time.py [--model hearth-demo] [--quant int8] [--threads 2] [--batches 1,4,16] [--tokens 128]
 
 For each batch size B: an Engine with B greedy requests of a 20-token prompt and --tokens tokens each; after two
 warm-up steps, the wall time and the calling thread's CPU time per step until all finish. At --threads 1 that CPU
@@ -40,9 +40,10 @@ def main() -> None:
     p.add_argument("--threads", default=None, help="default: the physical cores")
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--quant", default=None, help="quantize at load: int8 or int4 (default: as the model is)")
     args = p.parse_args()
     threads = set_threads(args.threads)
-    llm = hearthlm.LLM(args.model)
+    llm = hearthlm.LLM(args.model, quant=args.quant)
     for batch in (int(b) for b in args.batches.split(",")):
         wall, cpu = step_times(llm, batch, args.tokens)
         print(f"threads {threads} B={batch}: {wall:.2f} ms/step wall, {cpu:.2f} ms CPU, {batch / wall * 1e3:.0f} tok/s")

@@ -111,15 +111,16 @@ def test_every_family_computes_its_quantized_weights(checkpoint, name, fmt, kern
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("path", ["amx", "avx512"])
 def test_every_family_prefills_through_the_integer_gemm(checkpoint, name, fmt, path, kernel_path, monkeypatch):
-    """On the AMX and AVX-512 paths a 20-token prefill multiplies the quantized weights with the integer GEMM. It rounds
-    each row of activations as the decode GEMV does and sums the same integer products, so every product in
-    the model's forward (each family's shapes, biases, experts) must equal GEMV calls on 8 rows at a time of the
-    same input, up to float32 summation order. (Whole-model logits are no tighter test: float-order differences
+    """On the AMX and AVX-512 paths a prefill of more rows than quant_linear gives the GEMV multiplies the quantized
+    weights with the integer GEMM. It rounds each row of activations as the decode GEMV does and sums the same
+    integer products, so every product in the model's forward (each family's shapes, biases, experts) must equal
+    GEMV calls on 8 rows at a time of the same input, up to float32 summation order. (Whole-model logits are no tighter test: float-order differences
     flip the int8 rounding of single activations downstream, which these random nets amplify.)"""
     kernel_path(path)
     _, folder = checkpoint(name)
     llm = LLM(folder, dtype="float32", quant=fmt)
-    ids = torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    n = cpu.QUANT_GEMV_ROWS_VNNI + 8
+    ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(3)).tolist()
     real, rows, errors = cpu.quant_gemm, [], []
 
     def checked(x, *args):
@@ -132,7 +133,7 @@ def test_every_family_prefills_through_the_integer_gemm(checkpoint, name, fmt, p
 
     monkeypatch.setattr(cpu, "quant_gemm", checked)
     llm.logits(ids)
-    assert rows and max(rows) == 20  # the dense projections took the GEMM
+    assert rows and max(rows) == n  # the dense projections took the GEMM
     assert max(errors) <= 1e-5
 
 

@@ -143,12 +143,13 @@ def test_isa_is_what_the_cpu_has(capped):
 
 @pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "torch"])
 def test_prefill_product_on_every_path(kernel_path, isa):
-    """Each path this machine can run gives the quantized product of 20 rows: the integer GEMM within the bound
-    of rounding x, the float tiles (AVX2 dequantizer or the torch reference) to float32 rounding."""
+    """Each path this machine can run gives the quantized product of a prefill chunk (more rows than quant_linear
+    gives the GEMV on any path): the integer GEMM within the bound of rounding x, the float tiles (AVX2
+    dequantizer or the torch reference) to float32 rounding."""
     kernel_path(isa)
     q, s, m = _weights(70, 640, 4, 32, True, seed=21)
     w = QuantTensor(q, s, m, 4, 32)
-    x = torch.randn(20, 640, generator=torch.Generator().manual_seed(22))
+    x = torch.randn(cpu.QUANT_GEMV_ROWS_VNNI + 1, 640, generator=torch.Generator().manual_seed(22))
     y = quant_linear(x, w)
     exact = x.double() @ dequantize(q, s, m, 4, 32).double().T
     if isa in ("amx", "avx512"):

@@ -1,7 +1,8 @@
 """CPU kernels in C++ (AVX2/FMA/F16C), compiled on first use into one extension: a batch-1..8 GEMV, decode
 attention over the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a
-GEMV and a row dequantizer for quantized weights (quant_cpu.cpp); a whole decoder layer's decode step chaining
-them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into chunks taken from
+GEMV and a row dequantizer for quantized weights (quant_cpu.cpp, with x's rounding in quant_x.cpp, and the
+AVX-512 VNNI GEMV for 8-bit weights and any number of rows in quant_vnni.cpp); a whole decoder layer's decode
+step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into chunks taken from
 a shared counter, so a core that another process takes delays one chunk, not the whole kernel.
 
 On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
@@ -163,7 +164,15 @@ def _import(name: str, library: Path):
     return module
 
 
-SOURCES = ("threadpool.cpp", "gemv_cpu.cpp", "quant_cpu.cpp", "decoder_cpu.cpp", "bindings_cpu.cpp")
+SOURCES = (
+    "threadpool.cpp",
+    "gemv_cpu.cpp",
+    "quant_x.cpp",
+    "quant_cpu.cpp",
+    "quant_vnni.cpp",
+    "decoder_cpu.cpp",
+    "bindings_cpu.cpp",
+)
 SOURCES_AVX512 = ("threadpool.cpp", "gemm_avx512.cpp", "bindings_avx512.cpp")
 
 
@@ -171,8 +180,29 @@ SOURCES_AVX512 = ("threadpool.cpp", "gemm_avx512.cpp", "bindings_avx512.cpp")
 def _load():
     module = _build("hearthlm_cpu", SOURCES)
     if module is not None:  # the quantized GEMV's path follows isa(), so HEARTHLM_ISA=avx2 keeps it on AVX2
-        module.set_quant_gemv_isa("avx512" if _at_least("avx512") else "avx2")
+        _set_quant_path(module, "avx512" if _at_least("avx512") else "avx2")
     return module
+
+
+# The most rows quant_linear gives quant_gemv rather than the integer GEMM (quant_gemm), for 8-bit weights on the
+# VNNI path: it takes any number of rows in one pass over the weights (quant_vnni.cpp), and on Zen 4 it ran as
+# fast as the GEMM at 256 rows and faster below (benchmarks/quant_gemv.py --rows). 4-bit weights and the AVX2
+# path run 8 rows a pass. Where AMX runs the GEMM, its tiles keep every batch they had.
+QUANT_GEMV_ROWS_VNNI = 128
+_vnni_gemv = False  # quant_gemv's path is VNNI (set_quant_gemv_isa)
+
+
+def _set_quant_path(module, path: str) -> None:
+    global _vnni_gemv
+    module.set_quant_gemv_isa(path)
+    _vnni_gemv = path == "avx512"
+
+
+def quant_gemv_rows(bits: int) -> int:
+    """The most input rows that quant_linear runs on quant_gemv for `bits`-bit weights (more go to quant_gemm, or
+    the float tiles); see QUANT_GEMV_ROWS_VNNI. Follows HEARTHLM_ISA: capped to avx2, prefill takes the float tiles
+    as before."""
+    return QUANT_GEMV_ROWS_VNNI if bits == 8 and _vnni_gemv and isa() == "avx512" else MAX_ROWS
 
 
 @functools.cache
@@ -299,9 +329,10 @@ def quant_gemv(
     group: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] (any float dtype; more than MAX_ROWS rows run as even slices of at most MAX_ROWS), the
-    QuantTensor parts of a 2-D weight W [N, K] (contiguous), bias float32 [N] or None -> x @ W.T + bias, float32
-    [..., N].
+    """x [..., K] (any float dtype), the QuantTensor parts of a 2-D weight W [N, K] (contiguous), bias float32 [N]
+    or None -> x @ W.T + bias, float32 [..., N]. On the AVX-512 VNNI path 8-bit weights take any number of rows in
+    one pass over the weights; otherwise more than MAX_ROWS rows run as even slices of at most MAX_ROWS. Either way
+    a row's result does not depend on the rows beside it (bit for bit on VNNI).
 
     x is rounded to int8 per block of 32 elements inside (one scale per block, as llama.cpp's Q8_0), so the
     result is W . x^ where each element of x^ is off by at most 1/254 of its block's largest |x|.
@@ -324,7 +355,7 @@ def set_quant_gemv_isa(path: str) -> None:
     """Switch quant_gemv (process-wide, DecodeLinear included) to one of quant_gemv_paths(): a test hook."""
     if path not in quant_gemv_paths():
         raise ValueError(f"quant_gemv path {path!r} does not run here; use one of {quant_gemv_paths()}")
-    _load().set_quant_gemv_isa(path)
+    _set_quant_path(_load(), path)
 
 
 def dequant_rows(

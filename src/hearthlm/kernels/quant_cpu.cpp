@@ -1,7 +1,8 @@
 // Kernels for quantized weights (the QuantTensor layout of quant/tensor.py) on x86 CPUs with AVX2 + FMA +
 // F16C: a batch-1..8 GEMV straight from the packed integers, and a row dequantizer for embedding lookups
-// and prefill tiles. On CPUs with AVX-512 VNNI the GEMV runs a second path (quant_gemv_vnni, below), with the
-// same rounding of x and the same result up to float32 rounding; set_quant_gemv_isa picks it.
+// and prefill tiles. On CPUs with AVX-512 VNNI the GEMV runs a second path (quant_gemv_vnni, below; for 8-bit
+// weights quant_vnni.cpp, which takes any number of rows in one pass), with the same rounding of x and the same
+// result up to float32 rounding; set_quant_gemv_isa picks it.
 //
 // Decode reads every weight once per token, so it runs at the speed weights stream from memory. int4 weights
 // are a quarter of bf16's bytes, but that only pays if the arithmetic keeps up, and converting every weight
@@ -16,6 +17,8 @@
 // dequant_rows matches the PyTorch reference bit for bit: q * s is exact in float32 (at most 8 + 11
 // significant bits), so q * s + m rounds once whether or not the compiler fuses it into an FMA.
 #include "cpu_kernels.h"
+#include "quant_vnni.h"
+#include "quant_x.h"
 #include "threadpool.h"
 
 #include <torch/types.h>
@@ -45,91 +48,11 @@ inline __m256 hsum8(const __m256 (&v)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
-  return _mm_cvtsi128_si32(s);
-}
-
 inline float half_to_float(const at::Half* p) { return _cvtsh_ss(p->x); }
 
 // [v[i] x4, v[j] x4]: one scale per 16-element half of a 32-element dot product (the lanes of vpmaddwd).
 inline __m256 spread(__m256 v, int i, int j) {
   return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(i, i, i, i, j, j, j, j));
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Activations, quantized once per call. A "unit" is what one weight scale covers at the finest: a block of
-// 32 elements, or a half-block of 16 when group == 16. Per unit we keep the x scale of its block and the sum
-// of x^ over it (for the offset terms), padded with zeros to whole chunks of 8 units.
-struct QuantizedX {
-  int64_t M = 0, K = 0, nb = 0, nu = 0, nu_pad = 0;
-  std::vector<int8_t> q;    // [M][K]; for 4-bit weights each pair of blocks is stored by halves (below)
-  std::vector<float> d;     // [M][nu_pad] scale of the block holding the unit
-  std::vector<float> sum;   // [M][nu_pad] sum of x^ over the unit
-};
-
-// For 4-bit weights a 32-byte load holds two blocks: its low nibbles are elements 0..15 of both, its high
-// nibbles elements 16..31. Storing x's blocks 2p, 2p+1 as [2p: 0..15][2p+1: 0..15][2p: 16..31][2p+1: 16..31]
-// lines them up with those two vectors, so one load feeds two blocks. A last odd block stays as it is.
-void quantize_x(const float* x, int64_t M, int64_t K, bool paired, bool half_units, QuantizedX& qx) {
-  qx.M = M;
-  qx.K = K;
-  qx.nb = K / 32;
-  qx.nu = half_units ? 2 * qx.nb : qx.nb;
-  qx.nu_pad = (qx.nu + 7) / 8 * 8;
-  qx.q.resize(M * K);
-  qx.d.assign(M * qx.nu_pad, 0.0f);
-  qx.sum.assign(M * qx.nu_pad, 0.0f);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int64_t m = 0; m < M; ++m) {
-    int8_t* qrow = qx.q.data() + m * K;
-    float* drow = qx.d.data() + m * qx.nu_pad;
-    float* srow = qx.sum.data() + m * qx.nu_pad;
-    for (int64_t b = 0; b < qx.nb; ++b) {
-      const float* xb = x + m * K + b * 32;
-      __m256 v[4];
-      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
-      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-                                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
-      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-      m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-      const float amax = _mm_cvtss_f32(m4);
-      __m256 nan = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
-      // A NaN or infinity in x makes the block's scale NaN, so that it shows in the output (vmaxps would
-      // drop a NaN from amax, and an infinite amax would round the rest of the block to zero).
-      const bool finite = std::isfinite(amax) && !_mm256_movemask_ps(nan);
-      const float d = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
-      const __m256 id = _mm256_set1_ps(finite && d != 0.0f ? 1.0f / d : 0.0f);
-      __m256i q[4];
-      for (int i = 0; i < 4; ++i)
-        q[i] = _mm256_cvtps_epi32(
-            _mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      const int32_t lo = hsum_epi32(_mm256_add_epi32(q[0], q[1])), hi = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
-      // int32 -> int8 keeping element order (the packs interleave 128-bit lanes; the permute undoes it).
-      const __m256i p = _mm256_permutevar8x32_epi32(
-          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
-      if (paired && !(b == qx.nb - 1 && (b & 1) == 0)) {
-        int8_t* dst = qrow + (b & ~int64_t(1)) * 32 + (b & 1) * 16;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(p, 1));
-      } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qrow + b * 32), p);
-      }
-      if (half_units) {
-        drow[2 * b] = drow[2 * b + 1] = d;
-        srow[2 * b] = d * static_cast<float>(lo);
-        srow[2 * b + 1] = d * static_cast<float>(hi);
-      } else {
-        drow[b] = d;
-        srow[b] = d * static_cast<float>(lo + hi);
-      }
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -759,14 +682,22 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   x = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   TORCH_CHECK(x.size(0) >= 1, "quant_gemv: x has no rows");
   const int64_t M = x.size(0);
-  if (M > kPassRows)
+  const bool vnni = use_vnni.load(std::memory_order_relaxed), wide = vnni && bits == 8;
+  if (M > kPassRows && !wide)  // (8-bit weights on VNNI take any number of rows in one pass: quant_vnni.cpp)
     return by_slices(x, [&](const torch::Tensor& s) { return quant_gemv(s, qdata, scales, mins, bits, group, bias); })
         .view(out_shape);
   const bool half = group == 16;
   auto y = torch::empty({M, N}, x.options());
-  if (N == 0) return y;
+  if (N == 0) return y.view(out_shape);
   QuantizedX qx;
-  if (use_vnni.load(std::memory_order_relaxed)) {  // x in natural order; plan_vnni lays it out per step
+  if (wide) {
+    quantize_x(x.data_ptr<float>(), M, K, false, half, qx);
+    quant_gemv_wide(qx, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1), scales.data_ptr<at::Half>(),
+                    mins.has_value() ? mins->data_ptr<at::Half>() : nullptr, y.data_ptr<float>(), N, group);
+    if (bias.has_value()) y.add_(*bias);
+    return y.view(out_shape);
+  }
+  if (vnni) {  // x in natural order; plan_vnni lays it out per step
     quantize_x(x.data_ptr<float>(), M, K, false, half, qx);
     quant_gemv_vnni(qx, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1), scales.data_ptr<at::Half>(),
                     mins.has_value() ? mins->data_ptr<at::Half>() : nullptr, static_cast<int>(bits), group,

@@ -1,8 +1,8 @@
 """Products with quantized weights: the CPU kernels where they apply, dequantized tiles elsewhere.
 
-Up to cpu.MAX_ROWS input rows (decode) run the integer GEMV kernel, which reads the packed weights once.
-More rows (prefill) run the integer GEMM on CPUs with AVX-512 VNNI (kernels/gemm_avx512.cpp: 5-7x the float
-tiles below at 512 rows). Elsewhere they dequantize the weight a tile of output rows at a time and multiply in
+Up to cpu.quant_gemv_rows(bits) input rows (decode, verify steps, short prefill chunks) run the integer GEMV
+kernel, which reads the packed weights once. More rows (prefill) run the integer GEMM on CPUs with AVX-512 VNNI
+(kernels/gemm_avx512.cpp: 5-7x the float tiles below at 512 rows). Elsewhere they dequantize the weight a tile of output rows at a time and multiply in
 float: the tile stays in cache, and the float GEMM is faster than the GEMV kernel once the weights are reused
 this often. Off the CPU (or without the kernels) the same tiles come from the pure-torch reference
 `dequantize`, so every device gets the same answer."""
@@ -31,7 +31,7 @@ def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = No
     qdata = buffers["qdata"]
     kernel = None
     if rows > 0 and qdata.device.type == "cpu":
-        if rows <= cpu.MAX_ROWS and cpu.available():
+        if cpu.available() and rows <= cpu.quant_gemv_rows(w.bits):
             kernel = cpu.quant_gemv
         elif qdata.dim() == 2 and qdata.is_contiguous() and cpu.gemm_available():
             kernel = cpu.quant_gemm
