@@ -77,7 +77,7 @@ def _time_calls(fns: list, calls: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch), 1..8 (default 1)")
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch; default 1)")
     ap.add_argument("--calls", type=int, default=200, help="timed calls per case (default 200)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
     args = ap.parse_args()

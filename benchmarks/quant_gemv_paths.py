@@ -4,7 +4,12 @@ and weight copies). Each round runs every path for `--calls` calls, in alternati
 GB/s per path and the median of the per-round ratios, which a change in the machine's load disturbs less than
 separate runs.
 
-    python benchmarks/quant_gemv_paths.py [--rows 1] [--rounds 8] [--shapes qkv,gate_up,down,lm_head]
+    python benchmarks/quant_gemv_paths.py [--rows 1] [--rounds 8] [--shapes qkv,gate_up,down,lm_head] [--gemm]
+
+With more rows than one pass of the AVX2 kernel (8), the AVX2 path runs even slices of 8 rows: what every path
+did before 8-bit weights got a VNNI kernel that takes any number of rows in one pass (kernels/quant_vnni.cpp).
+--gemm adds the prefill GEMM (quant_gemm) as a third contender, which quant_linear uses past
+cpu.quant_gemv_rows() rows.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ from quant_gemv import FORMATS, SHAPES, weight_copies
 from hearthlm.kernels import cpu
 
 
-def seconds_per_call(x, parts, bits, group, calls, start):
+def seconds_per_call(x, parts, bits, group, calls, start, kernel=cpu.quant_gemv):
     times = []
     for i in range(calls):
         p = parts[(start + i) % len(parts)]
         t = time.perf_counter()
-        cpu.quant_gemv(x, *p, bits, group)
+        kernel(x, *p, bits, group)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -36,11 +41,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--shapes", default="qkv,gate_up,down,lm_head")
+    ap.add_argument("--gemm", action="store_true", help="also time the prefill GEMM (quant_gemm)")
     args = ap.parse_args()
     paths = cpu.quant_gemv_paths()
     if len(paths) < 2:
         raise SystemExit(f"only {paths} runs here: nothing to compare")
-    print(f"threads {torch.get_num_threads()}, rows {args.rows}, paths {paths}, load {os.getloadavg()[0]:.2f}")
+    contenders = paths + (["gemm"] if args.gemm and cpu.gemm_available() else [])
+    print(f"threads {torch.get_num_threads()}, rows {args.rows}, paths {contenders}, load {os.getloadavg()[0]:.2f}")
     g = torch.Generator().manual_seed(0)
     for name in args.shapes.split(","):
         N, K = SHAPES[name]
@@ -48,15 +55,19 @@ def main() -> None:
         for label, bits, group, mins in FORMATS:
             group = group or K
             parts, nbytes = weight_copies(N, K, bits, group, mins, g)
-            times: dict[str, list[float]] = {p: [] for p in paths}
-            ratios = []
+            times: dict[str, list[float]] = {p: [] for p in contenders}
+            ratios: dict[str, list[float]] = {p: [] for p in contenders[1:]}
             for r in range(args.rounds):
-                for path in paths if r % 2 == 0 else paths[::-1]:
-                    cpu.set_quant_gemv_isa(path)
-                    times[path].append(seconds_per_call(x, parts, bits, group, args.calls, r * args.calls))
-                ratios.append(times[paths[1]][-1] / times[paths[0]][-1])
+                for path in contenders if r % 2 == 0 else contenders[::-1]:
+                    kernel = cpu.quant_gemm if path == "gemm" else cpu.quant_gemv
+                    if path != "gemm":
+                        cpu.set_quant_gemv_isa(path)
+                    times[path].append(seconds_per_call(x, parts, bits, group, args.calls, r * args.calls, kernel))
+                for p in contenders[1:]:
+                    ratios[p].append(times[p][-1] / times[paths[0]][-1])
             rates = "  ".join(f"{p} {nbytes / statistics.median(t) / 1e9:5.1f} GB/s" for p, t in times.items())
-            print(f"{name:8s} {label:14s} {rates}  {paths[0]} speedup x{statistics.median(ratios):.2f}")
+            speedups = "  ".join(f"x{statistics.median(v):.2f} vs {p}" for p, v in ratios.items())
+            print(f"{name:8s} {label:14s} {rates}  {paths[0]}: {speedups}")
     cpu.set_quant_gemv_isa(paths[0])
     print(f"load {os.getloadavg()[0]:.2f} at the end")
 
