@@ -152,14 +152,22 @@ HEARTH_VNNI inline void add_unit(__m512 (&a)[MB], const __m512i (&s)[MB], const 
   }
 }
 
-// Where x row m's data for a chunk starting at unit u0 begins.
-struct XRow {
-  const int8_t* q;
-  const float *d, *s;
-  const int32_t* i;
-  XRow(const QuantizedX& x, int64_t m, int64_t k0, int64_t u0)
-      : q(x.q.data() + m * x.K + k0), d(x.d.data() + m * x.nu_pad + u0), s(x.sum.data() + m * x.nu_pad + u0),
-        i(x.isum.data() + m * x.nu_pad + u0) {}
+// Where x rows m0 .. m0 + MB - 1's data for a chunk starting at element k0 (unit u0) begins: x^, x's scale per
+// unit, x's scaled and integer sums per unit.
+template <int MB>
+struct XRows {
+  const int8_t* q[MB];
+  const float* d[MB];
+  const float* s[MB];
+  const int32_t* i[MB];
+  XRows(const QuantizedX& x, int64_t m0, int64_t k0, int64_t u0) {
+    for (int m = 0; m < MB; ++m) {
+      q[m] = x.q.data() + (m0 + m) * x.K + k0;
+      d[m] = x.d.data() + (m0 + m) * x.nu_pad + u0;
+      s[m] = x.sum.data() + (m0 + m) * x.nu_pad + u0;
+      i[m] = x.isum.data() + (m0 + m) * x.nu_pad + u0;
+    }
+  }
 };
 
 // One pass of x rows m0 .. m0 + MB - 1 over the chunk's quads: their float sums acc[m] (a lane per weight row)
@@ -167,29 +175,22 @@ struct XRow {
 template <int MB>
 HEARTH_VNNI void chunk_pass(const Call& c, int64_t k0, int64_t kc, int64_t m0, const Lanes16* quads,
                             const Lanes16* scales, const Lanes16* mins, Lanes16* acc) {
-  const int64_t qpu = c.unit / 4, u0 = k0 / c.unit;
-  const int8_t* xq[MB];
-  const float* xd[MB];
-  const float* xs[MB];
-  const int32_t* xi[MB];
+  const int64_t qpu = c.unit / 4;
+  const XRows<MB> x(*c.x, m0, k0, k0 / c.unit);
   __m512 a[MB];
-  for (int m = 0; m < MB; ++m) {
-    const XRow r(*c.x, m0 + m, k0, u0);
-    xq[m] = r.q, xd[m] = r.d, xs[m] = r.s, xi[m] = r.i;
-    a[m] = _mm512_load_ps(reinterpret_cast<const float*>(acc + m0 + m));
-  }
+  for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(reinterpret_cast<const float*>(acc + m0 + m));
   for (int64_t u = 0; u < kc / c.unit; ++u) {
     __m512i s[MB];
-    for (int m = 0; m < MB; ++m) s[m] = _mm512_set1_epi32(kOffset * xi[m][u]);
+    for (int m = 0; m < MB; ++m) s[m] = _mm512_set1_epi32(kOffset * x.i[m][u]);
     for (int64_t j = u * qpu; j < (u + 1) * qpu; ++j) {
       const __m512i w = _mm512_load_si512(quads + j);
       for (int m = 0; m < MB; ++m) {
         int32_t x4;
-        std::memcpy(&x4, xq[m] + 4 * j, 4);
+        std::memcpy(&x4, x.q[m] + 4 * j, 4);
         s[m] = _mm512_dpbusd_epi32(s[m], w, _mm512_set1_epi32(x4));
       }
     }
-    add_unit<MB>(a, s, scales, mins, (k0 + u * c.unit) / c.group, xd, xs, u);
+    add_unit<MB>(a, s, scales, mins, (k0 + u * c.unit) / c.group, x.d, x.s, u);
   }
   for (int m = 0; m < MB; ++m) _mm512_store_ps(reinterpret_cast<float*>(acc + m0 + m), a[m]);
 }
@@ -253,27 +254,19 @@ template <int MB, bool HALF>
 HEARTH_VNNI void row_pass(const Call& c, const uint8_t* w, int64_t k0, int64_t kc, const Lanes16* scales,
                           const Lanes16* mins, Lanes16* acc) {
   constexpr int64_t unit = HALF ? 16 : 32;
-  const int64_t u0 = k0 / unit;
-  const int8_t* xq[MB];
-  const float* xd[MB];
-  const float* xs[MB];
-  const int32_t* xi[MB];
+  const XRows<MB> x(*c.x, 0, k0, k0 / unit);
   __m512 a[MB];
-  for (int m = 0; m < MB; ++m) {
-    const XRow r(*c.x, m, k0, u0);
-    xq[m] = r.q, xd[m] = r.d, xs[m] = r.s, xi[m] = r.i;
-    a[m] = _mm512_load_ps(reinterpret_cast<const float*>(acc + m));
-  }
+  for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(reinterpret_cast<const float*>(acc + m));
   for (int64_t e = 0; e < kc; e += 64) {
     const int64_t bytes = std::min<int64_t>(64, kc - e);
     const __mmask64 mask = bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
     __m512i xv[MB], units[MB][4];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_epi8(mask, xq[m] + e);
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_epi8(mask, x.q[m] + e);
     const int n = step_units<MB, HALF>(w, c.row_bytes, k0 + e, bytes, xv, units);
     for (int i = 0, u = static_cast<int>(e / unit); i < n; ++i, ++u) {
       __m512i s[MB];
-      for (int m = 0; m < MB; ++m) s[m] = _mm512_add_epi32(units[m][i], _mm512_set1_epi32(kOffset * xi[m][u]));
-      add_unit<MB>(a, s, scales, mins, (k0 + u * unit) / c.group, xd, xs, u);
+      for (int m = 0; m < MB; ++m) s[m] = _mm512_add_epi32(units[m][i], _mm512_set1_epi32(kOffset * x.i[m][u]));
+      add_unit<MB>(a, s, scales, mins, (k0 + u * unit) / c.group, x.d, x.s, u);
     }
   }
   for (int m = 0; m < MB; ++m) _mm512_store_ps(reinterpret_cast<float*>(acc + m), a[m]);
