@@ -584,48 +584,44 @@ HEARTH_VNNI void vnni_rows(const VnniArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-template <int BITS, bool HALF, int M>
-void vnni_parallel(const VnniArgs& a) {
-  const int64_t unit = 16;  // as gemv_rows: whole units of 16 rows, at least 64 KB of weights per task
-  const int64_t units = (a.N + unit - 1) / unit;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * a.p->row_bytes));
-  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    vnni_rows<BITS, HALF, M>(a, u0 * unit, std::min(a.N, u1 * unit));
-  });
-}
-
+// y's rows [n0, n1) for one slice of at most 8 x rows.
 template <int BITS, bool HALF>
-void vnni_dispatch(const VnniArgs& a, int64_t M) {
+void vnni_range(const VnniArgs& a, int64_t M, int64_t n0, int64_t n1) {
   switch (M) {
-    case 1: return vnni_parallel<BITS, HALF, 1>(a);
-    case 2: return vnni_parallel<BITS, HALF, 2>(a);
-    case 3: return vnni_parallel<BITS, HALF, 3>(a);
-    case 4: return vnni_parallel<BITS, HALF, 4>(a);
-    case 5: return vnni_parallel<BITS, HALF, 5>(a);
-    case 6: return vnni_parallel<BITS, HALF, 6>(a);
-    case 7: return vnni_parallel<BITS, HALF, 7>(a);
-    case 8: return vnni_parallel<BITS, HALF, 8>(a);
+    case 1: return vnni_rows<BITS, HALF, 1>(a, n0, n1);
+    case 2: return vnni_rows<BITS, HALF, 2>(a, n0, n1);
+    case 3: return vnni_rows<BITS, HALF, 3>(a, n0, n1);
+    case 4: return vnni_rows<BITS, HALF, 4>(a, n0, n1);
+    case 5: return vnni_rows<BITS, HALF, 5>(a, n0, n1);
+    case 6: return vnni_rows<BITS, HALF, 6>(a, n0, n1);
+    case 7: return vnni_rows<BITS, HALF, 7>(a, n0, n1);
+    case 8: return vnni_rows<BITS, HALF, 8>(a, n0, n1);
   }
-  TORCH_CHECK(false, "quant_gemv: M must be in 1..8, got ", M);
+  TORCH_CHECK(false, "quant_gemv: a slice must have 1..8 rows, got ", M);
 }
 
-void quant_gemv_vnni(const QuantizedX& qx, const uint8_t* q, int64_t row_bytes, const at::Half* scales,
-                     const at::Half* mins, int bits, int64_t group, float* y, int64_t N) {
-  VnniPlan p;
-  plan_vnni(qx, bits, group, row_bytes, p);
-  VnniArgs a;
-  a.p = &p;
-  a.q = q;
-  a.scales = scales;
-  a.mins = mins;
-  a.offset = bits == 8 ? -128.0f : (mins ? 0.0f : -8.0f);
-  a.y = y;
-  a.N = N;
+// y = W . x^ for x given as slices of at most 8 rows each (y's rows in the same order). A task runs every slice
+// on its weight rows (at least 64 KB of them) before the next task, so a wide batch reads the weights from memory
+// once and the later slices find them in L2; each slice's rows run the instructions of a call of their own.
+void quant_gemv_vnni(const std::vector<QuantizedX>& slices, const uint8_t* q, int64_t row_bytes,
+                     const at::Half* scales, const at::Half* mins, int bits, int64_t group, float* y, int64_t N) {
+  std::vector<VnniPlan> plans(slices.size());
+  std::vector<VnniArgs> args(slices.size());
+  int64_t m0 = 0;
+  for (size_t i = 0; i < slices.size(); ++i) {
+    plan_vnni(slices[i], bits, group, row_bytes, plans[i]);
+    args[i] = VnniArgs{&plans[i], q, scales, mins, bits == 8 ? -128.0f : (mins ? 0.0f : -8.0f), y + m0 * N, N};
+    m0 += slices[i].M;
+  }
   const bool half = group == 16;
-  if (bits == 4)
-    half ? vnni_dispatch<4, true>(a, qx.M) : vnni_dispatch<4, false>(a, qx.M);
-  else
-    half ? vnni_dispatch<8, true>(a, qx.M) : vnni_dispatch<8, false>(a, qx.M);
+  const auto range = bits == 4 ? (half ? vnni_range<4, true> : vnni_range<4, false>)
+                               : (half ? vnni_range<8, true> : vnni_range<8, false>);
+  const int64_t unit = 16;  // as gemv_rows: whole units of 16 rows, at least 64 KB of weights per task
+  const int64_t units = (N + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * row_bytes));
+  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (size_t i = 0; i < slices.size(); ++i) range(args[i], slices[i].M, u0 * unit, std::min(N, u1 * unit));
+  });
 }
 
 // Which path quant_gemv takes: set from Python at load (kernels/cpu.py, after HEARTHLM_ISA), AVX2 until then.
@@ -683,7 +679,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   TORCH_CHECK(x.size(0) >= 1, "quant_gemv: x has no rows");
   const int64_t M = x.size(0);
   const bool vnni = use_vnni.load(std::memory_order_relaxed), wide = vnni && bits == 8;
-  if (M > kPassRows && !wide)  // (8-bit weights on VNNI take any number of rows in one pass: quant_vnni.cpp)
+  if (M > kPassRows && !vnni)  // (VNNI takes any number of rows in one pass over the weights)
     return by_slices(x, [&](const torch::Tensor& s) { return quant_gemv(s, qdata, scales, mins, bits, group, bias); })
         .view(out_shape);
   const bool half = group == 16;
@@ -697,11 +693,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
     if (bias.has_value()) y.add_(*bias);
     return y.view(out_shape);
   }
-  if (vnni) {  // x in natural order; plan_vnni lays it out per step
-    quantize_x(x.data_ptr<float>(), M, K, false, half, qx);
-    quant_gemv_vnni(qx, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1), scales.data_ptr<at::Half>(),
-                    mins.has_value() ? mins->data_ptr<at::Half>() : nullptr, static_cast<int>(bits), group,
-                    y.data_ptr<float>(), N);
+  if (vnni) {  // x in natural order, in the slices by_slices would cut; plan_vnni lays each out per step
+    const int64_t k = (M + kPassRows - 1) / kPassRows;
+    std::vector<QuantizedX> slices(k);
+    for (int64_t i = 0; i < k; ++i)
+      quantize_x(x.data_ptr<float>() + i * M / k * K, (i + 1) * M / k - i * M / k, K, false, half, slices[i]);
+    quant_gemv_vnni(slices, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1),
+                    scales.data_ptr<at::Half>(), mins.has_value() ? mins->data_ptr<at::Half>() : nullptr,
+                    static_cast<int>(bits), group, y.data_ptr<float>(), N);
     if (bias.has_value()) y.add_(*bias);
     return y.view(out_shape);
   }
