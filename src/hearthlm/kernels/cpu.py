@@ -2,8 +2,8 @@
 attention over the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a
 GEMV and a row dequantizer for quantized weights (quant_cpu.cpp, with x's rounding in quant_x.cpp, and the
 AVX-512 VNNI GEMV for 8-bit weights and any number of rows in quant_vnni.cpp); a whole decoder layer's decode
-step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into chunks taken from
-a shared counter, so a core that another process takes delays one chunk, not the whole kernel.
+step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into
+chunks taken from a shared counter, so a core that another process takes delays one chunk, not the whole kernel.
 
 On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
 weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8, and a GEMM for bf16 weights with
@@ -186,8 +186,8 @@ def _load():
 
 # The most rows quant_linear gives quant_gemv rather than the integer GEMM (quant_gemm), for 8-bit weights on the
 # VNNI path: it takes any number of rows in one pass over the weights (quant_vnni.cpp), and on Zen 4 it ran as
-# fast as the GEMM at 256 rows and faster below (benchmarks/quant_gemv.py --rows). 4-bit weights and the AVX2
-# path run 8 rows a pass. Where AMX runs the GEMM, its tiles keep every batch they had.
+# fast as the GEMM at 256 rows and faster below (benchmarks/quant_gemv_paths.py --gemm --rows N). 4-bit weights
+# and the AVX2 path run 8 rows a pass. Where AMX runs the GEMM, its tiles keep every batch they had.
 QUANT_GEMV_ROWS_VNNI = 128
 _vnni_gemv = False  # quant_gemv's path is VNNI (set_quant_gemv_isa)
 

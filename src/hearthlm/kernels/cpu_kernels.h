@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 // A kernel pass holds at most kPassRows input rows in registers. Wider inputs (a decode batch of up to
 // cpu.MAX_DECODE_ROWS rows, in one fused forward) run as even slices of at most kPassRows rows: slice i of k is rows
@@ -14,6 +15,8 @@
 // row's result is what it was then. `pass` computes one slice's [rows, N] output.
 constexpr int64_t kPassRows = 8;
 torch::Tensor by_slices(const torch::Tensor& x, const std::function<torch::Tensor(const torch::Tensor&)>& pass);
+// The cuts of M rows into even slices of at most `most`: slice i is rows [cuts[i], cuts[i + 1]).
+std::vector<int64_t> even_cuts(int64_t M, int64_t most);
 
 // Float weights (gemv_cpu.cpp). Shapes and dtypes are documented at each definition.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias);

@@ -120,10 +120,17 @@ void dispatch(const float* x, const T* W, float* y, int64_t M, int64_t K, int64_
 
 }  // namespace
 
+std::vector<int64_t> even_cuts(int64_t M, int64_t most) {
+  const int64_t k = (M + most - 1) / most;
+  std::vector<int64_t> cuts(k + 1);
+  for (int64_t i = 0; i <= k; ++i) cuts[i] = i * M / k;
+  return cuts;
+}
+
 torch::Tensor by_slices(const torch::Tensor& x, const std::function<torch::Tensor(const torch::Tensor&)>& pass) {
-  const int64_t M = x.size(0), k = (M + kPassRows - 1) / kPassRows;
+  const auto cuts = even_cuts(x.size(0), kPassRows);
   std::vector<torch::Tensor> outs;
-  for (int64_t i = 0; i < k; ++i) outs.push_back(pass(x.narrow(0, i * M / k, (i + 1) * M / k - i * M / k)));
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) outs.push_back(pass(x.narrow(0, cuts[i], cuts[i + 1] - cuts[i])));
   return torch::cat(outs);
 }
 

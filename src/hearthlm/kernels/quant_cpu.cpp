@@ -678,39 +678,35 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   x = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   TORCH_CHECK(x.size(0) >= 1, "quant_gemv: x has no rows");
   const int64_t M = x.size(0);
-  const bool vnni = use_vnni.load(std::memory_order_relaxed), wide = vnni && bits == 8;
+  const bool vnni = use_vnni.load(std::memory_order_relaxed);
   if (M > kPassRows && !vnni)  // (VNNI takes any number of rows in one pass over the weights)
     return by_slices(x, [&](const torch::Tensor& s) { return quant_gemv(s, qdata, scales, mins, bits, group, bias); })
         .view(out_shape);
   const bool half = group == 16;
   auto y = torch::empty({M, N}, x.options());
   if (N == 0) return y.view(out_shape);
+  const auto* q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
+  const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  if (vnni) {  // x in natural order; 4-bit in the slices by_slices would cut, which plan_vnni lays out per step
+    const auto cuts = even_cuts(M, bits == 8 ? M : kPassRows);  // (8-bit: quant_vnni.cpp takes all rows at once)
+    std::vector<QuantizedX> slices(cuts.size() - 1);
+    for (size_t i = 0; i < slices.size(); ++i)
+      quantize_x(x.data_ptr<float>() + cuts[i] * K, cuts[i + 1] - cuts[i], K, false, half, slices[i]);
+    if (bits == 8)
+      quant_gemv_wide(slices[0], q, qdata.size(1), scales.data_ptr<at::Half>(), mn, y.data_ptr<float>(), N, group);
+    else
+      quant_gemv_vnni(slices, q, qdata.size(1), scales.data_ptr<at::Half>(), mn, 4, group, y.data_ptr<float>(), N);
+    if (bias.has_value()) y.add_(*bias);
+    return y.view(out_shape);
+  }
   QuantizedX qx;
-  if (wide) {
-    quantize_x(x.data_ptr<float>(), M, K, false, half, qx);
-    quant_gemv_wide(qx, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1), scales.data_ptr<at::Half>(),
-                    mins.has_value() ? mins->data_ptr<at::Half>() : nullptr, y.data_ptr<float>(), N, group);
-    if (bias.has_value()) y.add_(*bias);
-    return y.view(out_shape);
-  }
-  if (vnni) {  // x in natural order, in the slices by_slices would cut; plan_vnni lays each out per step
-    const int64_t k = (M + kPassRows - 1) / kPassRows;
-    std::vector<QuantizedX> slices(k);
-    for (int64_t i = 0; i < k; ++i)
-      quantize_x(x.data_ptr<float>() + i * M / k * K, (i + 1) * M / k - i * M / k, K, false, half, slices[i]);
-    quant_gemv_vnni(slices, reinterpret_cast<const uint8_t*>(qdata.data_ptr()), qdata.size(1),
-                    scales.data_ptr<at::Half>(), mins.has_value() ? mins->data_ptr<at::Half>() : nullptr,
-                    static_cast<int>(bits), group, y.data_ptr<float>(), N);
-    if (bias.has_value()) y.add_(*bias);
-    return y.view(out_shape);
-  }
   quantize_x(x.data_ptr<float>(), M, K, bits == 4, half, qx);
   GemvArgs a;
   a.x = &qx;
-  a.q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
+  a.q = q;
   a.row_bytes = qdata.size(1);
   a.scales = scales.data_ptr<at::Half>();
-  a.mins = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  a.mins = mn;
   a.ng = K / group;
   ChunkGroups cg;
   plan_groups(qx.nu, half ? 1 : group / 32, cg);

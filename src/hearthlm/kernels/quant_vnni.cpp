@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu_kernels.h"
 #include "threadpool.h"
 
 #define HEARTH_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
@@ -44,7 +45,7 @@ constexpr int64_t kChunk = 1024;   // elements of K transposed at a time: 256 qu
 constexpr int kRowsPerPass = 8;    // x rows per pass over a chunk: 8 integer and 8 float sums in registers
 constexpr int32_t kOffset = -128;  // per unit of x^'s sum: undoes the weights' + 128
 constexpr int kFewRows = 4;        // up to this many x rows skip the transposition (row_pass; measured, see
-                                   // benchmarks/quant_gemv.py --rows)
+                                   // docs/cpu-kernels.md)
 
 struct alignas(64) Lanes16 {
   int32_t v[16];
@@ -57,6 +58,7 @@ struct Call {
   const at::Half* scales;  // [N][ng]
   const at::Half* mins;    // [N][ng] or null
   float* y;                // [M][N]
+  std::vector<int64_t> passes;  // the x rows' cuts into passes of at most kRowsPerPass (transposing path)
 };
 
 // r[i] lane j -> r[j] lane i, for 16 vectors of 16 32-bit lanes.
@@ -316,7 +318,7 @@ HEARTH_VNNI void tile(const Call& c, int64_t n0, Scratch& t) {
   transpose_groups(c.scales, c.ng, n0, rows, t.scales.data());
   if (c.mins) transpose_groups(c.mins, c.ng, n0, rows, t.mins.data());
   const Lanes16* mins = c.mins ? t.mins.data() : nullptr;
-  const int64_t M = x.M, passes = (M + kRowsPerPass - 1) / kRowsPerPass;
+  const int64_t M = x.M;
   std::fill(t.acc.begin(), t.acc.begin() + M, Lanes16{});
   for (int64_t k0 = 0; k0 < x.K; k0 += kChunk) {
     const int64_t kc = std::min(kChunk, x.K - k0);
@@ -325,8 +327,8 @@ HEARTH_VNNI void tile(const Call& c, int64_t n0, Scratch& t) {
       continue;
     }
     transpose_chunk(w, c.row_bytes, k0, kc, t.quads.data());
-    for (int64_t i = 0; i < passes; ++i) {  // even slices of at most kRowsPerPass x rows
-      const int64_t a = i * M / passes, b = (i + 1) * M / passes;
+    for (size_t i = 0; i + 1 < c.passes.size(); ++i) {
+      const int64_t a = c.passes[i], b = c.passes[i + 1];
       kPasses[b - a - 1](c, k0, kc, a, t.quads.data(), t.scales.data(), mins, t.acc.data());
     }
   }
@@ -350,6 +352,7 @@ void quant_gemv_wide(const QuantizedX& qx, const uint8_t* q, int64_t row_bytes, 
   c.scales = scales;
   c.mins = mins;
   c.y = y;
+  c.passes = even_cuts(qx.M, kRowsPerPass);
   const int64_t tiles = (N + kTile - 1) / kTile;
   // >= 256 KB of weights a task, several tiles, so that the prefetches of the next tile's weights and scales
   // serve the thread that runs it

@@ -2,10 +2,10 @@
 
 Up to cpu.quant_gemv_rows(bits) input rows (decode, verify steps, short prefill chunks) run the integer GEMV
 kernel, which reads the packed weights once. More rows (prefill) run the integer GEMM on CPUs with AVX-512 VNNI
-(kernels/gemm_avx512.cpp: 5-7x the float tiles below at 512 rows). Elsewhere they dequantize the weight a tile of output rows at a time and multiply in
-float: the tile stays in cache, and the float GEMM is faster than the GEMV kernel once the weights are reused
-this often. Off the CPU (or without the kernels) the same tiles come from the pure-torch reference
-`dequantize`, so every device gets the same answer."""
+(kernels/gemm_avx512.cpp: 5-7x the float tiles below at 512 rows). Elsewhere they dequantize the weight a tile
+of output rows at a time and multiply in float: the tile stays in cache, and the float GEMM is faster than the
+GEMV kernel once the weights are reused this often. Off the CPU (or without the kernels) the same tiles come from
+the pure-torch reference `dequantize`, so every device gets the same answer."""
 
 from __future__ import annotations
 
