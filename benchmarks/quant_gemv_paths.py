@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="qkv,gate_up,down,lm_head")
     ap.add_argument("--gemm", action="store_true", help="also time the prefill GEMM (quant_gemm)")
     args = ap.parse_args()
-    paths = cpu.quant_gemv_paths()
+    paths = cpu.gemv_paths()
     if len(paths) < 2:
         raise SystemExit(f"only {paths} runs here: nothing to compare")
     contenders = paths + (["gemm"] if args.gemm and cpu.gemm_available() else [])
@@ -61,14 +61,14 @@ def main() -> None:
                 for path in contenders if r % 2 == 0 else contenders[::-1]:
                     kernel = cpu.quant_gemm if path == "gemm" else cpu.quant_gemv
                     if path != "gemm":
-                        cpu.set_quant_gemv_isa(path)
+                        cpu.set_gemv_isa(path)
                     times[path].append(seconds_per_call(x, parts, bits, group, args.calls, r * args.calls, kernel))
                 for p in contenders[1:]:
                     ratios[p].append(times[p][-1] / times[paths[0]][-1])
             rates = "  ".join(f"{p} {nbytes / statistics.median(t) / 1e9:5.1f} GB/s" for p, t in times.items())
             speedups = "  ".join(f"x{statistics.median(v):.2f} vs {p}" for p, v in ratios.items())
             print(f"{name:8s} {label:14s} {rates}  {paths[0]}: {speedups}")
-    cpu.set_quant_gemv_isa(paths[0])
+    cpu.set_gemv_isa(paths[0])
     print(f"load {os.getloadavg()[0]:.2f} at the end")
 
 

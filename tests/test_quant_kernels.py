@@ -16,16 +16,16 @@ from hearthlm.quant.tensor import dequantize, pack_int4
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
 
-PATHS = cpu.quant_gemv_paths() if cpu.available() else ["avx2"]
+PATHS = cpu.gemv_paths() if cpu.available() else ["avx2"]
 
 
 @pytest.fixture(autouse=True, params=PATHS)
 def quant_path(request):
     """Every test runs on each quant_gemv path this CPU can take (AVX-512 VNNI and AVX2 on a VNNI machine)."""
-    before = cpu.quant_gemv_isa()
-    cpu.set_quant_gemv_isa(request.param)
+    before = cpu.gemv_isa()
+    cpu.set_gemv_isa(request.param)
     yield request.param
-    cpu.set_quant_gemv_isa(before)
+    cpu.set_gemv_isa(before)
 
 
 # (K, group): groups of 16, 32, 64, 128, 96 (a multiple of 32 that is not a power of two) and K (one per row);
@@ -127,7 +127,7 @@ def test_quant_gemv_path_follows_hearthlm_isa():
     import subprocess
     import sys
 
-    code = "from hearthlm.kernels import cpu; print(cpu.quant_gemv_isa())"
+    code = "from hearthlm.kernels import cpu; print(cpu.gemv_isa())"
     uncapped = "avx512" if cpu._NEEDS["avx512"] <= cpu.cpu_flags() else "avx2"  # (this process may be capped)
     for cap in ("avx2", None):
         env = {k: v for k, v in os.environ.items() if k != "HEARTHLM_ISA"}
@@ -136,7 +136,7 @@ def test_quant_gemv_path_follows_hearthlm_isa():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == (cap or uncapped)
     with pytest.raises(ValueError, match="does not run here"):
-        cpu.set_quant_gemv_isa("amx")
+        cpu.set_gemv_isa("amx")
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -21,7 +21,7 @@ from hearthlm.quant.linear import quant_linear
 from hearthlm.quant.tensor import QuantTensor
 
 pytestmark = pytest.mark.skipif(
-    not cpu.available() or "avx512" not in cpu.quant_gemv_paths(), reason="needs a CPU with AVX-512 VNNI"
+    not cpu.available() or "avx512" not in cpu.gemv_paths(), reason="needs a CPU with AVX-512 VNNI"
 )
 
 # (K, group): 1056 = 1024 + one 32-element block (a partial 64-byte step in a second chunk), groups of 96 across
@@ -33,10 +33,10 @@ ROWS = (2, 4, 5, 8, 9, 16, 33, 40)  # each side of the few-row path (4) and of a
 
 @pytest.fixture(autouse=True)
 def vnni():
-    before = cpu.quant_gemv_isa()
-    cpu.set_quant_gemv_isa("avx512")
+    before = cpu.gemv_isa()
+    cpu.set_gemv_isa("avx512")
     yield
-    cpu.set_quant_gemv_isa(before)
+    cpu.set_gemv_isa(before)
 
 
 @pytest.mark.parametrize("mins", [False, True])
@@ -77,5 +77,5 @@ def test_quant_linear_keeps_short_batches_on_the_gemv():
         assert cpu.quant_gemv_rows(8) == cpu.QUANT_GEMV_ROWS_VNNI
         assert torch.equal(quant_linear(x, w), cpu.quant_gemv(x, q, s, m, 8, 32))
         assert torch.equal(quant_linear(x[:20], w)[7], quant_linear(x[7:8], w)[0])
-    cpu.set_quant_gemv_isa("avx2")
+    cpu.set_gemv_isa("avx2")
     assert cpu.quant_gemv_rows(8) == cpu.MAX_ROWS

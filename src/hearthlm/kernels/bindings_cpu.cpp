@@ -63,8 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_mul", &act_mul, "act(gate) * up");
   m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
   m.def("pool_check", &pool_check, "test hook for the thread pool", release);
-  m.def("set_quant_gemv_isa", &set_quant_gemv_isa, "quant_gemv's path: \"avx512\" (VNNI) or \"avx2\"");
-  m.def("quant_gemv_isa", &quant_gemv_isa, "quant_gemv's path now");
+  m.def("set_gemv_isa", &set_gemv_isa, "the GEMVs' path: \"avx512\" or \"avx2\"");
+  m.def("gemv_isa", &gemv_isa, "the GEMVs' path now");
   m.def("dequant_rows", &dequant_rows, "selected rows of a quantized W as float32 [R, K]", release);
 
   py::class_<DecodeLinear>(m, "DecodeLinear")

@@ -167,6 +167,7 @@ def _import(name: str, library: Path):
 SOURCES = (
     "threadpool.cpp",
     "gemv_cpu.cpp",
+    "gemv_wide.cpp",
     "quant_x.cpp",
     "quant_cpu.cpp",
     "quant_vnni.cpp",
@@ -179,8 +180,8 @@ SOURCES_AVX512 = ("threadpool.cpp", "gemm_avx512.cpp", "bindings_avx512.cpp")
 @functools.cache
 def _load():
     module = _build("hearthlm_cpu", SOURCES)
-    if module is not None:  # the quantized GEMV's path follows isa(), so HEARTHLM_ISA=avx2 keeps it on AVX2
-        _set_quant_path(module, "avx512" if _at_least("avx512") else "avx2")
+    if module is not None:  # the GEMVs' path follows isa(), so HEARTHLM_ISA=avx2 keeps them on AVX2
+        _set_gemv_path(module, "avx512" if _at_least("avx512") else "avx2")
     return module
 
 
@@ -189,12 +190,12 @@ def _load():
 # fast as the GEMM at 256 rows and faster below (benchmarks/quant_gemv_paths.py --gemm --rows N). 4-bit weights
 # and the AVX2 path run 8 rows a pass. Where AMX runs the GEMM, its tiles keep every batch they had.
 QUANT_GEMV_ROWS_VNNI = 128
-_vnni_gemv = False  # quant_gemv's path is VNNI (set_quant_gemv_isa)
+_vnni_gemv = False  # the GEMVs' path is AVX-512 with VNNI (set_gemv_isa)
 
 
-def _set_quant_path(module, path: str) -> None:
+def _set_gemv_path(module, path: str) -> None:
     global _vnni_gemv
-    module.set_quant_gemv_isa(path)
+    module.set_gemv_isa(path)
     _vnni_gemv = path == "avx512"
 
 
@@ -203,6 +204,23 @@ def quant_gemv_rows(bits: int) -> int:
     the float tiles); see QUANT_GEMV_ROWS_VNNI. Follows HEARTHLM_ISA: capped to avx2, prefill takes the float tiles
     as before."""
     return QUANT_GEMV_ROWS_VNNI if bits == 8 and _vnni_gemv and isa() == "avx512" else MAX_ROWS
+
+
+# The most rows linear() runs on gemv for float weights (more go to a GEMM). On the AVX-512 path gemv takes any
+# number of rows in one pass over the weights (gemv_wide.cpp); on Zen 4 it beat bf16_gemm (AVX512-BF16) up to 256 rows
+# and tied it at 512 (benchmarks/gemv_paths.py --gemm). Elsewhere 16-bit weights go to gemv up to 32 rows, in passes of
+# 8 (re-reading them beats converting them to float32 for a GEMM); on AMX its bf16 tiles take more than 32. float32
+# weights keep PyTorch's GEMM past MAX_ROWS everywhere: gemv was 1.2-1.8x faster up to 64 rows, but moving a float32
+# model's short prompts off the GEMM changes their float32 rounding, which the tensor-parallel exactness tests bound
+# at 1e-5 (docs/cpu-kernels.md). The fused decode step runs its projections on gemv at every batch size.
+GEMV_ROWS = {"avx512": (256, MAX_ROWS), "other": (32, MAX_ROWS)}  # (16-bit weights, float32 weights)
+
+
+def gemv_rows(dtype: torch.dtype) -> int:
+    """The most input rows that linear() runs on gemv for float weights of `dtype`; see GEMV_ROWS. Follows
+    HEARTHLM_ISA, as quant_gemv_rows does."""
+    half, full = GEMV_ROWS["avx512" if _vnni_gemv and isa() == "avx512" else "other"]
+    return half if dtype in (torch.float16, torch.bfloat16) else full
 
 
 @functools.cache
@@ -278,8 +296,9 @@ def quant_gemm(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (any float dtype; more than MAX_ROWS rows run as even slices of at most MAX_ROWS), weight [N, K]
-    contiguous, bias float32 [N] or None -> x @ weight.T + bias, float32 [..., N]."""
+    """x [..., K] (any float dtype), weight [N, K] contiguous, bias float32 [N] or None -> x @ weight.T + bias,
+    float32 [..., N]. On the AVX-512 path any number of rows run in one pass over the weights, and a row's result is
+    the same bits alone and in any batch; on AVX2 more than MAX_ROWS rows run as even slices of at most MAX_ROWS."""
     return _load().gemv(x, weight, bias)
 
 
@@ -340,22 +359,22 @@ def quant_gemv(
     return _load().quant_gemv(x, qdata, scales, mins, bits, group, bias)
 
 
-def quant_gemv_isa() -> str:
-    """The instructions quant_gemv (and the fused decoder layer's quantized projections) run on now: "avx512"
-    (AVX-512 VNNI, chosen at load where isa() is "avx512" or wider) or "avx2"."""
-    return _load().quant_gemv_isa()
+def gemv_isa() -> str:
+    """The instructions the GEMVs (gemv, quant_gemv, and the fused decoder layer's projections) run on now:
+    "avx512" (AVX-512 with VNNI, chosen at load where isa() is "avx512" or wider) or "avx2"."""
+    return _load().gemv_isa()
 
 
-def quant_gemv_paths() -> list[str]:
-    """The quant_gemv paths that may run here under the HEARTHLM_ISA cap, widest first (tests check each)."""
+def gemv_paths() -> list[str]:
+    """The GEMV paths that may run here under the HEARTHLM_ISA cap, widest first (tests check each)."""
     return ["avx512", "avx2"] if _at_least("avx512") else ["avx2"]
 
 
-def set_quant_gemv_isa(path: str) -> None:
-    """Switch quant_gemv (process-wide, DecodeLinear included) to one of quant_gemv_paths(): a test hook."""
-    if path not in quant_gemv_paths():
-        raise ValueError(f"quant_gemv path {path!r} does not run here; use one of {quant_gemv_paths()}")
-    _set_quant_path(_load(), path)
+def set_gemv_isa(path: str) -> None:
+    """Switch the GEMVs (process-wide, DecodeLinear included) to one of gemv_paths(): a test hook."""
+    if path not in gemv_paths():
+        raise ValueError(f"GEMV path {path!r} does not run here; use one of {gemv_paths()}")
+    _set_gemv_path(_load(), path)
 
 
 def dequant_rows(

@@ -34,6 +34,8 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
                          int64_t bits, int64_t group, c10::optional<torch::Tensor> bias);
 torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t bits,
                            int64_t group, torch::Tensor rows);
-// Which instructions quant_gemv runs on (also inside DecodeLinear): "avx512" (VNNI) or "avx2", the default.
-void set_quant_gemv_isa(const std::string& isa);
-std::string quant_gemv_isa();
+// Which instructions the GEMVs (gemv, quant_gemv, and so DecodeLinear) run on: "avx512" (AVX-512 F/BW/VL/DQ with
+// VNNI, where the CPU has it) or "avx2", the default (gemv_cpu.cpp).
+void set_gemv_isa(const std::string& isa);
+std::string gemv_isa();
+bool avx512_path();

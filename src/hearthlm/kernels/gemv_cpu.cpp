@@ -5,12 +5,15 @@
 // kernel reads each weight row once, converts fp16/bf16 to fp32 in registers, and accumulates for all
 // M input rows at once. Rows of W are split across threads by hearthlm's pool (threadpool.h).
 #include "cpu_kernels.h"
+#include "gemv_row.h"
+#include "gemv_wide.h"
 #include "threadpool.h"
 
 #include <torch/types.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -18,21 +21,8 @@
 
 namespace {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const at::BFloat16* p) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using hearth::hsum;
+using hearth::load8;
 
 // y[m, n] for n in [n0, n1), R weight rows at a time (R * M accumulators stay in registers).
 template <typename T, int M, int R>
@@ -76,17 +66,14 @@ void single_row_kernel(const float* x, const T* W, float* y, int64_t K, int64_t 
   for (int64_t n = n0; n < n1; ++n) {
     const T* w = W + n * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k < K32; k += 32) {
+    for (int64_t k = 0; k < K32; k += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead), _MM_HINT_T0);
       a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
       a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
       a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
       a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
     }
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; ++k) s += static_cast<float>(w[k]) * x[k];
-    y[n] = s;
+    y[n] = hearth::finish(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3), w, x, K32, K);
   }
 }
 
@@ -134,12 +121,40 @@ torch::Tensor by_slices(const torch::Tensor& x, const std::function<torch::Tenso
   return torch::cat(outs);
 }
 
-// x [..., K] (any float dtype; more than 8 rows run in slices, see by_slices), W [N, K] contiguous (fp32 / fp16 /
-// bf16), bias float32 [N] or None -> x @ W^T + bias, float32 [..., N]; the reshape and conversions here, not as
-// separate Python calls.
+namespace {
+
+// Which path the GEMVs take: set from Python at load (kernels/cpu.py, after HEARTHLM_ISA), AVX2 until then.
+std::atomic<bool> use_avx512{false};
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+}  // namespace
+
+void set_gemv_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "set_gemv_isa: \"avx512\" or \"avx2\", got \"", isa, "\"");
+  TORCH_CHECK(isa == "avx2" || cpu_has_avx512(), "set_gemv_isa: this CPU lacks AVX-512 F/BW/VL/DQ + VNNI");
+  use_avx512 = isa == "avx512";
+}
+
+std::string gemv_isa() { return avx512_path() ? "avx512" : "avx2"; }
+
+bool avx512_path() { return use_avx512.load(std::memory_order_relaxed); }
+
+// x [..., K] (any float dtype), W [N, K] contiguous (fp32 / fp16 / bf16), bias float32 [N] or None -> x @ W^T + bias,
+// float32 [..., N]; the reshape and conversions here, not as separate Python calls. On the AVX-512 path two or more
+// rows run in one pass over the weights (gemv_wide.cpp), with the one-row kernel's bits; on AVX2 more than 8 rows
+// run in slices (see by_slices).
 torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(W.dim() == 2 && W.is_contiguous(), "gemv: W must be a contiguous 2-D tensor");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == W.size(1), "gemv: x must be [..., K] with K = W.size(1)");
+  TORCH_CHECK(W.scalar_type() == torch::kFloat32 || W.scalar_type() == torch::kFloat16 ||
+                  W.scalar_type() == torch::kBFloat16,
+              "gemv: unsupported weight dtype ", W.scalar_type());
   const int64_t K = W.size(1), N = W.size(0);
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous()),
               "gemv: bias must be float32 [", N, "]");
@@ -147,15 +162,20 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor
   out_shape.back() = N;
   auto xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   const int64_t M = xf.size(0);
-  if (M > kPassRows) return by_slices(xf, [&](const torch::Tensor& s) { return gemv(s, W, bias); }).view(out_shape);
+  const bool wide = M > 1 && avx512_path();
+  if (M > kPassRows && !wide)
+    return by_slices(xf, [&](const torch::Tensor& s) { return gemv(s, W, bias); }).view(out_shape);
   auto y = torch::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  switch (W.scalar_type()) {
-    case torch::kFloat32: dispatch(xp, W.data_ptr<float>(), yp, M, K, N); break;
-    case torch::kFloat16: dispatch(xp, W.data_ptr<at::Half>(), yp, M, K, N); break;
-    case torch::kBFloat16: dispatch(xp, W.data_ptr<at::BFloat16>(), yp, M, K, N); break;
-    default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", W.scalar_type());
+  if (wide) {
+    gemv_wide(xp, W, yp, M);
+  } else {
+    switch (W.scalar_type()) {
+      case torch::kFloat32: dispatch(xp, W.data_ptr<float>(), yp, M, K, N); break;
+      case torch::kFloat16: dispatch(xp, W.data_ptr<at::Half>(), yp, M, K, N); break;
+      default: dispatch(xp, W.data_ptr<at::BFloat16>(), yp, M, K, N); break;
+    }
   }
   if (bias.has_value()) y.add_(*bias);
   return y.view(out_shape);

@@ -2,7 +2,7 @@
 // F16C: a batch-1..8 GEMV straight from the packed integers, and a row dequantizer for embedding lookups
 // and prefill tiles. On CPUs with AVX-512 VNNI the GEMV runs a second path (quant_gemv_vnni, below; for 8-bit
 // weights quant_vnni.cpp, which takes any number of rows in one pass), with the same rounding of x and the same
-// result up to float32 rounding; set_quant_gemv_isa picks it.
+// result up to float32 rounding; set_gemv_isa picks it.
 //
 // Decode reads every weight once per token, so it runs at the speed weights stream from memory. int4 weights
 // are a quarter of bf16's bytes, but that only pays if the arithmetic keeps up, and converting every weight
@@ -372,7 +372,7 @@ void gemv_dispatch(const GemvArgs& a, int64_t M) {
 
 // ---------------------------------------------------------------------------------------------------------
 // The AVX-512 VNNI path. The extension is compiled for AVX2, so these functions carry the AVX-512 target
-// themselves, and quant_gemv calls them only after set_quant_gemv_isa("avx512") found the CPU able.
+// themselves, and quant_gemv calls them only after set_gemv_isa("avx512") found the CPU able.
 //
 // One "step" is 64 bytes of a weight row: 4 blocks of 4-bit nibbles or 2 blocks of 8-bit weights. vpdpbusd
 // multiplies unsigned bytes by signed bytes and adds each 4 products into a 32-bit lane, so a step takes one or
@@ -624,16 +624,6 @@ void quant_gemv_vnni(const std::vector<QuantizedX>& slices, const uint8_t* q, in
   });
 }
 
-// Which path quant_gemv takes: set from Python at load (kernels/cpu.py, after HEARTHLM_ISA), AVX2 until then.
-std::atomic<bool> use_vnni{false};
-
-bool cpu_has_vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
-}
-
 // Checks the QuantTensor parts of one 2-D weight; returns K.
 int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
@@ -678,7 +668,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   x = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   TORCH_CHECK(x.size(0) >= 1, "quant_gemv: x has no rows");
   const int64_t M = x.size(0);
-  const bool vnni = use_vnni.load(std::memory_order_relaxed);
+  const bool vnni = avx512_path();
   if (M > kPassRows && !vnni)  // (VNNI takes any number of rows in one pass over the weights)
     return by_slices(x, [&](const torch::Tensor& s) { return quant_gemv(s, qdata, scales, mins, bits, group, bias); })
         .view(out_shape);
@@ -809,11 +799,3 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
   return out;
 }
 
-// The path of quant_gemv: "avx512" (VNNI, where the CPU has it) or "avx2".
-void set_quant_gemv_isa(const std::string& isa) {
-  TORCH_CHECK(isa == "avx512" || isa == "avx2", "set_quant_gemv_isa: \"avx512\" or \"avx2\", got \"", isa, "\"");
-  TORCH_CHECK(isa == "avx2" || cpu_has_vnni(), "set_quant_gemv_isa: this CPU lacks AVX-512 F/BW/VL/DQ + VNNI");
-  use_vnni = isa == "avx512";
-}
-
-std::string quant_gemv_isa() { return use_vnni ? "avx512" : "avx2"; }

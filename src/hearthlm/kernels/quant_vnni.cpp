@@ -1,6 +1,6 @@
 // The AVX-512 VNNI path of quant_gemv for 8-bit weights: any number of x rows (a decode batch, a speculative
 // verify step, a short prefill chunk) in one pass over the weights. The extension is compiled for AVX2, so these
-// functions carry the AVX-512 target themselves, and quant_gemv calls them only after set_quant_gemv_isa("avx512")
+// functions carry the AVX-512 target themselves, and quant_gemv calls them only after set_gemv_isa("avx512")
 // found the CPU able.
 //
 // At one x row decode streams the weights from memory and the arithmetic hides behind it. At 16 rows the

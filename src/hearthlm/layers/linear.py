@@ -1,15 +1,16 @@
 """Linear layers: one entry point that picks the kernel for the device, the weight format and the
 number of input rows (quantized weights: quant/linear.py).
 
-On CPU: up to 8 rows (decode) go to the streaming GEMV kernel (up to 32 rows, in passes of 8, for
-fp16/bf16 weights). More rows (prefill) with fp16/bf16 weights compute in float32, because PyTorch's
-half-precision CPU GEMMs without AVX-512 run several times slower than fp32 (benchmarks/decode.py:
-transformers bf16 prefills at 28 tokens/s where fp32 does 208), and because oneDNN's bf16 GEMM, 5x faster on CPUs
-with AMX, rounds x and its output to bfloat16: a prompt's numbers would then depend on how many rows it has
-(an embedding on its own and in a batch differed by 2e-4), and the demo model lost KL 8e-5 by it. On CPUs with
-AMX-BF16 or AVX512-BF16, bf16 weights take hearthlm's own bf16 GEMM instead (kernels/gemm_avx512.cpp bf16_gemm,
-on the tile unit or with VDPBF16PS: float32 sums, x kept to 16 bits), which gives the float32 path's numbers
-without converting the weight per call. Off the CPU: F.linear."""
+On CPU: decode batches and short prompts go to the GEMV kernel, up to cpu.gemv_rows(dtype) rows. On the AVX-512
+path it takes them all in one pass over the weights and beats bf16_gemm up to 256 rows of 16-bit weights; float32
+weights go to it up to 8 rows, and on AVX2 16-bit weights up to 32 rows in passes of 8. More rows (prefill) with
+fp16/bf16 weights compute in float32, because PyTorch's half-precision CPU GEMMs without AVX-512 run several times
+slower than fp32 (benchmarks/decode.py: transformers bf16 prefills at 28 tokens/s where fp32 does 208), and because
+oneDNN's bf16 GEMM, 5x faster on CPUs with AMX, rounds x and its output to bfloat16: a prompt's numbers would then
+depend on how many rows it has (an embedding on its own and in a batch differed by 2e-4), and the demo model lost
+KL 8e-5 by it. On CPUs with AMX-BF16 or AVX512-BF16, bf16 weights take hearthlm's own bf16 GEMM instead
+(kernels/gemm_avx512.cpp bf16_gemm, on the tile unit or with VDPBF16PS: float32 sums, x kept to 16 bits), which gives
+the float32 path's numbers without converting the weight per call. Off the CPU: F.linear."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from ..quant.linear import quant_linear
 from ..quant.tensor import QuantTensor, RowConcat
 
 _HALF = (torch.float16, torch.bfloat16)
-# Up to this many rows, half-precision weights go through the GEMV kernel in passes of 8 rows.
-GEMV_ROWS_HALF = 32
 
 
 def linear(
@@ -38,16 +37,9 @@ def linear(
         return F.linear(x, weight, bias)
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    half = weight.dtype in _HALF
-    if 0 < rows <= (GEMV_ROWS_HALF if half else cpu.MAX_ROWS) and weight.is_contiguous() and cpu.available():
+    if 0 < rows <= cpu.gemv_rows(weight.dtype) and weight.is_contiguous() and cpu.available():
         fused = bias is not None and bias.dtype == torch.float32
-        if rows <= cpu.MAX_ROWS:
-            y = cpu.gemv(x, weight, bias if fused else None)
-        else:  # short prompts: re-reading half-precision weights per 8 rows beats converting them to fp32
-            flat = x.reshape(rows, K)
-            y = torch.cat([cpu.gemv(flat[i : i + cpu.MAX_ROWS], weight) for i in range(0, rows, cpu.MAX_ROWS)])
-            y = y.view(*x.shape[:-1], -1)
-            fused = False
+        y = cpu.gemv(x, weight, bias if fused else None)
         if bias is not None and not fused:
             y += bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -55,7 +47,7 @@ def linear(
         fused = bias is not None and bias.dtype == torch.float32
         y = cpu.bf16_gemm(x, weight, bias if fused else None)
         return (y if bias is None or fused else y + bias).to(x.dtype)
-    if half:
+    if weight.dtype in _HALF:
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)
