@@ -346,6 +346,44 @@ def test_drafts_that_pay_keep_drafting(loaded):
     assert stats.accepted_tokens >= 2 * stats.draft_steps - 2 and stats.draft_steps >= 90 // 3 - 2
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+def test_verify_steps_fit_the_row_cap(loaded, monkeypatch, path):
+    """On CPU the drafts are trimmed so that a verify step runs at most cpu.verify_rows() rows (decode rows and
+    draft tokens): 16 where the GEMVs take a batch in one pass over the weights (AVX-512), 8 on AVX2. Four
+    requests that each want 8 draft tokens fill the cap exactly, and their tokens stay the plain ones."""
+    from hearthlm.engine import engine as engine_module
+    from hearthlm.kernels import cpu
+
+    if not cpu.available() or path not in cpu.gemv_paths():
+        pytest.skip(f"this CPU has no {path} GEMV path")
+    _, llm = loaded("gemma4_dense")
+    prompts = [repeating(s) for s in range(4)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    replies = {tuple(p): r for p, r in zip(prompts, plain(llm, prompts, params))}
+
+    class Right:
+        def propose(self, seqs, ks):
+            return [replies[tuple(q.prompt)][len(q.output) : len(q.output) + k] for q, k in zip(seqs, ks)]
+
+    rows, real = [], engine_module.run_verify
+
+    def counted(model, cache, seqs, drafts):
+        rows.append(sum(len(d) + 1 for d in drafts))
+        return real(model, cache, seqs, drafts)
+
+    monkeypatch.setattr(engine_module, "run_verify", counted)
+    before = cpu.gemv_isa()
+    cpu.set_gemv_isa(path)
+    try:
+        llm.engine(draft=Right(), adaptive=Adaptive(k_start=8, k_max=8, row_cost=0.0, try_cost=0.0))
+        got = [c.token_ids for c in llm.generate(prompts, params)]
+    finally:
+        cpu.set_gemv_isa(before)
+    assert got == [replies[tuple(p)] for p in prompts]
+    assert cpu.verify_rows() == (cpu.VERIFY_ROWS_WIDE if before == "avx512" else cpu.MAX_ROWS)  # the path restored
+    assert max(rows) == (cpu.VERIFY_ROWS_WIDE if path == "avx512" else cpu.MAX_ROWS)
+
+
 def test_draft_length_grows_with_acceptance(loaded):
     _, llm = loaded("gemma4_dense")
     prompt = repeating(1)

@@ -146,7 +146,7 @@ class Engine:
         self._lookup: Drafter | None = None  # for requests that ask to draft on an engine that does not
         self._drafted = self._accepted = self._draft_steps = 0
         on_cpu = llm.model.device.type == "cpu" and cpu.available()
-        self._row_cap = cpu.MAX_ROWS if on_cpu and self.adaptive.fit_rows else None  # see _fit_rows
+        self._row_cap = cpu.verify_rows() if on_cpu and self.adaptive.fit_rows else None  # see _fit_rows
 
     def _isolate(self, llm: LLM, isolate: bool | None) -> None:
         """Client isolation (A3, docs/privacy.md): the scheduler gives the steps to one client at a time, the
@@ -403,8 +403,8 @@ class Engine:
         return [(seq, k) for seq, k in shared if k > 0]
 
     def _fit_rows(self) -> None:
-        """On CPU a verify step is fastest as one fused decode forward (at most cpu.MAX_ROWS rows, one per position):
-        trim the drafts, longest first, so that the step's decode rows and draft rows fit in it."""
+        """On CPU a verify step is fastest as one fused decode forward in one pass over the weights (cpu.verify_rows()
+        rows, one per position): trim the drafts, longest first, so that the step's decode rows and draft rows fit."""
         if self._row_cap is None:
             return
         decoding = [s for s in self.scheduler.running if s.pending == 1]

@@ -223,6 +223,20 @@ def gemv_rows(dtype: torch.dtype) -> int:
     return half if dtype in (torch.float16, torch.bfloat16) else full
 
 
+# The most rows a speculative verify step fills (Engine._fit_rows trims drafts to it). On the AVX-512 path the GEMVs
+# take a batch in one pass over the weights, and 16 rows beat 8 at batch 4 on the demo model with its drafter
+# (benchmarks/speculative.py --task heldout, speed over plain decoding: 0.88-0.99x with 16 rows against 0.85-0.94x
+# with 8; an always-right drafter at the drafter's cost 1.28-1.44x against 1.05-1.15x); elsewhere one 8-row pass is
+# the cheap step.
+VERIFY_ROWS_WIDE = 16
+
+
+def verify_rows() -> int:
+    """The most rows (decode rows plus draft tokens) one speculative verify step runs on CPU; see VERIFY_ROWS_WIDE.
+    Follows the GEMVs' path (set_gemv_isa)."""
+    return VERIFY_ROWS_WIDE if _vnni_gemv else MAX_ROWS
+
+
 @functools.cache
 def _load_avx512():
     return _build("hearthlm_avx512", SOURCES_AVX512, "avx512")
