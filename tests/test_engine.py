@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from dataclasses import replace as dataclasses_replace
 
 import pytest
@@ -156,6 +157,44 @@ def test_prefix_cache_hit_gives_the_cold_output(name, loaded):
     again = run(engine, {"a2": (a, GREEDY)})["a2"]  # the whole prompt cached: one token is still computed
     assert again[-1].cached_tokens == 40 and tokens(again) == tokens(first)
     assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_decode_plan_equals_the_general_plan(block_size):
+    """A CPU decode step's slots and masks come from NumPy (PagedKVCache._plan_decode): field for field what the
+    general torch plan gives, over full and sliding windows, rows of different lengths (masked padding), one row
+    whose blocks are consecutive (a slice), scattered blocks, and positions on and off block boundaries."""
+    from hearthlm.config import LayerSpec, RopeSpec
+    from hearthlm.engine.paged_cache import PagedKVCache
+
+    layers = [LayerSpec(head_dim=8, num_kv_heads=1, rope=RopeSpec(), sliding_window=w) for w in (None, 8, 40)]
+    cache = PagedKVCache(layers, {None: 64, 8: 64, 40: 64}, block_size, torch.float32, torch.device("cpu"))
+    rng = random.Random(block_size)
+    cases = [[0], [block_size - 1], [block_size], [37]]  # one row: consecutive blocks, a slice
+    cases += [[rng.randrange(0, 120) for _ in range(b)] for b in (1, 2, 3, 5, 8) for _ in range(6)]
+    for starts in cases:
+        tables = []
+        for p in starts:
+            table = list(range(64))
+            if len(starts) > 1 or rng.random() < 0.5:
+                rng.shuffle(table)  # scattered blocks
+            tables.append(table[: p // block_size + 1])
+        positions = torch.tensor(starts)[:, None]
+        for window in (None, 8, 40):
+            fast, general = (
+                cache._plan_decode(window, starts, tables),
+                cache._plan_general(window, positions, starts, tables),
+            )
+            assert fast.S == general.S and fast.causal == general.causal, (starts, window)
+            assert type(fast.read) is type(general.read) and torch.equal(fast.write, general.write)
+            if isinstance(fast.read, slice):
+                assert fast.read == general.read
+            else:
+                assert torch.equal(fast.read, general.read)
+            assert (fast.mask is None) == (general.mask is None)
+            if fast.mask is not None:
+                assert torch.equal(fast.mask, general.mask) and torch.equal(fast.decode[4], general.decode[4])
+            assert fast.decode[2:4] == general.decode[2:4]
 
 
 def test_a_sliding_prefix_hit_needs_the_last_window_cached():

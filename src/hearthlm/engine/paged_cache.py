@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import LayerSpec
@@ -98,6 +99,13 @@ class PagedKVCache:
     def _plan(
         self, w: int | None, positions: torch.Tensor, starts: list[int], tables: list[list[int | None]], spans=None
     ) -> _Step:
+        if positions.shape[1] == 1 and positions.device.type == "cpu" and not spans:
+            return self._plan_decode(w, starts, tables)
+        return self._plan_general(w, positions, starts, tables, spans)
+
+    def _plan_general(
+        self, w: int | None, positions: torch.Tensor, starts: list[int], tables: list[list[int | None]], spans=None
+    ) -> _Step:
         bs, T, dev = self.block_size, positions.shape[1], positions.device
         his = [s + T - 1 for s in starts]
         los = [max(0, s - w + 1) if w else 0 for s in starts]
@@ -130,6 +138,31 @@ class PagedKVCache:
             runs = isinstance(read, slice)
             decode = (write, None if runs else read, read.start if runs else 0, S, row_mask)
         return _Step(write, read, S, mask, causal, decode)
+
+    def _plan_decode(self, w: int | None, starts: list[int], tables: list[list[int | None]]) -> _Step:
+        """_plan's result for a CPU decode step (one position per row, at starts[r]), in NumPy: a step of a small
+        model spent ~0.4 ms on _plan's two dozen small torch ops per window group, a third of its time at one row."""
+        bs, q = self.block_size, np.asarray(starts, dtype=np.int64)
+        lo = np.maximum(q - w + 1, 0) if w else np.zeros_like(q)
+        S = int((q - lo).max()) + 1
+        first = lo // bs
+        rows = [table[a : b + 1] for table, a, b in zip(tables, first.tolist(), (q // bs).tolist())]
+        write = torch.tensor([r[-1] * bs + p % bs for r, p in zip(rows, starts)], dtype=torch.long)
+        kpos = lo[:, None] + np.arange(S)
+        full = bool((q - lo == S - 1).all())  # every row reads S slots: no mask
+        row_mask = None if full else torch.from_numpy(kpos <= q[:, None])
+        mask = None if row_mask is None else row_mask[:, None, None, :]
+        causal = w is None and len(starts) == 1 and starts[0] == 0
+        if len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0]))):
+            start = rows[0][0] * bs + int(lo[0]) % bs  # the common single-request case: slots in one run
+            read = slice(start, start + S)
+            return _Step(write, read, S, mask, causal, (write, None, start, S, row_mask))
+        width = max(len(r) for r in rows)
+        tab = np.array([r + r[-1:] * (width - len(r)) for r in rows], dtype=np.int64)  # [b, blocks]
+        clamped = np.minimum(kpos, q[:, None])
+        slots = np.take_along_axis(tab, clamped // bs - first[:, None], 1) * bs + clamped % bs
+        read = torch.from_numpy(slots.reshape(-1))
+        return _Step(write, read, S, mask, causal, (write, read, 0, S, row_mask))
 
     def decode_slots(self, layer: int) -> tuple | None:
         """See attention.KVStore.decode_slots."""
