@@ -190,20 +190,26 @@ def _load():
 # fast as the GEMM at 256 rows and faster below (benchmarks/quant_gemv_paths.py --gemm --rows N). 4-bit weights
 # and the AVX2 path run 8 rows a pass. Where AMX runs the GEMM, its tiles keep every batch they had.
 QUANT_GEMV_ROWS_VNNI = 128
-_vnni_gemv = False  # the GEMVs' path is AVX-512 with VNNI (set_gemv_isa)
+_avx512_gemv = False  # the GEMVs' path is AVX-512 with VNNI (set_gemv_isa)
 
 
 def _set_gemv_path(module, path: str) -> None:
-    global _vnni_gemv
+    global _avx512_gemv
     module.set_gemv_isa(path)
-    _vnni_gemv = path == "avx512"
+    _avx512_gemv = path == "avx512"
+
+
+def _wide_gemv() -> bool:
+    """Whether the GEMVs take a batch in one pass here and HEARTHLM_ISA leaves the row limits to them: their path is
+    AVX-512 and isa() is not AMX, whose GEMMs keep the batches they had."""
+    return _avx512_gemv and isa() == "avx512"
 
 
 def quant_gemv_rows(bits: int) -> int:
     """The most input rows that quant_linear runs on quant_gemv for `bits`-bit weights (more go to quant_gemm, or
     the float tiles); see QUANT_GEMV_ROWS_VNNI. Follows HEARTHLM_ISA: capped to avx2, prefill takes the float tiles
     as before."""
-    return QUANT_GEMV_ROWS_VNNI if bits == 8 and _vnni_gemv and isa() == "avx512" else MAX_ROWS
+    return QUANT_GEMV_ROWS_VNNI if bits == 8 and _wide_gemv() else MAX_ROWS
 
 
 # The most rows linear() runs on gemv for float weights (more go to a GEMM). On the AVX-512 path gemv takes any
@@ -219,7 +225,7 @@ GEMV_ROWS = {"avx512": (256, MAX_ROWS), "other": (32, MAX_ROWS)}  # (16-bit weig
 def gemv_rows(dtype: torch.dtype) -> int:
     """The most input rows that linear() runs on gemv for float weights of `dtype`; see GEMV_ROWS. Follows
     HEARTHLM_ISA, as quant_gemv_rows does."""
-    half, full = GEMV_ROWS["avx512" if _vnni_gemv and isa() == "avx512" else "other"]
+    half, full = GEMV_ROWS["avx512" if _wide_gemv() else "other"]
     return half if dtype in (torch.float16, torch.bfloat16) else full
 
 
@@ -234,7 +240,7 @@ VERIFY_ROWS_WIDE = 16
 def verify_rows() -> int:
     """The most rows (decode rows plus draft tokens) one speculative verify step runs on CPU; see VERIFY_ROWS_WIDE.
     Follows the GEMVs' path (set_gemv_isa)."""
-    return VERIFY_ROWS_WIDE if _vnni_gemv else MAX_ROWS
+    return VERIFY_ROWS_WIDE if _avx512_gemv else MAX_ROWS
 
 
 @functools.cache
