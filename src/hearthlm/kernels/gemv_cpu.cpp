@@ -24,6 +24,17 @@ namespace {
 using hearth::hsum;
 using hearth::load8;
 
+// f(T* tag) for the tensor's element type: float32, float16 or bfloat16 (weights, or a KV cache).
+template <typename F>
+void by_float_dtype(const torch::Tensor& k, const char* what, F f) {
+  switch (k.scalar_type()) {
+    case torch::kFloat32: return f(static_cast<float*>(nullptr));
+    case torch::kFloat16: return f(static_cast<at::Half*>(nullptr));
+    case torch::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
+    default: TORCH_CHECK(false, what, ": unsupported dtype ", k.scalar_type());
+  }
+}
+
 // y[m, n] for n in [n0, n1), R weight rows at a time (R * M accumulators stay in registers).
 template <typename T, int M, int R>
 void rows_kernel(const float* x, const T* W, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
@@ -152,9 +163,6 @@ bool avx512_path() { return use_avx512.load(std::memory_order_relaxed); }
 torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(W.dim() == 2 && W.is_contiguous(), "gemv: W must be a contiguous 2-D tensor");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == W.size(1), "gemv: x must be [..., K] with K = W.size(1)");
-  TORCH_CHECK(W.scalar_type() == torch::kFloat32 || W.scalar_type() == torch::kFloat16 ||
-                  W.scalar_type() == torch::kBFloat16,
-              "gemv: unsupported weight dtype ", W.scalar_type());
   const int64_t K = W.size(1), N = W.size(0);
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous()),
               "gemv: bias must be float32 [", N, "]");
@@ -168,15 +176,13 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor
   auto y = torch::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (wide) {
-    gemv_wide(xp, W, yp, M);
-  } else {
-    switch (W.scalar_type()) {
-      case torch::kFloat32: dispatch(xp, W.data_ptr<float>(), yp, M, K, N); break;
-      case torch::kFloat16: dispatch(xp, W.data_ptr<at::Half>(), yp, M, K, N); break;
-      default: dispatch(xp, W.data_ptr<at::BFloat16>(), yp, M, K, N); break;
-    }
-  }
+  by_float_dtype(W, "gemv", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (wide)
+      gemv_wide(xp, W.data_ptr<T>(), yp, M, K, N);
+    else
+      dispatch(xp, W.data_ptr<T>(), yp, M, K, N);
+  });
   if (bias.has_value()) y.add_(*bias);
   return y.view(out_shape);
 }
@@ -272,16 +278,6 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* m
   });
 }
 
-template <typename F>
-void by_cache_dtype(const torch::Tensor& k, const char* what, F f) {
-  switch (k.scalar_type()) {
-    case torch::kFloat32: return f(static_cast<float*>(nullptr));
-    case torch::kFloat16: return f(static_cast<at::Half*>(nullptr));
-    case torch::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
-    default: TORCH_CHECK(false, what, ": unsupported cache dtype ", k.scalar_type());
-  }
-}
-
 const bool* mask_ptr(const c10::optional<torch::Tensor>& mask, torch::Tensor& keep, int64_t B, int64_t S,
                      const char* what) {
   if (!mask.has_value()) return nullptr;
@@ -307,7 +303,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const bool* mp = mask_ptr(mask, keep, B, S, "decode_attention");
   auto out = torch::empty({B, Hq, D}, qc.options());
   const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
-  by_cache_dtype(k, "decode_attention", [&](auto* tag) {
+  by_float_dtype(k, "decode_attention", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     decode_attention_impl(qc.data_ptr<float>(), k.data_ptr<T>(), v.data_ptr<T>(), mp, out.data_ptr<float>(), B, Hq,
                           Hkv, S, D, static_cast<float>(scale),
@@ -336,7 +332,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor K, torch::Te
   torch::Tensor keep;
   const bool* mp = mask_ptr(mask, keep, B, S, "paged_decode_attention");
   auto out = torch::empty({B, Hq, D}, qc.options());
-  by_cache_dtype(K, "paged_decode_attention", [&](auto* tag) {
+  by_float_dtype(K, "paged_decode_attention", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     decode_attention_impl(qc.data_ptr<float>(), K.data_ptr<T>(), V.data_ptr<T>(), mp, out.data_ptr<float>(), B, Hq,
                           Hkv, S, D, static_cast<float>(scale),
@@ -363,7 +359,7 @@ void kv_store(torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tens
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < NS, "kv_store: slot ", sp[i], " out of range");
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0), v1 = v.stride(1);
-  by_cache_dtype(K, "kv_store", [&](auto* tag) {
+  by_float_dtype(K, "kv_store", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     T *Kp = K.data_ptr<T>(), *Vp = V.data_ptr<T>();
     for (int64_t i = 0; i < n; ++i)

@@ -115,12 +115,8 @@ HEARTH_AVX512 void run(const float* x, const T* W, float* y, int64_t M, int64_t 
 
 }  // namespace
 
-void gemv_wide(const float* x, const torch::Tensor& W, float* y, int64_t M) {
-  const int64_t N = W.size(0), K = W.size(1);
-  switch (W.scalar_type()) {
-    case torch::kFloat32: return run(x, W.data_ptr<float>(), y, M, K, N);
-    case torch::kFloat16: return run(x, W.data_ptr<at::Half>(), y, M, K, N);
-    case torch::kBFloat16: return run(x, W.data_ptr<at::BFloat16>(), y, M, K, N);
-    default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", W.scalar_type());
-  }
+void gemv_wide(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N) { run(x, W, y, M, K, N); }
+void gemv_wide(const float* x, const at::Half* W, float* y, int64_t M, int64_t K, int64_t N) { run(x, W, y, M, K, N); }
+void gemv_wide(const float* x, const at::BFloat16* W, float* y, int64_t M, int64_t K, int64_t N) {
+  run(x, W, y, M, K, N);
 }

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
-// y [M][N] = x [M][K] (float32, contiguous) . W^T for a contiguous float32/fp16/bf16 W [N][K]. Call only where the
-// CPU has AVX-512 F/BW/VL/DQ.
-void gemv_wide(const float* x, const torch::Tensor& W, float* y, int64_t M);
+// y [M][N] = x [M][K] (float32, contiguous) . W^T for a contiguous W [N][K]. Call only where the CPU has AVX-512
+// F/BW/VL/DQ.
+void gemv_wide(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N);
+void gemv_wide(const float* x, const at::Half* W, float* y, int64_t M, int64_t K, int64_t N);
+void gemv_wide(const float* x, const at::BFloat16* W, float* y, int64_t M, int64_t K, int64_t N);
