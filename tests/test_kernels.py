@@ -150,6 +150,28 @@ def test_paged_decode_attention_reads_slots_in_place(dtype, masked):
         cpu.paged_decode_attention(q, K, V, slots + NS, mask, 0.4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [8, 20, 64, 72, 128, 200])
+def test_decode_attention_bits_do_not_depend_on_where_a_key_or_row_falls(dtype, D):
+    """The kernel scores keys four at a time and one by one for the rest, and sums V 64 elements at a time: a
+    key's and a row's numbers must not depend on which of those paths it takes. Keys masked out add nothing, so
+    appending them moves the others across the four-key blocks without changing a bit; and a row alone gives the
+    bits it gives in a batch."""
+    g = torch.Generator().manual_seed(4)
+    Hq, Hkv, NS = 6, 2, 64
+    K, V = (torch.randn(Hkv, NS, D, generator=g).to(dtype) for _ in range(2))
+    for S in range(1, 10):
+        q = torch.randn(3, Hq, D, generator=g)
+        slots = torch.randint(0, NS, (3, S + 5), generator=g)
+        short = cpu.paged_decode_attention(q, K, V, slots[:, :S], None, 0.2)
+        hidden = torch.zeros(3, S + 5, dtype=torch.bool)
+        hidden[:, :S] = True
+        assert torch.equal(cpu.paged_decode_attention(q, K, V, slots, hidden, 0.2), short)
+        for b in range(3):
+            alone = cpu.paged_decode_attention(q[b : b + 1], K, V, slots[b : b + 1, :S], None, 0.2)
+            assert torch.equal(alone, short[b : b + 1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kv_store_writes_rows_into_slots(dtype):
     g = torch.Generator().manual_seed(3)

@@ -234,22 +234,74 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 namespace {
 
-template <typename T>
-float dot(const float* q, const T* k, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
-  float s = hsum(acc);
-  for (; i < D; ++i) s += q[i] * static_cast<float>(k[i]);
-  return s;
+// One head's attention scores p[s] = (q . k_s) * scale, four keys at a time: each key's dot product is one 8-lane
+// fused multiply-add chain over D, summed across its lanes, then the D % 8 tail one product at a time. The four
+// chains are independent, so they overlap in the FMA pipes where one chain waits on each add; each key gets the
+// same bits as alone. Keys the mask hides get -inf.
+template <typename T, typename At>
+void head_scores(const float* q, const T* k, const bool* mask, int64_t b, int64_t kv, int64_t S, int64_t D,
+                 float scale, At at, float* p) {
+  int64_t s = 0;
+  for (; s + 4 <= S; s += 4) {
+    const T* ks[4] = {k + at(b, kv, s), k + at(b, kv, s + 1), k + at(b, kv, s + 2), k + at(b, kv, s + 3)};
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(qv, load8(ks[0] + i), a0);
+      a1 = _mm256_fmadd_ps(qv, load8(ks[1] + i), a1);
+      a2 = _mm256_fmadd_ps(qv, load8(ks[2] + i), a2);
+      a3 = _mm256_fmadd_ps(qv, load8(ks[3] + i), a3);
+    }
+    const __m256 acc[4] = {a0, a1, a2, a3};
+    for (int j = 0; j < 4; ++j) {
+      float sum = hsum(acc[j]);
+      for (int64_t t = i; t < D; ++t) sum += q[t] * static_cast<float>(ks[j][t]);
+      p[s + j] = sum * scale;
+    }
+  }
+  for (; s < S; ++s) {
+    const T* kr = k + at(b, kv, s);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(kr + i), acc);
+    float sum = hsum(acc);
+    for (; i < D; ++i) sum += q[i] * static_cast<float>(kr[i]);
+    p[s] = sum * scale;
+  }
+  if (mask)
+    for (int64_t t = 0; t < S; ++t)
+      if (!mask[b * S + t]) p[t] = -INFINITY;
 }
 
-template <typename T>
-void axpy(float a, const T* v, float* out, int64_t D) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(out + i)));
-  for (; i < D; ++i) out[i] += a * static_cast<float>(v[i]);
+// o = sum over s of w[s] * v_s for the keys with w[s] >= 0 (-1 marks a key without weight). Each element's sum
+// runs in key order from zero, in registers, 64 elements of D at a time, then 8, then one.
+template <typename T, typename At>
+void weighted_values(const float* w, const T* v, int64_t b, int64_t kv, int64_t S, int64_t D, At at, float* o) {
+  int64_t i0 = 0;
+  for (; i0 + 64 <= D; i0 += 64) {
+    __m256 acc[8];
+    for (auto& x : acc) x = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s)
+      if (w[s] >= 0) {
+        const __m256 ws = _mm256_set1_ps(w[s]);
+        const T* vr = v + at(b, kv, s) + i0;
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ws, load8(vr + 8 * j), acc[j]);
+      }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + i0 + 8 * j, acc[j]);
+  }
+  for (; i0 + 8 <= D; i0 += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s)
+      if (w[s] >= 0) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[s]), load8(v + at(b, kv, s) + i0), acc);
+    _mm256_storeu_ps(o + i0, acc);
+  }
+  for (; i0 < D; ++i0) {
+    float acc = 0;
+    for (int64_t s = 0; s < S; ++s)
+      if (w[s] >= 0) acc += w[s] * static_cast<float>(v[at(b, kv, s) + i0]);
+    o[i0] = acc;
+  }
 }
 
 // One query per (row, head): softmax(q . K^T * scale, masked) . V, reading K/V in their stored dtype.
@@ -261,19 +313,13 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* m
   hearth::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hq, h = bh % Hq, kv = h / group;
-      const float* qr = q + bh * D;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = (mask && !mask[b * S + s]) ? -INFINITY : dot(qr, k + at(b, kv, s), D) * scale;
-        mx = std::max(mx, p[s]);
-      }
-      float sum = 0;
+      const int64_t b = bh / Hq, kv = bh % Hq / group;
+      head_scores(q + bh * D, k, mask, b, kv, S, D, scale, at, p.data());
+      float mx = -INFINITY, sum = 0;
+      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, p[s]);
       for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
-      float* o = out + bh * D;
-      std::fill(o, o + D, 0.0f);
-      for (int64_t s = 0; s < S; ++s)
-        if (p[s] > 0) axpy(p[s] / sum, v + at(b, kv, s), o, D);
+      for (int64_t s = 0; s < S; ++s) p[s] = p[s] > 0 ? p[s] / sum : -1.0f;
+      weighted_values(p.data(), v, b, kv, S, D, at, out + bh * D);
     }
   });
 }
