@@ -1,8 +1,8 @@
 """Serving throughput and latency of `hearth serve` under 1 to 64 concurrent streaming clients.
 
     python benchmarks/serve.py [--model MODEL] [--levels 1,4,16,32,64] [--requests 4] [--max-tokens 256]
-                               [--prompt-words 24] [--burst 32x96] [--server-args "--max-running 16"]
-                               [--port PORT] [--json]
+                               [--rounds 1] [--prompt-words 24] [--burst 32x96]
+                               [--server-args "--max-running 16"] [--port PORT] [--json]
 
 Starts `hearth serve MODEL` (the demo model by default) as a subprocess on a free loopback port, so that the
 clients in this process do not share its interpreter lock, then runs each level: C clients each send
@@ -12,14 +12,22 @@ clients in this process do not share its interpreter lock, then runs each level:
 - output tok/s: all tokens generated at that level / the level's wall time;
 - time to first token p50 / p99 / max: request sent -> first token event;
 - inter-token latency p50 / p99: the gap between token events divided by the tokens the later one carries;
-- and the throughput ratio of the largest level to one client (target >= 4x at 16 clients).
+- and the throughput ratio of each level to the smallest (target >= 4x at 16 clients against 1).
+
+The clients are aiohttp's, the client most serving benchmarks use: on a 2-core machine the clients share the
+cores with the server, and httpx's streaming reader cost about 4x aiohttp's CPU per event here, which the
+server's figures then paid for.
+
+--rounds R runs the whole list of levels R times, one after another, and reports each level's median tok/s
+and the ratios of those medians (and the ratio of every round): on a shared VM a level's throughput moves by
+20-30% from minute to minute, so a level measured once, minutes apart from the one it is compared with, can
+say little about their ratio.
 
 Then the burst (--burst CxN, 0 to skip): C requests of N tokens sent at once, one per client; its slowest
 first token shows whether every request is admitted while the others generate.
 
-The machine's other load is not controlled: run it on a quiet machine and read figures from one run side by
-side (or repeat runs and compare medians). A JSON record (machine, command, figures) goes to
-benchmarks/results/serve-HOST-DATE.json.
+The machine's other load is not controlled: run it on a quiet machine. A JSON record (machine, command,
+figures) goes to benchmarks/results/serve-HOST-DATE.json.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ import platform
 import random
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -80,17 +90,18 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     body = {
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
         "stream": True, "logprobs": 0,
     }  # fmt: skip
     t0 = time.perf_counter()
     first, last, tokens, gaps = None, None, 0, []
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:500]}")
+        async for line in r.content:  # one SSE line at a time
+            if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
             if "error" in event:
@@ -104,6 +115,8 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
             else:
                 gaps += [(now - last) / n] * n
             last, tokens = now, tokens + n
+    if first is None:
+        raise RuntimeError("a request ended without a token")
     return {"ttft": first - t0, "gaps": gaps, "tokens": tokens}
 
 
@@ -111,13 +124,14 @@ async def run_level(
     url: str, model: str, clients: int, per_client: int, max_tokens: int, args, rng: random.Random, advance
 ) -> dict:
     prompts = [" ".join(rng.choice(WORDS) for _ in range(args.prompt_words)) for _ in range(clients * per_client)]
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def worker(k: int) -> list[dict]:
             out = []
             for j in range(per_client):
-                out.append(await one_request(client, model, prompts[k * per_client + j], max_tokens))
+                out.append(await one_request(session, url, model, prompts[k * per_client + j], max_tokens))
                 advance()
             return out
 
@@ -153,6 +167,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--levels", default="1,4,16,32,64", help="concurrent clients per level (default 1,4,16,32,64)")
     p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request (default 256)")
+    p.add_argument("--rounds", type=int, default=1, help="run the levels this many times, alternating (default 1)")
     p.add_argument("--prompt-words", type=int, default=24, help="words per prompt (default 24)")
     p.add_argument("--burst", default="32x96", help="CxN: C requests of N tokens at once, after the levels (0: none)")
     p.add_argument("--server-args", default="", help="extra `hearth serve` options, e.g. '--max-running 16'")
@@ -173,32 +188,15 @@ def main() -> None:
     proc = start_server(args.model, port, shlex.split(args.server_args), console)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(run_level(url, model, 1, 1, 16, args, random.Random(-1), lambda: None))  # warm-up
-        rng, rows = random.Random(args.seed), []
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("requests", total=sum(levels) * args.requests + (burst[0] if burst else 0))
-            for c in levels:
-                progress.update(task, description=f"{c} client{'s' * (c > 1)}")
-                level = run_level(
-                    url, model, c, args.requests, args.max_tokens, args, rng, lambda: progress.advance(task)
-                )
-                rows.append(asyncio.run(level))
-            if burst:
-                progress.update(task, description=f"burst {burst[0]}x{burst[1]}")
-                level = run_level(url, model, burst[0], 1, burst[1], args, rng, lambda: progress.advance(task))
-                burst_row = asyncio.run(level)
+        rows, burst_row = measure(url, model, levels, burst, args, console)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    by = {r["clients"]: r for r in rows}
-    ratios = {
-        f"ratio_{c}_vs_{min(levels)}": by[c]["tok_s"] / by[min(levels)]["tok_s"] for c in levels if c != min(levels)
-    }
     record = {
         "command": shlex.join([sys.executable, *sys.argv]), "started": started.isoformat(timespec="seconds"),
         "machine": machine(), "commit": commit(), "model": model, "max_tokens": args.max_tokens,
-        "server_args": args.server_args, "levels": rows, **ratios, "burst": burst_row if burst else None,
+        "server_args": args.server_args, "rounds": args.rounds, "levels": rows, **ratios(rows, levels),
+        "burst": burst_row,
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"serve-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}.json"
@@ -209,25 +207,70 @@ def main() -> None:
     show(record, model, args, out)
 
 
+def measure(url: str, model: str, levels: list[int], burst, args, console: Console) -> tuple[list[dict], dict | None]:
+    """Every level, --rounds times in turn (rows carry their round), then the burst."""
+    asyncio.run(run_level(url, model, 1, 1, 16, args, random.Random(-1), lambda: None))  # warm-up
+    rng, rows, burst_row = random.Random(args.seed), [], None
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    total = sum(levels) * args.requests * args.rounds + (burst[0] if burst else 0)
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("requests", total=total)
+        for k in range(args.rounds):
+            for c in levels:
+                what = f"{c} client{'s' * (c > 1)}" + (f", round {k + 1}/{args.rounds}" if args.rounds > 1 else "")
+                progress.update(task, description=what)
+                level = run_level(
+                    url, model, c, args.requests, args.max_tokens, args, rng, lambda: progress.advance(task)
+                )
+                rows.append({"round": k + 1, **asyncio.run(level)})
+        if burst:
+            progress.update(task, description=f"burst {burst[0]}x{burst[1]}")
+            burst_row = asyncio.run(
+                run_level(url, model, burst[0], 1, burst[1], args, rng, lambda: progress.advance(task))
+            )
+    return rows, burst_row
+
+
+def ratios(rows: list[dict], levels: list[int]) -> dict:
+    """Each level's median tok/s over the rounds; the ratio of those medians to the smallest level's; and the
+    ratio within every round (levels measured minutes apart, side by side)."""
+    base = min(levels)
+    median = {c: statistics.median(r["tok_s"] for r in rows if r["clients"] == c) for c in levels}
+    out = {"median_tok_s": {str(c): v for c, v in median.items()}}
+    for c in levels:
+        if c == base:
+            continue
+        out[f"ratio_{c}_vs_{base}"] = median[c] / median[base]
+        per_round = {r["round"]: r["tok_s"] for r in rows if r["clients"] == c}
+        out[f"ratio_{c}_vs_{base}_rounds"] = [
+            per_round[r["round"]] / r["tok_s"] for r in rows if r["clients"] == base and r["round"] in per_round
+        ]
+    return out
+
+
 def show(record: dict, model: str, args, out: Path) -> None:
     table = Table(title=f"hearth serve {model} {args.server_args}: streamed requests")
-    columns = ("clients", "requests", "tokens each", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TTFT max ms",
-               "ITL p50 ms", "ITL p99 ms")  # fmt: skip
+    columns = ("round", "clients", "requests", "tokens each", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
+               "TTFT max ms", "ITL p50 ms", "ITL p99 ms")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="right")
     rows = record["levels"] + ([record["burst"]] if record["burst"] else [])
     for r in rows:
         table.add_row(
-            str(r["clients"]) + (" (burst)" if r is record["burst"] else ""), str(r["requests"]),
-            str(r["max_tokens"]), f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}",
-            f"{r['ttft_max_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
+            str(r.get("round", "")), str(r["clients"]) + (" (burst)" if r is record["burst"] else ""),
+            str(r["requests"]), str(r["max_tokens"]), f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}",
+            f"{r['ttft_p99_ms']:.0f}", f"{r['ttft_max_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
         )  # fmt: skip
     console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table)
-    ratios = ", ".join(
-        f"{k[6:].replace('_vs_', ' vs ')}: {v:.2f}x" for k, v in record.items() if k.startswith("ratio_")
-    )
-    console.print(f"throughput {ratios} (target >= 4x at 16 vs 1); wrote {out}")
+    medians = ", ".join(f"{c}: {v:.1f}" for c, v in record["median_tok_s"].items())
+    console.print(f"median output tok/s by clients ({record['rounds']} round{'s' * (record['rounds'] > 1)}): {medians}")
+    for key, value in record.items():
+        if key.startswith("ratio_") and not key.endswith("_rounds"):
+            each = ", ".join(f"{x:.2f}x" for x in record[key + "_rounds"])
+            name = key[6:].replace("_vs_", " vs ")
+            console.print(f"throughput {name}: {value:.2f}x (median of rounds), each round: {each}")
+    console.print(f"target: >= 4x at 16 clients vs 1; wrote {out}")
 
 
 def commit() -> str | None:
