@@ -234,6 +234,12 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 namespace {
 
+// SLEEF's 8-wide exp and tanh (1-ulp), which PyTorch's own silu and gelu use on AVX2 and libtorch_cpu exports.
+// Weak: were a build of PyTorch without them loaded, act_mul and the attention softmax fall back to
+// the scalar functions.
+extern "C" __m256 Sleef_expf8_u10avx2(__m256) __attribute__((weak));
+extern "C" __m256 Sleef_tanhf8_u10avx2(__m256) __attribute__((weak));
+
 // One head's attention scores p[s] = (q . k_s) * scale, four keys at a time: each key's dot product is one 8-lane
 // fused multiply-add chain over D, summed across its lanes, then the D % 8 tail one product at a time. The four
 // chains are independent, so they overlap in the FMA pipes where one chain waits on each add; each key gets the
@@ -304,6 +310,37 @@ void weighted_values(const float* w, const T* v, int64_t b, int64_t kv, int64_t 
   }
 }
 
+// Scores p[0, S) -> softmax weights in place, -1 for a key with no weight (masked: exp gave 0). p has room up to
+// the next multiple of 8, which is padded with -inf: every key sits in lane s % 8 of 8-wide sums, and a key past
+// S adds an exact 0 to its lane, so a row's weights do not depend on how many masked keys a batch pads it with.
+inline void softmax_weights(float* p, int64_t S) {
+  const int64_t S8 = (S + 7) / 8 * 8;
+  std::fill(p + S, p + S8, -INFINITY);
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < S8; s += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(p + s));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  const __m256 mx = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S8; s += 8) {
+    __m256 e = _mm256_sub_ps(_mm256_loadu_ps(p + s), mx);
+    if (Sleef_expf8_u10avx2) {
+      e = Sleef_expf8_u10avx2(e);
+    } else {
+      _mm256_store_ps(lanes, e);
+      for (float& x : lanes) x = std::exp(x);
+      e = _mm256_load_ps(lanes);
+    }
+    _mm256_storeu_ps(p + s, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const __m256 total = _mm256_set1_ps(hsum(sum)), zero = _mm256_setzero_ps(), none = _mm256_set1_ps(-1.0f);
+  for (int64_t s = 0; s < S8; s += 8) {
+    const __m256 e = _mm256_loadu_ps(p + s);
+    _mm256_storeu_ps(p + s, _mm256_blendv_ps(none, _mm256_div_ps(e, total), _mm256_cmp_ps(e, zero, _CMP_GT_OQ)));
+  }
+}
+
 // One query per (row, head): softmax(q . K^T * scale, masked) . V, reading K/V in their stored dtype.
 // `at(b, kv, s)` gives the offset of row b's key s of KV head kv in k (and in v, which has the same layout).
 template <typename T, typename At>
@@ -311,14 +348,11 @@ void decode_attention_impl(const float* q, const T* k, const T* v, const bool* m
                            int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, At at) {
   const int64_t group = Hq / Hkv;
   hearth::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S);
+    std::vector<float> p((S + 7) / 8 * 8);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hq, kv = bh % Hq / group;
       head_scores(q + bh * D, k, mask, b, kv, S, D, scale, at, p.data());
-      float mx = -INFINITY, sum = 0;
-      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, p[s]);
-      for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
-      for (int64_t s = 0; s < S; ++s) p[s] = p[s] > 0 ? p[s] / sum : -1.0f;
+      softmax_weights(p.data(), S);
       weighted_values(p.data(), v, b, kv, S, D, at, out + bh * D);
     }
   });
@@ -421,10 +455,6 @@ void kv_store(torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tens
   });
 }
 
-// SLEEF's 8-wide exp and tanh (1-ulp), which PyTorch's own silu and gelu use on AVX2 and libtorch_cpu exports.
-// Weak: were a build of PyTorch without them loaded, act_mul falls back to the scalar functions.
-extern "C" __m256 Sleef_expf8_u10avx2(__m256) __attribute__((weak));
-extern "C" __m256 Sleef_tanhf8_u10avx2(__m256) __attribute__((weak));
 
 namespace {
 
