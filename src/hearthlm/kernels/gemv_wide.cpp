@@ -68,10 +68,17 @@ HEARTH_AVX512 void block(const float* x, const T* W, float* y, int64_t K, int64_
       }
     }
   }
+  // Each pair's finish(), its horizontal sums eight pairs at a time (hsum8).
+  constexpr int P = MB * R, P8 = (P + 7) / 8 * 8;
+  __m256 t[P8];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) t[m * R + r] = _mm256_add_ps(pair(acc[m][r][0]), pair(acc[m][r][1]));
+  for (int i = P; i < P8; ++i) t[i] = _mm256_setzero_ps();
+  float s[P8];
+  for (int i = 0; i < P8; i += 8) hearth::hsum8(t + i, s + i);
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
-      y[(m0 + m) * N + n + r] =
-          hearth::finish(pair(acc[m][r][0]), pair(acc[m][r][1]), w + r * K, xb + m * K, K32, K);
+      y[(m0 + m) * N + n + r] = hearth::add_tail(s[m * R + r], w + r * K, xb + m * K, K32, K);
 }
 
 // block<T, R, rows> for a run-time rows in [1, MB].
