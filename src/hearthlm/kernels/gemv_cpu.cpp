@@ -240,68 +240,65 @@ namespace {
 extern "C" __m256 Sleef_expf8_u10avx2(__m256) __attribute__((weak));
 extern "C" __m256 Sleef_tanhf8_u10avx2(__m256) __attribute__((weak));
 
-// One head's attention scores p[s] = (q . k_s) * scale, four keys at a time: each key's dot product is one 8-lane
-// fused multiply-add chain over D, summed across its lanes, then the D % 8 tail one product at a time. The four
-// chains are independent, so they overlap in the FMA pipes where one chain waits on each add; each key gets the
-// same bits as alone. Keys the mask hides get -inf.
+// The attention scores of NK keys (ks): each key's dot product with q is one 8-lane fused multiply-add chain over
+// D, summed across its lanes, then the D % 8 tail one product at a time. NK chains side by side overlap in the FMA
+// pipes where one chain waits on each add; a key gets the same bits whatever NK.
+template <int NK, typename T>
+inline void key_scores(const float* q, const T* const* ks, int64_t D, float scale, float* p) {
+  __m256 acc[NK];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < NK; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(ks[j] + i), acc[j]);
+  }
+  for (int j = 0; j < NK; ++j) {
+    float sum = hsum(acc[j]);
+    for (int64_t t = i; t < D; ++t) sum += q[t] * static_cast<float>(ks[j][t]);
+    p[j] = sum * scale;
+  }
+}
+
+// One head's attention scores p[s] = (q . k_s) * scale, four keys at a time, then the rest one by one. Keys the
+// mask hides get -inf.
 template <typename T, typename At>
 void head_scores(const float* q, const T* k, const bool* mask, int64_t b, int64_t kv, int64_t S, int64_t D,
                  float scale, At at, float* p) {
   int64_t s = 0;
   for (; s + 4 <= S; s += 4) {
     const T* ks[4] = {k + at(b, kv, s), k + at(b, kv, s + 1), k + at(b, kv, s + 2), k + at(b, kv, s + 3)};
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 8 <= D; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
-      a0 = _mm256_fmadd_ps(qv, load8(ks[0] + i), a0);
-      a1 = _mm256_fmadd_ps(qv, load8(ks[1] + i), a1);
-      a2 = _mm256_fmadd_ps(qv, load8(ks[2] + i), a2);
-      a3 = _mm256_fmadd_ps(qv, load8(ks[3] + i), a3);
-    }
-    const __m256 acc[4] = {a0, a1, a2, a3};
-    for (int j = 0; j < 4; ++j) {
-      float sum = hsum(acc[j]);
-      for (int64_t t = i; t < D; ++t) sum += q[t] * static_cast<float>(ks[j][t]);
-      p[s + j] = sum * scale;
-    }
+    key_scores<4>(q, ks, D, scale, p + s);
   }
   for (; s < S; ++s) {
     const T* kr = k + at(b, kv, s);
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(kr + i), acc);
-    float sum = hsum(acc);
-    for (; i < D; ++i) sum += q[i] * static_cast<float>(kr[i]);
-    p[s] = sum * scale;
+    key_scores<1>(q, &kr, D, scale, p + s);
   }
   if (mask)
     for (int64_t t = 0; t < S; ++t)
       if (!mask[b * S + t]) p[t] = -INFINITY;
 }
 
-// o = sum over s of w[s] * v_s for the keys with w[s] >= 0 (-1 marks a key without weight). Each element's sum
-// runs in key order from zero, in registers, 64 elements of D at a time, then 8, then one.
+// o[i0, i0 + 8 NV) = the sum over s of w[s] * v_s there, for the keys with w[s] >= 0 (-1 marks a key without
+// weight): each element's sum in key order from zero, in NV registers.
+template <int NV, typename T, typename At>
+inline void value_sums(const float* w, const T* v, int64_t b, int64_t kv, int64_t S, int64_t i0, At at, float* o) {
+  __m256 acc[NV];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s)
+    if (w[s] >= 0) {
+      const __m256 ws = _mm256_set1_ps(w[s]);
+      const T* vr = v + at(b, kv, s) + i0;
+      for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(ws, load8(vr + 8 * j), acc[j]);
+    }
+  for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + i0 + 8 * j, acc[j]);
+}
+
+// o = the sum over s of w[s] * v_s (value_sums), 64 elements of D at a time, then 8, then one.
 template <typename T, typename At>
 void weighted_values(const float* w, const T* v, int64_t b, int64_t kv, int64_t S, int64_t D, At at, float* o) {
   int64_t i0 = 0;
-  for (; i0 + 64 <= D; i0 += 64) {
-    __m256 acc[8];
-    for (auto& x : acc) x = _mm256_setzero_ps();
-    for (int64_t s = 0; s < S; ++s)
-      if (w[s] >= 0) {
-        const __m256 ws = _mm256_set1_ps(w[s]);
-        const T* vr = v + at(b, kv, s) + i0;
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ws, load8(vr + 8 * j), acc[j]);
-      }
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + i0 + 8 * j, acc[j]);
-  }
-  for (; i0 + 8 <= D; i0 += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t s = 0; s < S; ++s)
-      if (w[s] >= 0) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[s]), load8(v + at(b, kv, s) + i0), acc);
-    _mm256_storeu_ps(o + i0, acc);
-  }
+  for (; i0 + 64 <= D; i0 += 64) value_sums<8>(w, v, b, kv, S, i0, at, o);
+  for (; i0 + 8 <= D; i0 += 8) value_sums<1>(w, v, b, kv, S, i0, at, o);
   for (; i0 < D; ++i0) {
     float acc = 0;
     for (int64_t s = 0; s < S; ++s)
