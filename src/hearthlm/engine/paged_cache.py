@@ -35,6 +35,18 @@ class _Step:
     decode: tuple | None  # a CPU decode step's (write, read slots or None, read start, S, row mask): decode_slots
 
 
+def _one_run(rows: list[list[int]]) -> bool:
+    """Whether the step is one request whose blocks are consecutive: its slots are one run, read as a slice."""
+    return len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0])))
+
+
+def _padded(rows: list[list[int]]) -> list[list[int]]:
+    """Each row's blocks, padded to the longest with its own last block (a row's key positions past its end are
+    clamped to its last position and masked)."""
+    width = max(len(r) for r in rows)
+    return [r + r[-1:] * (width - len(r)) for r in rows]
+
+
 class PagedKVCache:
     def __init__(
         self,
@@ -110,14 +122,13 @@ class PagedKVCache:
         his = [s + T - 1 for s in starts]
         los = [max(0, s - w + 1) if w else 0 for s in starts]
         rows = [table[lo // bs : hi // bs + 1] for table, lo, hi in zip(tables, los, his)]
-        width = max(len(r) for r in rows)
-        tab = torch.tensor([r + r[-1:] * (width - len(r)) for r in rows], dtype=torch.long, device=dev)  # [b, nb]
+        tab = torch.tensor(_padded(rows), dtype=torch.long, device=dev)  # [b, nb]
         lo, hi = torch.tensor(los, device=dev)[:, None], torch.tensor(his, device=dev)[:, None]
         S = max(h - l + 1 for l, h in zip(los, his))
         kpos = lo + torch.arange(S, device=dev)[None, :]  # [b, S]
         clamped = torch.minimum(kpos, hi)
         base = lo // bs
-        if len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0]))):
+        if _one_run(rows):
             first = rows[0][0] * bs + los[0] % bs  # the common single-request case: slots in one run
             read = slice(first, first + S)
         else:
@@ -153,12 +164,11 @@ class PagedKVCache:
         row_mask = None if full else torch.from_numpy(kpos <= q[:, None])
         mask = None if row_mask is None else row_mask[:, None, None, :]
         causal = w is None and len(starts) == 1 and starts[0] == 0
-        if len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0]))):
+        if _one_run(rows):
             start = rows[0][0] * bs + int(lo[0]) % bs  # the common single-request case: slots in one run
             read = slice(start, start + S)
             return _Step(write, read, S, mask, causal, (write, None, start, S, row_mask))
-        width = max(len(r) for r in rows)
-        tab = np.array([r + r[-1:] * (width - len(r)) for r in rows], dtype=np.int64)  # [b, blocks]
+        tab = np.array(_padded(rows), dtype=np.int64)  # [b, blocks]
         clamped = np.minimum(kpos, q[:, None])
         slots = np.take_along_axis(tab, clamped // bs - first[:, None], 1) * bs + clamped % bs
         read = torch.from_numpy(slots.reshape(-1))
