@@ -161,13 +161,24 @@ def machine() -> dict:
     return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
+def positive(value: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number, 1 or more")
+    return n
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="what `hearth serve` takes (default: the demo model)")
     p.add_argument("--levels", default="1,4,16,32,64", help="concurrent clients per level (default 1,4,16,32,64)")
     p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request (default 256)")
-    p.add_argument("--rounds", type=int, default=1, help="run the levels this many times, alternating (default 1)")
+    p.add_argument("--rounds", type=positive, default=1, help="run the levels this many times, in turn (default 1)")
     p.add_argument("--prompt-words", type=int, default=24, help="words per prompt (default 24)")
     p.add_argument("--burst", default="32x96", help="CxN: C requests of N tokens at once, after the levels (0: none)")
     p.add_argument("--server-args", default="", help="extra `hearth serve` options, e.g. '--max-running 16'")
