@@ -197,6 +197,78 @@ def test_decode_plan_equals_the_general_plan(block_size):
             assert fast.decode[2:4] == general.decode[2:4]
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_a_padded_row_plans_what_it_plans_alone_and_writes_no_pad(block_size):
+    """Rows of a packed prefill (runner.run_paged) begin with pads: copies of the row's first position. Each row
+    reads, masks and writes what it does alone, its pads write nothing, and its pads' queries see only its keys."""
+    from hearthlm.config import LayerSpec, RopeSpec
+    from hearthlm.engine.paged_cache import PagedKVCache
+
+    layers = [LayerSpec(head_dim=8, num_kv_heads=1, rope=RopeSpec(), sliding_window=w) for w in (None, 8)]
+    cache = PagedKVCache(layers, {None: 128, 8: 128}, block_size, torch.float32, torch.device("cpu"))
+    rng = random.Random(block_size)
+    for _ in range(20):
+        b = rng.randrange(2, 6)
+        starts, counts = [rng.randrange(0, 40) for _ in range(b)], [rng.randrange(2, 13) for _ in range(b)]
+        T = max(counts)
+        free, tables = rng.sample(range(128), 128), []  # each row its own blocks, scattered
+        for p, c in zip(starts, counts):
+            need = (p + c - 1) // block_size + 1
+            tables.append(free[:need])
+            free = free[need:]
+        positions = torch.tensor([[p] * (T - c) + list(range(p, p + c)) for p, c in zip(starts, counts)])
+        for window in (None, 8):
+            packed = cache._plan_general(window, positions, starts, tables)
+            assert packed.write.shape == (sum(counts),) and len(set(packed.write.tolist())) == sum(counts)
+            writes = packed.write.split(counts)
+            read = packed.read.view(b, packed.S)
+            for r, (p, c) in enumerate(zip(starts, counts)):
+                one = cache._plan_general(window, torch.arange(p, p + c)[None], [p], [tables[r]])
+                assert torch.equal(writes[r], one.write), (starts, counts, window, r)
+                slots = torch.arange(one.S) if isinstance(one.read, slice) else one.read
+                if isinstance(one.read, slice):
+                    slots = slots + one.read.start
+                mask = torch.ones(c, one.S, dtype=torch.bool) if one.mask is None else one.mask[0, 0]
+                seen = read[r, : one.S]  # past its own keys a row's reads are padding, masked out
+                assert torch.equal(seen[mask.any(0)], slots[mask.any(0)])
+                row_mask = packed.mask[r, 0]
+                assert torch.equal(row_mask[T - c :, : one.S], mask) and not row_mask[:, one.S :].any()
+                pads = row_mask[: T - c, : one.S]  # a pad is its row's first token again
+                assert torch.equal(pads, mask[:1].expand_as(pads))
+
+
+@pytest.mark.parametrize("name", ["gemma4_all", "llama", "qwen3_moe"])
+def test_prompts_of_different_lengths_prefill_in_one_padded_forward(name, loaded):
+    """Prompts that arrive together share one prefill forward, the shorter ones padded (runner.packs), and each
+    still gets the reference's greedy tokens and what it gets alone."""
+    ref, llm = loaded(name)
+    prompts = {f"r{n}": ids(n, seed=200 + n) for n in (9, 10, 11, 12)}  # 4 x 12 padded <= 1.25 x 42 tokens
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    engine = Engine(llm, block_size=5, prefill_chunk=64)
+    shapes, begin = [], engine.cache.begin
+    engine.cache.begin = lambda positions, *a, **kw: (shapes.append(tuple(positions.shape)), begin(positions, *a, **kw))
+    out = run(engine, {rid: (p, params) for rid, p in prompts.items()})
+    assert shapes[0] == (4, 12) and shapes[1:] == [(4, 1)] * 9  # one packed prefill, then batched decodes
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
+    for rid, prompt in prompts.items():
+        with torch.no_grad():
+            expected = ref.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
+        assert tokens(out[rid]) == expected == alone(llm, prompt, params), rid
+
+
+def test_packs_group_chunks_while_padding_stays_small():
+    from hearthlm.engine.runner import packs
+    from hearthlm.engine.scheduler import Work
+
+    def sizes(ns):
+        return [[w.n for w in group] for group in packs([Work(None, n) for n in ns])]
+
+    assert sizes([30, 28, 31, 29]) == [[28, 29, 30, 31]]
+    assert sizes([2000, 10, 12]) == [[10, 12], [2000]]  # a long prompt pads no short one to its length
+    assert sizes([4, 5, 100, 110, 120]) == [[4, 5], [100, 110, 120]]
+    assert sizes([7]) == [[7]] and sizes([]) == []
+
+
 def test_a_sliding_prefix_hit_needs_the_last_window_cached():
     bm = BlockManager({None: 32, 4: 32}, block_size=2)
     params = SamplingParams()

@@ -22,7 +22,7 @@ from .errors import ContextLengthError
 from .guided import Guides
 from .kv_cache import cache_layers
 from .paged_cache import PagedKVCache
-from .runner import run_paged, run_verify
+from .runner import packs, run_paged, run_verify
 from .sampler import SamplingParams, TokenLogprob, greedy_rows, logprob_of, logprob_rows, penalize, pick
 from .scheduler import Scheduler, Work
 from .sequence import Sequence
@@ -359,17 +359,25 @@ class Engine:
                 seq.num_computed += 1
             due += [s for s, want in zip(decode, wants) if want]
             rows.append(logits if all(wants) else logits[torch.tensor(wants)])
-        self._encode_media([w for w in work if w.n > 1 and w.seq.media is not None])
-        for w in work:
-            if w.n > 1 and not w.draft:
-                want = w.n == w.seq.pending
-                splice = self._splice(w.seq, w.n) if w.seq.media is not None else None
-                logits = run_paged(model, self.cache, [w.seq], w.n, want, splice) if splice else \
-                    run_paged(model, self.cache, [w.seq], w.n, want)  # fmt: skip
+        chunks = [w for w in work if w.n > 1 and not w.draft]
+        self._encode_media([w for w in chunks if w.seq.media is not None])
+        for w in (w for w in chunks if w.seq.media is not None):  # alone: its chunk may splice media in
+            want = w.n == w.seq.pending
+            splice = self._splice(w.seq, w.n)
+            logits = run_paged(model, self.cache, [w.seq], w.n, want, splice) if splice else \
+                run_paged(model, self.cache, [w.seq], w.n, want)  # fmt: skip
+            w.seq.num_computed += w.n
+            if want:
+                due.append(w.seq)
+                rows.append(logits)
+        for pack in packs([w for w in chunks if w.seq.media is None]):
+            seqs, wants = [w.seq for w in pack], [w.n == w.seq.pending for w in pack]
+            logits = run_paged(model, self.cache, seqs, [w.n for w in pack], any(wants))
+            for w in pack:
                 w.seq.num_computed += w.n
-                if want:
-                    due.append(w.seq)
-                    rows.append(logits)
+            if any(wants):
+                due += [s for s, want in zip(seqs, wants) if want]
+                rows.append(logits if all(wants) else logits[torch.tensor(wants)])
         if not due:
             return [], None
         return due, rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -33,6 +33,7 @@ class _Step:
     mask: torch.Tensor | None  # [b, 1, T, S] or None: attend everywhere
     causal: bool  # the mask is exactly the causal one (S == T, one row from position 0)
     decode: tuple | None  # a CPU decode step's (write, read slots or None, read start, S, row mask): decode_slots
+    keep: torch.Tensor | None = None  # [b * T] rows' positions that are not pads (runner.run_paged), when some are
 
 
 def _one_run(rows: list[list[int]]) -> bool:
@@ -103,7 +104,9 @@ class PagedKVCache:
         spans: list | None = None,
     ):
         """Prepare a forward over positions [b, T] (row r from starts[r]) with each row's block tables; `spans`:
-        per row, the [start, end) position ranges whose tokens attend to each other both ways on sliding layers."""
+        per row, the [start, end) position ranges whose tokens attend to each other both ways on sliding layers.
+        A row whose last position is before starts[r] + T - 1 begins with pads: positions repeating starts[r],
+        whose K/V are not written."""
         self._step_kv.clear()
         for w in dict.fromkeys(self.window[i] for i in self.k):
             self.steps[w] = self._plan(w, positions, starts, [t[w] for t in tables], spans)
@@ -119,7 +122,8 @@ class PagedKVCache:
         self, w: int | None, positions: torch.Tensor, starts: list[int], tables: list[list[int | None]], spans=None
     ) -> _Step:
         bs, T, dev = self.block_size, positions.shape[1], positions.device
-        his = [s + T - 1 for s in starts]
+        his = positions[:, -1].tolist()
+        pads = [T - (h - s + 1) for s, h in zip(starts, his)]
         los = [max(0, s - w + 1) if w else 0 for s in starts]
         rows = [table[lo // bs : hi // bs + 1] for table, lo, hi in zip(tables, los, his)]
         tab = torch.tensor(_padded(rows), dtype=torch.long, device=dev)  # [b, nb]
@@ -142,13 +146,16 @@ class PagedKVCache:
                 mask = widen(mask, q, k, w, spans)
         causal = w is None and len(starts) == 1 and starts[0] == 0 and S == T
         mask = None if bool(mask.all()) else mask[:, None]
-        write = write.reshape(-1)
+        write, keep = write.reshape(-1), None
+        if any(pads):
+            keep = torch.tensor([r * T + j for r, p in enumerate(pads) for j in range(p, T)], device=dev)
+            write = write[keep]
         decode = None
         if T == 1 and dev.type == "cpu":
             row_mask = None if mask is None else mask[:, 0, -1]
             runs = isinstance(read, slice)
             decode = (write, None if runs else read, read.start if runs else 0, S, row_mask)
-        return _Step(write, read, S, mask, causal, decode)
+        return _Step(write, read, S, mask, causal, decode, keep)
 
     def _plan_decode(self, w: int | None, starts: list[int], tables: list[list[int | None]]) -> _Step:
         """_plan's result for a CPU decode step (one position per row, at starts[r]), in NumPy: a step of a small
@@ -203,10 +210,12 @@ class PagedKVCache:
         return attend_cached(q, *self._read(src, step), step.mask, step.causal, scale)
 
     def _write(self, layer: int, step: _Step, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the step's k, v [b, T, Hkv, D] into their slots."""
+        """Write the step's k, v [b, T, Hkv, D] into their slots (the pads' not)."""
         K, V = self.k[layer], self.v[layer]
         _, _, H, D = k.shape
         k, v = k.reshape(-1, H, D), v.reshape(-1, H, D)
+        if step.keep is not None:
+            k, v = k[step.keep], v[step.keep]
         if k.device.type == "cpu" and k.dtype == torch.float32 and v.dtype == torch.float32 and cpu.available():
             cpu.kv_store(K, V, step.write, k, v)  # one call instead of two index_copy_ and their conversions
             return

@@ -11,6 +11,7 @@ from ..layers.attention import Batch
 from ..models.base import CausalLM
 from .kv_cache import ContiguousKVCache
 from .paged_cache import PagedKVCache
+from .scheduler import Work
 from .sequence import Sequence
 
 if TYPE_CHECKING:
@@ -41,15 +42,30 @@ def forward_tokens(
 
 @torch.inference_mode()
 def run_paged(
-    model: CausalLM, cache: PagedKVCache, seqs: list[Sequence], n: int, logits: bool, splice: Splice | None = None
+    model: CausalLM,
+    cache: PagedKVCache,
+    seqs: list[Sequence],
+    n: int | list[int],
+    logits: bool,
+    splice: Splice | None = None,
 ) -> torch.Tensor | None:
-    """Compute the next n tokens of every sequence (their slots allocated); returns the logits [b, V] of
-    each row's last position when `logits`, else None (and the model may skip work it does not need).
-    `splice`: media embeddings for some of these positions (multimodal models only)."""
+    """Compute the next n tokens of every sequence (their slots allocated; `n`: one count for all, or one per
+    sequence); returns the logits [b, V] of each row's last position when `logits`, else None (and the model may
+    skip work it does not need). `splice`: media embeddings for some of these positions (multimodal models only).
+
+    Rows of different lengths run as one [b, longest] batch: a shorter row is padded on the left with copies of its
+    first token at its first position. A pad computes exactly what that token computes, writes no K/V (the cache
+    tells pads from the positions, PagedKVCache.begin) and is dropped, and every row ends at its own last token."""
     device = model.device
     starts = [s.num_computed for s in seqs]
-    ids = torch.tensor([s.tokens[p : p + n] for s, p in zip(seqs, starts)], device=device)
-    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
+    counts = [n] * len(seqs) if isinstance(n, int) else list(n)
+    T = max(counts)
+    ids = torch.tensor([s.tokens[p : p + 1] * (T - c) + s.tokens[p : p + c] for s, p, c in zip(seqs, starts, counts)],
+                       device=device)  # fmt: skip
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)[None, :]
+    if min(counts) < T:
+        pads = torch.tensor([T - c for c in counts], device=device)[:, None]
+        positions = torch.maximum(positions - pads, positions[:, :1])
     batch = Batch(positions=positions, cache=cache, outputs=1 if logits else 0)
     if splice is None:
         cache.begin(positions, starts, [s.tables for s in seqs])
@@ -59,8 +75,22 @@ def run_paged(
         h = model(ids, batch, splice)
     if not logits:
         return None
-    keep_hidden(seqs, [p + n - 1 for p in starts], h[:, -1:])
+    keep_hidden(seqs, [p + c - 1 for p, c in zip(starts, counts)], h[:, -1:])
     return model.logits(h[:, -1])
+
+
+def packs(chunks: list[Work], slack: float = 0.25) -> list[list[Work]]:
+    """Prefill chunks grouped into forwards (run_paged pads each group's rows to its longest): a forward per chunk
+    costs its fixed overhead per chunk and multiplies few rows at a time, so chunks share one while the padding
+    adds at most `slack` of their tokens."""
+    groups: list[list[Work]] = []
+    for w in sorted(chunks, key=lambda w: w.n):
+        group = groups[-1] if groups else None
+        if group is not None and (len(group) + 1) * w.n <= (1 + slack) * (sum(x.n for x in group) + w.n):
+            group.append(w)
+        else:
+            groups.append([w])
+    return groups
 
 
 def run_verify(
