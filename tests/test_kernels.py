@@ -95,13 +95,38 @@ def test_linear_dispatch_matches_f_linear(rows, path, kernel_path):
 
 
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_rms_norm_kernel_matches_torch(with_weight):
+@pytest.mark.parametrize("shape", [(3, 5, 37), (16, 256), (1, 7), (600, 256), (40, 2048)])  # 600 rows: split over threads
+def test_rms_norm_kernel_matches_float64_and_each_row_alone(with_weight, shape):
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(3, 5, 37, generator=g) * 4, torch.randn(37, generator=g)
+    x, w = torch.randn(*shape, generator=g) * 4, torch.randn(shape[-1], generator=g)
     weight = w if with_weight else None
-    assert torch.allclose(
-        cpu.rms_norm(x, weight, 1e-6), torch.nn.functional.rms_norm(x, (37,), weight, 1e-6), atol=1e-5
-    )
+    xd = x.double()
+    expected = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (w.double() if with_weight else 1)
+    got = cpu.rms_norm(x, weight, 1e-6)
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
+    rows = x.reshape(-1, shape[-1])
+    for r in (0, rows.shape[0] // 2, rows.shape[0] - 1):  # the same bits wherever the row falls
+        assert torch.equal(cpu.rms_norm(rows[r : r + 1], weight, 1e-6)[0], got.reshape(-1, shape[-1])[r])
+
+
+@pytest.mark.parametrize("V", [1, 5, 8, 9, 37, 4096, 262144 + 3])
+def test_argmax_rows_is_torch_argmax_ties_nans_and_infinities_included(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(12, V, generator=g)
+    x[1] = 7.0  # all tied: the first
+    x[2, V // 2] = float("nan")  # NaN counts as largest
+    x[3, V - 1] = float("nan")
+    x[3, 0] = float("inf")
+    x[4] = float("-inf")
+    x[5, V - 1] = 100.0  # in the tail of a row whose length is no multiple of 8
+    x[6, (2 * V) // 3] = x[6, V // 3] = 50.0  # a tie past the first vector
+    x[7].round_()  # many ties of the maximum
+    x[8, 0] = -0.0
+    x[8, 1:] = torch.where(x[8, 1:] > 0, 0.0, x[8, 1:])  # -0.0 and 0.0 tie as the maximum
+    assert torch.equal(cpu.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(cpu.argmax_rows(x[2:5].contiguous().view(3, 1, V)), x[2:5].argmax(-1).view(3, 1))
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        cpu.argmax_rows(x.t() if V > 1 else x.double())
 
 
 def test_rope_kernel_matches_rotate_half():

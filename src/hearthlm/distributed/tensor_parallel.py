@@ -38,7 +38,7 @@ from ..layers.embedding import lookup
 from ..layers.linear import Linear, linear
 from ..layers.mlp import GatedMLP
 from ..layers.moe import Experts, SparseMoE
-from ..layers.softcap import softcap
+from ..layers.softcap import softcap_
 from ..models.base import CausalLM
 from ..quant.tensor import QuantTensor
 from .experts import MODES, shard_experts
@@ -186,7 +186,7 @@ def parallel_logits(self: CausalLM, hidden: torch.Tensor) -> torch.Tensor:
     if local.shape[-1] < chunk:
         local = torch.nn.functional.pad(local, (0, chunk - local.shape[-1]))
     logits = mesh.all_gather(local, dim=-1)[..., :vocab]
-    return softcap(logits, self.config.final_softcap)
+    return softcap_(logits, self.config.final_softcap)
 
 
 def _shard_attention(attn: Attention, mesh: Mesh, name: str) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import cpu
+
 MAX_LOGPROBS = 20  # the most alternatives `logprobs` may ask for (OpenAI's limit)
 
 
@@ -204,6 +206,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return [pick(row, p, g) for row, p, g in zip(logits, params, generators)]
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first on ties), in one pass on CPU: PyTorch's took ~2 ms for 16 rows of a 262k
+    vocabulary here, the kernel ~0.1."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() and cpu.available():
+        return cpu.argmax_rows(logits)
+    return logits.argmax(-1)
+
+
 def greedy_rows(logits: torch.Tensor, params: list[SamplingParams], guides: list) -> list[int | None]:
     """The greedy token of every row of logits [B, V] that needs nothing but an argmax (temperature 0, no
     penalties, no constraint), in one batched argmax and one copy to Python; None for the other rows."""
@@ -211,10 +221,10 @@ def greedy_rows(logits: torch.Tensor, params: list[SamplingParams], guides: list
     if not any(plain):
         return [None] * len(params)
     if all(plain):
-        return logits.argmax(-1).tolist()
+        return argmax(logits).tolist()
     rows = [i for i, ok in enumerate(plain) if ok]
     tokens: list[int | None] = [None] * len(params)
-    for i, t in zip(rows, logits[rows].argmax(-1).tolist()):
+    for i, t in zip(rows, argmax(logits[rows]).tolist()):
         tokens[i] = t
     return tokens
 

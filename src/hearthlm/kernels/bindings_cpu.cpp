@@ -48,6 +48,16 @@ std::tuple<torch::Tensor, int64_t, bool> pool_check(int64_t n, int64_t jobs, dou
   return {out, static_cast<int64_t>(ids.size()), inline_nested.load()};
 }
 
+// A kernel that keeps the GIL on decode-sized inputs and lets the other threads run on a prefill's.
+template <typename... A>
+auto big_without_gil(torch::Tensor (*kernel)(torch::Tensor, A...)) {
+  return [kernel](torch::Tensor x, A... a) {
+    if (x.numel() < (1 << 16)) return kernel(x, a...);
+    py::gil_scoped_release release;
+    return kernel(x, a...);
+  };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -55,12 +65,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // engine thread computes); the short ones keep the GIL, whose hand-back would cost more than they do.
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("gemv", &gemv, "x [..., K] @ W[N, K]^T (+ bias) -> [..., N] float32", release);
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
+  m.def("rms_norm", big_without_gil(&rms_norm), "RMSNorm over the last dim (float32)");
   m.def("rope", &rope, "rotate-half RoPE (float32)");
   m.def("decode_attention", &decode_attention, "one-query attention over a KV cache", release);
   m.def("paged_decode_attention", &paged_decode_attention, "one-query attention over a paged KV cache", release);
   m.def("kv_store", &kv_store, "write K/V rows into cache slots");
   m.def("act_mul", &act_mul, "act(gate) * up");
+  m.def("argmax_rows", big_without_gil(&argmax_rows), "the first argmax of each row (float32) -> int64");
   m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
   m.def("pool_check", &pool_check, "test hook for the thread pool", release);
   m.def("set_gemv_isa", &set_gemv_isa, "the GEMVs' path: \"avx512\" or \"avx2\"");

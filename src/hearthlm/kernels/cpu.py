@@ -1,8 +1,8 @@
 """CPU kernels in C++ (AVX2/FMA/F16C), compiled on first use into one extension: a batch-1..8 GEMV, decode
-attention over the KV cache in its stored dtype, and RMSNorm / RoPE for decode-sized inputs (gemv_cpu.cpp); a
-GEMV and a row dequantizer for quantized weights (quant_cpu.cpp, with x's rounding in quant_x.cpp, and the
-AVX-512 VNNI GEMV for 8-bit weights and any number of rows in quant_vnni.cpp); a whole decoder layer's decode
-step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into
+attention over the KV cache in its stored dtype, RMSNorm, and RoPE for decode-sized inputs (gemv_cpu.cpp); each
+row's argmax of the logits (logits_cpu.cpp); a GEMV and a row dequantizer for quantized weights (quant_cpu.cpp,
+with x's rounding in quant_x.cpp, and the AVX-512 VNNI GEMV for 8-bit weights and any number of rows in
+quant_vnni.cpp); a whole decoder layer's decode step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into
 chunks taken from a shared counter, so a core that another process takes delays one chunk, not the whole kernel.
 
 On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
@@ -172,6 +172,7 @@ SOURCES = (
     "quant_cpu.cpp",
     "quant_vnni.cpp",
     "decoder_cpu.cpp",
+    "logits_cpu.cpp",
     "bindings_cpu.cpp",
 )
 SOURCES_AVX512 = ("threadpool.cpp", "gemm_avx512.cpp", "bindings_avx512.cpp")
@@ -357,6 +358,12 @@ def kv_store(
 def act_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     """float32 [..., 2I] = [gate | up] -> act(gate) * up [..., I]; act 'silu' or 'gelu_tanh'."""
     return _load().act_mul(x, act)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous float32 x [..., V] -> int64 [...]: each row's first largest index, NaN counting as largest
+    (torch.argmax's answer)."""
+    return _load().argmax_rows(x)
 
 
 def quant_gemv(

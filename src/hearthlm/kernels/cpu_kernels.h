@@ -29,6 +29,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor K, torch::Te
 void kv_store(torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
 torch::Tensor act_mul(torch::Tensor x, const std::string& act);
 
+// Logits (logits_cpu.cpp).
+torch::Tensor argmax_rows(torch::Tensor x);
+
 // Quantized weights (quant_cpu.cpp).
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                          int64_t bits, int64_t group, c10::optional<torch::Tensor> bias);

@@ -11,7 +11,7 @@ from ..layers.embedding import Embedding
 from ..layers.linear import Linear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import Rotary
-from ..layers.softcap import softcap
+from ..layers.softcap import softcap_
 from ..weights.mapping import Source
 
 
@@ -49,7 +49,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return softcap(linear(self.norm(hidden), weight).float(), self.config.final_softcap)
+        return softcap_(linear(self.norm(hidden), weight).float(), self.config.final_softcap)
 
     def embedding_states(self, hidden: torch.Tensor) -> torch.Tensor:
         """Per-token states that embeddings pool: the final norm's output (a family with a projection head
