@@ -209,7 +209,7 @@ import hearthlm.cli as cli
 import hearthlm.engine.engine as engine
 real_run, slow = engine.run_paged, [True]
 def run_paged(model, cache, seqs, n, *a, **k):
-    if n > 1 and slow[0]:
+    if n != 1 and slow[0]:  # a prefill: n is one count (1 decodes) or a count per sequence
         slow[0] = False
         print("PREFILL", file=sys.stderr, flush=True)
         for _ in range(12000):
