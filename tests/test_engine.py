@@ -542,6 +542,24 @@ def test_stop_strings_across_token_boundaries_are_never_emitted(demo):
     assert demo.generate([prompt], SamplingParams(max_tokens=24, temperature=0, stop=stop))[0].text == text[:cut]
 
 
+def test_without_detokenize_outputs_carry_ids_only_and_stop_strings_still_stop(demo):
+    """detokenize=False (what the server asks, since it decodes the ids itself): the same tokens, no text; a
+    request with stop strings still ends where its text reaches one."""
+    prompt = demo.tokenizer.encode("And God said unto Moses,")
+    plain = run(Engine(demo), {"r": (prompt, SamplingParams(max_tokens=24, temperature=0))})["r"]
+    quiet = run(Engine(demo), {"r": (prompt, SamplingParams(max_tokens=24, temperature=0, detokenize=False))})["r"]
+    assert tokens(quiet) == tokens(plain) and all(o.text == "" for o in quiet)
+    assert "".join(o.text for o in plain) != ""
+    text = "".join(o.text for o in plain)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    ended = [
+        run(Engine(demo), {"r": (prompt, SamplingParams(max_tokens=24, temperature=0, stop=[stop], detokenize=d))})
+        for d in (True, False)
+    ]
+    assert tokens(ended[0]["r"]) == tokens(ended[1]["r"]) and len(tokens(ended[1]["r"])) < 24
+    assert ended[1]["r"][-1].finish_reason == "stop"
+
+
 def test_text_stream_holds_back_possible_stop_prefixes(demo):
     stream = TextStream(demo.tokenizer, ["END"])
     emitted = ""

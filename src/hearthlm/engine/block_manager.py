@@ -100,9 +100,11 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, upto: int) -> bool:
         """Give `seq` slots for positions up to `upto` (exclusive); False, changing nothing, if a pool lacks blocks."""
+        last = (upto - 1) // self.block_size
+        if all(len(seq.tables.get(w, ())) > last for w in self.pools):  # most decode steps: the slot exists
+            return True
         if not self.can_allocate(seq, upto):
             return False
-        last = (upto - 1) // self.block_size
         for w, pool in self.pools.items():
             table = seq.tables.setdefault(w, [])
             first = self.first_block(w, seq.num_computed)
@@ -153,9 +155,9 @@ class BlockManager:
 
     def register(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache."""
-        if not self.prefix_caching:
-            return
         n = seq.num_computed // self.block_size
+        if not self.prefix_caching or seq.registered >= n:  # most steps: no block was completed
+            return
         keys = self._hashes(seq, n)
         for i in range(seq.registered, n):
             for w, pool in self.pools.items():

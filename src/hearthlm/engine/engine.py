@@ -204,7 +204,8 @@ class Engine:
         max_len = min(self.context, len(prompt) + params.max_tokens)
         if None in self.blocks.pools:
             max_len = min(max_len, self.blocks.pools[None].num_blocks * self.block_size)
-        seq = Sequence(request_id, prompt, params, TextStream(tok, params.stop), params.generator(), max_len)
+        stream = TextStream(tok if params.detokenize or params.stop else None, params.stop)
+        seq = Sequence(request_id, prompt, params, stream, params.generator(), max_len)
         seq.guide = self._guides().guide(params) if params.constrained else None
         drafter = self._drafter_for(params)
         seq.spec = SpecState(drafter, self.adaptive) if drafter is not None else None

@@ -50,6 +50,8 @@ class SamplingParams:
     progress: bool = False  # also report each prefill chunk of a long prompt (an output with `progress` set)
     speculative: bool | None = None  # None: as the engine drafts; False: never draft; True: draft (prompt lookup
     # when the engine has no drafter). Output is the same either way (engine/speculative.py).
+    detokenize: bool = True  # False: outputs carry token ids and no text, for a caller that decodes them its own way
+    # (the server); stop strings still end the request (their text is decoded for that)
 
     def __post_init__(self) -> None:
         if self.choice is not None and not isinstance(self.choice, str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import time
@@ -288,6 +289,7 @@ class ServedModel:
                            "inputs to /v1/embeddings or /api/embed", "model")  # fmt: skip
         t0 = time.perf_counter() if t0 is None else t0
         media = {"media": prompt.media} if prompt.media is not None else {}
+        params = dataclasses.replace(params, detokenize=False)  # Stream decodes the ids itself, markers kept
         gen = self.engine.generate(prompt.ids, params, client=clients.current(), **media)
         try:
             first = await anext(gen, None)
