@@ -95,10 +95,9 @@ def test_linear_dispatch_matches_f_linear(rows, path, kernel_path):
 
 
 @pytest.mark.parametrize("with_weight", [True, False])
-@pytest.mark.parametrize(
-    "shape", [(3, 5, 37), (16, 256), (1, 7), (600, 256), (40, 2048)]
-)  # 600 rows: split over threads
+@pytest.mark.parametrize("shape", [(3, 5, 37), (16, 256), (1, 7), (600, 256), (40, 2048)])
 def test_rms_norm_kernel_matches_float64_and_each_row_alone(with_weight, shape):
+    """600 rows: split over the pool's threads."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(*shape, generator=g) * 4, torch.randn(shape[-1], generator=g)
     weight = w if with_weight else None
