@@ -35,7 +35,8 @@ def record(llm: LLM) -> dict:
         "logits": llm.logits(PROMPT),
         "batch": llm.logits([PROMPT[:6], OTHER]),
         "decode": decode,
-        "greedy": [c.token_ids for c in llm.generate([PROMPT, OTHER], greedy)],  # two rows, continuous batching
+        # three rows, continuous batching; the 6- and 8-token prompts prefill in one forward, the shorter padded
+        "greedy": [c.token_ids for c in llm.generate([PROMPT, OTHER, PROMPT[2:10]], greedy)],
         "sampled": llm.generate(PROMPT, sampled)[0].token_ids,
         "cached": cached,
         "paged": sorted(llm.engine().cache.k),

@@ -361,8 +361,9 @@ class Engine:
             due += [s for s, want in zip(decode, wants) if want]
             rows.append(logits if all(wants) else logits[torch.tensor(wants)])
         chunks = [w for w in work if w.n > 1 and not w.draft]
-        self._encode_media([w for w in chunks if w.seq.media is not None])
-        for w in (w for w in chunks if w.seq.media is not None):  # alone: its chunk may splice media in
+        media = [w for w in chunks if w.seq.media is not None]
+        self._encode_media(media)
+        for w in media:  # alone: its chunk may splice media in
             want = w.n == w.seq.pending
             splice = self._splice(w.seq, w.n)
             logits = run_paged(model, self.cache, [w.seq], w.n, want, splice) if splice else \
