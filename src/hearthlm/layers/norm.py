@@ -22,6 +22,6 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(self.weight.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and cpu.available():  # 4-9x faster than PyTorch's op from 1 to 2048 rows
+        if x.device.type == "cpu" and cpu.available():  # faster than PyTorch's op at every size measured (docs)
             return cpu.rms_norm(x.float(), self.weight, self.eps).to(x.dtype)
         return F.rms_norm(x.float(), self.shape, self.weight, self.eps).to(x.dtype)
