@@ -476,7 +476,6 @@ void kv_store(torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tens
   });
 }
 
-
 namespace {
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
