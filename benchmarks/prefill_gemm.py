@@ -3,8 +3,10 @@
 For each weight format (the QuantTensor layouts that hearthlm's int8/int4 and the GGUF types load into) it times
 the paths a prefill can take on this machine, in one process, alternating rounds:
 
-- tiles:   dequantize a tile of weights to float32 and multiply with PyTorch (the AVX2 path, HEARTHLM_ISA=avx2);
-- gemm:    the integer GEMM on AVX-512 VNNI (kernels/gemm_avx512.cpp), x rounded to int8 per block of 32;
+- tiles:   dequantize a tile of weights to float32 and multiply with PyTorch (quant/linear.py `float_tiles`, the
+           exact product; before the AVX2 GEMM it was the AVX2 path);
+- gemm:    the integer GEMM quant_linear runs here (cpu.gemm_path(): AMX, AVX-512 VNNI in kernels/gemm_avx512.cpp, or
+           AVX2 in kernels/gemm_avx2.cpp), x rounded to int8 per block of 32;
 - and for 16-bit weights: float32 (weights converted per call: the AVX2 path, and AVX-512 CPUs without BF16),
   hearthlm's bf16 GEMM on AMX-BF16 ("amx bf16", the AMX path) and on AVX512-BF16 ("avx512 bf16": the AVX-512 path
   on CPUs with it, and on AMX CPUs capped to it), and oneDNN's bf16 GEMM for reference (it rounds x and y to bf16;
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from hearthlm.kernels import cpu
-from hearthlm.quant.linear import quant_linear
+from hearthlm.quant.linear import float_tiles, quant_linear
 from hearthlm.quant.tensor import QuantTensor, pack_int4
 
 # Llama-3.2-1B: (N, K) of the fused q/k/v, o, fused gate/up and down projections.
@@ -90,13 +92,13 @@ def cases(rows: int) -> dict[str, dict[str, callable]]:
     for label, (bits, group, mins) in FORMATS.items():
         weights = [quantized(N, K, bits, group, mins) for N, K in SHAPES.values()]
 
-        def run(ws=weights):
+        def run(ws=weights, product=quant_linear):
             for w in ws:
-                quant_linear(x[w.shape[1]], w)
+                product(x[w.shape[1]], w)
 
-        out[label] = {"tiles": with_isa("avx2", run)}
+        out[label] = {"tiles": lambda ws=weights: run(ws, float_tiles)}
         if cpu.gemm_available():
-            out[label]["gemm"] = run
+            out[label][f"{cpu.gemm_path()} gemm"] = run
     halves = [torch.randn(N, K, generator=torch.Generator().manual_seed(N)).bfloat16() for N, K in SHAPES.values()]
     out["bf16"] = {
         "tiles": lambda: [F.linear(x[w.shape[1]], w.float()) for w in halves],  # float32, converted per call

@@ -23,7 +23,8 @@ F16 / BF16 files.
 Logits come from one prefill pass; --step 1 feeds the tokens one at a time through the KV cache instead, as
 generation does (the int8-activation GEMV kernel; llama.cpp then decodes in batches of --step too).
 --paths picks hearthlm's prefill paths (default: the widest this CPU runs), each row measured on each:
-- exact: HEARTHLM_ISA=avx2, weights dequantized in tiles and multiplied in float32 (bf16 weights in float32);
+- exact: HEARTHLM_ISA=torch, weights dequantized in tiles and multiplied in float32 (bf16 weights in float32);
+- avx2: HEARTHLM_ISA=avx2, the AVX2 integer GEMM, activations rounded as on the AVX-512 path (bf16 in float32);
 - gemm: HEARTHLM_ISA=avx512, the AVX-512 VNNI integer GEMM with activations rounded to int8 per block of 32
   (as llama.cpp's Q8_0 / Q8_K activations), and bf16 weights through oneDNN's bf16 GEMM (x rounded to bf16)
   where the CPU has AVX512-BF16 or AMX;
@@ -67,10 +68,10 @@ FORMATS = ["int8", "int4-g32", "int4-g64", "int4-g128"]
 GGUF = ["Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q4_0", "Q4_1", "Q4_K"]
 FILE_TYPES = ["F32", "F16", "BF16", *GGUF]
 DTYPES = ["bfloat16", "float16"]
-# hearthlm's prefill paths -> the HEARTHLM_ISA that selects each: dequantized float tiles, the integer GEMM on
-# AVX-512 VNNI, the same GEMM on AMX tiles
-PATHS = {"exact": "avx2", "gemm": "avx512", "amx": "amx"}
-GEMMS = ("gemm", "amx")  # the paths that round activations to int8 (and multiply bf16 weights in bf16)
+# hearthlm's prefill paths -> the HEARTHLM_ISA that selects each: dequantized float tiles (no integer GEMM), the
+# integer GEMM on AVX2, on AVX-512 VNNI, and on AMX tiles
+PATHS = {"exact": "torch", "avx2": "avx2", "gemm": "avx512", "amx": "amx"}
+GEMMS = ("avx2", "gemm", "amx")  # the paths that round activations to int8 (and multiply bf16 weights in bf16)
 LLAMA_CPP = "llama.cpp"
 
 
@@ -133,8 +134,8 @@ def missing_path(name: str) -> str | None:
     with kernel_path(name):
         if cpu.isa() != PATHS[name]:
             return f"the {name} path needs kernel path {PATHS[name]}, and here it is {cpu.isa()}"
-        if name in GEMMS and not cpu.gemm_available():
-            return f"the {name} path needs AVX-512 (F, BW, VL, DQ) and VNNI, and its kernels built"
+        if name in GEMMS and cpu.gemm_path() != name.replace("gemm", "avx512"):
+            return f"the {name} path needs its integer GEMM built and able to run here"
         if name == "amx" and not cpu._amx():  # else quant_gemm would run on VNNI under the amx name
             return "the amx path needs the kernel's AMX code and Linux's permission to use the tiles"
     return None
@@ -332,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("give MODEL or --random, not both")
     if args.llama_cpp and not args.files:
         ap.error("--llama-cpp runs the --files files: name at least one type")
-    args.paths = args.paths or [next((p for p in PATHS if missing_path(p) is None), "exact")]
+    args.paths = args.paths or [next((p for p in reversed(PATHS) if missing_path(p) is None), "exact")]
     for name in args.paths:
         if why := missing_path(name):
             ap.error(f"--paths {name}: {why}")

@@ -44,9 +44,9 @@ def main() -> None:
     ap.add_argument("--gemm", action="store_true", help="also time the prefill GEMM (quant_gemm)")
     args = ap.parse_args()
     paths = cpu.gemv_paths()
-    if len(paths) < 2:
-        raise SystemExit(f"only {paths} runs here: nothing to compare")
     contenders = paths + (["gemm"] if args.gemm and cpu.gemm_available() else [])
+    if len(contenders) < 2:
+        raise SystemExit(f"only {contenders} runs here: nothing to compare (--gemm adds the prefill GEMM)")
     print(f"threads {torch.get_num_threads()}, rows {args.rows}, paths {contenders}, load {os.getloadavg()[0]:.2f}")
     g = torch.Generator().manual_seed(0)
     for name in args.shapes.split(","):

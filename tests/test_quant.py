@@ -88,12 +88,13 @@ def _dequantized(llm: LLM) -> LLM:
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_every_family_computes_its_quantized_weights(checkpoint, name, fmt, kernel_path):
-    """Each family quantized gives the logits of the float model holding the dequantized weights: exactly on
-    the AVX2 prefill path (dequantized tiles; but experts get few tokens each, so MoE layers take the kernel
-    path there too), within the int8 rounding of activations on the decode-sized GEMV kernel path (<= 8 rows).
+    """Each family quantized gives the logits of the float model holding the dequantized weights: exactly where
+    prefill takes the dequantized tiles (HEARTHLM_ISA=torch once the kernels are loaded: no integer GEMM; but
+    experts get few tokens each, so MoE layers take the GEMV there too), within the int8 rounding of activations
+    on the decode-sized GEMV kernel path (<= 8 rows).
     Random tiny models amplify weight errors chaotically, so quality itself is bounded on the demo model above,
     not here."""
-    kernel_path("avx2")
+    kernel_path("torch")
     _, folder = checkpoint(name)
     llm = LLM(folder, dtype="float32", quant=fmt)
     ref = _dequantized(LLM(folder, dtype="float32", quant=fmt))
@@ -109,9 +110,9 @@ def test_every_family_computes_its_quantized_weights(checkpoint, name, fmt, kern
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("path", ["amx", "avx512"])
+@pytest.mark.parametrize("path", ["amx", "avx512", "avx2"])
 def test_every_family_prefills_through_the_integer_gemm(checkpoint, name, fmt, path, kernel_path, monkeypatch):
-    """On the AMX and AVX-512 paths a prefill of more rows than quant_linear gives the GEMV multiplies the quantized
+    """On the AMX, AVX-512 and AVX2 paths a prefill of more rows than quant_linear gives the GEMV multiplies the quantized
     weights with the integer GEMM. It rounds each row of activations as the decode GEMV does and sums the same
     integer products, so every product in the model's forward (each family's shapes, biases, experts) must equal
     GEMV calls on 8 rows at a time of the same input, up to float32 summation order. (Whole-model logits are no tighter test: float-order differences

@@ -1,9 +1,10 @@
-"""The integer GEMM for prefill with quantized weights (kernels/gemm_avx512.cpp, AVX-512 VNNI) and the choice of
-kernel path by CPU feature (kernels/cpu.py `isa`, HEARTHLM_ISA).
+"""The integer GEMM for prefill with quantized weights (kernels/gemm_avx512.cpp on AMX and AVX-512 VNNI,
+kernels/gemm_avx2.cpp on AVX2) and the choice of kernel path by CPU feature (kernels/cpu.py `isa`, HEARTHLM_ISA).
 
 quant_gemm rounds x exactly as quant_gemv does, so it is held to the same two checks (test_quant_kernels._check):
 float32 rounding against the float64 product of the rounded x, and the rounding bound against the exact product.
-Row counts cover every register tile (6 rows) and its tails; column counts every panel (32 columns) and its tails.
+Row counts cover every register tile (6 rows on AVX-512, 4 on AVX2) and its tails; column counts every panel (32
+columns on AVX-512, 16 on AVX2) and its tails.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from test_quant_kernels import LAYOUTS, _check, _weights
 
 from hearthlm.kernels import cpu
 from hearthlm.quant.linear import quant_linear
-from hearthlm.quant.tensor import QuantTensor, dequantize
+from hearthlm.quant.tensor import QuantTensor, dequantize, pack_int4
 
 
-@pytest.fixture(params=["amx", "avx512"])
+@pytest.fixture(params=["amx", "avx512", "avx2"])
 def gemm(request, kernel_path):
-    """Runs a test on the AMX tile unit and on AVX-512 VNNI, each where this CPU has it."""
+    """Runs a test on the AMX tile unit, on AVX-512 VNNI and on AVX2, each where this CPU has it."""
     kernel_path(request.param)
+    assert cpu.gemm_path() == request.param
     return request.param
 
 
@@ -47,6 +49,28 @@ def test_quant_gemm_equals_the_gemv(gemm, bits, mins):
     bias = torch.randn(100, generator=torch.Generator().manual_seed(13))
     a, b = cpu.quant_gemm(x, q, s, m, bits, group, bias), cpu.quant_gemv(x, q, s, m, bits, group, bias)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [False, True])
+def test_quant_gemm_extreme_integers_do_not_saturate(gemm, bits, mins):
+    """The largest sums the byte products can make: every weight integer at its most negative or most positive
+    (4-bit: 0 and 15; 8-bit: -128 and 127, in runs and alternating) times blocks of x that round to +-127
+    everywhere. AVX2's vpmaddubsw saturates at 16 bits, so a kernel that let a sum pass 32767 fails here."""
+    K, group = 256, 32
+    lo, hi = (0, 15) if bits == 4 else (-128, 127)
+    cols = [
+        torch.full((K,), lo),
+        torch.full((K,), hi),
+        torch.tensor([lo, hi] * (K // 2)),
+        torch.tensor([hi, lo] * (K // 2)),
+    ]
+    ints = torch.stack(cols * 5)  # 20 columns: a whole panel and a tail on every path
+    q = pack_int4(ints.to(torch.uint8)) if bits == 4 else ints.to(torch.int8)
+    s = torch.full((20, K // group), 0.01).half()
+    m = torch.full((20, K // group), -0.05).half() if mins else None
+    x = torch.stack([torch.full((K,), 3.0), torch.full((K,), -3.0), torch.tensor([3.0, -3.0] * (K // 2))] * 3)
+    _check(x, q, s, m, bits, group, kernel=cpu.quant_gemm)  # a saturated sum is off by hundreds of steps
 
 
 @pytest.mark.parametrize(
@@ -106,9 +130,9 @@ def test_quant_gemm_bad_inputs_are_clear_errors(gemm):
         ("last dim must be K", (torch.randn(9, 32), q, s, m, 4, 32)),
         ("group must divide K", (x, q, s, m, 4, 48)),
         ("scales must be contiguous float16", (x, q, s.float(), m, 4, 32)),
-        ("scales do not fit", (x, q, s[:, :1].contiguous(), m, 4, 32)),
-        ("mins must be", (x, q, s, m[:4].contiguous(), 4, 32)),
-        ("contiguous 2-D", (x, torch.cat([q, q], 1)[:, ::2], s, m, 4, 32)),
+        ("scales .*do not fit", (x, q, s[:, :1].contiguous(), m, 4, 32)),
+        ("mins .*must (be|match)", (x, q, s, m[:4].contiguous(), 4, 32)),
+        ("contiguous", (x, torch.cat([q, q], 1)[:, ::2], s, m, 4, 32)),
     ]:
         with pytest.raises(RuntimeError, match=match):
             cpu.quant_gemm(*args)
@@ -144,16 +168,16 @@ def test_isa_is_what_the_cpu_has(capped):
 @pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "torch"])
 def test_prefill_product_on_every_path(kernel_path, isa):
     """Each path this machine can run gives the quantized product of a prefill chunk (more rows than quant_linear
-    gives the GEMV on any path): the integer GEMM within the bound of rounding x, the float tiles (AVX2
-    dequantizer or the torch reference) to float32 rounding."""
+    gives the GEMV on any path): the integer GEMM (AMX, AVX-512 VNNI or AVX2) within the bound of rounding x, the
+    float tiles of the torch reference to float32 rounding."""
     kernel_path(isa)
     q, s, m = _weights(70, 640, 4, 32, True, seed=21)
     w = QuantTensor(q, s, m, 4, 32)
     x = torch.randn(cpu.QUANT_GEMV_ROWS_VNNI + 1, 640, generator=torch.Generator().manual_seed(22))
     y = quant_linear(x, w)
     exact = x.double() @ dequantize(q, s, m, 4, 32).double().T
-    if isa in ("amx", "avx512"):
-        assert cpu.gemm_available() and cpu._amx() == (isa == "amx")
+    if isa != "torch":
+        assert cpu.gemm_path() == isa and cpu._amx() == (isa == "amx")
         assert torch.equal(y, cpu.quant_gemm(x, q, s, m, 4, 32))
         _check(x, q, s, m, 4, 32, kernel=cpu.quant_gemm)
     else:

@@ -73,7 +73,7 @@ def test_quant_linear_keeps_short_batches_on_the_gemv():
     w = QuantTensor(q, s, m, 8, 32)
     x = torch.randn(cpu.QUANT_GEMV_ROWS_VNNI, 640, generator=torch.Generator().manual_seed(10))
     assert cpu.quant_gemv_rows(4) == cpu.MAX_ROWS
-    if cpu.gemm_available() and not cpu._amx():
+    if cpu.avx512_gemm_available() and not cpu._amx():
         assert cpu.quant_gemv_rows(8) == cpu.QUANT_GEMV_ROWS_VNNI
         assert torch.equal(quant_linear(x, w), cpu.quant_gemv(x, q, s, m, 8, 32))
         assert torch.equal(quant_linear(x[:20], w)[7], quant_linear(x[7:8], w)[0])

@@ -153,7 +153,7 @@ class LLM:
         self._calls = itertools.count()
         if self.device.type == "cpu":  # build the CPU kernels now (first run only), not inside the first prompt
             cpu.available()
-            cpu.gemm_available()  # the AVX-512 GEMM's extension, where the CPU takes it
+            cpu.avx512_gemm_available()  # the AVX-512 GEMM's extension, where the CPU takes it
         gguf = GGUFFile(path) if path.suffix == ".gguf" else None  # read once: weights and tokenizer
         # Image / audio input (Gemma 4 checkpoints with towers); the towers load on first use.
         self.media_spec = media_spec(path, Path(mmproj) if mmproj is not None else None)

@@ -73,6 +73,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_mul", &act_mul, "act(gate) * up");
   m.def("argmax_rows", big_without_gil(&argmax_rows), "the first argmax of each row (float32) -> int64");
   m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
+  m.def("quant_gemm", &quant_gemm_avx2, "x [..., K] @ W^T (+ bias) for a quantized W [N, K], an AVX2 integer GEMM",
+        release);
   m.def("pool_check", &pool_check, "test hook for the thread pool", release);
   m.def("set_gemv_isa", &set_gemv_isa, "the GEMVs' path: \"avx512\" or \"avx2\"");
   m.def("gemv_isa", &gemv_isa, "the GEMVs' path now");

@@ -2,11 +2,12 @@
 attention over the KV cache in its stored dtype, RMSNorm, and RoPE for decode-sized inputs (gemv_cpu.cpp); each
 row's argmax of the logits (logits_cpu.cpp); a GEMV and a row dequantizer for quantized weights (quant_cpu.cpp,
 with x's rounding in quant_x.cpp, and the AVX-512 VNNI GEMV for 8-bit weights and any number of rows in
-quant_vnni.cpp); a whole decoder layer's decode step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into
+quant_vnni.cpp); an integer GEMM for prefill with quantized weights on AVX2 (gemm_avx2.cpp); a whole decoder
+layer's decode step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into
 chunks taken from a shared counter, so a core that another process takes delays one chunk, not the whole kernel.
 
-On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds an integer GEMM for prefill with quantized
-weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8, and a GEMM for bf16 weights with
+On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds a faster integer GEMM for prefill with
+quantized weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8, and a GEMM for bf16 weights with
 float32 sums (bf16_gemm: AMX-BF16, else AVX512-BF16 where the CPU has it). `isa()` says which of the paths run
 here: "amx", "avx512", "avx2" or "torch".
 HEARTHLM_ISA=avx2 or =torch caps it below what the CPU has (tests check the narrower paths on wide machines
@@ -171,6 +172,7 @@ SOURCES = (
     "quant_x.cpp",
     "quant_cpu.cpp",
     "quant_vnni.cpp",
+    "gemm_avx2.cpp",
     "decoder_cpu.cpp",
     "logits_cpu.cpp",
     "bindings_cpu.cpp",
@@ -208,8 +210,9 @@ def _wide_gemv() -> bool:
 
 def quant_gemv_rows(bits: int) -> int:
     """The most input rows that quant_linear runs on quant_gemv for `bits`-bit weights (more go to quant_gemm, or
-    the float tiles); see QUANT_GEMV_ROWS_VNNI. Follows HEARTHLM_ISA: capped to avx2, prefill takes the float tiles
-    as before."""
+    the float tiles); see QUANT_GEMV_ROWS_VNNI. Follows HEARTHLM_ISA: capped to avx2, 9 rows or more take the AVX2
+    GEMM, which was as fast as two GEMV passes at 9 rows on Zen 3 and 1.1-1.7x faster at 16
+    (benchmarks/quant_gemv_paths.py --gemm --rows 9 / 16)."""
     return QUANT_GEMV_ROWS_VNNI if bits == 8 and _wide_gemv() else MAX_ROWS
 
 
@@ -262,13 +265,13 @@ def native_bf16() -> bool:
 
 def amx_bf16() -> bool:
     """Whether bf16_gemm runs on AMX-BF16 here (isa() "amx")."""
-    return gemm_available() and _amx()
+    return avx512_gemm_available() and _amx()
 
 
 def bf16_gemm_path() -> str | None:
     """Where bf16_gemm runs under the current HEARTHLM_ISA cap: "amx" (AMX-BF16, isa() "amx"), "avx512_bf16"
     (VDPBF16PS: isa() "avx512", or "amx" capped to it, on a CPU with AVX512-BF16), or None (not here)."""
-    if not gemm_available():
+    if not avx512_gemm_available():
         return None
     if _amx():
         return "amx"
@@ -280,8 +283,22 @@ def bf16_gemm_available() -> bool:
     return bf16_gemm_path() is not None
 
 
+def gemm_path() -> str | None:
+    """Where the integer GEMM (quant_gemm) runs under the HEARTHLM_ISA cap: "amx" (the tile unit), "avx512" (VNNI),
+    "avx2" (gemm_avx2.cpp, the AVX2 extension's own), or None (no kernels: quant_linear keeps PyTorch's float
+    tiles)."""
+    if avx512_gemm_available():
+        return "amx" if _amx() else "avx512"
+    return "avx2" if _at_least("avx2") and available() else None
+
+
 def gemm_available() -> bool:
-    """Whether the integer GEMM (quant_gemm: AVX-512 VNNI, or AMX) runs here."""
+    """Whether the integer GEMM (quant_gemm) runs here: on AMX, AVX-512 VNNI or AVX2 (see gemm_path)."""
+    return gemm_path() is not None
+
+
+def avx512_gemm_available() -> bool:
+    """Whether the AVX-512 extension (the VNNI and AMX GEMMs, bf16_gemm) loads here under the HEARTHLM_ISA cap."""
     return _at_least("avx512") and available() and _load_avx512() is not None
 
 
@@ -309,11 +326,13 @@ def quant_gemm(
     group: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """quant_gemv's product for any number of rows, as an integer GEMM (on AMX where isa() is "amx", else AVX-512
-    VNNI): x [..., K], the QuantTensor parts of W [N, K], bias or None -> x @ W.T + bias, float32 [..., N]. x is
-    rounded to int8 per block of 32 as in quant_gemv, so both agree with the dequantized product to the same
-    bound."""
-    return _load_avx512().quant_gemm(x, qdata, scales, mins, bits, group, bias, _amx())
+    """quant_gemv's product for any number of rows, as an integer GEMM on the widest of AMX, AVX-512 VNNI and AVX2
+    that runs here (gemm_path): x [..., K], the QuantTensor parts of W [N, K], bias or None -> x @ W.T + bias,
+    float32 [..., N]. x is rounded to int8 per block of 32 as in quant_gemv, so both agree with the dequantized
+    product to the same bound. Call it only where gemm_available()."""
+    if avx512_gemm_available():
+        return _load_avx512().quant_gemm(x, qdata, scales, mins, bits, group, bias, _amx())
+    return _load().quant_gemm(x, qdata, scales, mins, bits, group, bias)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

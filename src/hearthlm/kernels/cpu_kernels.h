@@ -37,6 +37,13 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
                          int64_t bits, int64_t group, c10::optional<torch::Tensor> bias);
 torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t bits,
                            int64_t group, torch::Tensor rows);
+// The checks every quantized-weight kernel makes of W's parts (quant_cpu.cpp); returns K. fn names the kernel.
+int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
+                     const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group);
+// quant_gemv's product for any number of rows as an integer GEMM on AVX2, for prefill (gemm_avx2.cpp).
+torch::Tensor quant_gemm_avx2(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales,
+                              c10::optional<torch::Tensor> mins, int64_t bits, int64_t group,
+                              c10::optional<torch::Tensor> bias);
 // Which instructions the GEMVs (gemv, quant_gemv, and so DecodeLinear) run on: "avx512" (AVX-512 F/BW/VL/DQ with
 // VNNI, where the CPU has it) or "avx2", the default (gemv_cpu.cpp).
 void set_gemv_isa(const std::string& isa);

@@ -624,6 +624,8 @@ void quant_gemv_vnni(const std::vector<QuantizedX>& slices, const uint8_t* q, in
   });
 }
 
+}  // namespace
+
 // Checks the QuantTensor parts of one 2-D weight; returns K.
 int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
@@ -648,8 +650,6 @@ int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor
   }
   return K;
 }
-
-}  // namespace
 
 // x [..., K] (any float dtype; more than 8 rows run in slices, see by_slices), W the QuantTensor parts of a 2-D
 // weight [N, K], bias float32 [N] or None -> x @ W^T + bias, float32 [..., N], with x rounded to int8 per block

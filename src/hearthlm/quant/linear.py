@@ -1,11 +1,11 @@
 """Products with quantized weights: the CPU kernels where they apply, dequantized tiles elsewhere.
 
 Up to cpu.quant_gemv_rows(bits) input rows (decode, verify steps, short prefill chunks) run the integer GEMV
-kernel, which reads the packed weights once. More rows (prefill) run the integer GEMM on CPUs with AVX-512 VNNI
-(kernels/gemm_avx512.cpp: 5-7x the float tiles below at 512 rows). Elsewhere they dequantize the weight a tile
-of output rows at a time and multiply in float: the tile stays in cache, and the float GEMM is faster than the
-GEMV kernel once the weights are reused this often. Off the CPU (or without the kernels) the same tiles come from
-the pure-torch reference `dequantize`, so every device gets the same answer."""
+kernel, which reads the packed weights once. More rows (prefill) run the integer GEMM: AMX or AVX-512 VNNI
+(kernels/gemm_avx512.cpp: 5-7x the float tiles below at 512 rows), else AVX2 (kernels/gemm_avx2.cpp). Without the
+kernels (another device, HEARTHLM_ISA=torch, no compiler) `float_tiles` dequantizes the weight a tile of output
+rows at a time and multiplies in float: the exact product. Off the CPU the tiles come from the pure-torch reference
+`dequantize`, so every device gets the same answer."""
 
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = No
         if bias is not None and not fused:
             y += bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return float_tiles(x, w, bias)
+
+
+def float_tiles(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T + bias with W dequantized a tile of output rows at a time (the tile stays in cache) and multiplied in
+    float: the exact product, to float32 rounding, where the integer kernels round x to 8 bits."""
+    N, K = w.shape
+    rows = x.numel() // K
     dtype = torch.float32 if x.device.type == "cpu" else x.dtype
     flat = x.reshape(rows, K).to(dtype)
     y = torch.empty(rows, N, dtype=dtype, device=x.device)
