@@ -7,7 +7,9 @@ the paths a prefill can take on this machine, in one process, alternating rounds
            exact product; before the AVX2 GEMM it was the AVX2 path);
 - gemm:    the integer GEMM quant_linear runs here (cpu.gemm_path(): AMX, AVX-512 VNNI in kernels/gemm_avx512.cpp, or
            AVX2 in kernels/gemm_avx2.cpp), x rounded to int8 per block of 32;
-- and for 16-bit weights: float32 (weights converted per call: the AVX2 path, and AVX-512 CPUs without BF16),
+- and for 16-bit weights: float32 (weights converted per call, as the AVX2 path did before half_gemm), half_gemm
+  (kernels/gemm_half_avx2.cpp: float32 FMAs, the weight converted a panel at a time: the AVX2 path, and AVX-512
+  CPUs without BF16),
   hearthlm's bf16 GEMM on AMX-BF16 ("amx bf16", the AMX path) and on AVX512-BF16 ("avx512 bf16": the AVX-512 path
   on CPUs with it, and on AMX CPUs capped to it), and oneDNN's bf16 GEMM for reference (it rounds x and y to bf16;
   prefill does not use it).
@@ -103,6 +105,8 @@ def cases(rows: int) -> dict[str, dict[str, callable]]:
     out["bf16"] = {
         "tiles": lambda: [F.linear(x[w.shape[1]], w.float()) for w in halves],  # float32, converted per call
     }
+    if cpu.half_gemm_available():  # float32 FMAs on panels converted as they are packed (AVX2 and wider)
+        out["bf16"]["half_gemm"] = lambda: [cpu.half_gemm(x[w.shape[1]], w) for w in halves]
 
     def ours():  # float32 sums, x kept to 16 bits
         return [cpu.bf16_gemm(x[w.shape[1]], w) for w in halves]

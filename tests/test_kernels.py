@@ -305,6 +305,39 @@ def test_bf16_gemm_rejects_bad_inputs(bf16_gemm_path):
         cpu.bf16_gemm(torch.ones(4, 64, dtype=torch.int32), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 5, 8), (7, 16, 24), (13, 37, 256), (40, 70, 640)], ids=str)
+def test_half_gemm_is_the_float32_product(kernel_path, dtype, shape):
+    """half_gemm (kernels/gemm_half_avx2.cpp), prefill's GEMM for 16-bit weights where bf16_gemm does not run:
+    float32 x and sums over the 16-bit weight widened exactly, so it is the float64 product to float32 rounding.
+    Rows cover the 6-row register tile and every tail, columns the 16-column panel and its tails."""
+    kernel_path("avx2")
+    M, N, K = shape
+    g = torch.Generator().manual_seed(M + N + K)
+    x, w, bias = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(dtype), torch.randn(N, generator=g)
+    exact = x.double() @ w.double().T
+    bound = (K + 2) * 2.0**-24 * (x.double().abs() @ w.double().abs().T) + 1e-30  # float32 summation, worst case
+    assert ((cpu.half_gemm(x, w).double() - exact).abs() <= bound).all()
+    y = cpu.half_gemm(x.view(1, M, K), w, bias)
+    assert y.shape == (1, M, N) and ((y[0].double() - exact - bias.double()).abs() <= bound + 1e-6).all()
+    assert torch.equal(cpu.half_gemm(x[-1:], w)[0], cpu.half_gemm(x, w)[-1])  # a row's result is its own
+
+
+def test_half_gemm_rejects_bad_inputs(kernel_path):
+    kernel_path("avx2")
+    x, w = torch.randn(4, 64), torch.randn(8, 64).bfloat16()
+    for match, args in [
+        ("W must be a contiguous 2-D bfloat16 or float16", (x, w.float())),
+        ("W must be a contiguous 2-D", (x, torch.randn(64, 8).bfloat16().T)),
+        ("x must be a float tensor \\[..., K\\]", (torch.randn(4, 32), w)),
+        ("a multiple of 8", (torch.randn(4, 12), torch.randn(8, 12).bfloat16())),
+        ("bias must be 1-D with N", (x, w, torch.randn(9))),
+        ("x must be a float tensor", (torch.ones(4, 64, dtype=torch.int32), w)),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            cpu.half_gemm(*args)
+
+
 def test_bf16_prefill_rows_agree_with_decode_rows(kernel_path):
     """Whatever path a prompt's length picks (the GEMV up to 32 rows, the AMX or AVX512-BF16 GEMM or float32
     beyond), a row's result is the same to float32 rounding: a text embedded alone and in a batch gives the same

@@ -75,6 +75,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
   m.def("quant_gemm", &quant_gemm_avx2, "x [..., K] @ W^T (+ bias) for a quantized W [N, K], an AVX2 integer GEMM",
         release);
+  m.def("half_gemm", &half_gemm_avx2, "x [..., K] @ W^T (+ bias) for a 16-bit W [N, K], float32 sums, AVX2", release);
   m.def("pool_check", &pool_check, "test hook for the thread pool", release);
   m.def("set_gemv_isa", &set_gemv_isa, "the GEMVs' path: \"avx512\" or \"avx2\"");
   m.def("gemv_isa", &gemv_isa, "the GEMVs' path now");

@@ -173,6 +173,7 @@ SOURCES = (
     "quant_cpu.cpp",
     "quant_vnni.cpp",
     "gemm_avx2.cpp",
+    "gemm_half_avx2.cpp",
     "decoder_cpu.cpp",
     "logits_cpu.cpp",
     "bindings_cpu.cpp",
@@ -315,6 +316,19 @@ def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     [..., N], the float32 path's numbers (x kept to 16 bits, float32 sums): on the AMX tile unit where isa() is
     "amx", else with AVX512-BF16 dot products. Call it only where bf16_gemm_available()."""
     return _load_avx512().bf16_gemm(x, weight, bias, _amx())
+
+
+def half_gemm_available() -> bool:
+    """Whether half_gemm runs here under the HEARTHLM_ISA cap (the AVX2 path or wider, kernels built)."""
+    return _at_least("avx2") and available()
+
+
+def half_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight.T + bias for a contiguous bfloat16 or float16 weight [N, K] (K a multiple of 8) ->
+    float32 [..., N]: x and the sums in float32 (the float32 path's numbers), the weight converted a panel at a time
+    as it is packed (kernels/gemm_half_avx2.cpp), not whole per call. Prefill's GEMM for 16-bit weights where
+    bf16_gemm does not run."""
+    return _load().half_gemm(x, weight, bias)
 
 
 def quant_gemm(

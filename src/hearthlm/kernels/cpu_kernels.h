@@ -37,6 +37,9 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
                          int64_t bits, int64_t group, c10::optional<torch::Tensor> bias);
 torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t bits,
                            int64_t group, torch::Tensor rows);
+// x [..., K] @ W^T (+ bias) for a bfloat16 or float16 W [N, K] -> float32 [..., N], x and the sums in float32; for
+// prefill on AVX2 (gemm_half_avx2.cpp).
+torch::Tensor half_gemm_avx2(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias);
 // The checks every quantized-weight kernel makes of W's parts (quant_cpu.cpp); returns K. fn names the kernel.
 int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group);

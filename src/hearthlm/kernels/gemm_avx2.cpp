@@ -153,6 +153,7 @@ inline void unit_sums(const uint8_t* x, int64_t K, const int8_t* wq, __m256i (&a
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + t * 64));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + t * 64 + 32));
     if constexpr (FOUR) {  // 16-bit sums over the unit (see the header)
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256i xb = broadcast_word(x + r * K + 4 * t);
         acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(xb, w0));
@@ -160,6 +161,7 @@ inline void unit_sums(const uint8_t* x, int64_t K, const int8_t* wq, __m256i (&a
       }
     } else {  // |w| times x carrying w's sign, widened every step
       const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256i xb = broadcast_word(x + r * K + 4 * t);
         const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0));
@@ -190,6 +192,7 @@ void tile(const Activations& a, int64_t m0, const Panel& p, float* y, int64_t N,
     for (int h = 0; h < 2; ++h) {
       const __m256 s = _mm256_loadu_ps(p.s.data() + u * kCols + 8 * h);
       const __m256 c = FOUR ? _mm256_loadu_ps(p.c.data() + u * kCols + 8 * h) : _mm256_setzero_ps();
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 t = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[r][h]), c);
         f[r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + r * nu + u), t, f[r][h]);
@@ -200,18 +203,17 @@ void tile(const Activations& a, int64_t m0, const Panel& p, float* y, int64_t N,
       }
     }
   }
+  // The sums leave their registers in one unrolled pass: indexed by a loop that is not unrolled, they would live in
+  // memory, and GCC then stores them to the stack at every unit.
+  alignas(32) float out[R][kCols];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    alignas(32) float out[kCols];
-    for (int h = 0; h < 2; ++h) {
-      const __m256 b = bias && cols == kCols ? _mm256_loadu_ps(bias + n0 + 8 * h) : _mm256_setzero_ps();
-      _mm256_store_ps(out + 8 * h, _mm256_add_ps(f[r][h], b));
-    }
+    _mm256_store_ps(out[r], f[r][0]);
+    _mm256_store_ps(out[r] + 8, f[r][1]);
+  }
+  for (int r = 0; r < R; ++r) {
     float* dst = y + (m0 + r) * N + n0;
-    if (cols == kCols) {
-      std::memcpy(dst, out, sizeof(out));
-    } else {
-      for (int64_t j = 0; j < cols; ++j) dst[j] = out[j] + (bias ? bias[n0 + j] : 0.0f);
-    }
+    for (int64_t j = 0; j < cols; ++j) dst[j] = out[r][j] + (bias ? bias[n0 + j] : 0.0f);
   }
 }
 

@@ -10,7 +10,9 @@ oneDNN's bf16 GEMM, 5x faster on CPUs with AMX, rounds x and its output to bfloa
 depend on how many rows it has (an embedding on its own and in a batch differed by 2e-4), and the demo model lost
 KL 8e-5 by it. On CPUs with AMX-BF16 or AVX512-BF16, bf16 weights take hearthlm's own bf16 GEMM instead
 (kernels/gemm_avx512.cpp bf16_gemm, on the tile unit or with VDPBF16PS: float32 sums, x kept to 16 bits), which gives
-the float32 path's numbers without converting the weight per call. Off the CPU: F.linear."""
+the float32 path's numbers without converting the weight per call. Elsewhere 16-bit weights take half_gemm
+(kernels/gemm_half_avx2.cpp: float32 FMAs, the weight converted a panel at a time as it is packed, where converting
+the whole weight per call wrote and read back a float32 copy twice its size). Off the CPU: F.linear."""
 
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def linear(
         y = cpu.bf16_gemm(x, weight, bias if fused else None)
         return (y if bias is None or fused else y + bias).to(x.dtype)
     if weight.dtype in _HALF:
+        if K % 8 == 0 and weight.is_contiguous() and cpu.half_gemm_available():
+            return cpu.half_gemm(x, weight, bias).to(x.dtype)
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)
