@@ -16,6 +16,7 @@
 // 32-bit words) into the thread's buffer and serves every row of x from cache; the weights in memory keep the one
 // layout decode reads. Panels are handed out by hearthlm's thread pool from a shared counter.
 #include "cpu_kernels.h"
+#include "quant_weights.h"
 #include "quant_x.h"
 #include "threadpool.h"
 
@@ -27,16 +28,11 @@
 
 namespace {
 
+using hearth::QuantWeights;
+using hearth::unpack_row;
+
 constexpr int kCols = 16;  // output columns per panel: two vectors of 8 int32 lanes
 constexpr int kRows = 4;   // rows of x per register tile: 4 x 2 sums, the weights and a broadcast in 16 registers
-
-struct Weights {
-  const uint8_t* q;  // [N][row_bytes]
-  int64_t N, K, row_bytes;
-  const at::Half* scales;  // [N][ng]
-  const at::Half* mins;    // [N][ng] or null
-  int64_t ng, group, bits;
-};
 
 // x rounded per block (quant_x.h); for 4-bit weights also as unsigned bytes x^ + 128.
 struct Activations {
@@ -57,23 +53,6 @@ struct Panel {
   std::vector<float> s, c, m;
 };
 
-// The integers of weight row n, one signed byte each (4-bit: q - 8, whether or not the format has mins).
-void unpack_row(const Weights& w, int64_t n, int8_t* out) {
-  const uint8_t* src = w.q + n * w.row_bytes;
-  if (w.bits == 8) {
-    std::memcpy(out, src, w.K);
-    return;
-  }
-  const __m128i low4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
-  for (int64_t b = 0; b < w.K / 32; ++b) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * b));
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low4), eight);
-    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b), lo);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b + 16), hi);
-  }
-}
-
 // Transposes 8 x 8 32-bit words: word j of r[i] goes to word i of r[j].
 inline void transpose8(__m256i (&r)[8]) {
   __m256i t[8], u[8];
@@ -93,7 +72,7 @@ inline void transpose8(__m256i (&r)[8]) {
   }
 }
 
-void pack_panel(const Weights& w, int64_t n0, int64_t unit, Panel& p) {
+void pack_panel(const QuantWeights& w, int64_t n0, int64_t unit, Panel& p) {
   const int64_t K = w.K, U = K / unit, cols = std::min<int64_t>(kCols, w.N - n0);
   const bool four = w.bits == 4;
   p.rows.assign(kCols * K, 0);
@@ -102,7 +81,7 @@ void pack_panel(const Weights& w, int64_t n0, int64_t unit, Panel& p) {
   p.c.assign(four ? U * kCols : 0, 0.0f);
   p.m.assign(w.mins ? U * kCols : 0, 0.0f);
   for (int64_t j = 0; j < cols; ++j) {
-    unpack_row(w, n0 + j, p.rows.data() + j * K);
+    unpack_row(w, n0 + j, p.rows.data() + j * K, 8);  // 4-bit: q - 8, mins or not
     for (int64_t u = 0; u < U; ++u) {
       const int64_t g = (n0 + j) * w.ng + u * unit / w.group;
       const float s = static_cast<float>(w.scales[g]);
@@ -266,7 +245,7 @@ torch::Tensor quant_gemm_avx2(torch::Tensor x, torch::Tensor qdata, torch::Tenso
     const auto* src = reinterpret_cast<const uint8_t*>(a.qx.q.data());
     for (int64_t i = 0; i < M * K; ++i) a.offset[i] = src[i] ^ 0x80;
   }
-  const Weights w{reinterpret_cast<const uint8_t*>(qdata.data_ptr()), N, K, qdata.size(1), scales.data_ptr<at::Half>(),
+  const QuantWeights w{reinterpret_cast<const uint8_t*>(qdata.data_ptr()), N, K, qdata.size(1), scales.data_ptr<at::Half>(),
                   mins ? mins->data_ptr<at::Half>() : nullptr, K / group, group, bits};
   c10::optional<torch::Tensor> b;
   if (bias) b = bias->to(torch::kFloat32).contiguous();

@@ -22,6 +22,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "quant_weights.h"
 #include "threadpool.h"
 
 #include <algorithm>
@@ -32,6 +33,9 @@
 #include <vector>
 
 namespace {
+
+using hearth::QuantWeights;
+using hearth::unpack_row;
 
 constexpr int kCols = 32;  // output columns per panel: two vectors of 16 int32 lanes
 constexpr int kRows = 6;   // rows of x per register tile: 6 x 2 int32 sums + 6 x 2 float sums + 4 in 32 registers
@@ -89,14 +93,6 @@ void quantize(const float* x, int64_t M, int64_t K, int64_t unit, int bias, Acti
   });
 }
 
-struct Weights {
-  const uint8_t* q;        // [N][row_bytes]
-  int64_t N, K, row_bytes;
-  const at::Half* scales;  // [N][ng]
-  const at::Half* mins;    // [N][ng] or null
-  int64_t ng, group, bits;
-};
-
 // One panel: up to 32 columns, packed. q: [K / 4][32][4] signed integers; per unit u, 32 floats each of the
 // scale s, the correction c and (with mins) the min. Columns past the matrix are zero.
 struct Panel {
@@ -105,25 +101,7 @@ struct Panel {
   std::vector<float> s, c, m;
 };
 
-// The integers of weight row n, one signed byte each (4-bit: q, or q - 8 when symmetric).
-void unpack_row(const Weights& w, int64_t n, int8_t* out) {
-  const uint8_t* src = w.q + n * w.row_bytes;
-  if (w.bits == 8) {
-    std::memcpy(out, src, w.K);
-    return;
-  }
-  const __m128i low4 = _mm_set1_epi8(0x0f);
-  const __m128i shift = _mm_set1_epi8(w.mins ? 0 : 8);
-  for (int64_t b = 0; b < w.K / 32; ++b) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * b));
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low4), shift);
-    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), shift);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b), lo);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b + 16), hi);
-  }
-}
-
-void pack_panel(const Weights& w, int64_t n0, int64_t unit, Panel& p) {
+void pack_panel(const QuantWeights& w, int64_t n0, int64_t unit, Panel& p) {
   const int64_t K = w.K, U = K / unit, cols = std::min<int64_t>(kCols, w.N - n0);
   p.rows.assign(kCols * K, 0);
   p.q.resize(K * kCols);
@@ -131,7 +109,7 @@ void pack_panel(const Weights& w, int64_t n0, int64_t unit, Panel& p) {
   p.c.resize(U * kCols);
   p.m.assign(w.mins ? U * kCols : 0, 0.0f);
   for (int64_t j = 0; j < cols; ++j) {
-    unpack_row(w, n0 + j, p.rows.data() + j * K);
+    unpack_row(w, n0 + j, p.rows.data() + j * K, w.mins ? 0 : 8);
     for (int64_t u = 0; u < U; ++u) {
       const int64_t g = u * unit / w.group;
       p.s[u * kCols + j] = static_cast<float>(w.scales[(n0 + j) * w.ng + g]);
@@ -350,7 +328,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   const int64_t unit = group == 16 ? 16 : 32;
   Activations a;
   quantize(xf.data_ptr<float>(), M, K, unit, amx ? 0 : 128, a);
-  const Weights w{static_cast<const uint8_t*>(qdata.data_ptr()), N, K, qdata.size(1),  // int8 read as bytes
+  const QuantWeights w{static_cast<const uint8_t*>(qdata.data_ptr()), N, K, qdata.size(1),  // int8 read as bytes
                   reinterpret_cast<const at::Half*>(scales.data_ptr()),
                   mins ? reinterpret_cast<const at::Half*>(mins->data_ptr()) : nullptr, scales.size(1), group, bits};
   c10::optional<torch::Tensor> b;
