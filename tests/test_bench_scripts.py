@@ -60,11 +60,11 @@ def test_quality_refuses_bad_arguments(quality, capsys, argv, message):
 def test_quality_kernel_path_sets_and_restores_the_isa(quality, monkeypatch):
     from hearthlm.kernels import cpu
 
-    monkeypatch.setenv("HEARTHLM_ISA", "torch")
+    monkeypatch.setenv("HEARTHLM_ISA", "avx2")
     cpu.isa.cache_clear()
-    with quality.kernel_path("exact"):
-        assert os.environ["HEARTHLM_ISA"] == "avx2"
-    assert os.environ["HEARTHLM_ISA"] == "torch" and cpu.isa() == "torch"
+    with quality.kernel_path("exact"):  # no integer GEMM: the dequantized tiles
+        assert os.environ["HEARTHLM_ISA"] == "torch" and cpu.isa() == "torch"
+    assert os.environ["HEARTHLM_ISA"] == "avx2" and cpu.isa() == "avx2"
     monkeypatch.delenv("HEARTHLM_ISA")
     cpu.isa.cache_clear()
 
