@@ -2,9 +2,10 @@
 attention over the KV cache in its stored dtype, RMSNorm, and RoPE for decode-sized inputs (gemv_cpu.cpp); each
 row's argmax of the logits (logits_cpu.cpp); a GEMV and a row dequantizer for quantized weights (quant_cpu.cpp,
 with x's rounding in quant_x.cpp, and the AVX-512 VNNI GEMV for 8-bit weights and any number of rows in
-quant_vnni.cpp); an integer GEMM for prefill with quantized weights on AVX2 (gemm_avx2.cpp); a whole decoder
-layer's decode step chaining them (decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into
-chunks taken from a shared counter, so a core that another process takes delays one chunk, not the whole kernel.
+quant_vnni.cpp); the prefill GEMMs of AVX2 machines, an integer one for quantized weights (gemm_avx2.cpp) and a
+float32 one for 16-bit weights (gemm_half_avx2.cpp); a whole decoder layer's decode step chaining them
+(decoder_cpu.cpp). They split their work on hearthlm's own thread pool (threadpool.h) into chunks taken from a
+shared counter, so a core that another process takes delays one chunk, not the whole kernel.
 
 On CPUs with AVX-512 (F, BW, VL, DQ) and VNNI a second extension adds a faster integer GEMM for prefill with
 quantized weights (gemm_avx512.cpp), on the AMX tile unit where the CPU has AMX-INT8, and a GEMM for bf16 weights with
