@@ -8,7 +8,8 @@ Each round times every contender once per row count, in alternating order; the f
 and GMAC/s (multiply-adds per second), and the first path's median per-round speed-up over each other one, which a change in the
 machine's load disturbs less than separate runs. On AVX2 more than 8 rows run as even slices of 8 (every weight read
 once per slice); the AVX-512 path takes them all in one pass. --gemm adds the GEMM that linear() uses past
-cpu.gemv_rows() rows: bf16_gemm (AVX512-BF16 or AMX) for bf16 weights, PyTorch's F.linear for float32.
+cpu.gemv_rows() rows: bf16_gemm (AVX512-BF16 or AMX) for bf16 weights, half_gemm (AVX2 FMAs) for other 16-bit
+weights and where bf16_gemm does not run, PyTorch's F.linear for float32.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def contenders(dtype: torch.dtype, gemm: bool) -> dict:
     out = {path: on(path) for path in cpu.gemv_paths()}
     if gemm and dtype == torch.bfloat16 and cpu.bf16_gemm_available():
         out["bf16_gemm"] = cpu.bf16_gemm
+    elif gemm and dtype != torch.float32 and cpu.half_gemm_available():
+        out["half_gemm"] = cpu.half_gemm
     elif gemm and dtype == torch.float32:
         out["F.linear"] = F.linear
     return out

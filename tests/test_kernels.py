@@ -359,7 +359,7 @@ def test_bf16_model_prefill_is_the_float32_path(checkpoint, name, bf16_gemm_path
     product is the float32 one (weights converted) to 2^-16 of x, and the logits are those of the float32 path
     (HEARTHLM_ISA=avx2) within what these random nets make of float32 rounding. (Noise of 2^-22 on the float32
     path's products moves them by 2e-4 to 6e-4; rounding x and y to bf16 as oneDNN does, by 1.4e-2.) The AVX-512
-    GEMV takes up to 256 rows, past these checkpoints' 256 positions, so its limit is set to 32 here, as on AVX2."""
+    GEMV takes up to 256 rows, past these checkpoints' 256 positions, so its limit is set to 32 here, as on AMX."""
     from checkpoints import VOCAB
 
     from hearthlm import LLM

@@ -220,18 +220,19 @@ def quant_gemv_rows(bits: int) -> int:
 
 # The most rows linear() runs on gemv for float weights (more go to a GEMM). On the AVX-512 path gemv takes any
 # number of rows in one pass over the weights (gemv_wide.cpp); on Zen 4 it beat bf16_gemm (AVX512-BF16) up to 256 rows
-# and tied it at 512 (benchmarks/gemv_paths.py --gemm). Elsewhere 16-bit weights go to gemv up to 32 rows, in passes of
-# 8 (re-reading them beats converting them to float32 for a GEMM); on AMX its bf16 tiles take more than 32. float32
-# weights keep PyTorch's GEMM past MAX_ROWS everywhere: gemv was 1.2-1.8x faster up to 64 rows, but moving a float32
-# model's short prompts off the GEMM changes their float32 rounding, which the tensor-parallel exactness tests bound
-# at 1e-5 (docs/cpu-kernels.md). The fused decode step runs its projections on gemv at every batch size.
-GEMV_ROWS = {"avx512": (256, MAX_ROWS), "other": (32, MAX_ROWS)}  # (16-bit weights, float32 weights)
+# and tied it at 512 (benchmarks/gemv_paths.py --gemm). On AMX 16-bit weights go to gemv up to 32 rows, in passes of 8,
+# and its bf16 tiles take more. On AVX2 half_gemm takes them past one pass: on Zen 3 the GEMV's 9-32 rows (2-4 passes)
+# took 1.2-1.4x half_gemm's time (benchmarks/gemv_paths.py --gemm --rows 8,9,16,24,32 --layers 8). float32 weights
+# keep PyTorch's GEMM past MAX_ROWS everywhere: gemv was 1.2-1.8x faster up to 64 rows, but moving a float32 model's
+# short prompts off the GEMM changes their float32 rounding, which the tensor-parallel exactness tests bound at 1e-5
+# (docs/cpu-kernels.md). The fused decode step runs its projections on gemv at every batch size.
+GEMV_ROWS = {"avx512": (256, MAX_ROWS), "amx": (32, MAX_ROWS), "avx2": (MAX_ROWS, MAX_ROWS)}  # (16-bit, float32)
 
 
 def gemv_rows(dtype: torch.dtype) -> int:
     """The most input rows that linear() runs on gemv for float weights of `dtype`; see GEMV_ROWS. Follows
     HEARTHLM_ISA, as quant_gemv_rows does."""
-    half, full = GEMV_ROWS["avx512" if _wide_gemv() else "other"]
+    half, full = GEMV_ROWS["avx512" if _wide_gemv() else "amx" if isa() == "amx" else "avx2"]
     return half if dtype in (torch.float16, torch.bfloat16) else full
 
 

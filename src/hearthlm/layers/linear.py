@@ -3,7 +3,7 @@ number of input rows (quantized weights: quant/linear.py).
 
 On CPU: decode batches and short prompts go to the GEMV kernel, up to cpu.gemv_rows(dtype) rows. On the AVX-512
 path it takes them all in one pass over the weights and beats bf16_gemm up to 256 rows of 16-bit weights; float32
-weights go to it up to 8 rows, and on AVX2 16-bit weights up to 32 rows in passes of 8. More rows (prefill) with
+weights go to it up to 8 rows (one pass), and on AMX 16-bit weights up to 32 rows in passes of 8. More rows with
 fp16/bf16 weights compute in float32, because PyTorch's half-precision CPU GEMMs without AVX-512 run several times
 slower than fp32 (benchmarks/decode.py: transformers bf16 prefills at 28 tokens/s where fp32 does 208), and because
 oneDNN's bf16 GEMM, 5x faster on CPUs with AMX, rounds x and its output to bfloat16: a prompt's numbers would then
