@@ -292,7 +292,7 @@ def gemm_path() -> str | None:
     tiles)."""
     if avx512_gemm_available():
         return "amx" if _amx() else "avx512"
-    return "avx2" if _at_least("avx2") and available() else None
+    return "avx2" if _avx2_kernels() else None
 
 
 def gemm_available() -> bool:
@@ -303,6 +303,12 @@ def gemm_available() -> bool:
 def avx512_gemm_available() -> bool:
     """Whether the AVX-512 extension (the VNNI and AMX GEMMs, bf16_gemm) loads here under the HEARTHLM_ISA cap."""
     return _at_least("avx512") and available() and _load_avx512() is not None
+
+
+def _avx2_kernels() -> bool:
+    """Whether the AVX2 extension's prefill GEMMs (gemm_avx2.cpp, gemm_half_avx2.cpp) run under the HEARTHLM_ISA cap:
+    the AVX2 path or wider, with the kernels built."""
+    return _at_least("avx2") and available()
 
 
 def _at_least(path: str) -> bool:
@@ -321,8 +327,8 @@ def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 def half_gemm_available() -> bool:
-    """Whether half_gemm runs here under the HEARTHLM_ISA cap (the AVX2 path or wider, kernels built)."""
-    return _at_least("avx2") and available()
+    """Whether half_gemm runs here under the HEARTHLM_ISA cap (see _avx2_kernels)."""
+    return _avx2_kernels()
 
 
 def half_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

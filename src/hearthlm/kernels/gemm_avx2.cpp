@@ -19,6 +19,7 @@
 #include "quant_weights.h"
 #include "quant_x.h"
 #include "threadpool.h"
+#include "transpose8.h"
 
 #include <immintrin.h>
 
@@ -29,6 +30,7 @@
 namespace {
 
 using hearth::QuantWeights;
+using hearth::transpose8;
 using hearth::unpack_row;
 
 constexpr int kCols = 16;  // output columns per panel: two vectors of 8 int32 lanes
@@ -52,25 +54,6 @@ struct Panel {
   std::vector<int8_t> q;
   std::vector<float> s, c, m;
 };
-
-// Transposes 8 x 8 32-bit words: word j of r[i] goes to word i of r[j].
-inline void transpose8(__m256i (&r)[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {  // u[i + c], 128-bit lane L: word 4L + c of rows i..i+3
-    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
-    r[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
-  }
-}
 
 void pack_panel(const QuantWeights& w, int64_t n0, int64_t unit, Panel& p) {
   const int64_t K = w.K, U = K / unit, cols = std::min<int64_t>(kCols, w.N - n0);

@@ -10,6 +10,7 @@
 // x stays float32 and the sums are float32: the float32 path's numbers, up to the order of the sums.
 #include "cpu_kernels.h"
 #include "threadpool.h"
+#include "transpose8.h"
 
 #include <immintrin.h>
 
@@ -30,25 +31,6 @@ inline __m256 widen(const uint16_t* p) {
   return _mm256_cvtph_ps(v);
 }
 
-// Transposes 8 x 8 floats: element j of r[i] goes to element i of r[j].
-inline void transpose8(__m256 (&r)[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
-  }
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
-    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
-  }
-}
-
 // Columns n0..n0+15 of W [N][K] (zero past N) -> panel [K][16] float32.
 template <bool BF16>
 void pack_panel(const uint16_t* W, int64_t N, int64_t K, int64_t n0, std::vector<float>& panel) {
@@ -56,10 +38,11 @@ void pack_panel(const uint16_t* W, int64_t N, int64_t K, int64_t n0, std::vector
   for (int h = 0; h < 2; ++h) {
     const int64_t first = n0 + 8 * h;
     for (int64_t k = 0; k < K; k += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = first + i < N ? widen<BF16>(W + (first + i) * K + k) : _mm256_setzero_ps();
-      transpose8(r);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel.data() + (k + j) * kCols + 8 * h, r[j]);
+      __m256i r[8];  // floats, as 32-bit words for the transpose
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_castps_si256(first + i < N ? widen<BF16>(W + (first + i) * K + k) : _mm256_setzero_ps());
+      hearth::transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel.data() + (k + j) * kCols + 8 * h, _mm256_castsi256_ps(r[j]));
     }
   }
 }
