@@ -62,20 +62,22 @@ def test_gemv_row_is_the_same_alone_and_in_a_batch(dtype, K):
 @pytest.mark.skipif("avx2" not in PATHS, reason="this CPU has no AVX2/FMA/F16C: the kernels are never built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [9, 12, 17, 32, 41])
-def test_wide_gemv_is_its_even_slices_on_avx2(dtype, rows):
+@pytest.mark.parametrize("N", [70, 530])  # one thread task; several, each running every slice on its weight rows
+def test_wide_gemv_is_its_even_slices_on_avx2(dtype, rows, N):
     """On the AVX2 path, past MAX_ROWS rows the GEMV runs even slices of at most MAX_ROWS rows (a fused decode step of
-    up to MAX_DECODE_ROWS rows): bit for bit what separate calls on those slices give, bias included."""
+    up to MAX_DECODE_ROWS rows) in one pass over the weights: bit for bit what separate calls on those slices give,
+    bias included."""
     before = cpu.gemv_isa()
     cpu.set_gemv_isa("avx2")
     try:
         g = torch.Generator().manual_seed(rows)
-        x, W, bias = torch.randn(rows, 200, generator=g), torch.randn(70, 200, generator=g).to(dtype), torch.randn(70)
+        x, W, bias = torch.randn(rows, 200, generator=g), torch.randn(N, 200, generator=g).to(dtype), torch.randn(N)
         k = -(-rows // cpu.MAX_ROWS)
         slices = [(i * rows // k, (i + 1) * rows // k) for i in range(k)]
         assert max(hi - lo for lo, hi in slices) <= cpu.MAX_ROWS
         want = torch.cat([cpu.gemv(x[lo:hi], W, bias) for lo, hi in slices])
         assert torch.equal(cpu.gemv(x, W, bias), want)
-        assert torch.equal(cpu.gemv(x.view(1, rows, 200), W, bias), want.view(1, rows, 70))
+        assert torch.equal(cpu.gemv(x.view(1, rows, 200), W, bias), want.view(1, rows, N))
     finally:
         cpu.set_gemv_isa(before)
 

@@ -85,13 +85,15 @@ def test_quant_gemv_matches_reference(bits, mins, layout):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [9, 16, 23, 32])
-def test_wide_quant_gemv_is_its_even_slices(bits, rows):
+@pytest.mark.parametrize("N", [37, 600])  # one thread task; several, each running every slice on its weight rows
+def test_wide_quant_gemv_is_its_even_slices(bits, rows, N):
     """Past MAX_ROWS rows (a fused decode step of up to MAX_DECODE_ROWS rows) the quantized GEMV runs even slices
-    of at most MAX_ROWS rows: bit for bit what separate calls on those slices give."""
+    of at most MAX_ROWS rows (on AVX2 in one pass over the weights): bit for bit what separate calls on those
+    slices give."""
     K, group = 256, 32
-    q, s, m = _weights(37, K, bits, group, bits == 4, seed=rows)
+    q, s, m = _weights(N, K, bits, group, bits == 4, seed=rows)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
-    bias = torch.randn(37)
+    bias = torch.randn(N)
     k = -(-rows // cpu.MAX_ROWS)
     cuts = [i * rows // k for i in range(k + 1)]
     want = torch.cat([cpu.quant_gemv(x[a:b], q, s, m, bits, group, bias) for a, b in zip(cuts, cuts[1:])])

@@ -33,9 +33,10 @@ import torch
 from rich.console import Console
 
 MAX_ROWS = 8  # one pass of the GEMV kernels holds this many input rows in registers
-# A fused decode step takes batches up to this many rows in one forward; the GEMV kernels run more rows than
-# MAX_ROWS as even slices of at most MAX_ROWS (cpu_kernels.h by_slices), so a row's result is the same as when
-# the engine ran such a batch as separate forwards, and the Python around the kernels runs once per step.
+# A fused decode step takes batches up to this many rows in one forward; on AVX2 the GEMV kernels run more rows
+# than MAX_ROWS as even slices of at most MAX_ROWS in one pass over the weights (cpu_kernels.h kPassRows), so a
+# row's result is the same as when the engine ran such a batch as separate forwards, and the Python around the
+# kernels runs once per step.
 MAX_DECODE_ROWS = 32
 
 
@@ -221,12 +222,14 @@ def quant_gemv_rows(bits: int) -> int:
 # The most rows linear() runs on gemv for float weights (more go to a GEMM). On the AVX-512 path gemv takes any
 # number of rows in one pass over the weights (gemv_wide.cpp); on Zen 4 it beat bf16_gemm (AVX512-BF16) up to 256 rows
 # and tied it at 512 (benchmarks/gemv_paths.py --gemm). On AMX 16-bit weights go to gemv up to 32 rows, in passes of 8,
-# and its bf16 tiles take more. On AVX2 half_gemm takes them past one pass: on Zen 3 the GEMV's 9-32 rows (2-4 passes)
-# took 1.2-1.4x half_gemm's time (benchmarks/gemv_paths.py --gemm --rows 8,9,16,24,32 --layers 8). float32 weights
+# and its bf16 tiles take more. On AVX2 gemv takes them up to 16 rows and half_gemm past that: on Zen 3, with the rows
+# past 8 in one pass over the weights, gemv was 1.4x faster than half_gemm at 9-16 rows, 1.1x at 24 and 0.9x at 32
+# (benchmarks/gemv_paths.py --dtype bf16 --gemm --rows 9,12,16,24,32; in cache, at the demo's LM head, they tied at
+# 9-16 rows and half_gemm was 1.1-1.2x faster at 24-32). float32 weights
 # keep PyTorch's GEMM past MAX_ROWS everywhere: gemv was 1.2-1.8x faster up to 64 rows, but moving a float32 model's
 # short prompts off the GEMM changes their float32 rounding, which the tensor-parallel exactness tests bound at 1e-5
 # (docs/cpu-kernels.md). The fused decode step runs its projections on gemv at every batch size.
-GEMV_ROWS = {"avx512": (256, MAX_ROWS), "amx": (32, MAX_ROWS), "avx2": (MAX_ROWS, MAX_ROWS)}  # (16-bit, float32)
+GEMV_ROWS = {"avx512": (256, MAX_ROWS), "amx": (32, MAX_ROWS), "avx2": (16, MAX_ROWS)}  # (16-bit, float32)
 
 
 def gemv_rows(dtype: torch.dtype) -> int:
@@ -360,7 +363,8 @@ def quant_gemm(
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (any float dtype), weight [N, K] contiguous, bias float32 [N] or None -> x @ weight.T + bias,
     float32 [..., N]. On the AVX-512 path any number of rows run in one pass over the weights, and a row's result is
-    the same bits alone and in any batch; on AVX2 more than MAX_ROWS rows run as even slices of at most MAX_ROWS."""
+    the same bits alone and in any batch; on AVX2 more than MAX_ROWS rows run as even slices of at most MAX_ROWS, also in
+    one pass over the weights, each slice with the bits of a call of its own."""
     return _load().gemv(x, weight, bias)
 
 
@@ -418,7 +422,8 @@ def quant_gemv(
 ) -> torch.Tensor:
     """x [..., K] (any float dtype), the QuantTensor parts of a 2-D weight W [N, K] (contiguous), bias float32 [N]
     or None -> x @ W.T + bias, float32 [..., N]. On the AVX-512 VNNI path 8-bit weights take any number of rows in
-    one pass over the weights; otherwise more than MAX_ROWS rows run as even slices of at most MAX_ROWS. Either way
+    one pass over the weights; otherwise more than MAX_ROWS rows run as even slices of at most MAX_ROWS (on AVX2 in one
+    pass over the weights, each slice with the bits of a call of its own). Either way
     a row's result does not depend on the rows beside it (bit for bit on VNNI).
 
     x is rounded to int8 per block of 32 elements inside (one scale per block, as llama.cpp's Q8_0), so the

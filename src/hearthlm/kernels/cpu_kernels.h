@@ -5,16 +5,15 @@
 
 #include <torch/types.h>
 
-#include <functional>
 #include <string>
 #include <vector>
 
-// A kernel pass holds at most kPassRows input rows in registers. Wider inputs (a decode batch of up to
-// cpu.MAX_DECODE_ROWS rows, in one fused forward) run as even slices of at most kPassRows rows: slice i of k is rows
-// [i * M / k, (i + 1) * M / k), the cuts the engine used when it ran such a batch as separate forwards, so each
-// row's result is what it was then. `pass` computes one slice's [rows, N] output.
+// A kernel pass holds at most kPassRows input rows in registers. On AVX2 wider inputs (a decode batch of up to
+// cpu.MAX_DECODE_ROWS rows, in one fused forward) run as even slices of at most kPassRows rows, each weight tile
+// meeting every slice while it is in cache: slice i of k is rows [i * M / k, (i + 1) * M / k), the cuts the engine
+// used when it ran such a batch as separate forwards, and each slice runs the instructions of a call of its own, so
+// each row's result is what it was then.
 constexpr int64_t kPassRows = 8;
-torch::Tensor by_slices(const torch::Tensor& x, const std::function<torch::Tensor(const torch::Tensor&)>& pass);
 // The cuts of M rows into even slices of at most `most`: slice i is rows [cuts[i], cuts[i + 1]).
 std::vector<int64_t> even_cuts(int64_t M, int64_t most);
 

@@ -1,9 +1,10 @@
-// Batch-1..8 matrix-vector products for x86 CPUs with AVX2 + FMA + F16C.
+// Matrix-vector products for a few input rows (decode batches, verify steps) on x86 CPUs with AVX2 + FMA + F16C.
 //
 // Decode is bound by how fast weights stream from memory. PyTorch's stock kernels reach only about
 // half of the machine's read bandwidth at M = 1 (and much less for bf16 without AVX-512), so this
-// kernel reads each weight row once, converts fp16/bf16 to fp32 in registers, and accumulates for all
-// M input rows at once. Rows of W are split across threads by hearthlm's pool (threadpool.h).
+// kernel reads each weight row once, converts fp16/bf16 to fp32 in registers, and accumulates for up to 8
+// input rows at once; more rows pass over a tile of weights in blocks while it is in cache. Rows of W are split
+// across threads by hearthlm's pool (threadpool.h).
 #include "cpu_kernels.h"
 #include "gemv_row.h"
 #include "gemv_wide.h"
@@ -88,32 +89,35 @@ void single_row_kernel(const float* x, const T* W, float* y, int64_t K, int64_t 
   }
 }
 
-template <typename T, int M>
-void run_rows(const float* x, const T* W, float* y, int64_t K, int64_t N) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // R * M accumulators + R weights in 16 registers
-  // Blocks of 16 rows; at least 2 blocks' worth of work per thread task keeps overhead low.
-  const int64_t block = 16;
-  hearth::parallel_for(0, (N + block - 1) / block, 8, [&](int64_t b0, int64_t b1) {
-    if constexpr (M == 1)
-      single_row_kernel<T>(x, W, y, K, b0 * block, std::min(N, b1 * block));
-    else
-      rows_kernel<T, M, R>(x, W, y, K, N, b0 * block, std::min(N, b1 * block));
-  });
+// Weight rows [n0, n1) against one block of `rows` x rows (x and y at the block's first row): R * rows sums and R
+// weight vectors in 16 registers.
+template <typename T>
+void block_rows(const float* x, const T* W, float* y, int64_t rows, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  switch (rows) {
+    case 1: return single_row_kernel<T>(x, W, y, K, n0, n1);
+    case 2: return rows_kernel<T, 2, 4>(x, W, y, K, N, n0, n1);
+    case 3: return rows_kernel<T, 3, 2>(x, W, y, K, N, n0, n1);
+    case 4: return rows_kernel<T, 4, 2>(x, W, y, K, N, n0, n1);
+    case 5: return rows_kernel<T, 5, 1>(x, W, y, K, N, n0, n1);
+    case 6: return rows_kernel<T, 6, 1>(x, W, y, K, N, n0, n1);
+    case 7: return rows_kernel<T, 7, 1>(x, W, y, K, N, n0, n1);
+    case 8: return rows_kernel<T, 8, 1>(x, W, y, K, N, n0, n1);
+  }
 }
 
+// Any number of x rows in one pass over the weights: a tile of 16 weight rows stays in L1/L2 while every block of
+// x rows (even_cuts: at most kPassRows each) passes over it. Each block's sums are what a separate call on that
+// block gives, so a row's result is the same as when more than kPassRows rows ran as separate slices.
 template <typename T>
-void dispatch(const float* x, const T* W, float* y, int64_t M, int64_t K, int64_t N) {
-  switch (M) {
-    case 1: return run_rows<T, 1>(x, W, y, K, N);
-    case 2: return run_rows<T, 2>(x, W, y, K, N);
-    case 3: return run_rows<T, 3>(x, W, y, K, N);
-    case 4: return run_rows<T, 4>(x, W, y, K, N);
-    case 5: return run_rows<T, 5>(x, W, y, K, N);
-    case 6: return run_rows<T, 6>(x, W, y, K, N);
-    case 7: return run_rows<T, 7>(x, W, y, K, N);
-    case 8: return run_rows<T, 8>(x, W, y, K, N);
-  }
-  TORCH_CHECK(false, "gemv: M must be in 1..8, got ", M);
+void run_rows(const float* x, const T* W, float* y, int64_t M, int64_t K, int64_t N) {
+  const auto cuts = even_cuts(M, kPassRows);
+  const int64_t tile = 16;
+  // At least 8 tiles' worth of work per thread task keeps overhead low.
+  hearth::parallel_for(0, (N + tile - 1) / tile, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t n0 = t0 * tile; n0 < std::min(N, t1 * tile); n0 += tile)
+      for (size_t b = 0; b + 1 < cuts.size(); ++b)
+        block_rows(x + cuts[b] * K, W, y + cuts[b] * N, cuts[b + 1] - cuts[b], K, N, n0, std::min(N, n0 + tile));
+  });
 }
 
 }  // namespace
@@ -123,13 +127,6 @@ std::vector<int64_t> even_cuts(int64_t M, int64_t most) {
   std::vector<int64_t> cuts(k + 1);
   for (int64_t i = 0; i <= k; ++i) cuts[i] = i * M / k;
   return cuts;
-}
-
-torch::Tensor by_slices(const torch::Tensor& x, const std::function<torch::Tensor(const torch::Tensor&)>& pass) {
-  const auto cuts = even_cuts(x.size(0), kPassRows);
-  std::vector<torch::Tensor> outs;
-  for (size_t i = 0; i + 1 < cuts.size(); ++i) outs.push_back(pass(x.narrow(0, cuts[i], cuts[i + 1] - cuts[i])));
-  return torch::cat(outs);
 }
 
 namespace {
@@ -158,8 +155,8 @@ bool avx512_path() { return use_avx512.load(std::memory_order_relaxed); }
 
 // x [..., K] (any float dtype), W [N, K] contiguous (fp32 / fp16 / bf16), bias float32 [N] or None -> x @ W^T + bias,
 // float32 [..., N]; the reshape and conversions here, not as separate Python calls. On the AVX-512 path two or more
-// rows run in one pass over the weights (gemv_wide.cpp), with the one-row kernel's bits; on AVX2 more than 8 rows
-// run in slices (see by_slices).
+// rows run in one pass over the weights (gemv_wide.cpp), with the one-row kernel's bits; on AVX2 too (run_rows), in
+// blocks of at most 8 rows with the bits of separate slices (cpu_kernels.h).
 torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(W.dim() == 2 && W.is_contiguous(), "gemv: W must be a contiguous 2-D tensor");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == W.size(1), "gemv: x must be [..., K] with K = W.size(1)");
@@ -170,18 +167,15 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor
   out_shape.back() = N;
   auto xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   const int64_t M = xf.size(0);
-  const bool wide = M > 1 && avx512_path();
-  if (M > kPassRows && !wide)
-    return by_slices(xf, [&](const torch::Tensor& s) { return gemv(s, W, bias); }).view(out_shape);
   auto y = torch::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   by_float_dtype(W, "gemv", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    if (wide)
+    if (M > 1 && avx512_path())
       gemv_wide(xp, W.data_ptr<T>(), yp, M, K, N);
     else
-      dispatch(xp, W.data_ptr<T>(), yp, M, K, N);
+      run_rows(xp, W.data_ptr<T>(), yp, M, K, N);
   });
   if (bias.has_value()) y.add_(*bias);
   return y.view(out_shape);

@@ -338,36 +338,45 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
   }
 }
 
+// Weight rows [n0, n1) of one slice of M x rows (a.x), in tiles of R weight rows.
 template <int BITS, bool HALF, int M>
-void gemv_rows(const GemvArgs& a) {
+void slice_range(const GemvArgs& a, int64_t n0, int64_t n1) {
   // M = 1 streams one row at a time: a single sequential stream per thread is what the prefetchers follow
   // best (2 or 4 rows side by side streamed 20% / 30% slower at K = 4864, one thread). More rows of x have the
   // integer work to hide the memory behind, and share each weight load between them.
   constexpr int R = M == 1 ? 1 : (M <= 4 ? 2 : 1);
-  const int64_t unit = 16;  // threads get whole units of 16 rows, at least 64 KB of weights per task
-  const int64_t units = (a.N + unit - 1) / unit;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * a.row_bytes));
   constexpr int64_t most_rows = std::max(tile_rows<M, R>(), tile_rows<M, 1>());  // (R = 1 takes the last rows)
-  const int64_t dd_floats = most_rows * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>();
-  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    std::vector<Floats8> dd(dd_floats / 8);
-    gemv_tile<BITS, HALF, M, R>(a, u0 * unit, std::min(a.N, u1 * unit), reinterpret_cast<float*>(dd.data()));
-  });
+  std::vector<Floats8> dd(most_rows * M * (a.x->nu_pad / 8) * dd_per_chunk<BITS, HALF>() / 8);
+  gemv_tile<BITS, HALF, M, R>(a, n0, n1, reinterpret_cast<float*>(dd.data()));
 }
 
 template <int BITS, bool HALF>
-void gemv_dispatch(const GemvArgs& a, int64_t M) {
+void slice_dispatch(const GemvArgs& a, int64_t M, int64_t n0, int64_t n1) {
   switch (M) {
-    case 1: return gemv_rows<BITS, HALF, 1>(a);
-    case 2: return gemv_rows<BITS, HALF, 2>(a);
-    case 3: return gemv_rows<BITS, HALF, 3>(a);
-    case 4: return gemv_rows<BITS, HALF, 4>(a);
-    case 5: return gemv_rows<BITS, HALF, 5>(a);
-    case 6: return gemv_rows<BITS, HALF, 6>(a);
-    case 7: return gemv_rows<BITS, HALF, 7>(a);
-    case 8: return gemv_rows<BITS, HALF, 8>(a);
+    case 1: return slice_range<BITS, HALF, 1>(a, n0, n1);
+    case 2: return slice_range<BITS, HALF, 2>(a, n0, n1);
+    case 3: return slice_range<BITS, HALF, 3>(a, n0, n1);
+    case 4: return slice_range<BITS, HALF, 4>(a, n0, n1);
+    case 5: return slice_range<BITS, HALF, 5>(a, n0, n1);
+    case 6: return slice_range<BITS, HALF, 6>(a, n0, n1);
+    case 7: return slice_range<BITS, HALF, 7>(a, n0, n1);
+    case 8: return slice_range<BITS, HALF, 8>(a, n0, n1);
   }
-  TORCH_CHECK(false, "quant_gemv: M must be in 1..8, got ", M);
+  TORCH_CHECK(false, "quant_gemv: a slice must have 1..8 rows, got ", M);
+}
+
+// y = W . x^ for x in slices of at most kPassRows rows (args[i] holds slice i, of rows[i] rows, and its part of y).
+// Threads get whole units of 16 weight rows, at least 64 KB of weights per task, and a task runs every slice on its
+// rows before the next task: a wide batch reads the weights from memory once and the later slices find them in
+// cache. Each slice's rows run the instructions of a call of their own.
+template <int BITS, bool HALF>
+void gemv_slices(const std::vector<GemvArgs>& args, const std::vector<int64_t>& rows) {
+  const int64_t N = args[0].N, unit = 16, units = (N + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * args[0].row_bytes));
+  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (size_t i = 0; i < args.size(); ++i)
+      slice_dispatch<BITS, HALF>(args[i], rows[i], u0 * unit, std::min(N, u1 * unit));
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -616,7 +625,7 @@ void quant_gemv_vnni(const std::vector<QuantizedX>& slices, const uint8_t* q, in
   const bool half = group == 16;
   const auto range = bits == 4 ? (half ? vnni_range<4, true> : vnni_range<4, false>)
                                : (half ? vnni_range<8, true> : vnni_range<8, false>);
-  const int64_t unit = 16;  // as gemv_rows: whole units of 16 rows, at least 64 KB of weights per task
+  const int64_t unit = 16;  // as gemv_slices: whole units of 16 rows, at least 64 KB of weights per task
   const int64_t units = (N + unit - 1) / unit;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * row_bytes));
   hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
@@ -651,7 +660,8 @@ int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor
   return K;
 }
 
-// x [..., K] (any float dtype; more than 8 rows run in slices, see by_slices), W the QuantTensor parts of a 2-D
+// x [..., K] (any float dtype; on AVX2 in even slices of at most 8 rows, see kPassRows, in one pass over the
+// weights), W the QuantTensor parts of a 2-D
 // weight [N, K], bias float32 [N] or None -> x @ W^T + bias, float32 [..., N], with x rounded to int8 per block
 // of 32 (see the header). The reshape and conversions happen here, not as separate calls from Python: decode makes
 // ~100 of these a token.
@@ -669,15 +679,12 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   TORCH_CHECK(x.size(0) >= 1, "quant_gemv: x has no rows");
   const int64_t M = x.size(0);
   const bool vnni = avx512_path();
-  if (M > kPassRows && !vnni)  // (VNNI takes any number of rows in one pass over the weights)
-    return by_slices(x, [&](const torch::Tensor& s) { return quant_gemv(s, qdata, scales, mins, bits, group, bias); })
-        .view(out_shape);
   const bool half = group == 16;
   auto y = torch::empty({M, N}, x.options());
   if (N == 0) return y.view(out_shape);
   const auto* q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
   const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
-  if (vnni) {  // x in natural order; 4-bit in the slices by_slices would cut, which plan_vnni lays out per step
+  if (vnni) {  // x in natural order; 4-bit in the even slices of AVX2 (kPassRows), which plan_vnni lays out per step
     const auto cuts = even_cuts(M, bits == 8 ? M : kPassRows);  // (8-bit: quant_vnni.cpp takes all rows at once)
     std::vector<QuantizedX> slices(cuts.size() - 1);
     for (size_t i = 0; i < slices.size(); ++i)
@@ -689,26 +696,23 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
     if (bias.has_value()) y.add_(*bias);
     return y.view(out_shape);
   }
-  QuantizedX qx;
-  quantize_x(x.data_ptr<float>(), M, K, bits == 4, half, qx);
-  GemvArgs a;
-  a.x = &qx;
-  a.q = q;
-  a.row_bytes = qdata.size(1);
-  a.scales = scales.data_ptr<at::Half>();
-  a.mins = mn;
-  a.ng = K / group;
+  const auto cuts = even_cuts(M, kPassRows);
+  const size_t n_slices = cuts.size() - 1;
+  std::vector<QuantizedX> xs(n_slices);
+  std::vector<GemvArgs> args(n_slices);
+  std::vector<int64_t> rows(n_slices);
   ChunkGroups cg;
-  plan_groups(qx.nu, half ? 1 : group / 32, cg);
-  a.groups = &cg;
-  a.sym4 = bits == 4 && !mins.has_value();
-  a.prefetch_bytes = 2048;
-  a.y = y.data_ptr<float>();
-  a.N = N;
+  for (size_t i = 0; i < n_slices; ++i) {
+    rows[i] = cuts[i + 1] - cuts[i];
+    quantize_x(x.data_ptr<float>() + cuts[i] * K, rows[i], K, bits == 4, half, xs[i]);
+    if (i == 0) plan_groups(xs[0].nu, half ? 1 : group / 32, cg);
+    args[i] = GemvArgs{&xs[i], q, qdata.size(1), scales.data_ptr<at::Half>(), mn, K / group, &cg,
+                       bits == 4 && !mins.has_value(), 2048, y.data_ptr<float>() + cuts[i] * N, N};
+  }
   if (bits == 4)
-    half ? gemv_dispatch<4, true>(a, M) : gemv_dispatch<4, false>(a, M);
+    half ? gemv_slices<4, true>(args, rows) : gemv_slices<4, false>(args, rows);
   else
-    half ? gemv_dispatch<8, true>(a, M) : gemv_dispatch<8, false>(a, M);
+    half ? gemv_slices<8, true>(args, rows) : gemv_slices<8, false>(args, rows);
   if (bias.has_value()) y.add_(*bias);
   return y.view(out_shape);
 }
