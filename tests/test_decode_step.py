@@ -68,6 +68,28 @@ def test_fused_decode_step_equals_the_module_path(name, dtype, quant, checkpoint
     assert {(rows, one_run) for _, rows, one_run in fused} == ({(1, True), (2, False)} if dense else set())
 
 
+@pytest.mark.parametrize("dtype, quant", [("bfloat16", None), ("float32", "int8"), ("bfloat16", "int4")])
+def test_fused_decode_step_equals_the_module_path_past_one_gemv_pass(
+    dtype, quant, checkpoint, monkeypatch, kernel_path
+):
+    """A decode batch of 14 rows on the AVX2 path, wider than one GEMV pass (8 rows): 16-bit projections stay on the
+    GEMV up to 16 rows (cpu.GEMV_ROWS) and quantized ones take the integer GEMM past 12 (QUANT_GEMV_ROWS_AVX2), in
+    the fused step as in the module path, so the two still agree bit for bit."""
+    kernel_path("avx2")
+    before = cpu.gemv_isa()
+    cpu.set_gemv_isa("avx2")
+    try:
+        _, folder = checkpoint("qwen2")  # qkv bias: the GEMM adds it too
+        llm = LLM(folder, dtype=dtype, quant=quant)
+        fused = _compare_each_step(monkeypatch)
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(3, 90, (4 + i,), generator=g).tolist() for i in range(14)]
+        llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    finally:
+        cpu.set_gemv_isa(before)
+    assert 14 in {rows for _, rows, _ in fused}
+
+
 def test_fused_decode_step_runs_projections_of_mixed_formats(checkpoint, monkeypatch):
     """A q|k|v whose parts were quantized differently (a Q4_K_M GGUF's Q6_K v) runs part by part, as `linear`
     runs a RowConcat, bias added after."""

@@ -67,8 +67,8 @@ def test_a_row_is_the_same_bits_in_any_batch(mins, layout):
 
 def test_quant_linear_keeps_short_batches_on_the_gemv():
     """Up to QUANT_GEMV_ROWS_VNNI rows quant_linear runs the 8-bit GEMV (faster than the prefill GEMM there), so a
-    verify step or a short prefill chunk gives each row the bits it gets alone; 4-bit weights and the AVX2 path
-    keep 8."""
+    verify step or a short prefill chunk gives each row the bits it gets alone; 4-bit weights keep 8, and the AVX2
+    path QUANT_GEMV_ROWS_AVX2."""
     q, s, m = _weights(48, 640, 8, 32, False, seed=9)
     w = QuantTensor(q, s, m, 8, 32)
     x = torch.randn(cpu.QUANT_GEMV_ROWS_VNNI, 640, generator=torch.Generator().manual_seed(10))
@@ -78,4 +78,4 @@ def test_quant_linear_keeps_short_batches_on_the_gemv():
         assert torch.equal(quant_linear(x, w), cpu.quant_gemv(x, q, s, m, 8, 32))
         assert torch.equal(quant_linear(x[:20], w)[7], quant_linear(x[7:8], w)[0])
     cpu.set_gemv_isa("avx2")
-    assert cpu.quant_gemv_rows(8) == cpu.MAX_ROWS
+    assert cpu.quant_gemv_rows(8) == cpu.quant_gemv_rows(4) == cpu.QUANT_GEMV_ROWS_AVX2

@@ -194,8 +194,13 @@ def _load():
 # The most rows quant_linear gives quant_gemv rather than the integer GEMM (quant_gemm), for 8-bit weights on the
 # VNNI path: it takes any number of rows in one pass over the weights (quant_vnni.cpp), and on Zen 4 it ran as
 # fast as the GEMM at 256 rows and faster below (benchmarks/quant_gemv_paths.py --gemm --rows N). 4-bit weights
-# and the AVX2 path run 8 rows a pass. Where AMX runs the GEMM, its tiles keep every batch they had.
+# there run 8 rows a pass. Where AMX runs the GEMM, its tiles keep every batch they had.
 QUANT_GEMV_ROWS_VNNI = 128
+# The same on the AVX2 path, whose GEMV holds 8 rows a pass (more run as even slices in one pass over the weights):
+# on Zen 3, over Qwen2.5-0.5B's qkv, gate_up and down from DRAM, the GEMV was 1.0-1.4x faster than the AVX2 GEMM at
+# 10 rows, 0.8-1.2x at 12 and 0.66-0.83x at 16 (benchmarks/quant_gemv_paths.py --gemm --rounds 4 --rows N). The
+# fused decode step switches at the same count (decoder_cpu.cpp, kQuantGemvRowsAvx2), so it stays the module path.
+QUANT_GEMV_ROWS_AVX2 = 12
 _avx512_gemv = False  # the GEMVs' path is AVX-512 with VNNI (set_gemv_isa)
 
 
@@ -213,10 +218,12 @@ def _wide_gemv() -> bool:
 
 def quant_gemv_rows(bits: int) -> int:
     """The most input rows that quant_linear runs on quant_gemv for `bits`-bit weights (more go to quant_gemm, or
-    the float tiles); see QUANT_GEMV_ROWS_VNNI. Follows HEARTHLM_ISA: capped to avx2, 9 rows or more take the AVX2
-    GEMM, which was as fast as two GEMV passes at 9 rows on Zen 3 and 1.1-1.7x faster at 16
-    (benchmarks/quant_gemv_paths.py --gemm --rows 9 / 16)."""
-    return QUANT_GEMV_ROWS_VNNI if bits == 8 and _wide_gemv() else MAX_ROWS
+    the float tiles); see QUANT_GEMV_ROWS_VNNI and QUANT_GEMV_ROWS_AVX2. Follows HEARTHLM_ISA: capped to avx2, the
+    AVX2 limit."""
+    if _wide_gemv():
+        return QUANT_GEMV_ROWS_VNNI if bits == 8 else MAX_ROWS
+    # One pass where AMX's tiles take the rest, or a "torch" cap its exact float tiles.
+    return QUANT_GEMV_ROWS_AVX2 if isa() == "avx2" and not _avx512_gemv else MAX_ROWS
 
 
 # The most rows linear() runs on gemv for float weights (more go to a GEMM). On the AVX-512 path gemv takes any

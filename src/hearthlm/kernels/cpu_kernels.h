@@ -14,6 +14,9 @@
 // used when it ran such a batch as separate forwards, and each slice runs the instructions of a call of its own, so
 // each row's result is what it was then.
 constexpr int64_t kPassRows = 8;
+// On the AVX2 path the fused decode step gives quantized projections of more rows than this to the integer GEMM, as
+// quant_linear does (kernels/cpu.py QUANT_GEMV_ROWS_AVX2, where the figures are).
+constexpr int64_t kQuantGemvRowsAvx2 = 12;
 // The cuts of M rows into even slices of at most `most`: slice i is rows [cuts[i], cuts[i + 1]).
 std::vector<int64_t> even_cuts(int64_t M, int64_t most);
 

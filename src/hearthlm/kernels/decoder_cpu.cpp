@@ -23,8 +23,11 @@ torch::Tensor DecodeLinear::operator()(const torch::Tensor& x) const {
     auto y = torch::cat(outs, -1);
     return bias.has_value() ? y + *bias : y;
   }
-  if (bits) return quant_gemv(x, weight, *scales, mins, bits, group, bias);
-  return gemv(x, weight, bias);
+  if (!bits) return gemv(x, weight, bias);
+  // On AVX2 more rows than kQuantGemvRowsAvx2 take the integer GEMM, as quant_linear gives them.
+  if (x.numel() > kQuantGemvRowsAvx2 * x.size(-1) && !avx512_path())
+    return quant_gemm_avx2(x, weight, *scales, mins, bits, group, bias);
+  return quant_gemv(x, weight, *scales, mins, bits, group, bias);
 }
 
 DecodeLinear::DecodeLinear(std::vector<DecodeLinear> parts, c10::optional<torch::Tensor> bias)
