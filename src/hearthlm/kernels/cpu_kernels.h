@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // A kernel pass holds at most kPassRows input rows in registers. On AVX2 wider inputs (a decode batch of up to
@@ -19,6 +20,22 @@ constexpr int64_t kPassRows = 8;
 constexpr int64_t kQuantGemvRowsAvx2 = 12;
 // The cuts of M rows into even slices of at most `most`: slice i is rows [cuts[i], cuts[i + 1]).
 std::vector<int64_t> even_cuts(int64_t M, int64_t most);
+// kernel(std::integral_constant<int, M>{}) for a slice of M rows, 1 <= M <= kPassRows: runs a kernel whose row count
+// is a template parameter. fn names the caller in the error for another M.
+template <typename F>
+void with_rows(int64_t M, const char* fn, F&& kernel) {
+  switch (M) {
+    case 1: return kernel(std::integral_constant<int, 1>{});
+    case 2: return kernel(std::integral_constant<int, 2>{});
+    case 3: return kernel(std::integral_constant<int, 3>{});
+    case 4: return kernel(std::integral_constant<int, 4>{});
+    case 5: return kernel(std::integral_constant<int, 5>{});
+    case 6: return kernel(std::integral_constant<int, 6>{});
+    case 7: return kernel(std::integral_constant<int, 7>{});
+    case 8: return kernel(std::integral_constant<int, 8>{});
+  }
+  TORCH_CHECK(false, fn, ": a slice must have 1..8 rows, got ", M);
+}
 
 // Float weights (gemv_cpu.cpp). Shapes and dtypes are documented at each definition.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> bias);

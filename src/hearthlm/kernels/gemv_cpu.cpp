@@ -93,16 +93,13 @@ void single_row_kernel(const float* x, const T* W, float* y, int64_t K, int64_t 
 // weight vectors in 16 registers.
 template <typename T>
 void block_rows(const float* x, const T* W, float* y, int64_t rows, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  switch (rows) {
-    case 1: return single_row_kernel<T>(x, W, y, K, n0, n1);
-    case 2: return rows_kernel<T, 2, 4>(x, W, y, K, N, n0, n1);
-    case 3: return rows_kernel<T, 3, 2>(x, W, y, K, N, n0, n1);
-    case 4: return rows_kernel<T, 4, 2>(x, W, y, K, N, n0, n1);
-    case 5: return rows_kernel<T, 5, 1>(x, W, y, K, N, n0, n1);
-    case 6: return rows_kernel<T, 6, 1>(x, W, y, K, N, n0, n1);
-    case 7: return rows_kernel<T, 7, 1>(x, W, y, K, N, n0, n1);
-    case 8: return rows_kernel<T, 8, 1>(x, W, y, K, N, n0, n1);
-  }
+  with_rows(rows, "gemv", [&](auto m) {
+    constexpr int M = decltype(m)::value, R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+    if constexpr (M == 1)
+      single_row_kernel<T>(x, W, y, K, n0, n1);
+    else
+      rows_kernel<T, M, R>(x, W, y, K, N, n0, n1);
+  });
 }
 
 // Any number of x rows in one pass over the weights: a tile of 16 weight rows stays in L1/L2 while every block of

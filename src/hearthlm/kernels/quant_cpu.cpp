@@ -350,21 +350,6 @@ void slice_range(const GemvArgs& a, int64_t n0, int64_t n1) {
   gemv_tile<BITS, HALF, M, R>(a, n0, n1, reinterpret_cast<float*>(dd.data()));
 }
 
-template <int BITS, bool HALF>
-void slice_dispatch(const GemvArgs& a, int64_t M, int64_t n0, int64_t n1) {
-  switch (M) {
-    case 1: return slice_range<BITS, HALF, 1>(a, n0, n1);
-    case 2: return slice_range<BITS, HALF, 2>(a, n0, n1);
-    case 3: return slice_range<BITS, HALF, 3>(a, n0, n1);
-    case 4: return slice_range<BITS, HALF, 4>(a, n0, n1);
-    case 5: return slice_range<BITS, HALF, 5>(a, n0, n1);
-    case 6: return slice_range<BITS, HALF, 6>(a, n0, n1);
-    case 7: return slice_range<BITS, HALF, 7>(a, n0, n1);
-    case 8: return slice_range<BITS, HALF, 8>(a, n0, n1);
-  }
-  TORCH_CHECK(false, "quant_gemv: a slice must have 1..8 rows, got ", M);
-}
-
 // y = W . x^ for x in slices of at most kPassRows rows (args[i] holds slice i, of rows[i] rows, and its part of y).
 // Threads get whole units of 16 weight rows, at least 64 KB of weights per task, and a task runs every slice on its
 // rows before the next task: a wide batch reads the weights from memory once and the later slices find them in
@@ -375,7 +360,9 @@ void gemv_slices(const std::vector<GemvArgs>& args, const std::vector<int64_t>& 
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * args[0].row_bytes));
   hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     for (size_t i = 0; i < args.size(); ++i)
-      slice_dispatch<BITS, HALF>(args[i], rows[i], u0 * unit, std::min(N, u1 * unit));
+      with_rows(rows[i], "quant_gemv", [&](auto m) {
+        slice_range<BITS, HALF, decltype(m)::value>(args[i], u0 * unit, std::min(N, u1 * unit));
+      });
   });
 }
 
@@ -596,17 +583,7 @@ HEARTH_VNNI void vnni_rows(const VnniArgs& a, int64_t n0, int64_t n1) {
 // y's rows [n0, n1) for one slice of at most 8 x rows.
 template <int BITS, bool HALF>
 void vnni_range(const VnniArgs& a, int64_t M, int64_t n0, int64_t n1) {
-  switch (M) {
-    case 1: return vnni_rows<BITS, HALF, 1>(a, n0, n1);
-    case 2: return vnni_rows<BITS, HALF, 2>(a, n0, n1);
-    case 3: return vnni_rows<BITS, HALF, 3>(a, n0, n1);
-    case 4: return vnni_rows<BITS, HALF, 4>(a, n0, n1);
-    case 5: return vnni_rows<BITS, HALF, 5>(a, n0, n1);
-    case 6: return vnni_rows<BITS, HALF, 6>(a, n0, n1);
-    case 7: return vnni_rows<BITS, HALF, 7>(a, n0, n1);
-    case 8: return vnni_rows<BITS, HALF, 8>(a, n0, n1);
-  }
-  TORCH_CHECK(false, "quant_gemv: a slice must have 1..8 rows, got ", M);
+  with_rows(M, "quant_gemv", [&](auto m) { vnni_rows<BITS, HALF, decltype(m)::value>(a, n0, n1); });
 }
 
 // y = W . x^ for x given as slices of at most 8 rows each (y's rows in the same order). A task runs every slice
