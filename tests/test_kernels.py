@@ -38,6 +38,12 @@ def test_gemv_matches_matmul(dtype, rows, shape, gemv_path):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_gemv_of_no_rows_is_empty(gemv_path):
+    w = torch.randn(10, 64).bfloat16()
+    assert cpu.gemv(torch.zeros(0, 64), w).shape == (0, 10)
+    assert cpu.gemv(torch.zeros(2, 0, 64), w, torch.zeros(10)).shape == (2, 0, 10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K", [8, 203, 1056, 896])  # no whole block of 32, tails of 11 and 0, Qwen2.5-0.5B's width
 def test_gemv_row_is_the_same_alone_and_in_a_batch(dtype, K):

@@ -121,8 +121,8 @@ void run_rows(const float* x, const T* W, float* y, int64_t M, int64_t K, int64_
 
 std::vector<int64_t> even_cuts(int64_t M, int64_t most) {
   const int64_t k = (M + most - 1) / most;
-  std::vector<int64_t> cuts(k + 1);
-  for (int64_t i = 0; i <= k; ++i) cuts[i] = i * M / k;
+  std::vector<int64_t> cuts(k + 1);  // (no rows: no slices)
+  for (int64_t i = 1; i <= k; ++i) cuts[i] = i * M / k;
   return cuts;
 }
 
