@@ -232,10 +232,10 @@ def quant_gemv_rows(bits: int) -> int:
 # and its bf16 tiles take more. On AVX2 gemv takes them up to 16 rows and half_gemm past that: on Zen 3, with the rows
 # past 8 in one pass over the weights, gemv was 1.4x faster than half_gemm at 9-16 rows, 1.1x at 24 and 0.9x at 32
 # (benchmarks/gemv_paths.py --dtype bf16 --gemm --rows 9,12,16,24,32; in cache, at the demo's LM head, they tied at
-# 9-16 rows and half_gemm was 1.1-1.2x faster at 24-32). float32 weights
-# keep PyTorch's GEMM past MAX_ROWS everywhere: gemv was 1.2-1.8x faster up to 64 rows, but moving a float32 model's
-# short prompts off the GEMM changes their float32 rounding, which the tensor-parallel exactness tests bound at 1e-5
-# (docs/cpu-kernels.md). The fused decode step runs its projections on gemv at every batch size.
+# 9-16 rows and half_gemm was 1.1-1.2x faster at 24-32). float32 weights keep PyTorch's GEMM past MAX_ROWS everywhere:
+# gemv was 1.2-1.8x faster up to 64 rows, but moving a float32 model's short prompts off the GEMM changes their float32
+# rounding, which the tensor-parallel exactness tests bound at 1e-5 (docs/cpu-kernels.md). The fused decode step runs
+# its float projections on gemv at every batch size.
 GEMV_ROWS = {"avx512": (256, MAX_ROWS), "amx": (32, MAX_ROWS), "avx2": (16, MAX_ROWS)}  # (16-bit, float32)
 
 

@@ -350,19 +350,23 @@ void slice_range(const GemvArgs& a, int64_t n0, int64_t n1) {
   gemv_tile<BITS, HALF, M, R>(a, n0, n1, reinterpret_cast<float*>(dd.data()));
 }
 
-// y = W . x^ for x in slices of at most kPassRows rows (args[i] holds slice i, of rows[i] rows, and its part of y).
-// Threads get whole units of 16 weight rows, at least 64 KB of weights per task, and a task runs every slice on its
-// rows before the next task: a wide batch reads the weights from memory once and the later slices find them in
-// cache. Each slice's rows run the instructions of a call of their own.
+// f(n0, n1) for the weight rows in thread tasks of whole units of 16 rows, at least 64 KB of weights each. Both
+// quantized GEMVs split their work so, and a task runs every slice of x on its rows before the next: a wide batch
+// reads the weights from memory once and the later slices find them in cache.
+template <typename F>
+void by_weight_units(int64_t N, int64_t row_bytes, F f) {
+  const int64_t unit = 16, units = (N + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * row_bytes));
+  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) { f(u0 * unit, std::min(N, u1 * unit)); });
+}
+
+// y = W . x^ for x in slices of at most kPassRows rows (args[i] holds slice i and its part of y), each slice's rows
+// running the instructions of a call of their own.
 template <int BITS, bool HALF>
-void gemv_slices(const std::vector<GemvArgs>& args, const std::vector<int64_t>& rows) {
-  const int64_t N = args[0].N, unit = 16, units = (N + unit - 1) / unit;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * args[0].row_bytes));
-  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    for (size_t i = 0; i < args.size(); ++i)
-      with_rows(rows[i], "quant_gemv", [&](auto m) {
-        slice_range<BITS, HALF, decltype(m)::value>(args[i], u0 * unit, std::min(N, u1 * unit));
-      });
+void gemv_slices(const std::vector<GemvArgs>& args) {
+  by_weight_units(args[0].N, args[0].row_bytes, [&](int64_t n0, int64_t n1) {
+    for (const GemvArgs& a : args)
+      with_rows(a.x->M, "quant_gemv", [&](auto m) { slice_range<BITS, HALF, decltype(m)::value>(a, n0, n1); });
   });
 }
 
@@ -586,9 +590,8 @@ void vnni_range(const VnniArgs& a, int64_t M, int64_t n0, int64_t n1) {
   with_rows(M, "quant_gemv", [&](auto m) { vnni_rows<BITS, HALF, decltype(m)::value>(a, n0, n1); });
 }
 
-// y = W . x^ for x given as slices of at most 8 rows each (y's rows in the same order). A task runs every slice
-// on its weight rows (at least 64 KB of them) before the next task, so a wide batch reads the weights from memory
-// once and the later slices find them in L2; each slice's rows run the instructions of a call of their own.
+// y = W . x^ for x given as slices of at most 8 rows each (y's rows in the same order), split as by_weight_units
+// says; each slice's rows run the instructions of a call of their own.
 void quant_gemv_vnni(const std::vector<QuantizedX>& slices, const uint8_t* q, int64_t row_bytes,
                      const at::Half* scales, const at::Half* mins, int bits, int64_t group, float* y, int64_t N) {
   std::vector<VnniPlan> plans(slices.size());
@@ -602,11 +605,8 @@ void quant_gemv_vnni(const std::vector<QuantizedX>& slices, const uint8_t* q, in
   const bool half = group == 16;
   const auto range = bits == 4 ? (half ? vnni_range<4, true> : vnni_range<4, false>)
                                : (half ? vnni_range<8, true> : vnni_range<8, false>);
-  const int64_t unit = 16;  // as gemv_slices: whole units of 16 rows, at least 64 KB of weights per task
-  const int64_t units = (N + unit - 1) / unit;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (unit * row_bytes));
-  hearth::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    for (size_t i = 0; i < slices.size(); ++i) range(args[i], slices[i].M, u0 * unit, std::min(N, u1 * unit));
+  by_weight_units(N, row_bytes, [&](int64_t n0, int64_t n1) {
+    for (size_t i = 0; i < slices.size(); ++i) range(args[i], slices[i].M, n0, n1);
   });
 }
 
@@ -677,19 +677,17 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   const size_t n_slices = cuts.size() - 1;
   std::vector<QuantizedX> xs(n_slices);
   std::vector<GemvArgs> args(n_slices);
-  std::vector<int64_t> rows(n_slices);
   ChunkGroups cg;
   for (size_t i = 0; i < n_slices; ++i) {
-    rows[i] = cuts[i + 1] - cuts[i];
-    quantize_x(x.data_ptr<float>() + cuts[i] * K, rows[i], K, bits == 4, half, xs[i]);
+    quantize_x(x.data_ptr<float>() + cuts[i] * K, cuts[i + 1] - cuts[i], K, bits == 4, half, xs[i]);
     if (i == 0) plan_groups(xs[0].nu, half ? 1 : group / 32, cg);
     args[i] = GemvArgs{&xs[i], q, qdata.size(1), scales.data_ptr<at::Half>(), mn, K / group, &cg,
                        bits == 4 && !mins.has_value(), 2048, y.data_ptr<float>() + cuts[i] * N, N};
   }
   if (bits == 4)
-    half ? gemv_slices<4, true>(args, rows) : gemv_slices<4, false>(args, rows);
+    half ? gemv_slices<4, true>(args) : gemv_slices<4, false>(args);
   else
-    half ? gemv_slices<8, true>(args, rows) : gemv_slices<8, false>(args, rows);
+    half ? gemv_slices<8, true>(args) : gemv_slices<8, false>(args);
   if (bias.has_value()) y.add_(*bias);
   return y.view(out_shape);
 }
