@@ -88,6 +88,27 @@ def test_wide_gemv_is_its_even_slices_on_avx2(dtype, rows, N):
         cpu.set_gemv_isa(before)
 
 
+@pytest.mark.skipif("avx2" not in PATHS, reason="this CPU has no AVX2/FMA/F16C: the kernels are never built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "K", [1056, 2053, 4864]
+)  # two chunks and a bit; a tail of 5; Qwen2.5-0.5B's MLP (pairs chunked too)
+def test_avx2_gemv_rows_get_the_same_bits_with_k_in_chunks(dtype, K):
+    """On the AVX2 path, blocks of x rows too wide for L1 run K in chunks (gemv_cpu.cpp, rows_kernel), and narrow
+    blocks run it whole: each row's sum is the same chain either way, so pairs of rows (whole) give the bits of 8 rows
+    (chunked), over several tiles of weight rows and a partial last tile."""
+    before = cpu.gemv_isa()
+    cpu.set_gemv_isa("avx2")
+    try:
+        g = torch.Generator().manual_seed(K)
+        x, W = torch.randn(8, K, generator=g), torch.randn(37, K, generator=g).to(dtype)
+        pairs = torch.cat([cpu.gemv(x[i : i + 2], W) for i in range(0, 8, 2)])
+        assert torch.equal(cpu.gemv(x, W), pairs)
+        assert torch.allclose(pairs, x @ W.float().T, atol=1e-3, rtol=1e-4)
+    finally:
+        cpu.set_gemv_isa(before)
+
+
 @pytest.mark.parametrize("rows", [1, 7, 9, 40])  # both sides of the kernel's row limit
 @pytest.mark.parametrize("path", ["avx512", "avx2"])  # 40 rows: the bf16 GEMM (oneDNN) or float32
 def test_linear_dispatch_matches_f_linear(rows, path, kernel_path):
@@ -136,6 +157,38 @@ def test_argmax_rows_is_torch_argmax_ties_nans_and_infinities_included(V):
     assert torch.equal(cpu.argmax_rows(x[2:5].contiguous().view(3, 1, V)), x[2:5].argmax(-1).view(3, 1))
     with pytest.raises(RuntimeError, match="contiguous float32"):
         cpu.argmax_rows(x.t() if V > 1 else x.double())
+
+
+def _ulps(got: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|got - exact| in units of float32's spacing at exact (float64 exact)."""
+    spacing = torch.nextafter(exact.float().abs(), torch.tensor(float("inf"))).double() - exact.float().abs().double()
+    return (got.double() - exact).abs() / spacing
+
+
+def test_softcap_kernels_tanh_is_within_2_ulp_everywhere():
+    x = torch.cat([torch.linspace(-12, 12, 2_000_001), torch.logspace(-30, 1, 100_001), -torch.logspace(-30, 1, 1001)])
+    got = cpu.softcap_(x.clone(), 1.0)  # a cap of 1: x / 1 and * 1 are exact, so this is the kernel's tanh itself
+    assert _ulps(got, torch.tanh(x.double())).max() <= 2
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 10.0, -88.0, 1e30])
+    out = cpu.softcap_(special.clone(), 1.0)
+    assert out[:4].tolist() == [0.0, 0.0, 1.0, -1.0] and out[1].signbit() and out[4].isnan()
+    assert out[5:].tolist() == special[5:7].tolist() + [1.0, -1.0, 1.0]  # tanh(x) is x to float32 below 2^-12
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (16, 4096), (2, 8 * 1024 + 13), (17, 70001)])  # tails, many pieces
+def test_softcap_kernel_is_cap_tanh_x_over_cap_in_place(shape):
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(shape, generator=g) * 60
+    x[-1, -1] = float("nan")
+    exact = torch.tanh((x / 30.0).double()) * 30.0  # from the same rounded x / cap as the kernel's
+    got = x.clone()
+    assert cpu.softcap_(got, 30.0).data_ptr() == got.data_ptr()
+    assert _ulps(got, exact).nan_to_num(0.0).max() <= 3  # the tanh's 2, and the product's rounding
+    assert got[-1, -1].isnan() and got.nan_to_num(0.0).abs().max() <= 30.0
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        cpu.softcap_(x.t() if shape[0] > 1 else x.double(), 30.0)
+    with pytest.raises(RuntimeError, match="positive"):
+        cpu.softcap_(x, 0.0)
 
 
 def test_rope_kernel_matches_rotate_half():

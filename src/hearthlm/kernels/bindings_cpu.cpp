@@ -71,6 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "one-query attention over a paged KV cache", release);
   m.def("kv_store", &kv_store, "write K/V rows into cache slots");
   m.def("act_mul", &act_mul, "act(gate) * up");
+  m.def("softcap_", big_without_gil(&softcap_), "x = cap * tanh(x / cap) in place (float32)");
   m.def("argmax_rows", big_without_gil(&argmax_rows), "the first argmax of each row (float32) -> int64");
   m.def("quant_gemv", &quant_gemv, "x [..., K] @ W^T (+ bias) for a quantized W [N, K] -> [..., N] float32", release);
   m.def("quant_gemm", &quant_gemm_avx2, "x [..., K] @ W^T (+ bias) for a quantized W [N, K], an AVX2 integer GEMM",

@@ -412,6 +412,11 @@ def act_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     return _load().act_mul(x, act)
 
 
+def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Contiguous float32 x -> x = cap * tanh(x / cap) in place (cap > 0); returns x."""
+    return _load().softcap_(x, cap)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """Contiguous float32 x [..., V] -> int64 [...]: each row's first largest index, NaN counting as largest
     (torch.argmax's answer)."""

@@ -49,6 +49,7 @@ void kv_store(torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tens
 torch::Tensor act_mul(torch::Tensor x, const std::string& act);
 
 // Logits (logits_cpu.cpp).
+torch::Tensor softcap_(torch::Tensor x, double cap);
 torch::Tensor argmax_rows(torch::Tensor x);
 
 // Quantized weights (quant_cpu.cpp).
