@@ -36,35 +36,51 @@ void by_float_dtype(const torch::Tensor& k, const char* what, F f) {
   }
 }
 
-// y[m, n] for n in [n0, n1), R weight rows at a time (R * M accumulators stay in registers).
+// y[m, n] for n in [n0, n1) (at most kTileRows weight rows), R weight rows at a time (R * M sums in registers).
+// When the M x rows pass kFitBytes, K goes in chunks of kChunk: a chunk of the x rows (16 KB at M = 8) stays in L1
+// while every weight row of the tile passes over it, and the sums wait in `saved` between chunks. Over the whole of
+// K, the 8 x rows of a K = 4864 projection came from L2 for every weight row: 37 GFLOP/s on a Zen 3, 49-55 in
+// chunks (docs/cpu-kernels.md). Shorter rows stay whole: there the chunks' scattered weight reads cost more than
+// they save. Each sum is the same fused multiply-add chain in k order either way, so chunks change no bits.
+constexpr int64_t kTileRows = 16, kChunk = 512, kFitBytes = 28 << 10;
+constexpr int64_t kAhead = 3;  // prefetch distance, in groups of R weight rows
+
 template <typename T, int M, int R>
 void rows_kernel(const float* x, const T* W, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t K8 = K - K % 8;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    __m256 acc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K8; k += 8) {
-      // Prefetch the next block's rows, one cache line per row every 32 elements: rows are short
-      // (a few KB), so the hardware prefetcher alone restarts too often (measured +10-25% GB/s).
-      if ((k & 31) == 0)
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + (n + R + r) * K + k), _MM_HINT_T0);
-      __m256 w[R];
-      for (int r = 0; r < R; ++r) w[r] = load8(W + (n + r) * K + k);
-      for (int m = 0; m < M; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-        for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(w[r], xv, acc[m][r]);
+  const int64_t K8 = K - K % 8, whole = n0 + (n1 - n0) / R * R;  // rows [whole, n1) go one at a time, below
+  const int64_t chunk = M * K * static_cast<int64_t>(sizeof(float)) <= kFitBytes ? std::max<int64_t>(K8, 8) : kChunk;
+  __m256 saved[kTileRows][M];
+  for (int64_t k0 = 0; k0 < K8; k0 += chunk) {
+    const int64_t k1 = std::min(K8, k0 + chunk);
+    for (int64_t n = n0; n < whole; n += R) {
+      __m256 acc[M][R];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = k0 == 0 ? _mm256_setzero_ps() : saved[n - n0 + r][m];
+      // Prefetch the weights kAhead groups of R rows later in this order (chunk by chunk, row by row), one cache
+      // line per row every 32 elements: the hardware prefetcher alone restarts on every short run of a row.
+      const int64_t groups = (whole - n0) / R, at = (k0 / chunk) * groups + (n - n0) / R + kAhead;
+      const T* next = W + (n0 + at % groups * R) * K + (at / groups - k0 / chunk) * chunk;
+      for (int64_t k = k0; k < k1; k += 8) {
+        if ((k & 31) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + r * K + k), _MM_HINT_T0);
+        __m256 w[R];
+        for (int r = 0; r < R; ++r) w[r] = load8(W + (n + r) * K + k);
+        for (int m = 0; m < M; ++m) {
+          const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+          for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(w[r], xv, acc[m][r]);
+        }
       }
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) saved[n - n0 + r][m] = acc[m][r];
     }
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) {
-        float s = hsum(acc[m][r]);
-        for (int64_t k = K8; k < K; ++k) s += static_cast<float>(W[(n + r) * K + k]) * x[m * K + k];
-        y[m * N + n + r] = s;
-      }
   }
-  if (n < n1) rows_kernel<T, M, 1>(x, W, y, K, N, n, n1);
+  for (int64_t n = n0; n < whole; ++n)
+    for (int m = 0; m < M; ++m) {
+      float s = K8 > 0 ? hsum(saved[n - n0][m]) : 0.0f;
+      for (int64_t k = K8; k < K; ++k) s += static_cast<float>(W[n * K + k]) * x[m * K + k];
+      y[m * N + n] = s;
+    }
+  if (whole < n1) rows_kernel<T, M, 1>(x, W, y, K, N, whole, n1);
 }
 
 
@@ -108,7 +124,7 @@ void block_rows(const float* x, const T* W, float* y, int64_t rows, int64_t K, i
 template <typename T>
 void run_rows(const float* x, const T* W, float* y, int64_t M, int64_t K, int64_t N) {
   const auto cuts = even_cuts(M, kPassRows);
-  const int64_t tile = 16;
+  const int64_t tile = kTileRows;
   // At least 8 tiles' worth of work per thread task keeps overhead low.
   hearth::parallel_for(0, (N + tile - 1) / tile, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t n0 = t0 * tile; n0 < std::min(N, t1 * tile); n0 += tile)
