@@ -1,5 +1,6 @@
 """The kernels over a decode step's logits (kernels/logits_cpu.cpp) against PyTorch's ops, in one process: Gemma's
-final soft cap, cap * tanh(x / cap) in place, and each row's argmax (the greedy token).
+final soft cap, cap * tanh(x / cap) in place, and each row's argmax (the greedy token). Then the time to sample one
+token (engine/sampler.py pick) with common settings.
 
     python benchmarks/logits.py [--rows 1,16] [--vocab 4096,262144] [--rounds 7] [--threads N]
 
@@ -17,9 +18,17 @@ import time
 import torch
 from rich.progress import track
 
+from hearthlm import SamplingParams
+from hearthlm.engine.sampler import pick
 from hearthlm.kernels import cpu
 
 CAP = 30.0  # Gemma's final_logit_softcapping
+SAMPLING = {  # Gemma 4's generation_config, Ollama's defaults, top-p alone, temperature alone
+    "top_k 64, top_p 0.95": SamplingParams(temperature=1.0, top_k=64, top_p=0.95),
+    "top_k 40, top_p 0.9, min_p 0.05": SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05),
+    "top_p 0.95": SamplingParams(temperature=0.7, top_p=0.95),
+    "temperature 0.7": SamplingParams(temperature=0.7),
+}
 
 
 def torch_softcap(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +75,19 @@ def main() -> None:
             gain = statistics.median(r / k for r, k in zip(ref, ker))
             print(f"{op:8} [{s[0]:>2}, {s[1]:>6}]  PyTorch {statistics.median(ref) * 1e6:9.1f} us  "
                   f"kernel {statistics.median(ker) * 1e6:9.1f} us  {gain:5.2f}x")  # fmt: skip
+    sample_times(sorted({v for _, v in shapes}), args.rounds)
+
+
+def sample_times(vocabs: list[int], rounds: int) -> None:
+    """Median time of one sampled token per setting, on logits of a language model's shape: a few likely tokens and a
+    long tail (random normal logits times 8)."""
+    g = torch.Generator().manual_seed(1)
+    for V in vocabs:
+        row = torch.randn(V, generator=g) * 8
+        for name, p in SAMPLING.items():
+            gen = p.generator()
+            ts = [seconds(lambda x: pick(x, p, gen), row) for _ in range(rounds)]
+            print(f"sample   [ 1, {V:>6}]  {name:32} {statistics.median(ts) * 1e6:9.1f} us")
 
 
 if __name__ == "__main__":

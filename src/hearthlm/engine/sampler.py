@@ -170,28 +170,66 @@ def penalize(logits: torch.Tensor, p: SamplingParams, seen: list[int], generated
     return logits
 
 
-def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits [V] float32 -> probabilities [V] after temperature, top-k, top-p and min-p."""
-    logits = logits / p.temperature
+NUCLEUS_PROBE = 1024  # top-p looks for its tokens among this many most likely first
+
+
+def candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """logits [V] float32 -> (ids, probs): the tokens a draw can give (None: every token, in order) and their
+    probabilities after temperature, top-k, top-p and min-p. Only candidates go through the sort, the filters and the
+    draw: for a 262k vocabulary, top-p's sort of every token took 30 ms here and torch.multinomial 7 ms."""
+    logits, ids = logits / p.temperature, None
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        if kth > float("-inf"):  # the top k, ties with the k-th included
+            ids = (logits >= kth).nonzero().squeeze(1)
+            logits = logits[ids]
+        else:  # (a grammar left fewer than k tokens)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
-        drop = before >= p.top_p  # keeps the smallest prefix whose mass reaches top_p (>= 1 token)
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        ids, probs = _nucleus(ids, probs, p.top_p)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+    return ids, probs / probs.sum()
+
+
+def _nucleus(ids: torch.Tensor | None, probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p: the smallest set of most likely tokens whose mass reaches top_p, as (ids, probs). Taken from the
+    NUCLEUS_PROBE most likely when their mass reaches top_p (then no token past them can be in it), else from a sort
+    of all; either way the same prefix of the same sorted order, so the same tokens."""
+    ranked, order = None, None
+    if probs.shape[-1] > NUCLEUS_PROBE:
+        ranked, order = torch.topk(probs, NUCLEUS_PROBE)
+        if not torch.cumsum(ranked, 0)[-1] >= top_p:
+            ranked = None
+    if ranked is None:
+        ranked, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(ranked, 0) - ranked < top_p  # the mass of strictly better tokens is short of top_p
+    order = order[keep]
+    return (order if ids is None else ids[order]), ranked[keep]
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [V] float32 -> probabilities [V] after temperature, top-k, top-p and min-p (zero off the candidates)."""
+    ids, probs = candidates(logits, p)
+    return probs if ids is None else torch.zeros_like(logits).index_put_((ids,), probs)
+
+
+def draw(probs: torch.Tensor, g: torch.Generator | None) -> int:
+    """An index i drawn with probability probs[i] / probs.sum() (probs >= 0, not all 0): the inverse of the float64
+    cumulative sum at a uniform draw, on the CPU (where the requests' generators are). A zero entry is never drawn."""
+    cum = torch.cumsum(probs.cpu().double(), 0)
+    u = torch.rand((), generator=g, dtype=torch.float64) * cum[-1]
+    return min(int(torch.searchsorted(cum, u, right=True)), probs.shape[-1] - 1)
 
 
 def pick(logits: torch.Tensor, p: SamplingParams, g: torch.Generator | None) -> int:
     """One token from logits [V] float32 (already penalized)."""
     if p.temperature == 0:
         return int(torch.argmax(logits))
-    return int(torch.multinomial(filter_logits(logits, p).cpu(), 1, generator=g))
+    ids, probs = candidates(logits, p)
+    i = draw(probs, g)
+    return i if ids is None else int(ids[i])
 
 
 def logprob_of(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .sampler import SamplingParams, filter_logits
+from .sampler import SamplingParams, draw, filter_logits
 
 if TYPE_CHECKING:
     from .sequence import Sequence
@@ -150,7 +150,6 @@ def judge(logits: torch.Tensor, draft: int, p: SamplingParams, g: torch.Generato
     if float(torch.rand((), generator=g)) < float(probs[draft]):
         return draft
     probs[draft] = 0.0
-    total = probs.sum()
-    if not total > 0:  # all of p's mass sat on the draft (rounding): it is the only token p can give
+    if not probs.sum() > 0:  # all of p's mass sat on the draft (rounding): it is the only token p can give
         return draft
-    return int(torch.multinomial(probs / total, 1, generator=g))
+    return draw(probs, g)
