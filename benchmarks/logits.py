@@ -86,7 +86,7 @@ def sample_times(vocabs: list[int], rounds: int) -> None:
         row = torch.randn(V, generator=g) * 8
         for name, p in SAMPLING.items():
             gen = p.generator()
-            ts = [seconds(lambda x: pick(x, p, gen), row) for _ in range(rounds)]
+            ts = [seconds(lambda x, p=p, gen=gen: pick(x, p, gen), row) for _ in range(rounds)]
             print(f"sample   [ 1, {V:>6}]  {name:32} {statistics.median(ts) * 1e6:9.1f} us")
 
 
