@@ -92,6 +92,14 @@ def test_draw_follows_the_probabilities_and_never_gives_a_zero():
     chi2 = float(((counts[[1, 3, 4]] - expected[[1, 3, 4]]) ** 2 / expected[[1, 3, 4]]).sum())
     assert chi2 < 13.8  # 2 degrees of freedom: p = 0.001
     assert draw(torch.tensor([0.0, 0.0, 1e-30]), g) == 2
+    for kw in ({}, {"top_k": 2}, {"top_p": 0.9}, {"min_p": 0.1}):  # every path refuses NaN, inf and nothing allowed
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="cannot sample: the largest logit is"):
+                pick(torch.tensor([0.0, bad, 1.0]), SamplingParams(temperature=1.0, **kw), g)
+        with pytest.raises(ValueError, match="cannot sample"):
+            pick(torch.full((3,), float("-inf")), SamplingParams(temperature=1.0, **kw), g)
+    with pytest.raises(ValueError, match="sum to 0"):
+        draw(torch.zeros(4), g)
 
 
 @pytest.mark.parametrize(

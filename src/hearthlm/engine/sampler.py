@@ -4,6 +4,7 @@ log-probabilities."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -177,6 +178,9 @@ def candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor | 
     """logits [V] float32 -> (ids, probs): the tokens a draw can give (None: every token, in order) and their
     probabilities after temperature, top-k, top-p and min-p. Only candidates go through the sort, the filters and the
     draw: for a 262k vocabulary, top-p's sort of every token took 30 ms here and torch.multinomial 7 ms."""
+    top = float(logits.max())  # (NaN if any is)
+    if not math.isfinite(top):
+        raise ValueError(f"cannot sample: the largest logit is {top} (a model that overflowed, or nothing allowed)")
     logits, ids = logits / p.temperature, None
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -219,6 +223,8 @@ def draw(probs: torch.Tensor, g: torch.Generator | None) -> int:
     """An index i drawn with probability probs[i] / probs.sum() (probs >= 0, not all 0): the inverse of the float64
     cumulative sum at a uniform draw, on the CPU (where the requests' generators are). A zero entry is never drawn."""
     cum = torch.cumsum(probs.cpu().double(), 0)
+    if not cum[-1] > 0:
+        raise ValueError(f"cannot sample: the token probabilities sum to {float(cum[-1])}")
     u = torch.rand((), generator=g, dtype=torch.float64) * cum[-1]
     return min(int(torch.searchsorted(cum, u, right=True)), probs.shape[-1] - 1)
 
