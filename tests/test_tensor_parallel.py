@@ -19,6 +19,7 @@ from hearthlm import LLM, SamplingParams
 from hearthlm.distributed.mesh import Mesh
 from hearthlm.distributed.run import launch
 from hearthlm.distributed.tensor_parallel import TensorParallelError, head_ranges, shard_model, vocab_range
+from hearthlm.quant.tensor import QuantTensor
 
 # Tied and untied heads, biases, sliding windows, q/k norms, softcap; 1 K/V head (mistral; Gemma 4's full
 # layers) is replicated on both ranks; Gemma 4 dense brings PLE, KV-shared layers and k=v.
@@ -218,6 +219,7 @@ def test_a_failing_rank_stops_the_others(capfd):
 
 def _spy_loads(monkeypatch) -> list[tuple[str, list[int]]]:
     """Every parameter the loader fills, with the layers that were filled whole (not split yet) at that moment."""
+    from hearthlm.distributed.shards import weight_of
     from hearthlm.distributed.tensor_parallel import RowParallelLinear
     from hearthlm.weights import loader
 
@@ -227,7 +229,7 @@ def _spy_loads(monkeypatch) -> list[tuple[str, list[int]]]:
         whole = [
             i
             for i, layer in enumerate(model.layers)
-            if hasattr(layer, "attn") and not layer.attn.qkv.weight.is_meta
+            if hasattr(layer, "attn") and not _meta(weight_of(layer.attn.qkv))
             if not isinstance(layer.attn.o_proj, RowParallelLinear)
         ]
         seen.append((name, whole))
@@ -237,17 +239,61 @@ def _spy_loads(monkeypatch) -> list[tuple[str, list[int]]]:
     return seen
 
 
-@pytest.mark.parametrize("split", ["tp", "ep"])
-def test_a_rank_splits_each_layer_before_the_next_loads(split, checkpoint, monkeypatch):
-    """LLM(mesh=...) splits layer i as soon as it is filled: no two layers are ever whole at once, and what the
-    rank keeps is what splitting the whole model after the load keeps."""
-    seen = _spy_loads(monkeypatch)
-    folder = checkpoint("gemma4_all")[1]
-    llm = LLM(folder, dtype="float32", mesh=Mesh(0, 2, split=split))
-    assert seen and max(len(whole) for _, whole in seen) <= 1
-    after = shard_model(LLM(folder, dtype="float32").model, Mesh(0, 2, split=split))
+# (checkpoint, how it loads, split). Float checkpoints of every kind of split weight (fused qkv with biases,
+# replicated K/V heads, k=v and KV-shared layers, an untied head, experts stored fused or one by one), quantized
+# while loading in groups (each rank's columns keep whole groups) and per row (a column split cannot be quantized
+# alone: o_proj and down load whole), and a `hearth quantize`d folder (its blocks read as stored).
+LOADS = [("gemma4_all", "", "tp"), ("gemma4_all", "", "ep"), ("gemma4_dense", "", "tp"), ("qwen2", "", "tp"),
+         ("gemma3_bias", "", "tp"), ("mistral", "", "tp"), ("mixtral", "", "tp"), ("mixtral", "", "ep"),
+         ("wide", "int4-g32", "tp"), ("wide", "int8", "tp"), ("wide-stored-int4", "", "tp")]  # fmt: skip
+PER_ROW = {"layers.0.attn.o_proj.weight", "layers.0.mlp.down.weight"}  # and the same of every layer
+
+
+@pytest.mark.parametrize(("name", "quant", "split"), LOADS, ids=["-".join(filter(None, c)) for c in LOADS])
+def test_a_rank_reads_its_share_as_it_loads(name, quant, split, checkpoint, wide, tmp_path, monkeypatch):
+    """LLM(mesh=...) fills each split weight with the rank's share alone (read from the file's views), or, where
+    it cannot, splits it as soon as its layer is filled: no two layers are ever whole at once, and what the rank
+    keeps is what splitting the whole model after the load keeps."""
+    if name == "wide-stored-int4":
+        folder = _quantized(wide, "int4-g32", tmp_path)
+    else:
+        folder = wide if name == "wide" else checkpoint(name)[1]
+    seen, loads = _spy_loads(monkeypatch), _spy_shares(monkeypatch)
+    llm = LLM(folder, dtype="float32", quant=quant or None, mesh=Mesh(0, 2, split=split))
+    assert max((len(whole) for _, whole in seen), default=0) <= 1
+    (rank,) = loads
+    whole = set(rank.shares) - rank.taken
+    if quant == "int8":  # the columns of o_proj and down, in every layer
+        assert {n.split(".", 2)[2] for n in whole} == {n.split(".", 2)[2] for n in PER_ROW} and len(whole) > 2
+    else:
+        assert not whole
+    after = shard_model(LLM(folder, dtype="float32", quant=quant or None).model, Mesh(0, 2, split=split))
     mine, theirs = llm.model.state_dict(), after.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _meta(w) -> bool:
+    return (w.qdata if isinstance(w, QuantTensor) else w).is_meta
+
+
+def _quantized(folder: Path, quant: str, tmp_path: Path) -> Path:
+    from hearthlm.weights.export import write_quantized
+
+    return write_quantized(LLM(folder, dtype="float32", quant=quant).model, folder, tmp_path / "q", quant)
+
+
+def _spy_shares(monkeypatch) -> list:
+    """The TensorParallelLoad of each LLM(mesh=...) made while the test runs."""
+    from hearthlm.distributed import tensor_parallel
+
+    made, real = [], tensor_parallel.TensorParallelLoad.__init__
+
+    def spy(self, mesh):
+        real(self, mesh)
+        made.append(self)
+
+    monkeypatch.setattr(tensor_parallel.TensorParallelLoad, "__init__", spy)
+    return made
 
 
 def test_a_pipeline_rank_reads_only_its_stage(checkpoint, monkeypatch):

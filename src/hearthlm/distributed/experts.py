@@ -26,8 +26,9 @@ from torch import nn
 
 from ..layers.moe import Experts
 from ..moe.budget import Budget, parse_budget
+from ..weights.share import Share, column_unit, take
 from .mesh import Mesh
-from .shards import Weight, column_unit, combine_stack, even, set_weight, take_cols, take_rows
+from .shards import even, set_weight
 
 MODES = ("tp", "ep")
 
@@ -60,33 +61,34 @@ def problems(experts: Experts, world: int, mode: str) -> list[str]:
     return []
 
 
-def shard_experts(experts: Experts, mesh: Mesh, mode: str, name: str) -> SummedExperts:
-    """Keep rank `mesh.rank`'s part of `experts` (in place) and wrap it in the all-reduce."""
-    (_divide if mode == "ep" else _narrow)(experts, mesh, name)
-    return SummedExperts(experts, mesh)
+def expert_shares(experts: Experts, mesh: Mesh, mode: str, name: str) -> dict[str, Share]:
+    """What rank `mesh.rank` keeps of the experts named `name` (their stacked gate_up and down), by parameter name:
+    its run of the experts, whole ("ep"), or every expert's slice of the width ("tp": gate and up rows, down
+    columns)."""
+    if mode == "ep":
+        run = Share(items=even(experts.num_experts, mesh.world, mesh.rank))
+        return {f"{name}.gate_up": run, f"{name}.down": run}
+    width = experts.down.shape[-1]
+    lo, hi = even(width, mesh.world, mesh.rank)
+    rows = ((lo, hi), (width + lo, width + hi))  # each expert's gate_up rows: [gate | up]
+    return {f"{name}.gate_up": Share(rows=rows), f"{name}.down": Share(cols=(lo, hi))}
 
 
-def _divide(experts: Experts, mesh: Mesh, name: str) -> None:
-    """Keep the rank's run of the experts, whole."""
-    first, end = even(experts.num_experts, mesh.world, mesh.rank)
-    if experts.source is not None:  # under a budget: the pool, loaded with rank_budget, serves these alone
-        if experts.source.pool.owned != range(first, end):
+def shard_experts(experts: Experts, mesh: Mesh, mode: str, name: str, shares: dict[str, Share],
+                  taken: set[str]) -> SummedExperts:  # fmt: skip
+    """Keep rank `mesh.rank`'s part of `experts` (in place: `shares`, but for the weights in `taken`, which loaded as
+    their share already) and wrap it in the all-reduce."""
+    if mode == "ep" and experts.source is not None:  # under a budget: the pool, loaded with rank_budget, serves
+        if experts.source.pool.owned != range(*shares[f"{name}.down"].items):  # the rank's experts alone
             raise ValueError(f"{name}: the expert pool was not loaded for rank {mesh.rank}'s share: use rank_budget")
     else:
         for attr in ("gate_up", "down"):
-            set_weight(experts, attr, _stack_slice(getattr(experts, attr), first, end))
-    experts.first, experts.num_experts = first, end - first
-
-
-def _narrow(experts: Experts, mesh: Mesh, name: str) -> None:
-    """Keep the rank's slice of every expert's width: gate and up rows, down columns."""
-    width = experts.down.shape[-1]
-    lo, hi = even(width, mesh.world, mesh.rank)
-    rows = [(lo, hi), (width + lo, width + hi)]  # each expert's gate_up rows: [gate | up]
-    count = experts.num_experts
-    set_weight(experts, "gate_up", combine_stack([take_rows(experts.gate_up[e], rows) for e in range(count)]))
-    downs = [take_cols(experts.down[e], lo, hi, f"{name}.down[{e}]") for e in range(count)]
-    set_weight(experts, "down", combine_stack(downs))
+            if f"{name}.{attr}" not in taken:
+                set_weight(experts, attr, take(getattr(experts, attr), shares[f"{name}.{attr}"], f"{name}.{attr}"))
+    if mode == "ep":
+        experts.first, end = shares[f"{name}.down"].items
+        experts.num_experts = end - experts.first
+    return SummedExperts(experts, mesh)
 
 
 def rank_budget(budget: str | float | Budget | None, mesh: Mesh | None) -> Budget | str | float | None:
@@ -94,10 +96,3 @@ def rank_budget(budget: str | float | Budget | None, mesh: Mesh | None) -> Budge
     if budget is None or mesh is None or mesh.split != "ep":
         return budget
     return dataclasses.replace(parse_budget(budget), share=(mesh.rank, mesh.world))
-
-
-def _stack_slice(w: Weight, start: int, end: int) -> Weight:
-    """Matrices [start, end) of a stack [E, out, in], as a copy (the full stack can then be freed)."""
-    if isinstance(w, torch.Tensor):
-        return w[start:end].clone()
-    return combine_stack([w[e] for e in range(start, end)])

@@ -160,6 +160,12 @@ class PipelineLoad:
     def wanted(self, layer: int | None) -> bool:
         return layer is None or self.start <= layer < self.end
 
+    def share(self, name: str) -> None:
+        return None  # a stage keeps its layers whole
+
+    def took(self, name: str) -> None:
+        raise AssertionError(f"{name}: a pipeline stage asks for no share")
+
     def layer_done(self, model: CausalLM, layer: int) -> None:
         if not self.start <= layer < self.end:
             model.layers[layer] = Skipped()

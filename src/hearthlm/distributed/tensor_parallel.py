@@ -41,10 +41,11 @@ from ..layers.moe import Experts, SparseMoE
 from ..layers.softcap import softcap_
 from ..models.base import CausalLM
 from ..quant.tensor import QuantTensor
-from .experts import MODES, shard_experts
+from ..weights.share import Share, column_unit, take
+from .experts import MODES, expert_shares, shard_experts
 from .experts import problems as experts_problems
 from .mesh import Mesh
-from .shards import column_unit, even, set_weight, take_cols, take_rows, weight_of
+from .shards import even, set_weight, weight_of
 
 if TYPE_CHECKING:
     from ..api import LLM
@@ -77,13 +78,19 @@ def vocab_range(vocab: int, world: int, rank: int) -> tuple[int, int]:
 def problems(model: CausalLM, world: int, experts: str = "tp") -> list[str]:
     """Why `model` cannot be split over `world` ranks (empty: it can); `experts`: how routed experts split
     ("tp": each expert's width, "ep": the experts themselves; distributed/experts.py)."""
+    found = _end_problems(model, world)
+    for i, layer in enumerate(model.layers):
+        found += [f"layer {i}: {p}" for p in _layer_problems(layer, world, experts)]
+    return found
+
+
+def _end_problems(model: CausalLM, world: int) -> list[str]:
+    """Why the vocabulary cannot be split over `world` ranks (empty: it can)."""
     cfg, found = model.config, []
     if cfg.vocab_size < world:
         found.append(f"its vocabulary ({cfg.vocab_size}) is smaller than the rank count")
     if not isinstance(model.embed.weight, (torch.Tensor, QuantTensor)):
         found.append(f"its embedding table is kept as {type(model.embed.weight).__name__}, which is not split")
-    for i, layer in enumerate(model.layers):
-        found += [f"layer {i}: {p}" for p in _layer_problems(layer, world, experts)]
     return found
 
 
@@ -95,15 +102,15 @@ def _routed(layer: nn.Module) -> tuple[nn.Module, Experts] | None:
     return (owner, found) if isinstance(found, Experts) else None
 
 
-def _layer_problems(layer: nn.Module, world: int, experts: str) -> list[str]:
-    """The problems of the parts of `layer` not split yet (a rank that loads layer by layer splits each part as
-    soon as it is filled)."""
+def _layer_problems(layer: nn.Module, world: int, experts: str, name: str = "", taken: set[str] = frozenset()):
+    """The problems of the parts of decoder layer `name` not split yet (a rank that loads layer by layer splits
+    each part as soon as it is filled; a part in `taken` loaded as its share, its split made already)."""
     attn, mlp, found = layer.attn, layer.mlp, []
-    if (routed := _routed(layer)) is not None:
+    if (routed := _routed(layer)) is not None and f"{_experts_name(layer, name)}.down" not in taken:
         found += experts_problems(routed[1], world, experts)
-    if not isinstance(attn.o_proj, RowParallelLinear):  # not split yet
+    if not isinstance(attn.o_proj, RowParallelLinear) and f"{name}.attn.o_proj.weight" not in taken:
         found += _attention_problems(attn, world)
-    if not isinstance(mlp, GatedMLP) or isinstance(mlp.down, RowParallelLinear):
+    if not isinstance(mlp, GatedMLP) or isinstance(mlp.down, RowParallelLinear) or f"{name}.mlp.down.weight" in taken:
         return found
     inter = weight_of(mlp.down).shape[-1]
     if inter % world:
@@ -111,6 +118,11 @@ def _layer_problems(layer: nn.Module, world: int, experts: str) -> list[str]:
     elif (unit := column_unit(weight_of(mlp.down))) > 1 and (inter // world) % unit:
         found.append(f"the MLP's down projection ({inter} columns) split {world} ways cuts its groups of {unit}")
     return found
+
+
+def _experts_name(layer: nn.Module, name: str) -> str:
+    """The parameter prefix of decoder layer `name`'s routed experts."""
+    return f"{name}.mlp.experts" if isinstance(layer.mlp, SparseMoE) else f"{name}.experts"
 
 
 def _attention_problems(attn: Attention, world: int) -> list[str]:
@@ -149,11 +161,12 @@ class RowParallelLinear(nn.Module):
     """A Linear whose input columns are split over the ranks: each computes a partial sum, an all-reduce
     adds them, then the (unsplit) bias is added once."""
 
-    def __init__(self, full: Linear, start: int, end: int, mesh: Mesh, name: str):
+    def __init__(self, part: Linear, mesh: Mesh):
+        """`part`: the Linear with the rank's columns of the weight, and the whole bias."""
         super().__init__()
         self.part = Linear(0, 0)
-        set_weight(self.part, "weight", take_cols(weight_of(full), start, end, name))
-        self.bias = full._parameters.get("bias")
+        set_weight(self.part, "weight", weight_of(part))
+        self.bias = part._parameters.get("bias")
         self.mesh = mesh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,11 +175,12 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, end) of the token table; the others' rows arrive through an all-reduce (they add zeros)."""
+    """Rows [start, end) of the token table (`rows`, split already); the others' rows arrive through an all-reduce
+    (they add zeros)."""
 
-    def __init__(self, table: torch.Tensor | QuantTensor, start: int, end: int, mesh: Mesh):
+    def __init__(self, rows: torch.Tensor | QuantTensor, start: int, end: int, mesh: Mesh):
         super().__init__()
-        set_weight(self, "weight", take_rows(table, [(start, end)]))
+        set_weight(self, "weight", rows)
         self.start, self.end, self.mesh = start, end, mesh
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -189,28 +203,62 @@ def parallel_logits(self: CausalLM, hidden: torch.Tensor) -> torch.Tensor:
     return softcap_(logits, self.config.final_softcap)
 
 
-def _shard_attention(attn: Attention, mesh: Mesh, name: str) -> None:
+def layer_shares(layer: nn.Module, mesh: Mesh, index: int) -> dict[str, Share]:
+    """What rank `mesh.rank` keeps of each split weight of decoder layer `index`, by parameter name, from the
+    layer's whole shapes (on the meta device before a load, or loaded)."""
+    name, attn, shares = f"layers.{index}", layer.attn, {}
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q0, q1, k0, k1 = head_ranges(H, Hkv, mesh.world, mesh.rank)
     rows = [(q0 * D, q1 * D)]  # qkv's rows: [q heads | k heads | v heads], v absent for k=v or KV-shared layers
     if not attn.shared:
         for base in (H * D,) if attn.k_eq_v else (H * D, (H + Hkv) * D):
             rows.append((base + k0 * D, base + k1 * D))
-    set_weight(attn.qkv, "weight", take_rows(weight_of(attn.qkv), rows))
-    if attn.qkv.bias is not None:
-        set_weight(attn.qkv, "bias", take_rows(attn.qkv.bias, rows))
-    attn.o_proj = RowParallelLinear(attn.o_proj, q0 * D, q1 * D, mesh, f"{name}.o_proj")
+    shares |= _column_parallel(attn.qkv, f"{name}.attn.qkv", tuple(rows))
+    shares[f"{name}.attn.o_proj.weight"] = Share(cols=(q0 * D, q1 * D))
+    if isinstance(layer.mlp, GatedMLP):
+        inter = weight_of(layer.mlp.down).shape[-1]
+        lo, hi = even(inter, mesh.world, mesh.rank)
+        shares |= _column_parallel(layer.mlp.gate_up, f"{name}.mlp.gate_up", ((lo, hi), (inter + lo, inter + hi)))
+        shares[f"{name}.mlp.down.weight"] = Share(cols=(lo, hi))
+    if (routed := _routed(layer)) is not None:
+        shares |= expert_shares(routed[1], mesh, mesh.experts, _experts_name(layer, name))
+    return shares
+
+
+def _column_parallel(linear: Linear, name: str, rows: tuple[tuple[int, int], ...]) -> dict[str, Share]:
+    """The rank's output rows of a column-parallel Linear: of its weight and, when it has one, its bias."""
+    share = Share(rows=rows)
+    return {f"{name}.weight": share} | ({f"{name}.bias": share} if linear.bias is not None else {})
+
+
+def end_shares(model: CausalLM, mesh: Mesh) -> dict[str, Share]:
+    """The rank's vocabulary rows of the token table and of an untied head."""
+    share = Share(rows=(vocab_range(model.config.vocab_size, mesh.world, mesh.rank),))
+    return {"embed.weight": share} | ({"lm_head.weight": share} if model.lm_head is not None else {})
+
+
+def _cut(module: nn.Module, attr: str, name: str, shares: dict[str, Share], taken: set[str]) -> None:
+    """Keep the rank's share of `module`'s weight `attr` (parameter `name`), unless it loaded as its share."""
+    if name in shares and name not in taken:
+        set_weight(module, attr, take(_weight(module, attr), shares[name], name))
+
+
+def _weight(module: nn.Module, attr: str):
+    return module._parameters[attr] if attr in module._parameters else module._modules[attr]
+
+
+def _shard_attention(attn: Attention, mesh: Mesh, name: str, shares: dict[str, Share], taken: set[str]) -> None:
+    for module, attr in ((attn.qkv, "weight"), (attn.qkv, "bias"), (attn.o_proj, "weight")):
+        _cut(module, attr, f"{name}.{'qkv' if module is attn.qkv else 'o_proj'}.{attr}", shares, taken)
+    attn.o_proj = RowParallelLinear(attn.o_proj, mesh)
+    q0, q1, k0, k1 = head_ranges(attn.num_heads, attn.num_kv_heads, mesh.world, mesh.rank)
     attn.num_heads, attn.num_kv_heads = q1 - q0, k1 - k0
 
 
-def _shard_mlp(mlp: GatedMLP, mesh: Mesh, name: str) -> None:
-    inter = weight_of(mlp.down).shape[-1]
-    lo, hi = even(inter, mesh.world, mesh.rank)
-    rows = [(lo, hi), (inter + lo, inter + hi)]  # gate_up's rows: [gate | up]
-    set_weight(mlp.gate_up, "weight", take_rows(weight_of(mlp.gate_up), rows))
-    if mlp.gate_up.bias is not None:
-        set_weight(mlp.gate_up, "bias", take_rows(mlp.gate_up.bias, rows))
-    mlp.down = RowParallelLinear(mlp.down, lo, hi, mesh, f"{name}.down")
+def _shard_mlp(mlp: GatedMLP, mesh: Mesh, name: str, shares: dict[str, Share], taken: set[str]) -> None:
+    for module, attr in ((mlp.gate_up, "weight"), (mlp.gate_up, "bias"), (mlp.down, "weight")):
+        _cut(module, attr, f"{name}.{'gate_up' if module is mlp.gate_up else 'down'}.{attr}", shares, taken)
+    mlp.down = RowParallelLinear(mlp.down, mesh)
 
 
 def rank_config(cfg: ModelConfig, world: int, rank: int, experts: str = "tp") -> ModelConfig:
@@ -227,68 +275,99 @@ def rank_config(cfg: ModelConfig, world: int, rank: int, experts: str = "tp") ->
 
 
 def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
-    """Keep rank `mesh.rank`'s share of a loaded model (in place) and wire in the collectives; routed experts
+    """Keep rank `mesh.rank`'s share of a model loaded whole (in place) and wire in the collectives; routed experts
     split as `mesh.split` says ("ep": divided among the ranks; else each one by its width)."""
     if getattr(model, "tp_mesh", None) is not None:
         return model  # split already, as it loaded (TensorParallelLoad)
-    experts = mesh.experts
-    check(model, mesh.world, experts)
+    check(model, mesh.world, mesh.experts)
     if mesh.world == 1:
         return model
     for i, layer in enumerate(model.layers):
-        shard_layer(layer, mesh, i)
-    start, end = vocab_range(model.config.vocab_size, mesh.world, mesh.rank)
+        shard_layer(layer, mesh, i, layer_shares(layer, mesh, i))
+    return _shard_ends(model, mesh, end_shares(model, mesh))
+
+
+def _shard_ends(model: CausalLM, mesh: Mesh, shares: dict[str, Share], taken: set[str] = frozenset()) -> CausalLM:
+    """Split the embedding and an untied head (`shares`, but for those in `taken`), and make the model the rank's:
+    its all-gathered logits and its config."""
+    _cut(model.embed, "weight", "embed.weight", shares, taken)
+    start, end = shares["embed.weight"].rows[0]
     model.embed = VocabParallelEmbedding(model.embed.weight, start, end, mesh)
     if model.lm_head is not None:
-        set_weight(model.lm_head, "weight", take_rows(model.lm_head.weight, [(start, end)]))
+        _cut(model.lm_head, "weight", "lm_head.weight", shares, taken)
     model.tp_mesh = mesh
     model.logits = types.MethodType(parallel_logits, model)
-    model.config = rank_config(model.config, mesh.world, mesh.rank, experts)
+    model.config = rank_config(model.config, mesh.world, mesh.rank, mesh.experts)
     return model
 
 
-def shard_layer(layer: nn.Module, mesh: Mesh, index: int, experts: bool = True) -> None:
-    """Keep the rank's share of each part of decoder layer `index` that is not split yet: attention, the dense
-    MLP and, with `experts`, routed experts."""
+def shard_layer(layer: nn.Module, mesh: Mesh, index: int, shares: dict[str, Share], taken: set[str] = frozenset(),
+                experts: bool = True) -> None:  # fmt: skip
+    """Keep the rank's share (`shares`, from layer_shares) of each part of decoder layer `index`: attention, the
+    dense MLP and, with `experts`, routed experts. A weight in `taken` loaded as its share already."""
     name = f"layers.{index}"
     if not isinstance(layer.attn.o_proj, RowParallelLinear):
-        _shard_attention(layer.attn, mesh, f"{name}.attn")
+        _shard_attention(layer.attn, mesh, f"{name}.attn", shares, taken)
     if isinstance(layer.mlp, GatedMLP) and not isinstance(layer.mlp.down, RowParallelLinear):
-        _shard_mlp(layer.mlp, mesh, f"{name}.mlp")
+        _shard_mlp(layer.mlp, mesh, f"{name}.mlp", shares, taken)
     routed = _routed(layer)
     if routed is not None and experts:
         owner, module = routed
-        owner.experts = shard_experts(module, mesh, mesh.experts, f"{name}.experts")
+        prefix = _experts_name(layer, name)
+        owner.experts = shard_experts(module, mesh, mesh.experts, prefix, shares, taken)
     layer.__dict__["_decode_step"] = None  # the fused step has no place for the all-reduces
 
 
 class TensorParallelLoad:
-    """How a rank of --tp / --ep loads (weights/loader.py's RankLoad): it reads every parameter, and splits each
-    decoder layer as soon as it is filled, so that it holds at most one whole layer beside its share. The
-    embedding table and an untied head load whole and split at the end (shard_model). Experts under a budget
-    split at the end too, once their pool exists."""
+    """How a rank of --tp / --ep loads (weights/loader.py's RankLoad). Before anything is read, it works out its
+    share of every split weight from the shapes; the loader then reads only that share of each (`share`, `took`),
+    where it can. Where it cannot (a GGUF block tensor, a column split of a weight quantized per row while it loads,
+    a split that cuts a quantization group: refused), the weight loads whole and the rank splits it as soon as its
+    layer is filled, so that it holds at most one whole layer beside its share. Experts under a budget stay in the
+    checkpoint and split at the end, once their pool exists."""
 
     copies = True  # the slices it keeps are copies: the loader drops each layer's file pages after it
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
+        self.shares: dict[str, Share] = {}
+        self.taken: set[str] = set()
 
     def plan(self, model: CausalLM) -> None:
         check(model, self.mesh.world, self.mesh.experts)  # the shapes, before any read
+        for i, layer in enumerate(model.layers):
+            self.shares |= layer_shares(layer, self.mesh, i)
+        self.shares |= end_shares(model, self.mesh)
 
     def wanted(self, layer: int | None) -> bool:
         return True
 
+    def share(self, name: str) -> Share | None:
+        return self.shares.get(name)
+
+    def took(self, name: str) -> None:
+        self.taken.add(name)
+
     def layer_done(self, model: CausalLM, layer: int) -> None:
-        # quantization groups, seen only once the layer is filled
-        _refuse(model, self.mesh.world, lambda n: _layer_problems(model.layers[layer], n, self.mesh.experts),
-                f"layer {layer}: ", " for this layer")  # fmt: skip
+        def whole(world: int) -> list[str]:  # quantization groups of what loaded whole, seen once it is filled
+            return _layer_problems(model.layers[layer], world, self.mesh.experts, f"layers.{layer}", self.taken)
+
+        _refuse(model, self.mesh.world, whole, f"layer {layer}: ", " for this layer")
         routed = _routed(model.layers[layer])
         budgeted = routed is not None and routed[1].down.is_meta  # left to a pool that does not exist yet
-        shard_layer(model.layers[layer], self.mesh, layer, experts=not budgeted)
+        shard_layer(model.layers[layer], self.mesh, layer, self.shares, self.taken, experts=not budgeted)
 
     def finish(self, model: CausalLM) -> None:
-        shard_model(model, self.mesh)  # the embedding, head and experts under a budget
+        """The embedding, the head, and experts under a budget (their pool exists now)."""
+        mode = self.mesh.experts
+        for i, layer in enumerate(model.layers):
+            if (routed := _routed(layer)) is not None:
+                owner, module = routed
+                _refuse(model, self.mesh.world, lambda n: experts_problems(module, n, mode), f"layer {i}: ")  # noqa: B023
+                owner.experts = shard_experts(module, self.mesh, mode, _experts_name(layer, f"layers.{i}"),
+                                              self.shares, self.taken)  # fmt: skip
+        _refuse(model, self.mesh.world, lambda n: _end_problems(model, n))
+        _shard_ends(model, self.mesh, self.shares, self.taken)
 
 
 def rank_load(mesh: Mesh):

@@ -15,6 +15,8 @@ they stay memory-mapped, a few rows read per token, costing page cache rather th
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import math
 import re
 import sys
 import warnings
@@ -44,6 +46,7 @@ from ..weights.mapping import Cat, PlusOne, Source, Stack, names_in
 from .gguf import GGUFFile
 from .gguf_model import GGUFCheckpoint, hf_config
 from .safetensors import PICKLE_SUFFIXES, Checkpoint, CheckpointError, pickle_advice
+from .share import GroupCut, Share, combine_stack, take
 
 HEARTHLM_QUANT = "hearthlm"  # quantization_config.quant_method of the folders `hearth quantize` writes
 
@@ -183,14 +186,19 @@ def load_model(
 
 class RankLoad(Protocol):
     """What one rank of a split model loads (distributed/): `plan` sees the model on the meta device first,
-    `wanted` says whether to read the parameters of decoder layer i at all (None: those outside the layers), `layer_done` runs once layer i is filled (to keep the rank's
-    share of it and free the rest before the next layer loads), `finish` once everything is. `copies`: what the
-    rank keeps is a copy, so the file's pages of a layer can go once layer_done has run."""
+    `wanted` says whether to read the parameters of decoder layer i at all (None: those outside the layers),
+    `share` what part of a parameter the rank keeps (None: all of it), and the loader calls `took` for each
+    parameter it filled with that part alone, having read only that part where the file allows.
+    `layer_done` runs once layer i is filled (to split what loaded whole and free the rest before the next layer
+    loads), `finish` once everything is. `copies`: what the rank keeps is a copy, so the file's pages of a layer
+    can go once layer_done has run."""
 
     copies: bool
 
     def plan(self, model: CausalLM) -> None: ...
     def wanted(self, layer: int | None) -> bool: ...
+    def share(self, name: str) -> Share | None: ...
+    def took(self, name: str) -> None: ...
     def layer_done(self, model: CausalLM, layer: int) -> None: ...
     def finish(self, model: CausalLM) -> None: ...
 
@@ -225,7 +233,15 @@ def _fill(model, ckpt, mapping: dict[str, Source], to: _Target, skip: set[str], 
         task = progress.add_task(verb, total=len(mapping))
         for name, source in mapping.items():
             layer = layer_of[name]
-            if name not in skip and (rank is None or rank.wanted(layer)):
+            if name in skip or (rank is not None and not rank.wanted(layer)):
+                pass
+            elif (
+                rank is not None
+                and (share := rank.share(name)) is not None
+                and _load_share(model, ckpt, name, source, shapes[name], to, share)
+            ):
+                rank.took(name)
+            else:
                 _load_param(model, ckpt, name, source, shapes[name], to)
             progress.advance(task)
             if rank is not None and layer is not None and last[layer] == name:
@@ -265,6 +281,71 @@ def _load_param(model, ckpt, name: str, source: Source, expected: tuple[int, ...
     if not isinstance(source, str) or not _same_storage(tensor, built):
         for part in names_in(source):  # copied (fused, converted or moved): free the file's pages
             ckpt.release(part)
+
+
+def _load_share(model, ckpt, name: str, source: Source, expected: tuple[int, ...], to: _Target, share: Share) -> bool:
+    """Fill parameter `name` with `share` of it alone, built from views of the file so that only the share's bytes
+    are read, then converted or quantized as _load_param does the whole. False (nothing done) where the share
+    cannot be read alone: a table kept in a GGUF block type, a 1 + w norm, a column share of a weight quantized
+    with one scale per row while it loads (the scale needs the whole row), or one that cuts a quantization group."""
+    spec = to.plan.get(name)
+    if isinstance(source, PlusOne) or (share.cols is not None and spec is not None and not _whole_groups(share, spec)):
+        return False
+    if _source_shape(ckpt, source) != expected:
+        return False  # _load_param names the tensors and the shapes in its error
+    try:
+        tensor = _build_share(ckpt, source, share, name, table=name in to.keep)
+    except GroupCut:
+        return False
+    if tensor is None:
+        return False
+    assert tuple(tensor.shape) == share.shape(expected), (name, tuple(tensor.shape), share)
+    if isinstance(tensor, torch.Tensor):
+        if spec is not None and quantizable(tensor, spec):
+            tensor = quantize(tensor, spec)
+        elif name not in to.keep:
+            tensor = tensor.to(dtype=to.dtype)
+    _set_param(model, name, tensor.to(to.device))
+    for part in names_in(source):  # the share is a copy: the file's pages it read can go
+        ckpt.release(part)
+    return True
+
+
+def _whole_groups(share: Share, spec: QuantSpec) -> bool:
+    """Whether quantizing a column share gives the columns of the whole weight quantized: its groups must be whole
+    (one scale per row spans the whole row, so never)."""
+    unit = math.lcm(spec.group, 32) if spec.group is not None else 0
+    return unit > 0 and share.cols[0] % unit == 0 and share.cols[1] % unit == 0
+
+
+def _build_share(ckpt, source: Source, share: Share, name: str, table: bool):
+    """`share` of what _build would give for `source`, taken from views of the file (a copy of the share alone);
+    None where the file's tensor is not one that slices (a GGUF table kept in its block type). `table`: the
+    parameter is read as the model's table (Checkpoint.table)."""
+    if isinstance(source, str):
+        view = ckpt.table(source) if table else ckpt.get(source)
+        if not isinstance(view, (torch.Tensor, QuantTensor)):
+            return None
+        return take(view, share, name)
+    if isinstance(source, Stack):
+        e0, e1 = share.items if share.items is not None else (0, len(source.parts))
+        inner = dataclasses.replace(share, items=None)
+        parts = [_build_share(ckpt, p, inner, f"{name}[{e}]", table) for e, p in enumerate(source.parts[e0:e1], e0)]
+        if any(p is None for p in parts):
+            return None
+        return combine_stack(parts) if all(isinstance(p, torch.Tensor) for p in parts) else combine(parts, stack=True)
+    assert isinstance(source, Cat), source
+    parts, offset = [], 0
+    for part in source.parts:
+        rows = _source_shape(ckpt, part)[0]
+        if (local := share.within(offset, offset + rows)) is not None:
+            parts.append(_build_share(ckpt, part, local, name, table))
+        offset += rows
+    if any(p is None for p in parts):
+        return None
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    return combine(parts, stack=False) if len(parts) > 1 else parts[0]
 
 
 def _config(cls: type[CausalLM], text: dict, arch: str, where: str) -> ModelConfig:
