@@ -1,5 +1,6 @@
 """One rank of tests/test_rank_reads.py, loading with every page of the checkpoint that lies wholly outside its
-share made unreadable (PROT_NONE): a read of any of them kills the process with SIGSEGV. Run as
+share made unreadable (PROT_NONE): a read of any of them through the mapping kills the process with SIGSEGV, and a
+pread that reaches into one ends it with exit status 3. Run as
 `python tests/share_worker.py FOLDER PAGES.json RANK WORLD SPLIT OUT.pt` (RANK -1: load the whole model, the
 test's proof that the protection bites); saves the rank's state dict to OUT.pt."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +36,16 @@ def protect(forbidden: dict[str, list[list[int]]]) -> None:
                 raise OSError(ctypes.get_errno(), "mprotect failed")
 
     safetensors.SafetensorsFile.__init__ = mapped
+    preadv = os.preadv
+
+    def checked(fd: int, buffers, offset: int, *flags) -> int:
+        name, size = Path(os.readlink(f"/proc/self/fd/{fd}")).name, sum(memoryview(b).nbytes for b in buffers)
+        if any(offset < end and start < offset + size for start, end in forbidden.get(name, [])):
+            sys.stderr.write(f"read bytes [{offset}, {offset + size}) of {name}, which are not the rank's\n")
+            os._exit(3)
+        return preadv(fd, buffers, offset, *flags)
+
+    os.preadv = checked
 
 
 def main(folder: str, pages: str, rank: int, world: int, split: str, out: str) -> None:

@@ -46,7 +46,7 @@ from ..weights.mapping import Cat, PlusOne, Source, Stack, names_in
 from .gguf import GGUFFile
 from .gguf_model import GGUFCheckpoint, hf_config
 from .safetensors import PICKLE_SUFFIXES, Checkpoint, CheckpointError, pickle_advice
-from .share import GroupCut, Share, combine_stack, take
+from .share import GroupCut, Share, combine_stack, copy, take
 
 HEARTHLM_QUANT = "hearthlm"  # quantization_config.quant_method of the folders `hearth quantize` writes
 
@@ -147,12 +147,19 @@ def load_model(
         if not budgeted:
             raise BudgetError(f"{path}: {cfg.architecture} has no experts: an expert budget does not apply")
         _check_budgeted(ckpt, mapping, params, budgeted, path)
-    if budgeted and hasattr(ckpt, "read_only"):  # readahead around the dense tensors would read experts too
-        ckpt.read_only([n for name, s in mapping.items() if name not in budgeted for n in names_in(s)])
+    # Readahead around what is read whole would read experts left in the file, or other ranks' shares, too.
+    shared = {
+        n for name, s in mapping.items() if rank is not None and rank.share(name) is not None for n in names_in(s)
+    }
+    narrow = (budgeted or shared) and hasattr(ckpt, "read_only")
+    if narrow:
+        ckpt.read_only(
+            [n for name, s in mapping.items() if name not in budgeted for n in names_in(s) if n not in shared]
+        )
     verb = f"loading {path.name}" + (f" as {quant.name}" if quant else "")
     _fill(model, ckpt, mapping, _Target(path, dtype, device, plan, keep), budgeted, rank, verb)
     model.dtype = dtype
-    if budgeted and hasattr(ckpt, "read_only"):
+    if narrow:
         ckpt.read_around()  # the experts run from the mapping (in place) read best with the default readahead
     if budgeted:
         if quant is not None and path.suffix != ".gguf":
@@ -242,6 +249,8 @@ def _fill(model, ckpt, mapping: dict[str, Source], to: _Target, skip: set[str], 
             ):
                 rank.took(name)
             else:
+                if rank is not None and hasattr(ckpt, "read_only"):  # a share read whole after all: read ahead
+                    ckpt.read_only(names_in(source), keep=True)
                 _load_param(model, ckpt, name, source, shapes[name], to)
             progress.advance(task)
             if rank is not None and layer is not None and last[layer] == name:
@@ -326,7 +335,7 @@ def _build_share(ckpt, source: Source, share: Share, name: str, table: bool):
         view = ckpt.table(source) if table else ckpt.get(source)
         if not isinstance(view, (torch.Tensor, QuantTensor)):
             return None
-        return take(view, share, name)
+        return take(view, share, name, getattr(ckpt, "read", copy))
     if isinstance(source, Stack):
         e0, e1 = share.items if share.items is not None else (0, len(source.parts))
         inner = dataclasses.replace(share, items=None)
@@ -480,6 +489,9 @@ class _OwnNames:
 
     def read_into(self, view: torch.Tensor, dst: torch.Tensor) -> bool:
         return self.ckpt.read_into(view, dst)
+
+    def read(self, view: torch.Tensor) -> torch.Tensor:
+        return self.ckpt.read(view)
 
     def release_view(self, view: torch.Tensor) -> None:
         self.ckpt.release_view(view)

@@ -6,11 +6,13 @@ tensor is touched, so the vision and audio towers of a multimodal checkpoint nev
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -131,11 +133,13 @@ class SafetensorsFile:
         self._size = size
         self._base: int | None = None
         self._fd: int | None = None
+        self._exact_fd: int | None = None  # without readahead: a share's reads (read)
         self.entries: dict[str, dict] = header
 
     def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        for fd in (getattr(self, "_fd", None), getattr(self, "_exact_fd", None)):
+            if fd is not None:
+                os.close(fd)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -167,20 +171,24 @@ class SafetensorsFile:
     def release(self, name: str) -> None:
         """Drop this tensor's pages from the process (after it was copied): they would otherwise stay in RSS
         beside the copy. The mapping is private and never written, so a later read just faults them in again."""
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start, end = (self._data_start + o for o in self.entries[name]["data_offsets"])
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        if self._mmap is not None:
+            self._drop(*(self._data_start + o for o in self.entries[name]["data_offsets"]))
+
+    def _drop(self, start: int, end: int) -> None:
+        """Drop the whole pages inside bytes [start, end) of the file from this process (MADV_DONTNEED)."""
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
-    def read_only(self, names: list[str]) -> None:
+    def read_only(self, names: list[str], keep: bool = False) -> None:
         """No readahead around a page fault on this mapping (MADV_RANDOM), and these tensors read ahead whole
-        (MADV_WILLNEED): a load that needs only them reads only them, not the experts stored between them."""
+        (MADV_WILLNEED): a load that needs only them reads only them, not the experts stored between them.
+        `keep`: only read these ahead, as an earlier call set the mapping."""
         if self._mmap is None or not hasattr(mmap, "MADV_RANDOM"):
             return
-        self._mmap.madvise(mmap.MADV_RANDOM)
+        if not keep:
+            self._mmap.madvise(mmap.MADV_RANDOM)
         for name in names:
             start, end = (self._data_start + o for o in self.entries[name]["data_offsets"])
             first = start // mmap.PAGESIZE * mmap.PAGESIZE
@@ -192,14 +200,16 @@ class SafetensorsFile:
         if self._mmap is not None and hasattr(mmap, "MADV_NORMAL"):
             self._mmap.madvise(mmap.MADV_NORMAL)
 
-    def _offset(self, view: torch.Tensor) -> int | None:
-        """Where a contiguous view of this file's mapping starts in the file; None if it is not one."""
-        if self._mmap is None or not view.is_contiguous():
+    def _offset(self, view: torch.Tensor, strided: bool = False) -> int | None:
+        """Where a contiguous view of this file's mapping starts in the file; None if it is not one. `strided`:
+        any view whose last dimension is contiguous, wholly inside the mapping."""
+        if self._mmap is None or not (view.is_contiguous() or (strided and view.dim() and view.stride(-1) == 1)):
             return None
         if self._base is None:
             self._base = torch.frombuffer(self._mmap, dtype=torch.uint8, count=1).data_ptr()
         start = view.data_ptr() - self._base
-        return start if 0 <= start and start + view.numel() * view.element_size() <= self._size else None
+        last = sum((n - 1) * st for n, st in zip(view.shape, view.stride())) + 1 if view.numel() else 0
+        return start if 0 <= start and start + last * view.element_size() <= self._size else None
 
     def read_into(self, view: torch.Tensor, dst: torch.Tensor) -> bool:
         """Read the bytes under `view` (a view of the mapping) from the file into `dst` (same dtype and size, a
@@ -215,16 +225,71 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: short read at byte {start}: the file changed or is truncated")
         return True
 
+    def read(self, view: torch.Tensor) -> torch.Tensor | None:
+        """A copy of `view` (a view of the mapping whose last dimension is contiguous: rows, columns or matrices of
+        a tensor, a rank's share of it: weights/share.py), read from the file with no page of the mapping touched
+        and no readahead, so that only the view's own pages are read. Each contiguous run is one pread; the runs
+        are read by READERS threads at once, since a share's columns are many short runs. None if `view` is not
+        in this file's mapping."""
+        start = self._offset(view, strided=True)
+        if start is None:
+            return None
+        out = torch.empty(view.shape, dtype=view.dtype)
+        if out.numel() == 0:
+            return out
+        if self._exact_fd is None:
+            self._exact_fd = os.open(self.path, os.O_RDONLY)
+            os.posix_fadvise(self._exact_fd, 0, 0, os.POSIX_FADV_RANDOM)
+        buf, runs, at = memoryview(out.view(-1).view(torch.uint8).numpy()), [], 0
+        for offset, size in _runs(view, start):
+            runs.append((offset, buf[at : at + size]))
+            at += size
+        batches = [runs[i : i + BATCH] for i in range(0, len(runs), BATCH)]
+        if len(batches) == 1:
+            self._pread(batches[0])
+        else:
+            list(_readers().map(self._pread, batches))
+        return out
+
+    def _pread(self, runs: list[tuple[int, memoryview]]) -> None:
+        for offset, into in runs:
+            if os.preadv(self._exact_fd, [into], offset) != len(into):
+                raise CheckpointError(f"{self.path}: short read at byte {offset}: the file changed or is truncated")
+
     def release_view(self, view: torch.Tensor) -> None:
         """Drop the pages under a view of this file's mapping (one expert of a stacked tensor), as release."""
         start = self._offset(view)
-        if start is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        end = start + view.numel() * view.element_size()
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+        if start is not None:
+            self._drop(start, start + view.numel() * view.element_size())
+
+
+def _runs(view: torch.Tensor, start: int) -> list[tuple[int, int]]:
+    """The file's byte runs [offset, size) under a view starting at byte `start` whose last dimension is
+    contiguous, in the view's order, adjacent runs merged."""
+    size = view.element_size()
+    if view.is_contiguous():
+        return [(start, view.numel() * size)]
+    row = view.shape[-1] * size
+    runs: list[list[int]] = []
+    for index in itertools.product(*(range(n) for n in view.shape[:-1])):
+        offset = start + sum(i * st for i, st in zip(index, view.stride())) * size
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1][1] += row
+        else:
+            runs.append([offset, row])
+    return [(a, n) for a, n in runs]
+
+
+READERS = 16  # threads reading a share's runs at once (a pread releases the interpreter lock)
+BATCH = 64  # runs per task
+_pool: ThreadPoolExecutor | None = None
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(READERS, thread_name_prefix="hearthlm-read")
+    return _pool
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # PyTorch pickles: loading one runs its code
@@ -329,18 +394,26 @@ class Checkpoint:
         """See SafetensorsFile.read_into."""
         return any(f.read_into(view, dst) for f in self._files.values())
 
+    def read(self, view: torch.Tensor) -> torch.Tensor:
+        """See SafetensorsFile.read; a copy of any other tensor."""
+        for f in self._files.values():
+            if (out := f.read(view)) is not None:
+                return out
+        return view.clone(memory_format=torch.contiguous_format)
+
     def release_view(self, view: torch.Tensor) -> None:
         """See SafetensorsFile.release_view."""
         for f in self._files.values():
             f.release_view(view)
 
-    def read_only(self, names: list[str]) -> None:
-        """See SafetensorsFile.read_only (an expert budget's load: the dense tensors, not the experts)."""
+    def read_only(self, names: list[str], keep: bool = False) -> None:
+        """See SafetensorsFile.read_only (an expert budget's load: the dense tensors, not the experts; a rank's:
+        all but the weights it reads its share of)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self._where[name], []).append(name)
-        for path in dict.fromkeys(self._where.values()):
-            self._file(path).read_only(by_file.get(path, []))
+        for path in dict.fromkeys(self._where.values()) if not keep else by_file:
+            self._file(path).read_only(by_file.get(path, []), keep)
 
     def read_around(self) -> None:
         for f in self._files.values():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class GroupCut(ValueError):
 
 Weight = torch.Tensor | QuantTensor | RowConcat
 Spans = tuple[tuple[int, int], ...]
+Read = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -59,20 +61,26 @@ class Share:
         return dataclasses.replace(self, rows=local) if local else None
 
 
-def take(w: Weight, share: Share, name: str) -> Weight:
+def copy(view: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a tensor view (the default `read` below)."""
+    return view.clone(memory_format=torch.contiguous_format)
+
+
+def take(w: Weight, share: Share, name: str, read: Read = copy) -> Weight:
     """`share` of `w` (a matrix, or a stack of them when the share has `items` or `w` has three dims), as a copy;
-    `name` is for the error when a column slice cuts a quantization group."""
+    `name` is for the error when a column slice cuts a quantization group. `read` makes each copy of a view (a
+    checkpoint's reads only the view's bytes from the file: Checkpoint.read)."""
     stacked = share.items is not None or len(w.shape) == 3
     if stacked:
         e0, e1 = share.items if share.items is not None else (0, w.shape[0])
         inner = dataclasses.replace(share, items=None)
         if isinstance(w, torch.Tensor) and inner.rows is None and inner.cols is None:
-            return w[e0:e1].clone()
-        return combine_stack([take(w[e], inner, f"{name}[{e}]") for e in range(e0, e1)])
+            return read(w[e0:e1])
+        return combine_stack([take(w[e], inner, f"{name}[{e}]", read) for e in range(e0, e1)])
     if share.rows is not None:
-        w = take_rows(w, list(share.rows))
+        w = take_rows(w, list(share.rows), read)
     if share.cols is not None:
-        w = take_cols(w, *share.cols, name)
+        w = take_cols(w, *share.cols, name, read)
     return w
 
 
@@ -85,7 +93,7 @@ def column_unit(w: Weight) -> int:
     return 1
 
 
-def take_rows(w: Weight, spans: list[tuple[int, int]]) -> Weight:
+def take_rows(w: Weight, spans: list[tuple[int, int]], read: Read = copy) -> Weight:
     """Output rows [a, b) for each (a, b) in `spans` (ascending), concatenated."""
     if isinstance(w, RowConcat):
         pieces, offset = [], 0
@@ -94,21 +102,22 @@ def take_rows(w: Weight, spans: list[tuple[int, int]]) -> Weight:
             local = [(max(a, offset) - offset, min(b, offset + n) - offset) for a, b in spans]
             local = [(a, b) for a, b in local if b > a]
             if local:
-                pieces.append(take_rows(part, local))
+                pieces.append(take_rows(part, local, read))
             offset += n
         return pieces[0] if len(pieces) == 1 else RowConcat(pieces)
     if isinstance(w, QuantTensor):
-        parts = [w.rows(a, b) for a, b in spans]
-        return combine(parts, stack=False) if len(parts) > 1 else _copy(parts[0])
-    return torch.cat([w[a:b] for a, b in spans]).contiguous()
+        parts = [_copy(w.rows(a, b), read) for a, b in spans]
+        return combine(parts, stack=False) if len(parts) > 1 else parts[0]
+    parts = [read(w[a:b]) for a, b in spans]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def take_cols(w: Weight, start: int, end: int, name: str) -> Weight:
+def take_cols(w: Weight, start: int, end: int, name: str, read: Read = copy) -> Weight:
     """Input columns [start, end) of a matrix; `name` is for the error when the slice cuts a group."""
     if isinstance(w, RowConcat):
-        return RowConcat([take_cols(p, start, end, name) for p in w.parts])
+        return RowConcat([take_cols(p, start, end, name, read) for p in w.parts])
     if not isinstance(w, QuantTensor):
-        return w[:, start:end].contiguous()
+        return read(w[:, start:end])
     unit = column_unit(w)
     if start % unit or end % unit:
         raise GroupCut(f"{name}: columns [{start}, {end}) cut its quantization groups of {unit}")
@@ -116,9 +125,9 @@ def take_cols(w: Weight, start: int, end: int, name: str) -> Weight:
     per_row = w.group == K
     g0, g1 = (0, 1) if per_row else (start // w.group, end // w.group)
     per_byte = 2 if w.bits == 4 else 1
-    qdata = w.qdata[:, start // per_byte : end // per_byte].contiguous()
-    mins = None if w.mins is None else w.mins[:, g0:g1].contiguous()
-    return QuantTensor(qdata, w.scales[:, g0:g1].contiguous(), mins, w.bits, end - start if per_row else w.group)
+    qdata = read(w.qdata[:, start // per_byte : end // per_byte])
+    mins = None if w.mins is None else read(w.mins[:, g0:g1])
+    return QuantTensor(qdata, read(w.scales[:, g0:g1]), mins, w.bits, end - start if per_row else w.group)
 
 
 def combine_stack(parts: list[Weight]) -> Weight:
@@ -128,6 +137,6 @@ def combine_stack(parts: list[Weight]) -> Weight:
     return combine(parts, stack=True)
 
 
-def _copy(q: QuantTensor) -> QuantTensor:
-    mins = None if q.mins is None else q.mins.clone()
-    return QuantTensor(q.qdata.clone(), q.scales.clone(), mins, q.bits, q.group)
+def _copy(q: QuantTensor, read: Read) -> QuantTensor:
+    mins = None if q.mins is None else read(q.mins)
+    return QuantTensor(read(q.qdata), read(q.scales), mins, q.bits, q.group)
