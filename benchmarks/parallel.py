@@ -2,21 +2,27 @@
 of each kind (gloo, CPU), and the bytes the ranks exchange per token next to the bytes of weights each rank reads
 per token.
 
-    python benchmarks/parallel.py [--hidden 1024 --layers 8 --prompt 256 --decode 64] [--experts 8]
+    python benchmarks/parallel.py [--hidden 1024 --layers 8 --prompt 256 --decode 64] [--experts 8] [--link 1gbit]
 
 Builds a random Llama-shaped checkpoint (float32; with --experts E, Mixtral-shaped: E experts, top-2) in a
 temporary folder, then runs the same measurement as one process and as 2 ranks (hearthlm.distributed.run.launch):
 --tp 2 and --pp 2, and for experts also --ep 2. On a machine with 2 cores the 2 ranks share them (one thread
 each), so this shows the cost of the exchanges, not scaling.
+
+--link RATE limits the loopback interface to RATE (`tc qdisc ... tbf`, root only) while the ranks run: the ranks
+then talk over a link as slow as Ethernet between two hosts (its bandwidth; loopback keeps its latency of
+microseconds), which is where pipeline parallelism should beat tensor parallelism. The limit is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,9 +106,31 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=0, help="a Mixtral-shaped model with this many experts (top-2)")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # a rank's part
     p.add_argument("--split", default="tp", help=argparse.SUPPRESS)  # a rank's part: tp, ep or pp
+    p.add_argument("--link", default=None, help="limit loopback to this rate while ranks run, e.g. 1gbit (root)")
     a = p.parse_args()
     if a.measure:
         return measure(a.measure, a.prompt, a.decode, a.split)
+    with limited_link(a.link):
+        run(a)
+
+
+@contextlib.contextmanager
+def limited_link(rate: str | None):
+    """Loopback limited to `rate` by a token bucket (its burst above loopback's 64 kB packets), then restored."""
+    if rate is None:
+        yield
+        return
+    tbf = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms"]
+    done = subprocess.run(tbf, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: --link needs `tc` and root to limit loopback: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
+
+
+def run(a: argparse.Namespace) -> None:
     from hearthlm.distributed.run import launch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,6 +139,8 @@ def main() -> None:
         shape = f"Mixtral-shaped, {a.experts} experts top-{TOP_K}" if a.experts else "Llama-shaped"
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
         print(f"# {shape}, hidden {a.hidden}, {a.layers} layers, vocab 32000, fp32; {' '.join(sys.argv)}")
+        if a.link:
+            print(f"# loopback limited to {a.link} (tc tbf) while the ranks ran")
         runs = [(1, "tp"), (2, "tp"), (2, "pp")] + [(2, "ep")] * bool(a.experts)
         for world, split in runs:
             if world == 1:

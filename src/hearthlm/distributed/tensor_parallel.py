@@ -19,8 +19,9 @@ and the model's config becomes the rank's (its heads, K/V heads, MLP width), so 
 paged KV cache for that rank's K/V heads only. The fused CPU decode step (layers/decode_step.py) runs a whole
 layer in one call, with no place for the all-reduces, so sharded layers take the module path.
 
-Loading: `LLM(mesh=...)` loads layer by layer (TensorParallelLoad), splitting each layer as soon as it is filled,
-so a rank holds its share and at most one whole layer; `shard_llm` splits a model already loaded whole.
+Loading: `LLM(mesh=...)` reads each split weight's share alone (TensorParallelLoad, with the loader); what must load
+whole splits as soon as its layer is filled. `shard_llm` splits a model already loaded whole. Both keep the shares
+that `layer_shares` and `end_shares` define.
 """
 
 from __future__ import annotations
