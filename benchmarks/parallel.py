@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,15 @@ def build(folder: Path, hidden: int, layers: int, experts: int) -> None:
         tf.LlamaForCausalLM(tf.LlamaConfig(**shape)).save_pretrained(folder)
 
 
+def _peak_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss, which keeps the peak of the process
+    that forked this one across exec (here: the benchmark, which built the checkpoint)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(folder: str, prompt: int, decode: int, split: str) -> None:
     """One rank's part (or the single process): prefill and decode timings, printed as JSON by rank 0."""
     from hearthlm import LLM, SamplingParams
@@ -55,7 +63,7 @@ def measure(folder: str, prompt: int, decode: int, split: str) -> None:
 
     mesh = meshes.init(split=split) if meshes.launched() else meshes.Mesh(0, 1)
     llm = LLM(folder, dtype="float32", mesh=mesh if mesh.world > 1 else None)
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    load_peak = _peak_mib()
     ids = [(i * 7919) % 31000 + 100 for i in range(prompt)]
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     many = SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True)

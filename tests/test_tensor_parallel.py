@@ -13,6 +13,8 @@ import pytest
 import torch
 import transformers as tf
 from checkpoints import _decoder, perturb, save
+from gguf import GGMLQuantizationType as GGML
+from gguf_files import write as write_gguf
 from split_checks import OTHER, PROMPT, compare, record
 
 from hearthlm import LLM, SamplingParams
@@ -242,10 +244,12 @@ def _spy_loads(monkeypatch) -> list[tuple[str, list[int]]]:
 # (checkpoint, how it loads, split). Float checkpoints of every kind of split weight (fused qkv with biases,
 # replicated K/V heads, k=v and KV-shared layers, an untied head, experts stored fused or one by one), quantized
 # while loading in groups (each rank's columns keep whole groups) and per row (a column split cannot be quantized
-# alone: o_proj and down load whole), and a `hearth quantize`d folder (its blocks read as stored).
+# alone: o_proj and down load whole), a `hearth quantize`d folder (its blocks read as stored) and a GGUF file (each
+# tensor repacked whole as it is read, the share kept at once).
 LOADS = [("gemma4_all", "", "tp"), ("gemma4_all", "", "ep"), ("gemma4_dense", "", "tp"), ("qwen2", "", "tp"),
          ("gemma3_bias", "", "tp"), ("mistral", "", "tp"), ("mixtral", "", "tp"), ("mixtral", "", "ep"),
-         ("wide", "int4-g32", "tp"), ("wide", "int8", "tp"), ("wide-stored-int4", "", "tp")]  # fmt: skip
+         ("wide", "int4-g32", "tp"), ("wide", "int8", "tp"), ("wide-stored-int4", "", "tp"),
+         ("wide-gguf-q8_0", "", "tp")]  # fmt: skip
 PER_ROW = {"layers.0.attn.o_proj.weight", "layers.0.mlp.down.weight"}  # and the same of every layer
 
 
@@ -256,6 +260,8 @@ def test_a_rank_reads_its_share_as_it_loads(name, quant, split, checkpoint, wide
     keeps is what splitting the whole model after the load keeps."""
     if name == "wide-stored-int4":
         folder = _quantized(wide, "int4-g32", tmp_path)
+    elif name == "wide-gguf-q8_0":
+        folder = write_gguf(tf.LlamaForCausalLM.from_pretrained(wide), tmp_path / "wide.gguf", GGML.Q8_0)
     else:
         folder = wide if name == "wide" else checkpoint(name)[1]
     seen, loads = _spy_loads(monkeypatch), _spy_shares(monkeypatch)

@@ -8,9 +8,10 @@ from torch import nn
 from ..weights.share import Weight
 
 
-def weight_of(linear: nn.Module) -> Weight:
-    """A Linear's weight: a parameter, or a QuantTensor / RowConcat submodule once quantized."""
-    return linear._parameters["weight"] if "weight" in linear._parameters else linear._modules["weight"]
+def weight_of(module: nn.Module, name: str = "weight") -> Weight:
+    """A module's weight `name` (a Linear's by default): a parameter, or a QuantTensor / RowConcat submodule once
+    quantized."""
+    return module._parameters[name] if name in module._parameters else module._modules[name]
 
 
 def set_weight(module: nn.Module, name: str, value: Weight | None) -> None:

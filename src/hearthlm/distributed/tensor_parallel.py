@@ -241,24 +241,28 @@ def end_shares(model: CausalLM, mesh: Mesh) -> dict[str, Share]:
 def _cut(module: nn.Module, attr: str, name: str, shares: dict[str, Share], taken: set[str]) -> None:
     """Keep the rank's share of `module`'s weight `attr` (parameter `name`), unless it loaded as its share."""
     if name in shares and name not in taken:
-        set_weight(module, attr, take(_weight(module, attr), shares[name], name))
-
-
-def _weight(module: nn.Module, attr: str):
-    return module._parameters[attr] if attr in module._parameters else module._modules[attr]
+        set_weight(module, attr, take(weight_of(module, attr), shares[name], name))
 
 
 def _shard_attention(attn: Attention, mesh: Mesh, name: str, shares: dict[str, Share], taken: set[str]) -> None:
-    for module, attr in ((attn.qkv, "weight"), (attn.qkv, "bias"), (attn.o_proj, "weight")):
-        _cut(module, attr, f"{name}.{'qkv' if module is attn.qkv else 'o_proj'}.{attr}", shares, taken)
+    for module, part, attr in (
+        (attn.qkv, "qkv", "weight"),
+        (attn.qkv, "qkv", "bias"),
+        (attn.o_proj, "o_proj", "weight"),
+    ):
+        _cut(module, attr, f"{name}.{part}.{attr}", shares, taken)
     attn.o_proj = RowParallelLinear(attn.o_proj, mesh)
     q0, q1, k0, k1 = head_ranges(attn.num_heads, attn.num_kv_heads, mesh.world, mesh.rank)
     attn.num_heads, attn.num_kv_heads = q1 - q0, k1 - k0
 
 
 def _shard_mlp(mlp: GatedMLP, mesh: Mesh, name: str, shares: dict[str, Share], taken: set[str]) -> None:
-    for module, attr in ((mlp.gate_up, "weight"), (mlp.gate_up, "bias"), (mlp.down, "weight")):
-        _cut(module, attr, f"{name}.{'gate_up' if module is mlp.gate_up else 'down'}.{attr}", shares, taken)
+    for module, part, attr in (
+        (mlp.gate_up, "gate_up", "weight"),
+        (mlp.gate_up, "gate_up", "bias"),
+        (mlp.down, "down", "weight"),
+    ):
+        _cut(module, attr, f"{name}.{part}.{attr}", shares, taken)
     mlp.down = RowParallelLinear(mlp.down, mesh)
 
 

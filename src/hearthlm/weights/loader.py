@@ -240,18 +240,8 @@ def _fill(model, ckpt, mapping: dict[str, Source], to: _Target, skip: set[str], 
         task = progress.add_task(verb, total=len(mapping))
         for name, source in mapping.items():
             layer = layer_of[name]
-            if name in skip or (rank is not None and not rank.wanted(layer)):
-                pass
-            elif (
-                rank is not None
-                and (share := rank.share(name)) is not None
-                and _load_share(model, ckpt, name, source, shapes[name], to, share)
-            ):
-                rank.took(name)
-            else:
-                if rank is not None and hasattr(ckpt, "read_only"):  # a share read whole after all: read ahead
-                    ckpt.read_only(names_in(source), keep=True)
-                _load_param(model, ckpt, name, source, shapes[name], to)
+            if name not in skip and (rank is None or rank.wanted(layer)):
+                _load_wanted(model, ckpt, name, source, shapes[name], to, rank)
             progress.advance(task)
             if rank is not None and layer is not None and last[layer] == name:
                 rank.layer_done(model, layer)
@@ -290,6 +280,19 @@ def _load_param(model, ckpt, name: str, source: Source, expected: tuple[int, ...
     if not isinstance(source, str) or not _same_storage(tensor, built):
         for part in names_in(source):  # copied (fused, converted or moved): free the file's pages
             ckpt.release(part)
+
+
+def _load_wanted(model, ckpt, name: str, source: Source, expected: tuple[int, ...], to: _Target, rank) -> None:
+    """Fill parameter `name`: with the rank's share alone where it has one and the file allows, else whole."""
+    share = rank.share(name) if rank is not None else None
+    if share is None:
+        _load_param(model, ckpt, name, source, expected, to)
+    elif _load_share(model, ckpt, name, source, expected, to, share):
+        rank.took(name)
+    else:
+        if hasattr(ckpt, "read_only"):  # read whole after all: read it ahead (load_model turned readahead off)
+            ckpt.read_only(names_in(source), keep=True)
+        _load_param(model, ckpt, name, source, expected, to)
 
 
 def _load_share(model, ckpt, name: str, source: Source, expected: tuple[int, ...], to: _Target, share: Share) -> bool:
