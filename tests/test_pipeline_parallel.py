@@ -21,6 +21,8 @@ from hearthlm.distributed.run import launch
 
 TWO = ["llama", "qwen3", "gemma3", "gemma4_dense", "qwen3_moe", "gemma4_all"]  # shared tiny checkpoints: 3 or 6 layers
 FOUR = ["gemma3", "llama_deep", "gemma4_deep"]  # llama_deep, gemma4_deep: tests/checkpoints.py
+# Under an expert budget each stage's pool serves its own layers' experts, the budget's share of those.
+BUDGETED = {"qwen3_moe-budget": "50%", "gemma4_all-budget": "50%"}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,8 @@ def ranks(folders, tmp_path_factory) -> dict[int, Path]:
     for world, names in ((2, TWO), (4, FOUR)):
         out[world] = tmp_path_factory.mktemp(f"pp{world}")
         specs = [f"{n}={folders[n]}" for n in names]
+        if world == 2:
+            specs += [f"{n}={folders[n.split('-')[0]]}:{budget}" for n, budget in BUDGETED.items()]
         assert launch(world, [sys.executable, str(worker), str(out[world]), *specs]) == 0
     return out
 
@@ -48,6 +52,20 @@ def _check_stages(out: Path, name: str, world: int, llm: LLM) -> None:
     for (a, b), s in zip(edges, stages):
         own = [i for i in range(a, b) if llm.config.layers[i].kv_source is None]
         assert s["cached"] == own and s["paged"] == own
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+def test_stages_under_a_budget_match_one_process(name, ranks, folders):
+    """Each stage loads with the budget over its own layers' experts: its pool holds experts of those layers
+    alone, and as many slots as the budget's share of them; the tokens and logits are one process's."""
+    llm = LLM(folders[name.split("-")[0]], dtype="float32")
+    compare(torch.load(ranks[2] / f"{name}.pt"), record(llm), llm)
+    stages = [json.loads((ranks[2] / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+    for stage in stages:
+        a, b = stage["stage"]
+        moe = [i for i in range(a, b) if llm.config.layers[i].moe]
+        assert moe and stage["pool"]["layers"] == moe
+        assert stage["pool"]["slots"] == len(moe) * llm.config.num_experts // 2
 
 
 @pytest.mark.parametrize(("world", "name"), [(2, n) for n in TWO] + [(4, n) for n in FOUR])
@@ -105,8 +123,8 @@ def test_hearth_run_pp_prints_what_one_process_prints():
             "give one of --tp N, --ep N and --pp N, not --tp and --pp",
         ),
         (
-            ["serve", "hearth-demo-moe", "--pp", "2", "--expert-budget", "50%"],
-            "--expert-budget is not available with --pp",
+            ["serve", "hearth-demo", "--pp", "2", "--draft", "auto"],
+            "--draft is not available with --tp, --ep or --pp yet",
         ),
         (["serve", "--pp", "2"], "hearth serve --pp N needs a MODEL"),
     ],

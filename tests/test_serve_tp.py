@@ -188,11 +188,11 @@ def test_chat_and_completions_match_one_process(demo_tp, demo_one):
     assert all(text for text, _ in one)
 
 
-@pytest.mark.parametrize("split", ["--ep", "--tp", "--ep --expert-budget 50%"])
+@pytest.mark.parametrize("split", ["--ep", "--tp", "--ep --expert-budget 50%", "--pp --expert-budget 50%"])
 def test_moe_demo_split_two_ways_matches_one_process(split, tmp_path):
     """The demo MoE (8 experts, top-2, beside a dense MLP): experts divided among the ranks, or each one's width
     split, answers 4 chats at once as one process answers them one by one; so does each rank's pool of half
-    its own experts under a budget."""
+    its own experts under a budget, and each pipeline stage's pool of half its own layers' experts."""
     model = "hearth-demo-moe"
     ranks = Ranks(model, tmp_path / "err.log", split=split.split()[0], extra=tuple(split.split()[1:]))
     try:

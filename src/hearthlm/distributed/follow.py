@@ -188,9 +188,7 @@ def check_serve(model: str | None, draft: str | None, expert_budget: str | None,
         )
     if draft is not None:
         raise ValueError(f"--draft is {REFUSED} yet: speculative verification is not mirrored to the other ranks")
-    if expert_budget is not None and split == "pp":
-        raise ValueError("--expert-budget is not available with --pp yet: divide the experts among ranks with --ep N")
-    if expert_budget is not None and split != "ep":
+    if expert_budget is not None and split == "tp":
         raise ValueError(
             "--expert-budget is not available with --tp: its pool reads whole experts; divide the experts among the ranks with "
             "--ep N instead"

@@ -206,8 +206,6 @@ def split_llm(llm: LLM, mesh: Mesh) -> LLM:
         raise PipelineError(f"{llm.path.name} is an embedding model: pipeline parallelism runs generative models")
     if getattr(llm, "draft", None) is not None:
         raise PipelineError("speculative decoding (--draft) is not available with --pp yet")
-    if getattr(llm.model, "expert_pool", None) is not None:
-        raise PipelineError("--expert-budget is not available with --pp yet")
     split_model(llm.model, mesh)
     llm._engine = None  # an engine made before would hold a cache for every layer
     return llm
