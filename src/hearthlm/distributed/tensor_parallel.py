@@ -245,25 +245,26 @@ def _cut(module: nn.Module, attr: str, name: str, shares: dict[str, Share], take
 
 
 def _shard_attention(attn: Attention, mesh: Mesh, name: str, shares: dict[str, Share], taken: set[str]) -> None:
-    for module, part, attr in (
-        (attn.qkv, "qkv", "weight"),
-        (attn.qkv, "qkv", "bias"),
-        (attn.o_proj, "o_proj", "weight"),
-    ):
-        _cut(module, attr, f"{name}.{part}.{attr}", shares, taken)
-    attn.o_proj = RowParallelLinear(attn.o_proj, mesh)
+    attn.o_proj = _split_pair(attn.qkv, attn.o_proj, f"{name}.qkv", f"{name}.o_proj", mesh, shares, taken)
     q0, q1, k0, k1 = head_ranges(attn.num_heads, attn.num_kv_heads, mesh.world, mesh.rank)
     attn.num_heads, attn.num_kv_heads = q1 - q0, k1 - k0
 
 
 def _shard_mlp(mlp: GatedMLP, mesh: Mesh, name: str, shares: dict[str, Share], taken: set[str]) -> None:
-    for module, part, attr in (
-        (mlp.gate_up, "gate_up", "weight"),
-        (mlp.gate_up, "gate_up", "bias"),
-        (mlp.down, "down", "weight"),
+    mlp.down = _split_pair(mlp.gate_up, mlp.down, f"{name}.gate_up", f"{name}.down", mesh, shares, taken)
+
+
+def _split_pair(column: Linear, row: Linear, column_name: str, row_name: str, mesh: Mesh, shares: dict[str, Share],
+                taken: set[str]) -> RowParallelLinear:  # fmt: skip
+    """Cut a column-parallel Linear (weight and bias) and the row-parallel one it feeds; the latter comes back
+    wrapped in its all-reduce."""
+    for module, prefix, attr in (
+        (column, column_name, "weight"),
+        (column, column_name, "bias"),
+        (row, row_name, "weight"),
     ):
-        _cut(module, attr, f"{name}.{part}.{attr}", shares, taken)
-    mlp.down = RowParallelLinear(mlp.down, mesh)
+        _cut(module, attr, f"{prefix}.{attr}", shares, taken)
+    return RowParallelLinear(row, mesh)
 
 
 def rank_config(cfg: ModelConfig, world: int, rank: int, experts: str = "tp") -> ModelConfig:
