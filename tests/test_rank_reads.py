@@ -115,8 +115,9 @@ def test_a_rank_reads_only_its_share(family, split, tmp_path):
     assert sum(b - a for a, b in pages) > 0.4 * size  # most of the file is the other rank's
     (tmp_path / "pages.json").write_text(json.dumps({"model.safetensors": pages}))
 
-    whole = run(folder, tmp_path / "pages.json", -1, split, tmp_path / "whole.pt")
-    assert whole.returncode == -11, "the protection must stop a load that reads everything"
+    if family == "llama":  # once (the protection is the same for every case)
+        whole = run(folder, tmp_path / "pages.json", -1, split, tmp_path / "whole.pt")
+        assert whole.returncode == -11, "the protection must stop a load that reads everything"
     mine = run(folder, tmp_path / "pages.json", 1, split, tmp_path / "rank.pt")
     assert mine.returncode == 0, mine.stderr[-3000:]
 
