@@ -4,6 +4,7 @@ that cannot be made is refused with the rank counts that work."""
 
 from __future__ import annotations
 
+import copy
 import socket
 import subprocess
 import sys
@@ -245,11 +246,12 @@ def _spy_loads(monkeypatch) -> list[tuple[str, list[int]]]:
 # replicated K/V heads, k=v and KV-shared layers, an untied head, experts stored fused or one by one), quantized
 # while loading in groups (each rank's columns keep whole groups) and per row (a column split cannot be quantized
 # alone: o_proj and down load whole), a `hearth quantize`d folder (its blocks read as stored) and a GGUF file (each
-# tensor repacked whole as it is read, the share kept at once).
+# tensor repacked whole as it is read, the share kept at once); and a Llama stored in 16 files, and in bf16 (each share
+# converted to float32 alone).
 LOADS = [("gemma4_all", "", "tp"), ("gemma4_all", "", "ep"), ("gemma4_dense", "", "tp"), ("qwen2", "", "tp"),
          ("gemma3_bias", "", "tp"), ("mistral", "", "tp"), ("mixtral", "", "tp"), ("mixtral", "", "ep"),
          ("wide", "int4-g32", "tp"), ("wide", "int8", "tp"), ("wide-stored-int4", "", "tp"),
-         ("wide-gguf-q8_0", "", "tp")]  # fmt: skip
+         ("wide-gguf-q8_0", "", "tp"), ("llama-sharded", "", "tp"), ("llama-bf16", "", "tp")]  # fmt: skip
 PER_ROW = {"layers.0.attn.o_proj.weight", "layers.0.mlp.down.weight"}  # and the same of every layer
 
 
@@ -260,6 +262,11 @@ def test_a_rank_reads_its_share_as_it_loads(name, quant, split, checkpoint, wide
     keeps is what splitting the whole model after the load keeps."""
     if name == "wide-stored-int4":
         folder = _quantized(wide, "int4-g32", tmp_path)
+    elif name.startswith("llama-"):
+        model = checkpoint("llama")[0]
+        model = copy.deepcopy(model).to(torch.bfloat16) if name == "llama-bf16" else model
+        model.save_pretrained(folder := tmp_path / name, max_shard_size="40KB" if name == "llama-sharded" else "5GB")
+        assert name != "llama-sharded" or len(list(folder.glob("*.safetensors"))) > 8
     elif name == "wide-gguf-q8_0":
         folder = write_gguf(tf.LlamaForCausalLM.from_pretrained(wide), tmp_path / "wide.gguf", GGML.Q8_0)
     else:
