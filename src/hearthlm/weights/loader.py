@@ -46,7 +46,7 @@ from ..weights.mapping import Cat, PlusOne, Source, Stack, names_in
 from .gguf import GGUFFile
 from .gguf_model import GGUFCheckpoint, hf_config
 from .safetensors import PICKLE_SUFFIXES, Checkpoint, CheckpointError, pickle_advice
-from .share import GroupCut, Share, combine_stack, copy, take
+from .share import GroupCut, Share, copy, take
 
 HEARTHLM_QUANT = "hearthlm"  # quantization_config.quant_method of the folders `hearth quantize` writes
 
@@ -290,8 +290,8 @@ def _load_wanted(model, ckpt, name: str, source: Source, expected: tuple[int, ..
     elif _load_share(model, ckpt, name, source, expected, to, share):
         rank.took(name)
     else:
-        if hasattr(ckpt, "read_only"):  # read whole after all: read it ahead (load_model turned readahead off)
-            ckpt.read_only(names_in(source), keep=True)
+        if hasattr(ckpt, "read_ahead"):  # read whole after all: read it ahead (load_model turned readahead off)
+            ckpt.read_ahead(names_in(source))
         _load_param(model, ckpt, name, source, expected, to)
 
 
@@ -342,22 +342,19 @@ def _build_share(ckpt, source: Source, share: Share, name: str, table: bool):
     if isinstance(source, Stack):
         e0, e1 = share.items if share.items is not None else (0, len(source.parts))
         inner = dataclasses.replace(share, items=None)
-        parts = [_build_share(ckpt, p, inner, f"{name}[{e}]", table) for e, p in enumerate(source.parts[e0:e1], e0)]
-        if any(p is None for p in parts):
-            return None
-        return combine_stack(parts) if all(isinstance(p, torch.Tensor) for p in parts) else combine(parts, stack=True)
-    assert isinstance(source, Cat), source
-    parts, offset = [], 0
-    for part in source.parts:
-        rows = _source_shape(ckpt, part)[0]
-        if (local := share.within(offset, offset + rows)) is not None:
-            parts.append(_build_share(ckpt, part, local, name, table))
-        offset += rows
-    if any(p is None for p in parts):
-        return None
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    return combine(parts, stack=False) if len(parts) > 1 else parts[0]
+        used = source.parts[e0:e1]
+        parts = [_build_share(ckpt, p, inner, f"{name}[{e}]", table) for e, p in enumerate(used, e0)]
+    else:  # Cat: each part's own rows of the share
+        used, parts, offset = [], [], 0
+        for part in source.parts:
+            rows = _source_shape(ckpt, part)[0]
+            if (local := share.within(offset, offset + rows)) is not None:
+                used.append(part)
+                parts.append(_build_share(ckpt, part, local, name, table))
+            offset += rows
+        if len(parts) == 1:
+            return parts[0]
+    return None if any(p is None for p in parts) else _join(ckpt, source, tuple(used), parts)
 
 
 def _config(cls: type[CausalLM], text: dict, arch: str, where: str) -> ModelConfig:
@@ -523,20 +520,22 @@ def _build(ckpt: Checkpoint, source: Source) -> torch.Tensor | QuantTensor | Row
                 f"{ckpt.folder}: {_describe(ckpt, source)} is quantized; norm weights (1 + w) must be stored as float"
             )
         return tensor.float() + 1
-    parts = [_build(ckpt, p) for p in source.parts]
+    return _join(ckpt, source, source.parts, [_build(ckpt, p) for p in source.parts])
+
+
+def _join(ckpt, source: Cat | Stack, used: tuple[Source, ...], parts: list) -> torch.Tensor | QuantTensor | RowConcat:
+    """`parts` (built from `used`, those of `source`'s parts they came from) concatenated along the rows (Cat) or
+    stacked (Stack); a CheckpointError naming the tensors when their formats or shapes do not join."""
+    stack = isinstance(source, Stack)
     if any(not isinstance(p, torch.Tensor) for p in parts):
         try:
-            return combine(parts, stack=isinstance(source, Stack))
+            return combine(parts, stack=stack)
         except ValueError as e:
             raise CheckpointError(f"{ckpt.folder}: {_describe(ckpt, source)}: {e}") from None
-    if len({p.shape[1:] if isinstance(source, Cat) else p.shape for p in parts}) > 1:
-        shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip((names_in(q)[0] for q in source.parts), parts))
+    if len({p.shape if stack else p.shape[1:] for p in parts}) > 1:
+        shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip((names_in(q)[0] for q in used), parts))
         raise CheckpointError(f"{ckpt.folder}: tensors to combine have mismatched shapes: {shapes}")
-    if isinstance(source, Cat):
-        return torch.cat(parts, dim=0)
-    if isinstance(source, Stack):
-        return torch.stack(parts, dim=0)
-    raise TypeError(source)
+    return torch.stack(parts, dim=0) if stack else torch.cat(parts, dim=0)
 
 
 def _describe(ckpt: Checkpoint, source: Source) -> str:

@@ -181,14 +181,18 @@ class SafetensorsFile:
         if last > first and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
-    def read_only(self, names: list[str], keep: bool = False) -> None:
+    def read_only(self, names: list[str]) -> None:
         """No readahead around a page fault on this mapping (MADV_RANDOM), and these tensors read ahead whole
-        (MADV_WILLNEED): a load that needs only them reads only them, not the experts stored between them.
-        `keep`: only read these ahead, as an earlier call set the mapping."""
+        (read_ahead): a load that needs only them reads only them, not the experts stored between them."""
         if self._mmap is None or not hasattr(mmap, "MADV_RANDOM"):
             return
-        if not keep:
-            self._mmap.madvise(mmap.MADV_RANDOM)
+        self._mmap.madvise(mmap.MADV_RANDOM)
+        self.read_ahead(names)
+
+    def read_ahead(self, names: list[str]) -> None:
+        """Start reading these tensors whole (MADV_WILLNEED)."""
+        if self._mmap is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
         for name in names:
             start, end = (self._data_start + o for o in self.entries[name]["data_offsets"])
             first = start // mmap.PAGESIZE * mmap.PAGESIZE
@@ -406,14 +410,23 @@ class Checkpoint:
         for f in self._files.values():
             f.release_view(view)
 
-    def read_only(self, names: list[str], keep: bool = False) -> None:
+    def read_only(self, names: list[str]) -> None:
         """See SafetensorsFile.read_only (an expert budget's load: the dense tensors, not the experts; a rank's:
         all but the weights it reads its share of)."""
+        by_file = self._by_file(names)
+        for path in dict.fromkeys(self._where.values()):
+            self._file(path).read_only(by_file.get(path, []))
+
+    def read_ahead(self, names: list[str]) -> None:
+        """See SafetensorsFile.read_ahead."""
+        for path, some in self._by_file(names).items():
+            self._file(path).read_ahead(some)
+
+    def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self._where[name], []).append(name)
-        for path in dict.fromkeys(self._where.values()) if not keep else by_file:
-            self._file(path).read_only(by_file.get(path, []), keep)
+        return by_file
 
     def read_around(self) -> None:
         for f in self._files.values():
