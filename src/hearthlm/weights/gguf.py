@@ -41,6 +41,7 @@ _SCALARS = {
     12: ("<d", 8),  # float64
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 _NUMPY = {
     0: "<u1",
     1: "<i1",
@@ -95,6 +96,28 @@ class _Cursor:
         except UnicodeDecodeError:
             return str(raw, "utf-8", errors="replace")
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row: `string` unrolled, since a vocabulary's tokens and merges are hundreds of
+        thousands of them (Gemma 4's: 777k, read in a third of the time)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            (n,) = length(buf, pos)
+            if n > end - pos - 8:
+                break
+            raw = buf[pos + 8 : pos + 8 + n]
+            pos += 8 + n
+            try:
+                out.append(str(raw, "utf-8"))
+            except UnicodeDecodeError:
+                out.append(str(raw, "utf-8", errors="replace"))
+        self.pos = pos
+        if len(out) < count:
+            self.string(what)  # raises the error naming where the file ends
+        return out
+
     def value(self, vtype: int, what: str) -> Any:
         if vtype in _SCALARS:
             return self.scalar(vtype, what)
@@ -111,6 +134,8 @@ class _Cursor:
                 return np.frombuffer(raw, dtype=_NUMPY[etype]).tolist()
             if count > len(self.buf) - self.pos:  # every element takes at least one byte
                 raise GGUFError(f"{self.path}: corrupt: {what} claims {count} elements, more than the file holds")
+            if etype == _STRING:
+                return self.strings(count, what)
             return [self.value(etype, what) for _ in range(count)]
         raise GGUFError(f"{self.path}: corrupt: {what} has unknown value type {vtype}")
 
