@@ -188,8 +188,15 @@ def test_chat_and_completions_match_one_process(demo_tp, demo_one):
     assert all(text for text, _ in one)
 
 
+@pytest.fixture(scope="module")
+def moe_one() -> list[list[tuple[str, list[str] | None]]]:
+    """One process's replies to CHATS on the demo MoE, one by one: without, then with streaming."""
+    with _served("hearth-demo-moe") as one:
+        return [[_chat(one, p, stream, "hearth-demo-moe") for p in CHATS] for stream in (False, True)]
+
+
 @pytest.mark.parametrize("split", ["--ep", "--tp", "--ep --expert-budget 50%", "--pp --expert-budget 50%"])
-def test_moe_demo_split_two_ways_matches_one_process(split, tmp_path):
+def test_moe_demo_split_two_ways_matches_one_process(split, moe_one, tmp_path):
     """The demo MoE (8 experts, top-2, beside a dense MLP): experts divided among the ranks, or each one's width
     split, answers 4 chats at once as one process answers them one by one; so does each rank's pool of half
     its own experts under a budget, and each pipeline stage's pool of half its own layers' experts."""
@@ -199,8 +206,7 @@ def test_moe_demo_split_two_ways_matches_one_process(split, tmp_path):
         got = [_at_once([partial(_chat, ranks.client, p, stream, model) for p in CHATS]) for stream in (False, True)]
     finally:
         assert ranks.stop() == 0, ranks.err()
-    with _served(model) as one:
-        assert got == [[_chat(one, p, stream, model) for p in CHATS] for stream in (False, True)]
+    assert got == moe_one
     assert all(text for text, _ in got[0])
 
 
