@@ -186,3 +186,31 @@ def test_quality_of_logits_needs_matching_shapes():
         quality(torch.zeros(4, 8), torch.zeros(4, 9), [1, 2, 3, 4])
     q = quality(torch.zeros(4, 8), torch.zeros(4, 8), [1, 2, 3, 4])
     assert q.kl_mean == 0 and q.top1_agreement == 1 and q.ppl_candidate == pytest.approx(8)
+
+
+# -- prefill_share.py ------------------------------------------------------------------------------------------
+
+
+def _prefill_share(*argv: str) -> subprocess.CompletedProcess:
+    script = str(BENCHMARKS / "prefill_share.py")
+    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_prefill_share_splits_a_prefill_into_its_gemms_and_the_rest():
+    from hearthlm.kernels import cpu
+
+    run = _prefill_share("hearth-demo", "--prompt-len", "48", "--rounds", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    rounds = next(line for line in lines if line.startswith("hearthlm tok/s by round: "))
+    assert len(rounds.split(": ")[1].split(", ")) == 2
+    rows = [line.split() for line in lines if line.split()[:1] in (["half_gemm"], ["bf16_gemm"], ["rest"])]
+    assert rows[-1][0] == "rest"
+    if cpu.half_gemm_available() or cpu.bf16_gemm_available():
+        # the demo's fused qkv (4 query heads of 64, one K and one V head), in its 4 layers that are not KV-shared
+        assert ["384", "x", "256", "4"] in [row[1:5] for row in rows[:-1]], run.stdout
+
+
+def test_prefill_share_refuses_llama_cpp_without_a_gguf_file():
+    run = _prefill_share("hearth-demo", "--llama-cpp")
+    assert run.returncode == 2 and "give a .gguf file as MODEL" in run.stderr
