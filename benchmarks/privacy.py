@@ -6,8 +6,9 @@ mitigation, each mitigation's decode cost, and router noise's privacy/quality cu
 A1, A2 and A4 run on the demo MoE with its experts zero-padded to --pad-mb MB each (page-cache behaviour of a
 real model), readable by every user (the A1 setting); `defaults` audits what `hearth run --expert-budget` does
 unasked on that copy and on an owner-only copy (as `hearth pull` stores models), with and without the page cache
-emptied before each request (--evict: memory pressure); A3 and the router-noise curve on the demo itself; the cost of each switch is decode tokens/s at a
-25% expert budget on the padded copy, page cache warm (the file fits in memory), each set in its own process,
+emptied before each request (--evict: memory pressure); `a3` runs A3 on the demo itself and on the padded copy
+(a miss then costs what a real expert's does); the router-noise curve runs on the demo itself; the cost of each
+switch is decode tokens/s at a 25% expert budget on the padded copy, page cache warm (the file fits in memory), each set in its own process,
 interleaved over --rounds, the median of all runs; `io`: bytes a load and a run read from disk against what they
 need (/proc/self/io), page cache off and on.
 Results go to benchmarks/results/privacy-<time>.json and to the terminal.
@@ -181,12 +182,14 @@ def main() -> None:
                 results += [dataclasses.replace(r, mitigations=f"{model} file: {r.mitigations}") for r in rows]
                 _save(out | {"audit": report.rows(results)})
         if "a3" in parts:
-            for m in (None, "isolate", "fixed_shape"):
-                results += audit(demo, "25%", m, ("A3",), None, args.per_topic, 8, progress)
-                _save(out | {"audit": report.rows(results)})
+            for model, label in ((demo, "demo"), (padded, f"padded {args.pad_mb:g} MB")):
+                for m in (None, "isolate", "fixed_shape"):
+                    rows = audit(model, "25%", m, ("A3",), None, args.per_topic, 8, progress)
+                    results += [dataclasses.replace(r, mitigations=f"{label}: {r.mitigations}") for r in rows]
+                    _save(out | {"audit": report.rows(results)})
     if results:  # a run of other parts leaves the day's audit rows as they are
         out["audit"] = report.rows(results)
-        console.print(report.table(results, "routing privacy (A1, A2, A4: demo MoE padded; A3: demo MoE)"))
+        console.print(report.table(results, "routing privacy (demo MoE, experts padded; A3 also unpadded)"))
     if "noise" in parts:
         text = (ROOT / "benchmarks/data/heldout.txt").read_text()
         points = noise_curve(LLM(demo), [0, 0.5, 1, 2, 4, 8], text, per_topic=args.per_topic * 2)
