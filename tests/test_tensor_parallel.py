@@ -220,6 +220,19 @@ def test_a_failing_rank_stops_the_others(capfd):
     assert "rank 1 of 2 exited with code 3" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("late", [0, 1])
+def test_a_refusal_every_rank_meets_is_told_once(late, capfd):
+    # `hearth run --tp 3` on a model that cannot split 3 ways: each rank refuses (exit 2); rank 0's error is enough,
+    # whichever rank the launcher sees end first.
+    code = (
+        f"import os, sys, time; time.sleep(0.5 * (os.environ['RANK'] == str({late})));"
+        "print('error: cannot be split over 2 ranks', file=sys.stderr); sys.exit(2)"
+    )
+    assert launch(2, [sys.executable, "-c", code]) == 2
+    err = capfd.readouterr().err
+    assert err.count("cannot be split over 2 ranks") == 1 and "exited with code" not in err, err
+
+
 def _spy_loads(monkeypatch) -> list[tuple[str, list[int]]]:
     """Every parameter the loader fills, with the layers that were filled whole (not split yet) at that moment."""
     from hearthlm.distributed.shards import weight_of

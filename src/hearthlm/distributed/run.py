@@ -27,6 +27,8 @@ from pathlib import Path
 
 from . import mesh as meshes
 
+USAGE = 2  # the exit code of a refused command (hearth's usage errors): every rank refuses the same arguments
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -68,6 +70,8 @@ def launch(world: int, argv: list[str], quiet: bool = True, serving: bool = Fals
         before = _forward_signals(procs[0]) if serving else {}
         try:
             rank, code = _wait(procs)
+            if code == USAGE and _ends_with(procs[0], USAGE):
+                rank = 0  # every rank refused the same arguments, and rank 0 has said why
         finally:
             _stop(procs)
             for signum, handler in before.items():
@@ -77,10 +81,18 @@ def launch(world: int, argv: list[str], quiet: bool = True, serving: bool = Fals
             sys.stderr.write(errs[rank].read()[-4000:])
         for f in errs[1:]:
             f.close()
-    if code:
+    if code and (rank, code) != (0, USAGE):
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         print(f"error: rank {rank} of {world} {how}; the other ranks were stopped", file=sys.stderr)
     return code if code >= 0 else 128 - code
+
+
+def _ends_with(proc: subprocess.Popen, code: int, grace: float = 10.0) -> bool:
+    """Whether `proc` exits with `code` within `grace` seconds."""
+    try:
+        return proc.wait(timeout=grace) == code
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _forward_signals(first: subprocess.Popen) -> dict:
