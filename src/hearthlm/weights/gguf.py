@@ -98,7 +98,7 @@ class _Cursor:
 
     def strings(self, count: int, what: str) -> list[str]:
         """`count` strings in a row: `string` unrolled, since a vocabulary's tokens and merges are hundreds of
-        thousands of them (Gemma 4's: 777k, read in a third of the time)."""
+        thousands of them (Gemma 4's 777k: 1.75 s one by one, 1.0 s here)."""
         buf, pos, end, out = self.buf, self.pos, len(self.buf), []
         length = _U64.unpack_from
         for _ in range(count):
