@@ -52,9 +52,9 @@ class Timed:
                 setattr(cpu, name, self._wrap(name, getattr(cpu, name)))
 
     def _wrap(self, name: str, kernel):
-        def timed(x, w, *rest):
+        def timed(x, w, *rest, **options):
             start = time.perf_counter()
-            y = kernel(x, w, *rest)
+            y = kernel(x, w, *rest, **options)
             stat = self.stats[(name, tuple(y.shape[-1:]) + tuple(x.shape[-1:]))]
             stat[0] += time.perf_counter() - start
             stat[1] += 1

@@ -488,7 +488,7 @@ def _build(vocab: _Vocab) -> _HFTokenizer:
             unk_token=tokens[unk] if unk is not None else None,
             fuse_unk=True,
             byte_fallback=True,
-            merges=_score_merges(tokens, vocab.scores),
+            merges=_score_merges(tokens, vocab.scores, index),
         )
         steps = [{"type": "Replace", "pattern": {"String": " "}, "content": space}]
         if vocab.add_space_prefix:  # before every piece of text that starts the input or follows a token
@@ -637,10 +637,9 @@ def _wpm_normalizer(vocab: _Vocab) -> dict[str, Any]:
     return {"type": "Sequence", "normalizers": steps}
 
 
-def _score_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every way to cut a token into two tokens, best score of the token they make first (ties: longer
-    left piece, then longer right piece, then token order)."""
-    index = {t: i for i, t in enumerate(tokens)}
+def _score_merges(tokens: list[str], scores: list[float], index: Mapping[str, int]) -> list[tuple[str, str]]:
+    """Every way to cut a token into two tokens (`index`: token -> id), best score of the token they make first
+    (ties: longer left piece, then longer right piece, then token order)."""
     found = []
     for i, t in enumerate(tokens):
         for cut in range(1, len(t)):
