@@ -132,3 +132,24 @@ def test_hearth_run_pp_prints_what_one_process_prints():
 def test_options_refused_before_any_rank_starts(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err.replace("\n", "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "hi", "--raw", "--pp", "4"], "cannot be split into 4 pipeline stages"),
+        (["run", "hi", "--raw", "--tp", "3"], "4 attention heads do not divide among 3 ranks"),
+        (["serve", "hearth-demo", "--pp", "4"], "cannot be split into 4 pipeline stages"),
+        (["serve", "hearth-demo", "--ep", "3"], "rank counts that work: 1, 2, 4"),
+    ],
+)
+def test_a_split_the_model_cannot_take_is_refused_before_any_rank_starts(argv, message, monkeypatch, capsys):
+    from hearthlm.distributed import run
+
+    def start(*args, **kwargs):
+        raise AssertionError("a rank was started")
+
+    monkeypatch.setattr(run, "relaunch", start)
+    monkeypatch.setattr(run, "launch", start)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -206,10 +206,12 @@ def _format(row: dict, rng: random.Random, chat_share: float) -> str:
     return f"<|turn>user\n{q}<turn|>\n<|turn>model\n{row['text']}<turn|>\n"
 
 
-def _encode(work: Path, split: str, seed: int, chat_share: float):
+def _encode(work: Path, split: str, seed: int, chat_share: float, tokenizer: Path | None = None):
+    """The split's documents as token ids (and their sources), with the tokenizer `train tokenizer` wrote unless
+    another one is given."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(work / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer or work / "tokenizer.json"))
     rng = random.Random(seed)
     rows = list(_rows(work, split))
     rng.shuffle(rows)

@@ -192,7 +192,7 @@ def train(args) -> None:
     target = load_target(args.threads)
     work = args.work / "assistant"
     work.mkdir(parents=True, exist_ok=True)
-    ids, _ = _encode(args.work, "train", args.seed, args.chat_share)
+    ids, _ = _encode(args.work, "train", args.seed, args.chat_share, TARGET / "tokenizer.json")
     stream = torch.tensor(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))
     if args.greedy:  # the demo's own greedy text: what the drafter drafts for at temperature 0
         stream = greedy_stream(stream, args)
@@ -291,7 +291,7 @@ def evaluate(args) -> None:
 
     target = load_target(args.threads)
     drafter = load_drafter(args.folder).eval()
-    ids, sources = _encode(args.work, "val", args.seed, chat_share=0.0)
+    ids, sources = _encode(args.work, "val", args.seed, 0.0, TARGET / "tokenizer.json")
     T, report = 512, {}
     for name in SOURCES:
         stream = torch.tensor(

@@ -130,10 +130,11 @@ def _run(args: argparse.Namespace) -> int:
     media = _media_parts(args.image, args.audio)  # a missing file is reported before the model loads
     from .distributed.mesh import launched
 
-    ranks = _split(args)[0]
+    ranks, how = _split(args)
     if ranks > 1 and not launched():  # the ranks it starts keep --ep / --pp, which tell them how to split
         from .distributed.run import run_ranks
 
+        _check_split(args.model, ranks, how)
         return run_ranks(ranks, args.argv, args.prompt)
     llm = _load(args)
     params = _params(args)
@@ -478,6 +479,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         follow.check_serve(args.model, _draft(args), args.expert_budget, how)
         if not launched():
+            _check_split(args.model, ranks, how)
             return run.serve_ranks(ranks, args.argv)
         mesh = run.join_ranks(args.device, how)
         if not mesh.first:
@@ -498,6 +500,21 @@ def _serve(args: argparse.Namespace) -> int:
 
             close()
     return 0
+
+
+def _check_split(model: str | None, ranks: int, how: str) -> None:
+    """Refuse a split that `model` cannot take (heads, experts or layers that do not divide among the ranks) here,
+    from its config on the meta device, before any rank starts: each rank would find it only once it had loaded."""
+    from . import fit
+    from .distributed.pipeline import PipelineError
+    from .distributed.tensor_parallel import TensorParallelError
+
+    try:
+        fit.load(model, ranks, how)
+    except (PipelineError, TensorParallelError):
+        raise
+    except Exception:  # noqa: BLE001  (an early check only: the ranks load it and report what else is wrong)
+        return
 
 
 def _fit(args: argparse.Namespace) -> int:

@@ -110,43 +110,17 @@ def load_model(
     tokenizer); `quant`: quantize float matrices while loading; `expert_budget`: leave the experts in the
     checkpoint and keep that many in a pool (moe/); `expert_prior`: usage counts that seed its policy; `rank`:
     one rank of a model split over several (distributed/), which loads what it keeps, layer by layer."""
-    path = source.path if isinstance(source, GGUFFile) else source
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(pickle_advice(str(path)))
-    stored = stored_quant(path)
-    if path.suffix == ".gguf":
-        gguf = source if isinstance(source, GGUFFile) else GGUFFile(path)
-        hf = hf_config(gguf)
-        cls, arch, text = resolve(hf, str(path))
-        cfg = _config(cls, text, arch, str(path))
-        ckpt = GGUFCheckpoint(gguf, hf)
-    else:
-        if stored is not None and quant is not None:
-            raise CheckpointError(f"{path} is already quantized ({stored}); load it without --quant")
-        cls, cfg = read_model_config(path)
-        ckpt = Checkpoint(path) if stored is None else _OwnNames(Checkpoint(path))
+    path, stored, cls, cfg, ckpt = _open(source, quant)
     with torch.device("meta"):
         model = cls(cfg)
     if rank is not None:
         rank.plan(model)
-    if stored is not None:
-        mapping: dict[str, Source] = {name: name for name, _ in model.named_parameters()}
-    else:
-        prefix = next((p for p in PREFIXES if f"{p}embed_tokens.weight" in ckpt), None)
-        if prefix is None:
-            raise CheckpointError(f"{path}: no embed_tokens.weight under any known prefix {PREFIXES}")
-        mapping = model.weight_map(prefix)
-    keep = getattr(model, "keep_storage_dtype", set())
+    mapping = _mapping(model, ckpt, stored, path)
     params = dict(model.named_parameters())
     unmapped = set(params) - set(mapping)
     assert not unmapped, f"weight map of {cls.__name__} misses {sorted(unmapped)}"
     plan = _quant_plan(model, quant) if quant is not None else {}
-    budgeted = set()
-    if expert_budget is not None:
-        budgeted = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts) for p in ("gate_up", "down")}
-        if not budgeted:
-            raise BudgetError(f"{path}: {cfg.architecture} has no experts: an expert budget does not apply")
-        _check_budgeted(ckpt, mapping, params, budgeted, path)
+    budgeted = _budgeted(model, ckpt, mapping, params, path) if expert_budget is not None else set()
     # Readahead around what is read whole would read experts left in the file, or other ranks' shares, too.
     shared = {
         n for name, s in mapping.items() if rank is not None and rank.share(name) is not None for n in names_in(s)
@@ -157,6 +131,7 @@ def load_model(
             [n for name, s in mapping.items() if name not in budgeted for n in names_in(s) if n not in shared]
         )
     verb = f"loading {path.name}" + (f" as {quant.name}" if quant else "")
+    keep = getattr(model, "keep_storage_dtype", set())
     _fill(model, ckpt, mapping, _Target(path, dtype, device, plan, keep), budgeted, rank, verb)
     model.dtype = dtype
     if narrow:
@@ -173,14 +148,7 @@ def load_model(
                                     device, expert_prior)  # fmt: skip
     if quant is not None:
         _trim_heap()
-    used = {n for s in mapping.values() for n in names_in(s)}
-    unexpected = [n for n in ckpt.names() if n not in used and not n.startswith(IGNORED)]
-    unexpected = [n for n in unexpected if not _ignorable(n)]
-    if unexpected:
-        warnings.warn(
-            f"{path}: {len(unexpected)} checkpoint tensor(s) not used by {cfg.architecture}, e.g. {unexpected[:3]}",
-            stacklevel=2,
-        )
+    used = _check_unused(ckpt, mapping, path, cfg)
     for module in model.modules():  # let layers prepare derived state (e.g. float32 norm weights)
         if hasattr(module, "after_load"):
             module.after_load()
@@ -189,6 +157,55 @@ def load_model(
         if rank.copies:  # the embedding and head were split last: their file pages go too
             _drop(ckpt, used)
     return model.eval()
+
+
+def _open(source: Path | GGUFFile, quant: QuantSpec | None):
+    """(path, stored quant format or None, model class, config, checkpoint reader) of a load's source."""
+    path = source.path if isinstance(source, GGUFFile) else source
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(pickle_advice(str(path)))
+    stored = stored_quant(path)
+    if path.suffix == ".gguf":
+        gguf = source if isinstance(source, GGUFFile) else GGUFFile(path)
+        hf = hf_config(gguf)
+        cls, arch, text = resolve(hf, str(path))
+        return path, stored, cls, _config(cls, text, arch, str(path)), GGUFCheckpoint(gguf, hf)
+    if stored is not None and quant is not None:
+        raise CheckpointError(f"{path} is already quantized ({stored}); load it without --quant")
+    cls, cfg = read_model_config(path)
+    return path, stored, cls, cfg, Checkpoint(path) if stored is None else _OwnNames(Checkpoint(path))
+
+
+def _mapping(model: CausalLM, ckpt, stored: str | None, path: Path) -> dict[str, Source]:
+    """Parameter name -> where its value lies in the checkpoint."""
+    if stored is not None:  # hearthlm's own quantized folder: saved under the parameters' names
+        return {name: name for name, _ in model.named_parameters()}
+    prefix = next((p for p in PREFIXES if f"{p}embed_tokens.weight" in ckpt), None)
+    if prefix is None:
+        raise CheckpointError(f"{path}: no embed_tokens.weight under any known prefix {PREFIXES}")
+    return model.weight_map(prefix)
+
+
+def _budgeted(model: CausalLM, ckpt, mapping: dict[str, Source], params: dict, path: Path) -> set[str]:
+    """The expert parameters an expert budget leaves in the checkpoint (refused for a model without experts)."""
+    budgeted = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts) for p in ("gate_up", "down")}
+    if not budgeted:
+        raise BudgetError(f"{path}: {model.config.architecture} has no experts: an expert budget does not apply")
+    _check_budgeted(ckpt, mapping, params, budgeted, path)
+    return budgeted
+
+
+def _check_unused(ckpt, mapping: dict[str, Source], path: Path, cfg: ModelConfig) -> set[str]:
+    """The checkpoint's tensor names the model read; a warning names those it did not (other than the towers'
+    and the known extras)."""
+    used = {n for s in mapping.values() for n in names_in(s)}
+    unexpected = [n for n in ckpt.names() if n not in used and not n.startswith(IGNORED) and not _ignorable(n)]
+    if unexpected:
+        warnings.warn(
+            f"{path}: {len(unexpected)} checkpoint tensor(s) not used by {cfg.architecture}, e.g. {unexpected[:3]}",
+            stacklevel=3,
+        )
+    return used
 
 
 class RankLoad(Protocol):
