@@ -77,7 +77,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FORMATS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # Bits per weight as the engine holds it: ours after repacking (quant/ggml.py), llama.cpp's as stored.
-GGUF_BITS = {"F16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5, "Q5_0": 8.5, "Q5_1": 9, "Q4_K": 5, "Q5_K": 9, "Q6_K": 9}
+GGUF_BITS = {"F16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5, "Q5_0": 5.5, "Q5_1": 6, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7}
 GGUF_BITS_LLAMA_CPP = {
     "F16": 16,
     "Q8_0": 8.5,

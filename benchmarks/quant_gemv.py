@@ -6,7 +6,7 @@ bandwidth (benchmarks/membw.py). Every call reads a different copy of the weight
 the last-level cache several times, so the figures are for weights coming from DRAM as they do in decode (a
 model's layers do not fit in cache), not for a matrix the cache keeps warm.
 
-    python benchmarks/quant_gemv.py [--rows 1] [--calls 200]
+    python benchmarks/quant_gemv.py [--rows 1] [--calls 200] [--shapes gate_up,down] [--formats Q6_K,Q5_K]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import torch
 
 from hearthlm.kernels import cpu
-from hearthlm.quant.tensor import pack_int4
+from hearthlm.quant.tensor import pack_high, pack_int4
 
 # Qwen2.5-0.5B: (N, K) of the fused q/k/v, o, fused gate/up, down projections and the LM head.
 SHAPES = {
@@ -35,6 +35,11 @@ FORMATS = [
     ("int4 g32 mins", 4, 32, True),
     ("int8 per-row", 8, None, False),
     ("int8 g32", 8, 32, False),
+    # GGUF's Q6_K and Q5_K: as int8 (how they loaded before the 6- and 5-bit layouts) and at their own width
+    ("Q6_K as int8", 8, 16, False),
+    ("Q6_K 6-bit", 6, 16, False),
+    ("Q5_K as int8", 8, 32, True),
+    ("Q5_K 5-bit", 5, 32, True),
 ]
 STREAM_BYTES = 256 << 20  # weights cycled through per measurement: several times a 32 MB L3
 
@@ -42,6 +47,8 @@ STREAM_BYTES = 256 << 20  # weights cycled through per measurement: several time
 def _quant_parts(N: int, K: int, bits: int, group: int, mins: bool, g: torch.Generator):
     if bits == 4:
         q = pack_int4(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8))
+    elif bits < 8:
+        q = pack_high(torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8), bits)
     else:
         q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     s = (torch.rand(N, K // group, generator=g) * 0.01).half()
@@ -80,6 +87,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch; default 1)")
     ap.add_argument("--calls", type=int, default=200, help="timed calls per case (default 200)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
+    ap.add_argument("--formats", default="", help="only the formats whose label contains one of these (comma list)")
     args = ap.parse_args()
     if not cpu.available():
         raise SystemExit("the quantized CPU kernels are unavailable here (see kernels/cpu.py)")
@@ -92,6 +100,8 @@ def main() -> None:
         x = torch.randn(args.rows, K, generator=g)
         cases = []
         for label, bits, group, mins in FORMATS:
+            if args.formats and not any(f in label for f in args.formats.split(",")):
+                continue
             group = group or K
             parts, nbytes = weight_copies(N, K, bits, group, mins, g)
             fns = [lambda p=p, b=bits, gr=group, x=x: cpu.quant_gemv(x, *p, b, gr) for p in parts]

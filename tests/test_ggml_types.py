@@ -13,7 +13,7 @@ import torch
 
 from hearthlm.quant import ggml
 from hearthlm.quant.ggml import GGML_BLOCK_SIZES, GGMLError, GGMLType, GGMLTypeError, dequantize, repack, tensor_nbytes
-from hearthlm.quant.tensor import QuantTensor, unpack_int4
+from hearthlm.quant.tensor import QuantTensor, unpack, unpack_int4
 
 gguf = pytest.importorskip("gguf")
 gq = pytest.importorskip("gguf.quants")
@@ -185,11 +185,11 @@ LAYOUT = {  # type: (bits, group, qdata dtype, mins)
     GGMLType.Q8_0: (8, 32, torch.int8, False),
     GGMLType.Q4_0: (4, 32, torch.uint8, False),
     GGMLType.Q4_1: (4, 32, torch.uint8, True),
-    GGMLType.Q5_0: (8, 32, torch.int8, False),
-    GGMLType.Q5_1: (8, 32, torch.int8, True),
+    GGMLType.Q5_0: (5, 32, torch.uint8, False),
+    GGMLType.Q5_1: (5, 32, torch.uint8, True),
     GGMLType.Q4_K: (4, 32, torch.uint8, True),
-    GGMLType.Q5_K: (8, 32, torch.int8, True),
-    GGMLType.Q6_K: (8, 16, torch.int8, False),
+    GGMLType.Q5_K: (5, 32, torch.uint8, True),
+    GGMLType.Q6_K: (6, 16, torch.uint8, False),
 }
 
 
@@ -203,21 +203,18 @@ def test_repack_layout(t):
     assert (r.bits, r.group, r.qdata.dtype, r.mins is not None) == (bits, group, dtype, has_mins)
     assert r.scales.dtype == torch.float16 and r.scales.shape == (2, 3, 512 // group)
     assert r.qdata.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr()
-    if t is GGMLType.Q5_0:
-        assert -16 <= r.qdata.min() and r.qdata.max() <= 15
-    if t in (GGMLType.Q5_1, GGMLType.Q5_K):
-        assert 0 <= r.qdata.min() and r.qdata.max() <= 31
-    if t is GGMLType.Q6_K:
-        assert -32 <= r.qdata.min() and r.qdata.max() <= 31
+    if r.bits in (5, 6):  # held at their own width: every value of the range occurs in random blocks
+        q = unpack(r.qdata, r.bits)
+        assert q.min() == 0 and q.max() == (1 << r.bits) - 1
     # the bits per weight of the module docstring's table
     bits_per_weight = {
         GGMLType.Q8_0: 8.5,
         GGMLType.Q4_0: 4.5,
         GGMLType.Q4_1: 5,
-        GGMLType.Q5_0: 8.5,
-        GGMLType.Q5_1: 9,
+        GGMLType.Q5_0: 5.5,
+        GGMLType.Q5_1: 6,
     }.get(t)
-    bits_per_weight = bits_per_weight or {GGMLType.Q4_K: 5, GGMLType.Q5_K: 9, GGMLType.Q6_K: 9}[t]
+    bits_per_weight = bits_per_weight or {GGMLType.Q4_K: 5, GGMLType.Q5_K: 6, GGMLType.Q6_K: 7}[t]
     assert r.nbytes * 8 / r.shape.numel() == bits_per_weight
 
 
@@ -262,7 +259,10 @@ def test_repack_k_types_exact_when_scales_are_powers_of_two(t):
 def k_bound(r: QuantTensor, ref: torch.Tensor) -> torch.Tensor:
     """Per element: half an fp16 ulp (relative 2^-11) on the combined scale times |q| and on the min,
     the final float32 rounding, and the absolute error of fp16 subnormals (below 2^-14)."""
-    q = (unpack_int4(r.qdata) if r.bits == 4 else r.qdata).float().abs()
+    q = unpack(r.qdata, r.bits).float()
+    if r.mins is None and r.bits < 8:  # symmetric: the integer the scale multiplies is q - 2^(bits - 1)
+        q = q - (1 << (r.bits - 1))
+    q = q.abs()
     s = r.scales.float().abs().repeat_interleave(r.group, dim=-1)
     m = (
         r.mins.float().abs() if r.mins is not None else torch.zeros_like(r.scales, dtype=torch.float32)

@@ -15,7 +15,7 @@ from test_quant_kernels import LAYOUTS, _check, _weights
 
 from hearthlm.kernels import cpu
 from hearthlm.quant.linear import quant_linear
-from hearthlm.quant.tensor import QuantTensor, dequantize, pack_int4
+from hearthlm.quant.tensor import BITS, QuantTensor, dequantize, pack_high, pack_int4
 
 
 @pytest.fixture(params=["amx", "avx512", "avx2"])
@@ -26,7 +26,7 @@ def gemm(request, kernel_path):
     return request.param
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mins", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"K{t[0]}-g{t[1]}")
 def test_quant_gemm_matches_reference(gemm, bits, mins, layout):
@@ -39,7 +39,7 @@ def test_quant_gemm_matches_reference(gemm, bits, mins, layout):
         _check(x, q, s, m, bits, group, kernel=cpu.quant_gemm)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mins", [False, True])
 def test_quant_gemm_equals_the_gemv(gemm, bits, mins):
     """The same rounded x, the same integer products: the two kernels differ by float32 summation order only."""
@@ -51,14 +51,15 @@ def test_quant_gemm_equals_the_gemv(gemm, bits, mins):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mins", [False, True])
 def test_quant_gemm_extreme_integers_do_not_saturate(gemm, bits, mins):
     """The largest sums the byte products can make: every weight integer at its most negative or most positive
-    (4-bit: 0 and 15; 8-bit: -128 and 127, in runs and alternating) times blocks of x that round to +-127
-    everywhere. AVX2's vpmaddubsw saturates at 16 bits, so a kernel that let a sum pass 32767 fails here."""
+    (4-, 5- and 6-bit: 0 and 2^bits - 1; 8-bit: -128 and 127, in runs and alternating) times blocks of x that
+    round to +-127 everywhere. AVX2's vpmaddubsw saturates at 16 bits, so a kernel that let a sum pass 32767 fails
+    here."""
     K, group = 256, 32
-    lo, hi = (0, 15) if bits == 4 else (-128, 127)
+    lo, hi = (-128, 127) if bits == 8 else (0, (1 << bits) - 1)
     cols = [
         torch.full((K,), lo),
         torch.full((K,), hi),
@@ -66,7 +67,8 @@ def test_quant_gemm_extreme_integers_do_not_saturate(gemm, bits, mins):
         torch.tensor([hi, lo] * (K // 2)),
     ]
     ints = torch.stack(cols * 5)  # 20 columns: a whole panel and a tail on every path
-    q = pack_int4(ints.to(torch.uint8)) if bits == 4 else ints.to(torch.int8)
+    packed = {4: pack_int4, 5: lambda q: pack_high(q, 5), 6: lambda q: pack_high(q, 6), 8: lambda q: q.view(torch.int8)}
+    q = packed[bits](ints.to(torch.uint8 if bits < 8 else torch.int8))
     s = torch.full((20, K // group), 0.01).half()
     m = torch.full((20, K // group), -0.05).half() if mins else None
     x = torch.stack([torch.full((K,), 3.0), torch.full((K,), -3.0), torch.tensor([3.0, -3.0] * (K // 2))] * 3)
@@ -74,7 +76,8 @@ def test_quant_gemm_extreme_integers_do_not_saturate(gemm, bits, mins):
 
 
 @pytest.mark.parametrize(
-    "bits, group, mins", [(4, 32, False), (4, 32, True), (8, 16, False), (8, 32, True), (8, 4864, False)]
+    "bits, group, mins",
+    [(4, 32, False), (4, 32, True), (8, 16, False), (8, 32, True), (8, 4864, False), (6, 16, False), (5, 32, True)],
 )
 def test_quant_gemm_realistic_shape(gemm, bits, group, mins):
     N, K = 896, 4864  # Qwen2.5-0.5B's down projection: 28 panels for the threads to share
@@ -95,7 +98,7 @@ def test_quant_gemm_batched_input_shape_bias_and_dtype(gemm):
     assert torch.allclose(yb, cpu.quant_gemm(x.bfloat16().float(), q, s, m, 4, 32, None))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 def test_quant_gemm_outlier_and_non_finite(gemm, bits):
     K = 640
     q, s, m = _weights(29, K, bits, 32, False, seed=3)
@@ -126,7 +129,7 @@ def test_quant_gemm_bad_inputs_are_clear_errors(gemm):
     q, s, m = _weights(8, 64, 4, 32, True, seed=1)
     x = torch.randn(9, 64)
     for match, args in [
-        ("bits must be 4 or 8", (x, q, s, m, 2, 32)),
+        ("bits must be 4, 5, 6 or 8", (x, q, s, m, 2, 32)),
         ("last dim must be K", (torch.randn(9, 32), q, s, m, 4, 32)),
         ("group must divide K", (x, q, s, m, 4, 48)),
         ("scales must be contiguous float16", (x, q, s.float(), m, 4, 32)),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hearthlm.kernels import cpu
-from hearthlm.quant.tensor import dequantize, pack_int4
+from hearthlm.quant.tensor import BITS, dequantize, pack_high, pack_int4
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs a CPU with AVX2/FMA/F16C and a compiler")
 
@@ -37,6 +37,8 @@ def _weights(N: int, K: int, bits: int, group: int, mins: bool, seed: int):
     g = torch.Generator().manual_seed(seed)
     if bits == 4:  # random nibbles: any mix-up of low and high halves, or of blocks, changes the result
         q = pack_int4(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8))
+    elif bits < 8:  # 5- and 6-bit (GGUF's Q5_* and Q6_K): random high bits as well
+        q = pack_high(torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8), bits)
     else:
         q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int16).to(torch.int8)
     s = (torch.randn(N, K // group, generator=g) * 0.02).half()  # both signs, as GGML's Q4_0 scales
@@ -57,9 +59,9 @@ def _check(x, q, s, m, bits, group, kernel=cpu.quant_gemv):
     y = kernel(x, q, s, m, bits, group)
     assert y.dtype == torch.float32 and y.shape == (x.shape[0], q.shape[0])
     xr, dx = _rounded_x(x)
-    # Float32 rounding only: the kernel's terms are bounded by |x^| (|s| |q| + |offset|) per element: |q| <= 15
-    # and an offset of 8 |s| (symmetric 4-bit) or |m|, |q| <= 128 for 8-bit.
-    S = s.double().abs().repeat_interleave(group, -1) * (23 if bits == 4 else 128)
+    # Float32 rounding only: the kernel's terms are bounded by |x^| (|s| |q| + |offset|) per element: below 8 bits
+    # |q| < 2^bits and an offset of 2^(bits - 1) |s| (symmetric) or |m|, |q| <= 128 for 8-bit.
+    S = s.double().abs().repeat_interleave(group, -1) * (128 if bits == 8 else (1 << bits) - 1 + (1 << (bits - 1)))
     if m is not None:
         S = S + m.double().abs().repeat_interleave(group, -1)
     fp = 1e-5 * (xr.double().abs() @ S.T) + 1e-30
@@ -70,7 +72,7 @@ def _check(x, q, s, m, bits, group, kernel=cpu.quant_gemv):
     return y
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mins", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"K{t[0]}-g{t[1]}")
 def test_quant_gemv_matches_reference(bits, mins, layout):
@@ -83,7 +85,7 @@ def test_quant_gemv_matches_reference(bits, mins, layout):
         _check(x, q, s, m, bits, group)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("rows", [9, 16, 23, 32])
 @pytest.mark.parametrize("N", [37, 600])  # one thread task; several, each running every slice on its weight rows
 def test_wide_quant_gemv_is_its_even_slices(bits, rows, N):
@@ -100,7 +102,7 @@ def test_wide_quant_gemv_is_its_even_slices(bits, rows, N):
     assert torch.equal(cpu.quant_gemv(x, q, s, m, bits, group, bias), want)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mins", [False, True])
 @pytest.mark.parametrize(
     "layout", [(96, 16), (96, 32), (640, 16), (640, 128), (640, 640)], ids=lambda t: f"K{t[0]}-g{t[1]}"
@@ -141,7 +143,7 @@ def test_quant_gemv_path_follows_hearthlm_isa():
         cpu.set_gemv_isa("amx")
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 def test_quant_gemv_outlier_stays_in_its_block(bits):
     K, group = 640, 32
     q, s, m = _weights(29, K, bits, group, bits == 4, seed=3)
@@ -158,7 +160,7 @@ def test_quant_gemv_outlier_stays_in_its_block(bits):
     assert (y.double() - exact).abs().max() < (per_row - exact).abs().max() / 20
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 def test_quant_gemv_non_finite_x_shows(bits):
     q, s, m = _weights(11, 96, bits, 32, False, seed=4)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4))
@@ -168,7 +170,8 @@ def test_quant_gemv_non_finite_x_shows(bits):
 
 
 @pytest.mark.parametrize(
-    "bits, group, mins", [(4, 32, False), (4, 32, True), (4, 128, True), (8, 4864, False), (8, 16, False)]
+    "bits, group, mins",
+    [(4, 32, False), (4, 32, True), (4, 128, True), (8, 4864, False), (8, 16, False), (6, 16, False), (5, 32, True)],
 )
 def test_quant_gemv_realistic_shape(bits, group, mins):
     N, K = 896, 4864  # Qwen2.5-0.5B's down projection; several tasks for the thread pool
@@ -196,7 +199,34 @@ def test_quant_gemv_int4_layout(group):
     assert torch.allclose(y, expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("group", [16, 32])
+def test_quant_gemv_high_bits_layout(bits, group):
+    """Built by hand from quant/tensor.py's rule, not with pack_high: per block of 32, the nibbles as for 4-bit, then
+    h = bits - 4 high bits of element e at byte 16 + e % 4h, shifted h * (e // 4h); one-hot rows of x read single
+    elements back, through the GEMV, the row dequantizer and the GEMM."""
+    N, K, h = 5, 64, bits - 4
+    vals = torch.randint(0, 1 << bits, (N, K), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    q = torch.zeros(N, K // 32, 4 * bits, dtype=torch.uint8)
+    for n in range(N):
+        for b in range(K // 32):
+            for e in range(32):
+                v = int(vals[n, 32 * b + e])
+                q[n, b, e % 16] |= (v & 15) << (4 * (e // 16))
+                q[n, b, 16 + e % (4 * h)] |= (v >> 4) << (h * (e // (4 * h)))
+    q = q.reshape(N, K * bits // 8)
+    s = torch.full((N, K // group), 0.5, dtype=torch.float16)
+    probes = [0, 1, 7, 8, 15, 16, 17, 24, 31, 32, 47, 63]
+    x = torch.zeros(len(probes), K)
+    x[range(len(probes)), probes] = 1.0
+    expected = 0.5 * (vals[:, probes].T.float() - (1 << (bits - 1)))
+    assert torch.equal(dequantize(q, s, None, bits, group), 0.5 * (vals.float() - (1 << (bits - 1))))
+    assert torch.allclose(cpu.quant_gemv(x, q, s, None, bits, group), expected, rtol=1e-6, atol=0)
+    assert torch.equal(cpu.dequant_rows(q, s, None, bits, group, torch.arange(N)), dequantize(q, s, None, bits, group))
+    assert torch.allclose(cpu.quant_gemm(x, q, s, None, bits, group), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mins", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"K{t[0]}-g{t[1]}")
 def test_dequant_rows_bit_identical(bits, mins, layout):
@@ -236,7 +266,8 @@ def test_bad_inputs_are_clear_errors():
     gemv_error("K = 64", x=torch.randn(1, 32))
     gemv_error("uint8", q=q.view(torch.int8))
     gemv_error("int8", q=q, bits=8)  # 4-bit data passed as 8-bit
-    gemv_error("bits must be 4 or 8", bits=2)
+    gemv_error("bits must be 4, 5, 6 or 8", bits=2)
+    gemv_error("do not hold whole 6-bit blocks", q=q[:, :31].contiguous(), bits=6)
     gemv_error("qdata must be contiguous", q=torch.cat([q, q], 1)[:, ::2])
     gemv_error("scales must be contiguous float16", s=s.float())
     gemv_error("do not fit", s=s[:, :1].contiguous())

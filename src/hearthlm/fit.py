@@ -15,7 +15,7 @@ routed experts / other matrices / vectors. Each weight format prices a tensor in
   attn_v and ffn_down of the layers where llama.cpp's `use_more_bits` holds (the first and last eighth
   of the layers and every third layer between).
   GGUF types are priced as hearthlm holds them after repacking (quant/ggml.py), which for the K-types is
-  wider than the file: Q4_K 5 bits per weight (file 4.5), Q6_K 9 (file 6.56); Q8_0 and Q4_0 as in the file.
+  wider than the file: Q4_K 5 bits per weight (file 4.5), Q6_K 7 (file 6.56); Q8_0 and Q4_0 as in the file.
 
 KV cache bytes per token come from the LayerSpecs as `engine/kv_cache.py` allocates them: a K and a
 V buffer per layer that computes K/V (k=v layers included: V is v_norm(k), K is rope(k_norm(k))),
@@ -84,7 +84,7 @@ INT4_GROUP = 32
 QUANT_CHUNK = 1 << 20  # quant/quantize.py's _CHUNK
 QUANT_TEMPORARIES = 6  # float32 chunk-sized temporaries alive at once while quantizing (measured)
 Q8_0, Q4_0 = 34 / 32, 18 / 32  # GGUF bytes per weight, in the file and as hearthlm holds them
-GGUF_K = {"file": (144 / 256, 210 / 256), "resident": (5 / 8, 9 / 8)}  # Q4_K, Q6_K (repacked: quant/ggml.py)
+GGUF_K = {"file": (144 / 256, 210 / 256), "resident": (5 / 8, 7 / 8)}  # Q4_K, Q6_K (repacked: quant/ggml.py)
 
 # Runtime memory, measured on the CPU build of torch 2.13 (x86-64, Python 3.11):
 RUNTIME_RSS = 220 * 10**6  # `import torch, hearthlm`

@@ -309,11 +309,11 @@ bool amx_available() { return amx_permitted(); }
 
 torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qdata, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                          int64_t bits, int64_t group, c10::optional<torch::Tensor> bias, bool amx) {
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_gemm: bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "quant_gemm: bits must be 4, 5, 6 or 8");
   TORCH_CHECK(!amx || amx_permitted(), "quant_gemm: the kernel cannot use AMX here (no CPU support or no permission)");
   TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous() && qdata.element_size() == 1,
               "quant_gemm: qdata must be a contiguous 2-D tensor of bytes");
-  const int64_t N = qdata.size(0), K = qdata.size(1) * (bits == 4 ? 2 : 1);
+  const int64_t N = qdata.size(0), K = qdata.size(1) * 8 / bits;  // (5- and 6-bit: unpack_row widens them to bytes)
   TORCH_CHECK(x.size(-1) == K && K % 32 == 0, "quant_gemm: x's last dim must be K, a multiple of 32");
   TORCH_CHECK((group == 16 || group % 32 == 0) && K % group == 0,
               "quant_gemm: group must divide K and be 16 or a multiple of 32");

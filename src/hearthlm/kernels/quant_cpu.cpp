@@ -12,12 +12,15 @@
 // is a couple of byte multiply-adds (vpmaddubsw, 32 products each) whose int32 sums are scaled by
 // (weight scale * x scale) and accumulated in float. The result is exactly W . x^ up to float32 rounding, x^
 // being x rounded per block (each element off by at most 1/254 of its block's largest |x|). The offsets (a
-// group's min, or the -8 of symmetric 4-bit) multiply sums of x^ per group, outside the integer loop.
+// group's min, or the -2^(bits - 1) of symmetric 4-, 5- and 6-bit) multiply sums of x^ per group, outside the
+// integer loop. 5- and 6-bit weights (GGUF's Q5_* and Q6_K at their own width) are made whole bytes per block as
+// they are read (the nibbles, then the high bits by one shift per lane), and run on this AVX2 path everywhere.
 //
 // dequant_rows matches the PyTorch reference bit for bit: q * s is exact in float32 (at most 8 + 11
 // significant bits), so q * s + m rounds once whether or not the compiler fuses it into an FMA.
 #include "cpu_kernels.h"
 #include "quant_vnni.h"
+#include "quant_weights.h"
 #include "quant_x.h"
 #include "threadpool.h"
 
@@ -96,7 +99,7 @@ struct GemvArgs {
   const at::Half* mins;    // [N][ng] or null
   int64_t ng;
   const ChunkGroups* groups;
-  bool sym4;               // symmetric 4-bit: w = s * (q - 8)
+  bool sym;                // symmetric 4-, 5- or 6-bit: w = s * (q - 2^(bits - 1))
   int64_t prefetch_bytes;  // the least distance to prefetch weights ahead
   float* y;                // [M][N]
   int64_t N;
@@ -104,9 +107,10 @@ struct GemvArgs {
 
 // Floats of multipliers per (weight row, x row): 32 per chunk of 8 units (8 for 8-bit weights, group >= 32).
 template <int BITS, bool HALF>
-constexpr int64_t dd_per_chunk() { return BITS == 8 && !HALF ? 8 : 32; }
+constexpr int64_t dd_per_chunk() { return BITS != 4 && !HALF ? 8 : 32; }
 
-enum Offsets { kNoOffsets, kSym4, kMins };
+// kSym: the symmetric offset of 4-, 5- and 6-bit weights without mins, w = s * (q - 2^(BITS - 1)).
+enum Offsets { kNoOffsets, kSym, kMins };
 
 // For weight rows n..n+R-1: dd (row r, x row m at (r * M + m) * dd_stride) = the multipliers of the integer
 // dot products (weight scale times x scale, laid out as the inner loop consumes them), and corr[r][m] = the
@@ -157,16 +161,17 @@ void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_
     for (int r = 0; r < R; ++r) {
       const __m256 s = unit_values8(srow[r], b, p);
       if constexpr (OFF != kNoOffsets) {
-        const __m256 off = OFF == kMins ? unit_values8(mrow[r], b, p) : s;  // kSym4: times -8 below
+        const __m256 off = OFF == kMins ? unit_values8(mrow[r], b, p) : s;  // kSym: times -2^(BITS - 1) below
         for (int m = 0; m < M; ++m)
           corr[r][m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + m * nu_pad + 8 * c), corr[r][m]);
       }
       multipliers(c, r, s);
     }
   }
-  if constexpr (OFF == kSym4)
+  if constexpr (OFF == kSym)
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) corr[r][m] = _mm256_mul_ps(corr[r][m], _mm256_set1_ps(-8.0f));
+      for (int m = 0; m < M; ++m)
+        corr[r][m] = _mm256_mul_ps(corr[r][m], _mm256_set1_ps(-static_cast<float>(1 << (BITS - 1))));
   if (BITS == 4 && (nb & 1)) {  // the unpaired last block takes low nibbles in lanes 0..3, high in 4..7
     const int64_t c = nchunks - 1;
     const int i = static_cast<int>((nb - 1) % (HALF ? 4 : 8));  // its place in the chunk, even
@@ -213,8 +218,8 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
     for (int64_t t = 0; t < T; t += R) {
       if (a.mins)
         tile_multipliers<BITS, HALF, M, R, kMins>(a, n + t, dd + t * M * dd_stride, dd_stride, corr + t);
-      else if (a.sym4)
-        tile_multipliers<BITS, HALF, M, R, kSym4>(a, n + t, dd + t * M * dd_stride, dd_stride, corr + t);
+      else if (a.sym)
+        tile_multipliers<BITS, HALF, M, R, kSym>(a, n + t, dd + t * M * dd_stride, dd_stride, corr + t);
       else
         tile_multipliers<BITS, HALF, M, R, kNoOffsets>(a, n + t, dd + t * M * dd_stride, dd_stride, corr + t);
     }
@@ -294,7 +299,7 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
             }
           }
         }
-      } else {
+      } else if constexpr (BITS == 8) {
         // One step: block b. vpmaddubsw multiplies unsigned by signed bytes, so it gets |w| and x with w's sign.
         auto step = [&](int64_t b, __m256 (&ac)[M][R]) {
           __m256i w[R], aw[R];
@@ -313,6 +318,34 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
         };
         int64_t b = 0;
         for (; b + 2 <= nb; b += 2, pf += R * 64) {
+          for (int r = 0; r < R; ++r) _mm_prefetch(pf + r * 64, _MM_HINT_T0);
+          step(b, acc[0]);
+          step(b + 1, acc[A - 1]);
+        }
+        if (b < nb) step(b, acc[0]);
+      } else {
+        // One step: block b, 4 * BITS bytes. Its nibbles and high bits make whole bytes q in 0..2^BITS - 1, which
+        // vpmaddubsw takes as unsigned against x^ (a pair at most 2 * 63 * 127); the offset is in corr.
+        constexpr int64_t kBlock = 4 * BITS;
+        auto step = [&](int64_t b, __m256 (&ac)[M][R]) {
+          __m256i w[R];
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* blk = qrow[r] + kBlock * b;
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+            w[r] = _mm256_or_si256(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4),
+                                   hearth::high_bits(blk + 16, BITS - 4));
+          }
+          for (int m = 0; m < M; ++m) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * b));
+            for (int r = 0; r < R; ++r) {
+              const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
+              const __m256 d = HALF ? _mm256_load_ps(drow[r][m] + 8 * b) : _mm256_broadcast_ss(drow[r][m] + b);
+              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, ac[m][r]);
+            }
+          }
+        };
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2, pf += R * 2 * kBlock) {  // (the stream advances as the rows are read)
           for (int r = 0; r < R; ++r) _mm_prefetch(pf + r * 64, _MM_HINT_T0);
           step(b, acc[0]);
           step(b + 1, acc[A - 1]);
@@ -615,13 +648,14 @@ void quant_gemv_vnni(const std::vector<QuantizedX>& slices, const uint8_t* q, in
 // Checks the QuantTensor parts of one 2-D weight; returns K.
 int64_t check_weight(const char* fn, const torch::Tensor& q, const torch::Tensor& scales,
                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 4 || bits == 8, fn, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, fn, ": bits must be 4, 5, 6 or 8, got ", bits);
   TORCH_CHECK(q.device().is_cpu() && scales.device().is_cpu(), fn, ": tensors must be on the CPU");
-  TORCH_CHECK(q.dim() == 2, fn, ": qdata must be 2-D [N, K", bits == 4 ? " / 2" : "", "], got ", q.sizes());
-  TORCH_CHECK(q.scalar_type() == (bits == 4 ? torch::kUInt8 : torch::kInt8), fn, ": ", bits, "-bit qdata must be ",
-              bits == 4 ? "uint8" : "int8", ", got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 2, fn, ": qdata must be 2-D [N, K * ", bits, " / 8], got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == (bits == 8 ? torch::kInt8 : torch::kUInt8), fn, ": ", bits, "-bit qdata must be ",
+              bits == 8 ? "int8" : "uint8", ", got ", q.scalar_type());
   TORCH_CHECK(q.is_contiguous(), fn, ": qdata must be contiguous");
-  const int64_t K = q.size(1) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(q.size(1) * 8 % bits == 0, fn, ": ", q.size(1), " bytes a row do not hold whole ", bits, "-bit blocks");
+  const int64_t K = q.size(1) * 8 / bits;
   TORCH_CHECK(K > 0 && K % 32 == 0, fn, ": K must be a positive multiple of 32, got ", K);
   TORCH_CHECK(group > 0 && K % group == 0 && (group == 16 || group % 32 == 0), fn,
               ": group must divide K and be 16 or a multiple of 32, got group ", group, " for K ", K);
@@ -661,7 +695,8 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   if (N == 0) return y.view(out_shape);
   const auto* q = reinterpret_cast<const uint8_t*>(qdata.data_ptr());
   const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
-  if (vnni) {  // x in natural order; 4-bit in the even slices of AVX2 (kPassRows), which plan_vnni lays out per step
+  if (vnni && (bits == 4 || bits == 8)) {  // x in natural order; 4-bit in the even slices of AVX2 (kPassRows), which
+                                           // plan_vnni lays out per step (5- and 6-bit weights: the AVX2 path)
     const auto cuts = even_cuts(M, bits == 8 ? M : kPassRows);  // (8-bit: quant_vnni.cpp takes all rows at once)
     std::vector<QuantizedX> slices(cuts.size() - 1);
     for (size_t i = 0; i < slices.size(); ++i)
@@ -682,10 +717,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
     quantize_x(x.data_ptr<float>() + cuts[i] * K, cuts[i + 1] - cuts[i], K, bits == 4, half, xs[i]);
     if (i == 0) plan_groups(xs[0].nu, half ? 1 : group / 32, cg);
     args[i] = GemvArgs{&xs[i], q, qdata.size(1), scales.data_ptr<at::Half>(), mn, K / group, &cg,
-                       bits == 4 && !mins.has_value(), 2048, y.data_ptr<float>() + cuts[i] * N, N};
+                       bits != 8 && !mins.has_value(), 2048, y.data_ptr<float>() + cuts[i] * N, N};
   }
   if (bits == 4)
     half ? gemv_slices<4, true>(args) : gemv_slices<4, false>(args);
+  else if (bits == 5)
+    half ? gemv_slices<5, true>(args) : gemv_slices<5, false>(args);
+  else if (bits == 6)
+    half ? gemv_slices<6, true>(args) : gemv_slices<6, false>(args);
   else
     half ? gemv_slices<8, true>(args) : gemv_slices<8, false>(args);
   if (bias.has_value()) y.add_(*bias);
@@ -694,12 +733,12 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
 
 namespace {
 
-// One weight row to float32, with the reference's arithmetic: q * s + m, s * (q - 8), s * q.
+// One weight row to float32, with the reference's arithmetic: q * s + m, s * (q - 2^(BITS - 1)), s * q.
 template <int BITS>
 void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins, int64_t K, int64_t group, float* out) {
   const int64_t nb = K / 32, bpg = group / 32;  // bpg: blocks per group (0 when group == 16)
   const __m128i low4 = _mm_set1_epi8(0x0f);
-  const __m256 eight = _mm256_set1_ps(8.0f);
+  const __m256 offset = _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));  // (symmetric: q - 2^(BITS - 1))
   __m256 s_lo = _mm256_setzero_ps(), s_hi = s_lo, m_lo = s_lo, m_hi = s_lo;
   for (int64_t b = 0, left = 0, g = 0; b < nb; ++b) {
     if (group == 16) {  // two groups per block
@@ -716,9 +755,15 @@ void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins,
       left = bpg - 1;
     }
     __m256 v[4];  // elements 0..7, 8..15, 16..23, 24..31 as floats
-    if constexpr (BITS == 4) {
-      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-      const __m128i lo = _mm_and_si128(p, low4), hi = _mm_and_si128(_mm_srli_epi16(p, 4), low4);
+    if constexpr (BITS < 8) {
+      const uint8_t* blk = q + b * 4 * BITS;
+      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+      __m128i lo = _mm_and_si128(p, low4), hi = _mm_and_si128(_mm_srli_epi16(p, 4), low4);
+      if constexpr (BITS > 4) {
+        const __m256i top = hearth::high_bits(blk + 16, BITS - 4);
+        lo = _mm_or_si128(lo, _mm256_castsi256_si128(top));
+        hi = _mm_or_si128(hi, _mm256_extracti128_si256(top, 1));
+      }
       v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
       v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
       v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
@@ -736,8 +781,8 @@ void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins,
       __m256 w;
       if (mins)
         w = _mm256_add_ps(_mm256_mul_ps(v[i], s), i < 2 ? m_lo : m_hi);
-      else if (BITS == 4)
-        w = _mm256_mul_ps(s, _mm256_sub_ps(v[i], eight));
+      else if (BITS < 8)
+        w = _mm256_mul_ps(s, _mm256_sub_ps(v[i], offset));
       else
         w = _mm256_mul_ps(s, v[i]);
       _mm256_storeu_ps(out + b * 32 + 8 * i, w);
@@ -771,6 +816,10 @@ torch::Tensor dequant_rows(torch::Tensor qdata, torch::Tensor scales, c10::optio
       const at::Half* mrow = mn ? mn + n * ng : nullptr;
       if (bits == 4)
         dequant_row<4>(q + n * row_bytes, s + n * ng, mrow, K, group, o + r * K);
+      else if (bits == 5)
+        dequant_row<5>(q + n * row_bytes, s + n * ng, mrow, K, group, o + r * K);
+      else if (bits == 6)
+        dequant_row<6>(q + n * row_bytes, s + n * ng, mrow, K, group, o + r * K);
       else
         dequant_row<8>(q + n * row_bytes, s + n * ng, mrow, K, group, o + r * K);
     }

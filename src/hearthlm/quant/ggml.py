@@ -19,11 +19,11 @@ Repacked forms and their cost in bits per weight (GGUF -> ours):
     Q8_0  8.5    int8, fp16 scale / 32              8.5            exact
     Q4_0  4.5    4-bit, fp16 scale / 32             4.5            exact (same bytes)
     Q4_1  5      4-bit, fp16 scale + min / 32       5              exact (same bytes)
-    Q5_0  5.5    int8 (q - 16), fp16 scale / 32     8.5            exact
-    Q5_1  6      int8 (q), fp16 scale + min / 32    9              exact
+    Q5_0  5.5    5-bit, fp16 scale / 32             5.5            exact
+    Q5_1  6      5-bit, fp16 scale + min / 32       6              exact
     Q4_K  4.5    4-bit, fp16 scale + min / 32       5              scale d*sc, min -dmin*m in fp16
-    Q5_K  5.5    int8 (q), fp16 scale + min / 32    9              scale d*sc, min -dmin*m in fp16
-    Q6_K  6.5625 int8 (q - 32), fp16 scale / 16     9              scale d*sc in fp16
+    Q5_K  5.5    5-bit, fp16 scale + min / 32       6              scale d*sc, min -dmin*m in fp16
+    Q6_K  6.5625 6-bit, fp16 scale / 16             7              scale d*sc in fp16
 
 The K-types keep two-level scales (an fp16 super-scale times a 6- or 8-bit integer per sub-block);
 ours has one fp16 scale (and min) per group, so the product is rounded to fp16: an element with
@@ -44,7 +44,7 @@ from enum import IntEnum
 import torch
 from torch import nn
 
-from .tensor import QuantTensor
+from .tensor import QuantTensor, pack_high
 
 
 class GGMLTypeError(ValueError):
@@ -322,12 +322,12 @@ def _rp_q4_1(b: torch.Tensor, t: GGMLType):
 
 def _rp_q5_0(b: torch.Tensor, t: GGMLType):
     q = _nibbles32(b[:, 6:]) | (_high_bits32(b[:, 2:6]) << 4)
-    return q.to(torch.int8) - 16, _fp16_bytes(b, 0), None, 8, 32
+    return pack_high(q, 5), _fp16_bytes(b, 0), None, 5, 32
 
 
 def _rp_q5_1(b: torch.Tensor, t: GGMLType):
     q = _nibbles32(b[:, 8:]) | (_high_bits32(b[:, 4:8]) << 4)
-    return q.to(torch.int8), _fp16_bytes(b, 0), _fp16_bytes(b, 2), 8, 32
+    return pack_high(q, 5), _fp16_bytes(b, 0), _fp16_bytes(b, 2), 5, 32
 
 
 def _k_scales_mins(b: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,13 +350,13 @@ def _rp_q4_k(b: torch.Tensor, t: GGMLType):
 
 def _rp_q5_k(b: torch.Tensor, t: GGMLType):
     q = _k_low_nibbles(b[:, 48:]) | (_q5k_high_bits(b[:, 16:48]) << 4)
-    return q.to(torch.int8), *_k_scales_mins(b, t), 8, 32
+    return pack_high(q, 5), *_k_scales_mins(b, t), 5, 32
 
 
 def _rp_q6_k(b: torch.Tensor, t: GGMLType):
-    q = _q6k_q(b[:, :128], b[:, 128:192]).to(torch.int8) - 32
+    q = _q6k_q(b[:, :128], b[:, 128:192])
     scales = _fp16(_f16(b, 208) * b[:, 192:208].view(torch.int8).float(), t, "scale d*sc")
-    return q, scales, None, 8, 16
+    return pack_high(q, 6), scales, None, 6, 16
 
 
 _REPACK = {
@@ -390,7 +390,7 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> QuantTens
             return flat.clone().view(_FLOAT_DTYPES[t]).view(shape)
     qdata, scales, mins, bits, group = _REPACK[t](blocks, t)
     rows, K = shape[:-1], shape[-1]
-    qdata = _own(qdata.reshape(*rows, K // 2 if bits == 4 else K), raw)
+    qdata = _own(qdata.reshape(*rows, K * bits // 8), raw)
     scales = _own(scales.reshape(*rows, K // group), raw)
     mins = None if mins is None else _own(mins.reshape(*rows, K // group), raw)
     return QuantTensor(qdata, scales, mins, bits, group)

@@ -1,4 +1,4 @@
-"""QuantTensor: a weight matrix (or a stack of expert matrices) stored as 4- or 8-bit integers with
+"""QuantTensor: a weight matrix (or a stack of expert matrices) stored as 4-, 5-, 6- or 8-bit integers with
 one float16 scale (and optionally one float16 min) per group of `group` consecutive input elements.
 
 The one layout every quantized weight runs in, whatever it came from (our int8 / int4, or a GGUF
@@ -10,13 +10,18 @@ Q4_0, Q4_K, Q6_K, ...), so that one set of kernels serves them all:
 - bits == 4: qdata uint8 [..., N, K // 2]; each block of 32 elements of a row takes 16 bytes, byte j
   holding element j of the block in its low nibble and element j + 16 in its high nibble (the
   order of GGML's Q4_0), values 0..15;
+- bits == 5 or 6 (GGUF's Q5_0 / Q5_1 / Q5_K and Q6_K, held at their own width): qdata uint8
+  [..., N, K * bits // 8]; each block of 32 elements takes 4 * bits bytes: its low nibbles in 16 bytes
+  as for 4-bit, then its h = bits - 4 high bits in 4 * h bytes, element e's at byte e % (4 * h), bits
+  h * (e // (4 * h)) up (`pack_high`: the order in which a broadcast and one shift per lane unpack them);
+  values 0..31 / 0..63;
 - scales float16 [..., N, K // group];
 - mins float16 [..., N, K // group] or None.
 
 The value of a weight with integer q in group g:
     mins given:            scales[g] * q + mins[g]
     no mins, bits == 8:    scales[g] * q
-    no mins, bits == 4:    scales[g] * (q - 8)          (symmetric 4-bit, as GGML's Q4_0)
+    no mins, bits < 8:     scales[g] * (q - 2^(bits - 1))   (symmetric: GGML's Q4_0, Q5_0, Q6_K)
 `dequantize` below is the reference for that rule; the CPU kernels must agree with it.
 """
 
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+BITS = (4, 5, 6, 8)  # the integer widths the layout holds
 
 
 class QuantTensor(nn.Module):
@@ -36,9 +43,11 @@ class QuantTensor(nn.Module):
         group: int,
     ):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {bits}")
-        K = qdata.shape[-1] * (2 if bits == 4 else 1)
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, not {bits}")
+        K = qdata.shape[-1] * 8 // bits
+        if bits in (5, 6) and group != 16 and group % 32:
+            raise ValueError(f"unsupported layout: {bits}-bit weights need a group of 16 or a multiple of 32")
         if K % 32 or K % group or not (group == 16 or group % 32 == 0):
             raise ValueError(f"unsupported layout: K={K}, group={group}")
         if scales.shape != (*qdata.shape[:-1], K // group) or (mins is not None and mins.shape != scales.shape):
@@ -86,6 +95,36 @@ class QuantTensor(nn.Module):
         return dequantize(self.qdata, self.scales, self.mins, self.bits, self.group).to(dtype)
 
 
+def unpack_high(qdata: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., K * bits // 8] of 5- or 6-bit weights (the block layout above) -> uint8 [..., K], one value each."""
+    h = bits - 4
+    blocks = qdata.reshape(*qdata.shape[:-1], -1, 4 * bits)
+    low = unpack_int4(blocks[..., :16]).reshape(*blocks.shape[:-1], 32)
+    high = blocks[..., 16:]  # [..., nb, 4 h]
+    spans = torch.stack([(high >> (h * i)) & ((1 << h) - 1) for i in range(8 // h)], dim=-2)  # [..., nb, 8 / h, 4 h]
+    q = low | (spans.reshape(*blocks.shape[:-1], 32) << 4)
+    return q.reshape(*qdata.shape[:-1], -1)
+
+
+def pack_high(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., K] of values below 2^bits (bits 5 or 6) -> the packed layout (inverse of unpack_high)."""
+    h = bits - 4
+    blocks = q.to(torch.uint8).reshape(*q.shape[:-1], -1, 32)
+    spans = (blocks >> 4).reshape(*blocks.shape[:-1], 8 // h, 4 * h)  # [..., nb, span i, byte]
+    high = spans[..., 0, :].clone()
+    for i in range(1, 8 // h):
+        high |= spans[..., i, :] << (h * i)
+    low = pack_int4(blocks & 15).reshape(*blocks.shape[:-1], 16)
+    return torch.cat([low, high], dim=-1).reshape(*q.shape[:-1], -1)
+
+
+def unpack(qdata: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer of every weight, [..., K]: uint8 0..2^bits - 1 below 8 bits, int8 for 8."""
+    if bits == 8:
+        return qdata
+    return unpack_int4(qdata) if bits == 4 else unpack_high(qdata, bits)
+
+
 def unpack_int4(qdata: torch.Tensor) -> torch.Tensor:
     """uint8 [..., K // 2] in the block layout above -> uint8 [..., K] with one value per element."""
     b = qdata.reshape(*qdata.shape[:-1], -1, 16)
@@ -102,11 +141,11 @@ def dequantize(
     qdata: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int
 ) -> torch.Tensor:
     """The reference: float32 weights [..., N, K] from the packed parts."""
-    q = (unpack_int4(qdata) if bits == 4 else qdata).float()
+    q = unpack(qdata, bits).float()
     s = scales.float().repeat_interleave(group, dim=-1)
     if mins is not None:
         return q * s + mins.float().repeat_interleave(group, dim=-1)
-    return s * (q - 8) if bits == 4 else s * q
+    return s * q if bits == 8 else s * (q - (1 << (bits - 1)))
 
 
 class RowConcat(nn.Module):

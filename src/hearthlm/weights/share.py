@@ -124,8 +124,7 @@ def take_cols(w: Weight, start: int, end: int, name: str, read: Read = copy) -> 
     K = w.shape[-1]
     per_row = w.group == K
     g0, g1 = (0, 1) if per_row else (start // w.group, end // w.group)
-    per_byte = 2 if w.bits == 4 else 1
-    qdata = read(w.qdata[:, start // per_byte : end // per_byte])
+    qdata = read(w.qdata[:, start * w.bits // 8 : end * w.bits // 8])  # (whole blocks of 32: 4 * bits bytes each)
     mins = None if w.mins is None else read(w.mins[:, g0:g1])
     return QuantTensor(qdata, read(w.scales[:, g0:g1]), mins, w.bits, end - start if per_row else w.group)
 
