@@ -199,24 +199,39 @@ def test_quant_gemv_int4_layout(group):
     assert torch.allclose(y, expected, rtol=1e-6, atol=0)
 
 
+def _hand_packed(vals: torch.Tensor, bits: int) -> torch.Tensor:
+    """5- or 6-bit weights packed by hand from quant/tensor.py's description, not with pack_high: a row's nibbles
+    as for 4-bit, then its high-bit plane, 8h bytes per pair of blocks (an element's place v in the pair's lo or hi
+    vector: h = 2, byte v % 16, bits 2 (v // 16), + 4 for hi; h = 1, byte v % 8, bit v // 8, + 4 for hi) and 4h
+    bytes for an unpaired last block (element e at byte e % 4h, bits h (e // 4h))."""
+    N, K = vals.shape
+    h, nb = bits - 4, K // 32
+    plane = torch.zeros(N, K * h // 8, dtype=torch.uint8)
+    for n in range(N):
+        for b in range(nb):
+            for e in range(32):
+                top = int(vals[n, 32 * b + e]) >> 4
+                if b // 2 < nb // 2:
+                    v, span = e % 16 + 16 * (b % 2), 16 if h == 2 else 8
+                    at, shift = 8 * h * (b // 2) + v % span, h * (v // span) + (4 if e >= 16 else 0)
+                else:
+                    at, shift = 8 * h * (b // 2) + e % (4 * h), h * (e // (4 * h))
+                plane[n, at] |= top << shift
+    return torch.cat([pack_int4(vals & 15), plane], dim=1)
+
+
 @pytest.mark.parametrize("bits", [5, 6])
 @pytest.mark.parametrize("group", [16, 32])
-def test_quant_gemv_high_bits_layout(bits, group):
-    """Built by hand from quant/tensor.py's rule, not with pack_high: per block of 32, the nibbles as for 4-bit, then
-    h = bits - 4 high bits of element e at byte 16 + e % 4h, shifted h * (e // 4h); one-hot rows of x read single
-    elements back, through the GEMV, the row dequantizer and the GEMM."""
-    N, K, h = 5, 64, bits - 4
+@pytest.mark.parametrize("K", [64, 96])  # a pair of blocks; a pair and an unpaired last block
+def test_quant_gemv_high_bits_layout(bits, group, K):
+    """One-hot rows of x read single elements back, through the GEMV, the row dequantizer and the GEMM, from weights
+    packed by hand (_hand_packed); pack_high gives the same bytes."""
+    N = 5
     vals = torch.randint(0, 1 << bits, (N, K), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
-    q = torch.zeros(N, K // 32, 4 * bits, dtype=torch.uint8)
-    for n in range(N):
-        for b in range(K // 32):
-            for e in range(32):
-                v = int(vals[n, 32 * b + e])
-                q[n, b, e % 16] |= (v & 15) << (4 * (e // 16))
-                q[n, b, 16 + e % (4 * h)] |= (v >> 4) << (h * (e // (4 * h)))
-    q = q.reshape(N, K * bits // 8)
+    q = _hand_packed(vals, bits)
+    assert torch.equal(pack_high(vals, bits), q)
     s = torch.full((N, K // group), 0.5, dtype=torch.float16)
-    probes = [0, 1, 7, 8, 15, 16, 17, 24, 31, 32, 47, 63]
+    probes = [0, 1, 7, 8, 15, 16, 17, 24, 31, 32, 47, 48, 63, K - 1]
     x = torch.zeros(len(probes), K)
     x[range(len(probes)), probes] = 1.0
     expected = 0.5 * (vals[:, probes].T.float() - (1 << (bits - 1)))

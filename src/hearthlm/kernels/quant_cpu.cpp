@@ -13,8 +13,8 @@
 // (weight scale * x scale) and accumulated in float. The result is exactly W . x^ up to float32 rounding, x^
 // being x rounded per block (each element off by at most 1/254 of its block's largest |x|). The offsets (a
 // group's min, or the -2^(bits - 1) of symmetric 4-, 5- and 6-bit) multiply sums of x^ per group, outside the
-// integer loop. 5- and 6-bit weights (GGUF's Q5_* and Q6_K at their own width) are made whole bytes per block as
-// they are read (the nibbles, then the high bits by one shift per lane), and run on this AVX2 path everywhere.
+// integer loop. 5- and 6-bit weights (GGUF's Q5_* and Q6_K at their own width) run the 4-bit steps with their high
+// bits ORed onto the nibbles (quant_weights.h), on this AVX2 path on every machine.
 //
 // dequant_rows matches the PyTorch reference bit for bit: q * s is exact in float32 (at most 8 + 11
 // significant bits), so q * s + m rounds once whether or not the compiler fuses it into an FMA.
@@ -107,7 +107,7 @@ struct GemvArgs {
 
 // Floats of multipliers per (weight row, x row): 32 per chunk of 8 units (8 for 8-bit weights, group >= 32).
 template <int BITS, bool HALF>
-constexpr int64_t dd_per_chunk() { return BITS != 4 && !HALF ? 8 : 32; }
+constexpr int64_t dd_per_chunk() { return BITS == 8 && !HALF ? 8 : 32; }
 
 // kSym: the symmetric offset of 4-, 5- and 6-bit weights without mins, w = s * (q - 2^(BITS - 1)).
 enum Offsets { kNoOffsets, kSym, kMins };
@@ -143,12 +143,12 @@ void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_
     for (int m = 0; m < M; ++m) {
       const __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(xd + m * nu_pad + 8 * c));
       float* o = dd + (r * M + m) * dd_stride + c * dd_per_chunk<BITS, HALF>();
-      if constexpr (BITS == 4 && HALF) {  // pair j of the chunk: low halves (units 4j, 4j+2), high (4j+1, 4j+3)
+      if constexpr (BITS < 8 && HALF) {  // pair j of the chunk: low halves (units 4j, 4j+2), high (4j+1, 4j+3)
         _mm256_store_ps(o, spread(d, 0, 2));
         _mm256_store_ps(o + 8, spread(d, 1, 3));
         _mm256_store_ps(o + 16, spread(d, 4, 6));
         _mm256_store_ps(o + 24, spread(d, 5, 7));
-      } else if constexpr (BITS == 4 || HALF) {  // 4-bit: pair j = blocks 2j, 2j+1; 8-bit, group 16: block j
+      } else if constexpr (BITS < 8 || HALF) {  // 4- to 6-bit: pair j = blocks 2j, 2j+1; 8-bit, group 16: block j
         for (int j = 0; j < 4; ++j) _mm256_store_ps(o + 8 * j, spread(d, 2 * j, 2 * j + 1));
       } else {
         _mm256_store_ps(o, d);
@@ -172,7 +172,7 @@ void tile_multipliers(const GemvArgs& a, int64_t n, float* __restrict dd, int64_
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m)
         corr[r][m] = _mm256_mul_ps(corr[r][m], _mm256_set1_ps(-static_cast<float>(1 << (BITS - 1))));
-  if (BITS == 4 && (nb & 1)) {  // the unpaired last block takes low nibbles in lanes 0..3, high in 4..7
+  if (BITS < 8 && (nb & 1)) {  // the unpaired last block takes low nibbles in lanes 0..3, high in 4..7
     const int64_t c = nchunks - 1;
     const int i = static_cast<int>((nb - 1) % (HALF ? 4 : 8));  // its place in the chunk, even
     for (int r = 0; r < R; ++r) {
@@ -247,14 +247,22 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
       for (int i = 0; i < A; ++i)
         for (int m = 0; m < M; ++m)
           for (int r = 0; r < R; ++r) acc[i][m][r] = _mm256_setzero_ps();
-      if constexpr (BITS == 4) {
-        // One step: blocks 2j, 2j+1 of each row (32 bytes of nibbles).
+      if constexpr (BITS < 8) {
+        // One step: blocks 2j, 2j+1 of each row (32 bytes of nibbles; 5- and 6-bit: and 8 h bytes of high bits
+        // from the row's plane of them, ORed on as bits 4 and up).
+        constexpr int64_t h = BITS - 4;
         auto step = [&](int64_t j, __m256 (&ac)[M][R]) {
           __m256i lo[R], hi[R];
           for (int r = 0; r < R; ++r) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + 32 * j));
             lo[r] = _mm256_and_si256(v, low4);
             hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            if constexpr (h > 0) {
+              __m256i tl, th;
+              hearth::pair_high_bits(qrow[r] + K / 2 + 8 * h * j, h, tl, th);
+              lo[r] = _mm256_or_si256(lo[r], tl);
+              hi[r] = _mm256_or_si256(hi[r], th);
+            }
           }
           for (int m = 0; m < M; ++m) {
             const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 64 * j));
@@ -267,18 +275,19 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
                 const __m256 sh = _mm256_cvtepi32_ps(_mm256_madd_epi16(ph, ones));
                 ac[m][r] = _mm256_fmadd_ps(sl, _mm256_load_ps(d), ac[m][r]);
                 ac[m][r] = _mm256_fmadd_ps(sh, _mm256_load_ps(d + 8), ac[m][r]);
-              } else {  // both products belong to the same two blocks: add them as int16 (|sum| <= 4 * 15 * 127)
+              } else {  // both products belong to the same two blocks: add them as int16 (|sum| <= 4 * 63 * 127)
                 const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
                 ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(drow[r][m] + 8 * j), ac[m][r]);
               }
             }
           }
         };
-        // A cache line of each row (2 steps) per iteration.
+        // A cache line of each row's nibbles (2 steps) per iteration, and the high bits that go with them.
+        constexpr int64_t kStream = 64 + 16 * h;  // bytes of a row read per iteration
         const int64_t pairs = nb / 2;
         int64_t j = 0;
-        for (; j + 2 <= pairs; j += 2, pf += R * 64) {
-          for (int r = 0; r < R; ++r) _mm_prefetch(pf + r * 64, _MM_HINT_T0);
+        for (; j + 2 <= pairs; j += 2, pf += R * kStream) {
+          for (int64_t l = 0; l < R * kStream; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
           step(j, acc[0]);
           step(j + 1, acc[A - 1]);
         }
@@ -289,6 +298,7 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
           for (int r = 0; r < R; ++r) {
             const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow[r] + b * 16));
             w[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4);
+            if constexpr (h > 0) w[r] = _mm256_or_si256(w[r], hearth::high_bits(qrow[r] + K / 2 + 8 * h * pairs, h));
           }
           for (int m = 0; m < M; ++m) {
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * 32));
@@ -299,7 +309,7 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
             }
           }
         }
-      } else if constexpr (BITS == 8) {
+      } else {
         // One step: block b. vpmaddubsw multiplies unsigned by signed bytes, so it gets |w| and x with w's sign.
         auto step = [&](int64_t b, __m256 (&ac)[M][R]) {
           __m256i w[R], aw[R];
@@ -318,34 +328,6 @@ void gemv_tile(const GemvArgs& a, int64_t n0, int64_t n1, float* dd) {
         };
         int64_t b = 0;
         for (; b + 2 <= nb; b += 2, pf += R * 64) {
-          for (int r = 0; r < R; ++r) _mm_prefetch(pf + r * 64, _MM_HINT_T0);
-          step(b, acc[0]);
-          step(b + 1, acc[A - 1]);
-        }
-        if (b < nb) step(b, acc[0]);
-      } else {
-        // One step: block b, 4 * BITS bytes. Its nibbles and high bits make whole bytes q in 0..2^BITS - 1, which
-        // vpmaddubsw takes as unsigned against x^ (a pair at most 2 * 63 * 127); the offset is in corr.
-        constexpr int64_t kBlock = 4 * BITS;
-        auto step = [&](int64_t b, __m256 (&ac)[M][R]) {
-          __m256i w[R];
-          for (int r = 0; r < R; ++r) {
-            const uint8_t* blk = qrow[r] + kBlock * b;
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
-            w[r] = _mm256_or_si256(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4),
-                                   hearth::high_bits(blk + 16, BITS - 4));
-          }
-          for (int m = 0; m < M; ++m) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * b));
-            for (int r = 0; r < R; ++r) {
-              const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
-              const __m256 d = HALF ? _mm256_load_ps(drow[r][m] + 8 * b) : _mm256_broadcast_ss(drow[r][m] + b);
-              ac[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, ac[m][r]);
-            }
-          }
-        };
-        int64_t b = 0;
-        for (; b + 2 <= nb; b += 2, pf += R * 2 * kBlock) {  // (the stream advances as the rows are read)
           for (int r = 0; r < R; ++r) _mm_prefetch(pf + r * 64, _MM_HINT_T0);
           step(b, acc[0]);
           step(b + 1, acc[A - 1]);
@@ -714,7 +696,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qdata, torch::Tensor sca
   std::vector<GemvArgs> args(n_slices);
   ChunkGroups cg;
   for (size_t i = 0; i < n_slices; ++i) {
-    quantize_x(x.data_ptr<float>() + cuts[i] * K, cuts[i + 1] - cuts[i], K, bits == 4, half, xs[i]);
+    quantize_x(x.data_ptr<float>() + cuts[i] * K, cuts[i + 1] - cuts[i], K, bits < 8, half, xs[i]);
     if (i == 0) plan_groups(xs[0].nu, half ? 1 : group / 32, cg);
     args[i] = GemvArgs{&xs[i], q, qdata.size(1), scales.data_ptr<at::Half>(), mn, K / group, &cg,
                        bits != 8 && !mins.has_value(), 2048, y.data_ptr<float>() + cuts[i] * N, N};
@@ -737,7 +719,6 @@ namespace {
 template <int BITS>
 void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins, int64_t K, int64_t group, float* out) {
   const int64_t nb = K / 32, bpg = group / 32;  // bpg: blocks per group (0 when group == 16)
-  const __m128i low4 = _mm_set1_epi8(0x0f);
   const __m256 offset = _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));  // (symmetric: q - 2^(BITS - 1))
   __m256 s_lo = _mm256_setzero_ps(), s_hi = s_lo, m_lo = s_lo, m_hi = s_lo;
   for (int64_t b = 0, left = 0, g = 0; b < nb; ++b) {
@@ -756,14 +737,8 @@ void dequant_row(const uint8_t* q, const at::Half* scales, const at::Half* mins,
     }
     __m256 v[4];  // elements 0..7, 8..15, 16..23, 24..31 as floats
     if constexpr (BITS < 8) {
-      const uint8_t* blk = q + b * 4 * BITS;
-      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
-      __m128i lo = _mm_and_si128(p, low4), hi = _mm_and_si128(_mm_srli_epi16(p, 4), low4);
-      if constexpr (BITS > 4) {
-        const __m256i top = hearth::high_bits(blk + 16, BITS - 4);
-        lo = _mm_or_si128(lo, _mm256_castsi256_si128(top));
-        hi = _mm_or_si128(hi, _mm256_extracti128_si256(top, 1));
-      }
+      __m128i lo, hi;
+      hearth::block_ints(q, K, b, BITS, lo, hi);
       v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
       v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
       v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));

@@ -293,7 +293,8 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# repack: (qdata, scales, mins, bits, group) per block, integers rearranged, no float weights
+# repack: (qdata, scales, mins, bits, group) per block, integers rearranged, no float weights (5- and 6-bit: the
+# values 0..2^bits - 1, which repack packs row by row)
 
 
 def _fp16(x: torch.Tensor, t: GGMLType, what: str) -> torch.Tensor:
@@ -322,12 +323,12 @@ def _rp_q4_1(b: torch.Tensor, t: GGMLType):
 
 def _rp_q5_0(b: torch.Tensor, t: GGMLType):
     q = _nibbles32(b[:, 6:]) | (_high_bits32(b[:, 2:6]) << 4)
-    return pack_high(q, 5), _fp16_bytes(b, 0), None, 5, 32
+    return q, _fp16_bytes(b, 0), None, 5, 32
 
 
 def _rp_q5_1(b: torch.Tensor, t: GGMLType):
     q = _nibbles32(b[:, 8:]) | (_high_bits32(b[:, 4:8]) << 4)
-    return pack_high(q, 5), _fp16_bytes(b, 0), _fp16_bytes(b, 2), 5, 32
+    return q, _fp16_bytes(b, 0), _fp16_bytes(b, 2), 5, 32
 
 
 def _k_scales_mins(b: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,13 +351,13 @@ def _rp_q4_k(b: torch.Tensor, t: GGMLType):
 
 def _rp_q5_k(b: torch.Tensor, t: GGMLType):
     q = _k_low_nibbles(b[:, 48:]) | (_q5k_high_bits(b[:, 16:48]) << 4)
-    return pack_high(q, 5), *_k_scales_mins(b, t), 5, 32
+    return q, *_k_scales_mins(b, t), 5, 32
 
 
 def _rp_q6_k(b: torch.Tensor, t: GGMLType):
     q = _q6k_q(b[:, :128], b[:, 128:192])
     scales = _fp16(_f16(b, 208) * b[:, 192:208].view(torch.int8).float(), t, "scale d*sc")
-    return pack_high(q, 6), scales, None, 6, 16
+    return q, scales, None, 6, 16
 
 
 _REPACK = {
@@ -390,6 +391,8 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> QuantTens
             return flat.clone().view(_FLOAT_DTYPES[t]).view(shape)
     qdata, scales, mins, bits, group = _REPACK[t](blocks, t)
     rows, K = shape[:-1], shape[-1]
+    if bits in (5, 6):  # the values, packed per row (a row's high bits pair its blocks: quant/tensor.py)
+        qdata = pack_high(qdata.reshape(*rows, K), bits)
     qdata = _own(qdata.reshape(*rows, K * bits // 8), raw)
     scales = _own(scales.reshape(*rows, K // group), raw)
     mins = None if mins is None else _own(mins.reshape(*rows, K // group), raw)

@@ -11,9 +11,10 @@ Q4_0, Q4_K, Q6_K, ...), so that one set of kernels serves them all:
   holding element j of the block in its low nibble and element j + 16 in its high nibble (the
   order of GGML's Q4_0), values 0..15;
 - bits == 5 or 6 (GGUF's Q5_0 / Q5_1 / Q5_K and Q6_K, held at their own width): qdata uint8
-  [..., N, K * bits // 8]; each block of 32 elements takes 4 * bits bytes: its low nibbles in 16 bytes
-  as for 4-bit, then its h = bits - 4 high bits in 4 * h bytes, element e's at byte e % (4 * h), bits
-  h * (e // (4 * h)) up (`pack_high`: the order in which a broadcast and one shift per lane unpack them);
+  [..., N, K * bits // 8]: each row's low nibbles first, K // 2 bytes laid out as for 4-bit, then its
+  h = bits - 4 high bits in K * h // 8 bytes, 8 h bytes per pair of blocks (the pair the 4-bit kernels read
+  in one 32-byte load) and 4 h bytes for an unpaired last block; `high_bit_places` says which byte and bit
+  hold each element's (the order in which one broadcast, a mask and a shift per 64-bit lane unpack them);
   values 0..31 / 0..63;
 - scales float16 [..., N, K // group];
 - mins float16 [..., N, K // group] or None.
@@ -26,6 +27,8 @@ The value of a weight with integer q in group g:
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -95,27 +98,52 @@ class QuantTensor(nn.Module):
         return dequantize(self.qdata, self.scales, self.mins, self.bits, self.group).to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def high_bit_places(K: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each element of a row of K 5- or 6-bit weights: the byte of the row's high-bit plane that holds its
+    h = bits - 4 high bits, and their shift in it. Per pair of blocks (2p, 2p + 1) the 4-bit kernels read 32
+    bytes of nibbles as two vectors: lo = elements 0..15 of both blocks, hi = elements 16..31 of both; call an
+    element's place in its vector v (0..31). The pair's 8 h bytes: for h = 2, byte v % 16 holds lo's element at
+    bits 2 (v // 16) and hi's at bits 4 + 2 (v // 16); for h = 1, byte v % 8 holds lo's at bit v // 8 and hi's at
+    bit 4 + v // 8. An unpaired last block's 4 h bytes: element e at byte e % 4h, bits h (e // 4h) up."""
+    h, nb = bits - 4, K // 32
+    byte = torch.empty(K, dtype=torch.int64)
+    shift = torch.empty(K, dtype=torch.int64)
+    e = torch.arange(32)
+    for b in range(nb):
+        base, at = 8 * h * (b // 2), slice(32 * b, 32 * b + 32)
+        if b // 2 < nb // 2:  # one of a pair
+            upper = e >= 16  # the hi vector's
+            v = e % 16 + 16 * (b % 2)
+            span = 16 if h == 2 else 8
+            byte[at] = base + v % span
+            shift[at] = h * (v // span) + 4 * upper
+        else:
+            byte[at] = base + e % (4 * h)
+            shift[at] = h * (e // (4 * h))
+    return byte, shift
+
+
 def unpack_high(qdata: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [..., K * bits // 8] of 5- or 6-bit weights (the block layout above) -> uint8 [..., K], one value each."""
-    h = bits - 4
-    blocks = qdata.reshape(*qdata.shape[:-1], -1, 4 * bits)
-    low = unpack_int4(blocks[..., :16]).reshape(*blocks.shape[:-1], 32)
-    high = blocks[..., 16:]  # [..., nb, 4 h]
-    spans = torch.stack([(high >> (h * i)) & ((1 << h) - 1) for i in range(8 // h)], dim=-2)  # [..., nb, 8 / h, 4 h]
-    q = low | (spans.reshape(*blocks.shape[:-1], 32) << 4)
-    return q.reshape(*qdata.shape[:-1], -1)
+    """uint8 [..., K * bits // 8] of 5- or 6-bit weights (the layout above) -> uint8 [..., K], one value each."""
+    K = qdata.shape[-1] * 8 // bits
+    byte, shift = (t.to(qdata.device) for t in high_bit_places(K, bits))
+    high = (qdata[..., K // 2 :][..., byte] >> shift.to(torch.uint8)) & ((1 << (bits - 4)) - 1)
+    return unpack_int4(qdata[..., : K // 2]) | (high << 4)
 
 
 def pack_high(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [..., K] of values below 2^bits (bits 5 or 6) -> the packed layout (inverse of unpack_high)."""
-    h = bits - 4
-    blocks = q.to(torch.uint8).reshape(*q.shape[:-1], -1, 32)
-    spans = (blocks >> 4).reshape(*blocks.shape[:-1], 8 // h, 4 * h)  # [..., nb, span i, byte]
-    high = spans[..., 0, :].clone()
-    for i in range(1, 8 // h):
-        high |= spans[..., i, :] << (h * i)
-    low = pack_int4(blocks & 15).reshape(*blocks.shape[:-1], 16)
-    return torch.cat([low, high], dim=-1).reshape(*q.shape[:-1], -1)
+    """uint8 [..., K] of values below 2^bits (bits 5 or 6) -> the packed layout (inverse of unpack_high). Works in
+    bytes: a plane-sized temporary per field, never a wider copy of q (repack runs it on whole embedding tables)."""
+    K, h = q.shape[-1], bits - 4
+    byte, shift = high_bit_places(K, bits)
+    holder = torch.empty(8 // h, K * h // 8, dtype=torch.int64)  # [field, plane byte] -> the element it holds
+    holder[shift // h, byte] = torch.arange(K)
+    q = q.to(torch.uint8)
+    plane = torch.zeros(*q.shape[:-1], K * h // 8, dtype=torch.uint8, device=q.device)
+    for f, elements in enumerate(holder.to(q.device)):
+        plane |= (q[..., elements] >> 4) << (h * f)
+    return torch.cat([pack_int4(q & 15), plane], dim=-1)
 
 
 def unpack(qdata: torch.Tensor, bits: int) -> torch.Tensor:
