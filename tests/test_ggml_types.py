@@ -332,3 +332,21 @@ def test_single_block_does_not_alias_raw():
     before = r.dequantize()
     raw.zero_()
     assert_same_bits(r.dequantize(), before)
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_a_column_share_of_5_and_6_bit_weights_is_those_columns(bits):
+    """take_cols (a rank's input columns under --tp) on the layout whose high bits pair blocks across the row:
+    shares that start on an odd block, end before the row does, or hold an odd number of blocks."""
+    from hearthlm.quant.tensor import pack_high
+    from hearthlm.weights.share import take_cols
+
+    K, group = 320, 32
+    g = torch.Generator().manual_seed(bits)
+    q = pack_high(torch.randint(0, 1 << bits, (6, K), generator=g, dtype=torch.uint8), bits)
+    w = QuantTensor(q, (torch.rand(6, K // group, generator=g) + 0.5).half(), None, bits, group)
+    whole = w.dequantize()
+    for start, end in [(0, 64), (32, 96), (64, 320), (96, 288), (288, 320), (0, 320)]:
+        part = take_cols(w, start, end, "w")
+        assert part.bits == bits and part.qdata.shape[-1] == (end - start) * bits // 8
+        assert torch.equal(part.dequantize(), whole[:, start:end])

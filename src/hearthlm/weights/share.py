@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.tensor import QuantTensor, RowConcat, combine
+from ..quant.tensor import QuantTensor, RowConcat, combine, pack_high, unpack_high
 
 
 class GroupCut(ValueError):
@@ -124,7 +124,10 @@ def take_cols(w: Weight, start: int, end: int, name: str, read: Read = copy) -> 
     K = w.shape[-1]
     per_row = w.group == K
     g0, g1 = (0, 1) if per_row else (start // w.group, end // w.group)
-    qdata = read(w.qdata[:, start * w.bits // 8 : end * w.bits // 8])  # (whole blocks of 32: 4 * bits bytes each)
+    if w.bits in (5, 6):  # the high-bit plane pairs blocks across the row: unpack, slice, pack the slice anew
+        qdata = pack_high(unpack_high(read(w.qdata), w.bits)[:, start:end], w.bits)
+    else:
+        qdata = read(w.qdata[:, start * w.bits // 8 : end * w.bits // 8])
     mins = None if w.mins is None else read(w.mins[:, g0:g1])
     return QuantTensor(qdata, read(w.scales[:, g0:g1]), mins, w.bits, end - start if per_row else w.group)
 
