@@ -49,8 +49,6 @@ class QuantTensor(nn.Module):
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, not {bits}")
         K = qdata.shape[-1] * 8 // bits
-        if bits in (5, 6) and group != 16 and group % 32:
-            raise ValueError(f"unsupported layout: {bits}-bit weights need a group of 16 or a multiple of 32")
         if K % 32 or K % group or not (group == 16 or group % 32 == 0):
             raise ValueError(f"unsupported layout: K={K}, group={group}")
         if scales.shape != (*qdata.shape[:-1], K // group) or (mins is not None and mins.shape != scales.shape):
